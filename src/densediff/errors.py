@@ -1,0 +1,24 @@
+"""User-facing errors.
+
+Anything a user can cause (a bad file, a bad config key, a checkpoint that does not fit) is
+raised as :class:`UserError` with a one-line message that names the file or key and says what
+is wrong. The CLI prints ``error: <message>`` and exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """An error caused by user input; its message is one line naming the file/key."""
+
+
+class ConfigError(UserError):
+    """A config file, key or value is wrong."""
+
+
+class DataError(UserError):
+    """A dataset file or folder is missing, unreadable or inconsistent."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint file is missing, corrupt or does not fit the config."""
