@@ -54,6 +54,11 @@ class DataConfig(_Strict):
     num_classes: Optional[int] = Field(None, ge=1)
     """None: the dataset's own count (CamVid 11, ADE20K 150, Cityscapes 19, folder: classes file)."""
     ignore_index: int = 255
+    class_names: Optional[list[str]] = None
+    """Class names; None: the dataset's own. The trainer fills this (and ``palette``) in the
+    resolved config, so a checkpoint is self-contained."""
+    palette: Optional[list[tuple[int, int, int]]] = None
+    """RGB colour per class; None: the dataset's own."""
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"

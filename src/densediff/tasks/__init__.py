@@ -1,0 +1,1 @@
+"""Task-specific losses and metrics (``densediff.tasks.segmentation``)."""

@@ -1,0 +1,209 @@
+"""``densediff`` command line: train, eval, predict, info, data check, demo.
+
+User mistakes (bad files, keys, checkpoints) end with one ``error: ...`` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from densediff.errors import UserError
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+# ------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from densediff.config import load_config
+    from densediff.engine.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    metrics = train(cfg, resume=args.resume)
+    if metrics:
+        print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}, indent=1))
+    return 0
+
+
+def _eval_config(args: argparse.Namespace):
+    """The checkpoint's config with --data-root and dotted overrides applied."""
+    from densediff.config import apply_overrides, config_from_dict
+    from densediff.engine.checkpoint import load_weights
+
+    state, cfg_dict = load_weights(args.checkpoint)
+    overrides = list(args.overrides)
+    if args.data_root:
+        overrides.append(f"data.root={args.data_root}")
+    cfg = config_from_dict(apply_overrides(cfg_dict, overrides), source=str(args.checkpoint))
+    return state, cfg
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from densediff.data import build_dataset, class_info
+    from densediff.engine.checkpoint import load_into
+    from densediff.engine.evaluate import evaluate
+    from densediff.model import build_model
+    from densediff.tasks.segmentation import format_metrics
+
+    state, cfg = _eval_config(args)
+    names, _ = class_info(cfg)
+    model = build_model(cfg, len(names))
+    load_into(model, state, source=str(args.checkpoint))
+    split = getattr(cfg.data, f"{args.split}_split", args.split)
+    dataset = build_dataset(cfg, split, train=False)
+    metrics = evaluate(model, dataset, cfg, aug=args.aug_test, progress=not args.quiet)
+    print(f"{args.checkpoint} on {cfg.data.dataset}/{split} ({len(dataset)} images)"
+          f"{' with multi-scale+flip' if args.aug_test else ''}")
+    print(format_metrics(metrics, names))
+    if args.out:
+        _write_json(Path(args.out), metrics)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _list_images(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        if not files:
+            raise UserError(f"{path}: no images ({', '.join(sorted(IMAGE_EXTS))}) in folder")
+        return files
+    raise UserError(f"{path}: no such file or folder")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+    from PIL import Image
+
+    from densediff.api import load
+    from densediff.data.io import read_image
+
+    files = _list_images(Path(args.input))
+    predictor = load(args.checkpoint, device=args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        rgb = read_image(f)
+        pred = predictor.predict(rgb, aug=args.aug_test)
+        stem = f.stem
+        # Never overwrite an input image with an output.
+        Image.fromarray(pred.mask.astype(np.uint8)).save(out / f"{stem}_mask.png")
+        Image.fromarray(pred.color).save(out / f"{stem}_color.png")
+        Image.fromarray(pred.overlay).save(out / f"{stem}_overlay.png")
+        if args.save_probs:
+            np.save(out / f"{stem}_probs.npy", pred.probs.astype(np.float16))
+        print(f"{f} -> {out / (stem + '_{mask,color,overlay}.png')}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from densediff.config import load_config
+    from densediff.info import describe
+
+    cfg = load_config(args.config, args.overrides)
+    print(describe(cfg, size=tuple(args.size) if args.size else None))
+    return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from densediff.data.check import check_dataset
+
+    problems = check_dataset(args.root, args.format)
+    if problems:
+        for p in problems:
+            print(p)
+        print(f"{len(problems)} problem(s) in {args.root}", file=sys.stderr)
+        return 1
+    print(f"{args.root}: OK ({args.format})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from densediff.demo import run_demo
+
+    run_demo(Path(args.out), iters=args.iters)
+    return 0
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=float))
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------------
+# parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="densediff", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model from a YAML config")
+    t.add_argument("config", help="YAML config file (may use _base_ inheritance)")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.iters=200")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from <work_dir>/checkpoints/last exactly")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on a dataset split")
+    e.add_argument("checkpoint")
+    e.add_argument("overrides", nargs="*", help="dotted overrides of the stored config")
+    e.add_argument("--split", default="val", help="val | test | train or a split name")
+    e.add_argument("--aug-test", action="store_true", help="multi-scale + flip test")
+    e.add_argument("--data-root", help="dataset folder (overrides data.root)")
+    e.add_argument("--out", help="write the metrics JSON here")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("predict", help="segment an image or a folder of images")
+    pr.add_argument("checkpoint")
+    pr.add_argument("input", help="image file or folder")
+    pr.add_argument("--out", required=True, help="output folder")
+    pr.add_argument("--aug-test", action="store_true")
+    pr.add_argument("--save-probs", action="store_true", help="also write KxHxW float16 .npy")
+    pr.add_argument("--device", default="cpu")
+    pr.set_defaults(func=cmd_predict)
+
+    i = sub.add_parser("info", help="parameters, FLOPs estimate and data summary of a config")
+    i.add_argument("config")
+    i.add_argument("overrides", nargs="*")
+    i.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                   help="input size for the FLOPs estimate (default: crop size)")
+    i.set_defaults(func=cmd_info)
+
+    d = sub.add_parser("data", help="dataset tools")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    dc = dsub.add_parser("check", help="validate a dataset folder and list every problem")
+    dc.add_argument("root")
+    dc.add_argument("--format", required=True, choices=["camvid", "ade20k", "cityscapes", "folder"])
+    dc.set_defaults(func=cmd_data_check)
+
+    dm = sub.add_parser("demo", help="train + evaluate + predict on built-in generated data")
+    dm.add_argument("--out", default="demo_out", help="parent folder of the demo run")
+    dm.add_argument("--iters", type=int, default=None, help="training iterations")
+    dm.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

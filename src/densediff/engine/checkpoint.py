@@ -1,0 +1,205 @@
+"""Checkpoint files: model weights in safetensors, training state in a ``weights_only`` torch file.
+
+A weights file ``<name>.safetensors`` holds a model state dict and, in the safetensors metadata
+(string -> string), the resolved run config as JSON plus a few descriptive entries
+(``iteration``, ``kind`` = ``model`` or ``ema``, ``num_classes``, ...), so one file is enough
+to rebuild and run the model. Loading it never executes pickled code.
+
+The training state ``<name>.state.pt`` (optimizer, iteration, RNG states, ...) holds tensors,
+numbers, strings and containers only and is read with ``torch.load(weights_only=True)``.
+
+Every file is written atomically (temporary file in the same folder, fsync, ``os.replace``),
+so a run killed mid-write leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import nn
+
+from densediff.errors import CheckpointError
+
+FORMAT = "densediff"
+"""Value of the ``format`` metadata entry in every weights file written here."""
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text[:200] + ("..." if len(text) > 200 else "")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp_path)`` then move the finished file onto ``path`` in one step.
+
+    The temporary file lives next to ``path`` (same file system, so ``os.replace`` is atomic);
+    it is removed if ``write`` fails, and ``path`` is untouched unless everything succeeded.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable (best effort: not every file system allows this)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _storage_safe(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous tensors that own their storage (safetensors rejects shared memory)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, v in state.items():
+        t = v.detach().to("cpu").contiguous()
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen or storage.nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[k] = t
+    return out
+
+
+def first_nonfinite(state: Mapping[str, torch.Tensor]) -> str | None:
+    """Name of the first floating-point tensor holding NaN or inf, or None."""
+    for k, v in state.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            return k
+    return None
+
+
+def save_checkpoint(path: str | os.PathLike, model_state: Mapping[str, torch.Tensor],
+                    cfg: Any, extra_meta: Mapping[str, Any] | None = None) -> None:
+    """Write ``model_state`` to a safetensors file, atomically, with the config in the metadata.
+
+    Args:
+        path: target file (conventionally ``.../<name>.safetensors``).
+        model_state: a model ``state_dict()``.
+        cfg: the resolved :class:`~densediff.config.Config` (or its dict form).
+        extra_meta: more metadata (``iteration``, ``kind``, ``num_classes``...); non-string
+            values are stored as JSON.
+
+    Raises:
+        CheckpointError: a tensor holds NaN/inf (training diverged); nothing is written, so
+            an earlier good checkpoint at ``path`` survives.
+    """
+    from safetensors.torch import save_file
+
+    bad = first_nonfinite(model_state)
+    if bad is not None:
+        raise CheckpointError(
+            f"{path}: not written, weight {bad!r} holds NaN/inf (training diverged; "
+            f"try a lower train.lr or set train.grad_clip)")
+    cfg_dict = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    meta = {"format": FORMAT, "config": json.dumps(cfg_dict)}
+    for k, v in (extra_meta or {}).items():
+        meta[k] = v if isinstance(v, str) else json.dumps(v)
+    tensors = _storage_safe(model_state)
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def load_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """All metadata of a densediff weights file, JSON entries decoded (``config`` is a dict)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
+    if raw.get("format") != FORMAT or "config" not in raw:
+        raise CheckpointError(f"{path}: not a densediff checkpoint (no config in its metadata)")
+    meta: dict[str, Any] = {}
+    for k, v in raw.items():
+        try:
+            meta[k] = json.loads(v)
+        except json.JSONDecodeError:
+            meta[k] = v
+    if not isinstance(meta["config"], dict):
+        raise CheckpointError(f"{path}: the config in its metadata is not a mapping")
+    return meta
+
+
+def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a weights file written by :func:`save_checkpoint`.
+
+    Returns:
+        ``(state_dict, config_dict)``, tensors on CPU. The other metadata entries are
+        available from :func:`load_metadata`.
+
+    Raises:
+        CheckpointError: missing, truncated/corrupt, or not a densediff checkpoint.
+    """
+    from safetensors.torch import load_file
+
+    meta = load_metadata(path)
+    try:
+        state = load_file(str(path), device="cpu")
+    except Exception as e:
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_one_line(e)})") from None
+    return state, meta["config"]
+
+
+def load_into(model: nn.Module, state: Mapping[str, torch.Tensor],
+              source: str | os.PathLike = "checkpoint") -> None:
+    """Load ``state`` into ``model`` strictly, with a one-line error on the first mismatch.
+
+    Raises:
+        CheckpointError: naming ``source`` and the first key that is missing, unexpected, or
+            of the wrong shape.
+    """
+    own = model.state_dict()
+    for k, v in own.items():
+        if k not in state:
+            raise CheckpointError(f"{source}: does not fit the model: key {k!r} is missing")
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise CheckpointError(
+                f"{source}: does not fit the model: {k!r} has shape {tuple(state[k].shape)} "
+                f"in the checkpoint but {tuple(v.shape)} in the model")
+    for k in state:
+        if k not in own:
+            raise CheckpointError(f"{source}: does not fit the model: unexpected key {k!r}")
+    model.load_state_dict(state, strict=True)
+
+
+def save_train_state(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
+    """``torch.save`` the training state atomically (tensors, numbers, strings, containers)."""
+    atomic_write(path, lambda tmp: torch.save(dict(state), tmp))
+
+
+def load_train_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a training state with ``torch.load(weights_only=True)`` onto the CPU.
+
+    Raises:
+        CheckpointError: the file is missing, truncated or holds anything but plain data.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: training state file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: corrupt or not a training state ({_one_line(e)})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a training state (top level is not a dict)")
+    return state
