@@ -288,8 +288,29 @@ def validate(data: dict, source: str = "config") -> Config:
         raise ConfigError(f"{source}: {loc}: {msg}{more}") from None
 
 
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """A config path as given, or else one of the configs shipped in the package
+    (``camvid/baseline_effnet_lite0.yaml`` works from any folder)."""
+    p = Path(path)
+    if p.is_file() or p.is_absolute():
+        return p
+    packaged = PACKAGED_CONFIGS / p
+    return packaged if packaged.is_file() else p
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (with ``_base_`` inheritance) and apply dotted overrides."""
+    """Load a YAML config (with ``_base_`` inheritance) and apply dotted overrides.
+
+    Args:
+        path: a YAML file, or a config shipped with the package (see ``configs/``); None
+            starts from the defaults.
+        overrides: ``dotted.key=value`` strings, values parsed as YAML.
+    """
+    if path is not None:
+        path = resolve_config_path(path)
     data = _read_yaml(Path(path)) if path is not None else {}
     data = apply_overrides(data, overrides or [])
     cfg = validate(data, source=str(path) if path is not None else "config")

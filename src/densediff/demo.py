@@ -16,35 +16,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from densediff.config import validate
+from densediff.config import load_config
 
-DEMO_CONFIG = {
-    "seed": 0,
-    "data": {
-        "dataset": "generated",
-        "gen_size": [96, 96],
-        "gen_num_train": 256,
-        "gen_num_val": 32,
-        "gen_num_test": 32,
-        "train_pipeline": {"scale": [96, 96], "ratio_range": [0.75, 1.5], "crop_size": [96, 96]},
-        "batch_size": 8,
-        "num_workers": 0,
-    },
-    "model": {
-        "encoder": {"name": "simple_cnn", "variant": "tiny"},
-        "neck": {"channels": 64, "num_groups": 8},
-        "head": {"channels": 64, "num_convs": 1},
-        "aux_head": {"channels": 64},
-    },
-    "train": {
-        "iters": 600,
-        "lr": 2e-3,
-        "warmup_iters": 50,
-        "eval_interval": 200,
-        "ckpt_interval": 200,
-        "log_interval": 50,
-    },
-}
+DEMO_CONFIG = "generated/baseline.yaml"  # shipped in densediff/configs
 
 
 def run_demo(out: Path, iters: int | None = None) -> Path:
@@ -55,11 +29,8 @@ def run_demo(out: Path, iters: int | None = None) -> Path:
     from densediff.tasks.segmentation import format_metrics
 
     run_dir = out / time.strftime("%Y%m%d-%H%M%S")
-    cfg_dict = json.loads(json.dumps(DEMO_CONFIG))
-    cfg_dict["work_dir"] = str(run_dir)
-    if iters is not None:
-        cfg_dict["train"]["iters"] = iters
-    cfg = validate(cfg_dict, source="demo config")
+    overrides = [f"work_dir={run_dir}"] + ([f"train.iters={iters}"] if iters else [])
+    cfg = load_config(DEMO_CONFIG, overrides)
 
     print(f"[demo] 1/3 training -> {run_dir}")
     t0 = time.time()

@@ -1,0 +1,125 @@
+"""Reading images and label maps, with one-line :class:`DataError` messages for bad files.
+
+Images come back as RGB ``uint8`` arrays (H x W x 3) whatever the file holds: greyscale and
+palette images are expanded, an alpha channel is dropped, 16-bit data are scaled to 8 bits
+(``v * 255 / 65535``, the same for every image so a dataset stays consistent). Label maps must be
+single-channel class-id images (8-bit, palette indices, or 16-bit) and come back as ``int64``.
+EXIF orientation tags are not applied: pixels are used as stored, so images and label maps
+stay aligned.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from densediff.errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+"""File suffixes taken as images when listing folders (case-insensitive)."""
+
+LABEL_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
+"""File suffixes taken as label maps (lossless formats only)."""
+
+_LABEL_MODES = ("L", "P", "1", "I", "I;16", "I;16L", "I;16B", "I;16N")
+
+# Many datasets hold large panoramas; Pillow's decompression-bomb guard would reject them.
+Image.MAX_IMAGE_PIXELS = None
+
+
+def _open(path: str | os.PathLike) -> Image.Image:
+    """Open an image lazily (header only); DataError when missing or not an image."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return Image.open(path)
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not an image file (or a format Pillow cannot read)") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot open ({e})") from None
+
+
+def _load(path: str | os.PathLike) -> Image.Image:
+    """Open and fully decode an image; DataError on truncated or corrupt data."""
+    im = _open(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            im.load()
+    except (OSError, SyntaxError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{path}: truncated or corrupt image ({msg})") from None
+    return im
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) of an image file, read from its header only (fast)."""
+    with _open(path) as im:
+        return im.height, im.width
+
+
+def _to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+    """Scale a high-bit-depth single-channel array to uint8."""
+    if mode == "F":
+        a = a.astype(np.float64)
+        a = a * 255.0 if np.nanmax(a, initial=0.0) <= 1.0 else a  # [0, 1] floats or 0..255
+        return np.clip(np.nan_to_num(a), 0, 255).round().astype(np.uint8)
+    # integer modes ("I;16*" or 32-bit "I", which Pillow also uses for 16-bit PNGs)
+    a = a.astype(np.int64)
+    if mode.startswith("I;16") or a.max(initial=0) > 255:
+        a = np.clip(a, 0, 65535) * 255 // 65535
+    return np.clip(a, 0, 255).astype(np.uint8)
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image as RGB ``uint8`` (H x W x 3).
+
+    Greyscale, palette, RGBA/LA (alpha dropped), CMYK and 16-bit/float images are converted.
+
+    Raises:
+        DataError: the file is missing, not an image, truncated or corrupt.
+    """
+    im = _load(path)
+    if im.mode in ("RGB",):
+        return np.asarray(im, dtype=np.uint8).copy()
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        g = _to_uint8(np.asarray(im), im.mode)
+        return np.repeat(g[:, :, None], 3, axis=2)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+    try:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path}: cannot convert image mode {im.mode} to RGB ({e})") from None
+
+
+def read_label(path: str | os.PathLike) -> np.ndarray:
+    """Read a label map as ``int64`` (H x W) of raw pixel values (no class mapping).
+
+    Accepts 8-bit greyscale, palette (the indices are the values) and 16-bit images.
+
+    Raises:
+        DataError: missing/unreadable/truncated file, or not a single-channel image
+            (e.g. an RGB colour-coded mask).
+    """
+    im = _load(path)
+    if im.mode not in _LABEL_MODES:
+        raise DataError(
+            f"{path}: label map must be a single-channel class-id image, got mode {im.mode}"
+            " (colour-coded masks must be converted to class ids first)")
+    return np.asarray(im).astype(np.int64)
+
+
+def write_image(path: str | os.PathLike, img: np.ndarray) -> None:
+    """Write a uint8 RGB (H x W x 3) or single-channel uint8 array; parent folders are made."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kwargs = {"quality": 95} if path.suffix.lower() in (".jpg", ".jpeg") else {}
+    Image.fromarray(np.ascontiguousarray(img)).save(path, **kwargs)

@@ -1,0 +1,103 @@
+"""Optimizer parameter groups and the learning-rate schedule (mmseg/mmcv semantics).
+
+Weight decay is applied to weight matrices and conv kernels only. It is switched off for
+
+- every parameter of a normalization layer (BatchNorm, GroupNorm, LayerNorm, InstanceNorm,
+  LocalResponseNorm and any module whose class name ends in ``Norm`` / ``Norm2d``, e.g. RMSNorm);
+- every 1-D parameter (biases, layer-scale gammas);
+- position embeddings and relative position bias tables (names containing ``pos_embed``,
+  ``position_embedding``, ``relative_position_bias_table``, ``pos_block``, ``cls_token``,
+  ``mask_token``).
+
+This covers mmseg's ``paramwise_cfg`` for Swin/SegFormer/ConvNeXt (``norm``, ``pos_block``,
+``absolute_pos_embed``, ``relative_position_bias_table`` with ``decay_mult=0``) and goes one
+step further for biases (``bias_decay_mult=0``), the common practice for AdamW.
+
+Parameters outside ``model.encoder`` get ``lr * head_lr_mult`` (mmseg ``head`` ``lr_mult``).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from densediff.config import TrainConfig
+
+NO_DECAY_NAMES = ("pos_embed", "position_embedding", "relative_position_bias_table",
+                  "pos_block", "cls_token", "mask_token")
+"""Name fragments of parameters that get no weight decay whatever their shape."""
+
+_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
+               nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    name = type(module).__name__
+    return isinstance(module, _NORM_TYPES) or name.endswith("Norm") or name.endswith("Norm2d")
+
+
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Names of the trainable parameters of ``model`` that get weight decay 0 (see module doc)."""
+    out: set[str] = set()
+    for mod_name, module in model.named_modules():
+        norm = _is_norm(module)
+        for p_name, p in module.named_parameters(recurse=False):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            if norm or p.ndim <= 1 or any(s in full for s in NO_DECAY_NAMES):
+                out.add(full)
+    return out
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """AdamW parameter groups: {encoder, rest} x {decay, no decay}; empty groups are dropped.
+
+    Each group carries ``name`` and ``lr_mult`` (read by :func:`set_lr`); frozen parameters
+    (``requires_grad=False``) are left out.
+    """
+    no_decay = no_decay_names(model)
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = (name.startswith("encoder."), name in no_decay)
+        groups.setdefault(key, []).append(p)
+    out = []
+    for (is_enc, nd), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
+        out.append({
+            "name": f"{'encoder' if is_enc else 'head'}_{'no_decay' if nd else 'decay'}",
+            "params": params,
+            "lr_mult": 1.0 if is_enc else cfg.head_lr_mult,
+            "weight_decay": 0.0 if nd else cfg.weight_decay,
+        })
+    return out
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig):
+    """AdamW over :func:`param_groups` with ``cfg.betas``; lr is set per iteration by set_lr."""
+    import torch
+
+    groups = param_groups(model, cfg)
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def poly_lr(base_lr: float, it: int, cfg: TrainConfig) -> float:
+    """Learning rate at iteration ``it`` (0-based, before that iteration's update).
+
+    mmcv ``PolyLrUpdaterHook`` (``by_epoch=False``) with linear warmup::
+
+        lr = (base_lr - min_lr) * (1 - it / iters) ** power + min_lr
+        if it < warmup_iters:
+            lr *= 1 - (1 - it / warmup_iters) * (1 - warmup_ratio)
+    """
+    lr = (base_lr - cfg.min_lr) * (1 - it / cfg.iters) ** cfg.poly_power + cfg.min_lr
+    if it < cfg.warmup_iters:
+        lr *= 1 - (1 - it / cfg.warmup_iters) * (1 - cfg.warmup_ratio)
+    return lr
+
+
+def set_lr(optimizer, it: int, cfg: TrainConfig) -> float:
+    """Set every group's lr to ``poly_lr(cfg.lr * group lr_mult, it)``; returns the base lr."""
+    for group in optimizer.param_groups:
+        group["lr"] = poly_lr(cfg.lr * group.get("lr_mult", 1.0), it, cfg)
+    return poly_lr(cfg.lr, it, cfg)
