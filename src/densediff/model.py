@@ -32,7 +32,7 @@ class Segmentor(nn.Module):
         self.num_classes = num_classes
         self.ignore_index = cfg.data.ignore_index
         self.avg_non_ignore = m.avg_non_ignore
-        self.encoder = build_encoder(m.encoder)
+        self.encoder = build_encoder(m.encoder, cfg.data.mean, cfg.data.std)
         self.neck = FPNMerge(self.encoder.out_channels, m.neck.channels, m.neck.num_groups)
         self.head = ConvHead(m.neck.channels, m.head.channels, m.head.num_convs, num_classes,
                              m.head.dropout)

@@ -1,0 +1,15 @@
+"""Datasets, transforms and batching for dense prediction.
+
+Entry points: :func:`build_dataset` (from the run config), :func:`collate` (DataLoader
+``collate_fn``), :func:`preprocess_image` (a new image -> model input),
+:func:`densediff.data.check.check_dataset` (validate a dataset folder) and the layouts
+documented in :mod:`densediff.data.layouts`.
+"""
+
+from densediff.data.build import build_dataset, resolve_root, root_env_var
+from densediff.data.datasets import SegDataset, collate
+from densediff.data.generated import GeneratedDataset
+from densediff.data.transforms import preprocess_image
+
+__all__ = ["SegDataset", "GeneratedDataset", "build_dataset", "collate", "preprocess_image",
+           "resolve_root", "root_env_var"]

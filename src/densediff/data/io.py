@@ -117,6 +117,14 @@ def read_label(path: str | os.PathLike) -> np.ndarray:
     return np.asarray(im).astype(np.int64)
 
 
+def check_same_size(img_path: str | os.PathLike, img_size: tuple[int, int],
+                    label_path: str | os.PathLike, label_size: tuple[int, int]) -> None:
+    """DataError naming the label file when an image and its label differ in (h, w)."""
+    if tuple(img_size) != tuple(label_size):
+        raise DataError(f"{label_path}: label size {label_size[0]}x{label_size[1]} differs from "
+                        f"image {img_path} size {img_size[0]}x{img_size[1]}")
+
+
 def write_image(path: str | os.PathLike, img: np.ndarray) -> None:
     """Write a uint8 RGB (H x W x 3) or single-channel uint8 array; parent folders are made."""
     path = Path(path)

@@ -126,7 +126,8 @@ def load_metadata(path: str | os.PathLike) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for bad headers
-        raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(e)})") from None
+        raise CheckpointError(f"{path}: corrupt, truncated or not a safetensors file "
+                              f"({_one_line(e)})") from None
     if raw.get("format") != FORMAT or "config" not in raw:
         raise CheckpointError(f"{path}: not a densediff checkpoint (no config in its metadata)")
     meta: dict[str, Any] = {}

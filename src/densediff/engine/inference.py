@@ -38,6 +38,8 @@ def predict_logits(model: nn.Module, img: torch.Tensor, eval_cfg: EvalConfig,
         aug: multi-scale + flip test: one pass per scale in ``eval_cfg.aug.scales`` (relative
             to ``img``: the image is resized bilinearly to ``round(H * s), round(W * s)``), each
             also on the horizontally flipped image when ``eval_cfg.aug.flip``. False: one pass.
+            (mmseg resizes the original image to ``ratio x img_scale``; with the test resize
+            being that keep-ratio resize, this is the same up to resampling.)
         **kwargs: forwarded to ``model.predict_logits``.
 
     Returns:

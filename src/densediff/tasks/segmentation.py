@@ -7,6 +7,7 @@ Evaluation", CVPR 2021), accumulated per class over the dataset as DDPS reports 
 * :func:`ce_loss` -- pixel-wise cross-entropy with an ignore label.
 * :class:`SegMetric` -- accumulates a confusion matrix and per-class boundary counts over a
   dataset (optionally across processes) and reports aAcc, mIoU, mAcc and mBIoU.
+* :func:`format_metrics` -- the results as a plain-text table.
 * :func:`boundary_width` / :func:`label_boundary` -- the Boundary-IoU band, exposed for tests
   and visualisation.
 """
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from densediff.errors import DataError
 
-__all__ = ["ce_loss", "boundary_width", "label_boundary", "SegMetric"]
+__all__ = ["ce_loss", "boundary_width", "label_boundary", "SegMetric", "format_metrics"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,11 +85,12 @@ def label_boundary(labels: torch.Tensor, d: int) -> torch.Tensor:
     beyond the padded image as neutral, so the zero pad spreads inwards one pixel per
     iteration: the outermost d rows/columns of a mask touching the image border are boundary,
     exactly like d pixels next to a hole). The d-fold 3x3 erosion equals one erosion by the
-    (2d+1) square, and a pixel of class c survives it iff its whole window (clipped to the
-    image) is class c and the window does not cross the image border. So the band of the
-    pixel's own class is "window not constant", computed here for all classes with one max
-    and one min filter of the label map padded with a value no class has. Pixels of class c
-    belong to the band of class c only, so the per-class bands are ``band & (labels == c)``.
+    (2d+1) square, and a pixel of class c survives it iff its (2d+1) x (2d+1) window lies
+    inside the image and holds only class c. So a pixel is in the band of its own class iff
+    that window is not constant once the outside is filled with a value no class has: one max
+    and one min filter of the padded label map give the bands of all classes at once (cost
+    independent of K). A pixel of class c can only be in the band of class c, so the band of
+    class c is ``band & (labels == c)``.
 
     Any value different from c (including an ignore label) is background for class c.
 
@@ -274,20 +276,30 @@ class SegMetric:
         }
 
     def format_table(self, class_names: Sequence[str] | None = None) -> str:
-        """Per-class table (IoU / Acc / BIoU) followed by the summary line, as plain text."""
-        res = self.compute()
-        if class_names is None:
-            class_names = [str(i) for i in range(self.num_classes)]
-        if len(class_names) != self.num_classes:
-            raise ValueError(f"got {len(class_names)} class names for {self.num_classes} "
-                             "classes")
-        width = max([5] + [len(n) for n in class_names])
-        head = f"{'Class':<{width}} | {'IoU':>6} | {'Acc':>6} | {'BIoU':>6}"
-        rule = "-" * len(head)
-        rows = [f"{name:<{width}} | {pc['IoU']:6.2f} | {pc['Acc']:6.2f} | {pc['BIoU']:6.2f}"
-                for name, pc in zip(class_names, res["per_class"])]
-        summary = "  ".join(f"{key} {res[key]:.2f}" for key in ("aAcc", "mIoU", "mAcc", "mBIoU"))
-        return "\n".join([head, rule, *rows, rule, summary])
+        """Per-class table of :meth:`compute`'s results, see :func:`format_metrics`."""
+        return format_metrics(self.compute(), class_names)
+
+
+def format_metrics(metrics: dict, class_names: Sequence[str] | None = None) -> str:
+    """Plain-text table of :meth:`SegMetric.compute` results: one row per class (IoU / Acc /
+    BIoU, NaN shown as ``nan``), then the summary line ``aAcc .. mIoU .. mAcc .. mBIoU ..``.
+
+    Args:
+        metrics: the dict returned by :meth:`SegMetric.compute` (also after a JSON round trip).
+        class_names: one name per class; None: class indices.
+    """
+    per_class = metrics["per_class"]
+    if class_names is None:
+        class_names = [str(i) for i in range(len(per_class))]
+    if len(class_names) != len(per_class):
+        raise ValueError(f"got {len(class_names)} class names for {len(per_class)} classes")
+    width = max([5] + [len(n) for n in class_names])
+    head = f"{'Class':<{width}} | {'IoU':>6} | {'Acc':>6} | {'BIoU':>6}"
+    rule = "-" * len(head)
+    rows = [f"{name:<{width}} | {pc['IoU']:6.2f} | {pc['Acc']:6.2f} | {pc['BIoU']:6.2f}"
+            for name, pc in zip(class_names, per_class)]
+    summary = "  ".join(f"{key} {metrics[key]:.2f}" for key in ("aAcc", "mIoU", "mAcc", "mBIoU"))
+    return "\n".join([head, rule, *rows, rule, summary])
 
 
 def _nanmean(x: torch.Tensor) -> float:

@@ -1,0 +1,435 @@
+"""Iteration-based training (mmseg ``IterBasedRunner`` semantics) with exact resume.
+
+One call of :func:`train` runs a whole schedule, in one process or under ``torchrun``
+(DistributedDataParallel; gloo on CPU, NCCL on GPU with SyncBatchNorm). Per iteration:
+
+1. set the learning rate (:func:`densediff.engine.optim.poly_lr`, linear warmup);
+2. :func:`train_step`: ``train.accum_steps`` micro-batches of ``data.batch_size`` images per
+   process, gradients summed (no DDP all-reduce until the last one), clipped, AdamW step;
+3. EMA update every ``train.ema.every`` steps (if enabled);
+4. every ``log_interval`` / ``eval_interval`` / ``ckpt_interval`` iterations (and after the
+   last one): log, evaluate on the val split (EMA weights when enabled) and keep the best
+   checkpoint, save ``last``.
+
+Run folder (``cfg.work_dir``)::
+
+    config.yaml                      resolved config (class names and palette filled in)
+    checkpoints/last.safetensors     raw weights, kind "model"
+    checkpoints/last_ema.safetensors EMA weights, kind "ema" (EMA runs only)
+    checkpoints/last.state.pt        optimizer, iteration, best score, per-rank RNG states
+    checkpoints/best.safetensors     weights (EMA when enabled) of the best evaluation
+    metrics.csv, tb/, train.log
+
+Exact resume: the data order is a pure function of (seed, samples consumed)
+(:class:`~densediff.engine.sampler.InfiniteSampler`, augmentation seeded per sample), and the
+checkpoint holds every RNG state, so ``train(cfg, resume=True)`` after a crash ends with the
+same weights as an uninterrupted run (same machine, world size and thread count).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from densediff.config import Config
+from densediff.engine import distributed as du
+from densediff.engine.checkpoint import (load_into, load_metadata, load_train_state,
+                                         load_weights, save_checkpoint, save_train_state)
+from densediff.engine.ema import EMA
+from densediff.engine.logger import RunLogger
+from densediff.engine.optim import build_optimizer, set_lr
+from densediff.engine.sampler import InfiniteSampler
+from densediff.errors import CheckpointError, ConfigError, UserError
+
+CKPT_DIR = "checkpoints"
+CHECKPOINT_FILES = ("last.safetensors", "last_ema.safetensors", "last.state.pt",
+                    "best.safetensors")
+
+
+class DivergenceError(UserError):
+    """Training produced NaN/inf losses or gradients; no checkpoint is written for it."""
+
+
+# --------------------------------------------------------------------------------------------
+# one optimizer step
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[dict],
+               accum_steps: int = 1, grad_clip: float | None = None, amp: bool = False
+               ) -> tuple[dict[str, torch.Tensor], float]:
+    """One optimizer step over ``accum_steps`` micro-batches drawn from ``batches``.
+
+    Each micro-batch loss is divided by ``accum_steps`` so the summed gradient equals the
+    gradient of the mean loss over all micro-batches (the same as one batch of
+    ``accum_steps`` x the size, for per-pixel mean losses and batch-independent layers).
+    Under DDP the gradient all-reduce runs only on the last micro-batch (``no_sync``).
+
+    Args:
+        model: has ``forward(img, label) -> dict`` of losses with key ``loss`` (may be DDP).
+        optimizer: its gradients are zeroed after the step.
+        batches: yields dicts with ``image`` and ``label`` tensors.
+        accum_steps: micro-batches per step.
+        grad_clip: max global L2 norm of the gradients (None: no clipping).
+        amp: bf16 autocast (CUDA only; ignored on CPU).
+
+    Returns:
+        ``(losses, grad_norm)``: each loss averaged over the micro-batches (detached tensors),
+        and the global gradient norm before clipping. When the norm is NaN/inf the optimizer
+        step is skipped (the caller decides what to do).
+    """
+    device = next(model.parameters()).device
+    sums: dict[str, torch.Tensor] = {}
+    for i in range(accum_steps):
+        batch = next(batches)
+        img = batch["image"].to(device, non_blocking=True)
+        label = batch["label"].to(device, non_blocking=True)
+        last = i == accum_steps - 1
+        no_sync = not last and hasattr(model, "no_sync")
+        with model.no_sync() if no_sync else contextlib.nullcontext():
+            with torch.autocast(device.type, dtype=torch.bfloat16,
+                                enabled=amp and device.type == "cuda"):
+                losses = model(img, label)
+            (losses["loss"] / accum_steps).backward()
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0) + v.detach().float() / accum_steps
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(
+        params, grad_clip if grad_clip is not None else math.inf))
+    if math.isfinite(grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return sums, grad_norm
+
+
+# --------------------------------------------------------------------------------------------
+# RNG state (saved per rank for exact resume)
+
+
+def _rng_state(device: torch.device) -> dict:
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"bit_generator": np_state["bit_generator"],
+                  "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "pos": int(np_state["state"]["pos"]),
+                  "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
+        "python": random.getstate(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state({"bit_generator": n["bit_generator"],
+                         "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+                         "has_gauss": n["has_gauss"], "gauss": n["gauss"]})
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _seed_everything(*key: int) -> None:
+    """Seed python, numpy and torch from the integers ``key`` (e.g. seed, rank)."""
+    seed = int(np.random.SeedSequence(list(key)).generate_state(1)[0])
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+
+
+def train(cfg: Config, resume: bool = False) -> dict:
+    """Train ``cfg``'s model on its train split, evaluating on its val split.
+
+    Runs in one process, or in each process under ``torchrun`` (``RANK``/``WORLD_SIZE``).
+
+    Args:
+        cfg: the resolved run config; ``cfg.work_dir`` must be set.
+        resume: continue the run in ``cfg.work_dir`` from ``checkpoints/last`` exactly.
+            Without it, a work_dir that already holds checkpoints is refused.
+
+    Returns:
+        The final evaluation (``evaluate()``'s dict: aAcc, mIoU, mAcc, mBIoU, per_class) of
+        the final weights (EMA when enabled), plus ``iter``, ``best_<metric>`` and
+        ``best_iter``.
+
+    Raises:
+        ConfigError: no work_dir, or it holds another run's checkpoints and resume is False.
+        CheckpointError: resume without (consistent) checkpoints.
+        DivergenceError: NaN/inf gradients; the last good checkpoint stays.
+    """
+    info = du.init_distributed()
+    try:
+        return _Run(cfg, info, resume).fit()
+    finally:
+        du.cleanup_distributed(info)
+
+
+class _Run:
+    """State of one training run; see :func:`train`."""
+
+    def __init__(self, cfg: Config, info: du.DistInfo, resume: bool):
+        from densediff.data import build_dataset, class_info
+        from densediff.model import build_model
+
+        if cfg.work_dir is None:
+            raise ConfigError("work_dir: must be set for training (the run folder)")
+        self.cfg = cfg = cfg.model_copy(deep=True)
+        self.t = cfg.train
+        self.info = info
+        self.device = info.device
+        self.work_dir = Path(cfg.work_dir)
+        self.ckpt_dir = self.work_dir / CKPT_DIR
+        self._check_work_dir(resume)
+
+        names, palette = class_info(cfg)
+        cfg.data.class_names = list(names)
+        cfg.data.palette = [tuple(int(c) for c in rgb) for rgb in np.asarray(palette)]
+        self.num_classes = len(names)
+
+        _seed_everything(cfg.seed)  # the same initial weights on every rank
+        self.train_set = build_dataset(cfg, cfg.data.train_split, train=True)
+        self.val_set = build_dataset(cfg, cfg.data.val_split, train=False)
+        model = build_model(cfg, self.num_classes).to(self.device)
+        if info.distributed and self.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.module = model
+        self.optimizer = build_optimizer(model, self.t)
+        self.ema = EMA(model, self.t.ema.decay) if self.t.ema.enabled else None
+        _seed_everything(cfg.seed, info.rank, 1)  # dropout etc.: one stream per rank
+        self.iter = 0
+        self.samples = 0  # items of this rank's sample stream consumed so far
+        self.best: float | None = None
+        self.best_iter = 0
+        self.notes: list[str] = []  # resume warnings, logged once the logger exists
+        if resume:
+            self._load()
+        self.model: nn.Module = model
+        if info.distributed:
+            self.model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.last_metrics: dict | None = None
+        self.logger: RunLogger | None = None  # rank 0 only, created by fit()
+
+    # ---------------------------------------------------------------- folders and checkpoints
+
+    def _check_work_dir(self, resume: bool) -> None:
+        found = [n for n in CHECKPOINT_FILES if (self.ckpt_dir / n).exists()]
+        if resume and not (self.ckpt_dir / "last.state.pt").is_file():
+            raise CheckpointError(f"{self.ckpt_dir / 'last.state.pt'}: nothing to resume from "
+                                  f"(drop --resume to start a new run)")
+        if not resume and found:
+            raise ConfigError(f"work_dir: {self.work_dir} already holds checkpoints of a run; "
+                              f"pass --resume to continue it or choose another work_dir")
+
+    def _load(self) -> None:
+        """Restore weights, EMA, optimizer, counters and RNG states from ``checkpoints/last``."""
+        state_path = self.ckpt_dir / "last.state.pt"
+        state = load_train_state(state_path)
+        it = state.get("iteration")
+        files = [(self.ckpt_dir / "last.safetensors", self.module)]
+        if self.ema is not None:
+            files.append((self.ckpt_dir / "last_ema.safetensors", self.ema.module))
+        for path, module in files:
+            if not path.is_file() and module is not self.module:
+                self.notes.append(f"warning: {path} not found; the EMA restarts from the weights")
+                self.ema = EMA(self.module, self.t.ema.decay)
+                continue
+            weights, saved_cfg = load_weights(path)
+            if load_metadata(path).get("iteration") != it:
+                raise CheckpointError(f"{path}: is not from iteration {it} like {state_path} "
+                                      "(interrupted while saving?)")
+            load_into(module, weights, source=path)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{state_path}: optimizer state does not fit ({e})") from None
+        self.iter, self.samples = int(it), int(state["samples"])
+        self.best, self.best_iter = state["best"], int(state["best_iter"])
+        rngs = state["rng"]
+        if len(rngs) == self.info.world_size:
+            _set_rng_state(rngs[self.info.rank], self.device)
+        else:
+            self.notes.append(f"warning: {state_path} was written by {len(rngs)} processes, "
+                              f"now {self.info.world_size}: random streams are not continued "
+                              "exactly")
+            _seed_everything(self.cfg.seed, self.info.rank, self.iter)
+        changed = _diff(saved_cfg, self.cfg.to_dict())
+        if changed:
+            self.notes.append("resuming with changed settings: " + ", ".join(changed))
+
+    def _save(self, best: bool, last: bool) -> None:
+        """Write the ``best`` and/or ``last`` checkpoints; every rank must call it."""
+        for m in (self.module, self.ema.module if self.ema else None):
+            if m is not None:
+                du.broadcast_buffers(m)
+        rngs = du.all_gather_objects(_rng_state(self.device))
+        if not self.info.is_main:
+            return
+        meta = {"iteration": self.iter, "num_classes": self.num_classes}
+        eval_module = self.ema.module if self.ema else self.module
+        if best:
+            save_checkpoint(self.ckpt_dir / "best.safetensors", eval_module.state_dict(), self.cfg,
+                            {**meta, "kind": "ema" if self.ema else "model",
+                             self.t.best_metric: self.best})
+        if not last:
+            return
+        save_checkpoint(self.ckpt_dir / "last.safetensors", self.module.state_dict(), self.cfg,
+                        {**meta, "kind": "model"})
+        if self.ema is not None:
+            save_checkpoint(self.ckpt_dir / "last_ema.safetensors", self.ema.state_dict(),
+                            self.cfg, {**meta, "kind": "ema"})
+        save_train_state(self.ckpt_dir / "last.state.pt", {  # written last: the commit point
+            "iteration": self.iter, "samples": self.samples,
+            "optimizer": self.optimizer.state_dict(),
+            "best": self.best, "best_iter": self.best_iter, "best_metric": self.t.best_metric,
+            "rng": rngs, "world_size": self.info.world_size,
+        })
+
+    # ---------------------------------------------------------------- logging and evaluation
+
+    def _log_train(self, lr: float, sums: dict[str, torch.Tensor], n: int, sec_per_iter: float,
+                   bar: tqdm) -> None:
+        """Log the losses averaged over the last ``n`` iterations and all ranks (collective)."""
+        keys = sorted(sums)
+        avg = du.all_reduce_mean(torch.stack([sums[k].to(self.device) for k in keys]) / n)
+        if not self.info.is_main:
+            return
+        row = {"lr": lr, **dict(zip(keys, avg.tolist())), "time": sec_per_iter}
+        if self.device.type == "cuda":
+            row["mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        self.logger.scalars(self.iter, row, "train")
+        eta = datetime.timedelta(seconds=round(sec_per_iter * (self.t.iters - self.iter)))
+        self.logger.info(f"iter {self.iter}/{self.t.iters} lr {lr:.3g} "
+                         + " ".join(f"{k} {v:.4f}" for k, v in row.items()
+                                    if k not in ("lr", "time"))
+                         + f" {sec_per_iter:.3f}s/it eta {eta}")
+        bar.set_postfix(loss=f"{row['loss']:.4f}")
+
+    def _evaluate(self, progress: bool) -> bool:
+        """Evaluate on the val split (EMA weights when enabled), log; True if a new best."""
+        from densediff.engine.evaluate import evaluate
+
+        module = self.ema.module if self.ema else self.module
+        du.broadcast_buffers(module)
+        t0 = time.perf_counter()
+        metrics = evaluate(module, self.val_set, self.cfg, progress=progress)
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if self.t.best_metric not in scalars:
+            raise ConfigError(f"train.best_metric: {self.t.best_metric!r} is not one of the "
+                              f"metrics ({', '.join(scalars)})")
+        value = scalars[self.t.best_metric]
+        improved = math.isfinite(value) and (self.best is None or value > self.best)
+        if improved:
+            self.best, self.best_iter = value, self.iter
+        if self.info.is_main:
+            self.logger.scalars(self.iter, {**scalars, "eval_time": time.perf_counter() - t0},
+                                "val")
+            best = (f"  (best {self.t.best_metric} {self.best:.2f} @ {self.best_iter})"
+                    if self.best is not None else "")
+            self.logger.info(f"iter {self.iter} val ({len(self.val_set)} images): "
+                             + "  ".join(f"{k} {v:.2f}" for k, v in scalars.items()) + best)
+        self.last_metrics = metrics
+        return improved
+
+    # ---------------------------------------------------------------- loop
+
+    def fit(self) -> dict:
+        from densediff.data import collate
+
+        cfg, t, info = self.cfg, self.t, self.info
+        bar = tqdm(total=t.iters, initial=self.iter, desc="train", dynamic_ncols=True,
+                   disable=not (info.is_main and t.progress and sys.stderr.isatty()))
+        if info.is_main:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            (self.work_dir / "config.yaml").write_text(cfg.to_yaml())
+            self.logger = RunLogger(self.work_dir, self.iter, bar)
+            self.logger.info(
+                f"{'resuming at' if self.iter else 'training from'} iteration {self.iter}/"
+                f"{t.iters}: {len(self.train_set)} train / {len(self.val_set)} val images, "
+                f"{info.world_size} process(es) x {cfg.data.batch_size} x {t.accum_steps} "
+                f"accumulation, device {self.device}, work_dir {self.work_dir}")
+            for note in self.notes:
+                self.logger.info(note)
+        loader = DataLoader(
+            self.train_set, batch_size=cfg.data.batch_size,
+            sampler=InfiniteSampler(len(self.train_set), cfg.seed, info.rank, info.world_size,
+                                    start=self.samples),
+            num_workers=cfg.data.num_workers, collate_fn=collate,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator())  # keeps the global RNG untouched (exact resume)
+        batches = iter(loader)
+        sums: dict[str, torch.Tensor] = {}
+        n_sum, t_log = 0, time.perf_counter()
+        try:
+            while self.iter < t.iters:
+                lr = set_lr(self.optimizer, self.iter, t)
+                self.model.train()
+                losses, grad_norm = train_step(self.model, self.optimizer, batches,
+                                               t.accum_steps, t.grad_clip, t.amp)
+                if not math.isfinite(grad_norm):
+                    raise DivergenceError(
+                        f"iteration {self.iter + 1}: loss/gradients are NaN or inf (loss "
+                        f"{float(losses['loss']):.4g}); stopped, checkpoints of iteration "
+                        f"<= {self.iter} are kept. Try a lower train.lr or set train.grad_clip")
+                self.iter += 1
+                self.samples += cfg.data.batch_size * t.accum_steps
+                if self.ema is not None and self.iter % t.ema.every == 0:
+                    self.ema.update(self.module)
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0) + v
+                sums["grad_norm"] = sums.get("grad_norm", 0) + torch.tensor(grad_norm)
+                n_sum += 1
+                bar.update(1)
+                final = self.iter == t.iters
+
+                if self.iter % t.log_interval == 0 or final:
+                    self._log_train(lr, sums, n_sum, (time.perf_counter() - t_log) / n_sum, bar)
+                    sums, n_sum, t_log = {}, 0, time.perf_counter()
+
+                t0 = time.perf_counter()
+                best = (self.iter % t.eval_interval == 0 or final) and self._evaluate(
+                    progress=not bar.disable)
+                last = self.iter % t.ckpt_interval == 0 or final
+                if best or last:
+                    self._save(best, last)
+                t_log += time.perf_counter() - t0  # s/it counts training only
+            if self.last_metrics is None:  # resumed a finished run: just report
+                self._evaluate(progress=not bar.disable)
+            du.barrier()  # rank 0 has finished writing
+        finally:
+            bar.close()
+            if self.logger is not None:
+                self.logger.close()
+        return {**self.last_metrics, "iter": self.iter, f"best_{t.best_metric}": self.best,
+                "best_iter": self.best_iter}
+
+
+def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key (old -> new)`` for every leaf that differs between two config dicts."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k} ({a!r} -> {b!r})")
+    return out
+

@@ -1,0 +1,75 @@
+"""Two CPU processes under torchrun (gloo): the run finishes, rank 0 alone writes, ranks agree."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from densediff.engine.checkpoint import load_metadata, load_weights
+
+from test_engine_train import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+
+CHILD = """
+import json, os, sys
+import densediff.engine.trainer as T
+from densediff.config import load_config
+from densediff.engine.distributed import unwrap
+from safetensors.torch import save_file
+
+overrides, out = json.loads(sys.argv[1]), sys.argv[2]
+seen = []
+real_step = T.train_step
+
+def step(model, *args, **kwargs):
+    seen[:] = [model]
+    return real_step(model, *args, **kwargs)
+
+T.train_step = step
+metrics = T.train(load_config("generated/baseline.yaml", overrides))
+rank = os.environ["RANK"]
+state = {k: v.contiguous() for k, v in unwrap(seen[0]).state_dict().items()}
+save_file(state, f"{out}/rank{rank}.safetensors")
+with open(f"{out}/metrics{rank}.json", "w") as f:
+    json.dump({k: v for k, v in metrics.items() if not isinstance(v, list)}, f)
+"""
+
+
+def test_torchrun_two_processes(tmp_path):
+    wd = tmp_path / "w"
+    overrides = [f"work_dir={wd}", *TINY, "train.iters=4", "train.ckpt_interval=4",
+                 "train.eval_interval=2", "train.log_interval=1", "train.accum_steps=2",
+                 "data.gen_num_val=5"]  # odd: the two val shards differ in size
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node", "2", str(script), json.dumps(overrides),
+                        str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+
+    # both ranks hold the same weights (buffers included), and rank 0 saved them
+    saved, _ = load_weights(wd / "checkpoints/last.safetensors")
+    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1)]
+    assert saved.keys() == ranks[0].keys() == ranks[1].keys()
+    for k in saved:
+        assert torch.equal(ranks[0][k], ranks[1][k]) and torch.equal(saved[k], ranks[0][k]), k
+    assert load_metadata(wd / "checkpoints/last.safetensors")["iteration"] == 4
+
+    # one writer: each iteration logged once; the 2 x 2 x 2 samples per step were consumed
+    rows = list(csv.DictReader(open(wd / "metrics.csv")))
+    assert [int(r["iter"]) for r in rows if r["loss"]] == [1, 2, 3, 4]
+    assert [int(r["iter"]) for r in rows if r["mIoU"]] == [2, 4]
+    assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == [
+        "best.safetensors", "last.safetensors", "last.state.pt"]
+    m0, m1 = ((tmp_path / f"metrics{r}.json").read_text() for r in (0, 1))
+    assert m0 == m1 and "mIoU" in m0  # the sharded evaluation was reduced over both ranks

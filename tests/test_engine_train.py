@@ -1,0 +1,145 @@
+"""End-to-end training on tiny generated scenes (simple_cnn): run folder, loss, guards."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from densediff.config import Config, load_config
+from densediff.engine import trainer as T
+from densediff.engine.checkpoint import load_metadata, load_train_state, load_weights
+from densediff.errors import CheckpointError, ConfigError
+
+TINY = [
+    "data.gen_size=[32,32]", "data.train_pipeline.scale=[32,32]",
+    "data.train_pipeline.crop_size=[32,32]", "data.gen_num_train=8", "data.gen_num_val=4",
+    "data.batch_size=2", "data.num_workers=0",
+    "model.neck.channels=16", "model.neck.num_groups=4", "model.head.channels=16",
+    "model.aux_head.channels=16", "train.progress=false",
+]
+"""Overrides of the shipped generated baseline that make a run take about a second."""
+
+
+def tiny_config(work_dir: Path, *overrides: str) -> Config:
+    return load_config("generated/baseline.yaml", [f"work_dir={work_dir}", *TINY, *overrides])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One short run shared by the tests below: (cfg, returned metrics)."""
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    # overfit two images without augmentation: a clear loss decrease within 30 iterations
+    cfg = tiny_config(tmp_path_factory.mktemp("run") / "w", "train.iters=30",
+                      "train.warmup_iters=3", "train.lr=1e-2", "train.log_interval=1",
+                      "train.eval_interval=15", "train.ckpt_interval=10", "data.gen_num_train=2",
+                      "data.train_pipeline.ratio_range=null", "data.train_pipeline.flip_prob=0",
+                      "data.train_pipeline.photometric=false")
+    return cfg, T.train(cfg)
+
+
+def test_loss_falls_and_run_folder_is_complete(run):
+    cfg, metrics = run
+    wd = Path(cfg.work_dir)
+    rows = list(csv.DictReader(open(wd / "metrics.csv")))
+    losses = [float(r["loss"]) for r in rows if r["loss"]]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) < 0.7 * sum(losses[:5])
+    evals = [r for r in rows if r["mIoU"]]
+    assert [int(r["iter"]) for r in evals] == [15, 30]
+    assert all(float(r["lr"]) > 0 for r in rows if r["lr"])
+
+    for name in ("config.yaml", "train.log", "checkpoints/last.safetensors",
+                 "checkpoints/best.safetensors", "checkpoints/last.state.pt"):
+        assert (wd / name).is_file(), name
+    assert any((wd / "tb").iterdir())
+    assert not (wd / "checkpoints/last_ema.safetensors").exists()  # EMA is off
+
+    assert set(metrics) >= {"aAcc", "mIoU", "mAcc", "mBIoU", "per_class", "best_mIoU"}
+    assert metrics["iter"] == 30 and 0 <= metrics["mIoU"] <= 100
+    assert metrics["best_mIoU"] == pytest.approx(max(float(r["mIoU"]) for r in evals), rel=1e-5)
+
+    meta = load_metadata(wd / "checkpoints/best.safetensors")
+    assert meta["iteration"] == metrics["best_iter"] and meta["kind"] == "model"
+    saved_cfg = meta["config"]
+    assert saved_cfg["data"]["class_names"] and saved_cfg["data"]["palette"]  # self-contained
+    assert len(saved_cfg["data"]["class_names"]) == meta["num_classes"]
+    state = load_train_state(wd / "checkpoints/last.state.pt")
+    assert state["iteration"] == 30 and state["samples"] == 60
+    last, _ = load_weights(wd / "checkpoints/last.safetensors")
+    assert all(torch.isfinite(v).all() for v in last.values() if v.is_floating_point())
+
+
+def test_refuses_to_overwrite_and_to_resume_nothing(run, tmp_path):
+    cfg, _ = run
+    with pytest.raises(ConfigError, match="already holds checkpoints.*--resume"):
+        T.train(cfg)
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        T.train(tiny_config(tmp_path / "fresh"), resume=True)
+    with pytest.raises(ConfigError, match="work_dir"):
+        T.train(tiny_config(tmp_path / "x").model_copy(update={"work_dir": None}))
+
+
+def test_resume_of_a_finished_run_only_evaluates(run):
+    cfg, metrics = run
+    again = T.train(cfg, resume=True)
+    assert again["iter"] == 30 and again["mIoU"] == metrics["mIoU"]
+
+
+def test_divergence_stops_before_writing(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path / "w", "train.iters=6", "train.ckpt_interval=2",
+                      "train.eval_interval=100", "train.ema.enabled=true")
+    real_step, calls = T.train_step, []
+
+    def step(model, *args, **kwargs):
+        calls.append(1)
+        losses, norm = real_step(model, *args, **kwargs)
+        if len(calls) == 3:  # poison the weights as a diverging step would
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+            return losses, math.nan
+        return losses, norm
+
+    monkeypatch.setattr(T, "train_step", step)
+    with pytest.raises(T.DivergenceError, match="iteration 3: .*NaN or inf.*<= 2"):
+        T.train(cfg)
+    ckpt = tmp_path / "w" / "checkpoints"
+    assert load_metadata(ckpt / "last.safetensors")["iteration"] == 2
+    assert load_metadata(ckpt / "last_ema.safetensors")["kind"] == "ema"
+    assert load_train_state(ckpt / "last.state.pt")["iteration"] == 2
+
+
+class _ConstantModel(torch.nn.Module):
+    """Predicts class ``c`` everywhere (at whatever resolution it is given)."""
+
+    def __init__(self, num_classes: int, c: int):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.nn.functional.one_hot(
+            torch.tensor(c), num_classes).float())
+
+    def predict_logits(self, img):
+        return self.logits[None, :, None, None].expand(img.shape[0], -1, *img.shape[-2:])
+
+
+def test_evaluate_scores_at_original_size(tmp_path):
+    from densediff.data import build_dataset
+    from densediff.engine.evaluate import evaluate
+    from densediff.tasks.segmentation import SegMetric
+
+    cfg = tiny_config(tmp_path, "data.test_scale=[16,16]")  # model input 16x16, labels 32x32
+    ds = build_dataset(cfg, "val", train=False)
+    model = _ConstantModel(ds.num_classes, c=1).train()
+    got = evaluate(model, ds, cfg, progress=False)
+    assert model.training  # mode restored
+    want = SegMetric(ds.num_classes, ds.ignore_index, cfg.eval.boundary_dilation)
+    for i in range(len(ds)):
+        label = ds[i]["label"]
+        assert tuple(label.shape) == (32, 32)
+        want.update(torch.ones_like(label), label)
+    want = want.compute()
+    assert got["aAcc"] == pytest.approx(want["aAcc"]) and 0 < got["aAcc"] < 100
+    assert got["mIoU"] == pytest.approx(want["mIoU"])
