@@ -34,8 +34,9 @@ class PipelineConfig(_Strict):
     """mmseg-style augmentation; sizes are (height, width)."""
 
     scale: Optional[tuple[int, int]] = None
-    """Base (h, w) for random/test resize, kept within this box with the aspect ratio kept
-    (mmseg ``img_scale`` with ``keep_ratio=True``; note mmseg writes (w, h)). None: no resize."""
+    """Base size for random resize, as in mmseg ``img_scale`` with ``keep_ratio=True``: the image
+    is scaled so its long side <= max(scale) and short side <= min(scale) (orientation is
+    ignored, so (h, w) and (w, h) mean the same). None: no resize."""
     ratio_range: Optional[tuple[float, float]] = (0.5, 2.0)
     """Random resize factor range applied to ``scale`` (train only); None disables it."""
     crop_size: Optional[tuple[int, int]] = None
@@ -64,7 +65,7 @@ class DataConfig(_Strict):
     test_split: str = "test"
     train_pipeline: PipelineConfig = PipelineConfig()
     test_scale: Optional[tuple[int, int]] = None
-    """Test-time resize (h, w) box with aspect kept; None: original size."""
+    """Test-time resize (same long/short-side rule as ``scale``); None: original size."""
     size_divisor: int = Field(32, ge=1)
     """Pad images (with 0) and labels (with ignore) so both sides divide this number."""
     mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
@@ -73,7 +74,8 @@ class DataConfig(_Strict):
     """Per-process batch size."""
     num_workers: int = Field(2, ge=0)
     # generated dataset
-    gen_num_train: int = Field(96, ge=1)
+    gen_num_train: int = Field(1000, ge=1)
+    """Generated scenes are made on the fly from (seed, index), so large counts cost nothing."""
     gen_num_val: int = Field(24, ge=1)
     gen_num_test: int = Field(24, ge=1)
     gen_size: tuple[int, int] = (64, 64)

@@ -6,10 +6,10 @@ Entry points: :func:`build_dataset` (from the run config), :func:`collate` (Data
 documented in :mod:`densediff.data.layouts`.
 """
 
-from densediff.data.build import build_dataset, resolve_root, root_env_var
+from densediff.data.build import build_dataset, class_info, resolve_root, root_env_var
 from densediff.data.datasets import SegDataset, collate
 from densediff.data.generated import GeneratedDataset
 from densediff.data.transforms import preprocess_image
 
-__all__ = ["SegDataset", "GeneratedDataset", "build_dataset", "collate", "preprocess_image",
+__all__ = ["SegDataset", "GeneratedDataset", "build_dataset", "class_info", "collate", "preprocess_image",
            "resolve_root", "root_env_var"]

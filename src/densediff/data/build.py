@@ -6,8 +6,13 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
+from densediff.data.classes import (ADE20K_CLASSES, ADE20K_PALETTE, CAMVID_CLASSES, CAMVID_PALETTE,
+                                    CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, default_palette,
+                                    read_classes_file)
 from densediff.data.datasets import SegDataset
-from densediff.data.generated import GeneratedDataset
+from densediff.data.generated import GENERATED_CLASSES, GENERATED_PALETTE, GeneratedDataset
 from densediff.data.layouts import scan
 from densediff.errors import ConfigError, DataError
 
@@ -78,3 +83,34 @@ def build_dataset(cfg: "Config", split: str, train: bool) -> SegDataset:
         raise ConfigError(f"data.dataset: unknown dataset {d.dataset!r}")
     _check_classes(cfg, ds.num_classes)
     return ds
+
+
+def class_info(cfg: "Config") -> tuple[list[str], np.ndarray]:
+    """Class names and ``(K, 3)`` uint8 palette for a config, without scanning the dataset.
+
+    ``data.class_names``/``data.palette`` win when set (the trainer stores them in every
+    resolved config, so a checkpoint is self-contained); otherwise the dataset's built-in
+    classes, or the folder dataset's ``classes.txt`` (or ``data.num_classes`` generic names).
+    """
+    d = cfg.data
+    if d.class_names is not None:
+        palette = (np.asarray(d.palette, np.uint8) if d.palette is not None
+                   else default_palette(len(d.class_names)))
+        if len(palette) != len(d.class_names):
+            raise ConfigError(f"data.palette has {len(palette)} colours for "
+                              f"{len(d.class_names)} data.class_names")
+        return list(d.class_names), palette
+    if d.dataset == "generated":
+        return list(GENERATED_CLASSES), np.asarray(GENERATED_PALETTE, np.uint8)
+    if d.dataset == "camvid":
+        return list(CAMVID_CLASSES), np.asarray(CAMVID_PALETTE, np.uint8)
+    if d.dataset == "ade20k":
+        return list(ADE20K_CLASSES), np.asarray(ADE20K_PALETTE, np.uint8)
+    if d.dataset == "cityscapes":
+        return list(CITYSCAPES_CLASSES), np.asarray(CITYSCAPES_PALETTE, np.uint8)
+    cls_file = resolve_root(cfg) / "classes.txt"
+    if cls_file.is_file():
+        return read_classes_file(cls_file)
+    if d.num_classes is None:
+        raise DataError(f"{cls_file}: not found (list the classes, or set data.num_classes)")
+    return [f"class_{i}" for i in range(d.num_classes)], default_palette(d.num_classes)

@@ -1,10 +1,10 @@
 """Class names, colour palettes and label-value mappings of the supported datasets.
 
 A *label LUT* (look-up table) maps every raw pixel value a label file may hold to a class id
-``0..K-1``, to the ignore index, or to ``-1`` when the value is invalid for that dataset:
-``mapped = lut[raw]``. It encodes each dataset's convention in one place (CamVid void 11,
-ADE20K reduce-zero-label, Cityscapes trainIds/labelIds, folder 255 = ignore) and is used both
-to load labels and to validate them (:func:`map_label`).
+``0..K-1``, to the ignore index, or to :data:`INVALID` when the value is not valid for that
+dataset: ``mapped = lut[raw]``. It encodes each dataset's convention in one place (CamVid void
+11, ADE20K reduce-zero-label, Cityscapes trainIds/labelIds, folder 255 = ignore) and is used
+both to load labels and to validate them (:func:`map_label`).
 """
 
 from __future__ import annotations
@@ -83,6 +83,9 @@ CITYSCAPES_PALETTE = [(128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 1
 CITYSCAPES_ID_TO_TRAINID = [255, 255, 255, 255, 255, 255, 255, 0, 1, 255, 255, 2, 3, 4, 255, 255,
                             255, 5, 255, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 255, 255, 16, 17, 18]
 
+INVALID = np.iinfo(np.int64).min
+"""LUT entry of raw label values that are not valid for a dataset."""
+
 FOLDER_IGNORE = 255
 """Mask value for unlabelled pixels in a folder dataset (mapped to ``data.ignore_index``)."""
 
@@ -154,7 +157,8 @@ def read_classes_file(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
 
 
 def label_lut(fmt: str, num_classes: int, ignore_index: int, label_ids: bool = False) -> np.ndarray:
-    """The raw-value -> class-id table of a dataset format (see the module docstring).
+    """The raw-value -> class-id table of a dataset format (see the module docstring);
+    values that are not valid for the format map to :data:`INVALID`.
 
     Args:
         fmt: camvid | ade20k | cityscapes | folder.
@@ -162,7 +166,7 @@ def label_lut(fmt: str, num_classes: int, ignore_index: int, label_ids: bool = F
         ignore_index: value written for ignored pixels.
         label_ids: Cityscapes only: the files hold labelIds (0..33), not trainIds.
     """
-    lut = np.full(256, -1, np.int64)
+    lut = np.full(256, INVALID, np.int64)
     if fmt == "camvid":
         lut[:CAMVID_VOID] = np.arange(CAMVID_VOID)
         lut[CAMVID_VOID] = ignore_index
@@ -204,9 +208,10 @@ def map_label(raw: np.ndarray, lut: np.ndarray, path: str | os.PathLike) -> np.n
         bad = np.unique(raw[(raw < 0) | (raw >= len(lut))])
     else:
         mapped = lut[raw]
-        if not (mapped < 0).any():
+        invalid = mapped == INVALID
+        if not invalid.any():
             return mapped
-        bad = np.unique(raw[mapped < 0])
+        bad = np.unique(raw[invalid])
     shown = ", ".join(str(int(v)) for v in bad[:8]) + (", ..." if len(bad) > 8 else "")
     raise DataError(f"{path}: label values {shown} are outside the valid values "
-                    f"{_ranges(np.flatnonzero(lut >= 0))}")
+                    f"{_ranges(np.flatnonzero(lut != INVALID))}")

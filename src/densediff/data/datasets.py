@@ -25,8 +25,8 @@ class SegDataset(Dataset):
         files: (image path, label path) pairs.
         class_names: the K class names (class id = position).
         palette: (K, 3) uint8 colours for visualisation.
-        lut: raw label value -> class id / ignore index / -1 (invalid); see
-            :func:`densediff.data.classes.label_lut`.
+        lut: raw label value -> class id / ignore index / ``INVALID``; see
+            :func:`densediff.data.classes.label_lut` (None: raw values are used as they are).
         data: the ``data`` config section (pipeline, mean/std, ignore index).
         train: training pipeline (random resize/crop/flip/photometric, pad) if True, else the
             test pipeline (test-time resize; the label keeps its original size).
@@ -66,6 +66,8 @@ class SegDataset(Dataset):
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray, str]:
         """The untransformed sample: (uint8 RGB H x W x 3, int64 mapped label H x W, path).
 
+        A pair without a label file gets a label that is all ``ignore_index``.
+
         Raises:
             DataError: unreadable image/label, size mismatch, or invalid label values.
         """
@@ -74,7 +76,9 @@ class SegDataset(Dataset):
         if lab_path is None:
             label = np.full(img.shape[:2], self.ignore_index, np.int64)
         else:
-            label = map_label(read_label(lab_path), self.lut, lab_path)
+            label = read_label(lab_path)
+            if self.lut is not None:
+                label = map_label(label, self.lut, lab_path)
             check_same_size(img_path, img.shape[:2], lab_path, label.shape)
         return img, label, str(img_path)
 

@@ -1,7 +1,7 @@
 """A built-in procedural dataset: textured shapes in front of a sky/ground scene.
 
 Each scene has a wavy, tilted horizon splitting the background into ``sky`` (above) and
-``ground`` (below), and 2-5 shapes (``disc``, ``square``, ``triangle``, ``ring``) of random
+``ground`` (below), and 3-6 shapes (``disc``, ``square``, ``triangle``, ``ring``) of random
 size, rotation and position, which may occlude each other; a ring's hole shows what is behind.
 Every region, background or shape, is filled with a texture drawn from the *same*
 distribution (random colour pair; flat, stripes, checkerboard, blobs or gradient), plus pixel
@@ -82,11 +82,11 @@ def _shape_mask(cls: int, rng: np.random.Generator, yy: np.ndarray, xx: np.ndarr
         u = dx * np.cos(theta) + dy * np.sin(theta)
         v = -dx * np.sin(theta) + dy * np.cos(theta)
         return np.maximum(np.abs(u), np.abs(v)) <= 0.9 * r
-    if name == "triangle":  # equilateral, circumradius 1.35 r (inradius half of that)
+    if name == "triangle":  # equilateral, circumradius 1.5 r (inradius half of that)
         inside = np.ones(xx.shape, bool)
         for k in range(3):
             a = theta + 2 * np.pi * k / 3
-            inside &= dx * np.cos(a) + dy * np.sin(a) <= 0.675 * r
+            inside &= dx * np.cos(a) + dy * np.sin(a) <= 0.75 * r
         return inside
     if name == "ring":
         outer = 1.1 * r
@@ -114,9 +114,9 @@ def render_scene(rng: np.random.Generator, size: tuple[int, int]
     img = np.where((label == 0)[..., None], _texture(rng, yy, xx, unit),
                    _texture(rng, yy, xx, unit))
     # shapes, later ones in front
-    for _ in range(int(rng.integers(2, 6))):
+    for _ in range(int(rng.integers(3, 7))):
         cls = int(rng.integers(2, len(GENERATED_CLASSES)))
-        r = rng.uniform(0.08, 0.18) * min(h, w)
+        r = rng.uniform(0.11, 0.21) * min(h, w)
         cy, cx = rng.uniform(r, h - r), rng.uniform(r, w - r)
         mask = _shape_mask(cls, rng, yy, xx, cy, cx, r)
         img[mask] = _texture(rng, yy, xx, unit)[mask]

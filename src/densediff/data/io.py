@@ -27,9 +27,6 @@ LABEL_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
 
 _LABEL_MODES = ("L", "P", "1", "I", "I;16", "I;16L", "I;16B", "I;16N")
 
-# Many datasets hold large panoramas; Pillow's decompression-bomb guard would reject them.
-Image.MAX_IMAGE_PIXELS = None
-
 
 def _open(path: str | os.PathLike) -> Image.Image:
     """Open an image lazily (header only); DataError when missing or not an image."""
@@ -42,6 +39,9 @@ def _open(path: str | os.PathLike) -> Image.Image:
             return Image.open(path)
     except UnidentifiedImageError:
         raise DataError(f"{path}: not an image file (or a format Pillow cannot read)") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: image too large for Pillow's safety limit ({e}); raise "
+                        "PIL.Image.MAX_IMAGE_PIXELS if the file is trusted") from None
     except OSError as e:
         raise DataError(f"{path}: cannot open ({e})") from None
 

@@ -44,7 +44,7 @@ import numpy as np
 
 from densediff.data.classes import (
     ADE20K_CLASSES, ADE20K_PALETTE, CAMVID_CLASSES, CAMVID_PALETTE, CITYSCAPES_CLASSES,
-    CITYSCAPES_PALETTE, default_palette, label_lut, read_classes_file)
+    CITYSCAPES_PALETTE, INVALID, default_palette, label_lut, read_classes_file)
 from densediff.data.io import IMAGE_EXTENSIONS, LABEL_EXTENSIONS
 from densediff.errors import DataError
 
@@ -67,8 +67,8 @@ class Layout:
     """(image, label) pairs, sorted."""
     class_names: list[str] = field(default_factory=list)
     palette: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.uint8))
-    lut: np.ndarray = field(default_factory=lambda: np.full(256, -1, np.int64))
-    """Raw label value -> class id / ignore index / -1 (invalid); see classes.label_lut."""
+    lut: np.ndarray = field(default_factory=lambda: np.full(256, INVALID, np.int64))
+    """Raw label value -> class id / ignore index / INVALID; see classes.label_lut."""
     problems: list[str] = field(default_factory=list)
     """One line each: missing folders, images without labels, bad split/class files."""
     orphan_labels: list[Path] = field(default_factory=list)
