@@ -22,7 +22,7 @@ DEMO_CONFIG = "generated/baseline.yaml"  # shipped in densediff/configs
 
 
 def run_demo(out: Path, iters: int | None = None) -> Path:
-    from densediff.api import load
+    from densediff.api import colorize, load
     from densediff.data import build_dataset
     from densediff.engine.evaluate import evaluate
     from densediff.engine.trainer import train
@@ -54,15 +54,12 @@ def run_demo(out: Path, iters: int | None = None) -> Path:
     ds = build_dataset(predictor.cfg, "test", train=False)
     rows = []
     for i in range(min(6, len(ds))):
-        img_path = Path(ds.files[i][0])
-        from densediff.data.io import read_image, read_label
-        rgb = read_image(img_path)
+        rgb, gt, path = ds.load(i)
+        stem = Path(path).name
         pred = predictor.predict(rgb)
-        gt = ds[i]["label"].numpy()
-        from densediff.api import colorize
         gt_color = colorize(gt, predictor.palette, predictor.cfg.data.ignore_index)
-        Image.fromarray(pred.color).save(pred_dir / f"{img_path.stem}_color.png")
-        Image.fromarray(pred.overlay).save(pred_dir / f"{img_path.stem}_overlay.png")
+        Image.fromarray(pred.color).save(pred_dir / f"{stem}_color.png")
+        Image.fromarray(pred.overlay).save(pred_dir / f"{stem}_overlay.png")
         rows.append(np.concatenate([rgb, gt_color, pred.color], axis=1))
     grid = np.concatenate(rows, axis=0)
     Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(
