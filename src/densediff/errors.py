@@ -22,3 +22,7 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint file is missing, corrupt or does not fit the config."""
+
+
+class DivergenceError(UserError):
+    """Training produced NaN/inf losses or gradients; no checkpoint is written for it."""

@@ -51,15 +51,11 @@ from densediff.engine.ema import EMA
 from densediff.engine.logger import RunLogger
 from densediff.engine.optim import build_optimizer, set_lr
 from densediff.engine.sampler import InfiniteSampler
-from densediff.errors import CheckpointError, ConfigError, UserError
+from densediff.errors import CheckpointError, ConfigError, DivergenceError, UserError
 
 CKPT_DIR = "checkpoints"
 CHECKPOINT_FILES = ("last.safetensors", "last_ema.safetensors", "last.state.pt",
                     "best.safetensors")
-
-
-class DivergenceError(UserError):
-    """Training produced NaN/inf losses or gradients; no checkpoint is written for it."""
 
 
 # --------------------------------------------------------------------------------------------
