@@ -251,6 +251,18 @@ def folder_default_split(stems: list[str], split: str) -> list[str]:
                     f"(got {split!r})")
 
 
+def _by_stem(folder: Path, extensions, out: Layout) -> dict[str, Path]:
+    """Files under ``folder`` keyed by their relative path without suffix; duplicates reported."""
+    found: dict[str, Path] = {}
+    for f in _files(folder, extensions):
+        stem = f.relative_to(folder).with_suffix("").as_posix()
+        if stem in found:
+            out.problems.append(f"{f}: duplicate stem {stem!r} (also {found[stem].name})")
+        else:
+            found[stem] = f
+    return found
+
+
 def _scan_folder(root: Path, split: str, num_classes: int | None, out: Layout) -> None:
     cls_file = root / "classes.txt"
     if cls_file.is_file():
@@ -267,20 +279,8 @@ def _scan_folder(root: Path, split: str, num_classes: int | None, out: Layout) -
     img_dir, mask_dir = root / "images", root / "masks"
     if not (_need_dir(img_dir, out) & _need_dir(mask_dir, out)):
         return
-    images: dict[str, Path] = {}
-    for img in _files(img_dir, IMAGE_EXTENSIONS):
-        stem = img.relative_to(img_dir).with_suffix("").as_posix()
-        if stem in images:
-            out.problems.append(f"{img}: duplicate stem {stem!r} (also {images[stem].name})")
-        else:
-            images[stem] = img
-    masks: dict[str, Path] = {}
-    for m in _files(mask_dir, LABEL_EXTENSIONS):
-        stem = m.relative_to(mask_dir).with_suffix("").as_posix()
-        if stem in masks:
-            out.problems.append(f"{m}: duplicate stem {stem!r} (also {masks[stem].name})")
-        else:
-            masks[stem] = m
+    images = _by_stem(img_dir, IMAGE_EXTENSIONS, out)
+    masks = _by_stem(mask_dir, LABEL_EXTENSIONS, out)
     if not images:
         out.problems.append(f"{img_dir}: no images ({' '.join(IMAGE_EXTENSIONS)})")
         return
