@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from densediff.config import AugTestConfig, EvalConfig
-from densediff.engine.inference import predict_logits, slide_logits
+from densediff.engine.inference import predict_probs, slide_logits
 from densediff.errors import ConfigError
 
 K = 4
@@ -59,20 +59,20 @@ def _cfg(**kw) -> EvalConfig:
 def test_whole_returns_softmax_at_ori_size():
     model = PointwiseModel()
     img = torch.randn(2, 3, 12, 16)
-    probs = predict_logits(model, img, _cfg(), ori_size=(24, 30))
+    probs = predict_probs(model, img, _cfg(), ori_size=(24, 30))
     assert probs.shape == (2, K, 24, 30)
     torch.testing.assert_close(probs.sum(1), torch.ones(2, 24, 30))
     expected = F.interpolate(model.conv(img), size=(24, 30), mode="bilinear",
                              align_corners=False).softmax(1)
     torch.testing.assert_close(probs, expected)
-    assert predict_logits(model, img, _cfg()).shape == (2, K, 12, 16)
+    assert predict_probs(model, img, _cfg()).shape == (2, K, 12, 16)
 
 
 def test_slide_with_crop_equal_to_image_is_whole():
     model = ContextModel()
     img = torch.randn(1, 3, 10, 14)
-    whole = predict_logits(model, img, _cfg())
-    slide = predict_logits(model, img, _cfg(mode="slide", crop_size=(10, 14), stride=(5, 7)))
+    whole = predict_probs(model, img, _cfg())
+    slide = predict_probs(model, img, _cfg(mode="slide", crop_size=(10, 14), stride=(5, 7)))
     torch.testing.assert_close(slide, whole)
 
 
@@ -111,9 +111,9 @@ def test_slide_overlap_is_averaged():
 def test_slide_config_errors():
     img = torch.randn(1, 3, 8, 8)
     with pytest.raises(ConfigError, match="eval.crop_size"):
-        predict_logits(PointwiseModel(), img, _cfg(mode="slide"))
+        predict_probs(PointwiseModel(), img, _cfg(mode="slide"))
     with pytest.raises(ConfigError, match="eval.stride"):
-        predict_logits(PointwiseModel(), img, _cfg(mode="slide", crop_size=(4, 4),
+        predict_probs(PointwiseModel(), img, _cfg(mode="slide", crop_size=(4, 4),
                                                    stride=(5, 4)))
 
 
@@ -121,8 +121,8 @@ def test_flip_only_aug_is_identity_for_flip_equivariant_model():
     model = PointwiseModel()
     img = torch.randn(2, 3, 9, 11)
     cfg = _cfg(aug=AugTestConfig(scales=[1.0], flip=True))
-    torch.testing.assert_close(predict_logits(model, img, cfg, aug=True),
-                               predict_logits(model, img, cfg))
+    torch.testing.assert_close(predict_probs(model, img, cfg, aug=True),
+                               predict_probs(model, img, cfg))
     assert len(model.calls) == 3  # 2 aug passes + 1 plain
 
 
@@ -131,7 +131,7 @@ def test_flip_pass_is_flipped_back():
     # the average is softmax(ramp) and its mirror image, symmetric left-right.
     img = torch.randn(1, 3, 4, 9)
     cfg = _cfg(aug=AugTestConfig(scales=[1.0], flip=True))
-    probs = predict_logits(RampModel(), img, cfg, aug=True)
+    probs = predict_probs(RampModel(), img, cfg, aug=True)
     p = RampModel().predict_logits(img).softmax(1)
     torch.testing.assert_close(probs, (p + p.flip(-1)) / 2)
     assert not torch.allclose(probs, p)
@@ -141,7 +141,7 @@ def test_multiscale_averages_probabilities_of_all_passes():
     model = ContextModel()
     img = torch.randn(1, 3, 8, 12)
     cfg = _cfg(aug=AugTestConfig(scales=[0.5, 1.5], flip=True))
-    probs = predict_logits(model, img, cfg, ori_size=(10, 15), aug=True)
+    probs = predict_probs(model, img, cfg, ori_size=(10, 15), aug=True)
     expected = 0
     for size in [(4, 6), (12, 18)]:
         x = F.interpolate(img, size=size, mode="bilinear", align_corners=False)
@@ -157,8 +157,8 @@ def test_multiscale_averages_probabilities_of_all_passes():
 def test_kwargs_are_forwarded_in_every_mode():
     model = PointwiseModel()
     img = torch.randn(1, 3, 8, 8)
-    predict_logits(model, img, _cfg(), steps=3)
-    predict_logits(model, img, _cfg(mode="slide", crop_size=(4, 4), stride=(4, 4)), steps=5)
-    predict_logits(model, img, _cfg(aug=AugTestConfig(scales=[1.0], flip=True)), aug=True,
+    predict_probs(model, img, _cfg(), steps=3)
+    predict_probs(model, img, _cfg(mode="slide", crop_size=(4, 4), stride=(4, 4)), steps=5)
+    predict_probs(model, img, _cfg(aug=AugTestConfig(scales=[1.0], flip=True)), aug=True,
                    steps=7)
     assert [kw["steps"] for kw in model.kwargs] == [3] + [5] * 4 + [7] * 2

@@ -21,7 +21,7 @@ from densediff.data import class_info
 from densediff.data.io import read_image
 from densediff.data.transforms import preprocess_image
 from densediff.engine.checkpoint import load_into, load_weights
-from densediff.engine.inference import predict_logits
+from densediff.engine.inference import predict_probs
 from densediff.model import build_model
 
 ImageLike = Union[str, Path, Image.Image, np.ndarray]
@@ -105,7 +105,7 @@ class Predictor:
         """
         rgb = _as_uint8_rgb(image)
         x = preprocess_image(rgb, self.cfg).to(self.device)
-        probs = predict_logits(self.model, x, self.cfg.eval, ori_size=rgb.shape[:2], aug=aug)[0]
+        probs = predict_probs(self.model, x, self.cfg.eval, ori_size=rgb.shape[:2], aug=aug)[0]
         mask = probs.argmax(0).cpu().numpy().astype(np.int64)
         color = colorize(mask, self.palette, self.cfg.data.ignore_index)
         return Prediction(mask=mask, probs=probs.float().cpu().numpy(), color=color,

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from densediff.config import Config
 from densediff.engine import distributed as du
-from densediff.engine.inference import predict_logits
+from densediff.engine.inference import predict_probs
 from densediff.tasks.segmentation import SegMetric
 
 
@@ -18,7 +18,7 @@ def evaluate(model: nn.Module, dataset, cfg: Config, aug: bool = False,
     """Segmentation metrics of ``model`` on ``dataset`` (built with ``train=False``).
 
     One image at a time: the test-resized image goes through
-    :func:`~densediff.engine.inference.predict_logits` (``cfg.eval``: whole/slide, optional
+    :func:`~densediff.engine.inference.predict_probs` (``cfg.eval``: whole/slide, optional
     multi-scale + flip when ``aug``), the probabilities are resized to the original image size
     and their argmax is scored against the label at original size, as mmseg does.
 
@@ -59,7 +59,7 @@ def evaluate(model: nn.Module, dataset, cfg: Config, aug: bool = False,
                 ih, iw = meta.get("img_size", batch["image"].shape[-2:])  # drop any padding
                 img = batch["image"][..., :ih, :iw].to(device, non_blocking=True)
                 label = batch["label"][..., :h, :w].to(device, non_blocking=True)
-                probs = predict_logits(model, img, cfg.eval, ori_size=(h, w), aug=aug)
+                probs = predict_probs(model, img, cfg.eval, ori_size=(h, w), aug=aug)
                 metric.update(probs.argmax(1), label)
     finally:
         model.train(was_training)

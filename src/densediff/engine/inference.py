@@ -18,17 +18,17 @@ from torch import nn
 from densediff.config import EvalConfig
 from densediff.errors import ConfigError
 
-__all__ = ["predict_logits", "slide_logits"]
+__all__ = ["predict_probs", "slide_logits"]
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, img: torch.Tensor, eval_cfg: EvalConfig,
+def predict_probs(model: nn.Module, img: torch.Tensor, eval_cfg: EvalConfig,
                    ori_size: tuple[int, int] | None = None, aug: bool = False,
                    **kwargs) -> torch.Tensor:
     """Class probabilities for a batch of images.
 
-    Despite the name (kept for symmetry with ``model.predict_logits``) the result is softmax
-    PROBABILITIES, so that passes can be averaged; ``argmax(1)`` gives the label map.
+    Softmax probabilities (not logits), so that passes can be averaged; ``argmax(1)`` gives the
+    label map.
 
     Args:
         model: anything with ``predict_logits(img, **kwargs)``; put it in eval mode first.
