@@ -67,3 +67,23 @@ def test_resolved_config_round_trips():
     cfg = load_config(None, ["model.encoder.name=convnext", "data.class_names=[a, b]"])
     again = type(cfg).model_validate(yaml.safe_load(cfg.to_yaml()))
     assert again == cfg
+
+
+def test_every_shipped_config_validates():
+    from densediff.config import PACKAGED_CONFIGS
+
+    files = [p for p in PACKAGED_CONFIGS.rglob("*.yaml") if "_base_" not in p.parts]
+    assert len(files) >= 12
+    for p in files:
+        cfg = load_config(p)
+        assert cfg.work_dir == f"runs/{p.stem}"
+
+
+def test_paper_recipe_values():
+    ade = load_config("ade20k/baseline_swin_t.yaml")
+    assert (ade.train.lr, ade.train.weight_decay, ade.train.iters) == (6e-5, 0.01, 160000)
+    assert ade.train.warmup_iters == 1500 and ade.train.grad_clip == 0.1
+    assert ade.data.train_pipeline.crop_size == (512, 512) and ade.data.batch_size * 8 == 16
+    city = load_config("cityscapes/baseline_convnext_t.yaml")
+    assert city.data.train_pipeline.crop_size == (512, 1024) and city.data.batch_size * 4 == 16
+    assert city.model.encoder.drop_path == 0.4 and city.train.grad_clip is None
