@@ -197,3 +197,67 @@ def test_console_script_exit_code_without_traceback(tmp_path):
                         str(tmp_path / "missing.yaml")], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input without a trained run: an untrained checkpoint is enough
+
+
+def untrained_checkpoint(path, *overrides):
+    """A valid (untrained) checkpoint of the tiny generated-data model, written at ``path``."""
+    from densediff.config import load_config
+    from densediff.data import class_info
+    from densediff.engine.checkpoint import save_checkpoint
+    from densediff.model import build_model
+
+    cfg = load_config("generated/baseline.yaml", [*TINY, *overrides, f"work_dir={path.parent}"])
+    names, palette = class_info(cfg)
+    cfg.data.class_names = list(names)
+    cfg.data.palette = [tuple(int(c) for c in rgb) for rgb in palette]
+    save_checkpoint(path, build_model(cfg, len(names)).state_dict(), cfg, {"iteration": 0})
+    return path
+
+
+def test_bad_checkpoint_device_and_out_paths(capsys, tmp_path):
+    ckpt = untrained_checkpoint(tmp_path / "ck.safetensors")
+    img = tmp_path / "x.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
+    one_line_error(capsys, main(["predict", str(tmp_path), str(img), "--out", str(tmp_path / "o")]),
+                   "is a folder")
+    one_line_error(capsys, main(["predict", str(ckpt), str(img), "--out", str(img)]),
+                   "x.png", "--out must be a folder")
+    one_line_error(capsys, main(["predict", str(ckpt), str(img), "--out", str(tmp_path / "o"),
+                                 "--device", "nonsense"]), "nonsense")
+    one_line_error(capsys, main(["eval", str(ckpt), "--quiet", "--device", "cuda:99"]),
+                   "cuda:99")
+    one_line_error(capsys, main(["eval", str(ckpt), "--quiet", "--out", str(tmp_path)]),
+                   "--out must be a JSON file path")
+    assert main(["predict", str(ckpt), str(img), "--out", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "o" / "x_mask.png").is_file()
+
+
+def test_bad_file_read_in_a_dataloader_worker_is_one_line(capsys, tmp_path):
+    # DataLoader workers re-raise a DataError with their traceback inside the message
+    ckpt = untrained_checkpoint(tmp_path / "ck.safetensors")
+    root = write_folder(tmp_path / "f", n=5)
+    bad = root / "images" / "extra" / "img_004.jpg"  # first sorted stem: the val split
+    bad.write_bytes(bad.read_bytes()[:400])
+    code = main(["eval", str(ckpt), "--quiet", "data.dataset=folder", f"data.root={root}",
+                 "data.num_workers=1"])
+    one_line_error(capsys, code, "img_004.jpg")
+
+
+def test_checkpoint_loads_without_the_pretrained_weights_used_for_training(tmp_path):
+    from safetensors.torch import save_file as save
+
+    from densediff.config import EncoderConfig
+    from densediff.encoders import build_encoder
+
+    weights = tmp_path / "encoder.safetensors"
+    save(build_encoder(EncoderConfig()).state_dict(), str(weights))
+    ckpt = untrained_checkpoint(tmp_path / "ck.safetensors",
+                                f"model.encoder.pretrained={weights}")
+    weights.unlink()  # e.g. the checkpoint was copied to another machine
+    model = densediff.load(ckpt)
+    assert model.cfg.model.encoder.pretrained == str(weights)  # the stored config is kept
+    assert model.predict(np.zeros((20, 24, 3), np.uint8)).mask.shape == (20, 24)

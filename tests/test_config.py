@@ -37,12 +37,41 @@ def test_override_value_types():
     ("model.encoder.name=vgg", "model.encoder.name"),
     ("train.lr=-1", "train.lr"),
     ("data.batch_size=many", "data.batch_size"),
+    ("train.best_metric=miou", "train.best_metric"),  # checked up front, not after training
 ])
 def test_bad_keys_and_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     msg = str(e.value)
     assert key in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.gen_size=[0,5]", "data.gen_size.0"),
+    ("data.train_pipeline.crop_size=[0,0]", "data.train_pipeline.crop_size"),
+    ("data.train_pipeline.scale=[-1,8]", "data.train_pipeline.scale"),
+    ("data.train_pipeline.ratio_range=[2.0,0.5]", "low <= high"),
+    ("data.test_scale=[0,0]", "data.test_scale"),
+    ("data.std=[0,1,1]", "data.std.0"),
+    ("eval.stride=[0,4]", "eval.stride"),
+    ("eval.aug.scales=[]", "eval.aug.scales"),
+    ("eval.aug.scales=[1.0,0]", "eval.aug.scales.1"),
+])
+def test_sizes_and_scales_must_be_positive(override, key):
+    # such values used to pass validation and crash deep inside numpy/torch
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert key in str(e.value) and "\n" not in str(e.value)
+
+
+def test_bad_base_entry_and_unreadable_file(tmp_path):
+    write(tmp_path / "b.yaml", {"_base_": 3})
+    with pytest.raises(ConfigError, match="b.yaml: _base_ must be a path or a list of paths"):
+        load_config(tmp_path / "b.yaml")
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(b"\x00\xb3\xff" * 50)
+    with pytest.raises(ConfigError, match="weights.yaml: cannot read as a UTF-8 YAML file"):
+        load_config(binary)
 
 
 def test_override_into_non_section_is_error():

@@ -47,3 +47,20 @@ def test_classifier_init_is_small_normal_with_zero_bias():
     std = head.conv_seg.weight.std().item()
     assert 0.007 < std < 0.013
     assert torch.count_nonzero(head.conv_seg.bias) == 0
+
+
+def test_zero_weight_aux_head_is_not_built():
+    # An aux head with loss weight 0 would leave parameters without gradients, which
+    # DistributedDataParallel rejects; so it is not built at all.
+    from densediff.config import load_config
+    from densediff.model import build_model
+
+    small = ["model.neck.channels=16", "model.neck.num_groups=4", "model.head.channels=16",
+             "model.aux_head.channels=16"]
+    assert build_model(load_config(None, small), 3).aux_head is not None
+    model = build_model(load_config(None, [*small, "model.aux_head.weight=0"]), 3)
+    assert model.aux_head is None
+    losses = model.forward_train(torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32)))
+    assert set(losses) == {"loss", "loss_ce"}
+    losses["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters())

@@ -84,6 +84,12 @@ def test_refuses_to_overwrite_and_to_resume_nothing(run, tmp_path):
         T.train(tiny_config(tmp_path / "x").model_copy(update={"work_dir": None}))
 
 
+def test_work_dir_that_is_a_file_is_refused_before_building_anything(tmp_path):
+    (tmp_path / "runfile").write_text("not a folder")
+    with pytest.raises(ConfigError, match="runfile is a file, not a folder"):
+        T.train(tiny_config(tmp_path / "runfile"))
+
+
 def test_resume_of_a_finished_run_only_evaluates(run):
     cfg, metrics = run
     again = T.train(cfg, resume=True)

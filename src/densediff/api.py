@@ -16,12 +16,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from densediff.config import Config, config_from_dict
+from densediff.config import Config, apply_overrides, config_from_dict
 from densediff.data import class_info
 from densediff.data.io import read_image
 from densediff.data.transforms import preprocess_image
 from densediff.engine.checkpoint import load_into, load_weights
 from densediff.engine.inference import predict_probs
+from densediff.errors import UserError
 from densediff.model import build_model
 
 ImageLike = Union[str, Path, Image.Image, np.ndarray]
@@ -112,14 +113,46 @@ class Predictor:
                           overlay=overlay(rgb, color))
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device; UserError when it is malformed or not available here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UserError(f"device {str(device)!r}: not a device name (e.g. cpu, cuda, cuda:1)"
+                        ) from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise UserError(f"device {str(device)!r}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= n:
+            raise UserError(f"device {str(device)!r}: only {n} CUDA device(s) here")
+    return dev
+
+
+def load_model(checkpoint: str | Path, overrides: list[str] | None = None
+               ) -> tuple[torch.nn.Module, Config, list[str], np.ndarray]:
+    """Rebuild the model stored in a checkpoint: ``(model on CPU, cfg, class names, palette)``.
+
+    ``overrides`` are dotted ``key=value`` changes to the stored config. The encoder's
+    ``pretrained`` source is not read (every weight comes from the checkpoint), so a
+    checkpoint also loads where the pretrained weights used for training are absent.
+    """
+    state, cfg_dict = load_weights(checkpoint)
+    cfg = config_from_dict(apply_overrides(cfg_dict, list(overrides or [])),
+                           source=str(checkpoint))
+    names, palette = class_info(cfg)
+    build_cfg = cfg.model_copy(deep=True)
+    build_cfg.model.encoder.pretrained = None
+    model = build_model(build_cfg, len(names))
+    load_into(model, state, source=str(checkpoint))
+    return model, cfg, names, palette
+
+
 def load(checkpoint: str | Path, device: str | torch.device = "cpu") -> Predictor:
     """Load a ``.safetensors`` checkpoint written by ``densediff train`` (config inside).
 
     Never unpickles: weights come from safetensors, the config from its JSON metadata.
     """
-    state, cfg_dict = load_weights(checkpoint)
-    cfg = config_from_dict(cfg_dict, source=str(checkpoint))
-    names, palette = class_info(cfg)
-    model = build_model(cfg, len(names))
-    load_into(model, state, source=str(checkpoint))
-    return Predictor(model, cfg, names, palette, device)
+    dev = resolve_device(device)
+    model, cfg, names, palette = load_model(checkpoint)
+    return Predictor(model, cfg, names, palette, dev)

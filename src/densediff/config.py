@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -26,6 +26,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+PosInt = Annotated[int, Field(ge=1)]
+PosFloat = Annotated[float, Field(gt=0)]
+Size = tuple[PosInt, PosInt]
+"""(height, width), both >= 1."""
+
+
 # --------------------------------------------------------------------------------------------
 # data
 
@@ -33,19 +39,26 @@ class _Strict(BaseModel):
 class PipelineConfig(_Strict):
     """mmseg-style augmentation; sizes are (height, width)."""
 
-    scale: Optional[tuple[int, int]] = None
+    scale: Optional[Size] = None
     """Base size for random resize, as in mmseg ``img_scale`` with ``keep_ratio=True``: the image
     is scaled so its long side <= max(scale) and short side <= min(scale) (orientation is
     ignored, so (h, w) and (w, h) mean the same). None: no resize."""
-    ratio_range: Optional[tuple[float, float]] = (0.5, 2.0)
+    ratio_range: Optional[tuple[PosFloat, PosFloat]] = (0.5, 2.0)
     """Random resize factor range applied to ``scale`` (train only); None disables it."""
-    crop_size: Optional[tuple[int, int]] = None
+    crop_size: Optional[Size] = None
     """Random crop (h, w) for training; None disables cropping."""
     cat_max_ratio: float = Field(0.75, gt=0, le=1)
     """Re-draw the crop (up to 10 times) while one class covers more than this share."""
     flip_prob: float = Field(0.5, ge=0, le=1)
     photometric: bool = True
     """Photometric distortion (brightness, contrast, saturation, hue) as in mmseg."""
+
+    @field_validator("ratio_range")
+    @classmethod
+    def _ordered(cls, v: Optional[tuple[float, float]]) -> Optional[tuple[float, float]]:
+        if v is not None and v[0] > v[1]:
+            raise ValueError(f"must be (low, high) with low <= high, got {tuple(v)}")
+        return v
 
 
 class DataConfig(_Strict):
@@ -64,12 +77,12 @@ class DataConfig(_Strict):
     val_split: str = "val"
     test_split: str = "test"
     train_pipeline: PipelineConfig = PipelineConfig()
-    test_scale: Optional[tuple[int, int]] = None
+    test_scale: Optional[Size] = None
     """Test-time resize (same long/short-side rule as ``scale``); None: original size."""
     size_divisor: int = Field(32, ge=1)
     """Pad images (with 0) and labels (with ignore) so both sides divide this number."""
     mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
-    std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    std: tuple[PosFloat, PosFloat, PosFloat] = (58.395, 57.12, 57.375)
     batch_size: int = Field(8, ge=1)
     """Per-process batch size."""
     num_workers: int = Field(2, ge=0)
@@ -78,7 +91,7 @@ class DataConfig(_Strict):
     """Generated scenes are made on the fly from (seed, index), so large counts cost nothing."""
     gen_num_val: int = Field(24, ge=1)
     gen_num_test: int = Field(24, ge=1)
-    gen_size: tuple[int, int] = (64, 64)
+    gen_size: Size = (64, 64)
     gen_seed: int = 0
 
 
@@ -168,20 +181,21 @@ class TrainConfig(_Strict):
     eval_interval: int = Field(1000, ge=1)
     ckpt_interval: int = Field(1000, ge=1)
     log_interval: int = Field(50, ge=1)
-    best_metric: str = "mIoU"
+    best_metric: Literal["mIoU", "mAcc", "aAcc", "mBIoU"] = "mIoU"
+    """Validation metric (higher is better) that picks ``best.safetensors``."""
     progress: bool = True
 
 
 class AugTestConfig(_Strict):
-    scales: list[float] = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+    scales: list[PosFloat] = Field([0.5, 0.75, 1.0, 1.25, 1.5, 1.75], min_length=1)
     flip: bool = True
 
 
 class EvalConfig(_Strict):
     mode: Literal["whole", "slide"] = "whole"
-    crop_size: Optional[tuple[int, int]] = None
+    crop_size: Optional[Size] = None
     """Sliding-window size (h, w); needed when mode is slide."""
-    stride: Optional[tuple[int, int]] = None
+    stride: Optional[Size] = None
     aug: AugTestConfig = AugTestConfig()
     boundary_dilation: float = Field(0.02, gt=0, lt=1)
     """Boundary IoU band width as a share of the image diagonal (Cheng et al. 2021)."""
@@ -232,7 +246,12 @@ def _read_yaml(path: Path, _stack: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read as a UTF-8 YAML file "
+                          f"({type(e).__name__})") from None
+    try:
+        data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -242,6 +261,8 @@ def _read_yaml(path: Path, _stack: tuple[Path, ...] = ()) -> dict:
     bases = data.pop("_base_", [])
     if isinstance(bases, str):
         bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: _base_ must be a path or a list of paths, got {bases!r}")
     merged: dict = {}
     for b in bases:
         merged = _merge(merged, _read_yaml(path.parent / b, _stack + (path,)))

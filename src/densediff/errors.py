@@ -26,3 +26,10 @@ class CheckpointError(UserError):
 
 class DivergenceError(UserError):
     """Training produced NaN/inf losses or gradients; no checkpoint is written for it."""
+
+
+def one_line(err: BaseException, limit: int = 200) -> str:
+    """An exception's message squeezed onto one line (whitespace collapsed, at most ``limit``
+    characters), for wrapping library errors into a one-line :class:`UserError`."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text[:limit] + ("..." if len(text) > limit else "")

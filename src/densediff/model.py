@@ -36,9 +36,12 @@ class Segmentor(nn.Module):
         self.neck = FPNMerge(self.encoder.out_channels, m.neck.channels, m.neck.num_groups)
         self.head = ConvHead(m.neck.channels, m.head.channels, m.head.num_convs, num_classes,
                              m.head.dropout)
-        self.aux_weight = m.aux_head.weight if m.aux_head.enabled else 0.0
+        # A zero-weight aux head is not built: its parameters would get no gradient, which
+        # DistributedDataParallel rejects.
+        use_aux = m.aux_head.enabled and m.aux_head.weight > 0
+        self.aux_weight = m.aux_head.weight if use_aux else 0.0
         self.aux_head = (FCNHead(m.neck.channels, m.aux_head.channels, num_classes,
-                                 m.aux_head.dropout) if m.aux_head.enabled else None)
+                                 m.aux_head.dropout) if use_aux else None)
 
     def extract(self, img: torch.Tensor) -> torch.Tensor:
         """Image features at stride 4 (B x C x H/4 x W/4); run once per image."""
@@ -48,7 +51,7 @@ class Segmentor(nn.Module):
         feat = self.extract(img)
         losses = {"loss_ce": ce_loss(self.head(feat), label, self.ignore_index,
                                      self.avg_non_ignore)}
-        if self.aux_head is not None and self.aux_weight > 0:
+        if self.aux_head is not None:
             losses["loss_aux"] = self.aux_weight * ce_loss(
                 self.aux_head(feat), label, self.ignore_index, self.avg_non_ignore)
         losses["loss"] = sum(losses.values())

@@ -13,8 +13,6 @@ from pathlib import Path
 
 from densediff.errors import UserError
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-
 
 # ------------------------------------------------------------------------------------------
 # commands
@@ -31,30 +29,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_config(args: argparse.Namespace):
-    """The checkpoint's config with --data-root and dotted overrides applied."""
-    from densediff.config import apply_overrides, config_from_dict
-    from densediff.engine.checkpoint import load_weights
+def cmd_eval(args: argparse.Namespace) -> int:
+    from densediff.api import load_model, resolve_device
+    from densediff.data import build_dataset
+    from densediff.engine.evaluate import evaluate
+    from densediff.tasks.segmentation import format_metrics
 
-    state, cfg_dict = load_weights(args.checkpoint)
+    if args.out and Path(args.out).is_dir():
+        raise UserError(f"{args.out}: --out must be a JSON file path, but this is a folder")
+    device = resolve_device(args.device)
     overrides = list(args.overrides)
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")
-    cfg = config_from_dict(apply_overrides(cfg_dict, overrides), source=str(args.checkpoint))
-    return state, cfg
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from densediff.data import build_dataset, class_info
-    from densediff.engine.checkpoint import load_into
-    from densediff.engine.evaluate import evaluate
-    from densediff.model import build_model
-    from densediff.tasks.segmentation import format_metrics
-
-    state, cfg = _eval_config(args)
-    names, _ = class_info(cfg)
-    model = build_model(cfg, len(names))
-    load_into(model, state, source=str(args.checkpoint))
+    model, cfg, names, _ = load_model(args.checkpoint, overrides)
+    model.to(device)
     split = getattr(cfg.data, f"{args.split}_split", args.split)
     dataset = build_dataset(cfg, split, train=False)
     metrics = evaluate(model, dataset, cfg, aug=args.aug_test, progress=not args.quiet)
@@ -68,12 +56,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _list_images(path: Path) -> list[Path]:
+    from densediff.data.io import IMAGE_EXTENSIONS
+
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
-            raise UserError(f"{path}: no images ({', '.join(sorted(IMAGE_EXTS))}) in folder")
+            raise UserError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in folder")
         return files
     raise UserError(f"{path}: no such file or folder")
 
@@ -86,8 +76,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from densediff.data.io import read_image
 
     files = _list_images(Path(args.input))
-    predictor = load(args.checkpoint, device=args.device)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: --out must be a folder, but this is a file")
+    predictor = load(args.checkpoint, device=args.device)
     out.mkdir(parents=True, exist_ok=True)
     for f in files:
         rgb = read_image(f)
@@ -162,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-root", help="dataset folder (overrides data.root)")
     e.add_argument("--out", help="write the metrics JSON here")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     e.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="segment an image or a folder of images")
@@ -170,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="output folder")
     pr.add_argument("--aug-test", action="store_true")
     pr.add_argument("--save-probs", action="store_true", help="also write KxHxW float16 .npy")
-    pr.add_argument("--device", default="cpu")
+    pr.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     pr.set_defaults(func=cmd_predict)
 
     i = sub.add_parser("info", help="parameters, FLOPs estimate and data summary of a config")
@@ -194,6 +187,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def error_line(err: UserError) -> str:
+    """The one-line message of a user error.
+
+    A DataError raised while a DataLoader worker reads a file comes back re-raised with the
+    worker's traceback in its message ("Caught DataError in DataLoader worker process 0.
+    Original Traceback ..."); its last line holds the original message.
+    """
+    text = str(err)
+    if "\n" in text and "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        prefix = f"{type(err).__module__}.{type(err).__qualname__}: "
+        text = last[len(prefix):] if last.startswith(prefix) else last
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may come before or after options (`train cfg --resume a=b`): collect stray k=v.
@@ -206,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densediff.errors import CheckpointError
+from densediff.errors import CheckpointError, one_line
 
 STRIDES: tuple[int, ...] = (4, 8, 16, 32)
 """Output strides of the four encoder levels."""
@@ -158,9 +158,3 @@ def check_loading(module: nn.Module, source: str | Path, missing: Iterable[str],
     if unexpected:
         raise CheckpointError(f"{source}: does not fit the model: {len(unexpected)} weights have "
                               f"no place in it, e.g. {unexpected[0]}")
-
-
-def one_line(e: BaseException) -> str:
-    """The first line of an exception's message (for one-line user errors)."""
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__

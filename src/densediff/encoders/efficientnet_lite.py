@@ -29,10 +29,9 @@ from densediff.encoders.base import (
     STRIDES,
     Encoder,
     load_checked,
-    one_line,
     read_state_dict,
 )
-from densediff.errors import CheckpointError, ConfigError
+from densediff.errors import CheckpointError, ConfigError, one_line
 
 VARIANTS = ("0", "1", "2", "3", "4")
 TF_LITE_MEAN = (127.0, 127.0, 127.0)

@@ -38,9 +38,8 @@ from densediff.encoders.base import (
     IMAGENET_STD,
     Encoder,
     check_loading,
-    one_line,
 )
-from densediff.errors import CheckpointError, ConfigError
+from densediff.errors import CheckpointError, ConfigError, one_line
 
 SWIN_VARIANTS: dict[str, dict[str, Any]] = {
     "tiny": dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24]),

@@ -22,15 +22,10 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from densediff.errors import CheckpointError
+from densediff.errors import CheckpointError, one_line
 
 FORMAT = "densediff"
 """Value of the ``format`` metadata entry in every weights file written here."""
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text[:200] + ("..." if len(text) > 200 else "")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
@@ -120,6 +115,9 @@ def load_metadata(path: str | os.PathLike) -> dict[str, Any]:
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder; give a .safetensors checkpoint file "
+                              f"(e.g. <work_dir>/checkpoints/best.safetensors)")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
@@ -127,7 +125,7 @@ def load_metadata(path: str | os.PathLike) -> dict[str, Any]:
             raw = f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for bad headers
         raise CheckpointError(f"{path}: corrupt, truncated or not a safetensors file "
-                              f"({_one_line(e)})") from None
+                              f"({one_line(e)})") from None
     if raw.get("format") != FORMAT or "config" not in raw:
         raise CheckpointError(f"{path}: not a densediff checkpoint (no config in its metadata)")
     meta: dict[str, Any] = {}
@@ -157,7 +155,7 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     try:
         state = load_file(str(path), device="cpu")
     except Exception as e:
-        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_one_line(e)})") from None
+        raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({one_line(e)})") from None
     return state, meta["config"]
 
 
@@ -200,7 +198,7 @@ def load_train_state(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{path}: corrupt or not a training state ({_one_line(e)})") from None
+        raise CheckpointError(f"{path}: corrupt or not a training state ({one_line(e)})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a training state (top level is not a dict)")
     return state

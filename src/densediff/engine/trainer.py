@@ -227,6 +227,8 @@ class _Run:
     # ---------------------------------------------------------------- folders and checkpoints
 
     def _check_work_dir(self, resume: bool) -> None:
+        if self.work_dir.exists() and not self.work_dir.is_dir():
+            raise ConfigError(f"work_dir: {self.work_dir} is a file, not a folder")
         found = [n for n in CHECKPOINT_FILES if (self.ckpt_dir / n).exists()]
         if resume and not (self.ckpt_dir / "last.state.pt").is_file():
             raise CheckpointError(f"{self.ckpt_dir / 'last.state.pt'}: nothing to resume from "
