@@ -261,3 +261,20 @@ def test_checkpoint_loads_without_the_pretrained_weights_used_for_training(tmp_p
     model = densediff.load(ckpt)
     assert model.cfg.model.encoder.pretrained == str(weights)  # the stored config is kept
     assert model.predict(np.zeros((20, 24, 3), np.uint8)).mask.shape == (20, 24)
+
+
+def test_predict_same_stem_different_suffix_and_api_dtypes(trained, tmp_path):
+    src = tmp_path / "imgs"
+    src.mkdir()
+    img = np.random.default_rng(2).integers(0, 255, (20, 24, 3), dtype=np.uint8)
+    Image.fromarray(img).save(src / "a.png")
+    Image.fromarray(img).save(src / "a.bmp")
+    out = tmp_path / "pred"
+    assert main(["predict", str(trained / "checkpoints/best.safetensors"), str(src),
+                 "--out", str(out)]) == 0
+    assert (out / "a_png_mask.png").is_file() and (out / "a_bmp_mask.png").is_file()
+    # float [0, 1] and uint16 arrays give the same result as the uint8 image
+    model = densediff.load(trained / "checkpoints/best.safetensors")
+    ref = model.predict(img).mask
+    assert (model.predict(img.astype(np.float32) / 255).mask == ref).all()
+    assert (model.predict(img.astype(np.uint16) * 257).mask == ref).all()

@@ -18,7 +18,7 @@ from PIL import Image
 
 from densediff.config import Config, apply_overrides, config_from_dict
 from densediff.data import class_info
-from densediff.data.io import read_image
+from densediff.data.io import _to_uint8, read_image
 from densediff.data.transforms import preprocess_image
 from densediff.engine.checkpoint import load_into, load_weights
 from densediff.engine.inference import predict_probs
@@ -68,7 +68,11 @@ def _as_uint8_rgb(image: ImageLike) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):
         raise ValueError(f"image array must be HxW, HxWx3 or HxWx4, got shape {arr.shape}")
     arr = arr[..., :3]
-    if arr.dtype != np.uint8:
+    if arr.dtype == np.uint16:
+        arr = _to_uint8(arr, "I;16")          # 16-bit: scaled like 16-bit files
+    elif np.issubdtype(arr.dtype, np.floating):
+        arr = _to_uint8(arr, "F")             # floats: [0, 1] or 0..255
+    elif arr.dtype != np.uint8:
         arr = np.clip(arr, 0, 255).astype(np.uint8)
     return np.ascontiguousarray(arr)
 

@@ -81,11 +81,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UserError(f"{out}: --out must be a folder, but this is a file")
     predictor = load(args.checkpoint, device=args.device)
     out.mkdir(parents=True, exist_ok=True)
+    stems = [f.stem for f in files]
+    inputs = {f.resolve() for f in files}
     for f in files:
+        # a.png and a.jpg in one folder: keep the suffix so neither result overwrites the other
+        stem = f.stem if stems.count(f.stem) == 1 else f"{f.stem}_{f.suffix.lstrip('.')}"
+        outputs = [out / f"{stem}_{kind}.png" for kind in ("mask", "color", "overlay")]
+        if any(o.resolve() in inputs for o in outputs):
+            raise UserError(f"{out}: writing results there would overwrite input images; "
+                            "choose another --out")
         rgb = read_image(f)
         pred = predictor.predict(rgb, aug=args.aug_test)
-        stem = f.stem
-        # Never overwrite an input image with an output.
         Image.fromarray(pred.mask.astype(np.uint8)).save(out / f"{stem}_mask.png")
         Image.fromarray(pred.color).save(out / f"{stem}_color.png")
         Image.fromarray(pred.overlay).save(out / f"{stem}_overlay.png")

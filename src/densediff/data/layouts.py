@@ -275,7 +275,7 @@ def _scan_folder(root: Path, split: str, num_classes: int | None, out: Layout) -
         out.palette = default_palette(num_classes)
     else:
         out.problems.append(f"{cls_file}: not found (list the classes, one 'name [R G B]' per "
-                            "line, or set data.num_classes)")
+                            "line; without it, training needs data.num_classes)")
     img_dir, mask_dir = root / "images", root / "masks"
     if not (_need_dir(img_dir, out) & _need_dir(mask_dir, out)):
         return

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from densediff.config import Config
 from densediff.engine import distributed as du
-from densediff.engine.checkpoint import (load_into, load_metadata, load_train_state,
+from densediff.engine.checkpoint import (first_nonfinite, load_into, load_metadata, load_train_state,
                                          load_weights, save_checkpoint, save_train_state)
 from densediff.engine.ema import EMA
 from densediff.engine.logger import RunLogger
@@ -279,6 +279,13 @@ class _Run:
             if m is not None:
                 du.broadcast_buffers(m)
         rngs = du.all_gather_objects(_rng_state(self.device))
+        # Weights are identical on every rank, so every rank can refuse non-finite ones itself
+        # (if only rank 0 raised, the others would wait in the next collective until timeout).
+        for m in (self.module, self.ema.module if self.ema else None):
+            bad = first_nonfinite(m.state_dict()) if m is not None else None
+            if bad is not None:
+                raise CheckpointError(f"{self.ckpt_dir}: not saving iteration {self.iter}: "
+                                      f"weight {bad} holds NaN or inf")
         if not self.info.is_main:
             return
         meta = {"iteration": self.iter, "num_classes": self.num_classes}
