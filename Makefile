@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(PY) -m densediff.cli.main demo --out demo_out
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest tests
 
 bench-camvid: $(STAMP)
 	bash benchmarks/camvid_baseline.sh

@@ -16,7 +16,8 @@ from densediff.data.fixtures import write_camvid, write_folder
 TINY = [
     "data.gen_size=[32,32]", "data.gen_num_train=16", "data.gen_num_val=4", "data.gen_num_test=4",
     "data.train_pipeline.scale=[32,32]", "data.train_pipeline.crop_size=[32,32]",
-    "data.batch_size=2", "model.neck.channels=16", "model.neck.num_groups=4",
+    "data.batch_size=2", "model.encoder.variant=tiny", "model.neck.channels=16",
+    "model.neck.num_groups=4",
     "model.head.channels=16", "model.aux_head.channels=16", "train.iters=4",
     "train.warmup_iters=1", "train.eval_interval=4", "train.ckpt_interval=2",
     "train.log_interval=2", "train.progress=false",
