@@ -19,6 +19,7 @@ demo: $(STAMP)
 	$(PY) -m densediff.cli.main demo --out demo_out
 
 test: $(STAMP)
+	$(PY) -m ruff check --quiet src tests
 	$(PY) -m pytest tests
 
 bench-camvid: $(STAMP)

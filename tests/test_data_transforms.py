@@ -9,8 +9,15 @@ import torch
 from densediff.config import Config, DataConfig, PipelineConfig
 from densediff.data import collate, preprocess_image
 from densediff.data.transforms import (
-    pad, photometric_distortion, random_crop, random_resize, rescale_size, resize_label,
-    resize_to_scale, train_transform)
+    pad,
+    photometric_distortion,
+    random_crop,
+    random_resize,
+    rescale_size,
+    resize_label,
+    resize_to_scale,
+    train_transform,
+)
 
 IGN = 255
 

@@ -13,7 +13,6 @@ import torch
 from safetensors.torch import load_file
 
 from densediff.engine.checkpoint import load_metadata, load_weights
-
 from test_engine_train import TINY
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from densediff.config import TrainConfig
 from densediff.engine import checkpoint as ck

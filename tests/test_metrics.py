@@ -15,8 +15,13 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from densediff.errors import DataError
-from densediff.tasks.segmentation import (SegMetric, boundary_width, ce_loss, format_metrics,
-                                         label_boundary)
+from densediff.tasks.segmentation import (
+    SegMetric,
+    boundary_width,
+    ce_loss,
+    format_metrics,
+    label_boundary,
+)
 
 IGN = 255
 NAN = float("nan")

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 
 from densediff.engine.checkpoint import load_metadata, load_weights
-
 from test_engine_train import TINY
 
 REPO = Path(__file__).resolve().parents[1]

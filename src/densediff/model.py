@@ -8,8 +8,8 @@ train/predict contract: ``forward_train(img, label) -> losses``, ``predict_logit
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from densediff.config import Config
 from densediff.decoders.heads import ConvHead, FCNHead

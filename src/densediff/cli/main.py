@@ -13,7 +13,6 @@ from pathlib import Path
 
 from densediff.errors import UserError
 
-
 # ------------------------------------------------------------------------------------------
 # commands
 

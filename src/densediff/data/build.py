@@ -8,9 +8,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from densediff.data.classes import (ADE20K_CLASSES, ADE20K_PALETTE, CAMVID_CLASSES, CAMVID_PALETTE,
-                                    CITYSCAPES_CLASSES, CITYSCAPES_PALETTE, default_palette,
-                                    read_classes_file)
+from densediff.data.classes import (
+    ADE20K_CLASSES,
+    ADE20K_PALETTE,
+    CAMVID_CLASSES,
+    CAMVID_PALETTE,
+    CITYSCAPES_CLASSES,
+    CITYSCAPES_PALETTE,
+    default_palette,
+    read_classes_file,
+)
 from densediff.data.datasets import SegDataset
 from densediff.data.generated import GENERATED_CLASSES, GENERATED_PALETTE, GeneratedDataset
 from densediff.data.layouts import scan
@@ -25,7 +32,7 @@ def root_env_var(dataset: str) -> str:
     return f"DENSEDIFF_{dataset.upper()}_ROOT"
 
 
-def resolve_root(cfg: "Config") -> Path:
+def resolve_root(cfg: Config) -> Path:
     """The dataset folder: ``data.root``, else ``$DENSEDIFF_<DATASET>_ROOT``.
 
     Raises:
@@ -44,7 +51,7 @@ def resolve_root(cfg: "Config") -> Path:
     return path
 
 
-def _check_classes(cfg: "Config", num_classes: int) -> None:
+def _check_classes(cfg: Config, num_classes: int) -> None:
     d = cfg.data
     if d.num_classes is not None and d.num_classes != num_classes:
         raise ConfigError(f"data.num_classes={d.num_classes} but dataset {d.dataset!r} has "
@@ -54,7 +61,7 @@ def _check_classes(cfg: "Config", num_classes: int) -> None:
                           f"0..{num_classes - 1}")
 
 
-def build_dataset(cfg: "Config", split: str, train: bool) -> SegDataset:
+def build_dataset(cfg: Config, split: str, train: bool) -> SegDataset:
     """The dataset ``cfg.data.dataset`` for ``split`` with the train or test pipeline.
 
     Args:
@@ -85,7 +92,7 @@ def build_dataset(cfg: "Config", split: str, train: bool) -> SegDataset:
     return ds
 
 
-def class_info(cfg: "Config") -> tuple[list[str], np.ndarray]:
+def class_info(cfg: Config) -> tuple[list[str], np.ndarray]:
     """Class names and ``(K, 3)`` uint8 palette for a config, without scanning the dataset.
 
     ``data.class_names``/``data.palette`` win when set (the trainer stores them in every

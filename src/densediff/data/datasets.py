@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ class SegDataset(Dataset):
 
     def __init__(self, files: Sequence[tuple[Path | str, Path | str | None]],
                  class_names: Sequence[str], palette: np.ndarray, lut: np.ndarray | None,
-                 data: "DataConfig", train: bool, seed: int = 0, name: str = "dataset"):
+                 data: DataConfig, train: bool, seed: int = 0, name: str = "dataset"):
         self.files = [(img, lab) for img, lab in files]
         self.class_names = list(class_names)
         self.palette = np.asarray(palette, np.uint8).reshape(-1, 3)

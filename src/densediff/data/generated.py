@@ -135,7 +135,7 @@ class GeneratedDataset(SegDataset):
         seed: run seed for the augmentation RNG (scenes depend on ``data.gen_seed`` only).
     """
 
-    def __init__(self, data: "DataConfig", split: str, train: bool, seed: int = 0):
+    def __init__(self, data: DataConfig, split: str, train: bool, seed: int = 0):
         if split not in _SPLIT_CODES:
             raise DataError(f"generated dataset: split must be train, val or test (got {split!r})")
         n = getattr(data, f"gen_num_{split}")

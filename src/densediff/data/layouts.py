@@ -43,8 +43,17 @@ from pathlib import Path
 import numpy as np
 
 from densediff.data.classes import (
-    ADE20K_CLASSES, ADE20K_PALETTE, CAMVID_CLASSES, CAMVID_PALETTE, CITYSCAPES_CLASSES,
-    CITYSCAPES_PALETTE, INVALID, default_palette, label_lut, read_classes_file)
+    ADE20K_CLASSES,
+    ADE20K_PALETTE,
+    CAMVID_CLASSES,
+    CAMVID_PALETTE,
+    CITYSCAPES_CLASSES,
+    CITYSCAPES_PALETTE,
+    INVALID,
+    default_palette,
+    label_lut,
+    read_classes_file,
+)
 from densediff.data.io import IMAGE_EXTENSIONS, LABEL_EXTENSIONS
 from densediff.errors import DataError
 

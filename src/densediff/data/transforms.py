@@ -223,7 +223,7 @@ def to_tensor(img: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
 
 
-def train_transform(img: np.ndarray, label: np.ndarray, data: "DataConfig",
+def train_transform(img: np.ndarray, label: np.ndarray, data: DataConfig,
                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """The training pipeline: random resize, random crop, flip, photometric, normalize, pad.
 
@@ -243,7 +243,7 @@ def train_transform(img: np.ndarray, label: np.ndarray, data: "DataConfig",
     return img, np.ascontiguousarray(label)
 
 
-def test_transform(img: np.ndarray, data: "DataConfig") -> np.ndarray:
+def test_transform(img: np.ndarray, data: DataConfig) -> np.ndarray:
     """The test pipeline: keep-ratio resize into ``data.test_scale`` (if set), normalize.
 
     No padding: the label stays at the original size and the caller maps predictions back.
@@ -251,7 +251,7 @@ def test_transform(img: np.ndarray, data: "DataConfig") -> np.ndarray:
     return normalize(resize_to_scale(img, data.test_scale), data.mean, data.std)
 
 
-def preprocess_image(img: np.ndarray, cfg: "Config | DataConfig") -> torch.Tensor:
+def preprocess_image(img: np.ndarray, cfg: Config | DataConfig) -> torch.Tensor:
     """A new uint8 RGB image (H x W x 3, e.g. from :func:`densediff.data.io.read_image`) as a
     1 x 3 x h x w float tensor ready for the model (test-time resize + normalize)."""
     data = getattr(cfg, "data", cfg)

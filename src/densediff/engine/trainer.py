@@ -34,8 +34,8 @@ import math
 import random
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -45,13 +45,20 @@ from tqdm import tqdm
 
 from densediff.config import Config
 from densediff.engine import distributed as du
-from densediff.engine.checkpoint import (first_nonfinite, load_into, load_metadata, load_train_state,
-                                         load_weights, save_checkpoint, save_train_state)
+from densediff.engine.checkpoint import (
+    first_nonfinite,
+    load_into,
+    load_metadata,
+    load_train_state,
+    load_weights,
+    save_checkpoint,
+    save_train_state,
+)
 from densediff.engine.ema import EMA
 from densediff.engine.logger import RunLogger
 from densediff.engine.optim import build_optimizer, set_lr
 from densediff.engine.sampler import InfiniteSampler
-from densediff.errors import CheckpointError, ConfigError, DivergenceError, UserError
+from densediff.errors import CheckpointError, ConfigError, DivergenceError
 
 CKPT_DIR = "checkpoints"
 CHECKPOINT_FILES = ("last.safetensors", "last_ema.safetensors", "last.state.pt",
