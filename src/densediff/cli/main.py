@@ -141,7 +141,9 @@ def _write_json(path: Path, obj) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="densediff", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="densediff", description="Dense prediction by diffusion: train, eval, predict, info, "
+        "data check, demo.")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model from a YAML config")
