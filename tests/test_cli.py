@@ -209,7 +209,7 @@ def untrained_checkpoint(path, *overrides):
     from densediff.config import load_config
     from densediff.data import class_info
     from densediff.engine.checkpoint import save_checkpoint
-    from densediff.model import build_model
+    from densediff.models import build_model
 
     cfg = load_config("generated/baseline.yaml", [*TINY, *overrides, f"work_dir={path.parent}"])
     names, palette = class_info(cfg)

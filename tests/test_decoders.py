@@ -53,7 +53,7 @@ def test_zero_weight_aux_head_is_not_built():
     # An aux head with loss weight 0 would leave parameters without gradients, which
     # DistributedDataParallel rejects; so it is not built at all.
     from densediff.config import load_config
-    from densediff.model import build_model
+    from densediff.models import build_model
 
     small = ["model.neck.channels=16", "model.neck.num_groups=4", "model.head.channels=16",
              "model.aux_head.channels=16"]

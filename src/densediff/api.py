@@ -4,6 +4,7 @@
     >>> model = densediff.load("runs/demo/checkpoints/best.safetensors")
     >>> out = model.predict(image)          # PIL image, HxWx3 uint8 array, or a path
     >>> out.mask.shape, out.probs.shape     # (H, W) class ids, (K, H, W) probabilities
+    >>> out = model.predict(image, steps=5)  # DDP: any step count; out.uncertainty, out.trajectory
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ from densediff.data import class_info
 from densediff.data.io import _to_uint8, read_image
 from densediff.data.transforms import preprocess_image
 from densediff.engine.checkpoint import load_into, load_weights
+from densediff.engine.evaluate import is_diffusion, uncertainty_maps
 from densediff.engine.inference import predict_probs
 from densediff.errors import UserError
-from densediff.model import build_model
+from densediff.models import build_model
+from densediff.tasks.uncertainty import entropy_uncertainty
+from densediff.viz import heatmap
 
 ImageLike = Union[str, Path, Image.Image, np.ndarray]
 
@@ -37,12 +41,23 @@ class Prediction:
         probs: ``(K, H, W)`` float32 class probabilities.
         color: ``(H, W, 3)`` uint8 mask coloured with the dataset palette.
         overlay: ``(H, W, 3)`` uint8 image blended with ``color`` (alpha 0.5).
+        steps: diffusion sampling steps used (None: a discriminative model).
+        uncertainty: ``(H, W)`` float32 in [0, 1], diffusion models only: the paper's estimator,
+            the share of steps at which the pixel's label changed (None when not available:
+            discriminative models, sliding-window or multi-scale inference).
+        entropy: ``(H, W)`` float32 in [0, 1]: normalised entropy of ``probs``.
+        trajectory: ``(S, H, W)`` int64 label map of every sampling step (diffusion, whole-image
+            inference), the last one being ``mask`` unless probabilities are accumulated.
     """
 
     mask: np.ndarray
     probs: np.ndarray
     color: np.ndarray
     overlay: np.ndarray
+    steps: int | None = None
+    uncertainty: np.ndarray | None = None
+    entropy: np.ndarray | None = None
+    trajectory: np.ndarray | None = None
 
 
 def colorize(mask: np.ndarray, palette: np.ndarray, ignore_index: int = 255) -> np.ndarray:
@@ -81,7 +96,7 @@ class Predictor:
     """A trained model with its config, ready to predict on new images.
 
     Args:
-        model: the network (``predict_logits`` contract, see :mod:`densediff.model`).
+        model: the network (``predict_logits`` contract, see :mod:`densediff.models`).
         cfg: the resolved config stored in the checkpoint.
         class_names: names of the K classes.
         palette: ``(K, 3)`` uint8 colours.
@@ -100,21 +115,62 @@ class Predictor:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def is_diffusion(self) -> bool:
+        return is_diffusion(self.model)
+
     @torch.no_grad()
-    def predict(self, image: ImageLike, aug: bool = False) -> Prediction:
+    def predict(self, image: ImageLike, aug: bool = False, steps: int | None = None,
+                seed: int = 0) -> Prediction:
         """Segment one image (PIL, HxW[x3|4] array, or path).
 
         Args:
             image: the input; grayscale/RGBA are converted to RGB.
             aug: multi-scale + flip test (scales from ``cfg.eval.aug``).
+            steps: diffusion models: sampling steps (None: ``model.diffusion.steps``).
+            seed: diffusion models: seed of the starting noise (same seed, same result).
         """
         rgb = _as_uint8_rgb(image)
         x = preprocess_image(rgb, self.cfg).to(self.device)
-        probs = predict_probs(self.model, x, self.cfg.eval, ori_size=rgb.shape[:2], aug=aug)[0]
+        size = rgb.shape[:2]
+        extra: dict = {}
+        if not self.is_diffusion:
+            if steps is not None:
+                raise UserError("steps: this checkpoint is not a diffusion model")
+            probs = predict_probs(self.model, x, self.cfg.eval, ori_size=size, aug=aug)
+        else:
+            d = self.cfg.model.diffusion
+            steps = d.steps if steps is None else int(steps)
+            if steps < 1:
+                raise UserError(f"steps: must be at least 1, got {steps}")
+            extra["steps"] = steps
+            if self.cfg.eval.mode == "whole" and not aug:
+                feat = self.model.extract(x)
+                probs, step_labels, maps = uncertainty_maps(self.model, feat, steps, size,
+                                                            d.accumulation, [seed])
+                extra["uncertainty"] = maps["steps"][0].cpu().numpy()
+                extra["trajectory"] = step_labels[:, 0].cpu().numpy().astype(np.int64)
+            else:
+                probs = predict_probs(self.model, x, self.cfg.eval, ori_size=size, aug=aug,
+                                      steps=steps, seeds=[seed])
+        probs = probs[0].float()
         mask = probs.argmax(0).cpu().numpy().astype(np.int64)
         color = colorize(mask, self.palette, self.cfg.data.ignore_index)
-        return Prediction(mask=mask, probs=probs.float().cpu().numpy(), color=color,
-                          overlay=overlay(rgb, color))
+        return Prediction(mask=mask, probs=probs.cpu().numpy(), color=color,
+                          overlay=overlay(rgb, color),
+                          entropy=entropy_uncertainty(probs[None])[0].cpu().numpy(), **extra)
+
+    def trajectory_strip(self, pred: Prediction, image: ImageLike | None = None) -> np.ndarray:
+        """One picture of a diffusion trajectory: [image,] the colour mask of every step, and
+        the uncertainty heatmap, side by side with a 4-pixel white gap (H x W' x 3 uint8)."""
+        if pred.trajectory is None:
+            raise UserError("no trajectory: it needs a diffusion model with whole-image inference")
+        tiles = [] if image is None else [_as_uint8_rgb(image)]
+        tiles += [colorize(m, self.palette, self.cfg.data.ignore_index) for m in pred.trajectory]
+        tiles.append(heatmap(pred.uncertainty))
+        gap = np.full((tiles[0].shape[0], 4, 3), 255, np.uint8)
+        parts = [p for t in tiles for p in (t, gap)][:-1]
+        return np.concatenate(parts, axis=1)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from densediff.errors import ConfigError
 
@@ -129,10 +129,29 @@ class NeckConfig(_Strict):
 
 
 class HeadConfig(_Strict):
-    type: Literal["conv"] = "conv"
+    type: Literal["conv", "deformable"] = "conv"
+    """``conv``: a small conv head; ``deformable``: the DDP map decoder (stacked deformable
+    self-attention layers). A ``segmentor`` with a deformable head is the non-diffusion twin of
+    DDP; a ``ddp`` model needs the deformable head."""
     channels: int = Field(256, ge=8)
     num_convs: int = Field(2, ge=0)
+    """Conv head only."""
     dropout: float = Field(0.1, ge=0, lt=1)
+    """Dropout before the classifier (official DDP decoder: 0)."""
+    num_layers: int = Field(6, ge=1)
+    """Deformable head: decoder depth (paper Table 5d: 1, 2, 4, 6, 12; default 6)."""
+    num_heads: int = Field(8, ge=1)
+    num_points: int = Field(4, ge=1)
+    num_levels: int = Field(1, ge=1)
+    """Deformable head: levels of the value pyramid (1 = the official single 1/4 level)."""
+    ffn_channels: int = Field(1024, ge=8)
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> HeadConfig:
+        if self.type == "deformable" and self.channels % self.num_heads:
+            raise ValueError(f"channels ({self.channels}) must be divisible by num_heads "
+                             f"({self.num_heads})")
+        return self
 
 
 class AuxHeadConfig(_Strict):
@@ -142,13 +161,66 @@ class AuxHeadConfig(_Strict):
     dropout: float = Field(0.1, ge=0, lt=1)
 
 
+class DiffusionConfig(_Strict):
+    """DDP diffusion settings (paper §3, Alg. 1-4; defaults follow the official configs)."""
+
+    encoding: Literal["embedding", "onehot", "analog_bits"] = "embedding"
+    """Map encoding of labels (Table 5a): learned class embedding (sigmoid), one-hot or analog
+    bits; all are brought to [-scale, scale]."""
+    embed_channels: int = Field(256, ge=1)
+    """Channels of the class embedding (the official uses the decoder width, 256)."""
+    scale: float = Field(0.01, gt=0)
+    """Signal scale of the encoded map (Table 5b; 0.01 for the embedding)."""
+    schedule: Literal["cosine", "linear"] = "cosine"
+    """Log-SNR noise schedule (Table 5c)."""
+    sample_range: tuple[float, float] = (0.0, 0.999)
+    """Training times t ~ U(sample_range)."""
+    time_frequencies: int = Field(16, ge=2)
+    """Dimension of the learned sinusoidal time embedding (even)."""
+    steps: int = Field(3, ge=1)
+    """Default sampling steps at eval/predict (dynamic inference: any count works)."""
+    td: float = Field(1.0, ge=0)
+    """Asymmetric time difference of the sampler (Alg. 2)."""
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    randsteps: int = Field(1, ge=1)
+    """Independent noise starts per image whose outputs are averaged."""
+    accumulation: bool = False
+    """Output the mean of the per-step probabilities instead of the last step's."""
+    self_aligned: bool = False
+    """Self-aligned denoising (Alg. 4): noise the model's own t=1 prediction, not the GT."""
+
+    @field_validator("sample_range")
+    @classmethod
+    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= v[0] < v[1] <= 1:
+            raise ValueError("must be (low, high) with 0 <= low < high <= 1")
+        return v
+
+    @field_validator("time_frequencies")
+    @classmethod
+    def _even(cls, v: int) -> int:
+        if v % 2:
+            raise ValueError("must be even")
+        return v
+
+
 class ModelConfig(_Strict):
+    type: Literal["segmentor", "ddp"] = "segmentor"
+    """``segmentor``: discriminative encoder -> head; ``ddp``: the DDP diffusion model."""
     encoder: EncoderConfig = EncoderConfig()
     neck: NeckConfig = NeckConfig()
     head: HeadConfig = HeadConfig()
     aux_head: AuxHeadConfig = AuxHeadConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    """Read by ``type: ddp`` only."""
     avg_non_ignore: bool = False
     """CE mean over non-ignored pixels only (mmseg default False: mean over all pixels)."""
+
+    @model_validator(mode="after")
+    def _ddp_head(self) -> ModelConfig:
+        if self.type == "ddp" and self.head.type != "deformable":
+            raise ValueError("type ddp needs head.type: deformable")
+        return self
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,6 +253,9 @@ class TrainConfig(_Strict):
     eval_interval: int = Field(1000, ge=1)
     ckpt_interval: int = Field(1000, ge=1)
     log_interval: int = Field(50, ge=1)
+    load_from: Optional[str] = None
+    """Start from these weights (a checkpoint file or run folder; weights only, fresh optimizer
+    and schedule), e.g. the self-aligned fine-tune of a trained DDP model."""
     best_metric: Literal["mIoU", "mAcc", "aAcc", "mBIoU"] = "mIoU"
     """Validation metric (higher is better) that picks ``best.safetensors``."""
     progress: bool = True

@@ -25,7 +25,7 @@ def estimate_flops(model: torch.nn.Module, size: tuple[int, int]) -> int:
 
 def describe(cfg: Config, size: tuple[int, int] | None = None) -> str:
     from densediff.data import build_dataset, class_info
-    from densediff.model import build_model
+    from densediff.models import build_model
 
     lines = []
     names, _ = class_info(cfg)

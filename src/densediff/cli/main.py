@@ -1,4 +1,4 @@
-"""``densediff`` command line: train, eval, predict, info, data check, demo.
+"""``densediff`` command line: train, eval, predict, bench, info, data check, demo.
 
 User mistakes (bad files, keys, checkpoints) end with one ``error: ...`` line and exit status 2.
 """
@@ -28,26 +28,61 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_steps(text: str | None) -> list[int] | None:
+    """``"1,2,3"`` -> [1, 2, 3]; UserError naming the option when malformed."""
+    if text is None:
+        return None
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--steps: expected comma-separated integers like 1,2,3, got {text!r}"
+                        ) from None
+    if not steps or min(steps) < 1:
+        raise UserError(f"--steps: step counts must be at least 1, got {text!r}")
+    return steps
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from densediff.api import load_model, resolve_device
     from densediff.data import build_dataset
-    from densediff.engine.evaluate import evaluate
+    from densediff.engine.evaluate import evaluate_steps, is_diffusion
     from densediff.tasks.segmentation import format_metrics
+    from densediff.viz import plot_steps, steps_table
 
-    if args.out and Path(args.out).is_dir():
-        raise UserError(f"{args.out}: --out must be a JSON file path, but this is a folder")
+    for opt in ("out", "plot"):
+        if getattr(args, opt) and Path(getattr(args, opt)).is_dir():
+            raise UserError(f"{getattr(args, opt)}: --{opt} must be a file path, but this is a "
+                            "folder")
+    steps = parse_steps(args.steps)
     device = resolve_device(args.device)
     overrides = list(args.overrides)
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")
     model, cfg, names, _ = load_model(args.checkpoint, overrides)
+    if steps is not None and not is_diffusion(model):
+        raise UserError(f"--steps: {args.checkpoint} is not a diffusion model")
     model.to(device)
     split = getattr(cfg.data, f"{args.split}_split", args.split)
     dataset = build_dataset(cfg, split, train=False)
-    metrics = evaluate(model, dataset, cfg, aug=args.aug_test, progress=not args.quiet)
+    results = evaluate_steps(model, dataset, cfg, steps, aug=args.aug_test,
+                             progress=not args.quiet)
     print(f"{args.checkpoint} on {cfg.data.dataset}/{split} ({len(dataset)} images)"
           f"{' with multi-scale+flip' if args.aug_test else ''}")
-    print(format_metrics(metrics, names))
+    if not is_diffusion(model):
+        metrics = results[0]
+        print(format_metrics(metrics, names))
+    else:
+        metrics = {"steps": {str(n): m for n, m in results.items()}}
+        if len(results) == 1:
+            print(f"steps: {next(iter(results))}")
+            print(format_metrics(next(iter(results.values())), names))
+        print(steps_table(results))
+        plot = args.plot or (str(Path(args.out).with_suffix("")) + "_steps.png"
+                             if args.out and len(results) > 1 else None)
+        if plot:
+            Path(plot).parent.mkdir(parents=True, exist_ok=True)
+            plot_steps(results, plot, title=f"{Path(args.checkpoint).name} {split}")
+            print(f"wrote {plot}")
     if args.out:
         _write_json(Path(args.out), metrics)
         print(f"wrote {args.out}")
@@ -73,30 +108,69 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from densediff.api import load
     from densediff.data.io import read_image
+    from densediff.viz import heatmap
 
     files = _list_images(Path(args.input))
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: --out must be a folder, but this is a file")
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps: must be at least 1, got {args.steps}")
     predictor = load(args.checkpoint, device=args.device)
+    if not predictor.is_diffusion:
+        for opt in ("steps", "trajectory"):
+            if getattr(args, opt):
+                raise UserError(f"--{opt}: {args.checkpoint} is not a diffusion model")
     out.mkdir(parents=True, exist_ok=True)
     stems = [f.stem for f in files]
     inputs = {f.resolve() for f in files}
+    kinds = ["mask", "color", "overlay"]
+    if args.uncertainty:
+        kinds += ["entropy"] + (["uncertainty"] if predictor.is_diffusion else [])
+    if args.trajectory:
+        kinds.append("trajectory")
     for f in files:
         # a.png and a.jpg in one folder: keep the suffix so neither result overwrites the other
         stem = f.stem if stems.count(f.stem) == 1 else f"{f.stem}_{f.suffix.lstrip('.')}"
-        outputs = [out / f"{stem}_{kind}.png" for kind in ("mask", "color", "overlay")]
+        outputs = [out / f"{stem}_{kind}.png" for kind in kinds]
         if any(o.resolve() in inputs for o in outputs):
             raise UserError(f"{out}: writing results there would overwrite input images; "
                             "choose another --out")
         rgb = read_image(f)
-        pred = predictor.predict(rgb, aug=args.aug_test)
-        Image.fromarray(pred.mask.astype(np.uint8)).save(out / f"{stem}_mask.png")
-        Image.fromarray(pred.color).save(out / f"{stem}_color.png")
-        Image.fromarray(pred.overlay).save(out / f"{stem}_overlay.png")
+        pred = predictor.predict(rgb, aug=args.aug_test, steps=args.steps, seed=args.seed)
+        pictures = {"mask": pred.mask.astype(np.uint8), "color": pred.color,
+                    "overlay": pred.overlay}
+        if args.uncertainty:
+            pictures["entropy"] = heatmap(pred.entropy)
+            if pred.uncertainty is not None:
+                pictures["uncertainty"] = heatmap(pred.uncertainty)
+            elif predictor.is_diffusion:
+                print(f"note: {f.name}: no step-change uncertainty with sliding-window or "
+                      "multi-scale inference; wrote the entropy map only", file=sys.stderr)
+        if args.trajectory:
+            if pred.trajectory is None:
+                raise UserError("--trajectory: needs whole-image inference without --aug-test")
+            pictures["trajectory"] = predictor.trajectory_strip(pred, rgb)
+        for kind, arr in pictures.items():
+            Image.fromarray(arr).save(out / f"{stem}_{kind}.png")
         if args.save_probs:
             np.save(out / f"{stem}_probs.npy", pred.probs.astype(np.float16))
-        print(f"{f} -> {out / (stem + '_{mask,color,overlay}.png')}")
+        print(f"{f} -> {out / (stem + '_{' + ','.join(pictures) + '}.png')}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from densediff.bench import bench, format_bench
+    from densediff.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    steps = parse_steps(args.steps) or [1, 3, 5]
+    result = bench(cfg, size=tuple(args.size) if args.size else None, batch=args.batch,
+                   steps=steps, device=args.device, repeats=args.repeats)
+    print(format_bench(result))
+    if args.out:
+        _write_json(Path(args.out), result)
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -142,8 +216,8 @@ def _write_json(path: Path, obj) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="densediff", description="Dense prediction by diffusion: train, eval, predict, info, "
-        "data check, demo.")
+        prog="densediff", description="Dense prediction by diffusion: train, eval, predict, bench, "
+        "info, data check, demo.")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model from a YAML config")
@@ -159,7 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="val", help="val | test | train or a split name")
     e.add_argument("--aug-test", action="store_true", help="multi-scale + flip test")
     e.add_argument("--data-root", help="dataset folder (overrides data.root)")
+    e.add_argument("--steps", help="diffusion models: step counts to evaluate in one pass, "
+                   "e.g. 1,2,3,5,10 (default: model.diffusion.steps)")
     e.add_argument("--out", help="write the metrics JSON here")
+    e.add_argument("--plot", help="diffusion models: write the mIoU-vs-steps PNG here "
+                   "(default with --out and several steps: <out>_steps.png)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     e.set_defaults(func=cmd_eval)
@@ -170,6 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="output folder")
     pr.add_argument("--aug-test", action="store_true")
     pr.add_argument("--save-probs", action="store_true", help="also write KxHxW float16 .npy")
+    pr.add_argument("--steps", type=int, help="diffusion models: sampling steps "
+                    "(default: model.diffusion.steps)")
+    pr.add_argument("--seed", type=int, default=0, help="diffusion models: noise seed")
+    pr.add_argument("--uncertainty", action="store_true",
+                    help="write uncertainty heatmaps (<name>_uncertainty.png: share of steps at "
+                    "which the label changed; <name>_entropy.png: normalised entropy)")
+    pr.add_argument("--trajectory", action="store_true",
+                    help="diffusion models: write <name>_trajectory.png, the image, every "
+                    "step's mask and the uncertainty side by side")
     pr.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     pr.set_defaults(func=cmd_predict)
 
@@ -179,6 +266,19 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                    help="input size for the FLOPs estimate (default: crop size)")
     i.set_defaults(func=cmd_info)
+
+    b = sub.add_parser("bench", help="latency of the encoder, one decoder step and whole "
+                       "predictions at several step counts, and peak memory")
+    b.add_argument("config")
+    b.add_argument("overrides", nargs="*")
+    b.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="input size "
+                   "(default: the training crop size, else 512 512)")
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--steps", help="step counts to time (default 1,3,5)")
+    b.add_argument("--repeats", type=int, default=10, help="timed runs per measurement")
+    b.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    b.add_argument("--out", help="write the results JSON here")
+    b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)

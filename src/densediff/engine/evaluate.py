@@ -1,8 +1,17 @@
-"""Evaluate a model on a dataset split (single process or sharded under torch.distributed)."""
+"""Evaluate a model on a dataset split (single process or sharded under torch.distributed).
+
+Diffusion models (anything with ``extract`` + ``sample_steps``, i.e. :class:`~densediff.models.DDP`)
+can be scored at several step counts in one pass (dynamic inference): the encoder runs once per
+image and each requested step count runs its own trajectory from the same seeded noise. Their
+results also carry uncertainty scores: how well each uncertainty map flags wrong pixels.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -11,34 +20,86 @@ from densediff.config import Config
 from densediff.engine import distributed as du
 from densediff.engine.inference import predict_probs
 from densediff.tasks.segmentation import SegMetric
+from densediff.tasks.uncertainty import UncertaintyMetric, entropy_uncertainty, step_change_uncertainty
+
+__all__ = ["evaluate", "evaluate_steps", "is_diffusion", "sample_seed", "uncertainty_maps"]
 
 
-def evaluate(model: nn.Module, dataset, cfg: Config, aug: bool = False,
-             progress: bool = True) -> dict:
-    """Segmentation metrics of ``model`` on ``dataset`` (built with ``train=False``).
+def is_diffusion(model: nn.Module) -> bool:
+    """True for models that sample (they take ``steps``)."""
+    return hasattr(du.unwrap(model), "sample_steps")
 
-    One image at a time: the test-resized image goes through
-    :func:`~densediff.engine.inference.predict_probs` (``cfg.eval``: whole/slide, optional
-    multi-scale + flip when ``aug``), the probabilities are resized to the original image size
-    and their argmax is scored against the label at original size, as mmseg does.
 
-    Under ``torch.distributed`` each process scores images ``rank, rank + world, ...`` and
-    the counts are summed over processes, so every process returns the same full-set result.
-    The model's train/eval mode is restored afterwards; nothing is written.
+def sample_seed(cfg: Config, index: int) -> int:
+    """The noise seed of dataset item ``index``: results do not depend on batching, the
+    number of processes or the order of evaluation."""
+    return cfg.seed * 1_000_003 + index
+
+
+@torch.no_grad()
+def uncertainty_maps(model: nn.Module, feat: torch.Tensor, steps: int, out_size: tuple[int, int],
+                     accumulation: bool, seeds: Sequence[int] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Sample ``steps`` steps from features and form the outputs at ``out_size``.
+
+    Returns:
+        ``(probs B x K x H x W, step_labels S x B x H x W, {"steps": ..., "entropy": ...})``:
+        the output probabilities, every step's label map, and the two uncertainty maps
+        (B x H x W in [0, 1]): the paper's count of step-to-step label changes, and the
+        normalised entropy of the output probabilities.
+    """
+    traj = model.sample_steps(feat, steps, seeds=seeds)
+
+    def up(x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, size=out_size, mode="bilinear", align_corners=False)
+
+    probs = up(traj.scores(accumulation)).softmax(1)
+    step_labels = torch.stack([up(lg).argmax(1) for lg in traj.step_logits()])
+    unc = {"steps": step_change_uncertainty(step_labels), "entropy": entropy_uncertainty(probs)}
+    return probs, step_labels, unc
+
+
+def evaluate_steps(model: nn.Module, dataset, cfg: Config, steps: Sequence[int] | None = None,
+                   aug: bool = False, progress: bool = True) -> dict[int, dict]:
+    """Metrics of ``model`` on ``dataset`` (built with ``train=False``) for each step count.
+
+    One image at a time: the test-resized image is predicted, the probabilities are resized to
+    the original image size and their argmax is scored against the label at original size, as
+    mmseg does. Whole-image diffusion inference shares the encoder pass between step counts;
+    sliding-window or multi-scale + flip (``aug``) inference goes through
+    :func:`~densediff.engine.inference.predict_probs` once per step count.
+
+    Under ``torch.distributed`` each process scores images ``rank, rank + world, ...`` and the
+    counts are summed over processes, so every process returns the same full-set result. The
+    model's train/eval mode is restored afterwards; nothing is written.
 
     Args:
-        model: has ``predict_logits(img)`` (a DDP wrapper is unwrapped).
-        dataset: a :class:`~densediff.data.SegDataset` (``num_classes``, ``ignore_index``).
-        cfg: run config (``cfg.eval``, ``cfg.data.num_workers``).
+        model: a segmentor (``predict_logits``) or a diffusion model (a DDP wrapper is unwrapped).
+        dataset: a :class:`~densediff.data.SegDataset`.
+        cfg: run config (``cfg.eval``, ``cfg.model.diffusion``, ``cfg.seed``).
+        steps: step counts to score (diffusion models); None: ``cfg.model.diffusion.steps``.
+            Ignored (one entry, key 0) for discriminative models.
         aug: multi-scale + flip test (``cfg.eval.aug``).
         progress: show a progress bar (rank 0 only).
 
     Returns:
-        ``SegMetric.compute()``: aAcc, mIoU, mAcc, mBIoU (percent) and ``per_class``.
+        ``{steps: metrics}`` with :meth:`SegMetric.compute`'s aAcc, mIoU, mAcc, mBIoU (percent)
+        and ``per_class``; for diffusion models also ``uncertainty``: ``{"steps": ...,
+        "entropy": ...}`` each with :meth:`UncertaintyMetric.compute`'s AUROC, err_top10,
+        err_all (percent). The step-change map needs every step, so it is only available
+        with whole-image inference without ``aug``.
     """
     from densediff.data import collate
 
     model = du.unwrap(model)
+    diffusion = is_diffusion(model)
+    if not diffusion:
+        steps = [0]
+    elif steps is None:
+        steps = [cfg.model.diffusion.steps]
+    steps = list(dict.fromkeys(int(s) for s in steps))
+    if diffusion and min(steps) < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     device = next(model.parameters()).device
     rank, world = du.rank(), du.world_size()
     indices = list(range(rank, len(dataset), world))
@@ -46,22 +107,54 @@ def evaluate(model: nn.Module, dataset, cfg: Config, aug: bool = False,
                         num_workers=cfg.data.num_workers, collate_fn=collate,
                         pin_memory=device.type == "cuda",
                         generator=torch.Generator())  # keeps the global RNG untouched
-    metric = SegMetric(dataset.num_classes, dataset.ignore_index,
-                       cfg.eval.boundary_dilation, device=device)
+    seg = {n: SegMetric(dataset.num_classes, dataset.ignore_index, cfg.eval.boundary_dilation,
+                        device=device) for n in steps}
+    shared = diffusion and cfg.eval.mode == "whole" and not aug
+    kinds = ("steps", "entropy") if shared else ("entropy",)
+    unc = {n: {k: UncertaintyMetric(device=device) for k in kinds} for n in steps} if diffusion else {}
+    accumulation = cfg.model.diffusion.accumulation
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            for batch in tqdm(loader, desc="eval", leave=False, dynamic_ncols=True,
-                              disable=not progress or rank != 0):
+            for index, batch in zip(indices, tqdm(loader, desc="eval", leave=False,
+                                                  dynamic_ncols=True,
+                                                  disable=not progress or rank != 0)):
                 meta = batch["meta"][0]
                 h, w = meta["ori_size"]
                 ih, iw = meta.get("img_size", batch["image"].shape[-2:])  # drop any padding
                 img = batch["image"][..., :ih, :iw].to(device, non_blocking=True)
                 label = batch["label"][..., :h, :w].to(device, non_blocking=True)
-                probs = predict_probs(model, img, cfg.eval, ori_size=(h, w), aug=aug)
-                metric.update(probs.argmax(1), label)
+                seeds = [sample_seed(cfg, index)]
+                feat = model.extract(img) if shared else None
+                for n in steps:
+                    if shared:
+                        probs, _, maps = uncertainty_maps(model, feat, n, (h, w), accumulation, seeds)
+                    else:
+                        kw = {"steps": n, "seeds": seeds} if diffusion else {}
+                        probs = predict_probs(model, img, cfg.eval, ori_size=(h, w), aug=aug, **kw)
+                        maps = {"entropy": entropy_uncertainty(probs)} if diffusion else {}
+                    pred = probs.argmax(1)
+                    seg[n].update(pred, label)
+                    valid = label != dataset.ignore_index
+                    for k, m in maps.items():
+                        unc[n][k].update(m, pred != label, valid)
     finally:
         model.train(was_training)
-    metric.reduce()
-    return metric.compute()
+    results = {}
+    for n in steps:
+        seg[n].reduce()
+        results[n] = seg[n].compute()
+        if diffusion:
+            for m in unc[n].values():
+                m.reduce()
+            results[n]["uncertainty"] = {k: m.compute() for k, m in unc[n].items()}
+    return results
+
+
+def evaluate(model: nn.Module, dataset, cfg: Config, aug: bool = False,
+             progress: bool = True, steps: int | None = None) -> dict:
+    """Metrics at one setting (diffusion models: ``steps``, default
+    ``cfg.model.diffusion.steps``); see :func:`evaluate_steps`."""
+    out = evaluate_steps(model, dataset, cfg, None if steps is None else [steps], aug, progress)
+    return next(iter(out.values()))

@@ -190,7 +190,7 @@ class _Run:
 
     def __init__(self, cfg: Config, info: du.DistInfo, resume: bool):
         from densediff.data import build_dataset, class_info
-        from densediff.model import build_model
+        from densediff.models import build_model
 
         if cfg.work_dir is None:
             raise ConfigError("work_dir: must be set for training (the run folder)")
@@ -224,6 +224,8 @@ class _Run:
         self.notes: list[str] = []  # resume warnings, logged once the logger exists
         if resume:
             self._load()
+        elif self.t.load_from is not None:
+            self._load_from(Path(self.t.load_from))
         self.model: nn.Module = model
         if info.distributed:
             self.model = nn.parallel.DistributedDataParallel(
@@ -279,6 +281,23 @@ class _Run:
         changed = _diff(saved_cfg, self.cfg.to_dict())
         if changed:
             self.notes.append("resuming with changed settings: " + ", ".join(changed))
+
+    def _load_from(self, path: Path) -> None:
+        """Initialise the weights from another run (``train.load_from``): a checkpoint file, or
+        a run folder (its ``checkpoints/best``, else ``last``). Optimizer and schedule start
+        fresh, as mmseg's ``load_from``."""
+        if path.is_dir():
+            cands = [path / CKPT_DIR / n for n in ("best.safetensors", "last.safetensors")]
+            found = [c for c in cands if c.is_file()]
+            if not found:
+                raise CheckpointError(f"train.load_from: {path} holds no checkpoints/best or "
+                                      "last.safetensors")
+            path = found[0]
+        weights, _ = load_weights(path)
+        load_into(self.module, weights, source=path)
+        if self.ema is not None:
+            load_into(self.ema.module, weights, source=path)
+        self.notes.append(f"initialised from {path}")
 
     def _save(self, best: bool, last: bool) -> None:
         """Write the ``best`` and/or ``last`` checkpoints; every rank must call it."""

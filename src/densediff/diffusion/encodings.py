@@ -1,0 +1,95 @@
+"""Map encodings: labels -> a continuous map in [-scale, scale] that diffusion can noise.
+
+DDP paper §3.3 "Label Encoding" and Table 5a compare three encodings of discrete labels; all are
+brought to [-scale, scale] (Alg. 1: ``(sigmoid(enc) * 2 - 1) * scale`` for the embedding), and
+``scale`` sets the signal-to-noise ratio (Table 5b). Each encoding is a module
+``forward(labels: B x h x w long) -> B x C x h x w``; ignore pixels (``ignore_index``) get a
+code of their own, as in the official code (embedding row K).
+
+Depth and BEV maps (continuous, multi-label) plug in their own encodings with the same
+contract; the DDP model only needs ``channels`` and ``forward``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+__all__ = ["AnalogBits", "ClassEmbedding", "OneHot", "build_label_encoding"]
+
+
+class _LabelEncoding(nn.Module):
+    def __init__(self, num_classes: int, ignore_index: int, scale: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.scale = scale
+
+    def _index(self, labels: torch.Tensor) -> torch.Tensor:
+        """Labels with ignore pixels (and anything out of range) mapped to K."""
+        labels = labels.long()
+        bad = (labels < 0) | (labels >= self.num_classes) | (labels == self.ignore_index)
+        return labels.masked_fill(bad, self.num_classes)
+
+
+class ClassEmbedding(_LabelEncoding):
+    """Learned ``nn.Embedding(K + 1, C)`` (row K = ignore) -> sigmoid -> x2-1 -> x scale.
+    The default of DDP (official: C = 256, scale 0.01)."""
+
+    def __init__(self, num_classes: int, channels: int = 256, scale: float = 0.01,
+                 ignore_index: int = 255):
+        super().__init__(num_classes, ignore_index, scale)
+        self.channels = channels
+        self.embedding = nn.Embedding(num_classes + 1, channels)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        emb = self.embedding(self._index(labels)).permute(0, 3, 1, 2)
+        return (emb.sigmoid() * 2 - 1) * self.scale
+
+
+class OneHot(_LabelEncoding):
+    """One-hot vectors (K channels; ignore pixels all zero) -> x2-1 -> x scale."""
+
+    def __init__(self, num_classes: int, scale: float = 0.1, ignore_index: int = 255):
+        super().__init__(num_classes, ignore_index, scale)
+        self.channels = num_classes
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        onehot = nn.functional.one_hot(self._index(labels), self.num_classes + 1)[..., :-1]
+        return (onehot.permute(0, 3, 1, 2).float() * 2 - 1) * self.scale
+
+
+class AnalogBits(_LabelEncoding):
+    """Analog bits (Chen et al., ICLR 2023): the label in ceil(log2(K + 1)) binary digits (most
+    significant first; ignore pixels get the code of K) -> x2-1 -> x scale."""
+
+    def __init__(self, num_classes: int, scale: float = 0.1, ignore_index: int = 255):
+        super().__init__(num_classes, ignore_index, scale)
+        self.channels = max(1, math.ceil(math.log2(num_classes + 1)))
+        self.register_buffer("powers", 2 ** torch.arange(self.channels - 1, -1, -1),
+                             persistent=False)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        idx = self._index(labels)
+        bits = (idx[:, None] // self.powers[None, :, None, None]) % 2
+        return (bits.float() * 2 - 1) * self.scale
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Bits (any sign-coded map) -> integer labels (K = ignore/out of range)."""
+        bits = (x > 0).long()
+        idx = (bits * self.powers[None, :, None, None]).sum(1)
+        return idx.clamp(max=self.num_classes)
+
+
+def build_label_encoding(name: str, num_classes: int, channels: int, scale: float,
+                         ignore_index: int) -> nn.Module:
+    """``embedding`` | ``onehot`` | ``analog_bits`` (``channels`` is used by the embedding)."""
+    if name == "embedding":
+        return ClassEmbedding(num_classes, channels, scale, ignore_index)
+    if name == "onehot":
+        return OneHot(num_classes, scale, ignore_index)
+    if name == "analog_bits":
+        return AnalogBits(num_classes, scale, ignore_index)
+    raise ValueError(f"unknown map encoding {name!r}")

@@ -1,0 +1,168 @@
+"""DDP: conditional diffusion over an encoded label map (Ji et al., ICCV 2023).
+
+The image encoder + neck run once; the light map decoder is applied once per sampling step to
+``fuse(concat[features, y_t])`` with the time (log-SNR) as FiLM conditioning, and predicts class
+logits directly ("x0 as classes", trained with CE). Pieces, kept separate:
+
+- map encoding: :mod:`densediff.diffusion.encodings` (labels -> [-scale, scale]);
+- noise schedule and time embedding: :mod:`densediff.diffusion.schedules`;
+- sampler (Alg. 2/3): :mod:`densediff.diffusion.samplers`;
+- map decoder: :class:`densediff.decoders.deformable.DeformableDecoder`.
+
+Training is :meth:`DDP.forward_train` (Alg. 1, or Alg. 4 when ``diffusion.self_aligned``);
+sampling is :meth:`DDP.sample_steps`, which returns every step so that callers can form the
+final map (last step or accumulated mean), uncertainty maps and trajectories.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from densediff.config import Config
+from densediff.diffusion.encodings import build_label_encoding
+from densediff.diffusion.samplers import sample, seeded_normal
+from densediff.diffusion.schedules import TimeEmbedding, alpha_sigma, get_schedule
+from densediff.models.segmentor import FeatureSegmentor, build_head
+
+
+@dataclass
+class Trajectory:
+    """All sampling steps of one call: ``logits[s]`` is step s's decoder output,
+    B x R x K x h x w (R = ``randsteps`` noise starts per image, h x w = the decoder grid)."""
+
+    logits: list[torch.Tensor]
+
+    def probs(self, accumulation: bool) -> torch.Tensor:
+        """B x K x h x w class probabilities: the mean over steps and starts of the per-step
+        softmax (``accumulation``), or the softmax of the last step's logits averaged over
+        starts (the official output)."""
+        if accumulation:
+            return torch.stack([lg.softmax(2) for lg in self.logits]).mean((0, 2))
+        return self.logits[-1].mean(1).softmax(1)
+
+    def scores(self, accumulation: bool) -> torch.Tensor:
+        """B x K x h x w scores whose softmax is :meth:`probs`: the log of the accumulated
+        probabilities, or the last step's logits averaged over starts."""
+        if accumulation:
+            return self.probs(True).clamp(min=1e-12).log()
+        return self.logits[-1].mean(1)
+
+    def step_logits(self) -> torch.Tensor:
+        """S x B x K x h x w: each step's logits averaged over starts."""
+        return torch.stack([lg.mean(1) for lg in self.logits])
+
+
+class DDP(FeatureSegmentor):
+    """DDP for semantic segmentation.
+
+    Modules (official names in brackets): ``map_encoding`` [embedding_table], ``fuse``
+    [transform: 1x1 conv over concat(features, noisy map)], ``time_mlp``, ``decoder``
+    [DeformableHeadWithTime], ``aux_head`` [FCNHead on the image features].
+    """
+
+    def __init__(self, cfg: Config, num_classes: int):
+        super().__init__(cfg, num_classes)
+        m, d = cfg.model, cfg.model.diffusion
+        self.diffusion_cfg = d
+        self.schedule = get_schedule(d.schedule)
+        self.map_encoding = build_label_encoding(d.encoding, num_classes, d.embed_channels, d.scale,
+                                                 self.ignore_index)
+        c = m.head.channels
+        self.fuse = nn.Conv2d(m.neck.channels + self.map_encoding.channels, c, 1)
+        nn.init.kaiming_normal_(self.fuse.weight, nonlinearity="relu")  # mmcv ConvModule init
+        nn.init.zeros_(self.fuse.bias)
+        self.time_mlp = TimeEmbedding(d.time_frequencies, 4 * c)
+        self.decoder = build_head(m.head, c, num_classes, time_channels=4 * c)
+
+    # ---------------------------------------------------------------------------- the decoder
+
+    def denoise(self, feat: torch.Tensor, x_t: torch.Tensor, log_snr: torch.Tensor) -> torch.Tensor:
+        """The map decoder f_theta(y_t, features, t): class logits on the feature grid."""
+        return self.decoder(self.fuse(torch.cat([feat, x_t], 1)), self.time_mlp(log_snr))
+
+    def encode_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        """Labels (B x h x w) -> the encoded map y_0 in [-scale, scale]."""
+        return self.map_encoding(labels)
+
+    def encode_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """A prediction -> y_0: argmax, then the map encoding (hard re-quantisation, as the
+        official sampler does at every step)."""
+        return self.map_encoding(logits.argmax(1))
+
+    # ---------------------------------------------------------------------------- training
+
+    def forward_train(self, img: torch.Tensor, label: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Algorithm 1 (DDP training), or Algorithm 4 (self-aligned denoising).
+
+        The GT is nearest-resized to the feature grid and encoded; t ~ U(sample_range) per
+        image; ``y_t = alpha(t) y_0 + sigma(t) eps``; the decoder's logits are upsampled and
+        scored with CE against the full-resolution GT, plus the aux CE (weight 0.4).
+        Self-aligned: ``y_0`` is instead the encoding of the model's own prediction from pure
+        noise at t = 1 (no gradient), noised with the same ``eps``.
+        """
+        feat = self.extract(img)
+        b = feat.shape[0]
+        small = F.interpolate(label[:, None].float(), size=feat.shape[-2:], mode="nearest")
+        y0 = self.encode_labels(small[:, 0].long())
+        eps = torch.randn_like(y0)
+        if self.diffusion_cfg.self_aligned:
+            with torch.no_grad():
+                ls1 = self.schedule(torch.ones(b, device=feat.device))
+                y0 = self.encode_logits(self.denoise(feat, eps, ls1))
+        lo, hi = self.diffusion_cfg.sample_range
+        t = torch.empty(b, device=feat.device).uniform_(lo, hi)
+        log_snr = self.schedule(t)
+        alpha, sigma = (v.view(b, 1, 1, 1) for v in alpha_sigma(log_snr))
+        y_t = alpha * y0 + sigma * eps
+        logits = self.denoise(feat, y_t, log_snr)
+        return self.add_aux_loss({"loss_ce": self.ce(logits, label)}, feat, label)
+
+    # ---------------------------------------------------------------------------- sampling
+
+    @torch.no_grad()
+    def sample_steps(self, feat: torch.Tensor, steps: int, *, td: float | None = None,
+                     sampler: str | None = None, randsteps: int | None = None,
+                     seeds: Sequence[int] | None = None) -> Trajectory:
+        """Algorithm 2 on precomputed features: ``randsteps`` noise starts per image, every
+        step's logits returned.
+
+        Args:
+            feat: B x C x h x w features from :meth:`extract` (reuse them for several step
+                counts: the encoder runs once).
+            steps: decoder evaluations.
+            td, sampler, randsteps: default to ``model.diffusion``.
+            seeds: one seed per image: the image's noise then does not depend on the batch it
+                is in. None: the global RNG.
+        """
+        d = self.diffusion_cfg
+        td = d.td if td is None else td
+        sampler = d.sampler if sampler is None else sampler
+        r = d.randsteps if randsteps is None else randsteps
+        b, _, h, w = feat.shape
+        if seeds is not None and len(seeds) != b:
+            raise ValueError(f"got {len(seeds)} seeds for a batch of {b}")
+        gens = None
+        if seeds is not None:
+            gens = [torch.Generator(device=feat.device).manual_seed(int(s)) for s in seeds]
+        shape = (b * r, self.map_encoding.channels, h, w)
+        x_T = seeded_normal(shape, gens, feat.device, feat.dtype)
+        feat_r = feat.repeat_interleave(r, dim=0)  # image-major: (b r)
+        preds = sample(lambda x, ls: self.denoise(feat_r, x, ls), self.encode_logits, x_T,
+                       self.schedule, steps, td, sampler,
+                       noise=lambda: seeded_normal(shape, gens, feat.device, feat.dtype))
+        return Trajectory([p.view(b, r, *p.shape[1:]) for p in preds])
+
+    def predict_logits(self, img: torch.Tensor, steps: int | None = None,
+                       accumulation: bool | None = None, **kwargs) -> torch.Tensor:
+        """B x K x H x W scores at the input size whose softmax is the DDP output
+        probabilities (log-probabilities), for the generic inference path (slide window,
+        multi-scale + flip). ``kwargs``: ``td``, ``sampler``, ``randsteps``, ``seeds``."""
+        d = self.diffusion_cfg
+        traj = self.sample_steps(self.extract(img), d.steps if steps is None else steps, **kwargs)
+        scores = traj.scores(d.accumulation if accumulation is None else accumulation)
+        return F.interpolate(scores, size=img.shape[-2:], mode="bilinear", align_corners=False)

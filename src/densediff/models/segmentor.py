@@ -1,0 +1,92 @@
+"""The discriminative segmentor: image encoder (+ FPN merge neck) -> head, plus an aux head.
+
+This is the "non-diffusion baseline" of both papers and the base segmentor that DDPS refines.
+With ``head.type: deformable`` it is DDP's non-diffusion twin: the same map decoder, without the
+noisy map and the time conditioning. :class:`FeatureSegmentor` holds what every segmentation
+model here shares (encoder + neck run once, the FCN aux head); see :mod:`densediff.models.ddp`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from densediff.config import Config, HeadConfig
+from densediff.decoders.deformable import DeformableDecoder
+from densediff.decoders.heads import ConvHead, FCNHead
+from densediff.encoders import build_encoder
+from densediff.encoders.neck import FPNMerge
+from densediff.tasks.segmentation import ce_loss
+
+
+class FeatureSegmentor(nn.Module):
+    """Encoder -> FPN + multi-stage merging (one stride-4 map), and the FCN aux head.
+
+    Args:
+        cfg: the resolved run config (``cfg.model`` is read).
+        num_classes: number of classes K (ignore pixels carry ``cfg.data.ignore_index``).
+    """
+
+    def __init__(self, cfg: Config, num_classes: int):
+        super().__init__()
+        m = cfg.model
+        self.num_classes = num_classes
+        self.ignore_index = cfg.data.ignore_index
+        self.avg_non_ignore = m.avg_non_ignore
+        self.encoder = build_encoder(m.encoder, cfg.data.mean, cfg.data.std)
+        self.neck = FPNMerge(self.encoder.out_channels, m.neck.channels, m.neck.num_groups)
+        # A zero-weight aux head is not built: its parameters would get no gradient, which
+        # DistributedDataParallel rejects.
+        use_aux = m.aux_head.enabled and m.aux_head.weight > 0
+        self.aux_weight = m.aux_head.weight if use_aux else 0.0
+        self.aux_head = (FCNHead(m.neck.channels, m.aux_head.channels, num_classes,
+                                 m.aux_head.dropout) if use_aux else None)
+
+    def extract(self, img: torch.Tensor) -> torch.Tensor:
+        """Image features at stride 4 (B x C x H/4 x W/4); run once per image."""
+        return self.neck(self.encoder(img))
+
+    def ce(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """CE on logits upsampled to the label size (mmseg semantics)."""
+        return ce_loss(logits, label, self.ignore_index, self.avg_non_ignore)
+
+    def add_aux_loss(self, losses: dict[str, torch.Tensor], feat: torch.Tensor,
+                     label: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Add the weighted aux CE (on the image features alone) and the total ``loss``."""
+        if self.aux_head is not None:
+            losses["loss_aux"] = self.aux_weight * self.ce(self.aux_head(feat), label)
+        losses["loss"] = sum(losses.values())
+        return losses
+
+    def forward(self, img: torch.Tensor, label: torch.Tensor | None = None):
+        # DistributedDataParallel calls forward(); route to the training or inference path.
+        return self.forward_train(img, label) if label is not None else self.predict_logits(img)
+
+
+def build_head(head: HeadConfig, in_channels: int, num_classes: int,
+               time_channels: int | None = None) -> nn.Module:
+    """The conv head, or the deformable map decoder (with FiLM time input when
+    ``time_channels`` is given)."""
+    if head.type == "conv":
+        return ConvHead(in_channels, head.channels, head.num_convs, num_classes, head.dropout)
+    return DeformableDecoder(in_channels, num_classes, head.channels, head.num_layers,
+                             head.num_heads, head.num_points, head.num_levels, head.ffn_channels,
+                             time_channels=time_channels, dropout=head.dropout)
+
+
+class Segmentor(FeatureSegmentor):
+    """Discriminative model: features -> head (conv, or the deformable twin of DDP)."""
+
+    def __init__(self, cfg: Config, num_classes: int):
+        super().__init__(cfg, num_classes)
+        self.head = build_head(cfg.model.head, cfg.model.neck.channels, num_classes)
+
+    def forward_train(self, img: torch.Tensor, label: torch.Tensor) -> dict[str, torch.Tensor]:
+        feat = self.extract(img)
+        return self.add_aux_loss({"loss_ce": self.ce(self.head(feat), label)}, feat, label)
+
+    def predict_logits(self, img: torch.Tensor) -> torch.Tensor:
+        """Class logits B x K x H x W at the input resolution."""
+        logits = self.head(self.extract(img))
+        return F.interpolate(logits, size=img.shape[-2:], mode="bilinear", align_corners=False)
