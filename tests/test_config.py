@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -116,3 +118,139 @@ def test_paper_recipe_values():
     city = load_config("cityscapes/baseline_convnext_t.yaml")
     assert city.data.train_pipeline.crop_size == (512, 1024) and city.data.batch_size * 4 == 16
     assert city.model.encoder.drop_path == 0.4 and city.train.grad_clip is None
+
+
+# --------------------------------------------------------------------------------------------
+# DDP paper configs: ddp / twin / self-aligned / Table 5 ablations
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _dict(cfg, drop=()):
+    """Flattened resolved config without work_dir and without keys under ``drop`` prefixes."""
+    flat = _flat(cfg.to_dict())
+    flat.pop("work_dir")
+    return {k: v for k, v in flat.items() if not any(k == p or k.startswith(p + ".") for p in drop)}
+
+
+DDP_ADE = [f"ade20k/ddp_swin_{v}.yaml" for v in "tsbl"]
+DDP_CITY = ([f"cityscapes/ddp_convnext_{v}.yaml" for v in "tsbl"]
+            + [f"cityscapes/ddp_swin_{v}.yaml" for v in "tsbl"])
+ALIGNED = ["cityscapes/ddp_convnext_t_aligned.yaml", "cityscapes/ddp_convnext_l_aligned.yaml"]
+TWINS = ([(f"ade20k/twin_swin_{v}.yaml", f"ade20k/ddp_swin_{v}.yaml") for v in "tsbl"]
+         + [(f"cityscapes/twin_convnext_{v}.yaml", f"cityscapes/ddp_convnext_{v}.yaml")
+            for v in "tsbl"])
+ABLATIONS = {
+    "encoding_onehot": {"model.diffusion.encoding": "onehot", "model.diffusion.scale": 0.1},
+    "encoding_analog_bits": {"model.diffusion.encoding": "analog_bits",
+                             "model.diffusion.scale": 0.1},
+    "scale_0.001": {"model.diffusion.scale": 0.001},
+    "scale_0.02": {"model.diffusion.scale": 0.02},
+    "scale_0.04": {"model.diffusion.scale": 0.04},
+    "scale_0.1": {"model.diffusion.scale": 0.1},
+    "schedule_linear": {"model.diffusion.schedule": "linear"},
+    "depth_1": {"model.head.num_layers": 1},
+    "depth_2": {"model.head.num_layers": 2},
+    "depth_4": {"model.head.num_layers": 4},
+    "depth_12": {"model.head.num_layers": 12},
+}
+
+
+def test_paper_configs_are_shipped_and_globbed():
+    from densediff.config import PACKAGED_CONFIGS
+
+    globbed = {p.relative_to(PACKAGED_CONFIGS).as_posix() for p in PACKAGED_CONFIGS.rglob("*.yaml")
+               if "_base_" not in p.parts}
+    wanted = set(DDP_ADE + DDP_CITY + ALIGNED + [t for t, _ in TWINS]
+                 + [f"ade20k/ablations/{s}.yaml" for s in ABLATIONS])
+    assert wanted <= globbed  # so test_every_shipped_config_validates loads them (ablations/ too)
+    assert (PACKAGED_CONFIGS / "_base_" / "ddp.yaml").is_file()
+    assert (PACKAGED_CONFIGS / "_base_" / "twin.yaml").is_file()
+    for p in sorted(wanted):  # every file opens with a comment saying what it is
+        assert (PACKAGED_CONFIGS / p).read_text().startswith("# "), p
+
+
+def _assert_official_decoder(cfg):
+    m = cfg.model
+    assert m.type == "ddp"
+    assert (m.neck.channels, m.neck.num_groups) == (256, 32)
+    h = m.head
+    assert (h.type, h.channels, h.num_layers, h.num_heads, h.num_points, h.num_levels,
+            h.ffn_channels, h.dropout) == ("deformable", 256, 6, 8, 4, 1, 1024, 0.0)
+    assert (m.aux_head.enabled, m.aux_head.weight, m.aux_head.channels) == (True, 0.4, 256)
+    d = m.diffusion
+    assert (d.encoding, d.embed_channels, d.scale, d.schedule) == ("embedding", 256, 0.01, "cosine")
+    assert d.sample_range == (0.0, 0.999)
+    assert (d.td, d.sampler, d.randsteps) == (1.0, "ddim", 1)
+
+
+@pytest.mark.parametrize("path", DDP_ADE + DDP_CITY)
+def test_ddp_configs_have_the_official_decoder(path):
+    cfg = load_config(path)
+    _assert_official_decoder(cfg)
+    d = cfg.model.diffusion
+    assert d.steps == 3 and not d.self_aligned and cfg.train.load_from is None
+    assert (cfg.train.lr, cfg.train.iters, cfg.train.warmup_iters) == (6e-5, 160000, 1500)
+    if path.startswith("ade20k/"):
+        assert d.accumulation is True and cfg.train.grad_clip == 0.1
+        assert cfg.model.encoder.name == "swin" and cfg.model.encoder.drop_path == 0.3
+        assert cfg.data.dataset == "ade20k"
+    else:
+        assert d.accumulation is False and cfg.train.grad_clip is None
+        assert cfg.data.dataset == "cityscapes"
+        expected_dp = {"ddp_convnext_t": 0.4, "ddp_convnext_s": 0.3, "ddp_convnext_b": 0.4,
+                       "ddp_convnext_l": 0.4}.get(path.split("/")[1][:-5], 0.3)
+        assert cfg.model.encoder.drop_path == expected_dp
+
+
+@pytest.mark.parametrize("twin, ddp", TWINS)
+def test_twin_differs_from_ddp_only_in_model_type(twin, ddp):
+    t, d = load_config(twin), load_config(ddp)
+    assert (t.model.type, d.model.type) == ("segmentor", "ddp")
+    drop = ("model.type", "model.diffusion")
+    assert _dict(t, drop) == _dict(d, drop)
+
+
+@pytest.mark.parametrize("variant", "tsbl")
+def test_ddp_keeps_the_baseline_recipe(variant):
+    # data and schedule of ddp_* are those of the existing conv-head baseline_* configs
+    for ddp, base in [(f"ade20k/ddp_swin_{variant}.yaml", f"ade20k/baseline_swin_{variant}.yaml"),
+                      (f"cityscapes/ddp_convnext_{variant}.yaml",
+                       f"cityscapes/baseline_convnext_{variant}.yaml")]:
+        a, b = load_config(ddp), load_config(base)
+        assert a.data == b.data and a.train == b.train and a.model.encoder == b.model.encoder
+
+
+@pytest.mark.parametrize("stem", sorted(ABLATIONS))
+def test_ablation_differs_from_ddp_swin_t_in_the_documented_keys(stem):
+    base = _dict(load_config("ade20k/ddp_swin_t.yaml"))
+    abl = load_config(f"ade20k/ablations/{stem}.yaml")
+    assert abl.work_dir == f"runs/{stem}"
+    flat = _dict(abl)
+    assert flat.keys() == base.keys()
+    diff = {k: flat[k] for k in flat if flat[k] != base[k]}
+    assert diff == ABLATIONS[stem]
+
+
+@pytest.mark.parametrize("path", ALIGNED)
+def test_self_aligned_finetune(path):
+    cfg = load_config(path)
+    base = load_config(path.replace("_aligned", ""))
+    _assert_official_decoder(cfg)
+    assert cfg.model.diffusion.self_aligned is True and cfg.model.diffusion.steps == 10
+    assert cfg.train.lr == pytest.approx(0.1 * base.train.lr) and cfg.train.lr == 6e-6
+    assert cfg.train.load_from == f"runs/{Path(path).stem.replace('_aligned', '')}"
+    assert (cfg.train.iters, cfg.train.warmup_iters, cfg.train.warmup_ratio) == (5000, 1500, 1e-6)
+    assert cfg.train.eval_interval == cfg.train.ckpt_interval == 500
+    changed = {k for k, v in _dict(cfg).items() if v != _dict(base)[k]}
+    assert changed == {"model.diffusion.self_aligned", "model.diffusion.steps", "train.load_from",
+                       "train.iters", "train.lr", "train.eval_interval", "train.ckpt_interval"}

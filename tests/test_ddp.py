@@ -1,0 +1,212 @@
+"""The DDP model: training objective (Alg. 1 and 4), sampling (Alg. 2), dynamic inference,
+uncertainty on a trained toy model, and the non-diffusion twin."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from densediff.config import load_config
+from densediff.diffusion import alpha_sigma
+from densediff.engine import trainer as T
+from densediff.engine.evaluate import evaluate_steps
+from densediff.models import DDP, Segmentor, build_model
+
+SMALL = ["model.type=ddp", "model.head.type=deformable", "model.encoder.variant=tiny",
+         "model.neck.channels=32", "model.neck.num_groups=8", "model.head.channels=32",
+         "model.head.num_layers=2", "model.head.ffn_channels=64", "model.aux_head.channels=32",
+         "model.diffusion.embed_channels=32"]
+
+
+def small_model(*overrides: str, k: int = 6) -> DDP:
+    torch.manual_seed(0)
+    return build_model(load_config(None, [*SMALL, *overrides]), k)
+
+
+def test_training_step_noises_the_encoded_gt_per_alg1():
+    model = small_model()
+    img, label = torch.randn(2, 3, 64, 64), torch.randint(0, 6, (2, 64, 64))
+    label[0, :8] = 255
+    seen = {}
+    denoise = model.denoise
+
+    def spy(feat, x_t, log_snr):
+        seen["x_t"], seen["log_snr"] = x_t.detach(), log_snr.detach()
+        return denoise(feat, x_t, log_snr)
+
+    model.denoise = spy
+    losses = model.forward_train(img, label)
+    assert set(losses) == {"loss_ce", "loss_aux", "loss"}
+    assert torch.allclose(losses["loss"], losses["loss_ce"] + losses["loss_aux"])
+    losses["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters())
+    # y_t = alpha y0 + sigma eps with y0 the encoding of the GT at 1/4 size: eps is standard normal
+    small = torch.nn.functional.interpolate(label[:, None].float(), size=(16, 16), mode="nearest")
+    y0 = model.encode_labels(small[:, 0].long()).detach()
+    a, s = (v.view(2, 1, 1, 1) for v in alpha_sigma(seen["log_snr"]))
+    eps = (seen["x_t"] - a * y0) / s
+    assert seen["x_t"].shape == y0.shape == (2, 32, 16, 16)
+    assert abs(float(eps.mean())) < 0.1 and abs(float(eps.std()) - 1) < 0.1
+    # t ~ U(0, 0.999): log-SNR within the schedule's range over that interval
+    assert torch.all(seen["log_snr"] > model.schedule(torch.tensor(0.999)) - 1e-4)
+
+
+def test_self_aligned_training_noises_the_models_own_prediction():
+    model = small_model("model.diffusion.self_aligned=true")
+    calls = []
+    denoise = model.denoise
+
+    def spy(feat, x_t, log_snr):
+        calls.append((torch.is_grad_enabled(), log_snr.detach().clone(), x_t.detach().clone()))
+        return denoise(feat, x_t, log_snr)
+
+    model.denoise = spy
+    model.forward_train(torch.randn(2, 3, 64, 64), torch.randint(0, 6, (2, 64, 64)))
+    assert len(calls) == 2
+    (grad1, ls1, x1), (grad2, ls2, x2) = calls
+    assert not grad1 and grad2  # the t = 1 prediction carries no gradient
+    assert torch.allclose(ls1, model.schedule(torch.ones(2)))
+    # the second input is alpha * enc(argmax pred) + sigma * (the same noise as the first input)
+    a, s = (v.view(2, 1, 1, 1) for v in alpha_sigma(ls2))
+    y0_hat = (x2 - s * x1) / a
+    assert float((y0_hat.abs() - model.diffusion_cfg.scale).max()) < 1e-4
+
+
+def test_batch_of_four_equals_four_single_runs_with_the_same_seeds():
+    model = small_model("model.diffusion.randsteps=2").eval()
+    img = torch.randn(4, 3, 64, 64)
+    seeds = [11, 12, 13, 14]
+    with torch.no_grad():
+        feat = model.extract(img)
+        batch = model.sample_steps(feat, 3, seeds=seeds)
+        for i in range(4):
+            single = model.sample_steps(feat[i:i + 1], 3, seeds=seeds[i:i + 1])
+            for lb, ls in zip(batch.logits, single.logits):
+                assert torch.allclose(lb[i:i + 1], ls, atol=1e-4)
+        again = model.sample_steps(feat, 3, seeds=seeds)
+        other = model.sample_steps(feat, 3, seeds=[1, 2, 3, 4])
+    assert torch.equal(batch.logits[-1], again.logits[-1])  # seeded: reproducible
+    assert not torch.allclose(batch.logits[0], other.logits[0])  # different noise, different map
+    assert batch.logits[0].shape == (4, 2, 6, 16, 16)  # B x randsteps x K x h x w
+
+
+def test_trajectory_outputs_accumulation_and_randsteps():
+    model = small_model().eval()
+    with torch.no_grad():
+        traj = model.sample_steps(model.extract(torch.randn(2, 3, 32, 32)), 4, randsteps=3,
+                                  seeds=[0, 1])
+    assert len(traj.logits) == 4
+    acc = torch.stack([lg.softmax(2) for lg in traj.logits]).mean(0).mean(1)
+    assert torch.allclose(traj.probs(True), acc, atol=1e-6)
+    assert torch.allclose(traj.probs(False), traj.logits[-1].mean(1).softmax(1))
+    assert torch.allclose(traj.scores(True).softmax(1), acc, atol=1e-5)
+    assert traj.step_logits().shape == (4, 2, 6, 8, 8)
+
+
+def test_predict_logits_respects_steps_and_ddpm():
+    model = small_model().eval()
+    img = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        a = model.predict_logits(img, steps=1, seeds=[0])
+        b = model.predict_logits(img, steps=5, seeds=[0])
+        c = model.predict_logits(img, steps=5, sampler="ddpm", seeds=[0])
+    assert a.shape == (1, 6, 32, 32)
+    assert not torch.allclose(a, b) and not torch.allclose(b, c)
+
+
+@pytest.mark.parametrize("encoding, channels", [("onehot", 6), ("analog_bits", 3)])
+def test_other_encodings_train_and_sample(encoding, channels):
+    model = small_model(f"model.diffusion.encoding={encoding}", "model.diffusion.scale=0.1")
+    assert model.map_encoding.channels == channels
+    model.forward_train(torch.randn(2, 3, 32, 32), torch.randint(0, 6, (2, 32, 32)))["loss"].backward()
+    with torch.no_grad():
+        assert model.eval().predict_logits(torch.randn(1, 3, 32, 32), steps=2).shape == (1, 6, 32, 32)
+
+
+def test_twin_is_the_same_decoder_without_time_and_noisy_map():
+    cfg = load_config(None, [*SMALL, "model.type=segmentor"])
+    twin = build_model(cfg, 6)
+    ddp = small_model()
+    assert isinstance(twin, Segmentor)
+    twin_keys = {k for k in twin.state_dict() if k.startswith("head.")}
+    ddp_keys = {k.replace("decoder.", "head.", 1) for k in ddp.state_dict()
+                if k.startswith("decoder.") and ".time_mlp." not in k}
+    assert twin_keys == ddp_keys
+
+
+def test_ddp_config_needs_the_deformable_head():
+    from densediff.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="head.type: deformable"):
+        load_config(None, ["model.type=ddp"])
+
+
+# ------------------------------------------------------------------------ trained toy model
+
+TOY = [
+    "data.gen_size=[32,32]", "data.train_pipeline.scale=[32,32]",
+    "data.train_pipeline.crop_size=[32,32]", "data.gen_num_train=64", "data.gen_num_val=8",
+    "data.batch_size=4", "data.num_workers=0", "model.neck.channels=32",
+    "model.neck.num_groups=8", "model.aux_head.channels=32", "model.type=ddp",
+    "model.head.type=deformable", "model.head.channels=32", "model.head.num_layers=2",
+    "model.head.ffn_channels=64", "model.head.dropout=0", "model.diffusion.embed_channels=32",
+    "train.iters=150", "train.warmup_iters=10", "train.lr=3e-3", "train.log_interval=1",
+    "train.eval_interval=150", "train.ckpt_interval=150", "train.progress=false",
+]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    cfg = load_config("generated/baseline.yaml",
+                      [f"work_dir={tmp_path_factory.mktemp('ddp') / 'w'}", *TOY])
+    metrics = T.train(cfg)
+    return cfg, metrics
+
+
+def test_ddp_training_loss_falls(toy):
+    cfg, metrics = toy
+    rows = list(csv.DictReader(open(Path(cfg.work_dir) / "metrics.csv")))
+    losses = [float(r["loss"]) for r in rows if r["loss"]]
+    assert len(losses) == 150
+    assert sum(losses[-15:]) < 0.8 * sum(losses[:15])
+    assert metrics["iter"] == 150 and metrics["mIoU"] > 0
+
+
+def test_uncertainty_is_higher_on_wrong_pixels_of_a_trained_model(toy):
+    from densediff.api import load_model
+    from densediff.data import build_dataset
+
+    cfg, _ = toy
+    model, cfg, _, _ = load_model(Path(cfg.work_dir) / "checkpoints" / "best.safetensors")
+    model.eval()
+    dataset = build_dataset(cfg, cfg.data.val_split, train=False)
+    res = evaluate_steps(model, dataset, cfg, steps=[1, 3, 5], progress=False)
+    assert list(res) == [1, 3, 5]
+    for n in (3, 5):
+        unc = res[n]["uncertainty"]
+        assert unc["entropy"]["AUROC"] > 60
+        assert unc["steps"]["AUROC"] > 50
+        assert unc["entropy"]["err_top10"] > unc["entropy"]["err_all"]
+    assert res[1]["uncertainty"]["steps"]["AUROC"] == pytest.approx(50)  # one step: no changes
+    # the maps themselves: in [0, 1], and larger on wrong pixels
+    from densediff.engine.evaluate import uncertainty_maps
+
+    wrong_u, right_u = [], []
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            item = dataset[i]
+            img, label = item["image"][None], item["label"][None]
+            probs, steps_lab, maps = uncertainty_maps(model, model.extract(img), 5,
+                                                      tuple(label.shape[-2:]), False, [i])
+            assert steps_lab.shape == (5, 1, *label.shape[-2:])
+            for m in maps.values():
+                assert float(m.min()) >= 0 and float(m.max()) <= 1
+            wrong = probs.argmax(1) != label
+            wrong_u.append(maps["entropy"][wrong])
+            right_u.append(maps["entropy"][~wrong])
+    assert float(torch.cat(wrong_u).mean()) > float(torch.cat(right_u).mean())
