@@ -35,9 +35,10 @@ def test_readme_commands_parse_and_configs_exist():
 
 def test_readme_python_snippet_runs(tmp_path, monkeypatch):
     from test_cli import TINY
+    from test_cli_ddp import DDP_TINY
 
     monkeypatch.chdir(tmp_path)
-    assert main(["train", str(REPO / "configs/generated/baseline.yaml"), *TINY,
+    assert main(["train", str(REPO / "configs/generated/ddp.yaml"), *TINY, *DDP_TINY,
                  "work_dir=runs/gen"]) == 0
     Image.fromarray(np.full((24, 30, 3), 120, np.uint8)).save("street.png")
     (snippet,) = code_blocks("python")
@@ -45,3 +46,5 @@ def test_readme_python_snippet_runs(tmp_path, monkeypatch):
     exec(snippet, scope)
     out = scope["out"]
     assert out.mask.shape == (24, 30) and out.overlay.shape == (24, 30, 3)
+    assert out.trajectory.shape == (5, 24, 30) and out.uncertainty.shape == (24, 30)
+    assert scope["strip"].shape[0] == 24

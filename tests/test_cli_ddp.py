@@ -1,0 +1,132 @@
+"""The CLI and Python API with a DDP checkpoint: multi-step eval, uncertainty, trajectories,
+bench, fine-tuning from a checkpoint, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import densediff
+from densediff.cli.main import main
+from test_cli import TINY, one_line_error
+
+DDP_TINY = ["model.head.num_layers=1", "model.head.channels=16", "model.head.num_heads=4",
+            "model.head.ffn_channels=32", "model.diffusion.embed_channels=16"]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("ddp") / "run"
+    assert main(["train", "configs/generated/ddp.yaml", *TINY, *DDP_TINY, f"work_dir={work}"]) == 0
+    return work
+
+
+def test_eval_several_step_counts_in_one_pass(ddp_run, capsys, tmp_path):
+    out = tmp_path / "val.json"
+    assert main(["eval", str(ddp_run / "checkpoints/best.safetensors"), "--steps", "1,2,4",
+                 "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    lines = [ln for ln in text.splitlines() if ln.strip()[:1].isdigit()]
+    assert [int(ln.split("|")[0]) for ln in lines] == [1, 2, 4]
+    assert "AUROC-steps" in text and "AUROC-entropy" in text
+    m = json.loads(out.read_text())
+    assert list(m["steps"]) == ["1", "2", "4"]
+    for res in m["steps"].values():
+        assert 0 <= res["mIoU"] <= 100 and len(res["per_class"]) == 6
+        assert set(res["uncertainty"]) == {"steps", "entropy"}
+    png = tmp_path / "val_steps.png"
+    assert png.is_file() and Image.open(png).size[0] > 100
+
+
+def test_eval_default_steps_prints_the_class_table(ddp_run, capsys):
+    assert main(["eval", str(ddp_run / "checkpoints/best.safetensors"), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "steps: 3" in text and "ring" in text
+
+
+def test_predict_writes_uncertainty_and_trajectory(ddp_run, tmp_path):
+    src = tmp_path / "imgs"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (30, 41, 3), dtype=np.uint8)).save(src / "a.png")
+    out = tmp_path / "pred"
+    assert main(["predict", str(ddp_run / "checkpoints/best.safetensors"), str(src), "--out",
+                 str(out), "--steps", "4", "--uncertainty", "--trajectory"]) == 0
+    assert np.asarray(Image.open(out / "a_mask.png")).shape == (30, 41)
+    for kind in ("uncertainty", "entropy"):
+        assert np.asarray(Image.open(out / f"a_{kind}.png")).shape == (30, 41, 3)
+    strip = np.asarray(Image.open(out / "a_trajectory.png"))
+    assert strip.shape == (30, 41 * 6 + 4 * 5, 3)  # image, 4 steps, uncertainty
+
+
+def test_api_steps_seed_and_uncertainty(ddp_run):
+    model = densediff.load(ddp_run / "checkpoints/best.safetensors")
+    img = np.random.default_rng(1).integers(0, 255, (28, 36, 3), dtype=np.uint8)
+    a = model.predict(img, steps=5, seed=3)
+    b = model.predict(img, steps=5, seed=3)
+    assert a.steps == 5 and a.trajectory.shape == (5, 28, 36)
+    np.testing.assert_array_equal(a.probs, b.probs)  # seeded
+    assert a.uncertainty.min() >= 0 and a.uncertainty.max() <= 1
+    changes = (a.trajectory[1:] != a.trajectory[:-1]).sum(0) / 4
+    np.testing.assert_allclose(a.uncertainty, changes, atol=1e-6)
+    assert 0 <= a.entropy.min() and a.entropy.max() <= 1
+    np.testing.assert_array_equal(a.mask, a.trajectory[-1])  # no accumulation: the last step
+    aug = model.predict(img, aug=True, steps=2)
+    assert aug.uncertainty is None and aug.entropy.shape == (28, 36)
+
+
+def test_bench_reports_each_part(capsys, tmp_path):
+    out = tmp_path / "b.json"
+    assert main(["bench", "configs/generated/ddp.yaml", *DDP_TINY, "--size", "32", "32",
+                 "--repeats", "2", "--steps", "1,3", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "encoder" in text and "decoder step" in text and "extra-step ratio" in text
+    r = json.loads(out.read_text())
+    assert set(r["total"]) == {"1", "3"} and r["tokens_per_step"] == 64  # 32/4 x 32/4
+    assert r["extra_step_ratio"] == pytest.approx(
+        (r["total"]["3"] - r["total"]["1"]) / (2 * r["total"]["1"]))
+    assert main(["bench", "configs/generated/baseline.yaml", "--size", "32", "32",
+                 "--repeats", "1"]) == 0
+    assert "extra-step" not in capsys.readouterr().out
+
+
+def test_load_from_starts_a_fine_tune_from_a_run(ddp_run, tmp_path):
+    from densediff.engine.checkpoint import load_weights
+
+    work = tmp_path / "aligned"
+    assert main(["train", "configs/generated/ddp.yaml", *TINY, *DDP_TINY, f"work_dir={work}",
+                 f"train.load_from={ddp_run}", "model.diffusion.self_aligned=true",
+                 "train.iters=1", "train.lr=1e-12", "train.warmup_iters=0"]) == 0
+    before, _ = load_weights(ddp_run / "checkpoints/best.safetensors")
+    after, cfg = load_weights(work / "checkpoints/last.safetensors")
+    assert cfg["model"]["diffusion"]["self_aligned"] is True
+    key = "decoder.conv_seg.weight"
+    np.testing.assert_allclose(after[key].numpy(), before[key].numpy(), atol=1e-6)
+    assert "initialised from" in (work / "train.log").read_text()
+
+
+def test_bad_input_is_one_line(ddp_run, capsys, tmp_path):
+    ckpt = str(ddp_run / "checkpoints/best.safetensors")
+    one_line_error(capsys, main(["eval", ckpt, "--steps", "1,x"]), "--steps")
+    one_line_error(capsys, main(["eval", ckpt, "--steps", "0,2"]), "--steps")
+    one_line_error(capsys, main(["train", "configs/generated/ddp.yaml", *TINY, *DDP_TINY,
+                                 f"work_dir={tmp_path / 'w'}",
+                                 f"train.load_from={tmp_path / 'nothing'}"]), "nothing")
+    one_line_error(capsys, main(["train", "configs/generated/ddp.yaml", "model.head.type=conv"]),
+                   "deformable")
+    one_line_error(capsys, main(["train", "configs/generated/ddp.yaml",
+                                 "model.diffusion.sample_range=[0.5,0.2]"]), "sample_range")
+
+
+def test_steps_options_refuse_a_discriminative_checkpoint(tmp_path, capsys):
+    work = tmp_path / "gen"
+    assert main(["train", "configs/generated/baseline.yaml", *TINY, f"work_dir={work}"]) == 0
+    ckpt = str(work / "checkpoints/best.safetensors")
+    one_line_error(capsys, main(["eval", ckpt, "--steps", "2"]), "not a diffusion model")
+    img = tmp_path / "x.png"
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(img)
+    one_line_error(capsys, main(["predict", ckpt, str(img), "--out", str(tmp_path / "p"),
+                                 "--trajectory"]), "not a diffusion model")
