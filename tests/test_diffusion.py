@@ -7,8 +7,18 @@ import math
 import pytest
 import torch
 
-from densediff.diffusion import (AnalogBits, ClassEmbedding, OneHot, alpha_sigma, cosine_log_snr,
-                                 ddim_step, ddpm_step, linear_log_snr, sample, sampling_times)
+from densediff.diffusion import (
+    AnalogBits,
+    ClassEmbedding,
+    OneHot,
+    alpha_sigma,
+    cosine_log_snr,
+    ddim_step,
+    ddpm_step,
+    linear_log_snr,
+    sample,
+    sampling_times,
+)
 from densediff.diffusion.samplers import seeded_normal
 from densediff.diffusion.schedules import LearnedSinusoidalPosEmb, TimeEmbedding, get_schedule
 
