@@ -33,12 +33,13 @@ def describe(cfg: Config, size: tuple[int, int] | None = None) -> str:
     lines.append(f"task: {cfg.task}   dataset: {cfg.data.dataset}   classes: {len(names)}")
     lines.append("parameters:")
     for name, child in model.named_children():
-        lines.append(f"  {name:<10} {count_params(child) / 1e6:9.3f} M")
-    lines.append(f"  {'total':<10} {count_params(model) / 1e6:9.3f} M")
+        lines.append(f"  {name:<14} {count_params(child) / 1e6:9.3f} M")
+    lines.append(f"  {'total':<14} {count_params(model) / 1e6:9.3f} M")
     if size is None:
         size = cfg.data.train_pipeline.crop_size or cfg.data.test_scale or (512, 512)
     flops = estimate_flops(model, tuple(size))
-    lines.append(f"FLOPs per image at {size[0]}x{size[1]}: {flops / 1e9:.2f} G")
+    steps = f" with {cfg.model.diffusion.steps} sampling steps" if cfg.model.type == "ddp" else ""
+    lines.append(f"FLOPs per image at {size[0]}x{size[1]}{steps}: {flops / 1e9:.2f} G")
     lines.append("data:")
     for split in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split):
         try:

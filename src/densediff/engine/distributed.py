@@ -80,6 +80,17 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum of a tensor over all processes, on the tensor's own device (a copy). Counts kept on
+    the CPU are moved to the GPU and back when the backend is NCCL."""
+    out = values.clone()
+    if is_dist():
+        buf = out.cuda() if dist.get_backend() == "nccl" and out.device.type != "cuda" else out
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        out = buf.to(values.device)
+    return out
+
+
 def broadcast_buffers(module: nn.Module, src: int = 0) -> None:
     """Give every process rank ``src``'s buffers (e.g. BatchNorm running statistics)."""
     if is_dist():

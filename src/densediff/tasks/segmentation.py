@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from densediff.engine.distributed import all_reduce_sum
 from densediff.errors import DataError
 
 __all__ = ["ce_loss", "boundary_width", "label_boundary", "SegMetric", "format_metrics"]
@@ -242,10 +243,7 @@ class SegMetric:
             return
         k = self.num_classes
         buf = torch.cat([self.confusion.flatten(), self.boundary_inter, self.boundary_union])
-        if dist.get_backend() == "nccl" and buf.device.type != "cuda":
-            buf = buf.cuda()
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-        buf = buf.to(self.device)
+        buf = all_reduce_sum(buf)
         self.confusion = buf[: k * k].view(k, k).clone()
         self.boundary_inter = buf[k * k: k * k + k].clone()
         self.boundary_union = buf[k * k + k:].clone()

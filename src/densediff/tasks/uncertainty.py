@@ -23,6 +23,8 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from densediff.engine.distributed import all_reduce_sum
+
 __all__ = ["step_change_uncertainty", "entropy_uncertainty", "UncertaintyMetric"]
 
 
@@ -209,10 +211,7 @@ class UncertaintyMetric:
         if dist.get_world_size() == 1:
             return
         buf = torch.cat([self.hist_wrong, self.hist_right])
-        if dist.get_backend() == "nccl" and buf.device.type != "cuda":
-            buf = buf.cuda()
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-        buf = buf.to(self.device)
+        buf = all_reduce_sum(buf)
         self.hist_wrong = buf[: self.bins].clone()
         self.hist_right = buf[self.bins:].clone()
 
