@@ -49,10 +49,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from densediff.tasks.segmentation import format_metrics
     from densediff.viz import plot_steps, steps_table
 
-    for opt in ("out", "plot"):
+    for opt, kind in (("out", "JSON"), ("plot", "PNG")):
         if getattr(args, opt) and Path(getattr(args, opt)).is_dir():
-            raise UserError(f"{getattr(args, opt)}: --{opt} must be a file path, but this is a "
-                            "folder")
+            raise UserError(f"{getattr(args, opt)}: --{opt} must be a {kind} file path, but this "
+                            "is a folder")
     steps = parse_steps(args.steps)
     device = resolve_device(args.device)
     overrides = list(args.overrides)
