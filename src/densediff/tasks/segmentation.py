@@ -18,10 +18,9 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from densediff.engine.distributed import all_reduce_sum
+from densediff.engine.distributed import all_reduce_sum, is_dist
 from densediff.errors import DataError
 
 __all__ = ["ce_loss", "boundary_width", "label_boundary", "SegMetric", "format_metrics"]
@@ -236,11 +235,9 @@ class SegMetric:
 
         Call once, after the last :meth:`update`; further calls do nothing until :meth:`reset`.
         """
-        if self._reduced or not (dist.is_available() and dist.is_initialized()):
+        if self._reduced or not is_dist():
             return
         self._reduced = True
-        if dist.get_world_size() == 1:
-            return
         k = self.num_classes
         buf = torch.cat([self.confusion.flatten(), self.boundary_inter, self.boundary_union])
         buf = all_reduce_sum(buf)

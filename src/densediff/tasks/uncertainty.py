@@ -21,9 +21,8 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.distributed as dist
 
-from densediff.engine.distributed import all_reduce_sum
+from densediff.engine.distributed import all_reduce_sum, is_dist
 
 __all__ = ["step_change_uncertainty", "entropy_uncertainty", "UncertaintyMetric"]
 
@@ -205,11 +204,9 @@ class UncertaintyMetric:
 
         Call once, after the last :meth:`update`; further calls do nothing until :meth:`reset`.
         """
-        if self._reduced or not (dist.is_available() and dist.is_initialized()):
+        if self._reduced or not is_dist():
             return
         self._reduced = True
-        if dist.get_world_size() == 1:
-            return
         buf = torch.cat([self.hist_wrong, self.hist_right])
         buf = all_reduce_sum(buf)
         self.hist_wrong = buf[: self.bins].clone()
