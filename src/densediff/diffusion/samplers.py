@@ -99,11 +99,11 @@ def sample(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     preds = []
     for t_now, t_next in sampling_times(steps, td):
         ls_now = schedule(torch.full((n,), t_now, device=x_t.device, dtype=torch.float32))
-        ls_next = schedule(torch.full((n,), t_next, device=x_t.device, dtype=torch.float32))
         pred = denoise(x_t, ls_now)
         preds.append(pred)
         if len(preds) == steps:
             break  # the last x_next is never used
+        ls_next = schedule(torch.full((n,), t_next, device=x_t.device, dtype=torch.float32))
         x0 = to_x0(pred)
         ls_now, ls_next = ls_now.view(-1, 1, 1, 1), ls_next.view(-1, 1, 1, 1)
         if sampler == "ddim":

@@ -126,6 +126,7 @@ def evaluate_steps(model: nn.Module, dataset, cfg: Config, steps: Sequence[int] 
                 img = batch["image"][..., :ih, :iw].to(device, non_blocking=True)
                 label = batch["label"][..., :h, :w].to(device, non_blocking=True)
                 seeds = [sample_seed(cfg, index)]
+                valid = label != dataset.ignore_index
                 feat = model.extract(img) if shared else None
                 for n in steps:
                     if shared:
@@ -136,7 +137,6 @@ def evaluate_steps(model: nn.Module, dataset, cfg: Config, steps: Sequence[int] 
                         maps = {"entropy": entropy_uncertainty(probs)} if diffusion else {}
                     pred = probs.argmax(1)
                     seg[n].update(pred, label)
-                    valid = label != dataset.ignore_index
                     for k, m in maps.items():
                         unc[n][k].update(m, pred != label, valid)
     finally:
