@@ -5,6 +5,7 @@
     >>> out = model.predict(image)          # PIL image, HxWx3 uint8 array, or a path
     >>> out.mask.shape, out.probs.shape     # (H, W) class ids, (K, H, W) probabilities
     >>> out = model.predict(image, steps=5)  # DDP: any step count; out.uncertainty, out.trajectory
+    >>> out.base_mask                        # DDPS: the frozen base segmentor's mask
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from densediff.config import Config, apply_overrides, config_from_dict
@@ -48,6 +50,8 @@ class Prediction:
         entropy: ``(H, W)`` float32 in [0, 1]: normalised entropy of ``probs``.
         trajectory: ``(S, H, W)`` int64 label map of every sampling step (diffusion, whole-image
             inference), the last one being ``mask`` unless probabilities are accumulated.
+        base_mask: ``(H, W)`` int64, DDPS with whole-image inference: the mask of the frozen
+            base segmentor before refinement.
     """
 
     mask: np.ndarray
@@ -58,6 +62,7 @@ class Prediction:
     uncertainty: np.ndarray | None = None
     entropy: np.ndarray | None = None
     trajectory: np.ndarray | None = None
+    base_mask: np.ndarray | None = None
 
 
 def colorize(mask: np.ndarray, palette: np.ndarray, ignore_index: int = 255) -> np.ndarray:
@@ -127,7 +132,8 @@ class Predictor:
         Args:
             image: the input; grayscale/RGBA are converted to RGB.
             aug: multi-scale + flip test (scales from ``cfg.eval.aug``).
-            steps: diffusion models: sampling steps (None: ``model.diffusion.steps``).
+            steps: diffusion models: sampling steps (None: the model's default; DDPS: 0 gives
+                the base segmentor's prediction).
             seed: diffusion models: seed of the starting noise (same seed, same result).
         """
         rgb = _as_uint8_rgb(image)
@@ -139,17 +145,20 @@ class Predictor:
                 raise UserError("steps: this checkpoint is not a diffusion model")
             probs = predict_probs(self.model, x, self.cfg.eval, ori_size=size, aug=aug)
         else:
-            d = self.cfg.model.diffusion
-            steps = d.steps if steps is None else int(steps)
-            if steps < 1:
-                raise UserError(f"steps: must be at least 1, got {steps}")
+            steps = self.model.default_steps if steps is None else int(steps)
+            if steps < self.model.min_steps:
+                raise UserError(f"steps: must be at least {self.model.min_steps}, got {steps}")
             extra["steps"] = steps
             if self.cfg.eval.mode == "whole" and not aug:
                 feat = self.model.extract(x)
                 probs, step_labels, maps = uncertainty_maps(self.model, feat, steps, size,
-                                                            d.accumulation, [seed])
+                                                            self.model.accumulation, [seed])
                 extra["uncertainty"] = maps["steps"][0].cpu().numpy()
                 extra["trajectory"] = step_labels[:, 0].cpu().numpy().astype(np.int64)
+                base = getattr(feat, "logits", None)  # DDPS: the base segmentor's logits
+                if base is not None:
+                    base = F.interpolate(base, size=size, mode="bilinear", align_corners=False)
+                    extra["base_mask"] = base[0].argmax(0).cpu().numpy().astype(np.int64)
             else:
                 probs = predict_probs(self.model, x, self.cfg.eval, ori_size=size, aug=aug,
                                       steps=steps, seeds=[seed])
@@ -161,16 +170,31 @@ class Predictor:
                           entropy=entropy_uncertainty(probs[None])[0].cpu().numpy(), **extra)
 
     def trajectory_strip(self, pred: Prediction, image: ImageLike | None = None) -> np.ndarray:
-        """One picture of a diffusion trajectory: [image,] the colour mask of every step, and
-        the uncertainty heatmap, side by side with a 4-pixel white gap (H x W' x 3 uint8)."""
+        """One picture of a diffusion trajectory: [image,] [the DDPS base mask,] the colour mask
+        of every step, and the uncertainty heatmap, side by side with a 4-pixel white gap
+        (H x W' x 3 uint8)."""
         if pred.trajectory is None:
             raise UserError("no trajectory: it needs a diffusion model with whole-image inference")
+        masks = ([] if pred.base_mask is None else [pred.base_mask]) + list(pred.trajectory)
         tiles = [] if image is None else [_as_uint8_rgb(image)]
-        tiles += [colorize(m, self.palette, self.cfg.data.ignore_index) for m in pred.trajectory]
+        tiles += [colorize(m, self.palette, self.cfg.data.ignore_index) for m in masks]
         tiles.append(heatmap(pred.uncertainty))
-        gap = np.full((tiles[0].shape[0], 4, 3), 255, np.uint8)
-        parts = [p for t in tiles for p in (t, gap)][:-1]
-        return np.concatenate(parts, axis=1)
+        return side_by_side(tiles)
+
+    def comparison(self, pred: Prediction, image: ImageLike) -> np.ndarray:
+        """DDPS: image | base segmentor mask | refined mask, side by side (H x W' x 3 uint8)."""
+        if pred.base_mask is None:
+            raise UserError("no base mask: it needs a DDPS model with whole-image inference")
+        return side_by_side([_as_uint8_rgb(image),
+                             colorize(pred.base_mask, self.palette, self.cfg.data.ignore_index),
+                             pred.color])
+
+
+def side_by_side(tiles: list[np.ndarray], gap: int = 4) -> np.ndarray:
+    """Equal-height H x W x 3 uint8 tiles joined left to right with white gaps."""
+    white = np.full((tiles[0].shape[0], gap, 3), 255, np.uint8)
+    parts = [p for t in tiles for p in (t, white)][:-1]
+    return np.concatenate(parts, axis=1)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -208,11 +232,14 @@ def load_model(checkpoint: str | Path, overrides: list[str] | None = None
     return model, cfg, names, palette
 
 
-def load(checkpoint: str | Path, device: str | torch.device = "cpu") -> Predictor:
+def load(checkpoint: str | Path, device: str | torch.device = "cpu",
+         overrides: list[str] | None = None) -> Predictor:
     """Load a ``.safetensors`` checkpoint written by ``densediff train`` (config inside).
 
     Never unpickles: weights come from safetensors, the config from its JSON metadata.
+    ``overrides``: dotted ``key=value`` changes to the stored config (e.g.
+    ``model.ddps.guidance=0.4``).
     """
     dev = resolve_device(device)
-    model, cfg, names, palette = load_model(checkpoint)
+    model, cfg, names, palette = load_model(checkpoint, overrides)
     return Predictor(model, cfg, names, palette, dev)

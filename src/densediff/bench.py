@@ -4,9 +4,10 @@ DDP's efficiency argument (paper §3.2, Table 5e) is that the encoder runs once 
 sampling step only costs one pass of the light map decoder. This measures, for a config with
 random weights (the weights do not change the cost):
 
-- ``encoder``: image encoder + neck, one forward;
+- ``encoder``: image encoder + neck, one forward (DDPS: the whole frozen base segmentor);
 - ``decoder_step``: one map-decoder evaluation on precomputed features (DDP: fusion + time
-  MLP + decoder; a segmentor: its head);
+  MLP + decoder; DDPS: the UNet denoiser and classifier, twice with guidance; a segmentor:
+  its head);
 - ``total[n]``: a whole prediction with ``n`` steps (encoder, ``n`` decoder steps and the
   sampler's updates, upsampling to the input size);
 - ``extra_step_ratio`` r = (total[3] - total[1]) / (2 total[1]): the relative cost of each
@@ -28,7 +29,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from densediff.config import Config
+from densediff.config import Config, config_from_dict
 
 __all__ = ["bench", "format_bench"]
 
@@ -80,15 +81,17 @@ def bench(cfg: Config, size: tuple[int, int] | None = None, batch: int = 1,
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     feat = model.extract(img)
-    out: dict = {"config_model": cfg.model.type, "encoder_name": cfg.model.encoder.name,
-                 "encoder_variant": cfg.model.encoder.variant, "size": [h, w], "batch": batch,
+    enc = cfg.model.encoder
+    if cfg.model.type == "ddps":  # the base segmentor's encoder (config filled in by build_model)
+        enc = config_from_dict(cfg.model.ddps.base_config).model.encoder
+    out: dict = {"config_model": cfg.model.type, "encoder_name": enc.name,
+                 "encoder_variant": enc.variant, "size": [h, w], "batch": batch,
                  "device": str(dev), "threads": torch.get_num_threads(), "repeats": repeats,
-                 "params_M": count_params(model) / 1e6, "tokens_per_step": int(feat[0, 0].numel())}
+                 "params_M": count_params(model) / 1e6,
+           "tokens_per_step": int(getattr(feat, "features", feat)[0, 0].numel())}
     out["encoder"] = _median_time(lambda: model.extract(img), repeats, dev)
     if is_diffusion(model):
-        x_t = torch.randn(batch, model.map_encoding.channels, *feat.shape[-2:], device=dev)
-        ls = model.schedule(torch.full((batch,), 0.5, device=dev))
-        out["decoder_step"] = _median_time(lambda: model.denoise(feat, x_t, ls), repeats, dev)
+        out["decoder_step"] = _median_time(lambda: model.decoder_step(feat), repeats, dev)
         out["total"] = {int(n): _median_time(lambda n=n: model.predict_logits(img, steps=n),
                                              repeats, dev) for n in steps}
         if 1 in out["total"] and 3 in out["total"]:

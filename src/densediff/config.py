@@ -204,15 +204,102 @@ class DiffusionConfig(_Strict):
         return v
 
 
+class UNetConfig(_Strict):
+    """The DDPS denoiser (paper App. C/D). UNet-T/S/M/L: dim 64/128/256/512 with
+    dim_mults [1, 1, 1] (3.4 / 11.3 / 40.8 / 154.4 M parameters; paper: 3.4 / 11.3 / 41.3 /
+    158.5)."""
+
+    dim: int = Field(256, ge=8)
+    dim_mults: list[PosInt] = Field([1, 1, 1], min_length=1)
+    groups: int = Field(8, ge=1)
+    heads: int = Field(4, ge=1)
+    dim_head: int = Field(32, ge=1)
+    out_channels: int = Field(256, ge=1)
+    """Channels of the UNet output, before the new classifier (official 256)."""
+    dropout: float = Field(0.1, ge=0, lt=1)
+    """Dropout2d before the classifier (official 0.1)."""
+
+    @model_validator(mode="after")
+    def _groups_divide(self) -> UNetConfig:
+        bad = [self.dim * m for m in self.dim_mults if (self.dim * m) % self.groups]
+        if self.dim % self.groups or bad:
+            raise ValueError(f"dim x dim_mults must be divisible by groups ({self.groups})")
+        return self
+
+
+class DDPSConfig(_Strict):
+    """DDPS: a discrete-diffusion mask prior on a frozen base segmentor (paper §3, Alg. 1-2)."""
+
+    base: Optional[str] = None
+    """The frozen base segmentor: a densediff checkpoint file or run folder (its best, else
+    last weights). Needed to start training; afterwards the base is part of the checkpoint."""
+    base_config: Optional[dict[str, Any]] = None
+    """The base's resolved config, filled in when the model is first built so that a DDPS
+    checkpoint is self-contained. Leave it unset."""
+    base_steps: Optional[PosInt] = None
+    """A DDP base: its sampling steps (None: its own default)."""
+    codec: Literal["resize", "bits"] = "resize"
+    """``resize``: discrete diffusion on the label map at the feature grid (1/4), logits
+    upsampled bilinearly (the paper's default). ``bits``: analog-bit codec with Gaussian bit
+    diffusion (App. A, Table 8)."""
+    transition: Literal["uniform", "absorbing", "hybrid"] = "uniform"
+    """Discrete transition (Table 3a): replace-only, mask-only, or replace + mask."""
+    mask_share: float = Field(0.5, ge=0, le=1)
+    """``hybrid``: the share of the corrupted mass that goes to [MASK]."""
+    schedule: Literal["linear", "cosine"] = "linear"
+    """Schedule of the keep probability abar_t (``bits``: the cosine log-SNR of DDP)."""
+    timesteps: int = Field(20, ge=1)
+    """T, the training noise levels (paper: 20 or 100); sampling strides through them."""
+    steps: PosInt = 5
+    """Default denoising steps at eval/predict (any count up to ``timesteps``; 0 at eval means
+    the base segmentor's own prediction)."""
+    renoise: Literal["free", "posterior"] = "free"
+    """Re-noising between steps (Table 3c): ``free`` q(x_s | argmax x0_hat), or the posterior
+    q(x_s | x_t, x0_hat) (Eq. 3, averaged over the predicted x0 distribution)."""
+    guidance: float = Field(0.0, ge=0)
+    """Classifier-free guidance scale s: logits = (s + 1) l_cond - s l_uncond; 0 = off."""
+    cond_drop: float = Field(0.0, ge=0, lt=1)
+    """Training: probability of zeroing an image's condition features (the unconditional
+    branch that guidance needs)."""
+    target: Literal["first_prediction", "ground_truth", "initial_prediction"] = "first_prediction"
+    """What gets noised in training (Table 3b): the model's own first prediction from pure
+    noise (Alg. 1), the ground truth, or the base segmentor's prediction."""
+    loss: Literal["ce", "vlb"] = "ce"
+    """Training criterion (Table 3d): cross-entropy on x0, or the variational bound (Eq. 4)
+    plus ``vlb_ce_weight`` x the auxiliary CE (Eq. 5). ``vlb`` needs codec ``resize``."""
+    vlb_ce_weight: float = Field(0.1, ge=0)
+    single_step_iters: int = Field(0, ge=0)
+    """Two-stage training: the first this many iterations train the first step only (t = T,
+    a pure-noise input), then all steps."""
+    embed_channels: int = Field(16, ge=1)
+    """Channels of the frozen random embedding of the noisy mask (official 16)."""
+    bit_scale: float = Field(0.1, gt=0)
+    """``bits``: input scaling of the analog bits (paper: 0.1)."""
+    unet: UNetConfig = UNetConfig()
+
+    @model_validator(mode="after")
+    def _checks(self) -> DDPSConfig:
+        if self.steps > self.timesteps:
+            raise ValueError(f"steps ({self.steps}) must be at most timesteps "
+                             f"({self.timesteps})")
+        if self.loss == "vlb" and self.codec != "resize":
+            raise ValueError("loss vlb needs codec resize (discrete diffusion)")
+        return self
+
+
 class ModelConfig(_Strict):
-    type: Literal["segmentor", "ddp"] = "segmentor"
-    """``segmentor``: discriminative encoder -> head; ``ddp``: the DDP diffusion model."""
+    type: Literal["segmentor", "ddp", "ddps"] = "segmentor"
+    """``segmentor``: discriminative encoder -> head; ``ddp``: the DDP diffusion model;
+    ``ddps``: the DDPS mask prior on a frozen base segmentor (``model.ddps``; encoder, neck,
+    head and diffusion are then those of the base and are not read)."""
     encoder: EncoderConfig = EncoderConfig()
     neck: NeckConfig = NeckConfig()
     head: HeadConfig = HeadConfig()
     aux_head: AuxHeadConfig = AuxHeadConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     """Read by ``type: ddp`` only."""
+    ddps: DDPSConfig = DDPSConfig()
+    """Read by ``type: ddps`` only."""
     avg_non_ignore: bool = False
     """CE mean over non-ignored pixels only (mmseg default False: mean over all pixels)."""
 
@@ -220,6 +307,9 @@ class ModelConfig(_Strict):
     def _ddp_head(self) -> ModelConfig:
         if self.type == "ddp" and self.head.type != "deformable":
             raise ValueError("type ddp needs head.type: deformable")
+        if self.type == "ddps" and self.ddps.base is None and self.ddps.base_config is None:
+            raise ValueError("type ddps needs ddps.base: the base segmentor's checkpoint or "
+                             "run folder")
         return self
 
 

@@ -59,7 +59,7 @@ def run_demo(out: Path, iters: int | None = None) -> Path:
     pred_dir.mkdir(parents=True, exist_ok=True)
     ds = build_dataset(predictor.cfg, "test", train=False)
     rows = []
-    steps = predictor.cfg.model.diffusion.steps
+    steps = predictor.model.default_steps
     for i in range(min(6, len(ds))):
         rgb, gt, path = ds.load(i)
         stem = Path(path).name

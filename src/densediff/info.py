@@ -38,7 +38,9 @@ def describe(cfg: Config, size: tuple[int, int] | None = None) -> str:
     if size is None:
         size = cfg.data.train_pipeline.crop_size or cfg.data.test_scale or (512, 512)
     flops = estimate_flops(model, tuple(size))
-    steps = f" with {cfg.model.diffusion.steps} sampling steps" if cfg.model.type == "ddp" else ""
+    steps = ""
+    if cfg.model.type in ("ddp", "ddps"):
+        steps = f" with {model.default_steps} sampling steps"
     lines.append(f"FLOPs per image at {size[0]}x{size[1]}{steps}: {flops / 1e9:.2f} G")
     lines.append("data:")
     for split in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split):

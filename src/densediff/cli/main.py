@@ -37,9 +37,34 @@ def parse_steps(text: str | None) -> list[int] | None:
     except ValueError:
         raise UserError(f"--steps: expected comma-separated integers like 1,2,3, got {text!r}"
                         ) from None
-    if not steps or min(steps) < 1:
-        raise UserError(f"--steps: step counts must be at least 1, got {text!r}")
+    if not steps or min(steps) < 0:
+        raise UserError(f"--steps: step counts must be at least 0, got {text!r}")
     return steps
+
+
+def _add_ddps_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--guidance", type=float, help="DDPS: classifier-free guidance scale s "
+                   "(0 = off; default: model.ddps.guidance)")
+    p.add_argument("--renoise", choices=["free", "posterior"],
+                   help="DDPS: re-noising between steps (default: model.ddps.renoise)")
+
+
+def _ddps_overrides(args: argparse.Namespace) -> list[str]:
+    """``--guidance`` / ``--renoise`` as overrides of the stored config."""
+    out = []
+    if args.guidance is not None:
+        if args.guidance < 0:
+            raise UserError(f"--guidance: must be >= 0, got {args.guidance}")
+        out.append(f"model.ddps.guidance={args.guidance}")
+    if args.renoise is not None:
+        out.append(f"model.ddps.renoise={args.renoise}")
+    return out
+
+
+def _check_ddps_options(args: argparse.Namespace, cfg) -> None:
+    for opt in ("guidance", "renoise"):
+        if getattr(args, opt) is not None and cfg.model.type != "ddps":
+            raise UserError(f"--{opt}: {args.checkpoint} is not a DDPS model")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -58,9 +83,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")
+    overrides += _ddps_overrides(args)
     model, cfg, names, _ = load_model(args.checkpoint, overrides)
+    _check_ddps_options(args, cfg)
     if steps is not None and not is_diffusion(model):
         raise UserError(f"--steps: {args.checkpoint} is not a diffusion model")
+    if steps is not None and min(steps) < model.min_steps:
+        raise UserError(f"--steps: {args.checkpoint} needs step counts >= {model.min_steps}")
     model.to(device)
     split = getattr(cfg.data, f"{args.split}_split", args.split)
     dataset = build_dataset(cfg, split, train=False)
@@ -106,7 +135,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    from densediff.api import load
+    from densediff.api import colorize, load
     from densediff.data.io import read_image
     from densediff.viz import heatmap
 
@@ -114,9 +143,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: --out must be a folder, but this is a file")
-    if args.steps is not None and args.steps < 1:
-        raise UserError(f"--steps: must be at least 1, got {args.steps}")
-    predictor = load(args.checkpoint, device=args.device)
+    if args.steps is not None and args.steps < 0:
+        raise UserError(f"--steps: must be at least 0, got {args.steps}")
+    predictor = load(args.checkpoint, device=args.device, overrides=_ddps_overrides(args))
+    _check_ddps_options(args, predictor.cfg)
     if not predictor.is_diffusion:
         for opt in ("steps", "trajectory"):
             if getattr(args, opt):
@@ -129,6 +159,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         kinds += ["entropy"] + (["uncertainty"] if predictor.is_diffusion else [])
     if args.trajectory:
         kinds.append("trajectory")
+    if predictor.cfg.model.type == "ddps":
+        kinds += ["base", "compare"]
     for f in files:
         # a.png and a.jpg in one folder: keep the suffix so neither result overwrites the other
         stem = f.stem if stems.count(f.stem) == 1 else f"{f.stem}_{f.suffix.lstrip('.')}"
@@ -147,6 +179,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
             elif predictor.is_diffusion:
                 print(f"note: {f.name}: no step-change uncertainty with sliding-window or "
                       "multi-scale inference; wrote the entropy map only", file=sys.stderr)
+        if pred.base_mask is not None:
+            pictures["base"] = colorize(pred.base_mask, predictor.palette,
+                                        predictor.cfg.data.ignore_index)
+            pictures["compare"] = predictor.comparison(pred, rgb)
         if args.trajectory:
             if pred.trajectory is None:
                 raise UserError("--trajectory: needs whole-image inference without --aug-test")
@@ -234,7 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--aug-test", action="store_true", help="multi-scale + flip test")
     e.add_argument("--data-root", help="dataset folder (overrides data.root)")
     e.add_argument("--steps", help="diffusion models: step counts to evaluate in one pass, "
-                   "e.g. 1,2,3,5,10 (default: model.diffusion.steps)")
+                   "e.g. 1,2,3,5,10 (default: the model's steps; DDPS: 0 = the base "
+                   "segmentor)")
+    _add_ddps_options(e)
     e.add_argument("--out", help="write the metrics JSON here")
     e.add_argument("--plot", help="diffusion models: write the mIoU-vs-steps PNG here "
                    "(default with --out and several steps: <out>_steps.png)")
@@ -249,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--aug-test", action="store_true")
     pr.add_argument("--save-probs", action="store_true", help="also write KxHxW float16 .npy")
     pr.add_argument("--steps", type=int, help="diffusion models: sampling steps "
-                    "(default: model.diffusion.steps)")
+                    "(default: the model's steps; DDPS: 0 = the base segmentor)")
     pr.add_argument("--seed", type=int, default=0, help="diffusion models: noise seed")
     pr.add_argument("--uncertainty", action="store_true",
                     help="write uncertainty heatmaps (<name>_uncertainty.png: share of steps at "
@@ -257,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--trajectory", action="store_true",
                     help="diffusion models: write <name>_trajectory.png, the image, every "
                     "step's mask and the uncertainty side by side")
+    _add_ddps_options(pr)
     pr.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     pr.set_defaults(func=cmd_predict)
 

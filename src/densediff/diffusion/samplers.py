@@ -14,7 +14,7 @@ import torch
 
 from densediff.diffusion.schedules import LogSNRSchedule, alpha_sigma
 
-__all__ = ["ddim_step", "ddpm_step", "sample", "sampling_times", "seeded_normal"]
+__all__ = ["ddim_step", "ddpm_step", "sample", "sampling_times", "seeded_normal", "seeded_uniform"]
 
 
 def sampling_times(steps: int, td: float = 1.0) -> list[tuple[float, float]]:
@@ -62,13 +62,23 @@ def seeded_normal(shape: Sequence[int], generators: Sequence[torch.Generator] | 
     """Standard normal noise of ``shape`` whose leading dimension is split evenly over
     ``generators`` (one per image), so that an image gets the same noise whatever batch it is
     in. ``generators`` None: the global RNG."""
+    return _seeded(torch.randn, shape, generators, device, dtype)
+
+
+def seeded_uniform(shape: Sequence[int], generators: Sequence[torch.Generator] | None,
+                   device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Uniform [0, 1) noise, seeded per image like :func:`seeded_normal`."""
+    return _seeded(torch.rand, shape, generators, device, dtype)
+
+
+def _seeded(draw, shape, generators, device, dtype) -> torch.Tensor:
     if generators is None:
-        return torch.randn(*shape, device=device, dtype=dtype)
+        return draw(*shape, device=device, dtype=dtype)
     n = len(generators)
     if shape[0] % n:
         raise ValueError(f"leading dimension {shape[0]} is not a multiple of {n} generators")
     per = (shape[0] // n, *shape[1:])
-    return torch.cat([torch.randn(per, generator=g, device=g.device, dtype=dtype).to(device)
+    return torch.cat([draw(per, generator=g, device=g.device, dtype=dtype).to(device)
                       for g in generators])
 
 

@@ -163,6 +163,21 @@ def load_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     return state, meta["config"]
 
 
+def resolve_weights(path: str | os.PathLike, key: str) -> Path:
+    """A weights file given as a file, or as a run folder (its ``checkpoints/best``, else
+    ``last``). ``key`` names the setting in errors (e.g. ``train.load_from``)."""
+    path = Path(path)
+    if path.is_dir():
+        found = [c for c in (path / "checkpoints" / n for n in ("best.safetensors",
+                                                              "last.safetensors")) if c.is_file()]
+        if not found:
+            raise CheckpointError(f"{key}: {path} holds no checkpoints/best or last.safetensors")
+        return found[0]
+    if not path.is_file():
+        raise CheckpointError(f"{key}: {path}: no such checkpoint file or run folder")
+    return path
+
+
 def load_into(model: nn.Module, state: Mapping[str, torch.Tensor],
               source: str | os.PathLike = "checkpoint") -> None:
     """Load ``state`` into ``model`` strictly, with a one-line error on the first mismatch.

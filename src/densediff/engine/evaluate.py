@@ -1,7 +1,7 @@
 """Evaluate a model on a dataset split (single process or sharded under torch.distributed).
 
-Diffusion models (anything with ``extract`` + ``sample_steps``, i.e. :class:`~densediff.models.DDP`)
-can be scored at several step counts in one pass (dynamic inference): the encoder runs once per
+Diffusion models (anything with ``extract`` + ``sample_steps``: :class:`~densediff.models.DDP`,
+:class:`~densediff.models.DDPS`) can be scored at several step counts in one pass (dynamic inference): the encoder runs once per
 image and each requested step count runs its own trajectory from the same seeded noise. Their
 results also carry uncertainty scores: how well each uncertainty map flags wrong pixels.
 """
@@ -77,7 +77,8 @@ def evaluate_steps(model: nn.Module, dataset, cfg: Config, steps: Sequence[int] 
         model: a segmentor (``predict_logits``) or a diffusion model (a DDP wrapper is unwrapped).
         dataset: a :class:`~densediff.data.SegDataset`.
         cfg: run config (``cfg.eval``, ``cfg.model.diffusion``, ``cfg.seed``).
-        steps: step counts to score (diffusion models); None: ``cfg.model.diffusion.steps``.
+        steps: step counts to score (diffusion models); None: the model's ``default_steps``.
+            DDPS also takes 0: its frozen base segmentor's prediction.
             Ignored (one entry, key 0) for discriminative models.
         aug: multi-scale + flip test (``cfg.eval.aug``).
         progress: show a progress bar (rank 0 only).
@@ -96,10 +97,10 @@ def evaluate_steps(model: nn.Module, dataset, cfg: Config, steps: Sequence[int] 
     if not diffusion:
         steps = [0]
     elif steps is None:
-        steps = [cfg.model.diffusion.steps]
+        steps = [model.default_steps]
     steps = list(dict.fromkeys(int(s) for s in steps))
-    if diffusion and min(steps) < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    if diffusion and min(steps) < model.min_steps:
+        raise ValueError(f"steps must be >= {model.min_steps}, got {steps}")
     device = next(model.parameters()).device
     rank, world = du.rank(), du.world_size()
     indices = list(range(rank, len(dataset), world))
@@ -112,7 +113,7 @@ def evaluate_steps(model: nn.Module, dataset, cfg: Config, steps: Sequence[int] 
     shared = diffusion and cfg.eval.mode == "whole" and not aug
     kinds = ("steps", "entropy") if shared else ("entropy",)
     unc = {n: {k: UncertaintyMetric(device=device) for k in kinds} for n in steps} if diffusion else {}
-    accumulation = cfg.model.diffusion.accumulation
+    accumulation = model.accumulation if diffusion else False
     was_training = model.training
     model.eval()
     try:
@@ -154,7 +155,7 @@ def evaluate_steps(model: nn.Module, dataset, cfg: Config, steps: Sequence[int] 
 
 def evaluate(model: nn.Module, dataset, cfg: Config, aug: bool = False,
              progress: bool = True, steps: int | None = None) -> dict:
-    """Metrics at one setting (diffusion models: ``steps``, default
-    ``cfg.model.diffusion.steps``); see :func:`evaluate_steps`."""
+    """Metrics at one setting (diffusion models: ``steps``, default the model's
+    ``default_steps``); see :func:`evaluate_steps`."""
     out = evaluate_steps(model, dataset, cfg, None if steps is None else [steps], aug, progress)
     return next(iter(out.values()))

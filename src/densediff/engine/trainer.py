@@ -51,6 +51,7 @@ from densediff.engine.checkpoint import (
     load_metadata,
     load_train_state,
     load_weights,
+    resolve_weights,
     save_checkpoint,
     save_train_state,
 )
@@ -286,13 +287,7 @@ class _Run:
         """Initialise the weights from another run (``train.load_from``): a checkpoint file, or
         a run folder (its ``checkpoints/best``, else ``last``). Optimizer and schedule start
         fresh, as mmseg's ``load_from``."""
-        if path.is_dir():
-            cands = [path / CKPT_DIR / n for n in ("best.safetensors", "last.safetensors")]
-            found = [c for c in cands if c.is_file()]
-            if not found:
-                raise CheckpointError(f"train.load_from: {path} holds no checkpoints/best or "
-                                      "last.safetensors")
-            path = found[0]
+        path = resolve_weights(path, "train.load_from")
         weights, _ = load_weights(path)
         load_into(self.module, weights, source=path)
         if self.ema is not None:
@@ -413,6 +408,8 @@ class _Run:
             while self.iter < t.iters:
                 lr = set_lr(self.optimizer, self.iter, t)
                 self.model.train()
+                if hasattr(self.module, "set_iteration"):  # DDPS two-stage training
+                    self.module.set_iteration(self.iter)
                 losses, grad_norm = train_step(self.model, self.optimizer, batches,
                                                t.accum_steps, t.grad_clip, t.amp)
                 if not math.isfinite(grad_norm):

@@ -79,6 +79,10 @@ class DDP(FeatureSegmentor):
         self.time_mlp = TimeEmbedding(d.time_frequencies, 4 * c)
         self.decoder = build_head(m.head, c, num_classes, time_channels=4 * c)
 
+    default_steps = property(lambda self: self.diffusion_cfg.steps)
+    min_steps = 1
+    accumulation = property(lambda self: self.diffusion_cfg.accumulation)
+
     # ---------------------------------------------------------------------------- the decoder
 
     def denoise(self, feat: torch.Tensor, x_t: torch.Tensor, log_snr: torch.Tensor) -> torch.Tensor:
@@ -156,6 +160,13 @@ class DDP(FeatureSegmentor):
                        self.schedule, steps, td, sampler,
                        noise=lambda: seeded_normal(shape, gens, feat.device, feat.dtype))
         return Trajectory([p.view(b, r, *p.shape[1:]) for p in preds])
+
+    @torch.no_grad()
+    def decoder_step(self, feat: torch.Tensor) -> torch.Tensor:
+        """One map-decoder call at t = 0.5 on random input (for ``densediff bench``)."""
+        b, _, h, w = feat.shape
+        x_t = torch.randn(b, self.map_encoding.channels, h, w, device=feat.device)
+        return self.denoise(feat, x_t, self.schedule(torch.full((b,), 0.5, device=feat.device)))
 
     def predict_logits(self, img: torch.Tensor, steps: int | None = None,
                        accumulation: bool | None = None, **kwargs) -> torch.Tensor:

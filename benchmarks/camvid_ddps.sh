@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# DDPS on CamVid (CPU-sized): the frozen CPU baseline (benchmarks/runs/baseline_effnet_lite0,
+# from benchmarks/camvid_baseline.sh) refined by a UNet-T mask prior, one run per transition
+# (uniform = replace-only, absorbing = mask-only, hybrid = replace + mask). Each run keeps its
+# best val checkpoint (EMA weights, default 5 steps); test is then evaluated once per model at
+# 0 (= the base) / 1 / 2 / 5 / 20 steps, and the uniform model also with guidance s = 0.4 and
+# with posterior re-noising. Usage:
+#   DENSEDIFF_CAMVID_ROOT=/path/to/CamVid [RUNS=folder] bash benchmarks/camvid_ddps.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+: "${DENSEDIFF_CAMVID_ROOT:=../shared/datasets/camvid_segnet/CamVid}"
+export DENSEDIFF_CAMVID_ROOT
+R=${RUNS:-benchmarks/runs}  # where the runs go (git-ignored)
+BASE=${BASE:-$R/baseline_effnet_lite0}
+dd() { $PY -m densediff.cli.main "$@"; }
+timed() { local s; s=$(date +%s); "$@"; echo "wall time of '$*': $(( $(date +%s) - s )) s"; }
+for tr in uniform absorbing hybrid; do
+  timed dd train camvid/ddps_effnet_lite0.yaml model.ddps.transition=$tr model.ddps.base=$BASE \
+    work_dir=$R/ddps_$tr train.progress=false
+done
+for tr in uniform absorbing hybrid; do
+  timed dd eval $R/ddps_$tr/checkpoints/best.safetensors --split test --steps 0,1,2,5,20 \
+    --out $R/ddps_$tr/eval_best_test.json --quiet
+done
+timed dd eval $R/ddps_uniform/checkpoints/best.safetensors --split test --steps 1,2,5,20 \
+  --guidance 0.4 --out $R/ddps_uniform/eval_best_test_cfg0.4.json --quiet
+timed dd eval $R/ddps_uniform/checkpoints/best.safetensors --split test --steps 2,5,20 \
+  --renoise posterior --out $R/ddps_uniform/eval_best_test_posterior.json --quiet
