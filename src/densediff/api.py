@@ -146,8 +146,7 @@ class Predictor:
             probs = predict_probs(self.model, x, self.cfg.eval, ori_size=size, aug=aug)
         else:
             steps = self.model.default_steps if steps is None else int(steps)
-            if steps < self.model.min_steps:
-                raise UserError(f"steps: must be at least {self.model.min_steps}, got {steps}")
+            check_steps(self.model, [steps])
             extra["steps"] = steps
             if self.cfg.eval.mode == "whole" and not aug:
                 feat = self.model.extract(x)
@@ -195,6 +194,17 @@ def side_by_side(tiles: list[np.ndarray], gap: int = 4) -> np.ndarray:
     white = np.full((tiles[0].shape[0], gap, 3), 255, np.uint8)
     parts = [p for t in tiles for p in (t, white)][:-1]
     return np.concatenate(parts, axis=1)
+
+
+def check_steps(model: torch.nn.Module, steps: list[int], source: str = "model",
+                key: str = "steps") -> None:
+    """UserError unless every step count is within the model's ``min_steps`` .. ``max_steps``
+    (DDPS: 0 .. its trained timesteps)."""
+    lo, hi = model.min_steps, model.max_steps
+    bad = [n for n in steps if n < lo or (hi is not None and n > hi)]
+    if bad:
+        span = f"{lo}..{hi} (the trained timesteps)" if hi is not None else f">= {lo}"
+        raise UserError(f"{key}: {source} takes step counts {span}, got {bad[0]}")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

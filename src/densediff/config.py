@@ -308,7 +308,7 @@ class ModelConfig(_Strict):
         if self.type == "ddp" and self.head.type != "deformable":
             raise ValueError("type ddp needs head.type: deformable")
         if self.type == "ddps" and self.ddps.base is None and self.ddps.base_config is None:
-            raise ValueError("type ddps needs ddps.base: the base segmentor's checkpoint or "
+            raise ValueError("type ddps needs model.ddps.base: the base segmentor's checkpoint or "
                              "run folder")
         return self
 

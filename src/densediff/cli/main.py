@@ -68,7 +68,7 @@ def _check_ddps_options(args: argparse.Namespace, cfg) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from densediff.api import load_model, resolve_device
+    from densediff.api import check_steps, load_model, resolve_device
     from densediff.data import build_dataset
     from densediff.engine.evaluate import evaluate_steps, is_diffusion
     from densediff.tasks.segmentation import format_metrics
@@ -88,8 +88,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _check_ddps_options(args, cfg)
     if steps is not None and not is_diffusion(model):
         raise UserError(f"--steps: {args.checkpoint} is not a diffusion model")
-    if steps is not None and min(steps) < model.min_steps:
-        raise UserError(f"--steps: {args.checkpoint} needs step counts >= {model.min_steps}")
+    if steps is not None:
+        check_steps(model, steps, str(args.checkpoint), "--steps")
     model.to(device)
     split = getattr(cfg.data, f"{args.split}_split", args.split)
     dataset = build_dataset(cfg, split, train=False)

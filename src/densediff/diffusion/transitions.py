@@ -26,6 +26,7 @@ official code runs its model time backwards: its t = 0 is our t = T.)
 from __future__ import annotations
 
 import math
+
 import torch
 
 __all__ = ["DiscreteTransition", "alpha_bar_schedule", "sample_categorical", "stride_times"]
@@ -170,8 +171,8 @@ class DiscreteTransition(torch.nn.Module):
 
     def likelihood(self, x_t: torch.Tensor, s, t) -> torch.Tensor:
         """``Q_{s->t}[:, x_t]``: q(x_t | x_s = i) for every state i, B x N x h x w."""
-        a, b, c = (self._view(v, x_t) for v in self.coefficients(s, t))
         oh = self.one_hot(x_t)
+        a, b, c = (self._view(v, oh) for v in self.coefficients(s, t))
         k = self.num_classes
         is_cls = oh[:, :k].sum(1, keepdim=True)
         cls = a * oh[:, :k] + b / k * is_cls

@@ -1,9 +1,10 @@
 """Evaluate a model on a dataset split (single process or sharded under torch.distributed).
 
 Diffusion models (anything with ``extract`` + ``sample_steps``: :class:`~densediff.models.DDP`,
-:class:`~densediff.models.DDPS`) can be scored at several step counts in one pass (dynamic inference): the encoder runs once per
-image and each requested step count runs its own trajectory from the same seeded noise. Their
-results also carry uncertainty scores: how well each uncertainty map flags wrong pixels.
+:class:`~densediff.models.DDPS`) can be scored at several step counts in one pass (dynamic
+inference): the encoder runs once per image and each requested step count runs its own
+trajectory from the same seeded noise. Their results also carry uncertainty scores: how well
+each uncertainty map flags wrong pixels.
 """
 
 from __future__ import annotations

@@ -81,6 +81,7 @@ class DDP(FeatureSegmentor):
 
     default_steps = property(lambda self: self.diffusion_cfg.steps)
     min_steps = 1
+    max_steps = None
     accumulation = property(lambda self: self.diffusion_cfg.accumulation)
 
     # ---------------------------------------------------------------------------- the decoder

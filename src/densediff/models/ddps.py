@@ -96,6 +96,8 @@ class DDPS(nn.Module):
 
     default_steps = property(lambda self: self.cfg.steps)
     min_steps = 0  # steps = 0: the base segmentor's own prediction
+    # stride sampling visits distinct trained noise levels (the bit codec's time is continuous)
+    max_steps = property(lambda self: self.cfg.timesteps if self.cfg.codec == "resize" else None)
     accumulation = False
 
     def train(self, mode: bool = True) -> DDPS:
