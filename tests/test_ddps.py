@@ -237,3 +237,17 @@ def test_base_with_other_classes_is_refused():
     cfg.model.ddps.base_config = base_cfg.to_dict()
     with pytest.raises(ConfigError, match="not ddps"):
         build_base(cfg, K)
+
+
+@pytest.mark.parametrize("size,paper", [("t", 3.38), ("s", 11.34), ("m", 41.34), ("l", 158.53)])
+def test_unet_size_configs_match_the_paper(size, paper):
+    """App. D Table 5: UNet-T/S/M/L parameter counts (the paper's include the classifier and
+    embedding; ours are within 3 %)."""
+    from densediff.config import PACKAGED_CONFIGS
+    from densediff.decoders.unet import UNet
+
+    u = load_config(PACKAGED_CONFIGS / f"_base_/unet_{size}.yaml").model.ddps.unet
+    with torch.device("meta"):
+        net = UNet(256 + 16, u.out_channels, u.dim, u.dim_mults, u.groups, u.heads, u.dim_head)
+    n = sum(p.numel() for p in net.parameters()) / 1e6
+    assert n == pytest.approx(paper, rel=0.03)
