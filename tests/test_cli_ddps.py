@@ -44,6 +44,8 @@ def test_training_keeps_ema_and_raw_weights_and_a_self_contained_config(runs):
         assert torch.equal(raw[f"base.{k}"], v), k
     cfg = load_config(runs / "ddps/config.yaml")
     assert cfg.model.ddps.base_config["model"]["type"] == "segmentor"
+    # 2 EMA updates at decay 0.98: the run warns that the EMA is still mostly the init
+    assert "96% of the EMA weights" in (runs / "ddps/train.log").read_text()
 
 
 def test_eval_reports_the_base_at_step_0(runs, tmp_path, capsys):

@@ -91,6 +91,15 @@ def test_param_groups_no_decay_and_head_lr():
 # EMA
 
 
+def test_ema_init_share():
+    from densediff.engine.trainer import ema_init_share
+
+    # the official DDPS EMA (0.99 every 25 iterations) on a 500-iteration run: 20 updates
+    assert ema_init_share(500, 0.99, 25) == pytest.approx(0.99 ** 20)
+    assert ema_init_share(400_000, 0.99, 25) < 1e-60
+    assert ema_init_share(10, 0.5, 20) == 1.0  # no update at all
+
+
 def test_ema_update_rule():
     net = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
     ema = EMA(net, decay=0.9)

@@ -223,6 +223,13 @@ class _Run:
         self.best: float | None = None
         self.best_iter = 0
         self.notes: list[str] = []  # resume warnings, logged once the logger exists
+        if self.ema is not None:
+            init_share = ema_init_share(self.t.iters, self.t.ema.decay, self.t.ema.every)
+            if init_share > 0.05:
+                self.notes.append(
+                    f"warning: train.ema: after {self.t.iters} iterations {init_share:.0%} of the "
+                    "EMA weights (used for evaluation and best) will still be the initial "
+                    "weights; lower train.ema.decay or train.ema.every")
         if resume:
             self._load()
         elif self.t.load_from is not None:
@@ -448,6 +455,12 @@ class _Run:
                 self.logger.close()
         return {**self.last_metrics, "iter": self.iter, f"best_{t.best_metric}": self.best,
                 "best_iter": self.best_iter}
+
+
+def ema_init_share(iters: int, decay: float, every: int) -> float:
+    """The weight of the initial weights in the EMA after ``iters`` iterations:
+    ``decay ** (iters // every)``."""
+    return decay ** (iters // every)
 
 
 def _diff(old: dict, new: dict, prefix: str = "") -> list[str]:
