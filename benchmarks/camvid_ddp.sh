@@ -4,13 +4,7 @@
 # evaluated at 1/2/3/5/10 steps in one pass per split. Usage:
 #   DENSEDIFF_CAMVID_ROOT=/path/to/CamVid [RUNS=folder] bash benchmarks/camvid_ddp.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
-: "${DENSEDIFF_CAMVID_ROOT:=../shared/datasets/camvid_segnet/CamVid}"
-export DENSEDIFF_CAMVID_ROOT
-R=${RUNS:-benchmarks/runs}  # where the runs go (git-ignored)
-dd() { $PY -m densediff.cli.main "$@"; }
-timed() { local s; s=$(date +%s); "$@"; echo "wall time of '$*': $(( $(date +%s) - s )) s"; }
+source "$(dirname "$0")/common.sh"
 timed dd train camvid/ddp_effnet_lite0.yaml work_dir=$R/ddp_effnet_lite0 train.progress=false
 timed dd train camvid/ddp_effnet_lite0_aligned.yaml work_dir=$R/ddp_effnet_lite0_aligned \
   train.load_from=$R/ddp_effnet_lite0 train.progress=false

@@ -8,14 +8,8 @@
 # Usage:
 #   DENSEDIFF_CAMVID_ROOT=/path/to/CamVid [RUNS=folder] bash benchmarks/camvid_ddps.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
-: "${DENSEDIFF_CAMVID_ROOT:=../shared/datasets/camvid_segnet/CamVid}"
-export DENSEDIFF_CAMVID_ROOT
-R=${RUNS:-benchmarks/runs}  # where the runs go (git-ignored)
+source "$(dirname "$0")/common.sh"
 BASE=${BASE:-$R/baseline_effnet_lite0}
-dd() { $PY -m densediff.cli.main "$@"; }
-timed() { local s; s=$(date +%s); "$@"; echo "wall time of '$*': $(( $(date +%s) - s )) s"; }
 for tr in uniform absorbing hybrid; do
   timed dd train camvid/ddps_effnet_lite0.yaml model.ddps.transition=$tr model.ddps.base=$BASE \
     work_dir=$R/ddps_$tr train.progress=false
