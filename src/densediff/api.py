@@ -6,6 +6,9 @@
     >>> out.mask.shape, out.probs.shape     # (H, W) class ids, (K, H, W) probabilities
     >>> out = model.predict(image, steps=5)  # DDP: any step count; out.uncertainty, out.trajectory
     >>> out.base_mask                        # DDPS: the frozen base segmentor's mask
+
+Depth checkpoints give a :class:`DepthPrediction` (``out.depth`` in metres, ``out.color``,
+``out.uncertainty``, ``out.trajectory``).
 """
 
 from __future__ import annotations
@@ -24,12 +27,12 @@ from densediff.data import class_info
 from densediff.data.io import _to_uint8, read_image
 from densediff.data.transforms import preprocess_image
 from densediff.engine.checkpoint import load_into, load_weights
-from densediff.engine.evaluate import is_diffusion, uncertainty_maps
-from densediff.engine.inference import predict_probs
+from densediff.engine.evaluate import depth_uncertainty_maps, is_diffusion, uncertainty_maps
+from densediff.engine.inference import predict_depth, predict_probs
 from densediff.errors import UserError
 from densediff.models import build_model
 from densediff.tasks.uncertainty import entropy_uncertainty
-from densediff.viz import heatmap
+from densediff.viz import depth_color, heatmap
 
 ImageLike = Union[str, Path, Image.Image, np.ndarray]
 
@@ -63,6 +66,30 @@ class Prediction:
     entropy: np.ndarray | None = None
     trajectory: np.ndarray | None = None
     base_mask: np.ndarray | None = None
+
+
+@dataclass
+class DepthPrediction:
+    """Result of :meth:`Predictor.predict` for one image of a depth model (original size).
+
+    Attributes:
+        depth: ``(H, W)`` float32 depth in metres, clamped to [min_depth, max_depth].
+        color: ``(H, W, 3)`` uint8 colourised depth (fixed scale, near is bright).
+        steps: diffusion sampling steps used (None: a discriminative model).
+        uncertainty: ``(H, W)`` float32 metres, diffusion models with whole-image inference
+            and no flip test: the standard deviation of the depth over the sampling steps
+            (and starts); None with one step and one start.
+        uncertainty_starts: the same over the ``randsteps`` random starts of the last step
+            (None unless ``model.diffusion.randsteps`` > 1).
+        trajectory: ``(S, H, W)`` float32 depth of every sampling step.
+    """
+
+    depth: np.ndarray
+    color: np.ndarray
+    steps: int | None = None
+    uncertainty: np.ndarray | None = None
+    uncertainty_starts: np.ndarray | None = None
+    trajectory: np.ndarray | None = None
 
 
 def colorize(mask: np.ndarray, palette: np.ndarray, ignore_index: int = 255) -> np.ndarray:
@@ -126,12 +153,13 @@ class Predictor:
 
     @torch.no_grad()
     def predict(self, image: ImageLike, aug: bool = False, steps: int | None = None,
-                seed: int = 0) -> Prediction:
-        """Segment one image (PIL, HxW[x3|4] array, or path).
+                seed: int = 0) -> Prediction | DepthPrediction:
+        """Segment one image (PIL, HxW[x3|4] array, or path); a depth model gives a
+        :class:`DepthPrediction`.
 
         Args:
             image: the input; grayscale/RGBA are converted to RGB.
-            aug: multi-scale + flip test (scales from ``cfg.eval.aug``).
+            aug: multi-scale + flip test (scales from ``cfg.eval.aug``); depth: the flip test.
             steps: diffusion models: sampling steps (None: the model's default; DDPS: 0 gives
                 the base segmentor's prediction).
             seed: diffusion models: seed of the starting noise (same seed, same result).
@@ -139,6 +167,8 @@ class Predictor:
         rgb = _as_uint8_rgb(image)
         x = preprocess_image(rgb, self.cfg).to(self.device)
         size = rgb.shape[:2]
+        if self.cfg.task == "depth":
+            return self._predict_depth(x, size, aug, steps, seed)
         extra: dict = {}
         if not self.is_diffusion:
             if steps is not None:
@@ -168,12 +198,46 @@ class Predictor:
                           overlay=overlay(rgb, color),
                           entropy=entropy_uncertainty(probs[None])[0].cpu().numpy(), **extra)
 
+    def _predict_depth(self, x: torch.Tensor, size: tuple[int, int], aug: bool,
+                       steps: int | None, seed: int) -> DepthPrediction:
+        """:meth:`predict` for depth models (``aug``: the flip test)."""
+        extra: dict = {}
+        if not self.is_diffusion:
+            if steps is not None:
+                raise UserError("steps: this checkpoint is not a diffusion model")
+            depth = predict_depth(self.model, x, size, flip=aug)
+        else:
+            steps = self.model.default_steps if steps is None else int(steps)
+            check_steps(self.model, [steps])
+            extra["steps"] = steps
+            if aug:
+                depth = predict_depth(self.model, x, size, flip=True, steps=steps, seeds=[seed])
+            else:
+                feat = self.model.extract(x)
+                depth, step_depths, maps = depth_uncertainty_maps(
+                    self.model, feat, steps, size, self.model.accumulation, [seed])
+                extra["trajectory"] = step_depths[:, 0].cpu().numpy()
+                for key, name in (("steps", "uncertainty"), ("starts", "uncertainty_starts")):
+                    if key in maps:
+                        extra[name] = maps[key][0].cpu().numpy()
+        dd = self.cfg.data.depth
+        d = depth[0].clamp(dd.min_depth, dd.max_depth).cpu().numpy().astype(np.float32)
+        return DepthPrediction(depth=d, color=depth_color(d, dd.min_depth, dd.max_depth), **extra)
+
     def trajectory_strip(self, pred: Prediction, image: ImageLike | None = None) -> np.ndarray:
         """One picture of a diffusion trajectory: [image,] [the DDPS base mask,] the colour mask
-        of every step, and the uncertainty heatmap, side by side with a 4-pixel white gap
+        (depth: the colourised depth) of every step, and the uncertainty heatmap (depth:
+        scaled to its maximum), side by side with a 4-pixel white gap
         (H x W' x 3 uint8)."""
         if pred.trajectory is None:
             raise UserError("no trajectory: it needs a diffusion model with whole-image inference")
+        if isinstance(pred, DepthPrediction):
+            dd = self.cfg.data.depth
+            tiles = [] if image is None else [_as_uint8_rgb(image)]
+            tiles += [depth_color(d, dd.min_depth, dd.max_depth) for d in pred.trajectory]
+            if pred.uncertainty is not None:
+                tiles.append(heatmap(pred.uncertainty / max(float(pred.uncertainty.max()), 1e-6)))
+            return side_by_side(tiles)
         masks = ([] if pred.base_mask is None else [pred.base_mask]) + list(pred.trajectory)
         tiles = [] if image is None else [_as_uint8_rgb(image)]
         tiles += [colorize(m, self.palette, self.cfg.data.ignore_index) for m in masks]

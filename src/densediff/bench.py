@@ -90,16 +90,17 @@ def bench(cfg: Config, size: tuple[int, int] | None = None, batch: int = 1,
                  "params_M": count_params(model) / 1e6,
            "tokens_per_step": int(getattr(feat, "features", feat)[0, 0].numel())}
     out["encoder"] = _median_time(lambda: model.extract(img), repeats, dev)
+    predict = getattr(model, "predict_depth", None) or model.predict_logits
     if is_diffusion(model):
         out["decoder_step"] = _median_time(lambda: model.decoder_step(feat), repeats, dev)
-        out["total"] = {int(n): _median_time(lambda n=n: model.predict_logits(img, steps=n),
+        out["total"] = {int(n): _median_time(lambda n=n: predict(img, steps=n),
                                              repeats, dev) for n in steps}
         if 1 in out["total"] and 3 in out["total"]:
             t1, t3 = out["total"][1], out["total"][3]
             out["extra_step_ratio"] = (t3 - t1) / (2 * t1)
     else:
         out["decoder_step"] = _median_time(lambda: model.head(feat), repeats, dev)
-        out["total"] = {1: _median_time(lambda: model.predict_logits(img), repeats, dev)}
+        out["total"] = {1: _median_time(lambda: predict(img), repeats, dev)}
     if dev.type == "cuda":
         out["peak_memory_MiB"] = torch.cuda.max_memory_allocated(dev) / 2**20
         out["peak_memory_kind"] = "cuda max_memory_allocated"

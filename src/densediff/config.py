@@ -61,8 +61,52 @@ class PipelineConfig(_Strict):
         return v
 
 
+class DepthDataConfig(_Strict):
+    """Depth maps (``task: depth``): value range, file scale, crops and augmentation.
+
+    Defaults follow the DepthFormer / DDP toolbox (BTS-style augmentation)."""
+
+    min_depth: float = Field(1e-3, gt=0)
+    """Smallest valid depth (m): the head outputs ``relu(x) + min_depth``; GT at or below it
+    is invalid; predictions are clamped to it in evaluation."""
+    max_depth: float = Field(10.0, gt=0)
+    """Largest depth (m): the map encoding's range (NYU 10, KITTI 80); GT above it is invalid;
+    predictions are clamped to it."""
+    depth_scale: Optional[PosFloat] = None
+    """Stored PNG value per metre (KITTI 256, NYU 1000, SUN RGB-D 1000 after its bit
+    rotation). None: the dataset's own (``folder`` needs it)."""
+    kb_crop: bool = False
+    """KITTI benchmark crop: the bottom-centre 352 x 1216 window of image and GT (train and
+    test), as BTS/DepthFormer do."""
+    train_border: Optional[tuple[int, int, int, int]] = None
+    """Training only: keep rows top:bottom and columns left:right (NYU: (45, 472, 43, 608),
+    the valid-depth area of the Kinect frames). None: whole image."""
+    eval_crop: Literal["none", "garg", "eigen", "nyu_eigen"] = "none"
+    """Evaluation mask: the Garg or Eigen crop of KITTI, or the Eigen crop of NYU."""
+    rotate: float = Field(2.5, ge=0)
+    """Training: random rotation of image and GT by U(-rotate, rotate) degrees, with
+    probability 0.5 (GT nearest, invalid fill). 0 disables it."""
+    gamma_range: tuple[PosFloat, PosFloat] = (0.9, 1.1)
+    brightness_range: tuple[PosFloat, PosFloat] = (0.75, 1.25)
+    """BTS colour augmentation (``train_pipeline.photometric``, probability 0.5): gamma,
+    brightness and per-channel colour factors (KITTI brightness (0.9, 1.1))."""
+    color_range: tuple[PosFloat, PosFloat] = (0.9, 1.1)
+    gen_density: float = Field(1.0, gt=0, le=1)
+    """Generated scenes: the share of pixels with GT depth (< 1: sparse, LiDAR-like GT)."""
+
+    @model_validator(mode="after")
+    def _range(self) -> DepthDataConfig:
+        if self.min_depth >= self.max_depth:
+            raise ValueError(f"min_depth ({self.min_depth}) must be below max_depth "
+                             f"({self.max_depth})")
+        return self
+
+
 class DataConfig(_Strict):
-    dataset: Literal["camvid", "ade20k", "cityscapes", "folder", "generated"] = "generated"
+    dataset: Literal["camvid", "ade20k", "cityscapes", "kitti", "nyu", "sunrgbd", "folder",
+                     "generated"] = "generated"
+    """Segmentation: camvid | ade20k | cityscapes | folder | generated. Depth: kitti | nyu |
+    sunrgbd (evaluation only) | folder | generated."""
     root: Optional[str] = None
     """Dataset folder. None: taken from $DENSEDIFF_<DATASET>_ROOT (e.g. DENSEDIFF_CAMVID_ROOT)."""
     num_classes: Optional[int] = Field(None, ge=1)
@@ -93,6 +137,8 @@ class DataConfig(_Strict):
     gen_num_test: int = Field(24, ge=1)
     gen_size: Size = (64, 64)
     gen_seed: int = 0
+    depth: DepthDataConfig = DepthDataConfig()
+    """Read by ``task: depth`` only."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,6 +191,8 @@ class HeadConfig(_Strict):
     num_levels: int = Field(1, ge=1)
     """Deformable head: levels of the value pyramid (1 = the official single 1/4 level)."""
     ffn_channels: int = Field(1024, ge=8)
+    out_kernel: Literal[1, 3] = 1
+    """Kernel of the output conv ``conv_seg`` (official segmentation 1; depth 3)."""
 
     @model_validator(mode="after")
     def _heads_divide(self) -> HeadConfig:
@@ -165,14 +213,19 @@ class DiffusionConfig(_Strict):
     """DDP diffusion settings (paper §3, Alg. 1-4; defaults follow the official configs)."""
 
     encoding: Literal["embedding", "onehot", "analog_bits"] = "embedding"
-    """Map encoding of labels (Table 5a): learned class embedding (sigmoid), one-hot or analog
+    """Segmentation only (depth maps are normalised to [-scale, scale] instead). Map encoding
+    of labels (Table 5a): learned class embedding (sigmoid), one-hot or analog
     bits; all are brought to [-scale, scale]."""
     embed_channels: int = Field(256, ge=1)
     """Channels of the class embedding (the official uses the decoder width, 256)."""
     scale: float = Field(0.01, gt=0)
-    """Signal scale of the encoded map (Table 5b; 0.01 for the embedding)."""
-    schedule: Literal["cosine", "linear"] = "cosine"
-    """Log-SNR noise schedule (Table 5c)."""
+    """Signal scale of the encoded map (Table 5b; 0.01 for the embedding, 0.1 for depth)."""
+    schedule: Literal["cosine", "linear", "cosine_unclamped"] = "cosine"
+    """Log-SNR noise schedule (Table 5c). ``cosine_unclamped``: the official depth variant,
+    alpha_bar = cos^2 exactly (no log-SNR cap near t = 0)."""
+    time_input: Literal["log_snr", "t"] = "log_snr"
+    """What the time MLP is fed: log-SNR (official segmentation/BEV) or t itself (official
+    depth)."""
     sample_range: tuple[float, float] = (0.0, 0.999)
     """Training times t ~ U(sample_range)."""
     time_frequencies: int = Field(16, ge=2)
@@ -287,6 +340,16 @@ class DDPSConfig(_Strict):
         return self
 
 
+class DepthLossConfig(_Strict):
+    """Depth training loss: SigLoss (Eigen et al. 2014, as in DepthFormer/DDP), plus an optional
+    multi-scale gradient-matching term on the log-depth error (MegaDepth/MiDaS)."""
+
+    variance_focus: float = Field(0.15, ge=0, le=1)
+    """lambda in sqrt(Var(g) + lambda mean(g)^2), g = log(pred) - log(gt)."""
+    gradient_weight: float = Field(0.0, ge=0)
+    gradient_scales: PosInt = 4
+
+
 class ModelConfig(_Strict):
     type: Literal["segmentor", "ddp", "ddps"] = "segmentor"
     """``segmentor``: discriminative encoder -> head; ``ddp``: the DDP diffusion model;
@@ -302,6 +365,8 @@ class ModelConfig(_Strict):
     """Read by ``type: ddps`` only."""
     avg_non_ignore: bool = False
     """CE mean over non-ignored pixels only (mmseg default False: mean over all pixels)."""
+    depth_loss: DepthLossConfig = DepthLossConfig()
+    """Read by ``task: depth`` only."""
 
     @model_validator(mode="after")
     def _ddp_head(self) -> ModelConfig:
@@ -331,6 +396,9 @@ class TrainConfig(_Strict):
     betas: tuple[float, float] = (0.9, 0.999)
     head_lr_mult: float = Field(1.0, gt=0)
     """Learning-rate multiplier for everything but the encoder."""
+    lr_schedule: Literal["poly", "cosine"] = "poly"
+    """Learning-rate decay after warmup: poly (mmseg segmentation) or cosine annealing (the
+    official depth recipe); both end at ``min_lr``."""
     warmup_iters: int = Field(1500, ge=0)
     warmup_ratio: float = Field(1e-6, ge=0, le=1)
     poly_power: float = Field(1.0, ge=0)
@@ -346,8 +414,10 @@ class TrainConfig(_Strict):
     load_from: Optional[str] = None
     """Start from these weights (a checkpoint file or run folder; weights only, fresh optimizer
     and schedule), e.g. the self-aligned fine-tune of a trained DDP model."""
-    best_metric: Literal["mIoU", "mAcc", "aAcc", "mBIoU"] = "mIoU"
-    """Validation metric (higher is better) that picks ``best.safetensors``."""
+    best_metric: Optional[Literal["mIoU", "mAcc", "aAcc", "mBIoU", "d1", "d2", "d3", "abs_rel",
+                                  "sq_rel", "rmse", "rmse_log", "log10", "silog"]] = None
+    """Validation metric that picks ``best.safetensors`` (errors: lower is better). None: mIoU
+    for segmentation, abs_rel for depth."""
     progress: bool = True
 
 
@@ -366,8 +436,16 @@ class EvalConfig(_Strict):
     """Boundary IoU band width as a share of the image diagonal (Cheng et al. 2021)."""
 
 
+SEG_METRICS = ("mIoU", "mAcc", "aAcc", "mBIoU")
+DEPTH_METRICS = ("d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog")
+LOWER_IS_BETTER = frozenset(DEPTH_METRICS[3:])
+TASK_DATASETS = {"segmentation": ("camvid", "ade20k", "cityscapes", "folder", "generated"),
+                 "depth": ("kitti", "nyu", "sunrgbd", "folder", "generated")}
+
+
 class Config(_Strict):
-    task: Literal["segmentation"] = "segmentation"
+    task: Literal["segmentation", "depth"] = "segmentation"
+    """``segmentation`` (class maps) or ``depth`` (monocular depth maps, ``data.depth``)."""
     seed: int = 0
     work_dir: Optional[str] = None
     """Run folder; None: runs/<config file stem>."""
@@ -382,6 +460,35 @@ class Config(_Strict):
         if v is not None and not v.strip():
             raise ValueError("must not be empty")
         return v
+
+    @model_validator(mode="after")
+    def _task(self) -> Config:
+        if self.data.dataset not in TASK_DATASETS[self.task]:
+            raise ValueError(f"data.dataset {self.data.dataset!r} is not a {self.task} dataset "
+                             f"({', '.join(TASK_DATASETS[self.task])})")
+        metric = self.train.best_metric
+        if metric is not None and metric not in self.metrics:
+            raise ValueError(f"train.best_metric {metric!r} is not a {self.task} metric "
+                             f"({', '.join(self.metrics)})")
+        if self.task == "depth":
+            if self.model.type == "ddps":
+                raise ValueError("model.type ddps is for segmentation only")
+            if self.data.train_pipeline.scale is not None:
+                raise ValueError("data.train_pipeline.scale must be unset for depth: resizing "
+                                 "changes the apparent focal length, not metric depth")
+        return self
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The validation metrics of the task."""
+        return DEPTH_METRICS if self.task == "depth" else SEG_METRICS
+
+    @property
+    def best_metric(self) -> str:
+        """``train.best_metric``, or the task's default (mIoU, abs_rel)."""
+        if self.train.best_metric is not None:
+            return self.train.best_metric
+        return "abs_rel" if self.task == "depth" else "mIoU"
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -476,7 +583,8 @@ def validate(data: dict, source: str = "config") -> Config:
             if "input" in err and not isinstance(err["input"], (dict, list)):
                 msg += f" (got {err['input']!r})"
         more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-        raise ConfigError(f"{source}: {loc}: {msg}{more}") from None
+        msg = msg.removeprefix("Value error, ")
+        raise ConfigError(f"{source}: {loc + ': ' if loc else ''}{msg}{more}") from None
 
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"

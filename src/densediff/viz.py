@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-__all__ = ["heatmap", "plot_steps", "steps_table"]
+__all__ = ["depth_color", "heatmap", "plot_steps", "steps_table"]
 
 
 def heatmap(values: np.ndarray, cmap: str = "inferno") -> np.ndarray:
@@ -18,10 +18,39 @@ def heatmap(values: np.ndarray, cmap: str = "inferno") -> np.ndarray:
     return (rgba[..., :3] * 255 + 0.5).astype(np.uint8)
 
 
+def depth_color(depth: np.ndarray, min_depth: float, max_depth: float,
+                cmap: str = "magma") -> np.ndarray:
+    """``(H, W)`` depths (metres) -> ``(H, W, 3)`` uint8 colours on a fixed scale: near is
+    bright, ``max_depth`` and beyond dark, so pictures of several steps or images compare."""
+    d = np.asarray(depth, np.float32)
+    return heatmap(1 - (d - min_depth) / (max_depth - min_depth), cmap)
+
+
+def _depth_steps_table(results: Mapping[int, Mapping]) -> str:
+    first = next(iter(results.values()))
+    kinds = list(first.get("uncertainty", {}))
+    cols = ("d1", "abs_rel", "sq_rel", "rmse", "rmse_log", "silog")
+    head = f"{'steps':>5} | " + " | ".join(f"{c:>8}" for c in cols)
+    for k in kinds:
+        head += f" | {'pearson-' + k:>14} | {'AUSE-' + k:>12}"
+    rows = []
+    for n, m in results.items():
+        row = f"{n:>5} | " + " | ".join(f"{m[c]:8.4f}" for c in cols)
+        for k in kinds:
+            u = m["uncertainty"][k]
+            row += f" | {u['pearson']:14.3f} | {u['ause_abs_rel']:12.4f}"
+        rows.append(row)
+    return "\n".join([head, "-" * len(head), *rows])
+
+
 def steps_table(results: Mapping[int, Mapping]) -> str:
     """Plain-text table of :func:`~densediff.engine.evaluate.evaluate_steps` results: one row
     per step count with mIoU, mBIoU, aAcc and, when present, the uncertainty AUROC and the
-    error rate among the 10 % most uncertain pixels for each estimator."""
+    error rate among the 10 % most uncertain pixels for each estimator. Depth results: d1,
+    AbsRel, SqRel, RMSE, RMSE log, SILog and, per uncertainty map, its Pearson correlation
+    with the AbsRel error and its AUSE (AbsRel)."""
+    if "abs_rel" in next(iter(results.values())):
+        return _depth_steps_table(results)
     first = next(iter(results.values()))
     kinds = list(first.get("uncertainty", {}))
     head = f"{'steps':>5} | {'mIoU':>6} | {'mBIoU':>6} | {'aAcc':>6}"
@@ -39,7 +68,8 @@ def steps_table(results: Mapping[int, Mapping]) -> str:
 
 def plot_steps(results: Mapping[int, Mapping], path: str | os.PathLike,
                title: str | None = None) -> None:
-    """Save a PNG of mIoU and mBIoU against the number of sampling steps."""
+    """Save a PNG of mIoU and mBIoU (depth: AbsRel and RMSE log) against the number of
+    sampling steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -47,10 +77,12 @@ def plot_steps(results: Mapping[int, Mapping], path: str | os.PathLike,
 
     steps = [int(n) for n in results]
     fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
-    for key, style in (("mIoU", "o-"), ("mBIoU", "s--")):
+    depth = "abs_rel" in next(iter(results.values()))
+    keys = ("abs_rel", "rmse_log") if depth else ("mIoU", "mBIoU")
+    for key, style in zip(keys, ("o-", "s--")):
         ax.plot(steps, [results[n][key] for n in results], style, label=key)
     ax.set_xlabel("sampling steps")
-    ax.set_ylabel("%")
+    ax.set_ylabel("error (lower is better)" if depth else "%")
     ax.set_xticks(steps)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -71,6 +71,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from densediff.api import check_steps, load_model, resolve_device
     from densediff.data import build_dataset
     from densediff.engine.evaluate import evaluate_steps, is_diffusion
+    from densediff.tasks.depth import format_depth_metrics
     from densediff.tasks.segmentation import format_metrics
     from densediff.viz import plot_steps, steps_table
 
@@ -96,15 +97,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = evaluate_steps(model, dataset, cfg, steps, aug=args.aug_test,
                              progress=not args.quiet)
     print(f"{args.checkpoint} on {cfg.data.dataset}/{split} ({len(dataset)} images)"
-          f"{' with multi-scale+flip' if args.aug_test else ''}")
+          f"{(' with flip' if cfg.task == 'depth' else ' with multi-scale+flip') if args.aug_test else ''}")
+    fmt = format_depth_metrics if cfg.task == "depth" else (lambda m: format_metrics(m, names))
     if not is_diffusion(model):
         metrics = results[0]
-        print(format_metrics(metrics, names))
+        print(fmt(metrics))
     else:
         metrics = {"steps": {str(n): m for n, m in results.items()}}
         if len(results) == 1:
             print(f"steps: {next(iter(results))}")
-            print(format_metrics(next(iter(results.values())), names))
+            print(fmt(next(iter(results.values()))))
         print(steps_table(results))
         plot = args.plot or (str(Path(args.out).with_suffix("")) + "_steps.png"
                              if args.out and len(results) > 1 else None)
@@ -152,7 +154,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             if getattr(args, opt):
                 raise UserError(f"--{opt}: {args.checkpoint} is not a diffusion model")
     out.mkdir(parents=True, exist_ok=True)
-    stems = [f.stem for f in files]
+    if predictor.cfg.task == "depth":
+        return _predict_depth(args, predictor, files, out)
     inputs = {f.resolve() for f in files}
     kinds = ["mask", "color", "overlay"]
     if args.uncertainty:
@@ -161,9 +164,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         kinds.append("trajectory")
     if predictor.cfg.model.type == "ddps":
         kinds += ["base", "compare"]
-    for f in files:
-        # a.png and a.jpg in one folder: keep the suffix so neither result overwrites the other
-        stem = f.stem if stems.count(f.stem) == 1 else f"{f.stem}_{f.suffix.lstrip('.')}"
+    for f, stem in zip(files, _output_stems(files)):
         outputs = [out / f"{stem}_{kind}.png" for kind in kinds]
         if any(o.resolve() in inputs for o in outputs):
             raise UserError(f"{out}: writing results there would overwrite input images; "
@@ -192,6 +193,59 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.save_probs:
             np.save(out / f"{stem}_probs.npy", pred.probs.astype(np.float16))
         print(f"{f} -> {out / (stem + '_{' + ','.join(pictures) + '}.png')}")
+    return 0
+
+
+def _output_stems(files: list[Path]) -> list[str]:
+    """Output name stems: a.png and a.jpg in one folder keep their suffix so that neither
+    result overwrites the other."""
+    stems = [f.stem for f in files]
+    return [f.stem if stems.count(f.stem) == 1 else f"{f.stem}_{f.suffix.lstrip('.')}"
+            for f in files]
+
+
+def _predict_depth(args: argparse.Namespace, predictor, files: list[Path], out: Path) -> int:
+    """``predict`` for depth checkpoints: colourised depth, raw 16-bit PNG and .npy (metres),
+    and with the options the uncertainty (heatmap + .npy) and the trajectory strip."""
+    import numpy as np
+    from PIL import Image
+
+    from densediff.data.depth import depth_png_scale
+    from densediff.data.io import read_image
+    from densediff.viz import heatmap
+
+    scale = depth_png_scale(predictor.cfg)
+    inputs = {f.resolve() for f in files}
+    for f, stem in zip(files, _output_stems(files)):
+        targets = [out / f"{stem}_{k}" for k in ("depth.png", "depth16.png", "depth.npy",
+                                                   "uncertainty.png", "trajectory.png")]
+        if any(t.resolve() in inputs for t in targets):
+            raise UserError(f"{out}: writing results there would overwrite input images; "
+                            "choose another --out")
+        rgb = read_image(f)
+        pred = predictor.predict(rgb, aug=args.aug_test, steps=args.steps, seed=args.seed)
+        written = {"depth.png": pred.color, "depth.npy": pred.depth,
+                   "depth16.png": np.clip(np.round(pred.depth * scale), 0, 65535).astype(np.uint16)}
+        if args.uncertainty:
+            if pred.uncertainty is None:
+                print(f"note: {f.name}: no uncertainty map (it needs a diffusion model, whole-"
+                      "image inference without --aug-test, and 2+ steps or random starts)",
+                      file=sys.stderr)
+            else:
+                u = pred.uncertainty
+                written["uncertainty.png"] = heatmap(u / max(float(u.max()), 1e-6))
+                written["uncertainty.npy"] = u
+        if args.trajectory:
+            if pred.trajectory is None:
+                raise UserError("--trajectory: needs whole-image inference without --aug-test")
+            written["trajectory.png"] = predictor.trajectory_strip(pred, rgb)
+        for kind, arr in written.items():
+            path = out / f"{stem}_{kind}"
+            if kind.endswith(".npy"):
+                np.save(path, arr.astype(np.float32))
+            else:
+                Image.fromarray(arr).save(path)
+        print(f"{f} -> {out / (stem + '_{' + ','.join(written) + '}')}")
     return 0
 
 
@@ -267,31 +321,38 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint")
     e.add_argument("overrides", nargs="*", help="dotted overrides of the stored config")
     e.add_argument("--split", default="val", help="val | test | train or a split name")
-    e.add_argument("--aug-test", action="store_true", help="multi-scale + flip test")
+    e.add_argument("--aug-test", action="store_true",
+                   help="multi-scale + flip test (depth: the flip test)")
     e.add_argument("--data-root", help="dataset folder (overrides data.root)")
     e.add_argument("--steps", help="diffusion models: step counts to evaluate in one pass, "
                    "e.g. 1,2,3,5,10 (default: the model's steps; DDPS: 0 = the base "
                    "segmentor)")
     _add_ddps_options(e)
     e.add_argument("--out", help="write the metrics JSON here")
-    e.add_argument("--plot", help="diffusion models: write the mIoU-vs-steps PNG here "
+    e.add_argument("--plot", help="diffusion models: write the mIoU- (depth: AbsRel-) vs-steps "
+                   "PNG here "
                    "(default with --out and several steps: <out>_steps.png)")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     e.set_defaults(func=cmd_eval)
 
-    pr = sub.add_parser("predict", help="segment an image or a folder of images")
+    pr = sub.add_parser("predict", help="segment (or estimate the depth of) an image or a folder "
+                        "of images; depth writes <name>_depth.png (colour), _depth16.png "
+                        "(16-bit, metres x the dataset's PNG scale) and _depth.npy (metres)")
     pr.add_argument("checkpoint")
     pr.add_argument("input", help="image file or folder")
     pr.add_argument("--out", required=True, help="output folder")
-    pr.add_argument("--aug-test", action="store_true")
-    pr.add_argument("--save-probs", action="store_true", help="also write KxHxW float16 .npy")
+    pr.add_argument("--aug-test", action="store_true",
+                    help="multi-scale + flip test (depth: the flip test)")
+    pr.add_argument("--save-probs", action="store_true",
+                    help="segmentation: also write KxHxW float16 .npy")
     pr.add_argument("--steps", type=int, help="diffusion models: sampling steps "
                     "(default: the model's steps; DDPS: 0 = the base segmentor)")
     pr.add_argument("--seed", type=int, default=0, help="diffusion models: noise seed")
     pr.add_argument("--uncertainty", action="store_true",
                     help="write uncertainty heatmaps (<name>_uncertainty.png: share of steps at "
-                    "which the label changed; <name>_entropy.png: normalised entropy)")
+                    "which the label changed; <name>_entropy.png: normalised entropy; depth: "
+                    "the depth's standard deviation over the steps, also as .npy in metres)")
     pr.add_argument("--trajectory", action="store_true",
                     help="diffusion models: write <name>_trajectory.png, the image, every "
                     "step's mask and the uncertainty side by side")

@@ -197,11 +197,12 @@ class DeformableDecoder(nn.Module):
         ffn_channels: hidden channels of the FFNs.
         time_channels: channels of the time embedding; None gives the non-diffusion twin.
         dropout: ``Dropout2d`` probability before ``conv_seg`` (0 disables it).
+        out_kernel: kernel of ``conv_seg`` (1; the official depth head uses 3).
     """
 
     def __init__(self, in_channels: int, out_channels: int, channels: int = 256, num_layers: int = 6,
                  num_heads: int = 8, num_points: int = 4, num_levels: int = 1, ffn_channels: int = 1024,
-                 time_channels: int | None = None, dropout: float = 0.0):
+                 time_channels: int | None = None, dropout: float = 0.0, out_kernel: int = 1):
         super().__init__()
         if channels % 2:
             raise ValueError(f"channels must be even (sine positional encoding), got {channels}")
@@ -215,7 +216,7 @@ class DeformableDecoder(nn.Module):
             DeformableLayer(channels, num_heads, num_points, num_levels, ffn_channels, time_channels)
             for _ in range(num_layers))
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
-        self.conv_seg = nn.Conv2d(channels, out_channels, 1)
+        self.conv_seg = nn.Conv2d(channels, out_channels, out_kernel, padding=out_kernel // 2)
         self.init_weights()
 
     @torch.no_grad()

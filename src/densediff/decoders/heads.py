@@ -28,17 +28,19 @@ class ConvHead(nn.Module):
         num_convs: number of 3x3 conv layers (0: classifier directly on the input).
         num_classes: K.
         dropout: ``Dropout2d`` probability before the classifier (0 disables it).
+        out_kernel: kernel of the classifier conv (1, or 3 as the official depth head).
 
     Shapes: ``B x in_channels x h x w`` -> ``B x K x h x w`` logits.
     """
 
     def __init__(self, in_channels: int, channels: int, num_convs: int, num_classes: int,
-                 dropout: float = 0.1):
+                 dropout: float = 0.1, out_kernel: int = 1):
         super().__init__()
         cins = [in_channels] + [channels] * (num_convs - 1)
         self.convs = nn.Sequential(*(conv_bn_relu(c, channels) for c in cins[:num_convs]))
         self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
-        self.conv_seg = nn.Conv2d(channels if num_convs else in_channels, num_classes, 1)
+        self.conv_seg = nn.Conv2d(channels if num_convs else in_channels, num_classes, out_kernel,
+                                  padding=out_kernel // 2)
         nn.init.normal_(self.conv_seg.weight, std=0.01)
         nn.init.zeros_(self.conv_seg.bias)
 

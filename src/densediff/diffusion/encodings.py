@@ -17,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["AnalogBits", "ClassEmbedding", "OneHot", "build_label_encoding"]
+__all__ = ["AnalogBits", "ClassEmbedding", "DepthEncoding", "OneHot", "build_label_encoding"]
 
 
 class _LabelEncoding(nn.Module):
@@ -81,6 +81,30 @@ class AnalogBits(_LabelEncoding):
         bits = (x > 0).long()
         idx = (bits * self.powers[None, :, None, None]).sum(1)
         return idx.clamp(max=self.num_classes)
+
+
+class DepthEncoding(nn.Module):
+    """A depth map (metres) -> one channel in [-scale, scale] (DDP depth; official
+    ``bit_scale`` 0.1): ``((d - min) / (max - min) * 2 - 1) * scale``; :meth:`decode` inverts it.
+    Depths outside [min, max] map outside [-scale, scale]; callers clamp where needed."""
+
+    channels = 1
+
+    def __init__(self, min_depth: float, max_depth: float, scale: float = 0.1):
+        super().__init__()
+        if not 0 <= min_depth < max_depth:
+            raise ValueError(f"need 0 <= min_depth < max_depth, got {min_depth}, {max_depth}")
+        self.min_depth, self.max_depth, self.scale = min_depth, max_depth, scale
+
+    def forward(self, depth: torch.Tensor) -> torch.Tensor:
+        """B x h x w or B x 1 x h x w depths -> B x 1 x h x w codes."""
+        if depth.dim() == 3:
+            depth = depth[:, None]
+        return ((depth - self.min_depth) / (self.max_depth - self.min_depth) * 2 - 1) * self.scale
+
+    def decode(self, code: torch.Tensor) -> torch.Tensor:
+        """Codes -> depths (the inverse of :meth:`forward`)."""
+        return (code / self.scale + 1) / 2 * (self.max_depth - self.min_depth) + self.min_depth
 
 
 def build_label_encoding(name: str, num_classes: int, channels: int, scale: float,

@@ -18,8 +18,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-__all__ = ["LogSNRSchedule", "alpha_sigma", "cosine_log_snr", "get_schedule", "linear_log_snr",
-           "LearnedSinusoidalPosEmb", "TimeEmbedding"]
+__all__ = ["LogSNRSchedule", "alpha_sigma", "cosine_log_snr", "cosine_unclamped_log_snr",
+           "get_schedule", "linear_log_snr", "schedule_time", "LearnedSinusoidalPosEmb",
+           "TimeEmbedding"]
+
+_NS, _DS = 0.0002, 0.00025
 
 LogSNRSchedule = Callable[[torch.Tensor], torch.Tensor]
 
@@ -36,6 +39,16 @@ def cosine_log_snr(t: torch.Tensor, ns: float = 0.0002, ds: float = 0.00025,
     return -torch.log(torch.clamp(c.pow(-2) - 1, min=clamp))
 
 
+def cosine_unclamped_log_snr(t: torch.Tensor, ns: float = _NS, ds: float = _DS) -> torch.Tensor:
+    """The official depth variant of the cosine schedule: alpha_bar = ``gamma(t) =
+    cos^2((t + ns) / (1 + ds) * pi/2)`` used as is, without the log-SNR clamp.
+
+    As log-SNR: ``log(gamma / (1 - gamma)) = -2 log tan(theta)``, computed in that form so that
+    it stays exact near t = 0 (where ``1 - gamma`` underflows in float32).
+    """
+    return -2 * torch.log(torch.tan((t + ns) / (1 + ds) * math.pi * 0.5))
+
+
 def linear_log_snr(t: torch.Tensor) -> torch.Tensor:
     """The "linear" schedule of the official code: ``-log(expm1(1e-4 + 10 t^2))``
     (the continuous-time version of DDPM's linear beta schedule, Kingma et al. 2021)."""
@@ -43,11 +56,30 @@ def linear_log_snr(t: torch.Tensor) -> torch.Tensor:
 
 
 def get_schedule(name: str) -> LogSNRSchedule:
-    """``cosine`` or ``linear`` (paper Table 5c)."""
-    schedules = {"cosine": cosine_log_snr, "linear": linear_log_snr}
+    """``cosine`` or ``linear`` (paper Table 5c), or ``cosine_unclamped`` (official depth)."""
+    schedules = {"cosine": cosine_log_snr, "linear": linear_log_snr,
+                 "cosine_unclamped": cosine_unclamped_log_snr}
     if name not in schedules:
         raise ValueError(f"unknown noise schedule {name!r}; expected one of {sorted(schedules)}")
     return schedules[name]
+
+
+def schedule_time(name: str, log_snr: torch.Tensor) -> torch.Tensor:
+    """The time t of a log-SNR value under schedule ``name`` (the inverse of the schedule), for
+    models whose time embedding is fed t (``diffusion.time_input: t``, the official depth DDP)
+    while the sampler works in log-SNR.
+
+    cosine: ``t = atan(exp(-log_snr / 2)) * 2/pi * (1 + ds) - ns`` (where the clamp bites,
+    log_snr = -log(1e-5), this gives the clamp's edge, t ~ 0.002); linear:
+    ``t = sqrt((log1p(exp(-log_snr)) - 1e-4) / 10)``. Results are clipped to [0, 1].
+    """
+    if name in ("cosine", "cosine_unclamped"):
+        t = torch.atan(torch.exp(-0.5 * log_snr)) * (2 / math.pi) * (1 + _DS) - _NS
+    elif name == "linear":
+        t = ((torch.nn.functional.softplus(-log_snr) - 1e-4) / 10).clamp(min=0).sqrt()
+    else:
+        raise ValueError(f"unknown noise schedule {name!r}")
+    return t.clamp(0.0, 1.0)
 
 
 def alpha_sigma(log_snr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

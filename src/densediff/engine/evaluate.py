@@ -1,4 +1,5 @@
-"""Evaluate a model on a dataset split (single process or sharded under torch.distributed).
+"""Evaluate a model on a dataset split (single process or sharded under torch.distributed):
+segmentation (class maps) or depth, by ``cfg.task``.
 
 Diffusion models (anything with ``extract`` + ``sample_steps``: :class:`~densediff.models.DDP`,
 :class:`~densediff.models.DDPS`) can be scored at several step counts in one pass (dynamic
@@ -9,7 +10,7 @@ each uncertainty map flags wrong pixels.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,11 +20,13 @@ from tqdm import tqdm
 
 from densediff.config import Config
 from densediff.engine import distributed as du
-from densediff.engine.inference import predict_probs
+from densediff.engine.inference import predict_depth, predict_probs
+from densediff.tasks.depth import DepthMetric, DepthUncertaintyMetric
 from densediff.tasks.segmentation import SegMetric
 from densediff.tasks.uncertainty import UncertaintyMetric, entropy_uncertainty, step_change_uncertainty
 
-__all__ = ["evaluate", "evaluate_steps", "is_diffusion", "sample_seed", "uncertainty_maps"]
+__all__ = ["depth_uncertainty_maps", "evaluate", "evaluate_steps", "is_diffusion", "sample_seed",
+           "uncertainty_maps"]
 
 
 def is_diffusion(model: nn.Module) -> bool:
@@ -90,18 +93,72 @@ def evaluate_steps(model: nn.Module, dataset, cfg: Config, steps: Sequence[int] 
         "entropy": ...}`` each with :meth:`UncertaintyMetric.compute`'s AUROC, err_top10,
         err_all (percent). The step-change map needs every step, so it is only available
         with whole-image inference without ``aug``.
-    """
-    from densediff.data import collate
 
+        ``task: depth``: :class:`~densediff.tasks.depth.DepthMetric`'s d1..silog per step count
+        (GT and predictions at the original size, ``data.depth`` caps and ``eval_crop``);
+        ``aug`` is the flip test; diffusion models add ``uncertainty`` ``{"steps", "starts"}``
+        scored by :class:`~densediff.tasks.depth.DepthUncertaintyMetric` (whole-image
+        inference without ``aug`` only).
+    """
     model = du.unwrap(model)
     diffusion = is_diffusion(model)
-    if not diffusion:
-        steps = [0]
-    elif steps is None:
-        steps = [model.default_steps]
+    steps = _step_list(model, steps)
+    device = next(model.parameters()).device
+    if cfg.task == "depth":
+        return _evaluate_depth(model, dataset, cfg, steps, aug, progress)
+    seg = {n: SegMetric(dataset.num_classes, dataset.ignore_index, cfg.eval.boundary_dilation,
+                        device=device) for n in steps}
+    shared = diffusion and cfg.eval.mode == "whole" and not aug
+    kinds = ("steps", "entropy") if shared else ("entropy",)
+    unc = {n: {k: UncertaintyMetric(device=device) for k in kinds} for n in steps} if diffusion else {}
+    accumulation = model.accumulation if diffusion else False
+    for index, img, label in _images(model, dataset, cfg, progress):
+        h, w = label.shape[-2:]
+        seeds = [sample_seed(cfg, index)]
+        valid = label != dataset.ignore_index
+        feat = model.extract(img) if shared else None
+        for n in steps:
+            if shared:
+                probs, _, maps = uncertainty_maps(model, feat, n, (h, w), accumulation, seeds)
+            else:
+                kw = {"steps": n, "seeds": seeds} if diffusion else {}
+                probs = predict_probs(model, img, cfg.eval, ori_size=(h, w), aug=aug, **kw)
+                maps = {"entropy": entropy_uncertainty(probs)} if diffusion else {}
+            pred = probs.argmax(1)
+            seg[n].update(pred, label)
+            for k, m in maps.items():
+                unc[n][k].update(m, pred != label, valid)
+    results = {}
+    for n in steps:
+        seg[n].reduce()
+        results[n] = seg[n].compute()
+        if diffusion:
+            for m in unc[n].values():
+                m.reduce()
+            results[n]["uncertainty"] = {k: m.compute() for k, m in unc[n].items()}
+    return results
+
+
+def _step_list(model: nn.Module, steps: Sequence[int] | None) -> list[int]:
+    """The step counts to score: [0] for discriminative models, else ``steps`` (default the
+    model's own), deduplicated in order and checked against the model's minimum."""
+    if not is_diffusion(model):
+        return [0]
+    steps = [model.default_steps] if steps is None else steps
     steps = list(dict.fromkeys(int(s) for s in steps))
-    if diffusion and min(steps) < model.min_steps:
+    if min(steps) < model.min_steps:
         raise ValueError(f"steps must be >= {model.min_steps}, got {steps}")
+    return steps
+
+
+def _images(model: nn.Module, dataset, cfg: Config, progress: bool
+            ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """This process's share of the dataset, one image at a time, as ``(index, image, label)``
+    on the model's device: the test-resized image without padding and the label at the
+    original size. The model is in eval mode and inference mode meanwhile; its mode is
+    restored afterwards."""
+    from densediff.data import collate
+
     device = next(model.parameters()).device
     rank, world = du.rank(), du.world_size()
     indices = list(range(rank, len(dataset), world))
@@ -109,12 +166,6 @@ def evaluate_steps(model: nn.Module, dataset, cfg: Config, steps: Sequence[int] 
                         num_workers=cfg.data.num_workers, collate_fn=collate,
                         pin_memory=device.type == "cuda",
                         generator=torch.Generator())  # keeps the global RNG untouched
-    seg = {n: SegMetric(dataset.num_classes, dataset.ignore_index, cfg.eval.boundary_dilation,
-                        device=device) for n in steps}
-    shared = diffusion and cfg.eval.mode == "whole" and not aug
-    kinds = ("steps", "entropy") if shared else ("entropy",)
-    unc = {n: {k: UncertaintyMetric(device=device) for k in kinds} for n in steps} if diffusion else {}
-    accumulation = model.accumulation if diffusion else False
     was_training = model.training
     model.eval()
     try:
@@ -127,26 +178,65 @@ def evaluate_steps(model: nn.Module, dataset, cfg: Config, steps: Sequence[int] 
                 ih, iw = meta.get("img_size", batch["image"].shape[-2:])  # drop any padding
                 img = batch["image"][..., :ih, :iw].to(device, non_blocking=True)
                 label = batch["label"][..., :h, :w].to(device, non_blocking=True)
-                seeds = [sample_seed(cfg, index)]
-                valid = label != dataset.ignore_index
-                feat = model.extract(img) if shared else None
-                for n in steps:
-                    if shared:
-                        probs, _, maps = uncertainty_maps(model, feat, n, (h, w), accumulation, seeds)
-                    else:
-                        kw = {"steps": n, "seeds": seeds} if diffusion else {}
-                        probs = predict_probs(model, img, cfg.eval, ori_size=(h, w), aug=aug, **kw)
-                        maps = {"entropy": entropy_uncertainty(probs)} if diffusion else {}
-                    pred = probs.argmax(1)
-                    seg[n].update(pred, label)
-                    for k, m in maps.items():
-                        unc[n][k].update(m, pred != label, valid)
+                yield index, img, label
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def depth_uncertainty_maps(model: nn.Module, feat: torch.Tensor, steps: int,
+                           out_size: tuple[int, int], accumulation: bool,
+                           seeds: Sequence[int] | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Sample ``steps`` steps of a depth model from features; outputs at ``out_size``.
+
+    Returns:
+        ``(depth B x H x W, step_depths S x B x H x W, maps)``: the output depth, every
+        step's depth, and the uncertainty maps (B x H x W, metres): ``steps``, the standard
+        deviation over steps (and starts), and ``starts``, over the random starts of the last
+        step; each only when there are at least two.
+    """
+    traj = model.sample_steps(feat, steps, seeds=seeds)
+
+    def up(x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, size=out_size, mode="bilinear", align_corners=False)[:, 0]
+
+    maps = {k: up(v) for k in ("steps", "starts")
+            if (v := traj.spread(k)) is not None}
+    step_depths = torch.stack([up(d) for d in traj.step_depths()])
+    return up(traj.depth(accumulation)), step_depths, maps
+
+
+def _evaluate_depth(model: nn.Module, dataset, cfg: Config, steps: list[int], aug: bool,
+                    progress: bool) -> dict[int, dict]:
+    """:func:`evaluate_steps` for depth (see there); ``aug`` is the flip test."""
+    dd = cfg.data.depth
+    device = next(model.parameters()).device
+    diffusion = is_diffusion(model)
+    metric = {n: DepthMetric(dd.min_depth, dd.max_depth, dd.eval_crop, device=device)
+              for n in steps}
+    unc = {n: {} for n in steps}
+    accumulation = model.accumulation if diffusion else False
+    for index, img, gt in _images(model, dataset, cfg, progress):
+        size = tuple(gt.shape[-2:])
+        seeds = [sample_seed(cfg, index)]
+        feat = model.extract(img) if diffusion and not aug else None
+        for n in steps:
+            maps = {}
+            if feat is not None:
+                depth, _, maps = depth_uncertainty_maps(model, feat, n, size, accumulation, seeds)
+            else:
+                kw = {"steps": n, "seeds": seeds} if diffusion else {}
+                depth = predict_depth(model, img, size, flip=aug, **kw)
+            metric[n].update(depth, gt)
+            for k, m in maps.items():
+                if k not in unc[n]:
+                    unc[n][k] = DepthUncertaintyMetric(dd.min_depth, dd.max_depth, dd.eval_crop)
+                unc[n][k].update(m, depth, gt)
     results = {}
     for n in steps:
-        seg[n].reduce()
-        results[n] = seg[n].compute()
+        metric[n].reduce()
+        results[n] = metric[n].compute()
         if diffusion:
             for m in unc[n].values():
                 m.reduce()

@@ -18,7 +18,7 @@ from torch import nn
 from densediff.config import EvalConfig
 from densediff.errors import ConfigError
 
-__all__ = ["predict_probs", "slide_logits"]
+__all__ = ["predict_depth", "predict_probs", "slide_logits"]
 
 
 @torch.no_grad()
@@ -128,3 +128,24 @@ def slide_logits(model: nn.Module, img: torch.Tensor, crop_size: tuple[int, int]
             total[:, :, y1:y2, x1:x2] += out
             count[:, :, y1:y2, x1:x2] += 1
     return (total / count)[:, :, :h, :w]
+
+
+@torch.no_grad()
+def predict_depth(model: nn.Module, img: torch.Tensor, ori_size: tuple[int, int] | None = None,
+                  flip: bool = False, **kwargs) -> torch.Tensor:
+    """Depth maps (B x H x W, metres) for a batch of images, resized bilinearly to ``ori_size``.
+
+    ``flip``: the flip test of the depth toolboxes: the mean of the prediction and the
+    flipped-back prediction for the horizontally flipped image. ``kwargs`` go to
+    ``model.predict_depth`` (e.g. ``steps``, ``seeds``: the flipped pass uses the same noise).
+    """
+    out_size = tuple(ori_size) if ori_size is not None else tuple(img.shape[-2:])
+    passes = [False, True] if flip else [False]
+    total = None
+    for f in passes:
+        d = model.predict_depth(img.flip(-1) if f else img, **kwargs).float()
+        d = d.flip(-1) if f else d
+        if tuple(d.shape[-2:]) != out_size:
+            d = F.interpolate(d, size=out_size, mode="bilinear", align_corners=False)
+        total = d if total is None else total + d
+    return (total / len(passes))[:, 0]

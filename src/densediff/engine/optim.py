@@ -18,6 +18,8 @@ Parameters outside ``model.encoder`` get ``lr * head_lr_mult`` (mmseg ``head`` `
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from densediff.config import TrainConfig
@@ -84,13 +86,23 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig):
 def poly_lr(base_lr: float, it: int, cfg: TrainConfig) -> float:
     """Learning rate at iteration ``it`` (0-based, before that iteration's update).
 
-    mmcv ``PolyLrUpdaterHook`` (``by_epoch=False``) with linear warmup::
+    ``train.lr_schedule: poly``: mmcv ``PolyLrUpdaterHook`` (``by_epoch=False``)::
 
         lr = (base_lr - min_lr) * (1 - it / iters) ** power + min_lr
+
+    ``cosine``: mmcv ``CosineAnnealingLrUpdaterHook`` (the official depth recipe)::
+
+        lr = min_lr + (base_lr - min_lr) * (1 + cos(pi * it / iters)) / 2
+
+    both with mmcv's linear warmup::
+
         if it < warmup_iters:
             lr *= 1 - (1 - it / warmup_iters) * (1 - warmup_ratio)
     """
-    lr = (base_lr - cfg.min_lr) * (1 - it / cfg.iters) ** cfg.poly_power + cfg.min_lr
+    if cfg.lr_schedule == "cosine":
+        lr = cfg.min_lr + (base_lr - cfg.min_lr) * (1 + math.cos(math.pi * it / cfg.iters)) / 2
+    else:
+        lr = (base_lr - cfg.min_lr) * (1 - it / cfg.iters) ** cfg.poly_power + cfg.min_lr
     if it < cfg.warmup_iters:
         lr *= 1 - (1 - it / cfg.warmup_iters) * (1 - cfg.warmup_ratio)
     return lr

@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from densediff.config import Config
+from densediff.config import LOWER_IS_BETTER, Config
 from densediff.engine import distributed as du
 from densediff.engine.checkpoint import (
     first_nonfinite,
@@ -197,6 +197,7 @@ class _Run:
             raise ConfigError("work_dir: must be set for training (the run folder)")
         self.cfg = cfg = cfg.model_copy(deep=True)
         self.t = cfg.train
+        self.metric = cfg.best_metric
         self.info = info
         self.device = info.device
         self.work_dir = Path(cfg.work_dir)
@@ -321,7 +322,7 @@ class _Run:
         if best:
             save_checkpoint(self.ckpt_dir / "best.safetensors", eval_module.state_dict(), self.cfg,
                             {**meta, "kind": "ema" if self.ema else "model",
-                             self.t.best_metric: self.best})
+                             self.metric: self.best})
         if not last:
             return
         save_checkpoint(self.ckpt_dir / "last.safetensors", self.module.state_dict(), self.cfg,
@@ -332,7 +333,7 @@ class _Run:
         save_train_state(self.ckpt_dir / "last.state.pt", {  # written last: the commit point
             "iteration": self.iter, "samples": self.samples,
             "optimizer": self.optimizer.state_dict(),
-            "best": self.best, "best_iter": self.best_iter, "best_metric": self.t.best_metric,
+            "best": self.best, "best_iter": self.best_iter, "best_metric": self.metric,
             "rng": rngs, "world_size": self.info.world_size,
         })
 
@@ -365,17 +366,19 @@ class _Run:
         t0 = time.perf_counter()
         metrics = evaluate(module, self.val_set, self.cfg, progress=progress)
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        if self.t.best_metric not in scalars:
-            raise ConfigError(f"train.best_metric: {self.t.best_metric!r} is not one of the "
+        if self.metric not in scalars:
+            raise ConfigError(f"train.best_metric: {self.metric!r} is not one of the "
                               f"metrics ({', '.join(scalars)})")
-        value = scalars[self.t.best_metric]
-        improved = math.isfinite(value) and (self.best is None or value > self.best)
+        value = scalars[self.metric]
+        lower = self.metric in LOWER_IS_BETTER
+        improved = math.isfinite(value) and (
+            self.best is None or (value < self.best if lower else value > self.best))
         if improved:
             self.best, self.best_iter = value, self.iter
         if self.info.is_main:
             self.logger.scalars(self.iter, {**scalars, "eval_time": time.perf_counter() - t0},
                                 "val")
-            best = (f"  (best {self.t.best_metric} {self.best:.2f} @ {self.best_iter})"
+            best = (f"  (best {self.metric} {self.best:.2f} @ {self.best_iter})"
                     if self.best is not None else "")
             self.logger.info(f"iter {self.iter} val ({len(self.val_set)} images): "
                              + "  ".join(f"{k} {v:.2f}" for k, v in scalars.items()) + best)
@@ -453,7 +456,7 @@ class _Run:
             bar.close()
             if self.logger is not None:
                 self.logger.close()
-        return {**self.last_metrics, "iter": self.iter, f"best_{t.best_metric}": self.best,
+        return {**self.last_metrics, "iter": self.iter, f"best_{self.metric}": self.best,
                 "best_iter": self.best_iter}
 
 

@@ -1,5 +1,6 @@
-"""Segmentation models: the discriminative :class:`Segmentor`, the diffusion :class:`DDP`, and
-the :class:`DDPS` mask prior on a frozen base segmentor."""
+"""Models: for segmentation the discriminative :class:`Segmentor`, the diffusion :class:`DDP`,
+and the :class:`DDPS` mask prior on a frozen base segmentor; for depth the discriminative
+:class:`Depther` and :class:`DepthDDP`."""
 
 from __future__ import annotations
 
@@ -9,17 +10,22 @@ from densediff.config import Config, config_from_dict
 from densediff.errors import ConfigError
 from densediff.models.ddp import DDP
 from densediff.models.ddps import DDPS
+from densediff.models.depth import DepthDDP, Depther
 from densediff.models.segmentor import FeatureSegmentor, Segmentor
 
-__all__ = ["DDP", "DDPS", "FeatureSegmentor", "Segmentor", "build_base", "build_model"]
+__all__ = ["DDP", "DDPS", "DepthDDP", "Depther", "FeatureSegmentor", "Segmentor", "build_base",
+           "build_model"]
 
 
 def build_model(cfg: Config, num_classes: int) -> nn.Module:
-    """``cfg.model.type``: ``segmentor``, ``ddp`` or ``ddps``.
+    """``cfg.model.type``: ``segmentor``, ``ddp`` or ``ddps``; with ``task: depth`` the
+    depth models (``num_classes`` is then 1, the depth channel).
 
     For ``ddps`` the base segmentor is built too (:func:`build_base`); this fills in
     ``cfg.model.ddps.base_config`` when it is unset, so the run's config is self-contained.
     """
+    if cfg.task == "depth":
+        return DepthDDP(cfg) if cfg.model.type == "ddp" else Depther(cfg)
     if cfg.model.type == "ddp":
         return DDP(cfg, num_classes)
     if cfg.model.type == "ddps":

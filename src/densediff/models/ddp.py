@@ -26,7 +26,7 @@ from torch import nn
 from densediff.config import Config
 from densediff.diffusion.encodings import build_label_encoding
 from densediff.diffusion.samplers import sample, seeded_normal
-from densediff.diffusion.schedules import TimeEmbedding, alpha_sigma, get_schedule
+from densediff.diffusion.schedules import TimeEmbedding, alpha_sigma, get_schedule, schedule_time
 from densediff.models.segmentor import FeatureSegmentor, build_head
 
 
@@ -70,8 +70,7 @@ class DDP(FeatureSegmentor):
         m, d = cfg.model, cfg.model.diffusion
         self.diffusion_cfg = d
         self.schedule = get_schedule(d.schedule)
-        self.map_encoding = build_label_encoding(d.encoding, num_classes, d.embed_channels, d.scale,
-                                                 self.ignore_index)
+        self.map_encoding = self.build_map_encoding(cfg, num_classes)
         c = m.head.channels
         self.fuse = nn.Conv2d(m.neck.channels + self.map_encoding.channels, c, 1)
         nn.init.kaiming_normal_(self.fuse.weight, nonlinearity="relu")  # mmcv ConvModule init
@@ -79,22 +78,44 @@ class DDP(FeatureSegmentor):
         self.time_mlp = TimeEmbedding(d.time_frequencies, 4 * c)
         self.decoder = build_head(m.head, c, num_classes, time_channels=4 * c)
 
+    trajectory_cls = Trajectory
     default_steps = property(lambda self: self.diffusion_cfg.steps)
     min_steps = 1
     max_steps = None
     accumulation = property(lambda self: self.diffusion_cfg.accumulation)
 
+    def build_map_encoding(self, cfg: Config, num_classes: int) -> nn.Module:
+        """The map encoding (labels -> y_0); a task overrides this (it needs ``channels``)."""
+        d = cfg.model.diffusion
+        return build_label_encoding(d.encoding, num_classes, d.embed_channels, d.scale,
+                                    self.ignore_index)
+
     # ---------------------------------------------------------------------------- the decoder
 
     def denoise(self, feat: torch.Tensor, x_t: torch.Tensor, log_snr: torch.Tensor) -> torch.Tensor:
-        """The map decoder f_theta(y_t, features, t): class logits on the feature grid."""
-        return self.decoder(self.fuse(torch.cat([feat, x_t], 1)), self.time_mlp(log_snr))
+        """The map decoder f_theta(y_t, features, t): class logits on the feature grid.
+
+        The time MLP is fed ``log_snr``, or the time t it stands for when
+        ``diffusion.time_input`` is ``t`` (the official depth model)."""
+        d = self.diffusion_cfg
+        time = log_snr if d.time_input == "log_snr" else schedule_time(d.schedule, log_snr)
+        return self.decoder(self.fuse(torch.cat([feat, x_t], 1)), self.time_mlp(time))
 
     def encode_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Labels (B x h x w) -> the encoded map y_0 in [-scale, scale]."""
         return self.map_encoding(labels)
 
-    def encode_logits(self, logits: torch.Tensor) -> torch.Tensor:
+    def encode_target(self, label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """The GT at full resolution -> y_0 on the ``size`` feature grid (labels are
+        nearest-resized, as the official)."""
+        small = F.interpolate(label[:, None].float(), size=size, mode="nearest")
+        return self.encode_labels(small[:, 0].long())
+
+    def task_losses(self, pred: torch.Tensor, label: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The task loss of a decoder output against the full-resolution GT: CE."""
+        return {"loss_ce": self.ce(pred, label)}
+
+    def encode_prediction(self, logits: torch.Tensor) -> torch.Tensor:
         """A prediction -> y_0: argmax, then the map encoding (hard re-quantisation, as the
         official sampler does at every step)."""
         return self.map_encoding(logits.argmax(1))
@@ -104,28 +125,28 @@ class DDP(FeatureSegmentor):
     def forward_train(self, img: torch.Tensor, label: torch.Tensor) -> dict[str, torch.Tensor]:
         """Algorithm 1 (DDP training), or Algorithm 4 (self-aligned denoising).
 
-        The GT is nearest-resized to the feature grid and encoded; t ~ U(sample_range) per
-        image; ``y_t = alpha(t) y_0 + sigma(t) eps``; the decoder's logits are upsampled and
-        scored with CE against the full-resolution GT, plus the aux CE (weight 0.4).
+        The GT is resized to the feature grid and encoded (:meth:`encode_target`); t ~
+        U(sample_range) per image; ``y_t = alpha(t) y_0 + sigma(t) eps``; the decoder's output is
+        scored against the full-resolution GT (:meth:`task_losses`: CE on upsampled logits),
+        plus the aux loss (weight 0.4).
         Self-aligned: ``y_0`` is instead the encoding of the model's own prediction from pure
         noise at t = 1 (no gradient), noised with the same ``eps``.
         """
         feat = self.extract(img)
         b = feat.shape[0]
-        small = F.interpolate(label[:, None].float(), size=feat.shape[-2:], mode="nearest")
-        y0 = self.encode_labels(small[:, 0].long())
+        y0 = self.encode_target(label, feat.shape[-2:])
         eps = torch.randn_like(y0)
         if self.diffusion_cfg.self_aligned:
             with torch.no_grad():
                 ls1 = self.schedule(torch.ones(b, device=feat.device))
-                y0 = self.encode_logits(self.denoise(feat, eps, ls1))
+                y0 = self.encode_prediction(self.denoise(feat, eps, ls1))
         lo, hi = self.diffusion_cfg.sample_range
         t = torch.empty(b, device=feat.device).uniform_(lo, hi)
         log_snr = self.schedule(t)
         alpha, sigma = (v.view(b, 1, 1, 1) for v in alpha_sigma(log_snr))
         y_t = alpha * y0 + sigma * eps
-        logits = self.denoise(feat, y_t, log_snr)
-        return self.add_aux_loss({"loss_ce": self.ce(logits, label)}, feat, label)
+        return self.add_aux_loss(self.task_losses(self.denoise(feat, y_t, log_snr), label), feat,
+                                 label)
 
     # ---------------------------------------------------------------------------- sampling
 
@@ -157,10 +178,10 @@ class DDP(FeatureSegmentor):
         shape = (b * r, self.map_encoding.channels, h, w)
         x_T = seeded_normal(shape, gens, feat.device, feat.dtype)
         feat_r = feat.repeat_interleave(r, dim=0)  # image-major: (b r)
-        preds = sample(lambda x, ls: self.denoise(feat_r, x, ls), self.encode_logits, x_T,
+        preds = sample(lambda x, ls: self.denoise(feat_r, x, ls), self.encode_prediction, x_T,
                        self.schedule, steps, td, sampler,
                        noise=lambda: seeded_normal(shape, gens, feat.device, feat.dtype))
-        return Trajectory([p.view(b, r, *p.shape[1:]) for p in preds])
+        return self.trajectory_cls([p.view(b, r, *p.shape[1:]) for p in preds])
 
     @torch.no_grad()
     def decoder_step(self, feat: torch.Tensor) -> torch.Tensor:

@@ -69,10 +69,12 @@ def build_head(head: HeadConfig, in_channels: int, num_classes: int,
     """The conv head, or the deformable map decoder (with FiLM time input when
     ``time_channels`` is given)."""
     if head.type == "conv":
-        return ConvHead(in_channels, head.channels, head.num_convs, num_classes, head.dropout)
+        return ConvHead(in_channels, head.channels, head.num_convs, num_classes, head.dropout,
+                        head.out_kernel)
     return DeformableDecoder(in_channels, num_classes, head.channels, head.num_layers,
                              head.num_heads, head.num_points, head.num_levels, head.ffn_channels,
-                             time_channels=time_channels, dropout=head.dropout)
+                             time_channels=time_channels, dropout=head.dropout,
+                             out_kernel=head.out_kernel)
 
 
 class Segmentor(FeatureSegmentor):

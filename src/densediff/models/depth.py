@@ -1,0 +1,192 @@
+"""Monocular depth: DDP over a one-channel depth map (paper §4.4, App. B.3), and its twin.
+
+The machinery is DDP's (:mod:`densediff.models.ddp`): encoder + neck once, the deformable map
+decoder once per step, the same schedules and sampler. What depth changes, following the
+official depth code (reference notes §1.11):
+
+- the map encoding is the normalised depth, ``((d - min)/(max - min) * 2 - 1) * scale``
+  (:class:`~densediff.diffusion.encodings.DepthEncoding`, scale 0.1);
+- the decoder's one output channel becomes depth through ``relu(x) + min_depth``;
+- x0_hat is re-encoded from the predicted depth and clamped to [-scale, scale] at every step;
+- the loss is SigLoss (optionally + gradient matching) on valid GT pixels only
+  (:mod:`densediff.tasks.depth`);
+- the GT is brought to the feature grid by :func:`downsample_depth`, which averages valid
+  pixels only, so missing pixels of sparse GT (KITTI) never become targets (the official
+  nearest resize turns them into depth 0).
+
+The depth configs also use the official schedule variant (``cosine_unclamped``) and feed t to
+the time MLP (``diffusion.time_input: t``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from densediff.config import Config
+from densediff.diffusion.encodings import DepthEncoding
+from densediff.models.ddp import DDP
+from densediff.models.segmentor import FeatureSegmentor, build_head
+from densediff.tasks.depth import depth_spread, gradient_loss, sig_loss, valid_mask
+
+__all__ = ["DepthDDP", "DepthTrajectory", "Depther", "downsample_depth"]
+
+
+def downsample_depth(depth: torch.Tensor, valid: torch.Tensor, size: tuple[int, int],
+                     fallback: float) -> torch.Tensor:
+    """Depth B x H x W -> B x 1 x h x w, averaging the ``valid`` pixels of each cell only.
+
+    A cell without valid pixels takes the valid mean of the smallest enclosing cell of a
+    coarser grid (the grid halved until one holds valid pixels); an image without any valid
+    pixel gets ``fallback``. Dense GT gives the plain area average.
+    """
+    d = (depth * valid)[:, None].float()
+    v = valid[:, None].float()
+    s, c = F.adaptive_avg_pool2d(d, size), F.adaptive_avg_pool2d(v, size)
+    out = s / c.clamp(min=1e-12)
+    empty = c <= 0
+    while bool(empty.any()) and max(s.shape[-2:]) > 1:
+        s = F.avg_pool2d(s, 2, ceil_mode=True)
+        c = F.avg_pool2d(c, 2, ceil_mode=True)
+        fill = F.interpolate(s / c.clamp(min=1e-12), size=size, mode="nearest")
+        found = F.interpolate(c, size=size, mode="nearest") > 0
+        out = torch.where(empty & found, fill, out)
+        empty = empty & ~found
+    return out.masked_fill(empty, fallback)
+
+
+@dataclass
+class DepthTrajectory:
+    """All sampling steps of one call: ``depths[s]`` is step s's depth, B x R x 1 x h x w
+    (R = ``randsteps`` noise starts per image)."""
+
+    depths: list[torch.Tensor]
+
+    def depth(self, accumulation: bool) -> torch.Tensor:
+        """B x 1 x h x w: the last step averaged over starts (the official output), or the
+        mean over all steps and starts (``accumulation``)."""
+        if accumulation:
+            return torch.stack(self.depths).mean((0, 2))
+        return self.depths[-1].mean(1)
+
+    def step_depths(self) -> torch.Tensor:
+        """S x B x 1 x h x w: each step's depth averaged over starts."""
+        return torch.stack([d.mean(1) for d in self.depths])
+
+    def spread(self, over: str) -> torch.Tensor | None:
+        """B x 1 x h x w uncertainty: the population standard deviation of the depth over the
+        ``steps`` (every step and start) or over the random ``starts`` of the last step.
+        None when there is only one step / start."""
+        if over == "steps":
+            x = torch.stack(self.depths)  # S x B x R x 1 x h x w
+            if x.shape[0] * x.shape[2] < 2:
+                return None
+            return depth_spread(x.transpose(1, 2).flatten(0, 1))  # (S R) x B x 1 x h x w
+        if over == "starts":
+            x = self.depths[-1]
+            return depth_spread(x.transpose(0, 1)) if x.shape[1] > 1 else None
+        raise ValueError(f"spread over 'steps' or 'starts', not {over!r}")
+
+
+class _DepthOutput:
+    """What both depth models share: the output activation and the loss."""
+
+    def _setup_depth(self, cfg: Config) -> None:
+        dd = cfg.data.depth
+        self.min_depth, self.max_depth = dd.min_depth, dd.max_depth
+        self.loss_cfg = cfg.model.depth_loss
+
+    def to_depth(self, raw: torch.Tensor) -> torch.Tensor:
+        """Head output -> depth: ``relu(x) + min_depth`` (official ``scale_up=False``)."""
+        return F.relu(raw) + self.min_depth
+
+    def depth_losses(self, depth: torch.Tensor, gt: torch.Tensor) -> dict[str, torch.Tensor]:
+        """SigLoss (+ weighted gradient matching) of a B x 1 x h x w depth, upsampled
+        bilinearly to the GT (B x H x W), on the valid GT pixels."""
+        up = F.interpolate(depth, size=gt.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        valid = valid_mask(gt, self.min_depth, self.max_depth)
+        lc = self.loss_cfg
+        losses = {"loss_depth": sig_loss(up, gt, valid, lc.variance_focus)}
+        if lc.gradient_weight > 0:
+            losses["loss_grad"] = lc.gradient_weight * gradient_loss(up, gt, valid,
+                                                                     lc.gradient_scales)
+        return losses
+
+    def add_aux_loss(self, losses: dict[str, torch.Tensor], feat: torch.Tensor,
+                     label: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The weighted aux depth loss (aux head on the image features) and the total."""
+        if self.aux_head is not None:
+            aux = self.depth_losses(self.to_depth(self.aux_head(feat)), label)
+            losses["loss_aux"] = self.aux_weight * sum(aux.values())
+        losses["loss"] = sum(losses.values())
+        return losses
+
+    def forward(self, img: torch.Tensor, label: torch.Tensor | None = None):
+        return self.forward_train(img, label) if label is not None else self.predict_depth(img)
+
+    def _up(self, depth: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return F.interpolate(depth, size=size, mode="bilinear", align_corners=False)
+
+
+class Depther(_DepthOutput, FeatureSegmentor):
+    """Discriminative depth model: features -> head (conv, or the deformable twin of DDP) ->
+    ``relu + min_depth``. Trained with the same loss as :class:`DepthDDP`."""
+
+    def __init__(self, cfg: Config, num_classes: int = 1):
+        super().__init__(cfg, 1)
+        self._setup_depth(cfg)
+        self.head = build_head(cfg.model.head, cfg.model.neck.channels, 1)
+
+    def forward_train(self, img: torch.Tensor, label: torch.Tensor) -> dict[str, torch.Tensor]:
+        feat = self.extract(img)
+        depth = self.to_depth(self.head(feat))
+        return self.add_aux_loss(self.depth_losses(depth, label), feat, label)
+
+    def predict_depth(self, img: torch.Tensor) -> torch.Tensor:
+        """B x 1 x H x W depth at the input size."""
+        return self._up(self.to_depth(self.head(self.extract(img))), img.shape[-2:])
+
+
+class DepthDDP(_DepthOutput, DDP):
+    """DDP for depth: one-channel map diffusion (see the module docstring). Training is
+    :meth:`DDP.forward_train` (Alg. 1 / Alg. 4) with the depth hooks below; sampling is
+    :meth:`DDP.sample_steps` (Alg. 2/3), returning a :class:`DepthTrajectory`."""
+
+    trajectory_cls = DepthTrajectory
+
+    def __init__(self, cfg: Config, num_classes: int = 1):
+        super().__init__(cfg, 1)
+        self._setup_depth(cfg)
+
+    def build_map_encoding(self, cfg: Config, num_classes: int) -> nn.Module:
+        dd = cfg.data.depth
+        return DepthEncoding(dd.min_depth, dd.max_depth, cfg.model.diffusion.scale)
+
+    def denoise(self, feat: torch.Tensor, x_t: torch.Tensor, log_snr: torch.Tensor) -> torch.Tensor:
+        """The map decoder's output as depth, B x 1 x h x w."""
+        return self.to_depth(super().denoise(feat, x_t, log_snr))
+
+    def encode_target(self, label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        valid = valid_mask(label, self.min_depth, self.max_depth)
+        middle = (self.min_depth + self.max_depth) / 2
+        return self.map_encoding(downsample_depth(label, valid, size, middle))
+
+    def encode_prediction(self, depth: torch.Tensor) -> torch.Tensor:
+        """Predicted depth -> x0_hat, clamped to [-scale, scale] (official)."""
+        s = self.map_encoding.scale
+        return self.map_encoding(depth).clamp(-s, s)
+
+    def task_losses(self, pred: torch.Tensor, label: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.depth_losses(pred, label)
+
+    def predict_depth(self, img: torch.Tensor, steps: int | None = None,
+                      accumulation: bool | None = None, **kwargs) -> torch.Tensor:
+        """B x 1 x H x W depth at the input size. ``kwargs``: ``td``, ``sampler``,
+        ``randsteps``, ``seeds``."""
+        d = self.diffusion_cfg
+        traj = self.sample_steps(self.extract(img), d.steps if steps is None else steps, **kwargs)
+        depth = traj.depth(d.accumulation if accumulation is None else accumulation)
+        return self._up(depth, img.shape[-2:])
