@@ -13,6 +13,11 @@ from pathlib import Path
 
 from densediff.errors import UserError
 
+DATA_CHECK_FORMATS = ("camvid", "ade20k", "cityscapes", "folder", "kitti", "nyu", "sunrgbd",
+                      "depth_folder")
+"""``densediff data check --format`` choices (= ``data.check.CHECK_FORMATS``, listed here so
+that building the parser imports no torch)."""
+
 # ------------------------------------------------------------------------------------------
 # commands
 
@@ -210,11 +215,12 @@ def _predict_depth(args: argparse.Namespace, predictor, files: list[Path], out: 
     import numpy as np
     from PIL import Image
 
-    from densediff.data.depth import depth_png_scale
+    from densediff.data.depth import depth_scale_for
     from densediff.data.io import read_image
     from densediff.viz import heatmap
 
-    scale = depth_png_scale(predictor.cfg)
+    dcfg = predictor.cfg.data
+    scale = depth_scale_for(dcfg.dataset, dcfg.depth.depth_scale, dcfg.depth.max_depth)
     inputs = {f.resolve() for f in files}
     for f, stem in zip(files, _output_stems(files)):
         targets = [out / f"{stem}_{k}" for k in ("depth.png", "depth16.png", "depth.npy",
@@ -384,7 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="data_command", required=True)
     dc = dsub.add_parser("check", help="validate a dataset folder and list every problem")
     dc.add_argument("root")
-    dc.add_argument("--format", required=True, choices=["camvid", "ade20k", "cityscapes", "folder"])
+    dc.add_argument("--format", required=True, choices=DATA_CHECK_FORMATS,
+                    help="segmentation: camvid ade20k cityscapes folder; depth: kitti nyu "
+                    "sunrgbd depth_folder")
     dc.set_defaults(func=cmd_data_check)
 
     dm = sub.add_parser("demo", help="train + evaluate + predict on built-in generated data")

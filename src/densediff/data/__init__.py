@@ -3,13 +3,17 @@
 Entry points: :func:`build_dataset` (from the run config), :func:`collate` (DataLoader
 ``collate_fn``), :func:`preprocess_image` (a new image -> model input),
 :func:`densediff.data.check.check_dataset` (validate a dataset folder) and the layouts
-documented in :mod:`densediff.data.layouts`.
+documented in :mod:`densediff.data.layouts` (segmentation) and :mod:`densediff.data.depth`
+(depth).
 """
 
 from densediff.data.build import build_dataset, class_info, resolve_root, root_env_var
 from densediff.data.datasets import SegDataset, collate
+from densediff.data.depth import DepthDataset, build_depth_dataset, read_depth
+from densediff.data.depth_scenes import GeneratedDepthDataset, render_depth_scene
 from densediff.data.generated import GeneratedDataset
 from densediff.data.transforms import preprocess_image
 
-__all__ = ["SegDataset", "GeneratedDataset", "build_dataset", "class_info", "collate", "preprocess_image",
-           "resolve_root", "root_env_var"]
+__all__ = ["SegDataset", "GeneratedDataset", "DepthDataset", "GeneratedDepthDataset",
+           "build_dataset", "build_depth_dataset", "class_info", "collate", "preprocess_image",
+           "read_depth", "render_depth_scene", "resolve_root", "root_env_var"]

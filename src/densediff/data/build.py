@@ -73,8 +73,16 @@ def build_dataset(cfg: Config, split: str, train: bool) -> SegDataset:
         DataError: the folder is missing or its layout is broken (the message names the first
             problem; ``densediff.data.check.check_dataset`` lists them all).
         ConfigError: ``data.num_classes`` or ``data.ignore_index`` does not fit the dataset.
+
+    With ``cfg.task == "depth"`` this is :func:`densediff.data.depth.build_depth_dataset` (a
+    :class:`~densediff.data.depth.DepthDataset`; ``num_classes`` and ``ignore_index`` are not
+    read).
     """
     d = cfg.data
+    if cfg.task == "depth":
+        from densediff.data.depth import build_depth_dataset
+
+        return build_depth_dataset(cfg, split, train)
     if d.dataset == "generated":
         ds: SegDataset = GeneratedDataset(d, split, train, seed=cfg.seed)
     elif d.dataset in ("camvid", "ade20k", "cityscapes", "folder"):
@@ -98,6 +106,7 @@ def class_info(cfg: Config) -> tuple[list[str], np.ndarray]:
     ``data.class_names``/``data.palette`` win when set (the trainer stores them in every
     resolved config, so a checkpoint is self-contained); otherwise the dataset's built-in
     classes, or the folder dataset's ``classes.txt`` (or ``data.num_classes`` generic names).
+    Depth (``cfg.task == "depth"``): ``["depth"]`` with a white palette entry.
     """
     d = cfg.data
     if d.class_names is not None:
@@ -107,6 +116,8 @@ def class_info(cfg: Config) -> tuple[list[str], np.ndarray]:
             raise ConfigError(f"data.palette has {len(palette)} colours for "
                               f"{len(d.class_names)} data.class_names")
         return list(d.class_names), palette
+    if cfg.task == "depth":
+        return ["depth"], np.array([[255, 255, 255]], np.uint8)
     if d.dataset == "generated":
         return list(GENERATED_CLASSES), np.asarray(GENERATED_PALETTE, np.uint8)
     if d.dataset == "camvid":

@@ -1,4 +1,9 @@
-"""Validate a dataset folder and list every problem found (``densediff data check``)."""
+"""Validate a dataset folder and list every problem found (``densediff data check``).
+
+Segmentation formats: camvid, ade20k, cityscapes, folder. Depth formats
+(:mod:`densediff.data.depth`): kitti, nyu, sunrgbd, and ``depth_folder`` (the depth ``folder``
+layout: ``images/`` + ``depth/``).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,14 @@ from pathlib import Path
 import numpy as np
 
 from densediff.data.classes import map_label
+from densediff.data.depth import read_depth, scan_depth
 from densediff.data.io import check_same_size, image_size, read_image, read_label
 from densediff.data.layouts import FORMATS, dataset_dir, scan, splits_of
 from densediff.errors import DataError
+
+DEPTH_CHECK_FORMATS = ("kitti", "nyu", "sunrgbd", "depth_folder")
+CHECK_FORMATS = FORMATS + DEPTH_CHECK_FORMATS
+"""Formats :func:`check_dataset` accepts."""
 
 
 def check_pair(img: Path, label: Path, lut: np.ndarray | None,
@@ -38,6 +48,41 @@ def check_pair(img: Path, label: Path, lut: np.ndarray | None,
     return problems
 
 
+def check_depth_pair(img: Path, depth: Path, sunrgbd: bool = False,
+                     decode_images: bool = True) -> list[str]:
+    """Problems of one image/depth pair: unreadable or truncated files, a depth map that is not
+    a single-channel 16/8-bit image, size mismatch."""
+    problems, size, dsize = [], None, None
+    try:
+        size = read_image(img).shape[:2] if decode_images else image_size(img)
+    except DataError as e:
+        problems.append(str(e))
+    try:
+        dsize = read_depth(depth, 1.0, sunrgbd).shape
+    except DataError as e:
+        problems.append(str(e))
+    if size is not None and dsize is not None:
+        try:
+            check_same_size(img, size, depth, dsize)
+        except DataError as e:
+            problems.append(str(e))
+    return problems
+
+
+def depth_splits_of(fmt: str, root: str | os.PathLike) -> list[str]:
+    """The splits :func:`check_dataset` inspects for a depth format: the list files present
+    (``kitti_eigen_*.txt``, ``nyu_*.txt``), ``val`` for sunrgbd, the folder's split files (or
+    ``all``) for depth_folder."""
+    root = Path(root).expanduser()
+    if fmt == "depth_folder":
+        return splits_of("folder", root)
+    if fmt == "sunrgbd":
+        return ["val"]
+    prefix = {"kitti": "kitti_eigen_", "nyu": "nyu_"}[fmt]
+    found = sorted(p.name[len(prefix):-4] for p in root.glob(f"{prefix}*.txt"))
+    return found or ["train", "test"]  # none: report the missing lists
+
+
 def check_dataset(root: str | os.PathLike, fmt: str, decode_images: bool = True,
                   progress: bool = False, workers: int | None = None) -> list[str]:
     """Check a dataset folder; returns every problem found, one line each naming the file.
@@ -49,28 +94,43 @@ def check_dataset(root: str | os.PathLike, fmt: str, decode_images: bool = True,
 
     Args:
         root: the dataset folder.
-        fmt: camvid | ade20k | cityscapes | folder (layouts: :mod:`densediff.data.layouts`).
+        fmt: camvid | ade20k | cityscapes | folder (layouts: :mod:`densediff.data.layouts`),
+            or a depth format kitti | nyu | sunrgbd | depth_folder (layouts:
+            :mod:`densediff.data.depth`; depth maps are checked to be readable single-channel
+            images of the image's size).
         decode_images: decode every image (finds truncated files) instead of reading headers
             only (several times faster on JPEG datasets). Labels are always decoded.
         progress: show a progress bar.
         workers: threads for reading files (default: the number of CPUs, at most 8).
     """
-    if fmt not in FORMATS:
-        raise DataError(f"unknown dataset format {fmt!r} (choose from {', '.join(FORMATS)})")
-    if not dataset_dir(fmt, root).is_dir():
+    if fmt not in CHECK_FORMATS:
+        raise DataError(f"unknown dataset format {fmt!r} (choose from {', '.join(CHECK_FORMATS)})")
+    depth = fmt in DEPTH_CHECK_FORMATS
+    if not (Path(root).expanduser() if depth else dataset_dir(fmt, root)).is_dir():
         return [f"{root}: dataset folder not found"]
     problems: list[str] = []
     jobs: dict[tuple[Path, Path], np.ndarray | None] = {}
-    for split in splits_of(fmt, root):
-        layout = scan(fmt, root, split)
-        problems += layout.problems
-        problems += [f"{p}: label without image" for p in layout.orphan_labels]
-        lut = layout.lut if layout.class_names else None
-        for pair in layout.files:
-            jobs.setdefault(pair, lut)
+    if depth:
+        scan_fmt = "folder" if fmt == "depth_folder" else fmt
+        for split in depth_splits_of(fmt, root):
+            dlayout = scan_depth(scan_fmt, root, split)
+            problems += dlayout.problems
+            problems += [f"{p}: depth map without image" for p in dlayout.orphan_depths]
+            for pair in dlayout.files:
+                jobs.setdefault(pair, None)
+    else:
+        for split in splits_of(fmt, root):
+            layout = scan(fmt, root, split)
+            problems += layout.problems
+            problems += [f"{p}: label without image" for p in layout.orphan_labels]
+            lut = layout.lut if layout.class_names else None
+            for pair in layout.files:
+                jobs.setdefault(pair, lut)
 
     def run(item):
         (img, lab), lut = item
+        if depth:
+            return check_depth_pair(img, lab, fmt == "sunrgbd", decode_images)
         return check_pair(img, lab, lut, decode_images)
 
     workers = workers or min(os.cpu_count() or 1, 8)

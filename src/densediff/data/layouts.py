@@ -260,16 +260,53 @@ def folder_default_split(stems: list[str], split: str) -> list[str]:
                     f"(got {split!r})")
 
 
-def _by_stem(folder: Path, extensions, out: Layout) -> dict[str, Path]:
-    """Files under ``folder`` keyed by their relative path without suffix; duplicates reported."""
+def files_by_stem(folder: Path, extensions: tuple[str, ...], problems: list[str]
+                  ) -> dict[str, Path]:
+    """Files under ``folder`` (recursively, suffix in ``extensions``) keyed by their relative
+    path without suffix (posix ``a/b``); a second file with the same stem is reported in
+    ``problems`` and left out."""
     found: dict[str, Path] = {}
     for f in _files(folder, extensions):
         stem = f.relative_to(folder).with_suffix("").as_posix()
         if stem in found:
-            out.problems.append(f"{f}: duplicate stem {stem!r} (also {found[stem].name})")
+            problems.append(f"{f}: duplicate stem {stem!r} (also {found[stem].name})")
         else:
             found[stem] = f
     return found
+
+
+def folder_split_stems(root: Path, split: str, images: dict[str, Path], img_dir: Path,
+                       problems: list[str]) -> list[str] | None:
+    """The stems of ``split`` in a folder layout (segmentation or depth).
+
+    With a ``root/splits/`` folder (and ``split != "all"``) the stems are read from
+    ``splits/<split>.txt`` (blank lines and ``#`` comments skipped, a trailing image suffix
+    tolerated); stems without an image are reported in ``problems`` and left out. Without
+    ``splits/`` the default split of :func:`folder_default_split` is used. A missing split
+    file or an unknown default split name is reported and returns None.
+    """
+    split_file = root / "splits" / f"{split}.txt"
+    if (root / "splits").is_dir() and split != "all":
+        if not split_file.is_file():
+            problems.append(f"{split_file}: split file not found")
+            return None
+        stems = []
+        for lineno, line in enumerate(split_file.read_text().splitlines(), 1):
+            s = line.strip()
+            if not s or s.startswith("#"):
+                continue
+            if s not in images and Path(s).suffix.lower() in IMAGE_EXTENSIONS:
+                s = Path(s).with_suffix("").as_posix()  # tolerate "name.jpg"
+            if s in images:
+                stems.append(s)
+            else:
+                problems.append(f"{split_file}:{lineno}: no image for {s!r} in {img_dir}")
+        return stems
+    try:
+        return folder_default_split(list(images), split)
+    except DataError as e:
+        problems.append(f"{root}: {e}")
+        return None
 
 
 def _scan_folder(root: Path, split: str, num_classes: int | None, out: Layout) -> None:
@@ -288,33 +325,14 @@ def _scan_folder(root: Path, split: str, num_classes: int | None, out: Layout) -
     img_dir, mask_dir = root / "images", root / "masks"
     if not (_need_dir(img_dir, out) & _need_dir(mask_dir, out)):
         return
-    images = _by_stem(img_dir, IMAGE_EXTENSIONS, out)
-    masks = _by_stem(mask_dir, LABEL_EXTENSIONS, out)
+    images = files_by_stem(img_dir, IMAGE_EXTENSIONS, out.problems)
+    masks = files_by_stem(mask_dir, LABEL_EXTENSIONS, out.problems)
     if not images:
         out.problems.append(f"{img_dir}: no images ({' '.join(IMAGE_EXTENSIONS)})")
         return
-    split_file = root / "splits" / f"{split}.txt"
-    if (root / "splits").is_dir() and split != "all":
-        if not split_file.is_file():
-            out.problems.append(f"{split_file}: split file not found")
-            return
-        stems = []
-        for lineno, line in enumerate(split_file.read_text().splitlines(), 1):
-            s = line.strip()
-            if not s or s.startswith("#"):
-                continue
-            if s not in images and Path(s).suffix.lower() in IMAGE_EXTENSIONS:
-                s = Path(s).with_suffix("").as_posix()  # tolerate "name.jpg"
-            if s in images:
-                stems.append(s)
-            else:
-                out.problems.append(f"{split_file}:{lineno}: no image for {s!r} in {img_dir}")
-    else:
-        try:
-            stems = folder_default_split(list(images), split)
-        except DataError as e:
-            out.problems.append(f"{root}: {e}")
-            return
+    stems = folder_split_stems(root, split, images, img_dir, out.problems)
+    if stems is None:
+        return
     for s in stems:
         if s in masks:
             out.files.append((images[s], masks[s]))

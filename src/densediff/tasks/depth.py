@@ -731,3 +731,25 @@ class DepthUncertaintyMetric:
             "images": k,
             "skipped": int(round(skipped)),
         }
+
+
+def best_constant_depth(gts: Sequence[torch.Tensor], min_depth: float, max_depth: float,
+                        crop: str = "none", candidates: int = 400) -> tuple[float, dict]:
+    """The constant-depth predictor with the lowest AbsRel on ``gts`` (an oracle baseline: the
+    constant is fitted on the very maps it is scored on), found on a log-spaced grid of
+    ``candidates`` depths in [min_depth, max_depth] and scored with :class:`DepthMetric`.
+
+    Returns:
+        ``(depth, metrics)``: the best constant and its :meth:`DepthMetric.compute` results.
+    """
+    grid = torch.logspace(math.log10(min_depth), math.log10(max_depth), candidates,
+                          dtype=torch.float64)
+    best: tuple[float, dict] | None = None
+    for c in grid.tolist():
+        metric = DepthMetric(min_depth, max_depth, crop)
+        for gt in gts:
+            metric.update(torch.full_like(gt, c), gt)
+        m = metric.compute()
+        if best is None or m["abs_rel"] < best[1]["abs_rel"]:
+            best = (c, m)
+    return best
