@@ -122,8 +122,10 @@ def test_kitti_eigen_layout_sparse_gt_and_none_entries(tmp_path):
         _, scene = fx.depth_scene(0, 0, i, (40, 72), 80.0, 0.12)
         _assert_matches_scene(label, scene, 1 / 256)
         assert 0.05 < (label > 0).mean() < 0.2  # sparse, LiDAR-like
-    val = build_dataset(_cfg("kitti", root), "val", train=False)  # -> kitti_eigen_test.txt
-    assert "drive_0002" in str(val.files[0][0]) and len(val) == 3
+    test = build_dataset(_cfg("kitti", root), "test", train=False)
+    assert "drive_0002" in str(test.files[0][0]) and len(test) == 3
+    with pytest.raises(DataError, match="kitti_eigen_val.txt"):  # no silent fallback to test
+        build_dataset(_cfg("kitti", root), "val", train=False)
 
 
 def test_nyu_layout_dense_millimetres(tmp_path):

@@ -27,8 +27,7 @@ def depth_color(depth: np.ndarray, min_depth: float, max_depth: float,
 
 
 def _depth_steps_table(results: Mapping[int, Mapping]) -> str:
-    first = next(iter(results.values()))
-    kinds = list(first.get("uncertainty", {}))
+    kinds = list(dict.fromkeys(k for m in results.values() for k in m.get("uncertainty", {})))
     cols = ("d1", "abs_rel", "sq_rel", "rmse", "rmse_log", "silog")
     head = f"{'steps':>5} | " + " | ".join(f"{c:>8}" for c in cols)
     for k in kinds:
@@ -37,8 +36,9 @@ def _depth_steps_table(results: Mapping[int, Mapping]) -> str:
     for n, m in results.items():
         row = f"{n:>5} | " + " | ".join(f"{m[c]:8.4f}" for c in cols)
         for k in kinds:
-            u = m["uncertainty"][k]
-            row += f" | {u['pearson']:14.3f} | {u['ause_abs_rel']:12.4f}"
+            u = m.get("uncertainty", {}).get(k)
+            row += (f" | {u['pearson']:14.3f} | {u['ause_abs_rel']:12.4f}" if u is not None
+                    else f" | {'-':>14} | {'-':>12}")
         rows.append(row)
     return "\n".join([head, "-" * len(head), *rows])
 

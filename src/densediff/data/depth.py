@@ -15,16 +15,17 @@ kitti (Eigen split, as BTS / DepthFormer use it)
     relative to gt_depth/, or None> <focal>``, e.g. ``2011_09_26/2011_09_26_drive_0002_sync/
     image_02/data/0000000069.png 2011_09_26_drive_0002_sync/proj_depth/groundtruth/image_02/
     0000000069.png 721.5377``. Split ``s`` reads ``kitti_eigen_<s>.txt`` (the toolbox ships
-    ``kitti_eigen_train.txt`` and ``kitti_eigen_test.txt``); ``val`` falls back to
-    ``kitti_eigen_test.txt`` when there is no ``kitti_eigen_val.txt`` (the toolbox validates
-    on the Eigen test split). Default depth scale 256.
+    ``kitti_eigen_train.txt`` and ``kitti_eigen_test.txt``; it validates on the Eigen test
+    split, which the shipped configs follow with ``data.val_split: test``; ``val`` reads
+    ``kitti_eigen_val.txt``, a held-out list of your own). Default depth scale 256.
 nyu (NYU Depth v2, the BTS ``sync`` subset and the official 654 test images)
     ``root/<scene>/rgb_<n>.jpg`` and ``root/<scene>/sync_depth_<n>.png`` (16-bit, metres =
     value / 1000, dense), e.g. ``root/kitchen_0028a/rgb_00045.jpg``; the test images in
     ``root/<scene type>/`` (``bathroom/rgb_00045.jpg``). Lists ``nyu_<split>.txt`` with lines
     ``/kitchen_0028b/rgb_00045.jpg /kitchen_0028b/sync_depth_00045.png 518.8579`` (paths
-    relative to root; a leading ``/`` is ignored); ``val`` falls back to ``nyu_test.txt``.
-    Default depth scale 1000.
+    relative to root; a leading ``/`` is ignored); ``val`` reads ``nyu_val.txt`` (none is
+    shipped: the configs validate on the test list as the toolbox does). Default depth scale
+    1000.
 sunrgbd (SUN RGB-D, evaluation only: there is no training list)
     ``root/SUNRGBD/<sensor>/<...>/image/<id>.jpg`` and ``.../depth/<id>.png``; the list
     ``root/SUNRGBD_val_splits.txt`` has lines ``SUNRGBD/kv2/kinect2data/<seq>/image/
@@ -390,10 +391,7 @@ def list_file_for(fmt: str, root: Path, split: str) -> Path:
     prefix = {"kitti": "kitti_eigen_", "nyu": "nyu_"}.get(fmt)
     if prefix is None:
         raise DataError(f"depth format {fmt!r} has no list files")
-    path = root / f"{prefix}{split}.txt"
-    if split == "val" and not path.is_file() and (root / f"{prefix}test.txt").is_file():
-        return root / f"{prefix}test.txt"
-    return path
+    return root / f"{prefix}{split}.txt"
 
 
 def _strip(p: str) -> str:
