@@ -1,4 +1,5 @@
-"""Print Markdown tables from `densediff eval --out` JSON files (one row per run and step count).
+"""Print Markdown tables from `densediff eval --out` JSON files (one row per run and step count;
+segmentation or depth results, by the first file).
 
     python benchmarks/summarize_steps.py NAME=path/to/eval.json [NAME=path ...]
 """
@@ -24,10 +25,40 @@ def rows(name: str, path: str) -> list[str]:
     return out
 
 
+DEPTH_KEYS = ("d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog")
+
+
+def depth_rows(name: str, path: str) -> list[str]:
+    data = json.load(open(path))
+    out = []
+    results = data["steps"] if "steps" in data else {"–": data}
+    for steps, m in results.items():
+        u = m.get("uncertainty", {})
+        cells = [name, steps] + [f"{m[k]:.3f}" for k in DEPTH_KEYS]
+        for kind in ("steps", "starts"):
+            cells += ([f"{u[kind]['pearson']:.3f}", f"{u[kind]['ause_abs_rel']:.4f}"]
+                      if kind in u else ["–", "–"])
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def is_depth(path: str) -> bool:
+    data = json.load(open(path))
+    first = next(iter(data["steps"].values())) if "steps" in data else data
+    return "abs_rel" in first
+
+
 if __name__ == "__main__":
-    print("| model | steps | aAcc | mIoU | mBIoU | AUROC step-change | err@10% step-change "
-          "| AUROC entropy | err@10% entropy | err all |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for arg in sys.argv[1:]:
-        name, path = arg.split("=", 1)
-        print("\n".join(rows(name, path)))
+    pairs = [arg.split("=", 1) for arg in sys.argv[1:]]
+    if pairs and is_depth(pairs[0][1]):
+        print("| model | steps | " + " | ".join(DEPTH_KEYS) + " | Pearson step-spread "
+              "| AUSE step-spread | Pearson start-spread | AUSE start-spread |")
+        print("|---|---:|" + "---:|" * (len(DEPTH_KEYS) + 4))
+        for name, path in pairs:
+            print("\n".join(depth_rows(name, path)))
+    else:
+        print("| model | steps | aAcc | mIoU | mBIoU | AUROC step-change | err@10% step-change "
+              "| AUROC entropy | err@10% entropy | err all |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for name, path in pairs:
+            print("\n".join(rows(name, path)))

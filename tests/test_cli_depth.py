@@ -163,7 +163,12 @@ def test_short_training_beats_the_best_constant_depth(tmp_path):
     torch.set_num_threads(2)
     metrics = train(cfg)
     val = build_dataset(cfg, "val", train=False)
-    _, const = best_constant_depth([val[i]["label"][None] for i in range(len(val))], 1e-3, 10.0,
-                                   candidates=100)
+    _, const = best_constant_depth([val[i]["label"][None] for i in range(len(val))], 1e-3, 10.0)
     assert metrics["abs_rel"] < 0.85 * const["abs_rel"], (metrics["abs_rel"], const["abs_rel"])
     assert metrics["d1"] > const["d1"] + 0.1
+
+
+def test_info_on_a_depth_config(capsys):
+    assert main(["info", "configs/generated/depth_ddp.yaml", "data.gen_size=[32,48]"]) == 0
+    text = capsys.readouterr().out
+    assert "3 sampling steps" in text and "classes: depth" in text

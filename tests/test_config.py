@@ -254,3 +254,43 @@ def test_self_aligned_finetune(path):
     changed = {k for k, v in _dict(cfg).items() if v != _dict(base)[k]}
     assert changed == {"model.diffusion.self_aligned", "model.diffusion.steps", "train.load_from",
                        "train.iters", "train.lr", "train.eval_interval", "train.ckpt_interval"}
+
+
+# --------------------------------------------------------------------------------------------
+# depth paper configs (DDP §4.4, official depth configs: reference notes §1.11)
+
+DEPTH = [f"{ds}/ddp_swin_{v}.yaml" for ds in ("nyu", "kitti") for v in "tsbl"]
+
+
+@pytest.mark.parametrize("path", DEPTH)
+def test_depth_configs_follow_the_official_recipe(path):
+    cfg = load_config(path)
+    assert cfg.task == "depth" and cfg.model.type == "ddp" and cfg.best_metric == "abs_rel"
+    m, d, t = cfg.model, cfg.model.diffusion, cfg.train
+    assert (m.head.type, m.head.channels, m.head.num_layers, m.head.out_kernel) == \
+        ("deformable", 256, 6, 3)
+    assert not m.aux_head.enabled and m.depth_loss.variance_focus == 0.15
+    assert (d.scale, d.schedule, d.time_input, d.steps, d.td, d.sample_range) == \
+        (0.1, "cosine_unclamped", "t", 3, 1.0, (0.0, 0.999))
+    assert (t.lr_schedule, t.iters, t.warmup_iters, t.warmup_ratio, t.grad_clip) == \
+        ("cosine", 38400, 12800, 1e-3, 35.0)
+    assert (t.betas, t.weight_decay, cfg.data.batch_size * 8) == ((0.9, 0.999), 0.01, 16)
+    dd, p = cfg.data.depth, cfg.data.train_pipeline
+    if path.startswith("nyu"):
+        assert (t.lr, dd.max_depth, p.crop_size, dd.eval_crop) == (6e-5, 10.0, (416, 544),
+                                                                   "nyu_eigen")
+        assert dd.train_border == (45, 472, 43, 608) and not dd.kb_crop
+    else:
+        assert (t.lr, dd.max_depth, p.crop_size, dd.eval_crop) == (1e-4, 80.0, (352, 704), "garg")
+        assert dd.kb_crop and dd.brightness_range == (0.9, 1.1)
+    assert p.scale is None and cfg.model.encoder.name == "swin"
+
+
+@pytest.mark.parametrize("ds", ["nyu", "kitti", "generated"])
+def test_depth_twin_differs_from_ddp_only_in_model_type(ds):
+    prefix = "depth_" if ds == "generated" else ""
+    stem = "" if ds == "generated" else "_swin_t"
+    twin = load_config(f"{ds}/{prefix}twin{stem}.yaml")
+    ddp = load_config(f"{ds}/{prefix}ddp{stem}.yaml")
+    assert _dict(twin, ("model.type",)) == _dict(ddp, ("model.type",))
+    assert (twin.model.type, ddp.model.type) == ("segmentor", "ddp")

@@ -482,3 +482,22 @@ def test_distributed_reduce_sums_over_processes():
                 assert got["d"][k] == pytest.approx(v, rel=1e-12), k
             for k, v in um.compute().items():
                 assert got["u"][k] == pytest.approx(v, rel=1e-12), k
+
+
+def test_best_constant_depth_is_the_abs_rel_minimiser():
+    from densediff.tasks.depth import best_constant_depth
+
+    gen = torch.Generator().manual_seed(0)
+    gts = [torch.rand(1, 6, 7, generator=gen) * 8 + 0.5, torch.rand(1, 4, 5, generator=gen) * 3 + 1]
+    gts[0][0, 0, :3] = 0                                   # invalid pixels are left out
+    c, m = best_constant_depth(gts, 1e-3, 10.0)
+
+    def abs_rel(x):
+        metric = DepthMetric(1e-3, 10.0)
+        for g in gts:
+            metric.update(torch.full_like(g, x), g)
+        return metric.compute()["abs_rel"]
+
+    assert m["abs_rel"] == pytest.approx(abs_rel(c))
+    grid = torch.linspace(0.5, 9.0, 800).tolist()      # no constant on a fine grid does better
+    assert m["abs_rel"] <= min(abs_rel(x) for x in grid) + 1e-9

@@ -204,3 +204,12 @@ def test_config_task_checks(overrides, key):
 def test_depth_best_metric_defaults_to_abs_rel():
     assert load_config(None, ["task=depth"]).best_metric == "abs_rel"
     assert load_config(None, []).best_metric == "mIoU"
+
+
+def test_output_bias_starts_mid_range_so_relu_is_alive():
+    for model in (small(), small("model.type=segmentor")):
+        head = model.decoder if isinstance(model, DepthDDP) else model.head
+        assert torch.allclose(head.conv_seg.bias, torch.tensor([(1e-3 + 10) / 2]))
+        model.eval()
+        out = model(torch.randn(1, 3, 32, 32))
+        assert (out > 1e-3).float().mean() > 0.9          # almost no pixel starts dead

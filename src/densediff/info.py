@@ -14,12 +14,12 @@ def count_params(module: torch.nn.Module) -> int:
 
 
 def estimate_flops(model: torch.nn.Module, size: tuple[int, int]) -> int:
-    """FLOPs of one inference pass at ``size`` (counted by torch's FlopCounterMode:
-    matmuls and convolutions, 2 FLOPs per multiply-add)."""
+    """FLOPs of one inference pass at ``size`` (the model's default steps; counted by torch's
+    FlopCounterMode: matmuls and convolutions, 2 FLOPs per multiply-add)."""
     model.eval()
     x = torch.zeros(1, 3, *size)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.predict_logits(x)
+        model(x)  # every model's forward without a label is its inference path
     return counter.get_total_flops()
 
 

@@ -94,10 +94,17 @@ class DepthTrajectory:
 class _DepthOutput:
     """What both depth models share: the output activation and the loss."""
 
-    def _setup_depth(self, cfg: Config) -> None:
+    def _setup_depth(self, cfg: Config, *convs: nn.Conv2d | None) -> None:
+        """Store the depth settings and start each output conv's bias at the middle of the
+        depth range. (The official bias starts at 0: with ``relu`` on the output, a head whose
+        outputs all start negative gets no gradient and never trains, which happened to the
+        generated-scene twin here: grad norm 0 from the first iteration.)"""
         dd = cfg.data.depth
         self.min_depth, self.max_depth = dd.min_depth, dd.max_depth
         self.loss_cfg = cfg.model.depth_loss
+        for conv in convs:
+            if conv is not None:
+                nn.init.constant_(conv.bias, (dd.min_depth + dd.max_depth) / 2)
 
     def to_depth(self, raw: torch.Tensor) -> torch.Tensor:
         """Head output -> depth: ``relu(x) + min_depth`` (official ``scale_up=False``)."""
@@ -137,8 +144,8 @@ class Depther(_DepthOutput, FeatureSegmentor):
 
     def __init__(self, cfg: Config, num_classes: int = 1):
         super().__init__(cfg, 1)
-        self._setup_depth(cfg)
         self.head = build_head(cfg.model.head, cfg.model.neck.channels, 1)
+        self._setup_depth(cfg, self.head.conv_seg, getattr(self.aux_head, "conv_seg", None))
 
     def forward_train(self, img: torch.Tensor, label: torch.Tensor) -> dict[str, torch.Tensor]:
         feat = self.extract(img)
@@ -159,7 +166,7 @@ class DepthDDP(_DepthOutput, DDP):
 
     def __init__(self, cfg: Config, num_classes: int = 1):
         super().__init__(cfg, 1)
-        self._setup_depth(cfg)
+        self._setup_depth(cfg, self.decoder.conv_seg, getattr(self.aux_head, "conv_seg", None))
 
     def build_map_encoding(self, cfg: Config, num_classes: int) -> nn.Module:
         dd = cfg.data.depth
@@ -181,6 +188,9 @@ class DepthDDP(_DepthOutput, DDP):
 
     def task_losses(self, pred: torch.Tensor, label: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.depth_losses(pred, label)
+
+    def predict_logits(self, img: torch.Tensor, **kwargs) -> torch.Tensor:
+        raise TypeError("a depth model has no class logits: use predict_depth")
 
     def predict_depth(self, img: torch.Tensor, steps: int | None = None,
                       accumulation: bool | None = None, **kwargs) -> torch.Tensor:
