@@ -83,18 +83,27 @@ class SegDataset(Dataset):
             check_same_size(img_path, img.shape[:2], lab_path, label.shape)
         return img, label, str(img_path)
 
+    def train_transform(self, img: np.ndarray, label: np.ndarray, rng: np.random.Generator
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """The training pipeline of one sample (a depth dataset overrides it)."""
+        return train_transform(img, label, self.data, rng)
+
+    def test_transform(self, img: np.ndarray) -> np.ndarray:
+        """The test pipeline of one image (the label keeps its loaded size)."""
+        return test_transform(img, self.data)
+
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
         index, seed = item if isinstance(item, tuple) else (item, None)
         index = int(index)
         if index < 0:
             index += len(self)
         img, label, path = self.load(index)
-        ori_size = img.shape[:2]
+        ori_size = label.shape[:2]
         if self.train:
             rng = np.random.default_rng(seed if seed is not None else [self.seed, index])
-            img, label = train_transform(img, label, self.data, rng)
+            img, label = self.train_transform(img, label, rng)
         else:
-            img = test_transform(img, self.data)
+            img = self.test_transform(img)
         return {
             "image": to_tensor(img),
             "label": torch.from_numpy(np.ascontiguousarray(label)),

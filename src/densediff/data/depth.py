@@ -64,10 +64,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from densediff.data.datasets import SegDataset
 from densediff.data.io import IMAGE_EXTENSIONS, _load, check_same_size, read_image
@@ -77,8 +76,6 @@ from densediff.data.transforms import (
     pad,
     random_crop,
     random_flip,
-    test_transform,
-    to_tensor,
 )
 from densediff.errors import ConfigError, DataError
 
@@ -265,12 +262,6 @@ def depth_train_transform(img: np.ndarray, depth: np.ndarray, data: DataConfig,
     return img, np.ascontiguousarray(depth, np.float32)
 
 
-def depth_test_transform(img: np.ndarray, data: DataConfig) -> np.ndarray:
-    """The test pipeline: :func:`densediff.data.transforms.test_transform` (resize into
-    ``data.test_scale`` if set, normalise); the depth is left as loaded."""
-    return test_transform(img, data)
-
-
 # --------------------------------------------------------------------------------------------
 # datasets
 
@@ -337,24 +328,9 @@ class DepthDataset(SegDataset):
         img, depth = self._kb_crop(img, depth, str(img_path))
         return img, depth, str(img_path)
 
-    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
-        index, seed = item if isinstance(item, tuple) else (item, None)
-        index = int(index)
-        if index < 0:
-            index += len(self)
-        img, depth, path = self.load(index)
-        ori_size = depth.shape[:2]
-        if self.train:
-            rng = np.random.default_rng(seed if seed is not None else [self.seed, index])
-            img, depth = depth_train_transform(img, depth, self.data, rng)
-        else:
-            img = depth_test_transform(img, self.data)
-        return {
-            "image": to_tensor(img),
-            "label": torch.from_numpy(np.ascontiguousarray(depth, np.float32)),
-            "meta": {"path": path, "ori_size": tuple(ori_size), "img_size": tuple(img.shape[:2]),
-                     "index": index, "ignore_index": 0},
-        }
+    def train_transform(self, img: np.ndarray, depth: np.ndarray, rng: np.random.Generator
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        return depth_train_transform(img, depth, self.data, rng)
 
 
 # --------------------------------------------------------------------------------------------
