@@ -164,7 +164,7 @@ def test_short_training_beats_the_best_constant_depth(tmp_path):
     metrics = train(cfg)
     val = build_dataset(cfg, "val", train=False)
     _, const = best_constant_depth([val[i]["label"][None] for i in range(len(val))], 1e-3, 10.0)
-    assert metrics["abs_rel"] < 0.85 * const["abs_rel"], (metrics["abs_rel"], const["abs_rel"])
+    assert metrics["abs_rel"] < 0.8 * const["abs_rel"], (metrics["abs_rel"], const["abs_rel"])
     assert metrics["d1"] > const["d1"] + 0.1
 
 
