@@ -295,7 +295,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from densediff.demo import run_demo
 
-    run_demo(Path(args.out), iters=args.iters)
+    run_demo(Path(args.out), iters=args.iters, task=args.task)
     return 0
 
 
@@ -397,7 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     dm = sub.add_parser("demo", help="train + evaluate + predict on built-in generated data")
     dm.add_argument("--out", default="demo_out", help="parent folder of the demo run")
-    dm.add_argument("--iters", type=int, default=None, help="training iterations")
+    dm.add_argument("--iters", type=int, default=None, help="training iterations (default: "
+                    "the segmentation config's 1000; depth 1000)")
+    dm.add_argument("--task", choices=["segmentation", "depth", "all"], default="all",
+                    help="which demo to run (default: both, one after the other)")
     dm.set_defaults(func=cmd_demo)
     return p
 
