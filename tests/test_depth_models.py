@@ -213,3 +213,23 @@ def test_output_bias_starts_mid_range_so_relu_is_alive():
         model.eval()
         out = model(torch.randn(1, 3, 32, 32))
         assert (out > 1e-3).float().mean() > 0.9          # almost no pixel starts dead
+
+
+def test_self_aligned_depth_noises_the_models_own_clamped_prediction():
+    model = small("model.diffusion.self_aligned=true")
+    calls = []
+    denoise = model.denoise
+
+    def spy(feat, x_t, log_snr):
+        out = denoise(feat, x_t, log_snr)
+        calls.append((log_snr.detach(), out.detach()))
+        return out
+
+    model.denoise = spy
+    gt = torch.rand(2, 64, 64) * 8 + 1
+    losses = model.forward_train(torch.randn(2, 3, 64, 64), gt)
+    assert len(calls) == 2 and torch.isfinite(losses["loss"])
+    # the first call is Alg. 4's prediction from pure noise at t = 1
+    assert torch.allclose(calls[0][0], model.schedule(torch.ones(2)))
+    y0 = model.encode_prediction(calls[0][1])
+    assert y0.abs().max() <= 0.1 + 1e-6 and not torch.allclose(y0, model.encode_target(gt, (16, 16)))
