@@ -72,3 +72,58 @@ def test_torchrun_two_processes(tmp_path):
         "best.safetensors", "last.safetensors", "last.state.pt"]
     m0, m1 = ((tmp_path / f"metrics{r}.json").read_text() for r in (0, 1))
     assert m0 == m1 and "mIoU" in m0  # the sharded evaluation was reduced over both ranks
+
+
+DEPTH_CHILD = """
+import json, sys
+import torch
+from densediff.config import load_config
+from densediff.data import build_dataset
+from densediff.engine import distributed as du
+from densediff.engine.evaluate import evaluate_steps
+from densediff.models import build_model
+
+overrides, out = json.loads(sys.argv[1]), sys.argv[2]
+torch.distributed.init_process_group("gloo")
+cfg = load_config("generated/depth_ddp.yaml", overrides)
+torch.manual_seed(0)
+model = build_model(cfg, 1)
+res = evaluate_steps(model, build_dataset(cfg, "val", train=False), cfg, [1, 3], progress=False)
+if du.rank() == 0:
+    json.dump({str(k): v for k, v in res.items()}, open(f"{out}/depth.json", "w"))
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_depth_eval_sharded_over_two_processes_equals_one(tmp_path):
+    """Rank 1 gets no image (one val scene): the uncertainty metrics must still be reduced
+    on both ranks (no hang), and the result must equal a single-process evaluation."""
+    from densediff.config import load_config
+    from densediff.data import build_dataset
+    from densediff.engine.evaluate import evaluate_steps
+    from densediff.models import build_model
+
+    overrides = ["data.gen_size=[32,48]", "data.gen_num_val=1", "model.diffusion.randsteps=2",
+                 "model.encoder.variant=tiny", "model.neck.channels=16", "model.neck.num_groups=4",
+                 "model.head.channels=16", "model.head.num_layers=1", "model.head.num_heads=4",
+                 "model.head.ffn_channels=32"]
+    script = tmp_path / "child.py"
+    script.write_text(DEPTH_CHILD)
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node", "2", str(script), json.dumps(overrides),
+                        str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    sharded = json.loads((tmp_path / "depth.json").read_text())
+    cfg = load_config("generated/depth_ddp.yaml", overrides)
+    torch.manual_seed(0)
+    single = evaluate_steps(build_model(cfg, 1), build_dataset(cfg, "val", train=False), cfg,
+                            [1, 3], progress=False)
+    for n in (1, 3):
+        a, b = sharded[str(n)], single[n]
+        assert set(a["uncertainty"]) == {"steps", "starts"} == set(b["uncertainty"])
+        for k in ("d1", "abs_rel", "rmse", "silog"):
+            assert abs(a[k] - b[k]) < 1e-6, (n, k)
+        assert abs(a["uncertainty"]["starts"]["pearson"]
+                   - b["uncertainty"]["starts"]["pearson"]) < 1e-6

@@ -125,7 +125,8 @@ def _as_uint8_rgb(image: ImageLike) -> np.ndarray:
 
 
 class Predictor:
-    """A trained model with its config, ready to predict on new images.
+    """A trained model with its config, ready to predict on new images (segmentation masks,
+    or depth maps for ``task: depth`` checkpoints).
 
     Args:
         model: the network (``predict_logits`` contract, see :mod:`densediff.models`).
@@ -224,7 +225,8 @@ class Predictor:
         d = depth[0].clamp(dd.min_depth, dd.max_depth).cpu().numpy().astype(np.float32)
         return DepthPrediction(depth=d, color=depth_color(d, dd.min_depth, dd.max_depth), **extra)
 
-    def trajectory_strip(self, pred: Prediction, image: ImageLike | None = None) -> np.ndarray:
+    def trajectory_strip(self, pred: Prediction | DepthPrediction,
+                         image: ImageLike | None = None) -> np.ndarray:
         """One picture of a diffusion trajectory: [image,] [the DDPS base mask,] the colour mask
         (depth: the colourised depth) of every step, and the uncertainty heatmap (depth:
         scaled to its maximum), side by side with a 4-pixel white gap

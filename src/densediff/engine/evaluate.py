@@ -215,7 +215,13 @@ def _evaluate_depth(model: nn.Module, dataset, cfg: Config, steps: list[int], au
     diffusion = is_diffusion(model)
     metric = {n: DepthMetric(dd.min_depth, dd.max_depth, dd.eval_crop, device=device)
               for n in steps}
-    unc = {n: {} for n in steps}
+    unc: dict[int, dict] = {n: {} for n in steps}
+    if diffusion and not aug:  # the maps each step count yields (the same on every process)
+        r = model.diffusion_cfg.randsteps
+        for n in steps:
+            kinds = (["steps"] if n * r >= 2 else []) + (["starts"] if r > 1 else [])
+            unc[n] = {k: DepthUncertaintyMetric(dd.min_depth, dd.max_depth, dd.eval_crop,
+                                                device=device) for k in kinds}
     accumulation = model.accumulation if diffusion else False
     for index, img, gt in _images(model, dataset, cfg, progress):
         size = tuple(gt.shape[-2:])
@@ -230,8 +236,6 @@ def _evaluate_depth(model: nn.Module, dataset, cfg: Config, steps: list[int], au
                 depth = predict_depth(model, img, size, flip=aug, **kw)
             metric[n].update(depth, gt)
             for k, m in maps.items():
-                if k not in unc[n]:
-                    unc[n][k] = DepthUncertaintyMetric(dd.min_depth, dd.max_depth, dd.eval_crop)
                 unc[n][k].update(m, depth, gt)
     results = {}
     for n in steps:
