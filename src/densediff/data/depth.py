@@ -67,6 +67,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from PIL import Image
 
 from densediff.data.datasets import SegDataset
 from densediff.data.io import IMAGE_EXTENSIONS, _load, check_same_size, read_image
@@ -169,40 +170,16 @@ def border_crop(img: np.ndarray, depth: np.ndarray, border: tuple[int, int, int,
 
 
 def rotate(img: np.ndarray, depth: np.ndarray, angle: float) -> tuple[np.ndarray, np.ndarray]:
-    """Rotate image and depth by ``angle`` degrees about the image centre ((W-1)/2, (H-1)/2),
-    keeping the size, as ``mmcv.imrotate`` (positive angle = clockwise on screen).
-
-    The output pixel p takes the source point ``R(-angle) (p - c) + c``: the image is sampled
-    bilinearly (neighbours outside the frame count as 0; the result is rounded to uint8), the
-    depth with the nearest source pixel, and 0 where that lies outside the frame. So depth
-    values are never mixed: every output depth is a source depth or 0.
-    """
-    h, w = depth.shape
-    a = np.deg2rad(angle)
-    c, s = np.cos(a), np.sin(a)
-    cy, cx = (h - 1) / 2.0, (w - 1) / 2.0
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-    dx, dy = xx - cx, yy - cy
-    sx = c * dx + s * dy + cx  # inverse of the clockwise (y-down) rotation by ``angle``
-    sy = -s * dx + c * dy + cy
-    # depth: nearest
-    nx, ny = np.floor(sx + 0.5).astype(np.int64), np.floor(sy + 0.5).astype(np.int64)
-    inside = (nx >= 0) & (nx < w) & (ny >= 0) & (ny < h)
-    out_depth = np.where(inside, depth[np.clip(ny, 0, h - 1), np.clip(nx, 0, w - 1)],
-                         np.zeros((), depth.dtype)).astype(depth.dtype)
-    # image: bilinear with a constant 0 border
-    x0, y0 = np.floor(sx).astype(np.int64), np.floor(sy).astype(np.int64)
-    fx, fy = (sx - x0)[..., None], (sy - y0)[..., None]
-    src = img.astype(np.float64)
-    out = np.zeros(img.shape, np.float64)
-    for oy, ox, wgt in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx),
-                        (1, 0, fy * (1 - fx)), (1, 1, fy * fx)):
-        px, py = x0 + ox, y0 + oy
-        ok = ((px >= 0) & (px < w) & (py >= 0) & (py < h))[..., None]
-        out += np.where(ok, src[np.clip(py, 0, h - 1), np.clip(px, 0, w - 1)], 0.0) * wgt
-    if img.dtype == np.uint8:
-        out = np.clip(np.round(out), 0, 255)
-    return out.astype(img.dtype), out_depth
+    """Rotate image and depth by ``angle`` degrees about the image centre, keeping the size, as
+    ``mmcv.imrotate`` (positive angle = clockwise on screen), with Pillow: the image bilinear,
+    the depth with the nearest source pixel (depth values are never mixed: every output depth
+    is a source depth), 0 outside the frame for both."""
+    if angle == 0:
+        return img, depth
+    ri = Image.fromarray(img).rotate(-angle, resample=Image.BILINEAR, fillcolor=(0,) * 3)
+    rd = Image.fromarray(np.asarray(depth, np.float32)).rotate(  # mode F
+        -angle, resample=Image.NEAREST, fillcolor=0.0)
+    return np.asarray(ri), np.asarray(rd, dtype=depth.dtype)
 
 
 def random_rotate(img: np.ndarray, depth: np.ndarray, degree: float, rng: np.random.Generator,
