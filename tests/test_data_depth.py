@@ -279,6 +279,7 @@ def test_rotation_is_nearest_for_depth_and_fills_zero():
     for angle in (2.5, -2.0, 30.0):
         ri, rd = rotate(img, depth, angle)
         assert rd.dtype == np.float32 and ri.dtype == np.uint8 and rd.shape == depth.shape
+        assert ri.flags.writeable and rd.flags.writeable  # torch.from_numpy needs writable
         assert set(np.unique(rd)) <= set(np.unique(depth))  # no interpolated depths
         assert (rd == 0).any()
     _, rd = rotate(img, np.ones((31, 41), np.float32), 30.0)

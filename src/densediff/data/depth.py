@@ -179,7 +179,7 @@ def rotate(img: np.ndarray, depth: np.ndarray, angle: float) -> tuple[np.ndarray
     ri = Image.fromarray(img).rotate(-angle, resample=Image.BILINEAR, fillcolor=(0,) * 3)
     rd = Image.fromarray(np.asarray(depth, np.float32)).rotate(  # mode F
         -angle, resample=Image.NEAREST, fillcolor=0.0)
-    return np.asarray(ri), np.asarray(rd, dtype=depth.dtype)
+    return np.array(ri), np.array(rd, dtype=depth.dtype)  # writable copies
 
 
 def random_rotate(img: np.ndarray, depth: np.ndarray, degree: float, rng: np.random.Generator,
