@@ -70,8 +70,8 @@ import numpy as np
 from PIL import Image
 
 from densediff.data.datasets import SegDataset
-from densediff.data.io import IMAGE_EXTENSIONS, _load, check_same_size, read_image
-from densediff.data.layouts import files_by_stem, folder_split_stems
+from densediff.data.io import _load, check_same_size, read_image
+from densediff.data.layouts import pair_folder
 from densediff.data.transforms import (
     normalize,
     pad,
@@ -381,25 +381,8 @@ def _scan_list(fmt: str, root: Path, split: str, out: DepthLayout) -> None:
 
 
 def _scan_folder(root: Path, split: str, out: DepthLayout) -> None:
-    img_dir, dep_dir = root / "images", root / "depth"
-    missing = [d for d in (img_dir, dep_dir) if not d.is_dir()]
-    if missing:
-        out.problems += [f"{d}: folder not found" for d in missing]
-        return
-    images = files_by_stem(img_dir, IMAGE_EXTENSIONS, out.problems)
-    depths = files_by_stem(dep_dir, DEPTH_EXTENSIONS, out.problems)
-    if not images:
-        out.problems.append(f"{img_dir}: no images ({' '.join(IMAGE_EXTENSIONS)})")
-        return
-    stems = folder_split_stems(root, split, images, img_dir, out.problems)
-    if stems is None:
-        return
-    for s in stems:
-        if s in depths:
-            out.files.append((images[s], depths[s]))
-        else:
-            out.problems.append(f"{images[s]}: no depth map ({dep_dir / s}.png not found)")
-    out.orphan_depths = [m for s, m in sorted(depths.items()) if s not in images]
+    out.files, out.orphan_depths = pair_folder(root, split, "depth", DEPTH_EXTENSIONS,
+                                               "depth map", out.problems)
 
 
 def scan_depth(fmt: str, root: str | os.PathLike, split: str) -> DepthLayout:

@@ -275,6 +275,33 @@ def files_by_stem(folder: Path, extensions: tuple[str, ...], problems: list[str]
     return found
 
 
+def pair_folder(root: Path, split: str, label_dir: str, label_extensions: tuple[str, ...],
+                what: str, problems: list[str]) -> tuple[list[tuple[Path, Path]], list[Path]]:
+    """The (image, label) pairs of ``split`` in a folder layout: ``root/images/`` matched by
+    relative stem with ``root/<label_dir>/`` (segmentation ``masks``, depth ``depth``), split
+    by :func:`folder_split_stems`. Problems (missing folders, no images, images without a
+    ``what``) go to ``problems``. Returns the pairs and the label files without an image."""
+    img_dir, lab_dir = root / "images", root / label_dir
+    missing = [d for d in (img_dir, lab_dir) if not d.is_dir()]
+    if missing:
+        problems += [f"{d}: folder not found" for d in missing]
+        return [], []
+    images = files_by_stem(img_dir, IMAGE_EXTENSIONS, problems)
+    labels = files_by_stem(lab_dir, label_extensions, problems)
+    if not images:
+        problems.append(f"{img_dir}: no images ({' '.join(IMAGE_EXTENSIONS)})")
+        return [], []
+    stems = folder_split_stems(root, split, images, img_dir, problems)
+    files = []
+    for s in stems or []:
+        if s in labels:
+            files.append((images[s], labels[s]))
+        else:
+            problems.append(f"{images[s]}: no {what} ({lab_dir / s}.png not found)")
+    orphans = [m for s, m in sorted(labels.items()) if s not in images] if stems is not None else []
+    return files, orphans
+
+
 def folder_split_stems(root: Path, split: str, images: dict[str, Path], img_dir: Path,
                        problems: list[str]) -> list[str] | None:
     """The stems of ``split`` in a folder layout (segmentation or depth).
@@ -322,20 +349,5 @@ def _scan_folder(root: Path, split: str, num_classes: int | None, out: Layout) -
     else:
         out.problems.append(f"{cls_file}: not found (list the classes, one 'name [R G B]' per "
                             "line; without it, training needs data.num_classes)")
-    img_dir, mask_dir = root / "images", root / "masks"
-    if not (_need_dir(img_dir, out) & _need_dir(mask_dir, out)):
-        return
-    images = files_by_stem(img_dir, IMAGE_EXTENSIONS, out.problems)
-    masks = files_by_stem(mask_dir, LABEL_EXTENSIONS, out.problems)
-    if not images:
-        out.problems.append(f"{img_dir}: no images ({' '.join(IMAGE_EXTENSIONS)})")
-        return
-    stems = folder_split_stems(root, split, images, img_dir, out.problems)
-    if stems is None:
-        return
-    for s in stems:
-        if s in masks:
-            out.files.append((images[s], masks[s]))
-        else:
-            out.problems.append(f"{images[s]}: no mask ({mask_dir / s}.png not found)")
-    out.orphan_labels = [m for s, m in sorted(masks.items()) if s not in images]
+    out.files, out.orphan_labels = pair_folder(root, split, "masks", LABEL_EXTENSIONS, "mask",
+                                               out.problems)

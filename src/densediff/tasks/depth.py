@@ -333,7 +333,29 @@ def _as_images(x: torch.Tensor | Sequence[torch.Tensor], name: str) -> list[torc
     return out
 
 
-class DepthMetric:
+class _EvaluatedPixels:
+    """What both dataset-level depth scores share: the GT range, the evaluation crop and the
+    mask of evaluated pixels (``valid_mask & eval_crop_mask``, crops cached per size)."""
+
+    def __init__(self, min_depth: float, max_depth: float, crop: str,
+                 device: torch.device | str | None):
+        _check_range(min_depth, max_depth)
+        if crop not in CROPS:
+            raise ValueError(f"unknown crop {crop!r}; expected one of {CROPS}")
+        self.min_depth = float(min_depth)
+        self.max_depth = float(max_depth)
+        self.crop = crop
+        self.device = torch.device(device if device is not None else "cpu")
+        self._crops: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _eval_mask(self, gt: torch.Tensor) -> torch.Tensor:
+        size = (gt.shape[-2], gt.shape[-1])
+        if size not in self._crops:
+            self._crops[size] = eval_crop_mask(*size, self.crop, device=self.device)
+        return valid_mask(gt, self.min_depth, self.max_depth) & self._crops[size]
+
+
+class DepthMetric(_EvaluatedPixels):
     """Dataset-level depth metrics: the per-image :func:`depth_errors`, averaged over images.
 
     Call :meth:`update` per batch, :meth:`reduce` once after the last batch when running under
@@ -361,14 +383,7 @@ class DepthMetric:
 
     def __init__(self, min_depth: float, max_depth: float, crop: str = "none",
                  device: torch.device | str | None = None):
-        _check_range(min_depth, max_depth)
-        if crop not in CROPS:
-            raise ValueError(f"unknown crop {crop!r}; expected one of {CROPS}")
-        self.min_depth = float(min_depth)
-        self.max_depth = float(max_depth)
-        self.crop = crop
-        self.device = torch.device(device if device is not None else "cpu")
-        self._crops: dict[tuple[int, int], torch.Tensor] = {}
+        super().__init__(min_depth, max_depth, crop, device)
         self.reset()
 
     def reset(self) -> None:
@@ -386,12 +401,6 @@ class DepthMetric:
         self.skipped = self.skipped.to(self.device)
         self._crops = {}
         return self
-
-    def _eval_mask(self, gt: torch.Tensor) -> torch.Tensor:
-        size = (gt.shape[-2], gt.shape[-1])
-        if size not in self._crops:
-            self._crops[size] = eval_crop_mask(*size, self.crop, device=self.device)
-        return valid_mask(gt, self.min_depth, self.max_depth) & self._crops[size]
 
     # ---------------------------------------------------------------- accumulation
 
@@ -584,7 +593,7 @@ def _ause(curve: torch.Tensor, oracle: torch.Tensor, normalize: bool) -> torch.T
     return (d.sum() - 0.5 * d[0]) / d.numel()
 
 
-class DepthUncertaintyMetric:
+class DepthUncertaintyMetric(_EvaluatedPixels):
     """Dataset-level quality of a depth uncertainty map: Pearson correlation and AUSE.
 
     Call :meth:`update` per batch, :meth:`reduce` once after the last batch when running under
@@ -618,18 +627,11 @@ class DepthUncertaintyMetric:
     def __init__(self, min_depth: float, max_depth: float, crop: str = "none",
                  fractions: int = 20, normalize: bool = False,
                  device: torch.device | str | None = None):
-        _check_range(min_depth, max_depth)
-        if crop not in CROPS:
-            raise ValueError(f"unknown crop {crop!r}; expected one of {CROPS}")
         if fractions < 1:
             raise ValueError(f"fractions must be >= 1, got {fractions}")
-        self.min_depth = float(min_depth)
-        self.max_depth = float(max_depth)
-        self.crop = crop
+        super().__init__(min_depth, max_depth, crop, device)
         self.fractions = int(fractions)
         self.normalize = bool(normalize)
-        self.device = torch.device(device if device is not None else "cpu")
-        self._crops: dict[tuple[int, int], torch.Tensor] = {}
         self.reset()
 
     _N = 10  # n, sx, sy, sxx, syy, sxy, ause_abs_rel, ause_rmse, images, skipped
@@ -645,12 +647,6 @@ class DepthUncertaintyMetric:
         self.acc = self.acc.to(self.device)
         self._crops = {}
         return self
-
-    def _eval_mask(self, gt: torch.Tensor) -> torch.Tensor:
-        size = (gt.shape[-2], gt.shape[-1])
-        if size not in self._crops:
-            self._crops[size] = eval_crop_mask(*size, self.crop, device=self.device)
-        return valid_mask(gt, self.min_depth, self.max_depth) & self._crops[size]
 
     def update(self, uncertainty: torch.Tensor | Sequence[torch.Tensor],
                pred: torch.Tensor | Sequence[torch.Tensor],
