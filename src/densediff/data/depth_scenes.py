@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from densediff.data.depth import DepthDataset, depth_scale_for
-from densediff.errors import DataError
+from densediff.data.generated import generated_items, scene_rng
 
 if TYPE_CHECKING:
     from densediff.config import DataConfig
@@ -334,7 +334,6 @@ def render_depth_scene(rng: np.random.Generator, size: tuple[int, int], max_dept
 # --------------------------------------------------------------------------------------------
 # the dataset
 
-_SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
 
 class GeneratedDepthDataset(DepthDataset):
@@ -354,16 +353,13 @@ class GeneratedDepthDataset(DepthDataset):
     """
 
     def __init__(self, data: DataConfig, split: str, train: bool, seed: int = 0):
-        if split not in _SPLIT_CODES:
-            raise DataError(f"generated dataset: split must be train, val or test (got {split!r})")
-        n = getattr(data, f"gen_num_{split}")
-        files = [(f"generated:{split}/{i:05d}", None) for i in range(n)]
         scale = depth_scale_for("generated", data.depth.depth_scale, data.depth.max_depth)
-        super().__init__(files, data, train, seed, name=f"generated/{split}", depth_scale=scale)
+        super().__init__(generated_items(data, split), data, train, seed,
+                         name=f"generated/{split}", depth_scale=scale)
         self.split = split
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray, str]:
-        rng = np.random.default_rng([self.data.gen_seed, _SPLIT_CODES[self.split], index])
+        rng = scene_rng(self.data, self.split, index)
         img, depth = render_depth_scene(rng, tuple(self.data.gen_size), self.data.depth.max_depth,
                                         self.data.depth.gen_density)
         path = self.files[index][0]

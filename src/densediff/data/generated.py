@@ -125,6 +125,20 @@ def render_scene(rng: np.random.Generator, size: tuple[int, int]
     return np.clip(img, 0, 255).round().astype(np.uint8), label
 
 
+def generated_items(data: DataConfig, split: str) -> list[tuple[str, None]]:
+    """The item names of a generated split (``generated:<split>/<index>``, no files), shared
+    by the segmentation and depth generated datasets; ``data.gen_num_<split>`` of them."""
+    if split not in _SPLIT_CODES:
+        raise DataError(f"generated dataset: split must be train, val or test (got {split!r})")
+    return [(f"generated:{split}/{i:05d}", None) for i in range(getattr(data, f"gen_num_{split}"))]
+
+
+def scene_rng(data: DataConfig, split: str, index: int) -> np.random.Generator:
+    """The RNG of generated scene ``index`` of ``split``: ``default_rng([data.gen_seed, code,
+    index])`` with code 0/1/2 for train/val/test."""
+    return np.random.default_rng([data.gen_seed, _SPLIT_CODES[split], index])
+
+
 class GeneratedDataset(SegDataset):
     """The procedural dataset (see the module docstring) with the usual pipelines.
 
@@ -136,15 +150,12 @@ class GeneratedDataset(SegDataset):
     """
 
     def __init__(self, data: DataConfig, split: str, train: bool, seed: int = 0):
-        if split not in _SPLIT_CODES:
-            raise DataError(f"generated dataset: split must be train, val or test (got {split!r})")
-        n = getattr(data, f"gen_num_{split}")
-        files = [(f"generated:{split}/{i:05d}", None) for i in range(n)]
-        super().__init__(files, GENERATED_CLASSES, np.asarray(GENERATED_PALETTE, np.uint8), None,
-                         data, train, seed, name=f"generated/{split}")
+        super().__init__(generated_items(data, split), GENERATED_CLASSES,
+                         np.asarray(GENERATED_PALETTE, np.uint8), None, data, train, seed,
+                         name=f"generated/{split}")
         self.split = split
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray, str]:
-        rng = np.random.default_rng([self.data.gen_seed, _SPLIT_CODES[self.split], index])
-        img, label = render_scene(rng, tuple(self.data.gen_size))
+        img, label = render_scene(scene_rng(self.data, self.split, index),
+                                  tuple(self.data.gen_size))
         return img, label, self.files[index][0]
