@@ -92,15 +92,31 @@ def write_cityscapes(root: str | os.PathLike, n: int = 2, size: tuple[int, int] 
     return root
 
 
+def _folder_items(n: int):
+    """(index, stem, size, suffix) of the folder fixtures: JPEG and PNG, two sizes, the last
+    image in a subfolder."""
+    for i in range(n):
+        stem = f"extra/img_{i:03d}" if i == n - 1 and n > 1 else f"img_{i:03d}"
+        size, ext = ((36, 48), ".jpg") if i % 2 == 0 else ((40, 30), ".png")
+        yield i, stem, size, ext
+
+
+def _write_folder_splits(root: Path, stems: list[str]) -> None:
+    """``splits/{train,val,test}.txt``: the first fifth (at least one) is val and test."""
+    k = max(1, len(stems) // 5)
+    (root / "splits").mkdir(parents=True, exist_ok=True)
+    (root / "splits" / "train.txt").write_text("\n".join(stems[k:]) + "\n")
+    (root / "splits" / "val.txt").write_text("\n".join(stems[:k]) + "\n")
+    (root / "splits" / "test.txt").write_text("\n".join(stems[:k]) + "\n")
+
+
 def write_folder(root: str | os.PathLike, n: int = 10, splits: bool = False,
                  seed: int = 0) -> Path:
     """Folder layout: ``images/`` (JPEG and PNG, two sizes, one in a subfolder), ``masks/``,
     ``classes.txt`` and, with ``splits``, ``splits/{train,val,test}.txt``; returns ``root``."""
     root = Path(root)
     stems = []
-    for i in range(n):
-        stem = f"extra/img_{i:03d}" if i == n - 1 and n > 1 else f"img_{i:03d}"
-        size, ext = ((36, 48), ".jpg") if i % 2 == 0 else ((40, 30), ".png")
+    for i, stem, size, ext in _folder_items(n):
         img, label = _scene(seed, 0, i, size, range(len(GENERATED_CLASSES)), void=255)
         write_image(root / "images" / f"{stem}{ext}", img)
         write_image(root / "masks" / f"{stem}.png", label)
@@ -109,11 +125,7 @@ def write_folder(root: str | os.PathLike, n: int = 10, splits: bool = False,
     lines += [f"{c} {r} {g} {b}" for c, (r, g, b) in zip(GENERATED_CLASSES, GENERATED_PALETTE)]
     (root / "classes.txt").write_text("\n".join(lines) + "\n")
     if splits:
-        k = max(1, n // 5)
-        (root / "splits").mkdir(parents=True, exist_ok=True)
-        (root / "splits" / "train.txt").write_text("\n".join(stems[k:]) + "\n")
-        (root / "splits" / "val.txt").write_text("\n".join(stems[:k]) + "\n")
-        (root / "splits" / "test.txt").write_text("\n".join(stems[:k]) + "\n")
+        _write_folder_splits(root, stems)
     return root
 
 
@@ -211,17 +223,11 @@ def write_depth_folder(root: str | os.PathLike, n: int = 10, splits: bool = Fals
     ``splits``, ``splits/{train,val,test}.txt``. Split code 0. Returns ``root``."""
     root = Path(root)
     stems = []
-    for i in range(n):
-        stem = f"extra/img_{i:03d}" if i == n - 1 and n > 1 else f"img_{i:03d}"
-        size, ext = ((36, 48), ".jpg") if i % 2 == 0 else ((40, 30), ".png")
+    for i, stem, size, ext in _folder_items(n):
         img, depth = depth_scene(seed, 0, i, size, 10.0)
         write_image(root / "images" / f"{stem}{ext}", img)
         _write_depth_png(root / "depth" / f"{stem}.png", depth, scale)
         stems.append(stem)
     if splits:
-        k = max(1, n // 5)
-        (root / "splits").mkdir(parents=True, exist_ok=True)
-        (root / "splits" / "train.txt").write_text("\n".join(stems[k:]) + "\n")
-        (root / "splits" / "val.txt").write_text("\n".join(stems[:k]) + "\n")
-        (root / "splits" / "test.txt").write_text("\n".join(stems[:k]) + "\n")
+        _write_folder_splits(root, stems)
     return root
