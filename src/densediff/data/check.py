@@ -24,20 +24,16 @@ CHECK_FORMATS = FORMATS + DEPTH_CHECK_FORMATS
 """Formats :func:`check_dataset` accepts."""
 
 
-def check_pair(img: Path, label: Path, lut: np.ndarray | None,
-               decode_images: bool = True) -> list[str]:
-    """Problems of one image/label pair: unreadable or truncated files, a label that is not a
-    single-channel image, invalid label values (skipped when ``lut`` is None), size mismatch."""
+def _check_files(img: Path, label: Path, read_label_shape, decode_images: bool) -> list[str]:
+    """Problems of one image/label pair: the image unreadable or truncated, whatever
+    ``read_label_shape(label)`` raises as DataError, and a size mismatch."""
     problems, size, lab_size = [], None, None
     try:
         size = read_image(img).shape[:2] if decode_images else image_size(img)
     except DataError as e:
         problems.append(str(e))
     try:
-        raw = read_label(label)
-        lab_size = raw.shape
-        if lut is not None:
-            map_label(raw, lut, label)
+        lab_size = read_label_shape(label)
     except DataError as e:
         problems.append(str(e))
     if size is not None and lab_size is not None:
@@ -48,25 +44,31 @@ def check_pair(img: Path, label: Path, lut: np.ndarray | None,
     return problems
 
 
+def check_pair(img: Path, label: Path, lut: np.ndarray | None,
+               decode_images: bool = True) -> list[str]:
+    """Problems of one image/label pair: unreadable or truncated files, a label that is not a
+    single-channel image, invalid label values (skipped when ``lut`` is None), size mismatch."""
+    raw = None
+
+    def read(path: Path) -> tuple[int, ...]:
+        nonlocal raw
+        raw = read_label(path)
+        return raw.shape
+
+    problems = _check_files(img, label, read, decode_images)
+    if lut is not None and raw is not None:
+        try:
+            map_label(raw, lut, label)
+        except DataError as e:
+            problems.append(str(e))
+    return problems
+
+
 def check_depth_pair(img: Path, depth: Path, sunrgbd: bool = False,
                      decode_images: bool = True) -> list[str]:
     """Problems of one image/depth pair: unreadable or truncated files, a depth map that is not
     a single-channel 16/8-bit image, size mismatch."""
-    problems, size, dsize = [], None, None
-    try:
-        size = read_image(img).shape[:2] if decode_images else image_size(img)
-    except DataError as e:
-        problems.append(str(e))
-    try:
-        dsize = read_depth(depth, 1.0, sunrgbd).shape
-    except DataError as e:
-        problems.append(str(e))
-    if size is not None and dsize is not None:
-        try:
-            check_same_size(img, size, depth, dsize)
-        except DataError as e:
-            problems.append(str(e))
-    return problems
+    return _check_files(img, depth, lambda p: read_depth(p, 1.0, sunrgbd).shape, decode_images)
 
 
 def depth_splits_of(fmt: str, root: str | os.PathLike) -> list[str]:
