@@ -42,19 +42,25 @@ with open(f"{out}/metrics{rank}.json", "w") as f:
 """
 
 
-def test_torchrun_two_processes(tmp_path):
-    wd = tmp_path / "w"
-    overrides = [f"work_dir={wd}", *TINY, "train.iters=4", "train.ckpt_interval=4",
-                 "train.eval_interval=2", "train.log_interval=1", "train.accum_steps=2",
-                 "data.gen_num_val=5"]  # odd: the two val shards differ in size
+def torchrun_two(child: str, overrides: list[str], tmp_path: Path) -> None:
+    """Run ``child`` (a script taking the overrides as JSON and an output folder) in two
+    torchrun processes; fail with the tail of their output."""
     script = tmp_path / "child.py"
-    script.write_text(CHILD)
+    script.write_text(child)
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                         "--nproc_per_node", "2", str(script), json.dumps(overrides),
                         str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+
+
+def test_torchrun_two_processes(tmp_path):
+    wd = tmp_path / "w"
+    overrides = [f"work_dir={wd}", *TINY, "train.iters=4", "train.ckpt_interval=4",
+                 "train.eval_interval=2", "train.log_interval=1", "train.accum_steps=2",
+                 "data.gen_num_val=5"]  # odd: the two val shards differ in size
+    torchrun_two(CHILD, overrides, tmp_path)
 
     # both ranks hold the same weights (buffers included), and rank 0 saved them
     saved, _ = load_weights(wd / "checkpoints/last.safetensors")
@@ -107,14 +113,7 @@ def test_depth_eval_sharded_over_two_processes_equals_one(tmp_path):
                  "model.encoder.variant=tiny", "model.neck.channels=16", "model.neck.num_groups=4",
                  "model.head.channels=16", "model.head.num_layers=1", "model.head.num_heads=4",
                  "model.head.ffn_channels=32"]
-    script = tmp_path / "child.py"
-    script.write_text(DEPTH_CHILD)
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node", "2", str(script), json.dumps(overrides),
-                        str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    torchrun_two(DEPTH_CHILD, overrides, tmp_path)
     sharded = json.loads((tmp_path / "depth.json").read_text())
     cfg = load_config("generated/depth_ddp.yaml", overrides)
     torch.manual_seed(0)

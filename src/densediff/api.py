@@ -32,7 +32,7 @@ from densediff.engine.inference import predict_depth, predict_probs
 from densediff.errors import UserError
 from densediff.models import build_model
 from densediff.tasks.uncertainty import entropy_uncertainty
-from densediff.viz import depth_color, heatmap
+from densediff.viz import depth_color, heatmap, scaled_heatmap
 
 ImageLike = Union[str, Path, Image.Image, np.ndarray]
 
@@ -238,7 +238,7 @@ class Predictor:
             tiles = [] if image is None else [_as_uint8_rgb(image)]
             tiles += [depth_color(d, dd.min_depth, dd.max_depth) for d in pred.trajectory]
             if pred.uncertainty is not None:
-                tiles.append(heatmap(pred.uncertainty / max(float(pred.uncertainty.max()), 1e-6)))
+                tiles.append(scaled_heatmap(pred.uncertainty))
             return side_by_side(tiles)
         masks = ([] if pred.base_mask is None else [pred.base_mask]) + list(pred.trajectory)
         tiles = [] if image is None else [_as_uint8_rgb(image)]

@@ -81,7 +81,7 @@ def _train_and_evaluate(config: str, run_dir: Path, iters: int | None, overrides
 def _segmentation_demo(run_dir: Path, iters: int | None, overrides: list[str]) -> Path:
     from densediff.api import colorize
     from densediff.data import build_dataset
-    from densediff.viz import heatmap
+    from densediff.viz import heatmap, save_grid
 
     predictor = _train_and_evaluate(DEMO_CONFIG, run_dir, iters, overrides, DEMO_STEPS)
     print("[demo] 3/3 predicting on test images")
@@ -106,9 +106,7 @@ def _segmentation_demo(run_dir: Path, iters: int | None, overrides: list[str]) -
         Image.fromarray(predictor.trajectory_strip(traj, rgb)).save(
             pred_dir / f"{stem}_trajectory.png")
         rows.append(np.concatenate([rgb, gt_color, pred.color, error, unc], axis=1))
-    grid = np.concatenate(rows, axis=0)
-    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(
-        run_dir / "demo_grid.png")
+    save_grid(rows, run_dir / "demo_grid.png")
     print(f"[demo] wrote {run_dir / 'demo_grid.png'} (image | truth | prediction | error | "
           f"uncertainty at {steps} steps), {run_dir}/demo_steps_{{val,test}}.png, {pred_dir} "
           f"(masks, overlays, uncertainty, {DEMO_STEPS[-1]}-step trajectories), "
@@ -119,7 +117,7 @@ def _segmentation_demo(run_dir: Path, iters: int | None, overrides: list[str]) -
 def _depth_demo(run_dir: Path, iters: int | None, overrides: list[str]) -> Path:
     from densediff.api import load
     from densediff.data import build_dataset
-    from densediff.viz import depth_color, heatmap
+    from densediff.viz import depth_color, heatmap, save_grid, scaled_heatmap
 
     _train_and_evaluate(DEPTH_DEMO_CONFIG, run_dir, iters or DEPTH_DEMO_ITERS, overrides,
                         DEPTH_DEMO_STEPS)
@@ -141,7 +139,7 @@ def _depth_demo(run_dir: Path, iters: int | None, overrides: list[str]) -> Path:
         err_pic = heatmap(err / 0.5)  # AbsRel 0.5 and above: the brightest
         err_pic[~valid] = 0
         unc = pred.uncertainty_starts
-        unc_pic = heatmap(unc / max(float(unc.max()), 1e-6))
+        unc_pic = scaled_heatmap(unc)
         gt_pic = depth_color(gt, dd.min_depth, dd.max_depth)
         gt_pic[~valid] = 0
         Image.fromarray(pred.color).save(pred_dir / f"{stem}_depth.png")
@@ -149,9 +147,7 @@ def _depth_demo(run_dir: Path, iters: int | None, overrides: list[str]) -> Path:
         Image.fromarray(predictor.trajectory_strip(pred, rgb)).save(
             pred_dir / f"{stem}_trajectory.png")
         rows.append(np.concatenate([rgb, gt_pic, pred.color, err_pic, unc_pic], axis=1))
-    grid = np.concatenate(rows, axis=0)
-    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(
-        run_dir / "demo_grid.png")
+    save_grid(rows, run_dir / "demo_grid.png")
     print(f"[demo] wrote {run_dir / 'demo_grid.png'} (image | truth | prediction | AbsRel error "
           f"| uncertainty = depth spread over 4 random starts, {DEPTH_DEMO_STEPS[-1]} steps), "
           f"{run_dir}/demo_steps_{{val,test}}.png, {pred_dir} (colourised depth, uncertainty, "

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-__all__ = ["depth_color", "heatmap", "plot_steps", "steps_table"]
+__all__ = ["depth_color", "heatmap", "plot_steps", "save_grid", "scaled_heatmap", "steps_table"]
 
 
 def heatmap(values: np.ndarray, cmap: str = "inferno") -> np.ndarray:
@@ -16,6 +16,23 @@ def heatmap(values: np.ndarray, cmap: str = "inferno") -> np.ndarray:
 
     rgba = colormaps[cmap](np.clip(np.asarray(values, np.float32), 0, 1))
     return (rgba[..., :3] * 255 + 0.5).astype(np.uint8)
+
+
+def scaled_heatmap(values: np.ndarray, cmap: str = "inferno") -> np.ndarray:
+    """:func:`heatmap` of non-negative values scaled to their maximum (e.g. a depth
+    uncertainty in metres); all zeros stay dark."""
+    v = np.asarray(values, np.float32)
+    return heatmap(v / max(float(v.max()), 1e-6), cmap)
+
+
+def save_grid(rows: list[np.ndarray], path: str | os.PathLike, zoom: int = 2) -> None:
+    """Stack equal-width H x W x 3 uint8 rows and save them enlarged ``zoom`` times
+    (nearest neighbour)."""
+    from PIL import Image
+
+    grid = np.concatenate(rows, axis=0)
+    Image.fromarray(grid).resize((grid.shape[1] * zoom, grid.shape[0] * zoom),
+                                 Image.NEAREST).save(path)
 
 
 def depth_color(depth: np.ndarray, min_depth: float, max_depth: float,

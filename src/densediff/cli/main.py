@@ -217,7 +217,7 @@ def _predict_depth(args: argparse.Namespace, predictor, files: list[Path], out: 
 
     from densediff.data.depth import depth_scale_for
     from densediff.data.io import read_image
-    from densediff.viz import heatmap
+    from densediff.viz import scaled_heatmap
 
     dcfg = predictor.cfg.data
     scale = depth_scale_for(dcfg.dataset, dcfg.depth.depth_scale, dcfg.depth.max_depth)
@@ -239,7 +239,7 @@ def _predict_depth(args: argparse.Namespace, predictor, files: list[Path], out: 
                       file=sys.stderr)
             else:
                 u = pred.uncertainty
-                written["uncertainty.png"] = heatmap(u / max(float(u.max()), 1e-6))
+                written["uncertainty.png"] = scaled_heatmap(u)
                 written["uncertainty.npy"] = u
         if args.trajectory:
             if pred.trajectory is None:
