@@ -28,14 +28,13 @@ subset of the depth pixels (random scan lines, random points along them); the ot
 
 from __future__ import annotations
 
-import colorsys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from densediff.data.depth import DepthDataset, depth_scale_for
-from densediff.data.generated import generated_items, scene_rng
+from densediff.data.generated import colour_pair, generated_items, scene_rng
 
 if TYPE_CHECKING:
     from densediff.config import DataConfig
@@ -128,12 +127,8 @@ class DepthScene:
 
 
 def _texture(rng: np.random.Generator, unit: float) -> Texture:
-    h, s, v = rng.random(), rng.uniform(0.2, 0.9), rng.uniform(0.35, 0.95)
-    h2 = (h + rng.uniform(-0.15, 0.15)) % 1.0
-    s2 = float(np.clip(s * rng.uniform(0.4, 1.3), 0.0, 1.0))
-    v2 = float(np.clip(v * rng.uniform(0.4, 1.4), 0.1, 1.0))
-    c1 = np.array(colorsys.hsv_to_rgb(h, s, v)) * 255.0
-    c2 = np.array(colorsys.hsv_to_rgb(h2, s2, v2)) * 255.0
+    c1, c2 = colour_pair(rng, sat=(0.2, 0.9), val=(0.35, 0.95), hue_shift=0.15,
+                         sat_mult=(0.4, 1.3), val_mult=(0.4, 1.4))
     dirs = rng.normal(size=(3, 3))
     dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
     kind = ("checker", "stripes", "noise")[int(rng.integers(3))]

@@ -35,12 +35,17 @@ GENERATED_PALETTE = [(70, 130, 180), (140, 100, 50), (220, 20, 60), (0, 160, 140
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
 
-def _colour_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Two related colours (0..255): a random one and a nearby variation of it."""
-    h, s, v = rng.random(), rng.uniform(0.25, 0.9), rng.uniform(0.3, 0.95)
-    h2 = (h + rng.uniform(-0.12, 0.12)) % 1.0
-    s2 = float(np.clip(s * rng.uniform(0.5, 1.3), 0.0, 1.0))
-    v2 = float(np.clip(v * rng.uniform(0.5, 1.4), 0.1, 1.0))
+def colour_pair(rng: np.random.Generator, sat: tuple[float, float] = (0.25, 0.9),
+                val: tuple[float, float] = (0.3, 0.95), hue_shift: float = 0.12,
+                sat_mult: tuple[float, float] = (0.5, 1.3),
+                val_mult: tuple[float, float] = (0.5, 1.4)) -> tuple[np.ndarray, np.ndarray]:
+    """Two related colours (0..255): a random HSV one (saturation in ``sat``, value in
+    ``val``) and a nearby variation of it (hue +- ``hue_shift``, saturation and value scaled
+    by factors from ``sat_mult`` / ``val_mult``). Shared by both generated datasets."""
+    h, s, v = rng.random(), rng.uniform(*sat), rng.uniform(*val)
+    h2 = (h + rng.uniform(-hue_shift, hue_shift)) % 1.0
+    s2 = float(np.clip(s * rng.uniform(*sat_mult), 0.0, 1.0))
+    v2 = float(np.clip(v * rng.uniform(*val_mult), 0.1, 1.0))
     c1 = np.array(colorsys.hsv_to_rgb(h, s, v)) * 255.0
     c2 = np.array(colorsys.hsv_to_rgb(h2, s2, v2)) * 255.0
     return c1, c2
@@ -49,7 +54,7 @@ def _colour_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 def _texture(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, unit: float
              ) -> np.ndarray:
     """A full-frame H x W x 3 float texture: two colours mixed by a random pattern."""
-    c1, c2 = _colour_pair(rng)
+    c1, c2 = colour_pair(rng)
     kind = int(rng.integers(5))
     theta, phase = rng.uniform(0.0, np.pi), rng.uniform(0.0, 2 * np.pi)
     u = xx * np.cos(theta) + yy * np.sin(theta)
