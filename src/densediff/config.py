@@ -102,11 +102,95 @@ class DepthDataConfig(_Strict):
         return self
 
 
+BEV_MAP_CLASSES = ("drivable_area", "ped_crossing", "walkway", "stop_line", "carpark_area",
+                   "divider")
+"""The six nuScenes map classes of the BEVFusion / DDP protocol (``divider`` = the
+map-expansion ``road_divider`` + ``lane_divider`` layers)."""
+NUSCENES_CAMERAS = ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_LEFT",
+                    "CAM_BACK", "CAM_BACK_RIGHT")
+
+
+Bound = tuple[float, float, float]
+"""(low, high, step) in metres."""
+
+
+class BEVDataConfig(_Strict):
+    """BEV map segmentation (``task: bev``): grids, cameras, LiDAR and augmentation.
+
+    Grids are in the ego frame (x forward, y left, z up; metres). Defaults follow BEVFusion's
+    nuScenes map-segmentation configs (the DDP BEV code builds on them)."""
+
+    classes: list[str] = Field(list(BEV_MAP_CLASSES), min_length=1)
+    """Map classes (multi-label: a cell can be in several). nuScenes: names of map-expansion
+    layers, plus ``divider`` (road + lane divider)."""
+    xbound: Bound = (-50.0, 50.0, 0.5)
+    """The output (label) grid along x: 200 cells of 0.5 m."""
+    ybound: Bound = (-50.0, 50.0, 0.5)
+    feat_xbound: Bound = (-51.2, 51.2, 0.8)
+    """The BEV feature grid (camera pooling, LiDAR pillars, the noisy map): 128 cells of 0.8 m.
+    The decoder resamples it onto the output grid."""
+    feat_ybound: Bound = (-51.2, 51.2, 0.8)
+    zbound: tuple[float, float] = (-10.0, 10.0)
+    """Height range of the lifted camera points that are pooled."""
+    dbound: Bound = (1.0, 60.0, 0.5)
+    """Depth bins of the camera view transform (LSS): 118 bins from 1 m to 60 m."""
+    cameras: list[str] = Field(list(NUSCENES_CAMERAS), min_length=1)
+    """Camera channels (nuScenes names; the generated world uses the same six rigs)."""
+    image_size: Size = (256, 704)
+    """Network input size of every camera image (h, w) after resize and crop."""
+    resize_range: tuple[PosFloat, PosFloat] = (0.38, 0.55)
+    """Training: random resize factor of the original camera image before the crop
+    (BEVFusion ImageAug3D ``resize_lim``; nuScenes 900 x 1600 -> about 342..495 x 608..880)."""
+    test_resize: Optional[PosFloat] = 0.48
+    """Evaluation resize factor (BEVFusion: 0.48). None: scale so the width fits
+    ``image_size`` exactly."""
+    rotate: float = Field(5.4, ge=0)
+    """Training: random image rotation in U(-rotate, rotate) degrees (intrinsics follow)."""
+    image_flip: bool = True
+    """Training: random horizontal flip of each camera image (intrinsics follow)."""
+    bev_rotate: float = Field(22.5, ge=0)
+    """Training: random rotation of the whole scene about z, U(-bev_rotate, bev_rotate) degrees
+    (BEVFusion GlobalRotScaleTrans, 0.3925 rad); cameras, points and map rotate together."""
+    bev_scale: tuple[PosFloat, PosFloat] = (0.95, 1.05)
+    """Training: random scaling of the scene."""
+    bev_flip: bool = True
+    """Training: random flips of the scene along x and along y (BEVFusion RandomFlip3D)."""
+    lidar: bool = False
+    """Read LiDAR points (``C+L`` models need them)."""
+    lidar_sweeps: int = Field(9, ge=0)
+    """nuScenes: earlier LiDAR sweeps added to the key frame (BEVFusion: 9), each moved into
+    the key frame's ego frame, with its time lag as the fifth point feature."""
+    max_points: Optional[PosInt] = None
+    """Keep at most this many points per sample (random subset in training, strided in
+    evaluation). None: all."""
+    version: str = "v1.0-trainval"
+    """nuScenes table folder under the dataset root (``v1.0-mini`` for the mini split)."""
+    gen_image_size: Size = (64, 176)
+    """Generated world: rendered camera image size (h, w)."""
+
+    @model_validator(mode="after")
+    def _grids(self) -> BEVDataConfig:
+        for name in ("xbound", "ybound", "feat_xbound", "feat_ybound", "dbound"):
+            lo, hi, step = getattr(self, name)
+            if not (hi > lo and step > 0) or round((hi - lo) / step) < 1:
+                raise ValueError(f"{name} must be (low, high, step) with low < high and step > 0, "
+                                 f"got {(lo, hi, step)}")
+        if self.zbound[0] >= self.zbound[1]:
+            raise ValueError(f"zbound must be (low, high) with low < high, got {self.zbound}")
+        if self.resize_range[0] > self.resize_range[1]:
+            raise ValueError(f"resize_range must be (low, high), got {self.resize_range}")
+        if self.bev_scale[0] > self.bev_scale[1]:
+            raise ValueError(f"bev_scale must be (low, high), got {self.bev_scale}")
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes has duplicates: {self.classes}")
+        return self
+
+
 class DataConfig(_Strict):
-    dataset: Literal["camvid", "ade20k", "cityscapes", "kitti", "nyu", "sunrgbd", "folder",
-                     "generated"] = "generated"
+    dataset: Literal["camvid", "ade20k", "cityscapes", "kitti", "nyu", "sunrgbd", "nuscenes",
+                     "folder", "generated"] = "generated"
     """Segmentation: camvid | ade20k | cityscapes | folder | generated. Depth: kitti | nyu |
-    sunrgbd (evaluation only) | folder | generated."""
+    sunrgbd (evaluation only) | folder | generated. BEV: nuscenes | generated."""
     root: Optional[str] = None
     """Dataset folder. None: taken from $DENSEDIFF_<DATASET>_ROOT (e.g. DENSEDIFF_CAMVID_ROOT)."""
     num_classes: Optional[int] = Field(None, ge=1)
@@ -139,6 +223,8 @@ class DataConfig(_Strict):
     gen_seed: int = 0
     depth: DepthDataConfig = DepthDataConfig()
     """Read by ``task: depth`` only."""
+    bev: BEVDataConfig = BEVDataConfig()
+    """Read by ``task: bev`` only."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,6 +436,25 @@ class DepthLossConfig(_Strict):
     gradient_scales: PosInt = 4
 
 
+class BEVModelConfig(_Strict):
+    """The camera (and LiDAR) to BEV encoder of ``task: bev`` (BEVFusion-style, pure PyTorch)."""
+
+    camera_stride: Literal[4, 8, 16] = 8
+    """Stride of the camera features that are lifted (the neck's stride-4 map is average-pooled;
+    BEVFusion: 8)."""
+    camera_channels: int = Field(80, ge=1)
+    """Channels of the lifted camera features (BEVFusion LSS: 80)."""
+    lidar_channels: int = Field(64, ge=1)
+    """Channels of the LiDAR pillar features (used when ``data.bev.lidar``)."""
+    fused_channels: int = Field(256, ge=8)
+    """Channels of the fused BEV features that condition the map decoder."""
+    bev_blocks: int = Field(2, ge=0)
+    """Residual 3x3 conv blocks on the fused BEV features (the BEV backbone)."""
+    focal_gamma: float = Field(2.0, ge=0)
+    """Per-class sigmoid focal loss (BEVFusion: gamma 2, no alpha)."""
+    focal_alpha: Optional[float] = Field(None, ge=0, le=1)
+
+
 class ModelConfig(_Strict):
     type: Literal["segmentor", "ddp", "ddps"] = "segmentor"
     """``segmentor``: discriminative encoder -> head; ``ddp``: the DDP diffusion model;
@@ -367,6 +472,8 @@ class ModelConfig(_Strict):
     """CE mean over non-ignored pixels only (mmseg default False: mean over all pixels)."""
     depth_loss: DepthLossConfig = DepthLossConfig()
     """Read by ``task: depth`` only."""
+    bev: BEVModelConfig = BEVModelConfig()
+    """Read by ``task: bev`` only."""
 
     @model_validator(mode="after")
     def _ddp_head(self) -> ModelConfig:
@@ -415,7 +522,8 @@ class TrainConfig(_Strict):
     """Start from these weights (a checkpoint file or run folder; weights only, fresh optimizer
     and schedule), e.g. the self-aligned fine-tune of a trained DDP model."""
     best_metric: Optional[Literal["mIoU", "mAcc", "aAcc", "mBIoU", "d1", "d2", "d3", "abs_rel",
-                                  "sq_rel", "rmse", "rmse_log", "log10", "silog"]] = None
+                                  "sq_rel", "rmse", "rmse_log", "log10", "silog",
+                                  "mIoU@0.50"]] = None
     """Validation metric that picks ``best.safetensors`` (errors: lower is better). None: mIoU
     for segmentation, abs_rel for depth."""
     progress: bool = True
@@ -438,14 +546,21 @@ class EvalConfig(_Strict):
 
 SEG_METRICS = ("mIoU", "mAcc", "aAcc", "mBIoU")
 DEPTH_METRICS = ("d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog")
+BEV_METRICS = ("mIoU", "mIoU@0.50")
+"""mIoU: the mean over classes of each class's best IoU over the thresholds 0.35..0.65
+(BEVFusion protocol); mIoU@0.50: the mean IoU at threshold 0.5."""
 LOWER_IS_BETTER = frozenset(DEPTH_METRICS[3:])
 TASK_DATASETS = {"segmentation": ("camvid", "ade20k", "cityscapes", "folder", "generated"),
-                 "depth": ("kitti", "nyu", "sunrgbd", "folder", "generated")}
+                 "depth": ("kitti", "nyu", "sunrgbd", "folder", "generated"),
+                 "bev": ("nuscenes", "generated")}
+TASK_METRICS = {"segmentation": SEG_METRICS, "depth": DEPTH_METRICS, "bev": BEV_METRICS}
 
 
 class Config(_Strict):
-    task: Literal["segmentation", "depth"] = "segmentation"
-    """``segmentation`` (class maps) or ``depth`` (monocular depth maps, ``data.depth``)."""
+    task: Literal["segmentation", "depth", "bev"] = "segmentation"
+    """``segmentation`` (class maps), ``depth`` (monocular depth maps, ``data.depth``) or
+    ``bev`` (multi-label bird's-eye-view maps from several cameras and LiDAR, ``data.bev``,
+    ``model.bev``)."""
     seed: int = 0
     work_dir: Optional[str] = None
     """Run folder; None: runs/<config file stem>."""
@@ -476,12 +591,18 @@ class Config(_Strict):
             if self.data.train_pipeline.scale is not None:
                 raise ValueError("data.train_pipeline.scale must be unset for depth: resizing "
                                  "changes the apparent focal length, not metric depth")
+        if self.task == "bev":
+            if self.model.type == "ddps":
+                raise ValueError("model.type ddps is for segmentation only")
+            if self.model.aux_head.enabled:
+                raise ValueError("model.aux_head.enabled must be false for bev (the BEV models "
+                                 "have no aux head)")
         return self
 
     @property
     def metrics(self) -> tuple[str, ...]:
         """The validation metrics of the task."""
-        return DEPTH_METRICS if self.task == "depth" else SEG_METRICS
+        return TASK_METRICS[self.task]
 
     @property
     def best_metric(self) -> str:

@@ -121,12 +121,17 @@ def _pad_stack(tensors: list[torch.Tensor], value: float) -> torch.Tensor:
 
 
 def collate(batch: list[dict[str, Any]], ignore_index: int | None = None) -> dict[str, Any]:
-    """Batch samples: ``image`` B x 3 x H x W, ``label`` B x H x W, ``meta`` list of dicts.
+    """Batch samples: ``image`` B x 3 x H x W, ``label`` B x H x W, ``meta`` list of dicts
+    (BEV samples, whose ``image`` is a dict: :func:`densediff.data.bev.collate_bev`).
 
     Samples of different sizes are padded at the bottom/right to the largest one, images with
     0 and labels with ``ignore_index`` (default: the ``ignore_index`` in the samples' meta,
     else 255); ``meta[i]["img_size"]`` keeps each image's unpadded size.
     """
+    if isinstance(batch[0]["image"], dict):  # BEV: several cameras, calibration, points
+        from densediff.data.bev import collate_bev
+
+        return collate_bev(batch)
     if ignore_index is None:
         ignore_index = batch[0].get("meta", {}).get("ignore_index", 255)
     return {

@@ -1,0 +1,153 @@
+"""BEV map segmentation: the grid, the loss and the metric (DDP paper §4.3, App. B.2).
+
+- :class:`BEVGrid`: an ego-frame grid (x forward, y left; tensors are ``... x X x Y``, index
+  ``[ix, iy]`` covers ``x in [xlo + ix step, xlo + (ix + 1) step)``).
+- :func:`sigmoid_focal_loss`: the per-class sigmoid focal loss of BEVFusion's map head (Lin et
+  al. 2017, gamma 2, alpha off), one mean per class.
+- :class:`BEVIoUMetric`: per-class IoU at the thresholds 0.35, 0.40, ..., 0.65, counts summed
+  over the dataset; reported as each class's best IoU over the thresholds and their mean
+  (BEVFusion ``evaluate_map``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from densediff.engine import distributed as du
+
+__all__ = ["BEVGrid", "BEVIoUMetric", "IOU_THRESHOLDS", "format_bev_metrics", "sigmoid_focal_loss"]
+
+IOU_THRESHOLDS = tuple(round(0.35 + 0.05 * i, 2) for i in range(7))
+"""0.35, 0.40, ..., 0.65 (BEVFusion ``evaluate_map``)."""
+
+
+@dataclass(frozen=True)
+class BEVGrid:
+    """A regular grid on the ground plane: ``xbound``/``ybound`` are (low, high, step) in
+    metres."""
+
+    xbound: tuple[float, float, float]
+    ybound: tuple[float, float, float]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(X, Y) cells."""
+        return tuple(int(round((b[1] - b[0]) / b[2])) for b in (self.xbound, self.ybound))
+
+    @property
+    def step(self) -> tuple[float, float]:
+        return self.xbound[2], self.ybound[2]
+
+    @property
+    def low(self) -> tuple[float, float]:
+        return self.xbound[0], self.ybound[0]
+
+    def cell_of(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Integer cell indices (ix, iy) of points; out-of-grid points get indices outside
+        ``[0, X) x [0, Y)``."""
+        return (torch.floor((x - self.xbound[0]) / self.xbound[2]).long(),
+                torch.floor((y - self.ybound[0]) / self.ybound[2]).long())
+
+    def centres(self) -> tuple[np.ndarray, np.ndarray]:
+        """Cell-centre coordinates: x (X,) and y (Y,)."""
+        (nx, ny), (sx, sy), (lx, ly) = self.shape, self.step, self.low
+        return lx + (np.arange(nx) + 0.5) * sx, ly + (np.arange(ny) + 0.5) * sy
+
+    def extent(self) -> tuple[float, float, float, float]:
+        """(x_low, x_high, y_low, y_high) of the covered area."""
+        (nx, ny), (sx, sy), (lx, ly) = self.shape, self.step, self.low
+        return lx, lx + nx * sx, ly, ly + ny * sy
+
+
+def sigmoid_focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0,
+                       alpha: float | None = None) -> torch.Tensor:
+    """Per-class sigmoid focal loss, K values (each the mean over the batch and cells).
+
+    ``FL = -alpha_t (1 - p_t)^gamma log(p_t)`` with ``p_t = p`` where the target is 1 and
+    ``1 - p`` elsewhere (Lin et al. 2017, Eq. 5); ``alpha_t = alpha`` / ``1 - alpha``, or 1
+    when ``alpha`` is None (BEVFusion's map head: alpha -1, i.e. off).
+
+    Args:
+        logits: B x K x X x Y.
+        target: B x K x X x Y in {0, 1}.
+    """
+    target = target.to(logits.dtype)
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p = logits.sigmoid()
+    p_t = p * target + (1 - p) * (1 - target)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha is not None:
+        loss = loss * (alpha * target + (1 - alpha) * (1 - target))
+    return loss.transpose(0, 1).flatten(1).mean(1)
+
+
+class BEVIoUMetric:
+    """IoU per class and threshold, accumulated over samples (a map cell is positive when its
+    probability is at least the threshold).
+
+    ``update`` takes B x K x X x Y probabilities and {0, 1} targets; ``reduce`` sums the counts
+    over processes; ``compute`` returns ``mIoU`` (the mean over classes of the best IoU over
+    thresholds), ``mIoU@0.50``, ``per_class`` ({class: best IoU}), ``best_threshold`` and the
+    full ``table`` ({class: [IoU per threshold]}), all in percent.
+    """
+
+    def __init__(self, class_names: Sequence[str], thresholds: Sequence[float] = IOU_THRESHOLDS,
+                 device: torch.device | str = "cpu"):
+        self.class_names = list(class_names)
+        self.thresholds = torch.tensor(list(thresholds), dtype=torch.float64)
+        k, t = len(self.class_names), len(self.thresholds)
+        self.tp = torch.zeros(k, t, dtype=torch.float64, device=device)
+        self.fp = torch.zeros_like(self.tp)
+        self.fn = torch.zeros_like(self.tp)
+
+    @torch.no_grad()
+    def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
+        k = len(self.class_names)
+        if probs.shape[1] != k or probs.shape != target.shape:
+            raise ValueError(f"probs {tuple(probs.shape)} and target {tuple(target.shape)} must "
+                             f"both be B x {k} x X x Y")
+        p = probs.transpose(0, 1).flatten(1).double()  # K x N
+        g = target.transpose(0, 1).flatten(1).bool()
+        th = self.thresholds.to(p.device)
+        pred = p[:, None, :] >= th[None, :, None]  # K x T x N
+        gt = g[:, None, :]
+        self.tp += (pred & gt).sum(-1).to(self.tp)
+        self.fp += (pred & ~gt).sum(-1).to(self.tp)
+        self.fn += (~pred & gt).sum(-1).to(self.tp)
+
+    def reduce(self) -> None:
+        self.tp, self.fp, self.fn = (du.all_reduce_sum(t) for t in (self.tp, self.fp, self.fn))
+
+    def compute(self) -> dict:
+        union = self.tp + self.fp + self.fn
+        iou = torch.where(union > 0, self.tp / union.clamp(min=1), torch.nan) * 100  # K x T
+        best = torch.nan_to_num(iou, nan=-1.0).max(1)
+        half = int(torch.argmin((self.thresholds - 0.5).abs()))
+        per_class = {n: float(iou[i, best.indices[i]]) for i, n in enumerate(self.class_names)}
+        return {
+            "mIoU": float(np.nanmean(list(per_class.values()))) if per_class else float("nan"),
+            "mIoU@0.50": float(np.nanmean(iou[:, half].cpu().numpy())),
+            "per_class": per_class,
+            "best_threshold": {n: float(self.thresholds[best.indices[i]])
+                               for i, n in enumerate(self.class_names)},
+            "table": {n: [float(v) for v in iou[i]] for i, n in enumerate(self.class_names)},
+            "thresholds": [float(t) for t in self.thresholds],
+        }
+
+
+def format_bev_metrics(results: dict[int, dict]) -> str:
+    """A per-class table of best-threshold IoU, one row per step count."""
+    first = next(iter(results.values()))
+    names = list(first["per_class"])
+    short = [n[:10] for n in names]
+    head = f"{'steps':>5}  " + "  ".join(f"{s:>10}" for s in short) + f"  {'mIoU':>6}"
+    rows = [head]
+    for n, m in results.items():
+        rows.append(f"{n:>5}  " + "  ".join(f"{m['per_class'][c]:>10.2f}" for c in names)
+                    + f"  {m['mIoU']:>6.2f}")
+    return "\n".join(rows)
