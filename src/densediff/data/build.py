@@ -8,9 +8,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from densediff.config import BEV_MAP_CLASSES
 from densediff.data.classes import (
     ADE20K_CLASSES,
     ADE20K_PALETTE,
+    BEV_MAP_PALETTE,
     CAMVID_CLASSES,
     CAMVID_PALETTE,
     CITYSCAPES_CLASSES,
@@ -74,7 +76,8 @@ def build_dataset(cfg: Config, split: str, train: bool) -> SegDataset:
             problem; ``densediff.data.check.check_dataset`` lists them all).
         ConfigError: ``data.num_classes`` or ``data.ignore_index`` does not fit the dataset.
 
-    With ``cfg.task == "depth"`` this is :func:`densediff.data.depth.build_depth_dataset` (a
+    With ``cfg.task == "bev"`` this is :func:`build_bev_dataset`. With ``cfg.task == "depth"``
+    this is :func:`densediff.data.depth.build_depth_dataset` (a
     :class:`~densediff.data.depth.DepthDataset`; ``num_classes`` and ``ignore_index`` are not
     read).
     """
@@ -83,6 +86,8 @@ def build_dataset(cfg: Config, split: str, train: bool) -> SegDataset:
         from densediff.data.depth import build_depth_dataset
 
         return build_depth_dataset(cfg, split, train)
+    if cfg.task == "bev":
+        return build_bev_dataset(cfg, split, train)
     if d.dataset == "generated":
         ds: SegDataset = GeneratedDataset(d, split, train, seed=cfg.seed)
     elif d.dataset in ("camvid", "ade20k", "cityscapes", "folder"):
@@ -100,13 +105,26 @@ def build_dataset(cfg: Config, split: str, train: bool) -> SegDataset:
     return ds
 
 
+def build_bev_dataset(cfg: Config, split: str, train: bool):
+    """The BEV dataset of ``cfg.data.dataset``: nuScenes (``data.root`` /
+    ``$DENSEDIFF_NUSCENES_ROOT``) or the generated world."""
+    if cfg.data.dataset == "nuscenes":
+        from densediff.data.nuscenes import NuScenesDataset
+
+        return NuScenesDataset(cfg.data, resolve_root(cfg), split, train, seed=cfg.seed)
+    from densediff.data.bev_world import GeneratedBEVDataset
+
+    return GeneratedBEVDataset(cfg.data, split, train, seed=cfg.seed)
+
+
 def class_info(cfg: Config) -> tuple[list[str], np.ndarray]:
     """Class names and ``(K, 3)`` uint8 palette for a config, without scanning the dataset.
 
     ``data.class_names``/``data.palette`` win when set (the trainer stores them in every
     resolved config, so a checkpoint is self-contained); otherwise the dataset's built-in
     classes, or the folder dataset's ``classes.txt`` (or ``data.num_classes`` generic names).
-    Depth (``cfg.task == "depth"``): ``["depth"]`` with a white palette entry.
+    Depth (``cfg.task == "depth"``): ``["depth"]`` with a white palette entry. BEV:
+    ``data.bev.classes`` (the six map classes have fixed colours).
     """
     d = cfg.data
     if d.class_names is not None:
@@ -118,6 +136,12 @@ def class_info(cfg: Config) -> tuple[list[str], np.ndarray]:
         return list(d.class_names), palette
     if cfg.task == "depth":
         return ["depth"], np.array([[255, 255, 255]], np.uint8)
+    if cfg.task == "bev":
+        names = list(d.bev.classes)
+        known = dict(zip(BEV_MAP_CLASSES, BEV_MAP_PALETTE))
+        palette = default_palette(len(names))
+        return names, np.array([known.get(n, tuple(palette[i])) for i, n in enumerate(names)],
+                               np.uint8)
     if d.dataset == "generated":
         return list(GENERATED_CLASSES), np.asarray(GENERATED_PALETTE, np.uint8)
     if d.dataset == "camvid":

@@ -215,3 +215,9 @@ def map_label(raw: np.ndarray, lut: np.ndarray, path: str | os.PathLike) -> np.n
     shown = ", ".join(str(int(v)) for v in bad[:8]) + (", ..." if len(bad) > 8 else "")
     raise DataError(f"{path}: label values {shown} are outside the valid values "
                     f"{_ranges(np.flatnonzero(lut != INVALID))}")
+
+
+BEV_MAP_PALETTE = [(166, 206, 227), (251, 154, 153), (227, 26, 28), (253, 191, 111),
+                   (255, 127, 0), (106, 61, 154)]
+"""Colours of the six BEV map classes (drivable area, ped crossing, walkway, stop line,
+car-park area, divider), as BEVFusion's map visualisation."""

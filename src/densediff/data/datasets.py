@@ -112,6 +112,14 @@ class SegDataset(Dataset):
         }
 
 
+def to_device(x: torch.Tensor | dict[str, torch.Tensor], device: torch.device | str
+              ) -> torch.Tensor | dict[str, torch.Tensor]:
+    """A batch's ``image`` (a tensor, or the dict of a BEV sample) on ``device``."""
+    if isinstance(x, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in x.items()}
+    return x.to(device, non_blocking=True)
+
+
 def _pad_stack(tensors: list[torch.Tensor], value: float) -> torch.Tensor:
     """Stack tensors (... x H x W) padding each at the bottom/right to the largest H, W."""
     h = max(t.shape[-2] for t in tensors)

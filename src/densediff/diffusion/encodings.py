@@ -17,7 +17,8 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["AnalogBits", "ClassEmbedding", "DepthEncoding", "OneHot", "build_label_encoding"]
+__all__ = ["AnalogBits", "ClassEmbedding", "DepthEncoding", "MultiLabelEmbedding", "OneHot",
+           "build_label_encoding"]
 
 
 class _LabelEncoding(nn.Module):
@@ -105,6 +106,26 @@ class DepthEncoding(nn.Module):
     def decode(self, code: torch.Tensor) -> torch.Tensor:
         """Codes -> depths (the inverse of :meth:`forward`)."""
         return (code / self.scale + 1) / 2 * (self.max_depth - self.min_depth) + self.min_depth
+
+
+class MultiLabelEmbedding(nn.Module):
+    """Multi-label maps (BEV: a cell can be in several classes) -> C channels in
+    [-scale, scale], as the official DDP BEV code: class mask c (1..K) is multiplied by its index,
+    so channel c holds 0 or c; each channel is looked up in a learned ``nn.Embedding(K + 1, C)``
+    and the K embeddings are averaged; then sigmoid -> x2-1 -> x scale (scale 0.01).
+    """
+
+    def __init__(self, num_classes: int, channels: int = 256, scale: float = 0.01):
+        super().__init__()
+        self.num_classes, self.channels, self.scale = num_classes, channels, scale
+        self.embedding = nn.Embedding(num_classes + 1, channels)
+        self.register_buffer("index", torch.arange(1, num_classes + 1), persistent=False)
+
+    def forward(self, masks: torch.Tensor) -> torch.Tensor:
+        """B x K x h x w {0, 1} masks -> B x C x h x w codes."""
+        ids = (masks > 0).long() * self.index[None, :, None, None]
+        emb = self.embedding(ids).mean(1)  # B x h x w x C: the mean over the K class channels
+        return (emb.permute(0, 3, 1, 2).sigmoid() * 2 - 1) * self.scale
 
 
 def build_label_encoding(name: str, num_classes: int, channels: int, scale: float,

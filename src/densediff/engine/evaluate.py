@@ -25,8 +25,8 @@ from densediff.tasks.depth import DepthMetric, DepthUncertaintyMetric
 from densediff.tasks.segmentation import SegMetric
 from densediff.tasks.uncertainty import UncertaintyMetric, entropy_uncertainty, step_change_uncertainty
 
-__all__ = ["depth_uncertainty_maps", "evaluate", "evaluate_steps", "is_diffusion", "sample_seed",
-           "uncertainty_maps"]
+__all__ = ["bev_uncertainty_maps", "depth_uncertainty_maps", "evaluate", "evaluate_steps",
+           "is_diffusion", "sample_seed", "uncertainty_maps"]
 
 
 def is_diffusion(model: nn.Module) -> bool:
@@ -99,6 +99,11 @@ def evaluate_steps(model: nn.Module, dataset, cfg: Config, steps: Sequence[int] 
         ``aug`` is the flip test; diffusion models add ``uncertainty`` ``{"steps", "starts"}``
         scored by :class:`~densediff.tasks.depth.DepthUncertaintyMetric` (whole-image
         inference without ``aug`` only).
+
+        ``task: bev``: :class:`~densediff.tasks.bev.BEVIoUMetric`'s mIoU (mean over classes of
+        the best IoU over thresholds 0.35..0.65), mIoU@0.50, per_class, table per step count;
+        diffusion models add ``uncertainty`` ``{"steps", "entropy"}`` scored per class and
+        cell against the cells wrong at threshold 0.5.
     """
     model = du.unwrap(model)
     diffusion = is_diffusion(model)
@@ -106,6 +111,10 @@ def evaluate_steps(model: nn.Module, dataset, cfg: Config, steps: Sequence[int] 
     device = next(model.parameters()).device
     if cfg.task == "depth":
         return _evaluate_depth(model, dataset, cfg, steps, aug, progress)
+    if cfg.task == "bev":
+        if aug:
+            raise ValueError("BEV evaluation has no test-time augmentation")
+        return _evaluate_bev(model, dataset, cfg, steps, progress)
     seg = {n: SegMetric(dataset.num_classes, dataset.ignore_index, cfg.eval.boundary_dilation,
                         device=device) for n in steps}
     shared = diffusion and cfg.eval.mode == "whole" and not aug
@@ -158,6 +167,7 @@ def _images(model: nn.Module, dataset, cfg: Config, progress: bool
     original size. The model is in eval mode and inference mode meanwhile; its mode is
     restored afterwards."""
     from densediff.data import collate
+    from densediff.data.datasets import to_device
 
     device = next(model.parameters()).device
     rank, world = du.rank(), du.world_size()
@@ -175,9 +185,12 @@ def _images(model: nn.Module, dataset, cfg: Config, progress: bool
                                                   disable=not progress or rank != 0)):
                 meta = batch["meta"][0]
                 h, w = meta["ori_size"]
+                label = batch["label"][..., :h, :w].to(device, non_blocking=True)
+                if isinstance(batch["image"], dict):  # BEV inputs: cameras, calibration, points
+                    yield index, to_device(batch["image"], device), label
+                    continue
                 ih, iw = meta.get("img_size", batch["image"].shape[-2:])  # drop any padding
                 img = batch["image"][..., :ih, :iw].to(device, non_blocking=True)
-                label = batch["label"][..., :h, :w].to(device, non_blocking=True)
                 yield index, img, label
     finally:
         model.train(was_training)
@@ -237,6 +250,59 @@ def _evaluate_depth(model: nn.Module, dataset, cfg: Config, steps: list[int], au
             metric[n].update(depth, gt)
             for k, m in maps.items():
                 unc[n][k].update(m, depth, gt)
+    results = {}
+    for n in steps:
+        metric[n].reduce()
+        results[n] = metric[n].compute()
+        if diffusion:
+            for m in unc[n].values():
+                m.reduce()
+            results[n]["uncertainty"] = {k: m.compute() for k, m in unc[n].items()}
+    return results
+
+
+@torch.no_grad()
+def bev_uncertainty_maps(model: nn.Module, feat: torch.Tensor, steps: int, accumulation: bool,
+                         seeds: Sequence[int] | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Sample ``steps`` steps of a BEV model from BEV features.
+
+    Returns:
+        ``(probs B x K x X x Y, step_probs S x B x K x X x Y, maps)``: the output
+        probabilities, every step's, and per class and cell (B x K x X x Y, in [0, 1]) the
+        share of steps whose mask (threshold 0.5) changed (``steps``, DDP §3.4) and the
+        normalised binary entropy of the output probability (``entropy``).
+    """
+    traj = model.sample_steps(feat, steps, seeds=seeds)
+    probs, step_probs = traj.probs(accumulation), traj.step_probs()
+    maps = {"steps": step_change_uncertainty((step_probs >= 0.5).long()),
+            "entropy": entropy_uncertainty(torch.stack([probs, 1 - probs]), dim=0)}
+    return probs, step_probs, maps
+
+
+def _evaluate_bev(model: nn.Module, dataset, cfg: Config, steps: list[int], progress: bool
+                  ) -> dict[int, dict]:
+    """:func:`evaluate_steps` for BEV maps (see there)."""
+    from densediff.tasks.bev import BEVIoUMetric
+
+    device = next(model.parameters()).device
+    diffusion = is_diffusion(model)
+    metric = {n: BEVIoUMetric(dataset.class_names, device=device) for n in steps}
+    unc = {n: {k: UncertaintyMetric(device=device) for k in ("steps", "entropy")}
+           for n in steps} if diffusion else {}
+    accumulation = model.accumulation if diffusion else False
+    for index, inputs, label in _images(model, dataset, cfg, progress):
+        seeds = [sample_seed(cfg, index)]
+        feat = model.extract(inputs) if diffusion else None
+        for n in steps:
+            if diffusion:
+                probs, _, maps = bev_uncertainty_maps(model, feat, n, accumulation, seeds)
+                wrong = (probs >= 0.5) != label.bool()
+                for k, m in maps.items():
+                    unc[n][k].update(m, wrong)
+            else:
+                probs = model.predict_probs(inputs)
+            metric[n].update(probs, label)
     results = {}
     for n in steps:
         metric[n].reduce()

@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from densediff.config import LOWER_IS_BETTER, Config
+from densediff.data.datasets import to_device
 from densediff.engine import distributed as du
 from densediff.engine.checkpoint import (
     first_nonfinite,
@@ -97,7 +98,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iter
     sums: dict[str, torch.Tensor] = {}
     for i in range(accum_steps):
         batch = next(batches)
-        img = batch["image"].to(device, non_blocking=True)
+        img = to_device(batch["image"], device)
         label = batch["label"].to(device, non_blocking=True)
         last = i == accum_steps - 1
         no_sync = not last and hasattr(model, "no_sync")

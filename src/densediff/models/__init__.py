@@ -1,6 +1,7 @@
 """Models: for segmentation the discriminative :class:`Segmentor`, the diffusion :class:`DDP`,
 and the :class:`DDPS` mask prior on a frozen base segmentor; for depth the discriminative
-:class:`Depther` and :class:`DepthDDP`."""
+:class:`Depther` and :class:`DepthDDP`; for BEV maps :class:`BEVSegmentor` and
+:class:`BEVDDP`."""
 
 from __future__ import annotations
 
@@ -8,24 +9,28 @@ from torch import nn
 
 from densediff.config import Config, config_from_dict
 from densediff.errors import ConfigError
+from densediff.models.bev import BEVDDP, BEVSegmentor
 from densediff.models.ddp import DDP
 from densediff.models.ddps import DDPS
 from densediff.models.depth import DepthDDP, Depther
 from densediff.models.segmentor import FeatureSegmentor, Segmentor
 
-__all__ = ["DDP", "DDPS", "DepthDDP", "Depther", "FeatureSegmentor", "Segmentor", "build_base",
-           "build_model"]
+__all__ = ["BEVDDP", "BEVSegmentor", "DDP", "DDPS", "DepthDDP", "Depther", "FeatureSegmentor",
+           "Segmentor", "build_base", "build_model"]
 
 
 def build_model(cfg: Config, num_classes: int) -> nn.Module:
     """``cfg.model.type``: ``segmentor``, ``ddp`` or ``ddps``; with ``task: depth`` the
-    depth models (``num_classes`` is then 1, the depth channel).
+    depth models (``num_classes`` is then 1, the depth channel); with ``task: bev`` the BEV
+    models (``num_classes`` = the map classes).
 
     For ``ddps`` the base segmentor is built too (:func:`build_base`); this fills in
     ``cfg.model.ddps.base_config`` when it is unset, so the run's config is self-contained.
     """
     if cfg.task == "depth":
         return DepthDDP(cfg) if cfg.model.type == "ddp" else Depther(cfg)
+    if cfg.task == "bev":
+        return (BEVDDP if cfg.model.type == "ddp" else BEVSegmentor)(cfg, num_classes)
     if cfg.model.type == "ddp":
         return DDP(cfg, num_classes)
     if cfg.model.type == "ddps":

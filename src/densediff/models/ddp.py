@@ -72,7 +72,7 @@ class DDP(FeatureSegmentor):
         self.schedule = get_schedule(d.schedule)
         self.map_encoding = self.build_map_encoding(cfg, num_classes)
         c = m.head.channels
-        self.fuse = nn.Conv2d(m.neck.channels + self.map_encoding.channels, c, 1)
+        self.fuse = nn.Conv2d(self.feat_channels + self.map_encoding.channels, c, 1)
         nn.init.kaiming_normal_(self.fuse.weight, nonlinearity="relu")  # mmcv ConvModule init
         nn.init.zeros_(self.fuse.bias)
         self.time_mlp = TimeEmbedding(d.time_frequencies, 4 * c)

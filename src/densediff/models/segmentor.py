@@ -36,12 +36,20 @@ class FeatureSegmentor(nn.Module):
         self.avg_non_ignore = m.avg_non_ignore
         self.encoder = build_encoder(m.encoder, cfg.data.mean, cfg.data.std)
         self.neck = FPNMerge(self.encoder.out_channels, m.neck.channels, m.neck.num_groups)
+        self.view = self.build_view(cfg)
+        self.feat_channels = m.neck.channels if self.view is None else self.view.out_channels
+        """Channels of :meth:`extract`'s features."""
         # A zero-weight aux head is not built: its parameters would get no gradient, which
         # DistributedDataParallel rejects.
         use_aux = m.aux_head.enabled and m.aux_head.weight > 0
         self.aux_weight = m.aux_head.weight if use_aux else 0.0
         self.aux_head = (FCNHead(m.neck.channels, m.aux_head.channels, num_classes,
                                  m.aux_head.dropout) if use_aux else None)
+
+    def build_view(self, cfg: Config) -> nn.Module | None:
+        """A module that turns the neck's per-image features into the task's feature map
+        (BEV: the camera-to-BEV encoder); None: the neck's features are used as they are."""
+        return None
 
     def extract(self, img: torch.Tensor) -> torch.Tensor:
         """Image features at stride 4 (B x C x H/4 x W/4); run once per image."""

@@ -1,0 +1,151 @@
+"""BEV map segmentation: DDP over a multi-label bird's-eye-view map (paper §4.3, App. B.2), and
+its non-diffusion twin.
+
+The image encoder + neck run once per camera; :class:`~densediff.encoders.bev.BEVEncoder`
+lifts the camera features into the BEV feature grid (and fuses LiDAR pillars for ``C+L``).
+Then DDP's machinery (:mod:`densediff.models.ddp`) is used unchanged, with what the official
+BEV code changes (reference notes §1.12):
+
+- the map encoding is :class:`~densediff.diffusion.encodings.MultiLabelEmbedding` (each class
+  mask embedded, the K embeddings averaged; scale 0.01), on the feature grid: the GT is
+  nearest-resized from the output grid (200 -> 128 in the paper's setting);
+- the map decoder first resamples the fused features onto the output grid
+  (:class:`~densediff.decoders.bev.BEVGridTransform`), then runs its deformable layers (5 in the
+  paper's config) and a 1x1 conv to K logits;
+- the loss is the per-class sigmoid focal loss (one term per class, as BEVFusion);
+- x0_hat is the prediction thresholded at 0.5 and re-encoded; the output averages the sigmoid
+  probabilities of all steps and of all ``randsteps`` starts (``diffusion.accumulation``, which
+  the BEV configs turn on: the official BEV sampler always does this).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from densediff.config import Config
+from densediff.data.bev import feature_grid, output_grid
+from densediff.decoders.bev import BEVGridTransform, Resampled
+from densediff.diffusion.encodings import MultiLabelEmbedding
+from densediff.encoders.bev import BEVEncoder
+from densediff.encoders.lss import camera_features
+from densediff.models.ddp import DDP
+from densediff.models.segmentor import FeatureSegmentor, build_head
+from densediff.tasks.bev import sigmoid_focal_loss
+
+__all__ = ["BEVDDP", "BEVSegmentor", "BEVTrajectory"]
+
+
+@dataclass
+class BEVTrajectory:
+    """All sampling steps of one call: ``logits[s]`` is step s's output, B x R x K x X x Y
+    (R = ``randsteps`` starts; X x Y = the output grid)."""
+
+    logits: list[torch.Tensor]
+
+    def probs(self, accumulation: bool) -> torch.Tensor:
+        """B x K x X x Y: the mean sigmoid over all steps and starts (``accumulation``, the
+        official BEV output), or the last step's sigmoid averaged over starts."""
+        if accumulation:
+            return torch.stack([lg.sigmoid() for lg in self.logits]).mean((0, 2))
+        return self.logits[-1].sigmoid().mean(1)
+
+    def step_probs(self) -> torch.Tensor:
+        """S x B x K x X x Y: each step's sigmoid averaged over starts."""
+        return torch.stack([lg.sigmoid().mean(1) for lg in self.logits])
+
+
+class _BEVModel:
+    """What both BEV models share: the camera (+ LiDAR) to BEV features, the output grid and the
+    loss. ``extract`` takes the input dict of :class:`~densediff.data.bev.BEVDataset`."""
+
+    def build_view(self, cfg: Config) -> nn.Module:
+        b, bm = cfg.data.bev, cfg.model.bev
+        self.camera_stride = bm.camera_stride
+        self.class_names = list(b.classes)
+        self.focal = (bm.focal_gamma, bm.focal_alpha)
+        self.grids = (feature_grid(b), output_grid(b))
+        return BEVEncoder(cfg.model.neck.channels, bm.camera_channels,
+                          bm.lidar_channels if b.lidar else None, bm.fused_channels,
+                          bm.bev_blocks, self.grids[0], tuple(b.dbound), tuple(b.zbound))
+
+    def resampled(self, head: nn.Module) -> nn.Module:
+        """A map decoder that first resamples the feature grid onto the output grid."""
+        return Resampled(BEVGridTransform(*self.grids), head)
+
+    def extract(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """B x C x X x Y fused BEV features on the feature grid (the encoder and neck run once
+        per camera image)."""
+        imgs = inputs["images"]
+        feat = camera_features(self.neck(self.encoder(imgs.flatten(0, 1))), self.camera_stride)
+        return self.view(feat, tuple(imgs.shape[-2:]), inputs["intrinsics"], inputs["cam2ego"],
+                         inputs.get("points"), inputs.get("points_mask"))
+
+    def bev_losses(self, logits: torch.Tensor, label: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One focal-loss term per class, ``loss_<class>`` (BEVFusion's map head)."""
+        per_class = sigmoid_focal_loss(logits, label, *self.focal)
+        return {f"loss_{n}": v for n, v in zip(self.class_names, per_class)}
+
+    def forward(self, inputs: dict[str, torch.Tensor], label: torch.Tensor | None = None):
+        return self.forward_train(inputs, label) if label is not None else self.predict_probs(inputs)
+
+    def predict_logits(self, inputs, **kwargs) -> torch.Tensor:
+        raise TypeError("a BEV model outputs per-class probabilities: use predict_probs")
+
+
+class BEVSegmentor(_BEVModel, FeatureSegmentor):
+    """Discriminative BEV model: BEV features -> resample -> head (the deformable twin of
+    :class:`BEVDDP`, or a conv head) -> K logits; the same focal loss."""
+
+    def __init__(self, cfg: Config, num_classes: int):
+        super().__init__(cfg, num_classes)
+        self.head = self.resampled(build_head(cfg.model.head, self.feat_channels, num_classes))
+
+    def forward_train(self, inputs: dict[str, torch.Tensor], label: torch.Tensor
+                      ) -> dict[str, torch.Tensor]:
+        feat = self.extract(inputs)
+        return self.add_aux_loss(self.bev_losses(self.head(feat), label), feat, label)
+
+    def predict_probs(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """B x K x X x Y per-class probabilities on the output grid."""
+        return self.head(self.extract(inputs)).sigmoid()
+
+
+class BEVDDP(_BEVModel, DDP):
+    """DDP for BEV maps (see the module docstring). Training is :meth:`DDP.forward_train`
+    (Alg. 1 / Alg. 4) with the hooks below; sampling is :meth:`DDP.sample_steps` (Alg. 2),
+    returning a :class:`BEVTrajectory`."""
+
+    trajectory_cls = BEVTrajectory
+
+    def __init__(self, cfg: Config, num_classes: int):
+        super().__init__(cfg, num_classes)
+        self.decoder = self.resampled(self.decoder)
+
+    def build_map_encoding(self, cfg: Config, num_classes: int) -> nn.Module:
+        d = cfg.model.diffusion
+        return MultiLabelEmbedding(num_classes, d.embed_channels, d.scale)
+
+    def encode_target(self, label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """K x X x Y masks on the output grid -> y_0 on the ``size`` feature grid (nearest)."""
+        return self.map_encoding(F.interpolate(label.float(), size=size, mode="nearest"))
+
+    def encode_prediction(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits on the output grid -> masks (probability >= 0.5) -> y_0 on the feature grid."""
+        masks = (logits >= 0).float()
+        return self.map_encoding(F.interpolate(masks, size=self.grids[0].shape, mode="nearest"))
+
+    def task_losses(self, pred: torch.Tensor, label: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.bev_losses(pred, label)
+
+    def predict_probs(self, inputs: dict[str, torch.Tensor], steps: int | None = None,
+                      accumulation: bool | None = None, **kwargs) -> torch.Tensor:
+        """B x K x X x Y per-class probabilities. ``kwargs``: ``td``, ``sampler``,
+        ``randsteps``, ``seeds``."""
+        d = self.diffusion_cfg
+        traj = self.sample_steps(self.extract(inputs), d.steps if steps is None else steps,
+                                 **kwargs)
+        return traj.probs(d.accumulation if accumulation is None else accumulation)
