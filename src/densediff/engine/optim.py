@@ -94,13 +94,18 @@ def poly_lr(base_lr: float, it: int, cfg: TrainConfig) -> float:
 
         lr = min_lr + (base_lr - min_lr) * (1 + cos(pi * it / iters)) / 2
 
-    both with mmcv's linear warmup::
+    ``cyclic``: mmcv ``CyclicLrUpdaterHook`` with its defaults (BEVFusion and the official BEV
+    recipe): :func:`cyclic_ratio` with ratios (10, 1e-4), 40% of the iterations up;
+
+    all with mmcv's linear warmup::
 
         if it < warmup_iters:
             lr *= 1 - (1 - it / warmup_iters) * (1 - warmup_ratio)
     """
     if cfg.lr_schedule == "cosine":
         lr = cfg.min_lr + (base_lr - cfg.min_lr) * (1 + math.cos(math.pi * it / cfg.iters)) / 2
+    elif cfg.lr_schedule == "cyclic":
+        lr = base_lr * cyclic_ratio(it, cfg.iters, CYCLIC_LR)
     else:
         lr = (base_lr - cfg.min_lr) * (1 - it / cfg.iters) ** cfg.poly_power + cfg.min_lr
     if it < cfg.warmup_iters:
@@ -108,8 +113,30 @@ def poly_lr(base_lr: float, it: int, cfg: TrainConfig) -> float:
     return lr
 
 
+CYCLIC_LR = (10.0, 1e-4)
+"""mmcv ``CyclicLrUpdaterHook`` default ``target_ratio``."""
+CYCLIC_MOMENTUM = (0.85 / 0.95, 1.0)
+"""mmcv ``CyclicMomentumUpdaterHook`` default ``target_ratio``."""
+
+
+def cyclic_ratio(it: int, iters: int, target: tuple[float, float], up: float = 0.4) -> float:
+    """mmcv's one-cycle schedule as a factor of the base value: cosine from 1 to ``target[0]``
+    over the first ``int(up * iters)`` iterations, then cosine to ``target[1]`` at ``iters``."""
+    top = int(up * iters)
+    if it < top:
+        start, end, f = 1.0, target[0], it / top
+    else:
+        start, end, f = target[0], target[1], (it - top) / max(1, iters - top)
+    return end + (start - end) / 2 * (math.cos(math.pi * min(f, 1.0)) + 1)
+
+
 def set_lr(optimizer, it: int, cfg: TrainConfig) -> float:
-    """Set every group's lr to ``poly_lr(cfg.lr * group lr_mult, it)``; returns the base lr."""
+    """Set every group's lr to ``poly_lr(cfg.lr * group lr_mult, it)``; returns the base lr.
+    With ``lr_schedule: cyclic`` AdamW's beta1 cycles the other way (mmcv
+    ``CyclicMomentumUpdaterHook`` defaults: ``cyclic_ratio`` with (0.85 / 0.95, 1))."""
+    beta1 = cfg.betas[0] * cyclic_ratio(it, cfg.iters, CYCLIC_MOMENTUM)
     for group in optimizer.param_groups:
         group["lr"] = poly_lr(cfg.lr * group.get("lr_mult", 1.0), it, cfg)
+        if cfg.lr_schedule == "cyclic" and "betas" in group:
+            group["betas"] = (beta1, group["betas"][1])
     return poly_lr(cfg.lr, it, cfg)
