@@ -8,7 +8,9 @@
     >>> out.base_mask                        # DDPS: the frozen base segmentor's mask
 
 Depth checkpoints give a :class:`DepthPrediction` (``out.depth`` in metres, ``out.color``,
-``out.uncertainty``, ``out.trajectory``).
+``out.uncertainty``, ``out.trajectory``). BEV checkpoints take a multi-camera sample instead of
+an image (:meth:`Predictor.predict_bev`; samples from :meth:`Predictor.dataset`) and give a
+:class:`BEVPrediction`.
 """
 
 from __future__ import annotations
@@ -92,6 +94,31 @@ class DepthPrediction:
     trajectory: np.ndarray | None = None
 
 
+@dataclass
+class BEVPrediction:
+    """Result of :meth:`Predictor.predict_bev` for one sample, on the output grid (``[ix, iy]``,
+    x forward, y left; :func:`densediff.viz.bev_image` orients it for display).
+
+    Attributes:
+        probs: ``(K, X, Y)`` float32 per-class probabilities (multi-label).
+        masks: ``(K, X, Y)`` bool, ``probs >= threshold``.
+        color: ``(X, Y, 3)`` uint8 picture of ``masks`` (oriented: forward up, left left).
+        steps: diffusion sampling steps used (None: a discriminative model).
+        uncertainty: ``(K, X, Y)`` float32 in [0, 1], diffusion models: the share of steps at
+            which the class mask changed.
+        entropy: ``(K, X, Y)`` float32 in [0, 1]: normalised binary entropy of ``probs``.
+        trajectory: ``(S, K, X, Y)`` bool masks of every step (diffusion models).
+    """
+
+    probs: np.ndarray
+    masks: np.ndarray
+    color: np.ndarray
+    steps: int | None = None
+    uncertainty: np.ndarray | None = None
+    entropy: np.ndarray | None = None
+    trajectory: np.ndarray | None = None
+
+
 def colorize(mask: np.ndarray, palette: np.ndarray, ignore_index: int = 255) -> np.ndarray:
     """Map class ids to RGB with ``palette`` (K x 3); ignore / out-of-range pixels are black."""
     out = np.zeros((*mask.shape, 3), np.uint8)
@@ -165,6 +192,9 @@ class Predictor:
                 the base segmentor's prediction).
             seed: diffusion models: seed of the starting noise (same seed, same result).
         """
+        if self.cfg.task == "bev":
+            raise UserError("predict: a BEV model takes multi-camera samples, not an image; use "
+                            "predict_bev(sample) with samples from Predictor.dataset(split)")
         rgb = _as_uint8_rgb(image)
         x = preprocess_image(rgb, self.cfg).to(self.device)
         size = rgb.shape[:2]
@@ -198,6 +228,47 @@ class Predictor:
         return Prediction(mask=mask, probs=probs.cpu().numpy(), color=color,
                           overlay=overlay(rgb, color),
                           entropy=entropy_uncertainty(probs[None])[0].cpu().numpy(), **extra)
+
+    def dataset(self, split: str = "val", data_root: str | None = None):
+        """The checkpoint's dataset (test pipeline) for ``split`` (``val``/``test``/``train`` or
+        a split name); ``data_root`` overrides ``data.root``. BEV samples come from here."""
+        from densediff.data import build_dataset
+
+        cfg = self.cfg.model_copy(deep=True)
+        if data_root is not None:
+            cfg.data.root = str(data_root)
+        return build_dataset(cfg, getattr(cfg.data, f"{split}_split", split), train=False)
+
+    @torch.no_grad()
+    def predict_bev(self, sample: dict, steps: int | None = None, seed: int = 0,
+                    threshold: float = 0.5) -> BEVPrediction:
+        """The BEV map of one sample of :meth:`dataset` (its ``image`` dict: cameras,
+        intrinsics, cam2ego[, points])."""
+        from densediff.data import collate
+        from densediff.data.datasets import to_device
+        from densediff.engine.evaluate import bev_uncertainty_maps
+        from densediff.viz import bev_color
+
+        if self.cfg.task != "bev":
+            raise UserError("predict_bev: this checkpoint is not a BEV model; use predict")
+        inputs = to_device(collate([sample])["image"], self.device)
+        extra: dict = {}
+        if not self.is_diffusion:
+            if steps is not None:
+                raise UserError("steps: this checkpoint is not a diffusion model")
+            probs = self.model.predict_probs(inputs)
+        else:
+            steps = self.model.default_steps if steps is None else int(steps)
+            check_steps(self.model, [steps])
+            probs, step_probs, maps = bev_uncertainty_maps(
+                self.model, self.model.extract(inputs), steps, self.model.accumulation, [seed])
+            extra = {"steps": steps, "uncertainty": maps["steps"][0].cpu().numpy(),
+                     "trajectory": (step_probs[:, 0] >= threshold).cpu().numpy()}
+        p = probs[0].float()
+        masks = (p >= threshold).cpu().numpy()
+        ent = entropy_uncertainty(torch.stack([p, 1 - p]), dim=0).cpu().numpy()
+        return BEVPrediction(probs=p.cpu().numpy(), masks=masks,
+                             color=bev_color(masks, self.palette), entropy=ent, **extra)
 
     def _predict_depth(self, x: torch.Tensor, size: tuple[int, int], aug: bool,
                        steps: int | None, seed: int) -> DepthPrediction:

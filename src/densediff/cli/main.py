@@ -76,6 +76,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from densediff.api import check_steps, load_model, resolve_device
     from densediff.data import build_dataset
     from densediff.engine.evaluate import evaluate_steps, is_diffusion
+    from densediff.tasks.bev import format_bev_metrics
     from densediff.tasks.depth import format_depth_metrics
     from densediff.tasks.segmentation import format_metrics
     from densediff.viz import plot_steps, steps_table
@@ -103,7 +104,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                              progress=not args.quiet)
     print(f"{args.checkpoint} on {cfg.data.dataset}/{split} ({len(dataset)} images)"
           f"{(' with flip' if cfg.task == 'depth' else ' with multi-scale+flip') if args.aug_test else ''}")
-    fmt = format_depth_metrics if cfg.task == "depth" else (lambda m: format_metrics(m, names))
+    fmt = {"depth": format_depth_metrics, "bev": format_bev_metrics}.get(
+        cfg.task, lambda m: format_metrics(m, names))
     if not is_diffusion(model):
         metrics = results[0]
         print(fmt(metrics))
@@ -146,7 +148,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from densediff.data.io import read_image
     from densediff.viz import heatmap
 
-    files = _list_images(Path(args.input))
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: --out must be a folder, but this is a file")
@@ -158,6 +159,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for opt in ("steps", "trajectory"):
             if getattr(args, opt):
                 raise UserError(f"--{opt}: {args.checkpoint} is not a diffusion model")
+    if predictor.cfg.task == "bev":
+        return _predict_bev(args, predictor, out)
+    files = _list_images(Path(args.input))
     out.mkdir(parents=True, exist_ok=True)
     if predictor.cfg.task == "depth":
         return _predict_depth(args, predictor, files, out)
@@ -255,6 +259,55 @@ def _predict_depth(args: argparse.Namespace, predictor, files: list[Path], out: 
     return 0
 
 
+def _predict_bev(args: argparse.Namespace, predictor, out: Path) -> int:
+    """``predict`` for BEV checkpoints: ``input`` is a split of the checkpoint's dataset. Per
+    sample: <name>_bev.png (the cameras beside the predicted map, the ground truth and, for
+    diffusion models, the uncertainty), <name>_map.png (the map alone), <name>_probs.npy
+    (K x X x Y float16); with the options the uncertainty (heatmap of the classes' maximum +
+    K x X x Y .npy) and the trajectory (every step's map)."""
+    import numpy as np
+    from PIL import Image
+
+    from densediff.api import side_by_side
+    from densediff.viz import bev_color, bev_image, camera_mosaic, heatmap
+
+    if args.aug_test:
+        raise UserError("--aug-test: BEV models have no test-time augmentation")
+    dataset = predictor.dataset(args.input, args.data_root)
+    n = len(dataset) if args.limit is None else min(args.limit, len(dataset))
+    out.mkdir(parents=True, exist_ok=True)
+    mean, std = (np.asarray(v, np.float32) for v in (predictor.cfg.data.mean, predictor.cfg.data.std))
+    for i in range(n):
+        sample = dataset[i]
+        name = "".join(c if c.isalnum() or c in "-." else "_" for c in sample["meta"]["name"])
+        pred = predictor.predict_bev(sample, steps=args.steps, seed=args.seed)
+        cams = [np.clip(im.permute(1, 2, 0).numpy() * std + mean, 0, 255).astype(np.uint8)
+                for im in sample["image"]["images"]]
+        mosaic = camera_mosaic(cams)
+        size = mosaic.shape[0]
+        tiles = [pred.color, bev_color(sample["label"].numpy(), predictor.palette)]
+        if pred.uncertainty is not None:
+            tiles.append(heatmap(bev_image(pred.uncertainty.max(0))))
+        tiles = [np.asarray(Image.fromarray(t).resize((size, size), Image.NEAREST)) for t in tiles]
+        written = {"bev.png": side_by_side([mosaic, *tiles]), "map.png": pred.color,
+                   "probs.npy": pred.probs.astype(np.float16)}
+        if args.uncertainty and pred.uncertainty is not None:
+            written["uncertainty.png"] = heatmap(bev_image(pred.uncertainty.max(0)))
+            written["uncertainty.npy"] = pred.uncertainty.astype(np.float32)
+        if args.trajectory:
+            steps = [bev_color(m, predictor.palette) for m in pred.trajectory]
+            written["trajectory.png"] = side_by_side(steps + [heatmap(bev_image(
+                pred.uncertainty.max(0)))])
+        for kind, arr in written.items():
+            path = out / f"{name}_{kind}"
+            if kind.endswith(".npy"):
+                np.save(path, arr)
+            else:
+                Image.fromarray(arr).save(path)
+        print(f"{sample['meta']['name']} -> {out / (name + '_{' + ','.join(written) + '}')}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from densediff.bench import bench, format_bench
     from densediff.config import load_config
@@ -346,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "of images; depth writes <name>_depth.png (colour), _depth16.png "
                         "(16-bit, metres x the dataset's PNG scale) and _depth.npy (metres)")
     pr.add_argument("checkpoint")
-    pr.add_argument("input", help="image file or folder")
+    pr.add_argument("input", help="image file or folder; BEV checkpoints: a split of the "
+                    "checkpoint's dataset (val, test, train or a split name)")
     pr.add_argument("--out", required=True, help="output folder")
     pr.add_argument("--aug-test", action="store_true",
                     help="multi-scale + flip test (depth: the flip test)")
@@ -355,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--steps", type=int, help="diffusion models: sampling steps "
                     "(default: the model's steps; DDPS: 0 = the base segmentor)")
     pr.add_argument("--seed", type=int, default=0, help="diffusion models: noise seed")
+    pr.add_argument("--limit", type=int, help="BEV: predict the first N samples of the split only")
+    pr.add_argument("--data-root", help="BEV: dataset folder (overrides data.root)")
     pr.add_argument("--uncertainty", action="store_true",
                     help="write uncertainty heatmaps (<name>_uncertainty.png: share of steps at "
                     "which the label changed; <name>_entropy.png: normalised entropy; depth: "

@@ -140,14 +140,14 @@ class BEVIoUMetric:
         }
 
 
-def format_bev_metrics(results: dict[int, dict]) -> str:
-    """A per-class table of best-threshold IoU, one row per step count."""
-    first = next(iter(results.values()))
-    names = list(first["per_class"])
-    short = [n[:10] for n in names]
-    head = f"{'steps':>5}  " + "  ".join(f"{s:>10}" for s in short) + f"  {'mIoU':>6}"
-    rows = [head]
-    for n, m in results.items():
-        rows.append(f"{n:>5}  " + "  ".join(f"{m['per_class'][c]:>10.2f}" for c in names)
-                    + f"  {m['mIoU']:>6.2f}")
+def format_bev_metrics(metrics: dict) -> str:
+    """A table of :meth:`BEVIoUMetric.compute`: per class its IoU at every threshold and the
+    best one; then mIoU (mean of the best) and mIoU@0.50."""
+    th = metrics["thresholds"]
+    head = f"{'class':<14}" + "".join(f"{t:>7.2f}" for t in th) + f"{'best':>8}"
+    rows = [head, "-" * len(head)]
+    for name, ious in metrics["table"].items():
+        rows.append(f"{name[:14]:<14}" + "".join(f"{v:7.2f}" for v in ious)
+                    + f"{metrics['per_class'][name]:8.2f}")
+    rows.append(f"mIoU (mean of best) {metrics['mIoU']:.2f}   mIoU@0.50 {metrics['mIoU@0.50']:.2f}")
     return "\n".join(rows)
