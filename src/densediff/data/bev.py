@@ -91,9 +91,11 @@ def rasterize_map(geom: MapGeometry, grid: BEVGrid, classes: list[str],
                   line_width: float = 1.0) -> np.ndarray:
     """Rasterise a map (in the grid's frame) into K x X x Y {0, 1} layers.
 
-    A cell is set when its centre lies inside a class polygon (holes cleared) or within about
-    ``line_width / 2`` metres of a class polyline (drawn ``line_width`` wide, at least one
-    cell; the nuScenes map API draws lines 2 canvas pixels wide, 1 m on the 0.5 m grid).
+    Polygons are filled (holes cleared) and polylines drawn ``line_width`` wide (at least one
+    cell) by Pillow on the cell grid. As with the nuScenes map API that BEVFusion uses
+    (``cv2.fillPoly`` / ``cv2.polylines`` on vertices rounded to the canvas, lines 2 pixels = 1 m
+    wide on the 0.5 m grid), every cell whose centre is inside is set, and so may be cells that
+    the boundary only touches (up to half a cell outside).
     """
     nx, ny = grid.shape
     (sx, sy), (lx, ly) = grid.step, grid.low

@@ -12,6 +12,7 @@ quantised by each dataset's PNG scale; :func:`depth_scene` gives back what they 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -231,3 +232,276 @@ def write_depth_folder(root: str | os.PathLike, n: int = 10, splits: bool = Fals
     if splits:
         _write_folder_splits(root, stems)
     return root
+
+
+# --------------------------------------------------------------------------------------------
+# nuScenes (densediff.data.nuscenes): tables, camera/LiDAR files, map expansion, split lists
+
+NUSCENES_RIGS = {  # channel: (yaw of the optical axis in degrees, translation, focal at 1600 px)
+    "CAM_FRONT_LEFT": (55.0, (1.52, 0.49, 1.51), 1257.9),
+    "CAM_FRONT": (0.0, (1.70, 0.02, 1.51), 1266.4),
+    "CAM_FRONT_RIGHT": (-55.0, (1.55, -0.49, 1.50), 1260.5),
+    "CAM_BACK_LEFT": (110.0, (1.04, 0.48, 1.56), 1256.7),
+    "CAM_BACK": (180.0, (0.03, 0.00, 1.57), 809.2),
+    "CAM_BACK_RIGHT": (-110.0, (1.03, -0.48, 1.56), 1259.5),
+}
+"""nuScenes-like camera rigs (the real ones are within a few degrees and centimetres)."""
+NUSCENES_CAMERA_COLOURS = {"CAM_FRONT_LEFT": (200, 40, 40), "CAM_FRONT": (40, 200, 40),
+                           "CAM_FRONT_RIGHT": (40, 40, 200), "CAM_BACK_LEFT": (200, 200, 40),
+                           "CAM_BACK": (200, 40, 200), "CAM_BACK_RIGHT": (40, 200, 200)}
+"""Uniform colour of each camera's key-frame images (non-key frames are grey)."""
+NUSCENES_LIDAR = (-90.0, (0.94, 0.0, 1.84))
+"""LIDAR_TOP yaw (degrees; sensor x points right of the car, y forward) and translation."""
+NUSCENES_LOCATIONS = ("boston-seaport", "singapore-onenorth")
+NUSCENES_MAP_SHAPES = {
+    "drivable_area": [[((7, -3), (13, -3), (13, 3), (7, 3)), ((9, -1), (11, -1), (11, 1), (9, 1))],
+                      [((70, 0), (75, 0), (75, 5), (70, 5))],
+                      [((95, 0), (100, 0), (100, 5), (95, 5))]],
+    "ped_crossing": [[((-12, 8), (-8, 8), (-8, 12), (-12, 12))]],
+    "walkway": [[((20, 20), (24, 20), (24, 24), (20, 24))]],
+    "stop_line": [[((-2, -22), (2, -22), (2, -18), (-2, -18))]],
+    "carpark_area": [[((-30, -4), (-24, -4), (-24, 4), (-30, 4))]],
+    "lane": [[((-5, -45), (5, -45), (5, -40), (-5, -40))]],
+    "road_divider": [((-20, 5), (20, 5))],
+    "lane_divider": [((-20, -5), (0, -5), (20, -5))],
+    "traffic_light": [((30, 0), (30, 1))],
+}
+"""Map shapes written around the first ego pose of every scene, in that ego frame (x forward,
+y left; metres): polygon layers list [exterior, hole, ...], line layers a polyline. The first
+two drivable-area polygons are one record (``polygon_tokens``), the third (95 m ahead, beyond
+the selection square of a 100 m grid) another."""
+NUSCENES_POINT_MARKER = (0.0, 10.0, 0.0)
+"""Written as the first point of every LiDAR file (sensor frame: 10 m ahead of the car)."""
+NUSCENES_CLOSE_POINTS = ((0.3, -0.5, -1.5), (-0.8, 0.2, -1.7))
+"""Written next in every LiDAR file: within 1 m of the sensor (removed from sweeps)."""
+
+
+def _nusc_token(seed: int, *parts) -> str:
+    import hashlib
+
+    return hashlib.md5("/".join(map(str, (seed, *parts))).encode()).hexdigest()
+
+
+def _quat_mul(a, b) -> tuple[float, float, float, float]:
+    """Hamilton product of quaternions (w, x, y, z)."""
+    aw, ax, ay, az = a
+    bw, bx, by, bz = b
+    return (aw * bw - ax * bx - ay * by - az * bz, aw * bx + ax * bw + ay * bz - az * by,
+            aw * by - ax * bz + ay * bw + az * bx, aw * bz + ax * by - ay * bx + az * bw)
+
+
+def _quat_yaw(deg: float) -> tuple[float, float, float, float]:
+    h = np.radians(deg) / 2
+    return (float(np.cos(h)), 0.0, 0.0, float(np.sin(h)))
+
+
+def _rot_z(deg: float) -> np.ndarray:
+    c, s = np.cos(np.radians(deg)), np.sin(np.radians(deg))
+    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]])
+
+
+def write_nuscenes(root: str | os.PathLike, scenes: int = 2, samples_per_scene: int = 3,
+                   sweeps_per_sample: int = 2, image_size: tuple[int, int] = (90, 160),
+                   version: str = "v1.0-mini", seed: int = 0) -> dict:
+    """A tiny nuScenes in the real on-disk format (:mod:`densediff.data.nuscenes`).
+
+    Writes ``<version>/{scene,sample,sample_data,calibrated_sensor,sensor,ego_pose,log}.json``
+    (sample and sample_data rows shuffled), the six cameras (:data:`NUSCENES_RIGS`; camera
+    frame x right, y down, z forward; intrinsics scaled to ``image_size`` (h, w)) with one
+    uniformly coloured key-frame JPEG per sample under ``samples/CAM_*/`` and one grey non-key
+    frame under ``sweeps/CAM_*/`` with the same ``sample_token``, LIDAR_TOP (:data:`NUSCENES_LIDAR`)
+    key frames under ``samples/LIDAR_TOP/`` and ``sweeps_per_sample`` sweeps before each under
+    ``sweeps/LIDAR_TOP/`` (``prev`` chains run through every frame back to the scene start),
+    ``maps/expansion/<location>.json`` (v1.3) for two locations and ``splits/train.txt``
+    (even scenes plus ``scene-9999``, which is not in the tables) and ``splits/val.txt`` (odd
+    scenes).
+
+    Poses: scene ``s`` lies at location ``s % 2``; its sample ``j`` has ego yaw
+    ``90 - 120 s + 35 j`` degrees (sample 0 of scene 0: 90, facing global +y). Sweep ``k`` of a
+    sample has the sample's yaw, ``k * sweep_dt_us`` earlier, ``k * speed * sweep_dt_us / 1e6``
+    metres behind along the heading. Camera heights grow by 1 cm per scene (a calibrated_sensor
+    row per scene and sensor). Every LiDAR file holds :data:`NUSCENES_POINT_MARKER`, then
+    :data:`NUSCENES_CLOSE_POINTS`, then ``random_points`` points 3..40 m from the sensor.
+    The map of a location holds :data:`NUSCENES_MAP_SHAPES` around sample 0 of each of its
+    scenes.
+
+    Returns a dict: ``root``, ``version``, ``image_size``, ``cameras``, ``scenes`` (per scene:
+    ``name``, ``token``, ``location``, ``samples`` (tokens by time)), ``samples`` ({token:
+    ``scene``, ``index``, ``timestamp``, ``translation`` (x, y), ``yaw`` (degrees), ``lidar``
+    (key-frame sample_data token), ``camera_files`` {channel: path relative to root},
+    ``lidar_file``, ``sweep_files`` (newest first)}), ``cam2ego`` ({scene index: {channel:
+    4 x 4}}), ``intrinsics`` ({channel: 3 x 3}), ``lidar2ego`` (4 x 4), ``sweep_dt_us``,
+    ``speed``, ``random_points``, ``splits`` ({split: scene names}), ``locations``.
+    """
+    root = Path(root)
+    h, w = image_size
+    rng = np.random.default_rng([seed, 7])
+    tok = lambda *parts: _nusc_token(seed, *parts)
+    base_q = (0.5, -0.5, 0.5, -0.5)  # a forward camera: (x right, y down, z forward) -> ego
+    base_r = np.array([[0.0, 0, 1], [-1, 0, 0], [0, -1, 0]])
+    dt = min(50_000, 500_000 // (sweeps_per_sample + 1))
+    speed, n_random = 10.0, 40
+    tables = {k: [] for k in ("scene", "sample", "sample_data", "calibrated_sensor", "sensor",
+                              "ego_pose", "log")}
+    out = {"root": root, "version": version, "image_size": (h, w), "cameras": list(NUSCENES_RIGS),
+           "scenes": [], "samples": {}, "cam2ego": {}, "intrinsics": {}, "sweep_dt_us": dt,
+           "speed": speed, "random_points": n_random, "locations": list(NUSCENES_LOCATIONS)}
+    lyaw, lt = NUSCENES_LIDAR
+    out["lidar2ego"] = np.eye(4)
+    out["lidar2ego"][:3, :3], out["lidar2ego"][:3, 3] = _rot_z(lyaw), lt
+    channels = list(NUSCENES_RIGS) + ["LIDAR_TOP"]
+    for ch in channels:
+        tables["sensor"].append({"token": tok("sensor", ch), "channel": ch,
+                                 "modality": "lidar" if ch == "LIDAR_TOP" else "camera"})
+    for i, (ch, (_, _, f)) in enumerate(NUSCENES_RIGS.items()):
+        sx, sy = w / 1600, h / 900
+        out["intrinsics"][ch] = np.array([[f * sx, 0, (800 + 10 * i) * sx],
+                                          [0, f * sy, (480 + 5 * i) * sy], [0, 0, 1]])
+    maps = {loc: {"node": [], "line": [], "polygon": []} for loc in NUSCENES_LOCATIONS}
+
+    def ego_pose(name: str, ts: int, xy, yaw: float) -> str:
+        t = tok("ego_pose", name)
+        tables["ego_pose"].append({"token": t, "timestamp": ts, "rotation": list(_quat_yaw(yaw)),
+                                   "translation": [float(xy[0]), float(xy[1]), 0.0]})
+        return t
+
+    def points_file(path: Path) -> None:
+        pts = np.zeros((1 + len(NUSCENES_CLOSE_POINTS) + n_random, 5), np.float32)
+        pts[0, :3], pts[0, 3], pts[0, 4] = NUSCENES_POINT_MARKER, 255, 7
+        pts[1:3, :3] = NUSCENES_CLOSE_POINTS
+        r, a = rng.uniform(3, 40, n_random), rng.uniform(-np.pi, np.pi, n_random)
+        pts[3:, 0], pts[3:, 1], pts[3:, 2] = r * np.cos(a), r * np.sin(a), rng.uniform(-2, 2, n_random)
+        pts[3:, 3], pts[3:, 4] = rng.uniform(0, 100, n_random), rng.integers(0, 32, n_random)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pts.tofile(path)
+
+    for s in range(scenes):
+        loc = NUSCENES_LOCATIONS[s % 2]
+        logfile = f"n{8 + s:03d}-2018-08-0{1 + s % 9}-15-16-36-0400"
+        log_t, scene_t = tok("log", s), tok("scene", s)
+        tables["log"].append({"token": log_t, "logfile": logfile, "vehicle": logfile[:4],
+                              "date_captured": "2018-08-01", "location": loc})
+        cs = {}
+        out["cam2ego"][s] = {}
+        for ch, (yaw, trans, _) in NUSCENES_RIGS.items():
+            trans = (trans[0], trans[1], trans[2] + 0.01 * s)
+            cs[ch] = tok("calibrated_sensor", s, ch)
+            tables["calibrated_sensor"].append({
+                "token": cs[ch], "sensor_token": tok("sensor", ch), "translation": list(trans),
+                "rotation": list(_quat_mul(_quat_yaw(yaw), base_q)),
+                "camera_intrinsic": out["intrinsics"][ch].tolist()})
+            m = np.eye(4)
+            m[:3, :3], m[:3, 3] = _rot_z(yaw) @ base_r, trans
+            out["cam2ego"][s][ch] = m
+        cs["LIDAR_TOP"] = tok("calibrated_sensor", s, "LIDAR_TOP")
+        tables["calibrated_sensor"].append({
+            "token": cs["LIDAR_TOP"], "sensor_token": tok("sensor", "LIDAR_TOP"),
+            "translation": list(lt), "rotation": list(_quat_yaw(lyaw)), "camera_intrinsic": []})
+        base = np.array([600.0, 1600.0] if s % 2 == 0 else [400.0, 1100.0]) + [150.0 * (s // 2), 0]
+        t0 = 1532402927_000_000 + s * 100_000_000
+        sample_ts = [tok("sample", s, j) for j in range(samples_per_scene)]
+        frames = {ch: [] for ch in channels}  # sample_data rows per channel in time order
+        for j, st in enumerate(sample_ts):
+            yaw = 90.0 - 120.0 * s + 35.0 * j
+            xy = base + [4.0 * j, 3.0 * j]
+            head = np.array([np.cos(np.radians(yaw)), np.sin(np.radians(yaw))])
+            ts = t0 + j * 500_000
+            tables["sample"].append({"token": st, "timestamp": ts, "scene_token": scene_t,
+                                     "prev": sample_ts[j - 1] if j else "",
+                                     "next": sample_ts[j + 1] if j + 1 < samples_per_scene else ""})
+            info = {"scene": s, "index": j, "timestamp": ts, "translation": tuple(xy), "yaw": yaw,
+                    "camera_files": {}, "sweep_files": []}
+            for k in range(sweeps_per_sample, 0, -1):  # LiDAR sweeps, oldest first
+                sts = ts - k * dt
+                name = f"sweeps/LIDAR_TOP/{logfile}__LIDAR_TOP__{sts}.pcd.bin"
+                sd = tok("sample_data", s, j, "LIDAR_TOP", k)
+                pose = ego_pose(sd, sts, xy - k * speed * dt / 1e6 * head, yaw)
+                frames["LIDAR_TOP"].append((sd, st, pose, sts, False, name, 0, 0))
+                info["sweep_files"].insert(0, name)
+            name = f"samples/LIDAR_TOP/{logfile}__LIDAR_TOP__{ts}.pcd.bin"
+            info["lidar"] = sd = tok("sample_data", s, j, "LIDAR_TOP")
+            info["lidar_file"] = name
+            frames["LIDAR_TOP"].append((sd, st, ego_pose(sd, ts, xy, yaw), ts, True, name, 0, 0))
+            for i, ch in enumerate(NUSCENES_RIGS):
+                for key in (True, False):
+                    cts = ts + (10_000 * (i - 2) if key else 250_000)
+                    folder = "samples" if key else "sweeps"
+                    name = f"{folder}/{ch}/{logfile}__{ch}__{cts}.jpg"
+                    sd = tok("sample_data", s, j, ch, key)
+                    pose = ego_pose(sd, cts, xy + speed * (cts - ts) / 1e6 * head, yaw)
+                    frames[ch].append((sd, st, pose, cts, key, name, h, w))
+                    colour = NUSCENES_CAMERA_COLOURS[ch] if key else (128, 128, 128)
+                    write_image(root / name, np.full((h, w, 3), colour, np.uint8))
+                    if key:
+                        info["camera_files"][ch] = name
+            out["samples"][st] = info
+        for ch, rows in frames.items():
+            for n, (sd, st, pose, ts, key, name, fh, fw) in enumerate(rows):
+                tables["sample_data"].append({
+                    "token": sd, "sample_token": st, "ego_pose_token": pose,
+                    "calibrated_sensor_token": cs[ch], "timestamp": ts,
+                    "fileformat": "pcd" if ch == "LIDAR_TOP" else "jpg", "is_key_frame": key,
+                    "height": fh, "width": fw, "filename": name,
+                    "prev": rows[n - 1][0] if n else "",
+                    "next": rows[n + 1][0] if n + 1 < len(rows) else ""})
+                if ch == "LIDAR_TOP":
+                    points_file(root / name)
+        tables["scene"].append({"token": scene_t, "log_token": log_t, "nbr_samples": samples_per_scene,
+                                "first_sample_token": sample_ts[0], "last_sample_token": sample_ts[-1],
+                                "name": f"scene-{s + 1:04d}", "description": f"fixture scene {s}"})
+        out["scenes"].append({"name": f"scene-{s + 1:04d}", "token": scene_t, "location": loc,
+                              "samples": sample_ts})
+        _nusc_map_shapes(maps[loc], tok, s, base, 90.0 - 120.0 * s)
+
+    for name in ("sample", "sample_data"):
+        tables[name] = [tables[name][i] for i in rng.permutation(len(tables[name]))]
+    (root / version).mkdir(parents=True, exist_ok=True)
+    for name, rows in tables.items():
+        (root / version / f"{name}.json").write_text(json.dumps(rows, indent=0))
+    for loc, m in maps.items():
+        path = root / "maps" / "expansion" / f"{loc}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(m))
+    names = [sc["name"] for sc in out["scenes"]]
+    out["splits"] = {"train": names[0::2] + ["scene-9999"], "val": names[1::2]}
+    (root / "splits").mkdir(parents=True, exist_ok=True)
+    for split, lst in out["splits"].items():
+        (root / "splits" / f"{split}.txt").write_text("\n".join(lst) + "\n")
+    return out
+
+
+def _nusc_map_shapes(m: dict, tok, scene: int, xy: np.ndarray, yaw: float) -> None:
+    """Add :data:`NUSCENES_MAP_SHAPES` placed at the ego pose (``xy``, ``yaw`` degrees) to a
+    map-expansion dict (made complete with the layers this fixture leaves empty)."""
+    rot = _rot_z(yaw)[:2, :2]
+
+    def nodes(pts, *key) -> list[str]:
+        out = []
+        for n, p in enumerate(pts):
+            g = rot @ np.asarray(p, np.float64) + xy
+            out.append(tok("node", scene, *key, n))
+            m["node"].append({"token": out[-1], "x": float(g[0]), "y": float(g[1])})
+        return out
+
+    for layer in ("drivable_area", "road_segment", "road_block", "lane", "ped_crossing", "walkway",
+                  "stop_line", "carpark_area", "road_divider", "lane_divider", "traffic_light",
+                  "lane_connector"):
+        m.setdefault(layer, [])
+    m.update(version="1.3", canvas_edge=[3000.0, 3000.0], arcline_path_3={}, connectivity={})
+    for layer, shapes in NUSCENES_MAP_SHAPES.items():
+        for i, shape in enumerate(shapes):
+            t = tok(layer, scene, i)
+            if layer in ("road_divider", "lane_divider", "traffic_light"):
+                m["line"].append({"token": tok("line", t), "node_tokens": nodes(shape, t)})
+                m[layer].append({"token": t, "line_token": tok("line", t)})
+                continue
+            ext, *holes = shape
+            m["polygon"].append({"token": tok("polygon", t), "exterior_node_tokens": nodes(ext, t),
+                                 "holes": [{"node_tokens": nodes(hl, t, "hole", k)}
+                                           for k, hl in enumerate(holes)]})
+            if layer != "drivable_area":
+                m[layer].append({"token": t, "polygon_token": tok("polygon", t)})
+            elif i == 1:  # the second drivable polygon joins the first record
+                m[layer][-1]["polygon_tokens"].append(tok("polygon", t))
+            else:
+                m[layer].append({"token": t, "polygon_tokens": [tok("polygon", t)]})

@@ -111,9 +111,9 @@ class BEVIoUMetric:
         if probs.shape[1] != k or probs.shape != target.shape:
             raise ValueError(f"probs {tuple(probs.shape)} and target {tuple(target.shape)} must "
                              f"both be B x {k} x X x Y")
-        p = probs.transpose(0, 1).flatten(1).double()  # K x N
+        p = probs.transpose(0, 1).flatten(1)  # K x N
         g = target.transpose(0, 1).flatten(1).bool()
-        th = self.thresholds.to(p.device)
+        th = self.thresholds.to(p.device, p.dtype)  # compared in the probabilities' precision
         pred = p[:, None, :] >= th[None, :, None]  # K x T x N
         gt = g[:, None, :]
         self.tp += (pred & gt).sum(-1).to(self.tp)

@@ -1,0 +1,995 @@
+"""A generated BEV world: random road layouts on a ground plane, seen by six ray-cast cameras
+and a simulated spinning LiDAR (the ``generated`` BEV data).
+
+Everything is in the ego frame (x forward, y left, z up, metres; the ground is ``z = 0``).
+A world (:func:`sample_world`) around the ego vehicle covers a square of half-size ``1.5 *
+extent + 20`` m, where ``extent`` is the largest coordinate of the label grid (25 m gives
++-57.5 m), and holds:
+
+* **roads** (1-3): 6-12 m wide strips along a centreline that is straight or, for the road
+  under the ego (probability 0.3), a constant-curvature arc of radius 60-160 m. Road 0 passes
+  under the ego, heading within +-12 degrees of x, the ego in a right-hand lane. A second road
+  crosses it at 35-145 degrees (a junction within the label grid) or runs parallel 14+ m
+  away; a third crosses road 0 elsewhere. Where two centrelines cross, a junction disc
+  (radius 0.6-0.85 x the wider road) rounds the corners with probability 0.5;
+* **car parks** (0-2): rectangles 12-30 x 10-20 m beside a road, beyond its walkway, joined
+  to it by a 4-6 m driveway, with white parking-bay lines. Roads, junction discs, car parks
+  and driveways are the ``drivable_area`` (a car park is drivable, as in nuScenes);
+* **walkways**: 2-4 m strips along road edges (0-0.5 m outside the road; each side has one
+  with probability 0.8), cut into pieces by random 2-8 m gaps and wherever they would reach
+  another road, a junction, a car park or a driveway;
+* **dividers**: roads under 9 m have two lanes, wider ones four. The centre line is a dashed
+  white, solid yellow or double yellow line; four-lane roads add dashed white lane lines at
+  +-w/4; a narrow road is unmarked with probability 0.2. The ``divider`` map class is the
+  continuous polyline of every such line (as nuScenes' road and lane dividers), ending where
+  the line does: at other roads and before crossings. Some roads (0.5) also carry solid
+  white edge lines, which are paint only (no map class);
+* **pedestrian crossings**: 3-5 m deep rectangles across a road just outside a junction or
+  mid-block, within the label grid, painted as zebra bars 0.45-0.6 m wide;
+* **stop lines**: 0.4-0.6 m deep rectangles across the incoming (right-hand) half of the
+  road 1-2.5 m before a crossing, each side with probability 0.7;
+* **terrain**: grass or dirt with 4-12 patches of the other;
+* **obstacles** (``obstacles=True``): 0-6 cars (boxes 3.8-5 x 1.7-2 x 1.4-1.9 m) in lanes
+  at least 7 m from the ego, some parked in car-park bays, and 0-5 buildings (6-25 m
+  footprints, 4-15 m high) beside roads beyond the walkways. They are not map classes but
+  occlude the ground for the cameras and the LiDAR.
+
+The ground paint is a material raster (0.1 m cells): grass, dirt, asphalt, car-park asphalt,
+concrete, white paint, yellow paint. Every scene draws its own colour per material (asphalt
+grey 70-115, paint brightness, grass hue, ...), modulated by a smooth world-space texture
+(four sine waves of 0.7-11 m), so no class is one exact colour. Off the raster the ground is
+the base terrain.
+
+:func:`camera_rig` gives the six nuScenes channels (optical-axis yaw +55, 0, -55, +110, 180,
+-110 degrees; height 1.5 m; 3 degrees down; horizontal field of view 70 degrees, the back
+camera 110; square pixels; principal point at the image centre; pixel i spans [i, i + 1)),
+with small random jitter per scene. :func:`render_cameras` casts 2 x 2 rays per pixel
+(vectorised numpy), hitting the ground plane and the boxes (slab test in the box frame,
+Lambertian sun shading, windows on buildings); rays above the horizon see a sky gradient;
+hits fade into the horizon colour with distance (haze, e-folding 120-300 m); an exposure
+factor and Gaussian pixel noise finish the image. :func:`lidar_points` casts a 32-beam
+spinning sensor (elevations -30..+10 degrees, 0.75 degree azimuth steps, 50 m range) at
+(0.95, 0, 1.84) against the same surfaces, with nuScenes-like intensities in [0, 255] by
+material (paint bright, asphalt dark, grass and concrete in between), range noise and 5 %
+dropout.
+
+Scenes are a pure function of ``(data.gen_seed, split, index)`` (:class:`GeneratedBEVDataset`;
+counts from ``data.gen_num_{train,val,test}``).
+"""
+
+from __future__ import annotations
+
+import colorsys
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from densediff.config import NUSCENES_CAMERAS
+from densediff.data.bev import BEVDataset, BEVRecord, MapGeometry
+from densediff.data.generated import generated_items, scene_rng
+
+if TYPE_CHECKING:
+    from densediff.config import BEVDataConfig, DataConfig
+
+__all__ = ["Box", "CAMERA_SPECS", "GeneratedBEVDataset", "MATERIALS", "World", "camera_rays",
+           "camera_rig", "lidar_points", "project_points", "render_cameras", "sample_world",
+           "world_extent"]
+
+MATERIALS = ("grass", "dirt", "asphalt", "lot", "concrete", "white_paint", "yellow_paint")
+"""Ground materials of the paint raster (indices into ``World.palette``)."""
+GRASS, DIRT, ASPHALT, LOT, CONCRETE, WHITE, YELLOW = range(len(MATERIALS))
+REFLECTIVITY = np.array([30.0, 22.0, 8.0, 10.0, 35.0, 110.0, 90.0])
+"""Mean LiDAR intensity (nuScenes scale 0..255) per material."""
+
+CAMERA_SPECS = {
+    # name: (x, y, z of the optical centre in metres, yaw in degrees, horizontal FOV in degrees)
+    "CAM_FRONT_LEFT": (1.52, 0.49, 1.51, 55.0, 70.0),
+    "CAM_FRONT": (1.70, 0.00, 1.51, 0.0, 70.0),
+    "CAM_FRONT_RIGHT": (1.52, -0.49, 1.51, -55.0, 70.0),
+    "CAM_BACK_LEFT": (1.04, 0.48, 1.53, 110.0, 70.0),
+    "CAM_BACK": (0.03, 0.00, 1.57, 180.0, 110.0),
+    "CAM_BACK_RIGHT": (1.05, -0.48, 1.53, -110.0, 70.0),
+}
+"""Nominal rig of the six nuScenes channels (ego frame; positive yaw turns left)."""
+CAMERA_PITCH = 3.0
+"""Nominal downward pitch of every camera (degrees)."""
+LIDAR_ORIGIN = (0.95, 0.0, 1.84)
+
+
+# --------------------------------------------------------------------------------------------
+# the world
+
+
+@dataclass
+class Box:
+    """An obstacle standing on the ground: a box yawed about z."""
+
+    centre: np.ndarray
+    """(x, y) of the footprint centre."""
+    size: np.ndarray
+    """(length along the yaw direction, width, height)."""
+    yaw: float
+    """Radians, about z."""
+    colour: np.ndarray
+    """RGB 0..255."""
+    kind: str = "car"
+    """car | building (buildings get windows)."""
+    reflectivity: float = 40.0
+
+
+def _default_palette() -> np.ndarray:
+    return np.array([[70, 120, 50], [130, 105, 75], [95, 95, 98], [85, 85, 90], [170, 168, 160],
+                     [230, 230, 225], [220, 185, 60]], np.float64)
+
+
+@dataclass
+class World:
+    """A ground-plane scene in the ego frame (see the module docstring).
+
+    The paint is ``material`` (X x Y uint8 indices into ``palette``): cell ``[ix, iy]`` covers
+    ``[ox + ix res, ox + (ix + 1) res) x [oy + iy res, oy + (iy + 1) res)`` for ``origin =
+    (ox, oy)``; outside it the ground is ``far_material``. A hit's colour is ``palette[m] * (1 +
+    texture[m] * w(x, y))`` with ``w`` the mean of the sine ``waves`` (K x 3 rows (kx, ky,
+    phase)), in [-1, 1].
+    """
+
+    material: np.ndarray
+    origin: tuple[float, float]
+    res: float
+    palette: np.ndarray = field(default_factory=_default_palette)
+    """M x 3 colours (0..255) of the materials."""
+    texture: np.ndarray | None = None
+    """M texture amplitudes (None: flat colours)."""
+    reflectivity: np.ndarray = field(default_factory=lambda: REFLECTIVITY.copy())
+    """M mean LiDAR intensities."""
+    far_material: int = GRASS
+    map: MapGeometry = field(default_factory=MapGeometry)
+    boxes: list[Box] = field(default_factory=list)
+    sky_horizon: np.ndarray = field(default_factory=lambda: np.array([205.0, 214.0, 224.0]))
+    sky_zenith: np.ndarray = field(default_factory=lambda: np.array([85.0, 135.0, 205.0]))
+    haze: float = math.inf
+    """E-folding distance (m) of the fade into ``sky_horizon``; inf: no haze."""
+    exposure: float = 1.0
+    sun: np.ndarray = field(default_factory=lambda: np.array([0.4, 0.3, 0.866]))
+    """Unit vector towards the sun (box shading)."""
+    waves: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
+
+    def geometry(self) -> MapGeometry:
+        """The vector map (polygons per class; ``divider`` lines), a copy."""
+        return self.map.transformed(np.eye(3))
+
+    def material_at(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Material index of the ground at points (x, y) (nearest cell)."""
+        nx, ny = self.material.shape
+        ix = np.floor((np.asarray(x) - self.origin[0]) * (1.0 / self.res)).astype(np.int32)
+        iy = np.floor((np.asarray(y) - self.origin[1]) * (1.0 / self.res)).astype(np.int32)
+        inside = (ix >= 0) & (ix < nx) & (iy >= 0) & (iy < ny)
+        m = self.material.ravel()[np.where(inside, ix * ny + iy, 0)]
+        return np.where(inside, m, np.uint8(self.far_material))
+
+    def ground_colour(self, x: np.ndarray, y: np.ndarray, dist: np.ndarray | None = None
+                      ) -> np.ndarray:
+        """N x 3 float32 colour of the ground at points (x, y), before exposure and haze. With
+        ``dist`` (metres from the viewer) the texture fades out with distance (a crude
+        mip-map against aliasing): its amplitude is divided by ``1 + (dist / 20)^2``."""
+        m = self.material_at(x, y)
+        colour = self.palette.astype(np.float32)[m]
+        if self.texture is not None and len(self.waves):
+            w = np.zeros(len(m), np.float32)
+            for kx, ky, phase in self.waves.astype(np.float32):
+                w += np.sin(kx * x + ky * y + phase)
+            amp = np.asarray(self.texture, np.float32)[m] / len(self.waves)
+            if dist is not None:
+                amp /= 1.0 + (dist / 20.0) ** 2
+            colour *= (1.0 + amp * w)[:, None]
+        return colour
+
+
+def world_extent(bev: BEVDataConfig) -> float:
+    """The ``extent`` of :func:`sample_world` for a label grid: its largest coordinate."""
+    return float(max(abs(v) for v in (*bev.xbound[:2], *bev.ybound[:2])))
+
+
+# --------------------------------------------------------------------------------------------
+# layout helpers
+
+
+def _centreline(p0: np.ndarray, heading: float, kappa: float, length: float, step: float = 1.0
+                ) -> np.ndarray:
+    """Points every ``step`` m of a curve of constant curvature ``kappa`` through ``p0`` with
+    direction ``heading`` there, ``length / 2`` to each side."""
+    s = np.linspace(-length / 2, length / 2, int(math.ceil(length / step)) + 1)
+    if abs(kappa) < 1e-6:
+        return p0 + s[:, None] * np.array([math.cos(heading), math.sin(heading)])
+    th = heading + kappa * s
+    return p0 + np.stack([(np.sin(th) - math.sin(heading)) / kappa,
+                          -(np.cos(th) - math.cos(heading)) / kappa], 1)
+
+
+def _polyline_distance(pts: np.ndarray, line: np.ndarray) -> np.ndarray:
+    """Distance of each point (N x 2) to a polyline (M x 2)."""
+    a, ab = line[:-1], np.diff(line, axis=0)
+    out = np.full(len(pts), np.inf)
+    for i in range(0, len(pts), 2048):  # bounded memory
+        rel = pts[i:i + 2048, None] - a
+        t = np.clip((rel * ab).sum(-1) / np.maximum((ab * ab).sum(-1), 1e-12), 0.0, 1.0)
+        out[i:i + 2048] = np.sqrt(((rel - t[..., None] * ab) ** 2).sum(-1)).min(1)
+    return out
+
+
+def _runs(mask: np.ndarray, s: np.ndarray, min_len: float) -> list[tuple[float, float]]:
+    """(start, end) arclengths of the runs of consecutive True in ``mask`` sampled at ``s``,
+    at least ``min_len`` long."""
+    m = np.concatenate([[False], mask, [False]]).astype(np.int8)
+    starts, ends = np.flatnonzero(np.diff(m) == 1), np.flatnonzero(np.diff(m) == -1) - 1
+    return [(s[a], s[b]) for a, b in zip(starts, ends) if s[b] - s[a] >= min_len]
+
+
+@dataclass
+class _Road:
+    pts: np.ndarray
+    width: float
+    lanes: int
+    s: np.ndarray = field(init=False)
+    tangent: np.ndarray = field(init=False)
+
+    def __post_init__(self):
+        seg = np.linalg.norm(np.diff(self.pts, axis=0), axis=1)
+        self.s = np.concatenate([[0.0], np.cumsum(seg)])
+        t = np.gradient(self.pts, axis=0)
+        self.tangent = t / np.linalg.norm(t, axis=1, keepdims=True)
+
+    def at(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Points and unit left normals at arclengths ``s``."""
+        s = np.atleast_1d(np.asarray(s, np.float64))
+        p = np.stack([np.interp(s, self.s, self.pts[:, k]) for k in range(2)], 1)
+        t = np.stack([np.interp(s, self.s, self.tangent[:, k]) for k in range(2)], 1)
+        t /= np.linalg.norm(t, axis=1, keepdims=True)
+        return p, np.stack([-t[:, 1], t[:, 0]], 1)
+
+    def samples(self, s0: float, s1: float, step: float = 1.0) -> np.ndarray:
+        """Arclengths from ``s0`` to ``s1`` (both included) about ``step`` apart."""
+        return np.linspace(s0, s1, max(2, int(math.ceil((s1 - s0) / step)) + 1))
+
+    def line(self, s0: float, s1: float, offset: float) -> np.ndarray:
+        """The polyline at lateral ``offset`` (left positive) from ``s0`` to ``s1``."""
+        p, n = self.at(self.samples(s0, s1))
+        return p + offset * n
+
+    def strip(self, s0: float, s1: float, o0: float, o1: float) -> np.ndarray:
+        """Polygon between lateral offsets ``o0`` and ``o1`` from ``s0`` to ``s1``."""
+        return np.concatenate([self.line(s0, s1, o0), self.line(s0, s1, o1)[::-1]])
+
+    def ego_s(self) -> float:
+        """Arclength of the centreline point nearest the ego."""
+        return float(self.s[np.argmin(np.linalg.norm(self.pts, axis=1))])
+
+
+@dataclass
+class _Rect:
+    centre: np.ndarray
+    axes: np.ndarray
+    """2 x 2 rows: unit axis u, unit axis v."""
+    half: np.ndarray
+
+    def polygon(self) -> np.ndarray:
+        c = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], np.float64) * self.half
+        return self.centre + c @ self.axes
+
+    def distance(self, pts: np.ndarray) -> np.ndarray:
+        """0 inside, else the distance to the rectangle."""
+        local = np.abs((pts - self.centre) @ self.axes.T) - self.half
+        return np.linalg.norm(np.maximum(local, 0.0), axis=1)
+
+
+def _rect_on_road(road: _Road, s: float, side: int, along: tuple[float, float],
+                  offset: tuple[float, float]) -> _Rect:
+    """A rectangle aligned with ``road`` at ``s``: ``along`` (a0, a1) metres along its tangent,
+    lateral ``offset`` (o0, o1) metres on ``side`` (+1 left, -1 right)."""
+    p, n = road.at(s)
+    p, n = p[0], n[0] * side
+    t = np.array([n[1], -n[0]]) * side  # the road tangent
+    centre = p + t * (along[0] + along[1]) / 2 + n * (offset[0] + offset[1]) / 2
+    return _Rect(centre, np.stack([t, n]),
+                 np.array([(along[1] - along[0]) / 2, (offset[1] - offset[0]) / 2]))
+
+
+def _disc(centre: np.ndarray, r: float, n: int = 32) -> np.ndarray:
+    a = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    return centre + r * np.stack([np.cos(a), np.sin(a)], 1)
+
+
+def _hsv(h: float, s: float, v: float) -> np.ndarray:
+    return np.array(colorsys.hsv_to_rgb(h % 1.0, s, v)) * 255.0
+
+
+class _Layout:
+    """Builds one world; holds the drivable pieces so later elements can avoid them."""
+
+    def __init__(self, rng: np.random.Generator, extent: float, half: float):
+        self.rng, self.extent, self.half = rng, extent, half
+        self.roads: list[_Road] = []
+        self.junctions: list[tuple[np.ndarray, float]] = []
+        self.lots: list[_Rect] = []
+        self.driveways: list[_Rect] = []
+        self.crossings: list[tuple[int, float, float, float, float]] = []
+        """(road, s0, s1, lines before, lines after): ends of the crossing and of its stop lines."""
+        self.buildings: list[_Rect] = []
+        self.polys: dict[str, list[np.ndarray]] = {k: [] for k in (
+            "drivable_area", "ped_crossing", "walkway", "stop_line", "carpark_area")}
+        self.dividers: list[np.ndarray] = []
+        self.paint: list[tuple[int, np.ndarray]] = []
+        """(material, polygon) drawn over the base layers, in order."""
+        self.boxes: list[Box] = []
+
+    # -- queries
+
+    def drivable_distance(self, pts: np.ndarray, skip_road: int | None = None) -> np.ndarray:
+        """Distance from points to the nearest drivable surface (0 inside), ignoring the road
+        ``skip_road``."""
+        d = np.full(len(pts), np.inf)
+        for i, road in enumerate(self.roads):
+            if i != skip_road:
+                d = np.minimum(d, np.maximum(_polyline_distance(pts, road.pts) - road.width / 2, 0))
+        for c, r in self.junctions:
+            d = np.minimum(d, np.maximum(np.linalg.norm(pts - c, axis=1) - r, 0))
+        for rect in self.lots + self.driveways:
+            d = np.minimum(d, rect.distance(pts))
+        return d
+
+    def in_focus(self, p: np.ndarray, scale: float = 1.0) -> np.ndarray:
+        return np.abs(p).max(-1) < self.extent * scale
+
+    # -- roads
+
+    def add_roads(self) -> None:
+        rng, half = self.rng, self.half
+        length = 2.9 * half
+        w0 = rng.uniform(6.0, 12.0)
+        lanes0 = 2 if w0 < 9.0 else 4
+        heading = math.radians(rng.uniform(-12.0, 12.0))
+        lane_centre = w0 / 4 if lanes0 == 2 else w0 / 8 * rng.choice([1, 3])
+        lat = lane_centre + rng.uniform(-0.4, 0.4)  # the ego drives right of the centreline
+        p0 = lat * np.array([-math.sin(heading), math.cos(heading)])
+        kappa = 0.0
+        if rng.random() < 0.3:
+            kappa = rng.choice([-1, 1]) / rng.uniform(60.0, 160.0)
+            length = min(length, 1.5 * math.pi / abs(kappa))
+        self.roads.append(_Road(_centreline(p0, heading, kappa, length), w0, lanes0))
+        n_more = int(rng.choice([0, 1, 2], p=[0.25, 0.45, 0.3]))
+        used: list[float] = []
+        for k in range(n_more):
+            w = rng.uniform(6.0, 12.0)
+            lanes = 2 if w < 9.0 else 4
+            if k == 0 and rng.random() < 0.25:  # a parallel street
+                off = rng.choice([-1, 1]) * ((w0 + w) / 2 + rng.uniform(14.0, max(15.0, 0.9 * self.extent)))
+                h = heading + math.radians(rng.uniform(-8.0, 8.0))
+                p = off * np.array([-math.sin(heading), math.cos(heading)])
+                self.roads.append(_Road(_centreline(p, h, 0.0, 2.9 * half), w, lanes))
+                continue
+            road0 = self.roads[0]
+            for _ in range(10):  # a crossing road, its junction apart from the others
+                s = road0.ego_s() + rng.uniform(-0.8, 0.8) * self.extent
+                if all(abs(s - u) > 15.0 + w0 for u in used):
+                    break
+            used.append(s)
+            p, n = road0.at(s)
+            t = np.array([n[0, 1], -n[0, 0]])
+            h = math.atan2(t[1], t[0]) + math.radians(rng.uniform(35.0, 145.0))
+            kap = 0.0 if rng.random() < 0.85 else rng.choice([-1, 1]) / rng.uniform(80.0, 200.0)
+            ln = 2.9 * half if kap == 0.0 else min(2.9 * half, 1.5 * math.pi / abs(kap))
+            self.roads.append(_Road(_centreline(p[0], h, kap, ln), w, lanes))
+        for i in range(len(self.roads)):
+            for j in range(i + 1, len(self.roads)):
+                for c in self._crossing_points(self.roads[i], self.roads[j]):
+                    if rng.random() < 0.5:
+                        r = max(self.roads[i].width, self.roads[j].width) * rng.uniform(0.6, 0.85)
+                        self.junctions.append((c, r))
+
+    @staticmethod
+    def _crossing_points(a: _Road, b: _Road) -> list[np.ndarray]:
+        """Intersections of two centrelines."""
+        p, r = a.pts[:-1], np.diff(a.pts, axis=0)
+        q, s = b.pts[:-1], np.diff(b.pts, axis=0)
+        cross = r[:, None, 0] * s[None, :, 1] - r[:, None, 1] * s[None, :, 0]
+        qp = q[None] - p[:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = (qp[..., 0] * s[None, :, 1] - qp[..., 1] * s[None, :, 0]) / cross
+            u = (qp[..., 0] * r[:, None, 1] - qp[..., 1] * r[:, None, 0]) / cross
+        ii, jj = np.nonzero((t >= 0) & (t < 1) & (u >= 0) & (u < 1))
+        return [p[i] + t[i, j] * r[i] for i, j in zip(ii, jj)]
+
+    # -- elements on roads
+
+    def add_crossings(self) -> None:
+        rng = self.rng
+        for ri, road in enumerate(self.roads):
+            s = road.samples(road.s[0], road.s[-1], 0.5)
+            p, _ = road.at(s)
+            blocked = self.drivable_distance(p, skip_road=ri) < road.width / 2
+            cands = []
+            for a, b in _runs(blocked, s, 0.0):  # junction intervals: exits on both sides
+                depth = rng.uniform(3.0, 5.0)
+                cands.append(b + rng.uniform(1.0, 3.0))
+                cands.append(a - rng.uniform(1.0, 3.0) - depth)
+            if rng.random() < 0.3:
+                cands.append(road.ego_s() + rng.uniform(-0.8, 0.8) * self.extent)
+            for c0 in cands:
+                if rng.random() < 0.5:
+                    self._try_crossing(ri, c0)
+
+    def _try_crossing(self, ri: int, c0: float) -> None:
+        rng, road = self.rng, self.roads[ri]
+        depth = rng.uniform(3.0, 5.0)
+        c1, w = c0 + depth, road.width
+        if c0 < road.s[0] + 5 or c1 > road.s[-1] - 5:
+            return
+        mid, _ = road.at((c0 + c1) / 2)
+        if not self.in_focus(mid[0]):
+            return
+        grid = np.stack(np.meshgrid(road.samples(c0 - 0.5, c1 + 0.5, 0.5),
+                                    np.linspace(-w / 2, w / 2, 7)), -1).reshape(-1, 2)
+        pts = road.at(grid[:, 0])
+        pts = pts[0] + grid[:, 1:] * pts[1]
+        if (self.drivable_distance(pts, skip_road=ri) < 0.5).any():
+            return
+        if any(r == ri and c0 < e1 + 4.0 and c1 > e0 - 4.0 for r, e0, e1, _, _ in self.crossings):
+            return
+        self.polys["ped_crossing"].append(road.strip(c0, c1, -w / 2, w / 2))
+        bar, gap = rng.uniform(0.45, 0.6), rng.uniform(0.45, 0.8)
+        o = -w / 2 + rng.uniform(0.1, 0.4)
+        while o + bar <= w / 2 - 0.1:
+            self.paint.append((WHITE, road.strip(c0 + 0.15, c1 - 0.15, o, o + bar)))
+            o += bar + gap
+        before, after = c0 - 0.5, c1 + 0.5
+        for sign in (-1, 1):  # stop line before (right half) / after (left half) the crossing
+            if rng.random() >= 0.7:
+                continue
+            gap_s, t = rng.uniform(1.0, 2.5), rng.uniform(0.4, 0.6)
+            a, b = (c0 - gap_s - t, c0 - gap_s) if sign < 0 else (c1 + gap_s, c1 + gap_s + t)
+            lo, hi = (-w / 2, 0.0) if sign < 0 else (0.0, w / 2)
+            poly = road.strip(a, b, lo, hi)
+            if (self.drivable_distance(poly, skip_road=ri) < 0.3).any():
+                continue
+            self.polys["stop_line"].append(poly)
+            self.paint.append((WHITE, poly))
+            before, after = (a - 0.3, after) if sign < 0 else (before, b + 0.3)
+        self.crossings.append((ri, c0, c1, before, after))
+
+    def add_lots(self) -> None:
+        rng = self.rng
+        n = int(rng.choice([0, 1, 2], p=[0.3, 0.45, 0.25]))
+        for _ in range(30):
+            if len(self.lots) >= n:
+                break
+            ri = int(rng.integers(len(self.roads)))
+            road, side = self.roads[ri], int(rng.choice([-1, 1]))
+            s = road.ego_s() + rng.uniform(-0.9, 0.9) * self.extent
+            length, depth = rng.uniform(12.0, 30.0), rng.uniform(10.0, 20.0)
+            near = road.width / 2 + rng.uniform(4.5, 6.0)
+            lot = _rect_on_road(road, s, side, (-length / 2, length / 2), (near, near + depth))
+            if not self.in_focus(lot.centre, 1.3):
+                continue
+            u, v = np.meshgrid(np.linspace(-1, 1, 7), np.linspace(-1, 1, 7))
+            pts = lot.centre + (np.stack([u.ravel(), v.ravel()], 1) * lot.half) @ lot.axes
+            if (self.drivable_distance(pts) < 1.5).any():
+                continue
+            a = rng.uniform(-length / 2 + 3.0, length / 2 - 3.0)
+            dw = rng.uniform(4.0, 6.0)
+            drive = _rect_on_road(road, s, side, (a - dw / 2, a + dw / 2),
+                                  (road.width / 2 - 0.2, near + 0.5))
+            self.lots.append(lot)
+            self.driveways.append(drive)
+            self.polys["carpark_area"].append(lot.polygon())
+            self._bays(lot, depth)
+
+    def _bays(self, lot: _Rect, depth: float) -> None:
+        """Parking-bay lines across the far edge (and the near edge of deep lots), and maybe
+        parked cars."""
+        rng = self.rng
+        pitch, lw = rng.uniform(2.4, 2.8), rng.uniform(0.12, 0.18)
+        (hu, hv), (u, v) = lot.half, lot.axes
+        rows = [hv - 5.0] + ([-hv] if depth >= 15.0 else [])
+        for v0 in rows:
+            xs = np.arange(-hu + 0.5, hu - 0.4, pitch)
+            for x in xs:
+                c = lot.centre + u * x + v * (v0 + 2.5)
+                self.paint.append((WHITE, _Rect(c, lot.axes, np.array([lw / 2, 2.5])).polygon()))
+            self.paint.append((WHITE, _Rect(lot.centre + v * (v0 + 2.5 if v0 < 0 else v0),
+                                             lot.axes, np.array([hu - 0.4, lw / 2])).polygon()))
+            for x in xs[:-1]:
+                if rng.random() < 0.25:
+                    c = lot.centre + u * (x + pitch / 2) + v * (v0 + 2.5)
+                    self._car(c, math.atan2(v[1], v[0]), rng)
+
+    def add_walkways(self) -> None:
+        rng = self.rng
+        for ri, road in enumerate(self.roads):
+            for side in (-1, 1):
+                if rng.random() >= 0.8:
+                    continue
+                ww, curb = rng.uniform(2.0, 4.0), rng.uniform(0.0, 0.5)
+                o0 = road.width / 2 + curb
+                s = road.samples(road.s[0], road.s[-1], 0.5)
+                p, n = road.at(s)
+                mid = p + side * (o0 + ww / 2) * n
+                ok = self.drivable_distance(mid, skip_road=ri) > ww / 2 + 0.3
+                ok &= np.abs(mid).max(1) < self.half
+                cut = s[0] + rng.uniform(0, 20)
+                while cut < s[-1]:  # random gaps
+                    g = rng.uniform(2.0, 8.0) if rng.random() < 0.6 else 0.0
+                    ok &= ~((s >= cut) & (s < cut + g))
+                    cut += g + rng.uniform(10.0, 40.0)
+                for a, b in _runs(ok, s, 3.0):
+                    lo, hi = sorted((side * o0, side * (o0 + ww)))
+                    self.polys["walkway"].append(road.strip(a, b, lo, hi))
+
+    def add_markings(self) -> None:
+        rng = self.rng
+        for ri, road in enumerate(self.roads):
+            w = road.width
+            s = road.samples(road.s[0], road.s[-1], 0.25)
+            p, _ = road.at(s)
+            free = self.drivable_distance(p, skip_road=ri) > w / 2 + 0.5
+            free &= np.abs(p).max(1) < self.half
+            for r, _, _, before, after in self.crossings:
+                if r == ri:
+                    free &= ~((s > before) & (s < after))
+            runs = _runs(free, s, 1.0)
+            if rng.random() < 0.5:  # edge lines: paint only
+                lw = rng.uniform(0.12, 0.2)
+                for a, b in runs:
+                    for o in (-w / 2 + 0.3, w / 2 - 0.3):
+                        self.paint.append((WHITE, road.strip(a, b, o - lw / 2, o + lw / 2)))
+            if road.lanes == 2 and w < 8.0 and rng.random() < 0.2:
+                continue  # unmarked
+            lines = [(0.0, str(rng.choice(["dashed", "yellow", "double"], p=[0.4, 0.35, 0.25])))]
+            if road.lanes == 4:
+                lines = [(0.0, str(rng.choice(["yellow", "double"]))), (-w / 4, "dashed"),
+                         (w / 4, "dashed")]
+            lw = rng.uniform(0.15, 0.25)
+            dash = rng.uniform(2.0, 4.0)
+            period = dash + rng.uniform(3.0, 8.0)
+            for o, kind in lines:
+                for a, b in runs:
+                    self.dividers.append(road.line(a, b, o))
+                    if kind == "dashed":
+                        for d0 in np.arange(a, b, period):
+                            self.paint.append((WHITE, road.strip(d0, min(d0 + dash, b),
+                                                                 o - lw / 2, o + lw / 2)))
+                    elif kind == "yellow":
+                        self.paint.append((YELLOW, road.strip(a, b, o - lw / 2, o + lw / 2)))
+                    else:
+                        for c in (o - lw, o + lw):
+                            self.paint.append((YELLOW, road.strip(a, b, c - lw / 2, c + lw / 2)))
+
+    # -- obstacles
+
+    def _car(self, centre: np.ndarray, yaw: float, rng: np.random.Generator) -> None:
+        h, s, v = [(0.0, 0.0, 0.9), (0.0, 0.0, 0.15), (0.0, 0.0, 0.5), (0.0, 0.75, 0.6),
+                   (0.6, 0.6, 0.5), (0.0, 0.02, 0.75)][int(rng.integers(6))]
+        self.boxes.append(Box(np.asarray(centre, np.float64),
+                              np.array([rng.uniform(3.8, 5.0), rng.uniform(1.7, 2.0),
+                                        rng.uniform(1.4, 1.9)]),
+                              float(yaw), _hsv(h + rng.uniform(-0.03, 0.03), s, v), "car",
+                              float(rng.uniform(30.0, 60.0))))
+
+    def add_obstacles(self) -> None:
+        rng = self.rng
+        n_cars, placed = int(rng.integers(0, 7)), 0
+        for _ in range(40):
+            if placed >= n_cars:
+                break
+            road = self.roads[int(rng.integers(len(self.roads)))]
+            w = road.width
+            lanes = [-w / 4, w / 4] if road.lanes == 2 else [-3 * w / 8, -w / 8, w / 8, 3 * w / 8]
+            o = float(rng.choice(lanes))
+            s = road.ego_s() + rng.uniform(-1.2, 1.2) * self.extent
+            p, n = road.at(s)
+            c = p[0] + o * n[0]
+            if (np.linalg.norm(c) < 7.0
+                    or any(np.linalg.norm(c - b.centre) < 6.5 for b in self.boxes)):
+                continue
+            yaw = math.atan2(-n[0, 0], n[0, 1]) + (math.pi if o > 0 else 0.0)
+            self._car(c, yaw, rng)
+            placed += 1
+        n_build = int(rng.integers(0, 6))
+        for _ in range(40):
+            if len(self.buildings) >= n_build:
+                break
+            road = self.roads[int(rng.integers(len(self.roads)))]
+            side = int(rng.choice([-1, 1]))
+            s = road.ego_s() + rng.uniform(-1.3, 1.3) * self.extent
+            length, depth = rng.uniform(8.0, 25.0), rng.uniform(6.0, 18.0)
+            near = road.width / 2 + rng.uniform(5.0, 12.0)
+            rect = _rect_on_road(road, s, side, (-length / 2, length / 2), (near, near + depth))
+            u, v = np.meshgrid(np.linspace(-1, 1, 7), np.linspace(-1, 1, 7))
+            pts = rect.centre + (np.stack([u.ravel(), v.ravel()], 1) * rect.half) @ rect.axes
+            if (self.drivable_distance(pts) < 5.0).any() or np.abs(rect.centre).max() > self.half:
+                continue
+            if any((other.distance(pts) < 2.0).any() for other in self.buildings):
+                continue
+            self.buildings.append(rect)
+            tone = rng.uniform(0.45, 0.85)
+            colour = _hsv(rng.uniform(0.05, 0.15), rng.uniform(0.05, 0.35), tone)
+            self.boxes.append(Box(rect.centre, np.array([2 * rect.half[0], 2 * rect.half[1],
+                                                         rng.uniform(4.0, 15.0)]),
+                                  math.atan2(rect.axes[0, 1], rect.axes[0, 0]), colour, "building",
+                                  float(rng.uniform(15.0, 35.0))))
+
+    # -- output
+
+    def world(self, res: float) -> World:
+        rng, half = self.rng, self.half
+        n = int(round(2 * half / res))
+        origin = (-n * res / 2, -n * res / 2)
+        base, patch = (GRASS, DIRT) if rng.random() < 0.7 else (DIRT, GRASS)
+        canvas = Image.new("L", (n, n), base)
+        draw = ImageDraw.Draw(canvas)
+        to_pix = lambda poly: [tuple(q) for q in (np.asarray(poly) - origin) / res - 0.5]
+        for _ in range(int(rng.integers(4, 13))):
+            c = rng.uniform(-half, half, 2)
+            a = rng.uniform(0, np.pi)
+            e = _disc(np.zeros(2), 1.0, 24) * rng.uniform(2.0, 15.0, 2)
+            rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+            draw.polygon(to_pix(c + e @ rot.T), fill=patch)
+        asphalt = ([road.strip(road.s[0], road.s[-1], -road.width / 2, road.width / 2)
+                    for road in self.roads] + [_disc(c, r) for c, r in self.junctions]
+                   + [r.polygon() for r in self.driveways])
+        layers = [(LOT, self.polys["carpark_area"]), (CONCRETE, self.polys["walkway"]),
+                  (ASPHALT, asphalt)]
+        for mat, polys in layers + [(m, [p]) for m, p in self.paint]:
+            for poly in polys:
+                draw.polygon(to_pix(poly), fill=mat)
+        material = np.asarray(canvas, np.uint8).T.copy()
+        grey = rng.uniform(70.0, 115.0)
+        paint = rng.uniform(195.0, 245.0)
+        palette = np.stack([
+            _hsv(rng.uniform(0.2, 0.32), rng.uniform(0.35, 0.6), rng.uniform(0.35, 0.6)),
+            _hsv(rng.uniform(0.06, 0.11), rng.uniform(0.25, 0.5), rng.uniform(0.4, 0.62)),
+            grey + rng.uniform(-5, 5, 3),
+            grey * rng.uniform(0.85, 1.15) + rng.uniform(-5, 5, 3),
+            rng.uniform(145.0, 190.0) + rng.uniform(-8, 8, 3),
+            paint + rng.uniform(-6, 4, 3),
+            np.array([rng.uniform(200, 235), rng.uniform(165, 200), rng.uniform(40, 85)])])
+        texture = np.array([0.18, 0.15, 0.07, 0.07, 0.06, 0.04, 0.04])
+        k = 2 * np.pi / np.array([0.7, 1.9, 4.7, 11.0])
+        ang = rng.uniform(0, 2 * np.pi, 4)
+        waves = np.stack([k * np.cos(ang), k * np.sin(ang), rng.uniform(0, 2 * np.pi, 4)], 1)
+        sun_az, sun_el = rng.uniform(0, 2 * np.pi), math.radians(rng.uniform(30.0, 65.0))
+        sun = np.array([math.cos(sun_az) * math.cos(sun_el), math.sin(sun_az) * math.cos(sun_el),
+                        math.sin(sun_el)])
+        horizon = np.array([205.0, 214.0, 224.0]) * rng.uniform(0.9, 1.05) + rng.uniform(-8, 8, 3)
+        zenith = _hsv(rng.uniform(0.55, 0.62), rng.uniform(0.35, 0.65), rng.uniform(0.7, 0.9))
+        self.polys["drivable_area"] = asphalt + self.polys["carpark_area"]
+        geom = MapGeometry({c: [(np.asarray(p), []) for p in polys] for c, polys in self.polys.items()},
+                           {"divider": self.dividers})
+        return World(material, origin, res, palette, texture, REFLECTIVITY.copy(), base, geom,
+                     self.boxes, np.clip(horizon, 0, 255), zenith, float(rng.uniform(120.0, 300.0)),
+                     float(rng.uniform(0.85, 1.15)), sun, waves)
+
+
+def sample_world(rng: np.random.Generator, extent: float = 25.0, res: float = 0.1,
+                 obstacles: bool = True) -> World:
+    """Draw a random road layout around the ego (see the module docstring).
+
+    Args:
+        rng: the only source of randomness.
+        extent: half-size (m) of the area that matters (the label grid): crossings, car parks
+            and junctions are placed within it; the world covers +-(1.5 extent + 20) m.
+        res: cell size (m) of the paint raster.
+        obstacles: add cars and buildings.
+    """
+    lay = _Layout(rng, extent, 1.5 * extent + 20.0)
+    lay.add_roads()
+    lay.add_crossings()
+    lay.add_lots()
+    lay.add_walkways()
+    lay.add_markings()
+    if obstacles:
+        lay.add_obstacles()
+    return lay.world(res)
+
+
+# --------------------------------------------------------------------------------------------
+# cameras
+
+
+def camera_rig(image_size: tuple[int, int], rng: np.random.Generator | None = None,
+               cameras: Sequence[str] = NUSCENES_CAMERAS) -> tuple[np.ndarray, np.ndarray]:
+    """Intrinsics (N x 3 x 3) and cam2ego (N x 4 x 4) of the named cameras (``CAMERA_SPECS``)
+    for images of ``image_size`` (h, w).
+
+    With ``rng``, each camera is jittered: position +-5 cm (height +-10 cm), yaw +-2, pitch +-1,
+    roll +-1 and field of view +-2 degrees.
+    """
+    h, w = image_size
+    ks, poses = [], []
+    for name in cameras:
+        if name not in CAMERA_SPECS:
+            raise ValueError(f"unknown camera {name!r}; known: {', '.join(CAMERA_SPECS)}")
+        x, y, z, yaw, fov = CAMERA_SPECS[name]
+        pitch, roll = CAMERA_PITCH, 0.0
+        if rng is not None:
+            x, y = x + rng.uniform(-0.05, 0.05), y + rng.uniform(-0.05, 0.05)
+            z += rng.uniform(-0.1, 0.1)
+            yaw, pitch = yaw + rng.uniform(-2, 2), pitch + rng.uniform(-1, 1)
+            roll, fov = rng.uniform(-1, 1), fov + rng.uniform(-2, 2)
+        f = (w / 2) / math.tan(math.radians(fov) / 2)
+        ks.append(np.array([[f, 0.0, w / 2], [0.0, f, h / 2], [0.0, 0.0, 1.0]]))
+        ya, pa, ra = math.radians(yaw), math.radians(pitch), math.radians(roll)
+        fwd = np.array([math.cos(pa) * math.cos(ya), math.cos(pa) * math.sin(ya), -math.sin(pa)])
+        right = np.array([math.sin(ya), -math.cos(ya), 0.0])
+        down = np.cross(fwd, right)
+        right, down = (right * math.cos(ra) + down * math.sin(ra),
+                       down * math.cos(ra) - right * math.sin(ra))
+        pose = np.eye(4)
+        pose[:3, :3] = np.stack([right, down, fwd], 1)
+        pose[:3, 3] = (x, y, z)
+        poses.append(pose)
+    return np.stack(ks), np.stack(poses)
+
+
+def camera_rays(intrinsics: np.ndarray, cam2ego: np.ndarray, image_size: tuple[int, int],
+                supersample: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Rays of one camera: origin (3,) and ego-frame directions (sH x sW x 3, not normalised:
+    unit depth along the optical axis) through the centres of the ``supersample`` x
+    ``supersample`` sub-pixels (pixel i spans [i, i + 1))."""
+    h, w = image_size
+    s = supersample
+    m = cam2ego[:3, :3] @ np.linalg.inv(intrinsics)
+    u = (np.arange(w * s) + 0.5) / s
+    v = (np.arange(h * s) + 0.5) / s
+    return cam2ego[:3, 3].copy(), u[None, :, None] * m[:, 0] + (v[:, None] * m[:, 1] + m[:, 2])[:, None]
+
+
+def project_points(points: np.ndarray, intrinsics: np.ndarray, cam2ego: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Ego-frame points (P x 3) -> (pixel coordinates P x 2 (u, v), depth along the optical
+    axis P; <= 0 behind the camera)."""
+    cam = (np.asarray(points, np.float64) - cam2ego[:3, 3]) @ cam2ego[:3, :3]
+    z = cam[:, 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        uv = (cam @ np.asarray(intrinsics).T)[:, :2] / z[:, None]
+    return uv, z
+
+
+def _ray_box(origin: np.ndarray, d: np.ndarray, box: Box) -> tuple[np.ndarray, np.ndarray]:
+    """First hit parameter (inf: none) and unit normal (N x 3) of rays ``origin + t d``
+    (d: N x 3) on a box, by the slab test in the box frame."""
+    c, s = math.cos(box.yaw), math.sin(box.yaw)
+    rel = origin - np.array([box.centre[0], box.centre[1], box.size[2] / 2])
+    o = (c * rel[0] + s * rel[1], -s * rel[0] + c * rel[1], rel[2])
+    dl = (c * d[:, 0] + s * d[:, 1], -s * d[:, 0] + c * d[:, 1], d[:, 2])
+    near, far = np.full(len(d), -np.inf), np.full(len(d), np.inf)
+    axis = np.zeros(len(d), np.int64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for k in range(3):
+            inv = 1.0 / dl[k]
+            t1, t2 = (-box.size[k] / 2 - o[k]) * inv, (box.size[k] / 2 - o[k]) * inv
+            lo = np.nan_to_num(np.minimum(t1, t2), nan=-np.inf)
+            hi = np.nan_to_num(np.maximum(t1, t2), nan=np.inf)
+            axis = np.where(lo > near, k, axis)
+            near, far = np.maximum(near, lo), np.minimum(far, hi)
+    t = np.where((near <= far) & (near > 1e-6), near, np.inf)
+    nl = np.zeros((len(d), 3))
+    rows = np.arange(len(d))
+    nl[rows, axis] = -np.sign(np.stack(dl, 1)[rows, axis])
+    return t, np.stack([c * nl[:, 0] - s * nl[:, 1], s * nl[:, 0] + c * nl[:, 1], nl[:, 2]], 1)
+
+
+def _cast(origins: np.ndarray, oz: np.ndarray | float, d: np.ndarray, boxes: list[Box],
+          candidates: list[tuple[int, int, np.ndarray]]
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """First hits of rays from ``origins`` (C x 3) along ``d`` (N x 3); ``oz`` is the height of
+    each ray's origin (N, or one value).
+
+    ``candidates`` lists (box index, origin index, indices of the rays from that origin that
+    may hit the box). Returns the hit parameter t (inf: sky), the surface (-1 sky, 0 ground,
+    1 + k box k) and unit normals (N x 3; zero on the ground and sky).
+    """
+    dz = d[:, 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (-oz / dz).astype(d.dtype)
+    t[dz > -1e-6] = np.inf
+    hit = np.where(np.isfinite(t), 0, -1).astype(np.int16)
+    normal = np.zeros(d.shape, np.float32)
+    for k, c, rows in candidates:
+        tb, nb = _ray_box(origins[c], d[rows], boxes[k])
+        closer = tb < t[rows]
+        sel = rows[closer]
+        t[sel], hit[sel], normal[sel] = tb[closer], k + 1, nb[closer]
+    return t, hit, normal
+
+
+def _box_colour(world: World, p: np.ndarray, normal: np.ndarray, hit: np.ndarray) -> np.ndarray:
+    """Shaded colour of box hits (p, normal: N x 3; hit: surface ids >= 1)."""
+    out = np.zeros((len(p), 3))
+    for k in np.unique(hit):
+        m = hit == k
+        box = world.boxes[k - 1]
+        col = np.broadcast_to(box.colour, (int(m.sum()), 3)).copy()
+        z = p[m, 2]
+        if box.kind == "building":
+            along = p[m, 0] * normal[m, 1] - p[m, 1] * normal[m, 0]  # horizontal wall coordinate
+            win = ((along % 3.0 > 0.9) & (along % 3.0 < 2.1) & (z % 3.0 > 1.0) & (z % 3.0 < 2.2)
+                   & (np.abs(normal[m, 2]) < 0.5))
+            col[win] = np.array([60.0, 75.0, 95.0])
+        else:
+            col[(z > 0.62 * box.size[2]) & (np.abs(normal[m, 2]) < 0.5)] = np.array([40.0, 48.0, 58.0])
+            col[z < 0.35] *= 0.35  # wheels / underbody
+        lambert = np.clip(normal[m] @ world.sun, 0.0, 1.0)
+        out[m] = col * (0.45 + 0.55 * lambert)[:, None]
+    return out
+
+
+def render_cameras(world: World, intrinsics: np.ndarray, cam2ego: np.ndarray,
+                   image_size: tuple[int, int], rng: np.random.Generator | None = None,
+                   noise: float = 3.0, supersample: int = 2) -> list[np.ndarray]:
+    """Ray-cast the world into each camera.
+
+    Args:
+        world: the scene.
+        intrinsics, cam2ego: N x 3 x 3 and N x 4 x 4 (:func:`camera_rig`).
+        image_size: (h, w) of the images the intrinsics belong to.
+        rng: source of the pixel noise (standard deviation ``noise``); None: no noise.
+        supersample: rays per pixel along each axis (averaged: anti-aliasing).
+
+    Returns:
+        N images, H x W x 3 uint8.
+    """
+    h, w = image_size
+    s = supersample
+    n_cam, per = len(intrinsics), h * s * w * s
+    d = np.concatenate([camera_rays(k, p, image_size, s)[1].reshape(-1, 3)
+                        for k, p in zip(intrinsics, cam2ego)]).astype(np.float32)
+    oz = np.repeat(np.asarray(cam2ego)[:, 2, 3].astype(np.float32), per)
+    candidates = []
+    for c, (k_mat, pose) in enumerate(zip(intrinsics, cam2ego)):
+        for k, box in enumerate(world.boxes):
+            rows = _box_rays(box, k_mat, pose, (h * s, w * s), s)
+            if rows is not None and len(rows):
+                candidates.append((k, c, rows + c * per))
+    origins = np.asarray(cam2ego)[:, :3, 3]
+    t, hit, normal = _cast(origins, oz, d, world.boxes, candidates)
+    dz, sky = d[:, 2], hit < 0
+    norm = np.sqrt(np.einsum("ij,ij->i", d, d))
+    tt = np.where(sky, np.float32(0.0), t)
+    dist = tt * norm
+    colour = np.zeros(d.shape, np.float32)
+    ground = np.flatnonzero(hit == 0)
+    cam, tg = ground // per, tt[ground]
+    gx = origins[cam, 0].astype(np.float32) + tg * d[ground, 0]
+    gy = origins[cam, 1].astype(np.float32) + tg * d[ground, 1]
+    colour[ground] = world.ground_colour(gx, gy, dist[ground])
+    obj = np.flatnonzero(hit > 0)
+    if len(obj):
+        p = origins[obj // per] + tt[obj, None] * d[obj]
+        colour[obj] = _box_colour(world, p, normal[obj], hit[obj])
+    horizon = world.sky_horizon.astype(np.float32)
+    colour *= np.float32(world.exposure)
+    if math.isfinite(world.haze):
+        fade = np.exp(dist * np.float32(-1.0 / world.haze))[:, None]
+        colour = colour * fade + horizon * (1.0 - fade)
+    el = np.clip(dz[sky] / norm[sky], 0.0, 1.0) ** 0.6
+    colour[sky] = horizon + (world.sky_zenith - world.sky_horizon).astype(np.float32) * el[:, None]
+    colour = colour.reshape(n_cam, h, s, w, s, 3)
+    img = sum(colour[:, :, i, :, j] for i in range(s) for j in range(s)) * np.float32(1.0 / s ** 2)
+    if rng is not None and noise > 0:
+        img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(noise)
+    img = np.clip(img, 0, 255).round().astype(np.uint8)
+    return list(img)
+
+
+def _box_rays(box: Box, intrinsics: np.ndarray, cam2ego: np.ndarray, size: tuple[int, int],
+              s: int) -> np.ndarray | None:
+    """Indices of the (sub-pixel) rays of an ``size`` grid that may hit ``box``: its projected
+    bounding rectangle (all rays if a corner is behind the camera; None if all are)."""
+    c, sn = math.cos(box.yaw), math.sin(box.yaw)
+    lx, ly, hz = box.size
+    corners = np.array([[a * lx / 2, b * ly / 2, z] for a in (-1, 1) for b in (-1, 1)
+                        for z in (0.0, hz)])
+    corners = np.stack([box.centre[0] + c * corners[:, 0] - sn * corners[:, 1],
+                        box.centre[1] + sn * corners[:, 0] + c * corners[:, 1], corners[:, 2]], 1)
+    uv, z = project_points(corners, intrinsics, cam2ego)
+    hs, ws = size
+    if (z <= 0.05).all():
+        return None
+    if (z <= 0.05).any():
+        return np.arange(hs * ws)
+    u0, v0 = np.floor(uv.min(0) * s).astype(int) - 1
+    u1, v1 = np.ceil(uv.max(0) * s).astype(int) + 1
+    u0, u1, v0, v1 = max(u0, 0), min(u1, ws), max(v0, 0), min(v1, hs)
+    if u0 >= u1 or v0 >= v1:
+        return None
+    vv, uu = np.mgrid[v0:v1, u0:u1]
+    return (vv * ws + uu).ravel()
+
+
+# --------------------------------------------------------------------------------------------
+# LiDAR
+
+
+def lidar_points(world: World, rng: np.random.Generator, beams: int = 32,
+                 elevation: tuple[float, float] = (-30.0, 10.0), azimuth_step: float = 0.75,
+                 max_range: float = 50.0, origin: tuple[float, float, float] = LIDAR_ORIGIN,
+                 dropout: float = 0.05) -> np.ndarray:
+    """A spinning-LiDAR sweep: P x 5 float32 (x, y, z, intensity 0..255, time lag 0).
+
+    ``beams`` elevations evenly in ``elevation`` (degrees), azimuths every ``azimuth_step``
+    degrees from a random start; returns within ``max_range`` m of ``origin`` on the ground or a
+    box, with 2 cm range noise, ``dropout`` of them dropped. Intensity is the surface's
+    reflectivity (ground: ``world.reflectivity`` of its material; boxes: their own) times
+    1 + N(0, 0.15), plus N(0, 2).
+    """
+    el = np.radians(np.linspace(elevation[0], elevation[1], beams))
+    az = np.radians(rng.uniform(0, azimuth_step) + np.arange(0.0, 360.0, azimuth_step))
+    el, az = np.meshgrid(el, az, indexing="ij")
+    d = np.stack([np.cos(el) * np.cos(az), np.cos(el) * np.sin(az), np.sin(el)], -1).reshape(-1, 3)
+    o = np.asarray(origin, np.float64)
+    all_rows = np.arange(len(d))
+    t, hit, _ = _cast(o[None], o[2], d, world.boxes,
+                      [(k, 0, all_rows) for k in range(len(world.boxes))])
+    keep = (hit >= 0) & (t <= max_range) & (rng.random(len(d)) >= dropout)
+    t, hit, d = t[keep] + rng.normal(0.0, 0.02, int(keep.sum())), hit[keep], d[keep]
+    p = o + t[:, None] * d
+    refl = np.zeros(len(p))
+    ground = hit == 0
+    refl[ground] = world.reflectivity[world.material_at(p[ground, 0], p[ground, 1])]
+    box_refl = np.array([b.reflectivity for b in world.boxes] or [0.0])
+    refl[~ground] = box_refl[hit[~ground] - 1]
+    inten = refl * (1.0 + rng.normal(0.0, 0.15, len(p))) + rng.normal(0.0, 2.0, len(p))
+    out = np.zeros((len(p), 5), np.float32)
+    out[:, :3], out[:, 3] = p, np.clip(inten, 0.0, 255.0)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the dataset
+
+
+class GeneratedBEVDataset(BEVDataset):
+    """Generated BEV worlds (see the module docstring) with the BEV pipelines.
+
+    Sample ``index`` of ``split`` uses four independent streams spawned from
+    ``scene_rng(data, split, index)``: the world (:func:`sample_world` with the label grid's
+    :func:`world_extent`), the camera jitter (:func:`camera_rig`, cameras of
+    ``data.bev.cameras``), the pixel noise (:func:`render_cameras` at
+    ``data.bev.gen_image_size``) and, when ``data.bev.lidar``, the LiDAR sweep
+    (:func:`lidar_points`). Counts come from ``data.gen_num_{train,val,test}``.
+
+    Args:
+        data: the ``data`` config section.
+        split: train | val | test.
+        train: training augmentation if True.
+        seed: run seed of the augmentation RNG (scenes depend on ``data.gen_seed`` only).
+    """
+
+    def __init__(self, data: DataConfig, split: str, train: bool, seed: int = 0):
+        self.items = generated_items(data, split)
+        super().__init__(data, train, seed, name=f"generated/{split}")
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _streams(self, index: int) -> list[np.random.Generator]:
+        return scene_rng(self.data, self.split, index).spawn(4)
+
+    def world(self, index: int) -> World:
+        """The world of sample ``index``."""
+        return sample_world(self._streams(index)[0], world_extent(self.bev))
+
+    def load(self, index: int) -> BEVRecord:
+        world_rng, rig_rng, pixel_rng, lidar_rng = self._streams(index)
+        world = sample_world(world_rng, world_extent(self.bev))
+        size = tuple(self.bev.gen_image_size)
+        intrinsics, cam2ego = camera_rig(size, rig_rng, self.bev.cameras)
+        images = render_cameras(world, intrinsics, cam2ego, size, pixel_rng)
+        points = lidar_points(world, lidar_rng) if self.bev.lidar else None
+        return BEVRecord([Image.fromarray(img) for img in images], intrinsics, cam2ego,
+                         world.geometry(), points, f"generated/{self.split}/{index:05d}")
