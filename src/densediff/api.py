@@ -270,6 +270,24 @@ class Predictor:
         return BEVPrediction(probs=p.cpu().numpy(), masks=masks,
                              color=bev_color(masks, self.palette), entropy=ent, **extra)
 
+    def bev_panel(self, sample: dict, pred: BEVPrediction) -> np.ndarray:
+        """One picture of a BEV prediction: the camera images (two rows of three) beside the
+        predicted map, the ground truth and, for diffusion models, the uncertainty (the
+        classes' maximum step-change share); maps forward up, left on the left."""
+        from densediff.viz import bev_color, bev_image, camera_mosaic, heatmap
+
+        mean = np.asarray(self.cfg.data.mean, np.float32)
+        std = np.asarray(self.cfg.data.std, np.float32)
+        cams = [np.clip(im.permute(1, 2, 0).numpy() * std + mean, 0, 255).astype(np.uint8)
+                for im in sample["image"]["images"]]
+        mosaic = camera_mosaic(cams)
+        tiles = [pred.color, bev_color(sample["label"].numpy(), self.palette)]
+        if pred.uncertainty is not None:
+            tiles.append(heatmap(bev_image(pred.uncertainty.max(0))))
+        size = mosaic.shape[0]
+        tiles = [np.asarray(Image.fromarray(t).resize((size, size), Image.NEAREST)) for t in tiles]
+        return side_by_side([mosaic, *tiles])
+
     def _predict_depth(self, x: torch.Tensor, size: tuple[int, int], aug: bool,
                        steps: int | None, seed: int) -> DepthPrediction:
         """:meth:`predict` for depth models (``aug``: the flip test)."""
@@ -296,14 +314,19 @@ class Predictor:
         d = depth[0].clamp(dd.min_depth, dd.max_depth).cpu().numpy().astype(np.float32)
         return DepthPrediction(depth=d, color=depth_color(d, dd.min_depth, dd.max_depth), **extra)
 
-    def trajectory_strip(self, pred: Prediction | DepthPrediction,
+    def trajectory_strip(self, pred: Prediction | DepthPrediction | BEVPrediction,
                          image: ImageLike | None = None) -> np.ndarray:
         """One picture of a diffusion trajectory: [image,] [the DDPS base mask,] the colour mask
-        (depth: the colourised depth) of every step, and the uncertainty heatmap (depth:
-        scaled to its maximum), side by side with a 4-pixel white gap
-        (H x W' x 3 uint8)."""
+        (depth: the colourised depth; BEV: the map) of every step, and the uncertainty heatmap
+        (depth: scaled to its maximum; BEV: the classes' maximum), side by side with a 4-pixel
+        white gap (H x W' x 3 uint8)."""
         if pred.trajectory is None:
             raise UserError("no trajectory: it needs a diffusion model with whole-image inference")
+        if isinstance(pred, BEVPrediction):
+            from densediff.viz import bev_color, bev_image
+
+            return side_by_side([bev_color(m, self.palette) for m in pred.trajectory]
+                                + [heatmap(bev_image(pred.uncertainty.max(0)))])
         if isinstance(pred, DepthPrediction):
             dd = self.cfg.data.depth
             tiles = [] if image is None else [_as_uint8_rgb(image)]

@@ -268,36 +268,24 @@ def _predict_bev(args: argparse.Namespace, predictor, out: Path) -> int:
     import numpy as np
     from PIL import Image
 
-    from densediff.api import side_by_side
-    from densediff.viz import bev_color, bev_image, camera_mosaic, heatmap
+    from densediff.viz import bev_image, heatmap
 
     if args.aug_test:
         raise UserError("--aug-test: BEV models have no test-time augmentation")
     dataset = predictor.dataset(args.input, args.data_root)
     n = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     out.mkdir(parents=True, exist_ok=True)
-    mean, std = (np.asarray(v, np.float32) for v in (predictor.cfg.data.mean, predictor.cfg.data.std))
     for i in range(n):
         sample = dataset[i]
         name = "".join(c if c.isalnum() or c in "-." else "_" for c in sample["meta"]["name"])
         pred = predictor.predict_bev(sample, steps=args.steps, seed=args.seed)
-        cams = [np.clip(im.permute(1, 2, 0).numpy() * std + mean, 0, 255).astype(np.uint8)
-                for im in sample["image"]["images"]]
-        mosaic = camera_mosaic(cams)
-        size = mosaic.shape[0]
-        tiles = [pred.color, bev_color(sample["label"].numpy(), predictor.palette)]
-        if pred.uncertainty is not None:
-            tiles.append(heatmap(bev_image(pred.uncertainty.max(0))))
-        tiles = [np.asarray(Image.fromarray(t).resize((size, size), Image.NEAREST)) for t in tiles]
-        written = {"bev.png": side_by_side([mosaic, *tiles]), "map.png": pred.color,
+        written = {"bev.png": predictor.bev_panel(sample, pred), "map.png": pred.color,
                    "probs.npy": pred.probs.astype(np.float16)}
         if args.uncertainty and pred.uncertainty is not None:
             written["uncertainty.png"] = heatmap(bev_image(pred.uncertainty.max(0)))
             written["uncertainty.npy"] = pred.uncertainty.astype(np.float32)
         if args.trajectory:
-            steps = [bev_color(m, predictor.palette) for m in pred.trajectory]
-            written["trajectory.png"] = side_by_side(steps + [heatmap(bev_image(
-                pred.uncertainty.max(0)))])
+            written["trajectory.png"] = predictor.trajectory_strip(pred)
         for kind, arr in written.items():
             path = out / f"{name}_{kind}"
             if kind.endswith(".npy"):

@@ -536,7 +536,7 @@ def ego_map(vmap: VectorMap, classes: Sequence[str], ego: np.ndarray, half: floa
     yaw = math.atan2(ego[1, 0], ego[0, 0])
     c, s = math.cos(yaw), math.sin(yaw)
     rot = np.array([[c, -s], [s, c]])
-    to_ego = lambda p: (p - t) @ rot.T  # row-vector form of R^T (p - t)
+    to_ego = lambda p: (p - t) @ rot  # row-vector form of R^T (p - t)
     geom = MapGeometry()
     for name in classes:
         for layer in class_layers(name):
