@@ -4,7 +4,8 @@ DDP's efficiency argument (paper §3.2, Table 5e) is that the encoder runs once 
 sampling step only costs one pass of the light map decoder. This measures, for a config with
 random weights (the weights do not change the cost):
 
-- ``encoder``: image encoder + neck, one forward (DDPS: the whole frozen base segmentor);
+- ``encoder``: image encoder + neck, one forward (DDPS: the whole frozen base segmentor; BEV:
+  every camera through the encoder and neck, the view transform and the BEV fuser);
 - ``decoder_step``: one map-decoder evaluation on precomputed features (DDP: fusion + time
   MLP + decoder; DDPS: the UNet denoiser and classifier, twice with guidance; a segmentor:
   its head);
@@ -74,10 +75,17 @@ def bench(cfg: Config, size: tuple[int, int] | None = None, batch: int = 1,
     dev = resolve_device(device)
     names, _ = class_info(cfg)
     model = build_model(cfg, len(names)).to(dev).eval()
-    if size is None:
-        size = cfg.data.train_pipeline.crop_size or (512, 512)
-    h, w = int(size[0]), int(size[1])
-    img = torch.randn(batch, 3, h, w, device=dev)
+    if cfg.task == "bev":  # several cameras (+ points); --size sets each camera image
+        from densediff.data.bev import example_inputs
+
+        bev = cfg.data.bev.model_copy(update={"image_size": tuple(size)} if size else {})
+        h, w = bev.image_size
+        img = example_inputs(bev, batch, dev)
+    else:
+        if size is None:
+            size = cfg.data.train_pipeline.crop_size or (512, 512)
+        h, w = int(size[0]), int(size[1])
+        img = torch.randn(batch, 3, h, w, device=dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     feat = model.extract(img)
@@ -90,7 +98,8 @@ def bench(cfg: Config, size: tuple[int, int] | None = None, batch: int = 1,
                  "params_M": count_params(model) / 1e6,
            "tokens_per_step": int(getattr(feat, "features", feat)[0, 0].numel())}
     out["encoder"] = _median_time(lambda: model.extract(img), repeats, dev)
-    predict = getattr(model, "predict_depth", None) or model.predict_logits
+    predict = (getattr(model, "predict_depth", None) or getattr(model, "predict_probs", None)
+               if cfg.task != "segmentation" else model.predict_logits)
     if is_diffusion(model):
         out["decoder_step"] = _median_time(lambda: model.decoder_step(feat), repeats, dev)
         out["total"] = {int(n): _median_time(lambda n=n: predict(img, steps=n),

@@ -14,7 +14,7 @@ from pathlib import Path
 from densediff.errors import UserError
 
 DATA_CHECK_FORMATS = ("camvid", "ade20k", "cityscapes", "folder", "kitti", "nyu", "sunrgbd",
-                      "depth_folder")
+                      "depth_folder", "nuscenes")
 """``densediff data check --format`` choices (= ``data.check.CHECK_FORMATS``, listed here so
 that building the parser imports no torch)."""
 
@@ -436,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("root")
     dc.add_argument("--format", required=True, choices=DATA_CHECK_FORMATS,
                     help="segmentation: camvid ade20k cityscapes folder; depth: kitti nyu "
-                    "sunrgbd depth_folder")
+                    "sunrgbd depth_folder; BEV: nuscenes")
     dc.set_defaults(func=cmd_data_check)
 
     dm = sub.add_parser("demo", help="train + evaluate + predict on built-in generated data")

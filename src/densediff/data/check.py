@@ -20,7 +20,7 @@ from densediff.data.layouts import FORMATS, dataset_dir, scan, splits_of
 from densediff.errors import DataError
 
 DEPTH_CHECK_FORMATS = ("kitti", "nyu", "sunrgbd", "depth_folder")
-CHECK_FORMATS = FORMATS + DEPTH_CHECK_FORMATS
+CHECK_FORMATS = FORMATS + DEPTH_CHECK_FORMATS + ("nuscenes",)
 """Formats :func:`check_dataset` accepts."""
 
 
@@ -85,6 +85,29 @@ def depth_splits_of(fmt: str, root: str | os.PathLike) -> list[str]:
     return found or ["train", "test"]  # none: report the missing lists
 
 
+def _check_nuscenes(root: Path) -> list[str]:
+    """nuScenes: every ``v1.0-*`` table folder, each split (``splits/*.txt``, else train / val
+    or mini_train / mini_val from nuscenes-devkit), the six cameras, LIDAR_TOP with 9 sweeps and
+    the six map classes (:func:`densediff.data.nuscenes.check_nuscenes`)."""
+    from densediff.config import BEV_MAP_CLASSES, NUSCENES_CAMERAS
+    from densediff.data.nuscenes import check_nuscenes
+
+    if not root.is_dir():
+        return [f"{root}: dataset folder not found"]
+    versions = sorted(d.name for d in root.glob("v1.0-*") if d.is_dir())
+    if not versions:
+        return [f"{root}: no v1.0-* table folder (e.g. v1.0-trainval, v1.0-mini)"]
+    split_files = sorted(p.stem for p in (root / "splits").glob("*.txt"))
+    problems: list[str] = []
+    for version in versions:
+        splits = split_files or (["mini_train", "mini_val"] if version.endswith("mini")
+                                 else ["train", "val"])
+        for split in splits:
+            problems += check_nuscenes(root, version, split, NUSCENES_CAMERAS, lidar=True,
+                                       lidar_sweeps=9, classes=BEV_MAP_CLASSES)
+    return list(dict.fromkeys(problems))
+
+
 def check_dataset(root: str | os.PathLike, fmt: str, decode_images: bool = True,
                   progress: bool = False, workers: int | None = None) -> list[str]:
     """Check a dataset folder; returns every problem found, one line each naming the file.
@@ -99,7 +122,7 @@ def check_dataset(root: str | os.PathLike, fmt: str, decode_images: bool = True,
         fmt: camvid | ade20k | cityscapes | folder (layouts: :mod:`densediff.data.layouts`),
             or a depth format kitti | nyu | sunrgbd | depth_folder (layouts:
             :mod:`densediff.data.depth`; depth maps are checked to be readable single-channel
-            images of the image's size).
+            images of the image's size), or nuscenes (:func:`_check_nuscenes`).
         decode_images: decode every image (finds truncated files) instead of reading headers
             only (several times faster on JPEG datasets). Labels are always decoded.
         progress: show a progress bar.
@@ -107,6 +130,8 @@ def check_dataset(root: str | os.PathLike, fmt: str, decode_images: bool = True,
     """
     if fmt not in CHECK_FORMATS:
         raise DataError(f"unknown dataset format {fmt!r} (choose from {', '.join(CHECK_FORMATS)})")
+    if fmt == "nuscenes":
+        return _check_nuscenes(Path(root).expanduser())
     depth = fmt in DEPTH_CHECK_FORMATS
     if not (Path(root).expanduser() if depth else dataset_dir(fmt, root)).is_dir():
         return [f"{root}: dataset folder not found"]
