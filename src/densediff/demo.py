@@ -1,14 +1,16 @@
 """``densediff demo``: the whole path on built-in generated data, in a few minutes on a CPU.
 
-For each task (segmentation: generated shape scenes; depth: generated 3-D rooms):
+For each task (segmentation: generated shape scenes; depth: generated 3-D rooms; BEV: generated
+road layouts seen by six surround cameras):
 
 1. train a small DDP model (CNN encoder + deformable map decoder) on procedurally generated
    scenes;
 2. evaluate the best checkpoint on the val and test splits at several sampling step counts
    (dynamic inference, one pass per split), with the uncertainty scores: metrics JSON, a table
    and the metric-vs-steps curve;
-3. predict on test images and write masks / colourised depth, overlays, uncertainty heatmaps,
-   per-step trajectory strips and an image | truth | prediction | error | uncertainty grid.
+3. predict on test images and write masks / colourised depth / BEV maps, overlays,
+   uncertainty heatmaps, per-step trajectory strips and an image | truth | prediction | error |
+   uncertainty grid (BEV: cameras | prediction | truth | uncertainty).
 
 Each demo writes a new time-stamped folder, so earlier results are never overwritten.
 """
@@ -30,21 +32,28 @@ DEPTH_DEMO_CONFIG = "generated/depth_ddp.yaml"
 DEPTH_DEMO_STEPS = [1, 3, 5]
 DEPTH_DEMO_ITERS = 1000
 """The depth demo trains 1000 of the config's 2500 iterations (~5 min on 2 CPU cores)."""
+BEV_DEMO_CONFIG = "generated/bev_ddp.yaml"
+BEV_DEMO_STEPS = [1, 3, 5]
+BEV_DEMO_ITERS = 400
+"""The BEV demo trains 400 of the config's iterations."""
+TASKS = ("segmentation", "depth", "bev", "all")
 
 
 def run_demo(out: Path, iters: int | None = None, task: str = "all",
              overrides: list[str] | None = None) -> list[Path]:
-    """Run the segmentation and/or depth demo (``task``: segmentation | depth | all); each
-    writes a new ``out/<timestamp>-<task>`` folder, returned in order. ``overrides`` (dotted
-    config changes) are applied to both."""
-    if task not in ("segmentation", "depth", "all"):
-        raise ValueError(f"task must be segmentation, depth or all, got {task!r}")
+    """Run the segmentation, depth and/or BEV demo (``task``: segmentation | depth | bev |
+    all); each writes a new ``out/<timestamp>-<task>`` folder, returned in order.
+    ``overrides`` (dotted config changes) are applied to each."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     runs = []
     if task in ("segmentation", "all"):
         runs.append(_segmentation_demo(out / f"{stamp}-segmentation", iters, overrides or []))
     if task in ("depth", "all"):
         runs.append(_depth_demo(out / f"{stamp}-depth", iters, overrides or []))
+    if task in ("bev", "all"):
+        runs.append(_bev_demo(out / f"{stamp}-bev", iters, overrides or []))
     return runs
 
 
@@ -152,4 +161,29 @@ def _depth_demo(run_dir: Path, iters: int | None, overrides: list[str]) -> Path:
           f"| uncertainty = depth spread over 4 random starts, {DEPTH_DEMO_STEPS[-1]} steps), "
           f"{run_dir}/demo_steps_{{val,test}}.png, {pred_dir} (colourised depth, uncertainty, "
           f"trajectories), {run_dir / 'demo_metrics.json'}")
+    return run_dir
+
+
+def _bev_demo(run_dir: Path, iters: int | None, overrides: list[str]) -> Path:
+    from densediff.viz import save_grid
+
+    predictor = _train_and_evaluate(BEV_DEMO_CONFIG, run_dir, iters or BEV_DEMO_ITERS,
+                                    overrides, BEV_DEMO_STEPS)
+    print("[demo] 3/3 predicting BEV maps of test scenes")
+    pred_dir = run_dir / "predictions"
+    pred_dir.mkdir(parents=True, exist_ok=True)
+    ds = predictor.dataset("test")
+    rows = []
+    for i in range(min(4, len(ds))):
+        sample = ds[i]
+        pred = predictor.predict_bev(sample, steps=BEV_DEMO_STEPS[-1], seed=i)
+        panel = predictor.bev_panel(sample, pred)
+        stem = f"test_{i:03d}"
+        Image.fromarray(panel).save(pred_dir / f"{stem}_bev.png")
+        Image.fromarray(predictor.trajectory_strip(pred)).save(pred_dir / f"{stem}_trajectory.png")
+        rows.append(panel)
+    save_grid(rows, run_dir / "demo_grid.png", zoom=1)
+    print(f"[demo] wrote {run_dir / 'demo_grid.png'} (six cameras | predicted map | truth | "
+          f"uncertainty at {BEV_DEMO_STEPS[-1]} steps), {run_dir}/demo_steps_{{val,test}}.png, "
+          f"{pred_dir} (panels, trajectories), {run_dir / 'demo_metrics.json'}")
     return run_dir

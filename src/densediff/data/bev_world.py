@@ -6,12 +6,14 @@ A world (:func:`sample_world`) around the ego vehicle covers a square of half-si
 extent + 20`` m, where ``extent`` is the largest coordinate of the label grid (25 m gives
 +-57.5 m), and holds:
 
-* **roads** (1-3): 6-12 m wide strips along a centreline that is straight or, for the road
-  under the ego (probability 0.3), a constant-curvature arc of radius 60-160 m. Road 0 passes
-  under the ego, heading within +-12 degrees of x, the ego in a right-hand lane. A second road
-  crosses it at 35-145 degrees (a junction within the label grid) or runs parallel 14+ m
-  away; a third crosses road 0 elsewhere. Where two centrelines cross, a junction disc
-  (radius 0.6-0.85 x the wider road) rounds the corners with probability 0.5;
+* **roads** (1-3): 6-12 m wide strips along a centreline that is straight or a
+  constant-curvature arc (road 0 with probability 0.3, radius 60-160 m; others 0.15,
+  80-200 m). Road 0 passes under the ego, heading
+  within +-12 degrees of x, the ego in a right-hand lane. A second road crosses it at 35-145
+  degrees (a junction within the label grid; with probability 0.3 only one side of it, a T
+  junction) or, with probability 0.25, runs parallel 14+ m away; a third crosses road 0
+  elsewhere. Where two centrelines cross, a junction disc (radius 0.6-0.85 x the wider road)
+  rounds the corners with probability 0.5;
 * **car parks** (0-2): rectangles 12-30 x 10-20 m beside a road, beyond its walkway, joined
   to it by a 4-6 m driveway, with white parking-bay lines. Roads, junction discs, car parks
   and driveways are the ``drivable_area`` (a car park is drivable, as in nuScenes);
@@ -30,15 +32,15 @@ extent + 20`` m, where ``extent`` is the largest coordinate of the label grid (2
   road 1-2.5 m before a crossing, each side with probability 0.7;
 * **terrain**: grass or dirt with 4-12 patches of the other;
 * **obstacles** (``obstacles=True``): 0-6 cars (boxes 3.8-5 x 1.7-2 x 1.4-1.9 m) in lanes
-  at least 7 m from the ego, some parked in car-park bays, and 0-5 buildings (6-25 m
-  footprints, 4-15 m high) beside roads beyond the walkways. They are not map classes but
-  occlude the ground for the cameras and the LiDAR.
+  at least 7 m from the ego, parked cars in a quarter of the car-park bays, and 0-5
+  buildings (8-25 x 6-18 m footprints, 4-15 m high) beside roads beyond the walkways. They are not
+  map classes but occlude the ground for the cameras and the LiDAR.
 
 The ground paint is a material raster (0.1 m cells): grass, dirt, asphalt, car-park asphalt,
 concrete, white paint, yellow paint. Every scene draws its own colour per material (asphalt
 grey 70-115, paint brightness, grass hue, ...), modulated by a smooth world-space texture
-(four sine waves of 0.7-11 m), so no class is one exact colour. Off the raster the ground is
-the base terrain.
+(four sine waves of 0.8-13 m, fading with distance against aliasing), so no class is one
+exact colour. Off the raster the ground is the base terrain.
 
 :func:`camera_rig` gives the six nuScenes channels (optical-axis yaw +55, 0, -55, +110, 180,
 -110 degrees; height 1.5 m; 3 degrees down; horizontal field of view 70 degrees, the back
@@ -198,29 +200,6 @@ def world_extent(bev: BEVDataConfig) -> float:
 # layout helpers
 
 
-def _centreline(p0: np.ndarray, heading: float, kappa: float, length: float, step: float = 2.0
-                ) -> np.ndarray:
-    """Points every ``step`` m of a curve of constant curvature ``kappa`` through ``p0`` with
-    direction ``heading`` there, ``length / 2`` to each side."""
-    s = np.linspace(-length / 2, length / 2, int(math.ceil(length / step)) + 1)
-    if abs(kappa) < 1e-6:
-        return p0 + s[:, None] * np.array([math.cos(heading), math.sin(heading)])
-    th = heading + kappa * s
-    return p0 + np.stack([(np.sin(th) - math.sin(heading)) / kappa,
-                          -(np.cos(th) - math.cos(heading)) / kappa], 1)
-
-
-def _polyline_distance(pts: np.ndarray, line: np.ndarray) -> np.ndarray:
-    """Distance of each point (N x 2) to a polyline (M x 2)."""
-    a, ab = line[:-1], np.diff(line, axis=0)
-    out = np.full(len(pts), np.inf)
-    for i in range(0, len(pts), 2048):  # bounded memory
-        rel = pts[i:i + 2048, None] - a
-        t = np.clip((rel * ab).sum(-1) / np.maximum((ab * ab).sum(-1), 1e-12), 0.0, 1.0)
-        out[i:i + 2048] = np.sqrt(((rel - t[..., None] * ab) ** 2).sum(-1)).min(1)
-    return out
-
-
 def _runs(mask: np.ndarray, s: np.ndarray, min_len: float) -> list[tuple[float, float]]:
     """(start, end) arclengths of the runs of consecutive True in ``mask`` sampled at ``s``,
     at least ``min_len`` long."""
@@ -231,25 +210,52 @@ def _runs(mask: np.ndarray, s: np.ndarray, min_len: float) -> list[tuple[float, 
 
 @dataclass
 class _Road:
-    pts: np.ndarray
+    """A road along a centreline of constant curvature ``kappa`` (0: straight) through ``p0``
+    with direction ``heading`` there; arclength ``s`` runs over [-length / 2, length / 2], or
+    [0, length / 2] for a road that ``starts`` at ``p0`` (the stem of a T junction)."""
+
+    p0: np.ndarray
+    heading: float
+    kappa: float
+    length: float
     width: float
     lanes: int
-    s: np.ndarray = field(init=False)
-    tangent: np.ndarray = field(init=False)
+    starts: bool = False
 
-    def __post_init__(self):
-        seg = np.linalg.norm(np.diff(self.pts, axis=0), axis=1)
-        self.s = np.concatenate([[0.0], np.cumsum(seg)])
-        t = np.gradient(self.pts, axis=0)
-        self.tangent = t / np.linalg.norm(t, axis=1, keepdims=True)
+    @property
+    def s0(self) -> float:
+        return 0.0 if self.starts else -self.length / 2
+
+    @property
+    def s1(self) -> float:
+        return self.length / 2
 
     def at(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Points and unit left normals at arclengths ``s``."""
         s = np.atleast_1d(np.asarray(s, np.float64))
-        p = np.stack([np.interp(s, self.s, self.pts[:, k]) for k in range(2)], 1)
-        t = np.stack([np.interp(s, self.s, self.tangent[:, k]) for k in range(2)], 1)
-        t /= np.linalg.norm(t, axis=1, keepdims=True)
-        return p, np.stack([-t[:, 1], t[:, 0]], 1)
+        th = self.heading + self.kappa * s
+        if self.kappa == 0.0:
+            p = self.p0 + s[:, None] * np.array([math.cos(self.heading), math.sin(self.heading)])
+        else:
+            p = self.p0 + np.stack([np.sin(th) - math.sin(self.heading),
+                                    math.cos(self.heading) - np.cos(th)], 1) / self.kappa
+        return p, np.stack([-np.sin(th), np.cos(th)], 1)
+
+    def project(self, pts: np.ndarray) -> np.ndarray:
+        """Arclengths of the centreline points nearest to ``pts`` (N x 2)."""
+        n0 = np.array([-math.sin(self.heading), math.cos(self.heading)])
+        if self.kappa == 0.0:
+            s = (pts - self.p0) @ np.array([n0[1], -n0[0]])
+        else:
+            q = pts - (self.p0 + n0 / self.kappa)  # relative to the centre of curvature
+            phi0 = self.heading - math.copysign(math.pi / 2, self.kappa)
+            dphi = (np.arctan2(q[:, 1], q[:, 0]) - phi0 + math.pi) % (2 * math.pi) - math.pi
+            s = dphi / self.kappa
+        return np.clip(s, self.s0, self.s1)
+
+    def distance(self, pts: np.ndarray) -> np.ndarray:
+        """Distance of points (N x 2) to the centreline."""
+        return np.linalg.norm(pts - self.at(self.project(pts))[0], axis=1)
 
     def samples(self, s0: float, s1: float, step: float = 1.0) -> np.ndarray:
         """Arclengths from ``s0`` to ``s1`` (both included) about ``step`` apart."""
@@ -257,7 +263,7 @@ class _Road:
 
     def line(self, s0: float, s1: float, offset: float) -> np.ndarray:
         """The polyline at lateral ``offset`` (left positive) from ``s0`` to ``s1``."""
-        p, n = self.at(self.samples(s0, s1))
+        p, n = self.at(self.samples(s0, s1, 1.0 if self.kappa else s1 - s0))
         return p + offset * n
 
     def strip(self, s0: float, s1: float, o0: float, o1: float) -> np.ndarray:
@@ -266,7 +272,7 @@ class _Road:
 
     def ego_s(self) -> float:
         """Arclength of the centreline point nearest the ego."""
-        return float(self.s[np.argmin(np.linalg.norm(self.pts, axis=1))])
+        return float(self.project(np.zeros((1, 2)))[0])
 
 
 @dataclass
@@ -310,8 +316,8 @@ def _hsv(h: float, s: float, v: float) -> np.ndarray:
 class _Layout:
     """Builds one world; holds the drivable pieces so later elements can avoid them."""
 
-    def __init__(self, rng: np.random.Generator, extent: float, half: float):
-        self.rng, self.extent, self.half = rng, extent, half
+    def __init__(self, rng: np.random.Generator, extent: float, half: float, obstacles: bool):
+        self.rng, self.extent, self.half, self.obstacles = rng, extent, half, obstacles
         self.roads: list[_Road] = []
         self.junctions: list[tuple[np.ndarray, float]] = []
         self.lots: list[_Rect] = []
@@ -334,7 +340,7 @@ class _Layout:
         d = np.full(len(pts), np.inf)
         for i, road in enumerate(self.roads):
             if i != skip_road:
-                d = np.minimum(d, np.maximum(_polyline_distance(pts, road.pts) - road.width / 2, 0))
+                d = np.minimum(d, np.maximum(road.distance(pts) - road.width / 2, 0))
         for c, r in self.junctions:
             d = np.minimum(d, np.maximum(np.linalg.norm(pts - c, axis=1) - r, 0))
         for rect in self.lots + self.driveways:
@@ -359,7 +365,7 @@ class _Layout:
         if rng.random() < 0.3:
             kappa = rng.choice([-1, 1]) / rng.uniform(60.0, 160.0)
             length = min(length, 1.5 * math.pi / abs(kappa))
-        self.roads.append(_Road(_centreline(p0, heading, kappa, length), w0, lanes0))
+        self.roads.append(_Road(p0, heading, kappa, length, w0, lanes0))
         n_more = int(rng.choice([0, 1, 2], p=[0.25, 0.45, 0.3]))
         used: list[float] = []
         for k in range(n_more):
@@ -369,7 +375,7 @@ class _Layout:
                 off = rng.choice([-1, 1]) * ((w0 + w) / 2 + rng.uniform(14.0, max(15.0, 0.9 * self.extent)))
                 h = heading + math.radians(rng.uniform(-8.0, 8.0))
                 p = off * np.array([-math.sin(heading), math.cos(heading)])
-                self.roads.append(_Road(_centreline(p, h, 0.0, 2.9 * half), w, lanes))
+                self.roads.append(_Road(p, h, 0.0, 2.9 * half, w, lanes))
                 continue
             road0 = self.roads[0]
             for _ in range(10):  # a crossing road, its junction apart from the others
@@ -382,7 +388,7 @@ class _Layout:
             h = math.atan2(t[1], t[0]) + math.radians(rng.uniform(35.0, 145.0))
             kap = 0.0 if rng.random() < 0.85 else rng.choice([-1, 1]) / rng.uniform(80.0, 200.0)
             ln = 2.9 * half if kap == 0.0 else min(2.9 * half, 1.5 * math.pi / abs(kap))
-            self.roads.append(_Road(_centreline(p[0], h, kap, ln), w, lanes))
+            self.roads.append(_Road(p[0], h, kap, ln, w, lanes, starts=bool(rng.random() < 0.3)))
         for i in range(len(self.roads)):
             for j in range(i + 1, len(self.roads)):
                 for c in self._crossing_points(self.roads[i], self.roads[j]):
@@ -392,9 +398,10 @@ class _Layout:
 
     @staticmethod
     def _crossing_points(a: _Road, b: _Road) -> list[np.ndarray]:
-        """Intersections of two centrelines."""
-        p, r = a.pts[:-1], np.diff(a.pts, axis=0)
-        q, s = b.pts[:-1], np.diff(b.pts, axis=0)
+        """Intersections of two centrelines (as polylines with 2 m segments)."""
+        pa, pb = a.at(a.samples(a.s0, a.s1, 2.0))[0], b.at(b.samples(b.s0, b.s1, 2.0))[0]
+        p, r = pa[:-1], np.diff(pa, axis=0)
+        q, s = pb[:-1], np.diff(pb, axis=0)
         cross = r[:, None, 0] * s[None, :, 1] - r[:, None, 1] * s[None, :, 0]
         qp = q[None] - p[:, None]
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -408,25 +415,27 @@ class _Layout:
     def add_crossings(self) -> None:
         rng = self.rng
         for ri, road in enumerate(self.roads):
-            s = road.samples(road.s[0], road.s[-1], 0.5)
+            s = road.samples(road.s0, road.s1, 0.5)
             p, _ = road.at(s)
             blocked = self.drivable_distance(p, skip_road=ri) < road.width / 2
-            cands = []
+            cands = []  # (start, depth)
             for a, b in _runs(blocked, s, 0.0):  # junction intervals: exits on both sides
                 depth = rng.uniform(3.0, 5.0)
-                cands.append(b + rng.uniform(1.0, 3.0))
-                cands.append(a - rng.uniform(1.0, 3.0) - depth)
+                cands.append((b + rng.uniform(1.0, 3.0), depth))
+                cands.append((a - rng.uniform(1.0, 3.0) - depth, depth))
             if rng.random() < 0.3:
-                cands.append(road.ego_s() + rng.uniform(-0.8, 0.8) * self.extent)
-            for c0 in cands:
+                cands.append((road.ego_s() + rng.uniform(-0.8, 0.8) * self.extent,
+                              rng.uniform(3.0, 5.0)))
+            for c0, depth in cands:
                 if rng.random() < 0.5:
-                    self._try_crossing(ri, c0)
+                    self._try_crossing(ri, c0, depth)
 
-    def _try_crossing(self, ri: int, c0: float) -> None:
+    def _try_crossing(self, ri: int, c0: float, depth: float) -> None:
+        """A crossing over ``[c0, c0 + depth]`` of road ``ri`` with its stop lines, unless it
+        would leave the label area, touch another road or come near another crossing."""
         rng, road = self.rng, self.roads[ri]
-        depth = rng.uniform(3.0, 5.0)
         c1, w = c0 + depth, road.width
-        if c0 < road.s[0] + 5 or c1 > road.s[-1] - 5:
+        if c0 < road.s0 or c1 > road.s1:
             return
         mid, _ = road.at((c0 + c1) / 2)
         if not self.in_focus(mid[0]):
@@ -469,6 +478,8 @@ class _Layout:
             ri = int(rng.integers(len(self.roads)))
             road, side = self.roads[ri], int(rng.choice([-1, 1]))
             s = road.ego_s() + rng.uniform(-0.9, 0.9) * self.extent
+            if not road.s0 + 15.0 < s < road.s1 - 15.0:
+                continue
             length, depth = rng.uniform(12.0, 30.0), rng.uniform(10.0, 20.0)
             near = road.width / 2 + rng.uniform(4.5, 6.0)
             lot = _rect_on_road(road, s, side, (-length / 2, length / 2), (near, near + depth))
@@ -493,16 +504,17 @@ class _Layout:
         rng = self.rng
         pitch, lw = rng.uniform(2.4, 2.8), rng.uniform(0.12, 0.18)
         (hu, hv), (u, v) = lot.half, lot.axes
-        rows = [hv - 5.0] + ([-hv] if depth >= 15.0 else [])
-        for v0 in rows:
+        # rows of 5 m deep bays: (lateral start of the bays, lateral position of their aisle edge)
+        rows = [(hv - 5.0, hv - 5.0)] + ([(-hv, 5.0 - hv)] if depth >= 15.0 else [])
+        for v0, aisle in rows:
             xs = np.arange(-hu + 0.5, hu - 0.4, pitch)
             for x in xs:
                 c = lot.centre + u * x + v * (v0 + 2.5)
                 self.paint.append((WHITE, _Rect(c, lot.axes, np.array([lw / 2, 2.5])).polygon()))
-            self.paint.append((WHITE, _Rect(lot.centre + v * (v0 + 2.5 if v0 < 0 else v0),
-                                             lot.axes, np.array([hu - 0.4, lw / 2])).polygon()))
+            self.paint.append((WHITE, _Rect(lot.centre + v * aisle, lot.axes,
+                                             np.array([hu - 0.4, lw / 2])).polygon()))
             for x in xs[:-1]:
-                if rng.random() < 0.25:
+                if rng.random() < 0.25 and self.obstacles:
                     c = lot.centre + u * (x + pitch / 2) + v * (v0 + 2.5)
                     self._car(c, math.atan2(v[1], v[0]), rng)
 
@@ -514,7 +526,7 @@ class _Layout:
                     continue
                 ww, curb = rng.uniform(2.0, 4.0), rng.uniform(0.0, 0.5)
                 o0 = road.width / 2 + curb
-                s = road.samples(road.s[0], road.s[-1], 0.5)
+                s = road.samples(road.s0, road.s1, 0.5)
                 p, n = road.at(s)
                 mid = p + side * (o0 + ww / 2) * n
                 ok = self.drivable_distance(mid, skip_road=ri) > ww / 2 + 0.3
@@ -532,7 +544,7 @@ class _Layout:
         rng = self.rng
         for ri, road in enumerate(self.roads):
             w = road.width
-            s = road.samples(road.s[0], road.s[-1], 0.5)
+            s = road.samples(road.s0, road.s1, 0.5)
             p, _ = road.at(s)
             free = self.drivable_distance(p, skip_road=ri) > w / 2 + 0.5
             free &= np.abs(p).max(1) < self.half
@@ -591,7 +603,7 @@ class _Layout:
             s = road.ego_s() + rng.uniform(-1.2, 1.2) * self.extent
             p, n = road.at(s)
             c = p[0] + o * n[0]
-            if (np.linalg.norm(c) < 7.0
+            if (not road.s0 < s < road.s1 or np.linalg.norm(c) < 7.0
                     or any(np.linalg.norm(c - b.centre) < 6.5 for b in self.boxes)):
                 continue
             yaw = math.atan2(-n[0, 0], n[0, 1]) + (math.pi if o > 0 else 0.0)
@@ -604,6 +616,8 @@ class _Layout:
             road = self.roads[int(rng.integers(len(self.roads)))]
             side = int(rng.choice([-1, 1]))
             s = road.ego_s() + rng.uniform(-1.3, 1.3) * self.extent
+            if not road.s0 + 12.0 < s < road.s1 - 12.0:
+                continue
             length, depth = rng.uniform(8.0, 25.0), rng.uniform(6.0, 18.0)
             near = road.width / 2 + rng.uniform(5.0, 12.0)
             rect = _rect_on_road(road, s, side, (-length / 2, length / 2), (near, near + depth))
@@ -637,7 +651,7 @@ class _Layout:
             e = _disc(np.zeros(2), 1.0, 24) * rng.uniform(2.0, 15.0, 2)
             rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
             draw.polygon(to_pix(c + e @ rot.T), fill=patch)
-        asphalt = ([road.strip(road.s[0], road.s[-1], -road.width / 2, road.width / 2)
+        asphalt = ([road.strip(road.s0, road.s1, -road.width / 2, road.width / 2)
                     for road in self.roads] + [_disc(c, r) for c, r in self.junctions]
                    + [r.polygon() for r in self.driveways])
         layers = [(LOT, self.polys["carpark_area"]), (CONCRETE, self.polys["walkway"]),
@@ -684,14 +698,14 @@ def sample_world(rng: np.random.Generator, extent: float = 25.0, res: float = 0.
         res: cell size (m) of the paint raster.
         obstacles: add cars and buildings.
     """
-    lay = _Layout(rng, extent, 1.5 * extent + 20.0)
+    lay = _Layout(rng, extent, 1.5 * extent + 20.0, obstacles)
     lay.add_roads()
     lay.add_crossings()
     lay.add_lots()
     lay.add_walkways()
     lay.add_markings()
     if obstacles:
-        lay.add_obstacles()
+        lay.add_obstacles()  # (parked cars were placed with the car parks)
     return lay.world(res)
 
 
@@ -744,7 +758,8 @@ def camera_rays(intrinsics: np.ndarray, cam2ego: np.ndarray, image_size: tuple[i
     m = cam2ego[:3, :3] @ np.linalg.inv(intrinsics)
     u = (np.arange(w * s) + 0.5) / s
     v = (np.arange(h * s) + 0.5) / s
-    return cam2ego[:3, 3].copy(), u[None, :, None] * m[:, 0] + (v[:, None] * m[:, 1] + m[:, 2])[:, None]
+    dirs = u[None, :, None] * m[:, 0] + (v[:, None] * m[:, 1] + m[:, 2])[:, None]
+    return cam2ego[:3, 3].copy(), dirs
 
 
 def project_points(points: np.ndarray, intrinsics: np.ndarray, cam2ego: np.ndarray
@@ -759,26 +774,33 @@ def project_points(points: np.ndarray, intrinsics: np.ndarray, cam2ego: np.ndarr
 
 
 def _ray_box(origin: np.ndarray, d: np.ndarray, box: Box) -> tuple[np.ndarray, np.ndarray]:
-    """First hit parameter (inf: none) and unit normal (N x 3) of rays ``origin + t d``
-    (d: N x 3) on a box, by the slab test in the box frame."""
+    """First hit parameter (inf: none) and face (int8: 2 x axis + (1 if on the + side); axes
+    along, across, up in the box frame) of rays ``origin + t d`` (d: N x 3) on a box, by the
+    slab test in the box frame."""
     c, s = math.cos(box.yaw), math.sin(box.yaw)
-    rel = origin - np.array([box.centre[0], box.centre[1], box.size[2] / 2])
-    o = (c * rel[0] + s * rel[1], -s * rel[0] + c * rel[1], rel[2])
-    dl = (c * d[:, 0] + s * d[:, 1], -s * d[:, 0] + c * d[:, 1], d[:, 2])
-    near, far = np.full(len(d), -np.inf), np.full(len(d), np.inf)
-    axis = np.zeros(len(d), np.int64)
+    rx, ry = float(origin[0] - box.centre[0]), float(origin[1] - box.centre[1])
+    o = (c * rx + s * ry, -s * rx + c * ry, float(origin[2] - box.size[2] / 2))
+    dx, dy = d[:, 0], d[:, 1]
+    dl = (c * dx + s * dy, -s * dx + c * dy, d[:, 2])
+    near, far = np.full(len(d), -np.inf, d.dtype), np.full(len(d), np.inf, d.dtype)
+    face = np.zeros(len(d), np.int8)
     with np.errstate(divide="ignore", invalid="ignore"):
         for k in range(3):
             inv = 1.0 / dl[k]
-            t1, t2 = (-box.size[k] / 2 - o[k]) * inv, (box.size[k] / 2 - o[k]) * inv
+            half = float(box.size[k]) / 2
+            t1, t2 = (-half - o[k]) * inv, (half - o[k]) * inv
             lo, hi = np.minimum(t1, t2), np.maximum(t1, t2)  # nan (on a face plane) is ignored
-            axis = np.where(lo > near, k, axis)
+            face = np.where(lo > near, 2 * k + (dl[k] < 0), face)
             near, far = np.fmax(near, lo), np.fmin(far, hi)
-    t = np.where((near <= far) & (near > 1e-6), near, np.inf)
-    nl = np.zeros((len(d), 3))
-    rows = np.arange(len(d))
-    nl[rows, axis] = -np.sign(np.stack(dl, 1)[rows, axis])
-    return t, np.stack([c * nl[:, 0] - s * nl[:, 1], s * nl[:, 0] + c * nl[:, 1], nl[:, 2]], 1)
+    return np.where((near <= far) & (near > 1e-6), near, np.inf), face
+
+
+def _face_normals(box: Box) -> np.ndarray:
+    """6 x 3 ego-frame unit normals of a box's faces, indexed like :func:`_ray_box` faces."""
+    c, s = math.cos(box.yaw), math.sin(box.yaw)
+    local = np.array([[-1, 0, 0], [1, 0, 0], [0, -1, 0], [0, 1, 0], [0, 0, -1], [0, 0, 1]], float)
+    return np.stack([c * local[:, 0] - s * local[:, 1], s * local[:, 0] + c * local[:, 1],
+                     local[:, 2]], 1)
 
 
 def _cast(origins: np.ndarray, oz: np.ndarray | float, d: np.ndarray, boxes: list[Box],
@@ -789,39 +811,42 @@ def _cast(origins: np.ndarray, oz: np.ndarray | float, d: np.ndarray, boxes: lis
 
     ``candidates`` lists (box index, origin index, indices of the rays from that origin that
     may hit the box). Returns the hit parameter t (inf: sky), the surface (-1 sky, 0 ground,
-    1 + k box k) and unit normals (N x 3; zero on the ground and sky).
+    1 + k box k) and the box face (see :func:`_ray_box`).
     """
     dz = d[:, 2]
     with np.errstate(divide="ignore", invalid="ignore"):
         t = (-oz / dz).astype(d.dtype)
     t[dz > -1e-6] = np.inf
     hit = np.where(np.isfinite(t), 0, -1).astype(np.int16)
-    normal = np.zeros(d.shape, np.float32)
+    face = np.zeros(len(d), np.int8)
     for k, c, rows in candidates:
-        tb, nb = _ray_box(origins[c], d[rows], boxes[k])
+        tb, fb = _ray_box(origins[c], d[rows], boxes[k])
         closer = tb < t[rows]
         sel = rows[closer]
-        t[sel], hit[sel], normal[sel] = tb[closer], k + 1, nb[closer]
-    return t, hit, normal
+        t[sel], hit[sel], face[sel] = tb[closer], k + 1, fb[closer]
+    return t, hit, face
 
 
-def _box_colour(world: World, p: np.ndarray, normal: np.ndarray, hit: np.ndarray) -> np.ndarray:
-    """Shaded colour of box hits (p, normal: N x 3; hit: surface ids >= 1)."""
-    out = np.zeros((len(p), 3))
+def _box_colour(world: World, p: np.ndarray, face: np.ndarray, hit: np.ndarray) -> np.ndarray:
+    """Shaded colour (N x 3 float32) of box hits at points p (N x 3) on ``face`` of box
+    ``hit - 1``: Lambertian sun light; buildings get a grid of dark windows, cars dark glass
+    on the upper part and a dark underbody."""
+    out = np.zeros((len(p), 3), np.float32)
     for k in np.unique(hit):
-        m = hit == k
+        m = np.flatnonzero(hit == k)
         box = world.boxes[k - 1]
-        col = np.broadcast_to(box.colour, (int(m.sum()), 3)).copy()
-        z = p[m, 2]
+        col = np.empty((len(m), 3), np.float32)
+        col[:] = box.colour
+        z, side = p[m, 2], face[m] < 4
+        normal = _face_normals(box)[face[m]]
         if box.kind == "building":
-            along = p[m, 0] * normal[m, 1] - p[m, 1] * normal[m, 0]  # horizontal wall coordinate
-            win = ((along % 3.0 > 0.9) & (along % 3.0 < 2.1) & (z % 3.0 > 1.0) & (z % 3.0 < 2.2)
-                   & (np.abs(normal[m, 2]) < 0.5))
-            col[win] = np.array([60.0, 75.0, 95.0])
+            along = (p[m, 0] * normal[:, 1] - p[m, 1] * normal[:, 0]) % 3.0  # along the wall
+            zz = z % 3.0
+            col[side & (along > 0.9) & (along < 2.1) & (zz > 1.0) & (zz < 2.2)] = (60, 75, 95)
         else:
-            col[(z > 0.62 * box.size[2]) & (np.abs(normal[m, 2]) < 0.5)] = np.array([40.0, 48.0, 58.0])
-            col[z < 0.35] *= 0.35  # wheels / underbody
-        lambert = np.clip(normal[m] @ world.sun, 0.0, 1.0)
+            col[side & (z > 0.62 * float(box.size[2]))] = (40, 48, 58)
+            col[z < 0.35] *= 0.35
+        lambert = np.clip(normal @ world.sun, 0.0, 1.0).astype(np.float32)
         out[m] = col * (0.45 + 0.55 * lambert)[:, None]
     return out
 
@@ -844,17 +869,17 @@ def render_cameras(world: World, intrinsics: np.ndarray, cam2ego: np.ndarray,
     h, w = image_size
     s = supersample
     n_cam, per = len(intrinsics), h * s * w * s
-    d = np.concatenate([camera_rays(k, p, image_size, s)[1].reshape(-1, 3)
-                        for k, p in zip(intrinsics, cam2ego)]).astype(np.float32)
+    d = np.empty((n_cam * per, 3), np.float32)
     oz = np.repeat(np.asarray(cam2ego)[:, 2, 3].astype(np.float32), per)
-    candidates = []
+    candidates = []  # (box, camera, rays that may hit it)
     for c, (k_mat, pose) in enumerate(zip(intrinsics, cam2ego)):
+        d[c * per:(c + 1) * per] = camera_rays(k_mat, pose, image_size, s)[1].reshape(-1, 3)
         for k, box in enumerate(world.boxes):
             rows = _box_rays(box, k_mat, pose, (h * s, w * s), s)
             if rows is not None and len(rows):
                 candidates.append((k, c, rows + c * per))
     origins = np.asarray(cam2ego)[:, :3, 3]
-    t, hit, normal = _cast(origins, oz, d, world.boxes, candidates)
+    t, hit, face = _cast(origins, oz, d, world.boxes, candidates)
     dz, sky = d[:, 2], hit < 0
     norm = np.sqrt(np.einsum("ij,ij->i", d, d))
     tt = np.where(sky, np.float32(0.0), t)
@@ -867,13 +892,16 @@ def render_cameras(world: World, intrinsics: np.ndarray, cam2ego: np.ndarray,
     colour[ground] = world.ground_colour(gx, gy, dist[ground])
     obj = np.flatnonzero(hit > 0)
     if len(obj):
-        p = origins[obj // per] + tt[obj, None] * d[obj]
-        colour[obj] = _box_colour(world, p, normal[obj], hit[obj])
+        p = origins[obj // per].astype(np.float32) + tt[obj, None] * d[obj]
+        colour[obj] = _box_colour(world, p, face[obj], hit[obj])
     horizon = world.sky_horizon.astype(np.float32)
-    colour *= np.float32(world.exposure)
     if math.isfinite(world.haze):
-        fade = np.exp(dist * np.float32(-1.0 / world.haze))[:, None]
-        colour = colour * fade + horizon * (1.0 - fade)
+        fade = np.exp(dist * np.float32(-1.0 / world.haze))
+        colour -= horizon / np.float32(world.exposure)
+        colour *= (fade * np.float32(world.exposure))[:, None]
+        colour += horizon  # exposure * colour * fade + horizon * (1 - fade)
+    else:
+        colour *= np.float32(world.exposure)
     el = np.clip(dz[sky] / norm[sky], 0.0, 1.0) ** 0.6
     colour[sky] = horizon + (world.sky_zenith - world.sky_horizon).astype(np.float32) * el[:, None]
     colour = colour.reshape(n_cam, h, s, w, s, 3)

@@ -54,7 +54,10 @@ class PillarEncoder(nn.Module):
     def __init__(self, channels: int, grid: BEVGrid, zbound: tuple[float, float]):
         super().__init__()
         self.grid, self.zbound, self.channels = grid, tuple(zbound), channels
-        self.embed = nn.Sequential(nn.Linear(self.in_features, channels), nn.LayerNorm(channels),
+        # BatchNorm on the raw features first: point coordinates (metres), intensities (0-255 in
+        # nuScenes) and time lags (seconds) live on very different scales
+        self.embed = nn.Sequential(nn.BatchNorm1d(self.in_features, affine=False),
+                                   nn.Linear(self.in_features, channels), nn.LayerNorm(channels),
                                    nn.ReLU(inplace=True))
         self.convs = nn.Sequential(_conv_bn(channels, channels), _conv_bn(channels, channels))
 
