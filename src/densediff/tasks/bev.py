@@ -151,3 +151,13 @@ def format_bev_metrics(metrics: dict) -> str:
                     + f"{metrics['per_class'][name]:8.2f}")
     rows.append(f"mIoU (mean of best) {metrics['mIoU']:.2f}   mIoU@0.50 {metrics['mIoU@0.50']:.2f}")
     return "\n".join(rows)
+
+
+def constant_iou(labels: Sequence[torch.Tensor], class_names: Sequence[str]) -> dict:
+    """:meth:`BEVIoUMetric.compute` of the best constant prediction: every cell positive for
+    every class (IoU = the class's share of cells; predicting nothing scores 0). The floor a
+    BEV model must beat ("chance")."""
+    metric = BEVIoUMetric(class_names)
+    for label in labels:
+        metric.update(torch.ones(label.shape), label)
+    return metric.compute()
