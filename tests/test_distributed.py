@@ -42,8 +42,8 @@ with open(f"{out}/metrics{rank}.json", "w") as f:
 """
 
 
-def torchrun_two(child: str, overrides: list[str], tmp_path: Path) -> None:
-    """Run ``child`` (a script taking the overrides as JSON and an output folder) in two
+def torchrun_two(child: str, overrides: list[str] | dict, tmp_path: Path) -> None:
+    """Run ``child`` (a script taking ``overrides`` as JSON and an output folder) in two
     torchrun processes; fail with the tail of their output."""
     script = tmp_path / "child.py"
     script.write_text(child)
@@ -80,7 +80,7 @@ def test_torchrun_two_processes(tmp_path):
     assert m0 == m1 and "mIoU" in m0  # the sharded evaluation was reduced over both ranks
 
 
-DEPTH_CHILD = """
+EVAL_CHILD = """
 import json, sys
 import torch
 from densediff.config import load_config
@@ -89,36 +89,45 @@ from densediff.engine import distributed as du
 from densediff.engine.evaluate import evaluate_steps
 from densediff.models import build_model
 
-overrides, out = json.loads(sys.argv[1]), sys.argv[2]
+spec, out = json.loads(sys.argv[1]), sys.argv[2]
 torch.distributed.init_process_group("gloo")
-cfg = load_config("generated/depth_ddp.yaml", overrides)
+cfg = load_config(spec["config"], spec["overrides"])
 torch.manual_seed(0)
-model = build_model(cfg, 1)
+model = build_model(cfg, spec["classes"])
 res = evaluate_steps(model, build_dataset(cfg, "val", train=False), cfg, [1, 3], progress=False)
 if du.rank() == 0:
-    json.dump({str(k): v for k, v in res.items()}, open(f"{out}/depth.json", "w"))
+    json.dump({str(k): v for k, v in res.items()}, open(f"{out}/eval.json", "w"))
 torch.distributed.destroy_process_group()
 """
 
 
-def test_depth_eval_sharded_over_two_processes_equals_one(tmp_path):
-    """Rank 1 gets no image (one val scene): the uncertainty metrics must still be reduced
-    on both ranks (no hang), and the result must equal a single-process evaluation."""
+def sharded_and_single(config: str, classes: int, overrides: list[str], tmp_path: Path
+                       ) -> tuple[dict, dict]:
+    """``evaluate_steps`` at 1 and 3 steps of a seeded random model on the val split: in two
+    torchrun processes (rank 0's result) and in this one."""
     from densediff.config import load_config
     from densediff.data import build_dataset
     from densediff.engine.evaluate import evaluate_steps
     from densediff.models import build_model
 
+    torchrun_two(EVAL_CHILD, {"config": config, "classes": classes, "overrides": overrides},
+                 tmp_path)
+    sharded = json.loads((tmp_path / "eval.json").read_text())
+    cfg = load_config(config, overrides)
+    torch.manual_seed(0)
+    single = evaluate_steps(build_model(cfg, classes), build_dataset(cfg, "val", train=False), cfg,
+                            [1, 3], progress=False)
+    return sharded, single
+
+
+def test_depth_eval_sharded_over_two_processes_equals_one(tmp_path):
+    """Rank 1 gets no image (one val scene): the uncertainty metrics must still be reduced
+    on both ranks (no hang), and the result must equal a single-process evaluation."""
     overrides = ["data.gen_size=[32,48]", "data.gen_num_val=1", "model.diffusion.randsteps=2",
                  "model.encoder.variant=tiny", "model.neck.channels=16", "model.neck.num_groups=4",
                  "model.head.channels=16", "model.head.num_layers=1", "model.head.num_heads=4",
                  "model.head.ffn_channels=32"]
-    torchrun_two(DEPTH_CHILD, overrides, tmp_path)
-    sharded = json.loads((tmp_path / "depth.json").read_text())
-    cfg = load_config("generated/depth_ddp.yaml", overrides)
-    torch.manual_seed(0)
-    single = evaluate_steps(build_model(cfg, 1), build_dataset(cfg, "val", train=False), cfg,
-                            [1, 3], progress=False)
+    sharded, single = sharded_and_single("generated/depth_ddp.yaml", 1, overrides, tmp_path)
     for n in (1, 3):
         a, b = sharded[str(n)], single[n]
         assert set(a["uncertainty"]) == {"steps", "starts"} == set(b["uncertainty"])
@@ -126,3 +135,16 @@ def test_depth_eval_sharded_over_two_processes_equals_one(tmp_path):
             assert abs(a[k] - b[k]) < 1e-6, (n, k)
         assert abs(a["uncertainty"]["starts"]["pearson"]
                    - b["uncertainty"]["starts"]["pearson"]) < 1e-6
+
+
+def test_bev_eval_sharded_over_two_processes_equals_one(tmp_path):
+    """Three val scenes over two ranks: the IoU counts and uncertainty histograms are summed
+    over processes, so the result equals a single-process evaluation."""
+    from test_cli_bev import TINY as BEV_TINY
+
+    overrides = [o for o in BEV_TINY if not o.startswith("train.")] + ["data.gen_num_val=3"]
+    sharded, single = sharded_and_single("generated/bev_ddp.yaml", 6, overrides, tmp_path)
+    for n in (1, 3):
+        a, b = sharded[str(n)], single[n]
+        assert a["table"] == b["table"] and a["mIoU"] == b["mIoU"]
+        assert abs(a["uncertainty"]["steps"]["AUROC"] - b["uncertainty"]["steps"]["AUROC"]) < 1e-9
