@@ -118,6 +118,13 @@ class BEVPrediction:
     entropy: np.ndarray | None = None
     trajectory: np.ndarray | None = None
 
+    def uncertainty_picture(self) -> np.ndarray | None:
+        """X x Y x 3 uint8 heatmap of the classes' maximum step-change share, oriented as
+        ``color``; None for a discriminative model."""
+        from densediff.viz import bev_image
+
+        return None if self.uncertainty is None else heatmap(bev_image(self.uncertainty.max(0)))
+
 
 def colorize(mask: np.ndarray, palette: np.ndarray, ignore_index: int = 255) -> np.ndarray:
     """Map class ids to RGB with ``palette`` (K x 3); ignore / out-of-range pixels are black."""
@@ -274,7 +281,7 @@ class Predictor:
         """One picture of a BEV prediction: the camera images (two rows of three) beside the
         predicted map, the ground truth and, for diffusion models, the uncertainty (the
         classes' maximum step-change share); maps forward up, left on the left."""
-        from densediff.viz import bev_color, bev_image, camera_mosaic, heatmap
+        from densediff.viz import bev_color, camera_mosaic
 
         mean = np.asarray(self.cfg.data.mean, np.float32)
         std = np.asarray(self.cfg.data.std, np.float32)
@@ -283,7 +290,7 @@ class Predictor:
         mosaic = camera_mosaic(cams)
         tiles = [pred.color, bev_color(sample["label"].numpy(), self.palette)]
         if pred.uncertainty is not None:
-            tiles.append(heatmap(bev_image(pred.uncertainty.max(0))))
+            tiles.append(pred.uncertainty_picture())
         size = mosaic.shape[0]
         tiles = [np.asarray(Image.fromarray(t).resize((size, size), Image.NEAREST)) for t in tiles]
         return side_by_side([mosaic, *tiles])
@@ -323,10 +330,10 @@ class Predictor:
         if pred.trajectory is None:
             raise UserError("no trajectory: it needs a diffusion model with whole-image inference")
         if isinstance(pred, BEVPrediction):
-            from densediff.viz import bev_color, bev_image
+            from densediff.viz import bev_color
 
             return side_by_side([bev_color(m, self.palette) for m in pred.trajectory]
-                                + [heatmap(bev_image(pred.uncertainty.max(0)))])
+                                + [pred.uncertainty_picture()])
         if isinstance(pred, DepthPrediction):
             dd = self.cfg.data.depth
             tiles = [] if image is None else [_as_uint8_rgb(image)]

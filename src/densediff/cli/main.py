@@ -268,8 +268,6 @@ def _predict_bev(args: argparse.Namespace, predictor, out: Path) -> int:
     import numpy as np
     from PIL import Image
 
-    from densediff.viz import bev_image, heatmap
-
     if args.aug_test:
         raise UserError("--aug-test: BEV models have no test-time augmentation")
     dataset = predictor.dataset(args.input, args.data_root)
@@ -282,7 +280,7 @@ def _predict_bev(args: argparse.Namespace, predictor, out: Path) -> int:
         written = {"bev.png": predictor.bev_panel(sample, pred), "map.png": pred.color,
                    "probs.npy": pred.probs.astype(np.float16)}
         if args.uncertainty and pred.uncertainty is not None:
-            written["uncertainty.png"] = heatmap(bev_image(pred.uncertainty.max(0)))
+            written["uncertainty.png"] = pred.uncertainty_picture()
             written["uncertainty.npy"] = pred.uncertainty.astype(np.float32)
         if args.trajectory:
             written["trajectory.png"] = predictor.trajectory_strip(pred)

@@ -137,10 +137,16 @@ def evaluate_steps(model: nn.Module, dataset, cfg: Config, steps: Sequence[int] 
             seg[n].update(pred, label)
             for k, m in maps.items():
                 unc[n][k].update(m, pred != label, valid)
+    return _results(seg, unc, steps, diffusion)
+
+
+def _results(metric: dict, unc: dict, steps: list[int], diffusion: bool) -> dict[int, dict]:
+    """Reduce over processes and compute each step count's metric and, for diffusion models,
+    its uncertainty scores (``uncertainty``)."""
     results = {}
     for n in steps:
-        seg[n].reduce()
-        results[n] = seg[n].compute()
+        metric[n].reduce()
+        results[n] = metric[n].compute()
         if diffusion:
             for m in unc[n].values():
                 m.reduce()
@@ -250,15 +256,7 @@ def _evaluate_depth(model: nn.Module, dataset, cfg: Config, steps: list[int], au
             metric[n].update(depth, gt)
             for k, m in maps.items():
                 unc[n][k].update(m, depth, gt)
-    results = {}
-    for n in steps:
-        metric[n].reduce()
-        results[n] = metric[n].compute()
-        if diffusion:
-            for m in unc[n].values():
-                m.reduce()
-            results[n]["uncertainty"] = {k: m.compute() for k, m in unc[n].items()}
-    return results
+    return _results(metric, unc, steps, diffusion)
 
 
 @torch.no_grad()
@@ -303,15 +301,7 @@ def _evaluate_bev(model: nn.Module, dataset, cfg: Config, steps: list[int], prog
             else:
                 probs = model.predict_probs(inputs)
             metric[n].update(probs, label)
-    results = {}
-    for n in steps:
-        metric[n].reduce()
-        results[n] = metric[n].compute()
-        if diffusion:
-            for m in unc[n].values():
-                m.reduce()
-            results[n]["uncertainty"] = {k: m.compute() for k, m in unc[n].items()}
-    return results
+    return _results(metric, unc, steps, diffusion)
 
 
 def evaluate(model: nn.Module, dataset, cfg: Config, aug: bool = False,
