@@ -440,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm = sub.add_parser("demo", help="train + evaluate + predict on built-in generated data")
     dm.add_argument("--out", default="demo_out", help="parent folder of the demo run")
     dm.add_argument("--iters", type=int, default=None, help="training iterations (default: "
-                    "the segmentation config's 1000; depth 1000; BEV 400)")
+                    "the segmentation config's 1000; depth 1000; BEV 300)")
     dm.add_argument("--task", choices=["segmentation", "depth", "bev", "all"], default="all",
                     help="which demo to run (default: all three, one after the other)")
     dm.set_defaults(func=cmd_demo)
