@@ -1,5 +1,5 @@
 """Print Markdown tables from `densediff eval --out` JSON files (one row per run and step count;
-segmentation or depth results, by the first file).
+segmentation, depth or BEV results, by the first file).
 
     python benchmarks/summarize_steps.py NAME=path/to/eval.json [NAME=path ...]
 """
@@ -42,15 +42,37 @@ def depth_rows(name: str, path: str) -> list[str]:
     return out
 
 
-def is_depth(path: str) -> bool:
+def bev_rows(name: str, path: str) -> list[str]:
+    data = json.load(open(path))
+    out = []
+    results = data["steps"] if "steps" in data else {"–": data}
+    for steps, m in results.items():
+        u = m.get("uncertainty", {})
+        cells = [name, steps] + [f"{v:.2f}" for v in m["per_class"].values()]
+        cells += [f"{m['mIoU']:.2f}", f"{m['mIoU@0.50']:.2f}"]
+        cells += [f"{u[k]['AUROC']:.1f}" if k in u else "–" for k in ("steps", "entropy")]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def kind(path: str) -> str:
     data = json.load(open(path))
     first = next(iter(data["steps"].values())) if "steps" in data else data
-    return "abs_rel" in first
+    return "depth" if "abs_rel" in first else "bev" if "mIoU@0.50" in first else "seg"
 
 
 if __name__ == "__main__":
     pairs = [arg.split("=", 1) for arg in sys.argv[1:]]
-    if pairs and is_depth(pairs[0][1]):
+    if pairs and kind(pairs[0][1]) == "bev":
+        data = json.load(open(pairs[0][1]))
+        first = next(iter(data["steps"].values())) if "steps" in data else data
+        names = list(first["per_class"])
+        print("| model | steps | " + " | ".join(names) + " | mIoU | mIoU@0.5 | AUROC step-change "
+              "| AUROC entropy |")
+        print("|---|---:|" + "---:|" * (len(names) + 4))
+        for name, path in pairs:
+            print("\n".join(bev_rows(name, path)))
+    elif pairs and kind(pairs[0][1]) == "depth":
         print("| model | steps | " + " | ".join(DEPTH_KEYS) + " | Pearson step-spread "
               "| AUSE step-spread | Pearson start-spread | AUSE start-spread |")
         print("|---|---:|" + "---:|" * (len(DEPTH_KEYS) + 4))

@@ -364,3 +364,14 @@ def test_collate_pads_points():
     assert batch["image"]["points"].shape == (2, 3, 5)
     assert batch["image"]["points_mask"].tolist() == [[True] * 3, [True, False, False]]
     assert batch["label"].shape == (2, 6, 2, 2)
+
+
+def test_self_aligned_bev_training_noises_its_own_prediction(monkeypatch):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("model.diffusion.self_aligned=true"), 6)
+    calls = []
+    real = model.encode_prediction
+    monkeypatch.setattr(model, "encode_prediction", lambda x: calls.append(x.shape) or real(x))
+    losses = model(tiny_inputs(), (torch.rand(2, 6, 32, 32) > 0.5).to(torch.uint8))
+    # y0 = the encoding of the model's own output-grid prediction from pure noise (Alg. 4)
+    assert calls == [(2, 6, 32, 32)] and torch.isfinite(losses["loss"])
