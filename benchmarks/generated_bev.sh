@@ -18,4 +18,4 @@ for split in val test; do
   dd eval $R/bev_twin/checkpoints/best.safetensors --split $split \
     --out $R/bev_twin/eval_best_$split.json --quiet
 done
-$PY benchmarks/constant_bev.py generated/bev_ddp.yaml --split test
+$PY benchmarks/constant.py generated/bev_ddp.yaml --split test

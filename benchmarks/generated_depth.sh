@@ -17,4 +17,4 @@ for split in val test; do
 done
 timed dd eval $R/depth_ddp/checkpoints/best.safetensors model.diffusion.randsteps=4 --split test \
   --steps 1,3,5 --out $R/depth_ddp/eval_best_test_randsteps4.json --quiet
-$PY benchmarks/constant_depth.py generated/depth_ddp.yaml --split test
+$PY benchmarks/constant.py generated/depth_ddp.yaml --split test

@@ -475,18 +475,12 @@ class _Layout:
         for _ in range(30):
             if len(self.lots) >= n:
                 break
-            ri = int(rng.integers(len(self.roads)))
-            road, side = self.roads[ri], int(rng.choice([-1, 1]))
-            s = road.ego_s() + rng.uniform(-0.9, 0.9) * self.extent
-            if not road.s0 + 15.0 < s < road.s1 - 15.0:
+            placed = self._roadside_rect(0.9, 15.0, (12.0, 30.0), (10.0, 20.0), (4.5, 6.0))
+            if placed is None:
                 continue
-            length, depth = rng.uniform(12.0, 30.0), rng.uniform(10.0, 20.0)
-            near = road.width / 2 + rng.uniform(4.5, 6.0)
-            lot = _rect_on_road(road, s, side, (-length / 2, length / 2), (near, near + depth))
+            lot, pts, road, side, s, length, depth, near = placed
             if not self.in_focus(lot.centre, 1.3):
                 continue
-            u, v = np.meshgrid(np.linspace(-1, 1, 7), np.linspace(-1, 1, 7))
-            pts = lot.centre + (np.stack([u.ravel(), v.ravel()], 1) * lot.half) @ lot.axes
             if (self.drivable_distance(pts) < 1.5).any():
                 continue
             a = rng.uniform(-length / 2 + 3.0, length / 2 - 3.0)
@@ -497,6 +491,26 @@ class _Layout:
             self.driveways.append(drive)
             self.polys["carpark_area"].append(lot.polygon())
             self._bays(lot, depth)
+
+    def _roadside_rect(self, spread: float, margin: float, length: tuple[float, float],
+                       depth: tuple[float, float], gap: tuple[float, float]):
+        """A random rectangle beside a random road (car park, building): at arc length within
+        ``spread`` x extent of the ego's, at least ``margin`` m from the road's ends, ``length``
+        along and ``depth`` across the road, ``gap`` m beyond its edge. Returns ``(rect, 7 x 7
+        sample points of it, road, side, s, length, depth, near)``, or None when the arc length
+        falls too near an end."""
+        rng = self.rng
+        road = self.roads[int(rng.integers(len(self.roads)))]
+        side = int(rng.choice([-1, 1]))
+        s = road.ego_s() + rng.uniform(-spread, spread) * self.extent
+        if not road.s0 + margin < s < road.s1 - margin:
+            return None
+        ln, dp = rng.uniform(*length), rng.uniform(*depth)
+        near = road.width / 2 + rng.uniform(*gap)
+        rect = _rect_on_road(road, s, side, (-ln / 2, ln / 2), (near, near + dp))
+        u, v = np.meshgrid(np.linspace(-1, 1, 7), np.linspace(-1, 1, 7))
+        pts = rect.centre + (np.stack([u.ravel(), v.ravel()], 1) * rect.half) @ rect.axes
+        return rect, pts, road, side, s, ln, dp, near
 
     def _bays(self, lot: _Rect, depth: float) -> None:
         """Parking-bay lines across the far edge (and the near edge of deep lots), and maybe
@@ -613,16 +627,10 @@ class _Layout:
         for _ in range(40):
             if len(self.buildings) >= n_build:
                 break
-            road = self.roads[int(rng.integers(len(self.roads)))]
-            side = int(rng.choice([-1, 1]))
-            s = road.ego_s() + rng.uniform(-1.3, 1.3) * self.extent
-            if not road.s0 + 12.0 < s < road.s1 - 12.0:
+            placed = self._roadside_rect(1.3, 12.0, (8.0, 25.0), (6.0, 18.0), (5.0, 12.0))
+            if placed is None:
                 continue
-            length, depth = rng.uniform(8.0, 25.0), rng.uniform(6.0, 18.0)
-            near = road.width / 2 + rng.uniform(5.0, 12.0)
-            rect = _rect_on_road(road, s, side, (-length / 2, length / 2), (near, near + depth))
-            u, v = np.meshgrid(np.linspace(-1, 1, 7), np.linspace(-1, 1, 7))
-            pts = rect.centre + (np.stack([u.ravel(), v.ravel()], 1) * rect.half) @ rect.axes
+            rect, pts = placed[:2]
             if (self.drivable_distance(pts) < 5.0).any() or np.abs(rect.centre).max() > self.half:
                 continue
             if any((other.distance(pts) < 2.0).any() for other in self.buildings):
