@@ -10,11 +10,15 @@ import json
 import sys
 
 
-def rows(name: str, path: str) -> list[str]:
+def _results(path: str) -> dict:
+    """``{steps: metrics}`` of an eval JSON (one ``–`` entry for a single setting)."""
     data = json.load(open(path))
+    return data["steps"] if "steps" in data else {"–": data}
+
+
+def rows(name: str, path: str) -> list[str]:
     out = []
-    results = data["steps"] if "steps" in data else {"–": data}
-    for steps, m in results.items():
+    for steps, m in _results(path).items():
         u = m.get("uncertainty", {})
         cells = [name, steps, f"{m['aAcc']:.2f}", f"{m['mIoU']:.2f}", f"{m['mBIoU']:.2f}"]
         for kind in ("steps", "entropy"):
@@ -29,10 +33,8 @@ DEPTH_KEYS = ("d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10"
 
 
 def depth_rows(name: str, path: str) -> list[str]:
-    data = json.load(open(path))
     out = []
-    results = data["steps"] if "steps" in data else {"–": data}
-    for steps, m in results.items():
+    for steps, m in _results(path).items():
         u = m.get("uncertainty", {})
         cells = [name, steps] + [f"{m[k]:.3f}" for k in DEPTH_KEYS]
         for kind in ("steps", "starts"):
@@ -43,10 +45,8 @@ def depth_rows(name: str, path: str) -> list[str]:
 
 
 def bev_rows(name: str, path: str) -> list[str]:
-    data = json.load(open(path))
     out = []
-    results = data["steps"] if "steps" in data else {"–": data}
-    for steps, m in results.items():
+    for steps, m in _results(path).items():
         u = m.get("uncertainty", {})
         cells = [name, steps] + [f"{v:.2f}" for v in m["per_class"].values()]
         cells += [f"{m['mIoU']:.2f}", f"{m['mIoU@0.50']:.2f}"]
@@ -56,17 +56,14 @@ def bev_rows(name: str, path: str) -> list[str]:
 
 
 def kind(path: str) -> str:
-    data = json.load(open(path))
-    first = next(iter(data["steps"].values())) if "steps" in data else data
+    first = next(iter(_results(path).values()))
     return "depth" if "abs_rel" in first else "bev" if "mIoU@0.50" in first else "seg"
 
 
 if __name__ == "__main__":
     pairs = [arg.split("=", 1) for arg in sys.argv[1:]]
     if pairs and kind(pairs[0][1]) == "bev":
-        data = json.load(open(pairs[0][1]))
-        first = next(iter(data["steps"].values())) if "steps" in data else data
-        names = list(first["per_class"])
+        names = list(next(iter(_results(pairs[0][1]).values()))["per_class"])
         print("| model | steps | " + " | ".join(names) + " | mIoU | mIoU@0.5 | AUROC step-change "
               "| AUROC entropy |")
         print("|---|---:|" + "---:|" * (len(names) + 4))
