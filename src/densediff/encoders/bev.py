@@ -64,16 +64,9 @@ class PillarEncoder(nn.Module):
     def forward(self, points: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``points`` B x P x 5 (x, y, z, intensity, time lag); ``mask`` B x P marks real points
         (None: all)."""
-        b, p, _ = points.shape
+        b = points.shape[0]
         nx, ny = self.grid.shape
-        ix, iy = self.grid.cell_of(points[..., 0], points[..., 1])
-        z = points[..., 2]
-        keep = (ix >= 0) & (ix < nx) & (iy >= 0) & (iy < ny) & (z >= self.zbound[0]) & (
-            z < self.zbound[1])
-        if mask is not None:
-            keep &= mask
-        batch = torch.arange(b, device=points.device)[:, None].expand(b, p)
-        cell = ((batch * nx + ix) * ny + iy)[keep]
+        cell, keep, ix, iy = self.grid.flat_cells(points[..., :3], self.zbound, mask)
         pts = points[keep].float()
         n_cells = b * nx * ny
         count = pts.new_zeros(n_cells).index_add_(0, cell, torch.ones_like(pts[:, 0]))

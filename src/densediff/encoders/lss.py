@@ -66,13 +66,9 @@ def bev_pool(feats: torch.Tensor, points: torch.Tensor, grid: BEVGrid,
     Returns:
         B x C x X x Y sums.
     """
-    b, m, c = feats.shape
+    b, _, c = feats.shape
     nx, ny = grid.shape
-    ix, iy = grid.cell_of(points[..., 0], points[..., 1])
-    z = points[..., 2]
-    keep = (ix >= 0) & (ix < nx) & (iy >= 0) & (iy < ny) & (z >= zbound[0]) & (z < zbound[1])
-    batch = torch.arange(b, device=feats.device)[:, None].expand(b, m)
-    flat = ((batch * nx + ix) * ny + iy)[keep]
+    flat, keep, _, _ = grid.flat_cells(points, zbound)
     out = feats.new_zeros(b * nx * ny, c).index_add_(0, flat, feats[keep])
     return out.view(b, nx, ny, c).permute(0, 3, 1, 2).contiguous()
 

@@ -53,6 +53,22 @@ class BEVGrid:
         return (torch.floor((x - self.xbound[0]) / self.xbound[2]).long(),
                 torch.floor((y - self.ybound[0]) / self.ybound[2]).long())
 
+    def flat_cells(self, points: torch.Tensor, zbound: tuple[float, float],
+                   mask: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Cells of B x M x 3 points: ``(flat, keep, ix, iy)`` where ``keep`` (B x M) marks the
+        points inside the grid, with z in ``zbound`` (and ``mask``), and ``flat`` is the index
+        ``(b X + ix) Y + iy`` of each kept point's cell in a B x X x Y array."""
+        b, m = points.shape[:2]
+        nx, ny = self.shape
+        ix, iy = self.cell_of(points[..., 0], points[..., 1])
+        z = points[..., 2]
+        keep = (ix >= 0) & (ix < nx) & (iy >= 0) & (iy < ny) & (z >= zbound[0]) & (z < zbound[1])
+        if mask is not None:
+            keep &= mask
+        batch = torch.arange(b, device=points.device)[:, None].expand(b, m)
+        return ((batch * nx + ix) * ny + iy)[keep], keep, ix, iy
+
     def centres(self) -> tuple[np.ndarray, np.ndarray]:
         """Cell-centre coordinates: x (X,) and y (Y,)."""
         (nx, ny), (sx, sy), (lx, ly) = self.shape, self.step, self.low
