@@ -367,10 +367,14 @@ def check_steps(model: torch.nn.Module, steps: list[int], source: str = "model",
                 key: str = "steps") -> None:
     """UserError unless every step count is within the model's ``min_steps`` .. ``max_steps``
     (DDPS: 0 .. its trained timesteps)."""
+    from densediff.config import MAX_SAMPLING_STEPS
+
     lo, hi = model.min_steps, model.max_steps
-    bad = [n for n in steps if n < lo or (hi is not None and n > hi)]
+    hi = MAX_SAMPLING_STEPS if hi is None else min(hi, MAX_SAMPLING_STEPS)
+    bad = [n for n in steps if n < lo or n > hi]
     if bad:
-        span = f"{lo}..{hi} (the trained timesteps)" if hi is not None else f">= {lo}"
+        span = (f"{lo}..{hi} (the trained timesteps)" if model.max_steps is not None
+                else f"{lo}..{hi}")
         raise UserError(f"{key}: {source} takes step counts {span}, got {bad[0]}")
 
 

@@ -26,6 +26,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+MAX_SEED = 2**63 - 1
+"""Seeds are 0 .. 2^63 - 1 (what torch, numpy and Python's RNGs all accept)."""
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+
+MAX_SAMPLING_STEPS = 1000
+"""Upper bound on sampling step counts (config, ``--steps``): DDIM gains nothing past a few
+dozen steps, and 1000 decoder calls of the paper's decoder take about half an hour on a CPU."""
+
+MIN_TRAIN_SIDE = 32
+"""The encoders' deepest stride: a training crop side below it leaves a single padded cell."""
+
 PosInt = Annotated[int, Field(ge=1)]
 PosFloat = Annotated[float, Field(gt=0)]
 Size = tuple[PosInt, PosInt]
@@ -220,7 +231,7 @@ class DataConfig(_Strict):
     gen_num_val: int = Field(24, ge=1)
     gen_num_test: int = Field(24, ge=1)
     gen_size: Size = (64, 64)
-    gen_seed: int = 0
+    gen_seed: Seed = 0
     depth: DepthDataConfig = DepthDataConfig()
     """Read by ``task: depth`` only."""
     bev: BEVDataConfig = BEVDataConfig()
@@ -316,12 +327,13 @@ class DiffusionConfig(_Strict):
     """Training times t ~ U(sample_range)."""
     time_frequencies: int = Field(16, ge=2)
     """Dimension of the learned sinusoidal time embedding (even)."""
-    steps: int = Field(3, ge=1)
-    """Default sampling steps at eval/predict (dynamic inference: any count works)."""
+    steps: int = Field(3, ge=1, le=MAX_SAMPLING_STEPS)
+    """Default sampling steps at eval/predict (dynamic inference: any count up to
+    ``MAX_SAMPLING_STEPS`` works)."""
     td: float = Field(1.0, ge=0)
     """Asymmetric time difference of the sampler (Alg. 2)."""
     sampler: Literal["ddim", "ddpm"] = "ddim"
-    randsteps: int = Field(1, ge=1)
+    randsteps: int = Field(1, ge=1, le=100)
     """Independent noise starts per image whose outputs are averaged."""
     accumulation: bool = False
     """Output the mean of the per-step probabilities instead of the last step's."""
@@ -520,6 +532,11 @@ class TrainConfig(_Strict):
     eval_interval: int = Field(1000, ge=1)
     ckpt_interval: int = Field(1000, ge=1)
     log_interval: int = Field(50, ge=1)
+    divergence_factor: Optional[float] = Field(10.0, gt=1)
+    """Loss-spike guard: a ``last`` checkpoint is committed only once its weights have given a
+    sound training loss (finite and at most this factor x the median of the previous 50
+    iterations' losses); after a NaN/inf the run stops with the last sound checkpoint kept.
+    None: only NaN/inf counts as divergence."""
     load_from: Optional[str] = None
     """Start from these weights (a checkpoint file or run folder; weights only, fresh optimizer
     and schedule), e.g. the self-aligned fine-tune of a trained DDP model."""
@@ -563,7 +580,8 @@ class Config(_Strict):
     """``segmentation`` (class maps), ``depth`` (monocular depth maps, ``data.depth``) or
     ``bev`` (multi-label bird's-eye-view maps from several cameras and LiDAR, ``data.bev``,
     ``model.bev``)."""
-    seed: int = 0
+    seed: Seed = 0
+    """Seeds the weights, the data order and augmentation (0 .. 2^63 - 1)."""
     work_dir: Optional[str] = None
     """Run folder; None: runs/<config file stem>."""
     data: DataConfig = DataConfig()
@@ -593,6 +611,8 @@ class Config(_Strict):
             if self.data.train_pipeline.scale is not None:
                 raise ValueError("data.train_pipeline.scale must be unset for depth: resizing "
                                  "changes the apparent focal length, not metric depth")
+        if self.task in ("segmentation", "depth"):
+            self._check_train_crop()
         if self.task == "bev":
             if self.model.type == "ddps":
                 raise ValueError("model.type ddps is for segmentation only")
@@ -600,6 +620,24 @@ class Config(_Strict):
                 raise ValueError("model.aux_head.enabled must be false for bev (the BEV models "
                                  "have no aux head)")
         return self
+
+    def _check_train_crop(self) -> None:
+        """The training crop must leave the encoder's deepest (stride-32) map more than one
+        value per channel in a batch, or BatchNorm fails at the first iteration."""
+        crop = self.data.train_pipeline.crop_size
+        if crop is None or self.model.type == "ddps":
+            return
+        h, w = crop
+        if min(h, w) < MIN_TRAIN_SIDE:
+            raise ValueError(f"data.train_pipeline.crop_size {list(crop)} is too small for the "
+                             f"network: each side must be at least {MIN_TRAIN_SIDE} (the "
+                             "encoder's deepest stride)")
+        cells = -(-h // MIN_TRAIN_SIDE) * -(-w // MIN_TRAIN_SIDE)
+        if cells * self.data.batch_size < 2:
+            raise ValueError(f"data.train_pipeline.crop_size {list(crop)} with data.batch_size "
+                             f"{self.data.batch_size} leaves BatchNorm one value per channel at "
+                             f"stride {MIN_TRAIN_SIDE}: use a crop side >= {2 * MIN_TRAIN_SIDE} "
+                             "or a batch of 2 or more")
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -638,6 +676,8 @@ def _read_yaml(path: Path, _stack: tuple[Path, ...] = ()) -> dict:
     path = path.resolve()
     if path in _stack:
         raise ConfigError(f"{path}: _base_ cycle ({' -> '.join(p.name for p in _stack)})")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a YAML config file")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:

@@ -7,6 +7,8 @@ is wrong. The CLI prints ``error: <message>`` and exits with status 2, without a
 
 from __future__ import annotations
 
+import re
+
 
 class UserError(Exception):
     """An error caused by user input; its message is one line naming the file/key."""
@@ -31,5 +33,6 @@ class DivergenceError(UserError):
 def one_line(err: BaseException, limit: int = 200) -> str:
     """An exception's message squeezed onto one line (whitespace collapsed, at most ``limit``
     characters), for wrapping library errors into a one-line :class:`UserError`."""
-    text = " ".join(str(err).split()) or type(err).__name__
+    text = " ".join(re.sub(r"\x1b\[[0-9;?]*[ -/]*[@-~]", "", str(err)).split())
+    text = text or type(err).__name__
     return text[:limit] + ("..." if len(text) > limit else "")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from densediff.errors import DataError
+from densediff.errors import DataError, one_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 """File suffixes taken as images when listing folders (case-insensitive)."""
@@ -27,23 +27,56 @@ LABEL_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
 
 _LABEL_MODES = ("L", "P", "1", "I", "I;16", "I;16L", "I;16B", "I;16N")
 
+MAX_PIXELS_ENV = "DENSEDIFF_MAX_IMAGE_PIXELS"
+DEFAULT_MAX_PIXELS = 50_000_000
+"""Images with more pixels than this (default 50 M, e.g. 8660 x 5773) are refused from their
+header, before decoding: a small compressed file can decode to gigabytes. Set the environment
+variable ``DENSEDIFF_MAX_IMAGE_PIXELS`` to raise it (0: no limit; trusted files only)."""
+
+
+def max_image_pixels() -> int:
+    """The decoded-pixel limit: ``$DENSEDIFF_MAX_IMAGE_PIXELS`` or :data:`DEFAULT_MAX_PIXELS`
+    (0 = no limit)."""
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(float(raw))
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise DataError(f"{MAX_PIXELS_ENV}={raw!r}: expected a pixel count >= 0 (0: no limit)")
+    return value
+
 
 def _open(path: str | os.PathLike) -> Image.Image:
     """Open an image lazily (header only); DataError when missing or not an image."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not an image file")
     if not path.is_file():
         raise DataError(f"{path}: file not found")
+    limit = max_image_pixels()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return Image.open(path)
+            # our own limit (below) replaces Pillow's when it is raised above it
+            if limit == 0 or limit > (Image.MAX_IMAGE_PIXELS or 0):
+                Image.MAX_IMAGE_PIXELS = None if limit == 0 else limit
+            im = Image.open(path)
     except UnidentifiedImageError:
         raise DataError(f"{path}: not an image file (or a format Pillow cannot read)") from None
-    except Image.DecompressionBombError as e:
-        raise DataError(f"{path}: image too large for Pillow's safety limit ({e}); raise "
-                        "PIL.Image.MAX_IMAGE_PIXELS if the file is trusted") from None
+    except Image.DecompressionBombError:
+        raise DataError(f"{path}: image too large to decode safely; set {MAX_PIXELS_ENV} "
+                        "higher if the file is trusted") from None
     except OSError as e:
-        raise DataError(f"{path}: cannot open ({e})") from None
+        raise DataError(f"{path}: cannot open ({one_line(e)})") from None
+    if limit and im.width * im.height > limit:
+        im.close()
+        raise DataError(f"{path}: {im.width}x{im.height} = {im.width * im.height / 1e6:.1f} M "
+                        f"pixels once decoded, above the limit of {limit / 1e6:g} M; set "
+                        f"{MAX_PIXELS_ENV} higher (0: no limit) if the file is trusted")
+    return im
 
 
 def _load(path: str | os.PathLike) -> Image.Image:

@@ -11,10 +11,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from tqdm import tqdm
 
 from densediff.diffusion.schedules import LogSNRSchedule, alpha_sigma
 
 __all__ = ["ddim_step", "ddpm_step", "sample", "sampling_times", "seeded_normal", "seeded_uniform"]
+
+
+PROGRESS_MIN_STEPS = 50
+"""Sampling runs of this many steps or more show a progress bar on a terminal."""
 
 
 def sampling_times(steps: int, td: float = 1.0) -> list[tuple[float, float]]:
@@ -107,7 +112,10 @@ def sample(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x_t = x_T
     n = x_T.shape[0]
     preds = []
-    for t_now, t_next in sampling_times(steps, td):
+    times = sampling_times(steps, td)
+    if steps >= PROGRESS_MIN_STEPS:  # long sampling: a progress bar (shown on a terminal only)
+        times = tqdm(times, desc=f"sampling {steps} steps", leave=False, disable=None)
+    for t_now, t_next in times:
         ls_now = schedule(torch.full((n,), t_now, device=x_t.device, dtype=torch.float32))
         pred = denoise(x_t, ls_now)
         preds.append(pred)

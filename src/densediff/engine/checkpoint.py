@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -216,6 +217,13 @@ def load_train_state(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: training state file not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):  # torch's refusal: say it in our own words
+            raise CheckpointError(
+                f"{path}: refused: it holds pickled Python objects, not only tensors, numbers, "
+                "strings and containers; such files can run code when loaded, so densediff "
+                "never loads them") from None
+        raise CheckpointError(f"{path}: corrupt or not a training state ({one_line(e)})") from None
     except Exception as e:
         raise CheckpointError(f"{path}: corrupt or not a training state ({one_line(e)})") from None
     if not isinstance(state, dict):

@@ -31,9 +31,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import math
+import os
 import random
+import shutil
+import statistics
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,11 +64,20 @@ from densediff.engine.ema import EMA
 from densediff.engine.logger import RunLogger
 from densediff.engine.optim import build_optimizer, set_lr
 from densediff.engine.sampler import InfiniteSampler
-from densediff.errors import CheckpointError, ConfigError, DivergenceError
+from densediff.errors import CheckpointError, ConfigError, DivergenceError, UserError
+from densediff.fs import RunLock, check_writable_dir
 
 CKPT_DIR = "checkpoints"
 CHECKPOINT_FILES = ("last.safetensors", "last_ema.safetensors", "last.state.pt",
                     "best.safetensors")
+LAST_FILES = ("last.safetensors", "last_ema.safetensors", "last.state.pt")
+"""Written in this order; ``last.state.pt`` is the commit point."""
+PENDING_DIR = ".pending"
+"""``checkpoints/.pending/``: a ``last`` checkpoint waiting for its weights' first training
+loss; moved onto ``checkpoints/last.*`` once that loss is sound (see ``train.divergence_factor``)."""
+RUN_FILES = ("config.yaml", "metrics.csv", "train.log", "tb", CKPT_DIR)
+"""What a training writes into its run folder: any of them means an earlier run is there."""
+LOSS_HISTORY = 50
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,9 +194,13 @@ def train(cfg: Config, resume: bool = False) -> dict:
         DivergenceError: NaN/inf gradients; the last good checkpoint stays.
     """
     info = du.init_distributed()
+    run = None
     try:
-        return _Run(cfg, info, resume).fit()
+        run = _Run(cfg, info, resume)
+        return run.fit()
     finally:
+        if run is not None and run.lock is not None:
+            run.lock.release()
         du.cleanup_distributed(info)
 
 
@@ -203,6 +220,7 @@ class _Run:
         self.device = info.device
         self.work_dir = Path(cfg.work_dir)
         self.ckpt_dir = self.work_dir / CKPT_DIR
+        self.lock: RunLock | None = None
         self._check_work_dir(resume)
 
         names, palette = class_info(cfg)
@@ -224,6 +242,9 @@ class _Run:
         self.samples = 0  # items of this rank's sample stream consumed so far
         self.best: float | None = None
         self.best_iter = 0
+        self.losses: deque[float] = deque(maxlen=LOSS_HISTORY)  # recent sound training losses
+        self.pending: int | None = None  # iteration of the uncommitted checkpoints/.pending
+        self.committed: tuple[int, float] | None = None  # (iteration, first loss) of last
         self.notes: list[str] = []  # resume warnings, logged once the logger exists
         if self.ema is not None:
             init_share = ema_init_share(self.t.iters, self.t.ema.decay, self.t.ema.every)
@@ -246,15 +267,45 @@ class _Run:
     # ---------------------------------------------------------------- folders and checkpoints
 
     def _check_work_dir(self, resume: bool) -> None:
+        """Rank 0 checks the run folder (writable, not in use, no earlier run unless resuming)
+        and takes its lock; every rank raises the same error, so none waits for the others."""
+        error = None
+        if self.info.is_main:
+            try:
+                self._check_work_dir_main(resume)
+            except UserError as e:
+                error = e
+        if self.info.distributed:
+            errors = du.all_gather_objects(None if error is None else (type(error), str(error)))
+            if errors[0] is not None:
+                raise errors[0][0](errors[0][1])
+        elif error is not None:
+            raise error
+
+    def _check_work_dir_main(self, resume: bool) -> None:
         if self.work_dir.exists() and not self.work_dir.is_dir():
             raise ConfigError(f"work_dir: {self.work_dir} is a file, not a folder")
-        found = [n for n in CHECKPOINT_FILES if (self.ckpt_dir / n).exists()]
-        if resume and not (self.ckpt_dir / "last.state.pt").is_file():
-            raise CheckpointError(f"{self.ckpt_dir / 'last.state.pt'}: nothing to resume from "
-                                  f"(drop --resume to start a new run)")
-        if not resume and found:
-            raise ConfigError(f"work_dir: {self.work_dir} already holds checkpoints of a run; "
-                              f"pass --resume to continue it or choose another work_dir")
+        check_writable_dir(self.work_dir, "work_dir")
+        self.lock = RunLock(self.work_dir)
+        try:
+            if resume and not (self.ckpt_dir / "last.state.pt").is_file():
+                raise CheckpointError(f"{self.ckpt_dir / 'last.state.pt'}: nothing to resume "
+                                      "from (drop --resume to start a new run)")
+            if not resume:
+                if any((self.ckpt_dir / n).exists() for n in CHECKPOINT_FILES):
+                    raise ConfigError(f"work_dir: {self.work_dir} already holds checkpoints of a "
+                                      "run; pass --resume to continue it or choose another "
+                                      "work_dir")
+                earlier = [n for n in RUN_FILES if (self.work_dir / n).exists()]
+                if earlier:
+                    raise ConfigError(f"work_dir: {self.work_dir} already holds an earlier run "
+                                      f"({', '.join(earlier)}); pass --resume to continue it, "
+                                      "or choose another work_dir (nothing is overwritten)")
+            shutil.rmtree(self.ckpt_dir / PENDING_DIR, ignore_errors=True)  # an unjudged save
+        except UserError:
+            self.lock.release()
+            self.lock = None
+            raise
 
     def _load(self) -> None:
         """Restore weights, EMA, optimizer, counters and RNG states from ``checkpoints/last``."""
@@ -279,6 +330,7 @@ class _Run:
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"{state_path}: optimizer state does not fit ({e})") from None
         self.iter, self.samples = int(it), int(state["samples"])
+        self.committed = (self.iter, None)
         self.best, self.best_iter = state["best"], int(state["best_iter"])
         rngs = state["rng"]
         if len(rngs) == self.info.world_size:
@@ -326,17 +378,77 @@ class _Run:
                              self.metric: self.best})
         if not last:
             return
-        save_checkpoint(self.ckpt_dir / "last.safetensors", self.module.state_dict(), self.cfg,
+        pending = self.ckpt_dir / PENDING_DIR
+        shutil.rmtree(pending, ignore_errors=True)
+        save_checkpoint(pending / "last.safetensors", self.module.state_dict(), self.cfg,
                         {**meta, "kind": "model"})
         if self.ema is not None:
-            save_checkpoint(self.ckpt_dir / "last_ema.safetensors", self.ema.state_dict(),
+            save_checkpoint(pending / "last_ema.safetensors", self.ema.state_dict(),
                             self.cfg, {**meta, "kind": "ema"})
-        save_train_state(self.ckpt_dir / "last.state.pt", {  # written last: the commit point
+        save_train_state(pending / "last.state.pt", {  # written last: the commit point
             "iteration": self.iter, "samples": self.samples,
             "optimizer": self.optimizer.state_dict(),
             "best": self.best, "best_iter": self.best_iter, "best_metric": self.metric,
             "rng": rngs, "world_size": self.info.world_size,
         })
+        self.pending = self.iter
+
+    # ---------------------------------------------------------------- divergence guard
+
+    def _loss_is_sound(self, loss: float) -> tuple[bool, str]:
+        """Whether a training loss is finite and not a spike (> ``train.divergence_factor`` x
+        the median of the recent sound losses); the reason when it is not."""
+        if not math.isfinite(loss):
+            return False, f"loss {loss}"
+        factor = self.t.divergence_factor
+        if factor is not None and self.losses:
+            median = statistics.median(self.losses)
+            if median > 0 and loss > factor * median:
+                return False, (f"loss {loss:.4g} is {loss / median:.0f}x the median {median:.4g} "
+                               f"of the previous {len(self.losses)} iterations")
+        return True, ""
+
+    def _judge_pending(self, loss: float) -> str | None:
+        """After an iteration: commit a pending ``last`` checkpoint if this iteration's loss
+        (the first computed with its weights) is sound, else drop it. Returns why the weights
+        look diverged, or None. Rank 0 only writes files."""
+        sound, why = self._loss_is_sound(loss)
+        if sound:
+            self.losses.append(loss)
+        if self.pending is None or not self.info.is_main:
+            self.pending = None
+            return None if sound else why
+        pending, it = self.ckpt_dir / PENDING_DIR, self.pending
+        self.pending = None
+        if sound:
+            self._commit_pending(pending, it, loss)
+            return None
+        shutil.rmtree(pending, ignore_errors=True)
+        kept = (f"checkpoints/last stays at iteration {self.committed[0]}"
+                if self.committed else "no checkpoints/last was kept")
+        self.logger.info(f"warning: iteration {self.iter}: {why}: the weights of iteration {it} "
+                         f"look diverged and are not kept as checkpoints/last; {kept}")
+        return why
+
+    def _commit_pending(self, pending: Path, it: int, loss: float | None) -> None:
+        for name in LAST_FILES:  # the state file last: it is the commit point
+            src = pending / name
+            if src.is_file():
+                os.replace(src, self.ckpt_dir / name)
+        shutil.rmtree(pending, ignore_errors=True)
+        self.committed = (it, loss)
+
+    def _kept_checkpoints(self) -> str:
+        """Which checkpoints a diverged run leaves, for the error message."""
+        parts = []
+        if self.committed is not None:
+            it, loss = self.committed
+            evidence = f", its weights' next training loss {loss:.4g}" if loss is not None else ""
+            parts.append(f"checkpoints/last is iteration {it} (sound{evidence})")
+        if self.best is not None and self.best_iter:
+            parts.append(f"checkpoints/best is iteration {self.best_iter} (val {self.metric} "
+                         f"{self.best:.4g})")
+        return "; ".join(parts) if parts else "no checkpoint was written"
 
     # ---------------------------------------------------------------- logging and evaluation
 
@@ -423,11 +535,12 @@ class _Run:
                     self.module.set_iteration(self.iter)
                 losses, grad_norm = train_step(self.model, self.optimizer, batches,
                                                t.accum_steps, t.grad_clip, t.amp)
+                self._judge_pending(float(losses["loss"]))
                 if not math.isfinite(grad_norm):
                     raise DivergenceError(
                         f"iteration {self.iter + 1}: loss/gradients are NaN or inf (loss "
-                        f"{float(losses['loss']):.4g}); stopped, checkpoints of iteration "
-                        f"<= {self.iter} are kept. Try a lower train.lr or set train.grad_clip")
+                        f"{float(losses['loss']):.4g}); stopped. {self._kept_checkpoints()}. "
+                        "Try a lower train.lr or set train.grad_clip")
                 self.iter += 1
                 self.samples += cfg.data.batch_size * t.accum_steps
                 if self.ema is not None and self.iter % t.ema.every == 0:
@@ -449,10 +562,19 @@ class _Run:
                 last = self.iter % t.ckpt_interval == 0 or final
                 if best or last:
                     self._save(best, last)
+                if final and self.pending is not None and info.is_main:
+                    # no later loss to judge the final weights by: committed as they are
+                    self._commit_pending(self.ckpt_dir / PENDING_DIR, self.pending, None)
+                    self.pending = None
                 t_log += time.perf_counter() - t0  # s/it counts training only
             if self.last_metrics is None:  # resumed a finished run: just report
                 self._evaluate(progress=not bar.disable)
             du.barrier()  # rank 0 has finished writing
+        except KeyboardInterrupt:
+            if self.pending is not None and info.is_main:  # keep the work of an interrupted run
+                self._commit_pending(self.ckpt_dir / PENDING_DIR, self.pending, None)
+                self.pending = None
+            raise
         finally:
             bar.close()
             if self.logger is not None:
