@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -33,8 +34,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_steps(text: str | None) -> list[int] | None:
-    """``"1,2,3"`` -> [1, 2, 3]; UserError naming the option when malformed."""
+def parse_steps(text: str | None, low: int = 0) -> list[int] | None:
+    """``"1,2,3"`` -> [1, 2, 3]; UserError naming the option when malformed, below ``low`` or
+    above :data:`~densediff.config.MAX_SAMPLING_STEPS`."""
     if text is None:
         return None
     try:
@@ -42,9 +44,32 @@ def parse_steps(text: str | None) -> list[int] | None:
     except ValueError:
         raise UserError(f"--steps: expected comma-separated integers like 1,2,3, got {text!r}"
                         ) from None
-    if not steps or min(steps) < 0:
-        raise UserError(f"--steps: step counts must be at least 0, got {text!r}")
+    if not steps or min(steps) < low:
+        raise UserError(f"--steps: step counts must be at least {low}, got {text!r}")
+    for n in steps:
+        check_step_count(n)
     return steps
+
+
+MAX_SAMPLING_STEPS = 1000
+"""= ``densediff.config.MAX_SAMPLING_STEPS`` (repeated so that building the parser imports no
+torch; a test keeps them equal)."""
+
+
+def check_step_count(n: int, option: str = "--steps") -> None:
+    if n > MAX_SAMPLING_STEPS:
+        raise UserError(f"{option}: {n} steps is above the limit of {MAX_SAMPLING_STEPS} (DDIM "
+                        "gains nothing past a few dozen steps; each step is one decoder pass)")
+
+
+def check_range(value: int | None, option: str, low: int, high: int) -> None:
+    """UserError naming ``option`` unless ``low <= value <= high`` (None passes)."""
+    if value is not None and not low <= value <= high:
+        raise UserError(f"{option}: must be between {low} and {high}, got {value}")
+
+
+MAX_SEED = 2**63 - 1
+"""= ``densediff.config.MAX_SEED``."""
 
 
 def _add_ddps_options(p: argparse.ArgumentParser) -> None:
@@ -81,10 +106,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from densediff.tasks.segmentation import format_metrics
     from densediff.viz import plot_steps, steps_table
 
+    from densediff.fs import check_writable_file
+
     for opt, kind in (("out", "JSON"), ("plot", "PNG")):
         if getattr(args, opt) and Path(getattr(args, opt)).is_dir():
             raise UserError(f"{getattr(args, opt)}: --{opt} must be a {kind} file path, but this "
                             "is a folder")
+    for opt in ("out", "plot"):  # before any work: a result that cannot be written is lost
+        if getattr(args, opt):
+            check_writable_file(getattr(args, opt), f"--{opt}")
     steps = parse_steps(args.steps)
     device = resolve_device(args.device)
     overrides = list(args.overrides)
@@ -93,6 +123,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     overrides += _ddps_overrides(args)
     model, cfg, names, _ = load_model(args.checkpoint, overrides)
     _check_ddps_options(args, cfg)
+    if args.aug_test and cfg.task == "bev":
+        raise UserError(f"--aug-test: {args.checkpoint} is a BEV model; BEV models have no "
+                        "test-time augmentation")
     if steps is not None and not is_diffusion(model):
         raise UserError(f"--steps: {args.checkpoint} is not a diffusion model")
     if steps is not None:
@@ -128,16 +161,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _list_images(path: Path) -> list[Path]:
-    from densediff.data.io import IMAGE_EXTENSIONS
+    """The image files to predict: ``path`` itself, or the image files directly in the folder
+    ``path`` (sorted). Entries with an image suffix that are not readable files (folders,
+    broken or looping links) are skipped with a note; every image's header is read first, so
+    a corrupt or oversized image stops the command before any prediction."""
+    from densediff.data.io import IMAGE_EXTENSIONS, image_size
 
-    if path.is_file():
-        return [path]
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        try:
+            entries = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        except OSError as e:
+            raise UserError(f"{path}: cannot list the folder ({e.strerror or e})") from None
+        files = []
+        for p in entries:
+            if p.is_file():
+                files.append(p)
+            else:
+                kind = ("a folder" if p.is_dir() else "a broken or looping link"
+                        if p.is_symlink() else "not a regular file")
+                print(f"note: skipping {p}: {kind}", file=sys.stderr)
         if not files:
             raise UserError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in folder")
-        return files
-    raise UserError(f"{path}: no such file or folder")
+    elif path.is_file():
+        files = [path]
+    elif path.is_symlink():
+        raise UserError(f"{path}: a broken or looping symbolic link")
+    else:
+        raise UserError(f"{path}: no such file or folder")
+    for f in files:
+        image_size(f)  # header only: DataError naming the file
+    return files
+
+
+def _real(path: Path) -> str:
+    """The canonical path of ``path`` (never fails, also on link loops)."""
+    return os.path.realpath(path)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -148,11 +206,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from densediff.data.io import read_image
     from densediff.viz import heatmap
 
+    from densediff.fs import check_writable_dir
+
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: --out must be a folder, but this is a file")
     if args.steps is not None and args.steps < 0:
         raise UserError(f"--steps: must be at least 0, got {args.steps}")
+    if args.steps is not None:
+        check_step_count(args.steps)
+    check_range(args.seed, "--seed", 0, MAX_SEED)
+    check_range(args.limit, "--limit", 1, 10**9)
+    check_writable_dir(out, "--out")  # before any work: results that cannot be written are lost
     predictor = load(args.checkpoint, device=args.device, overrides=_ddps_overrides(args))
     _check_ddps_options(args, predictor.cfg)
     if not predictor.is_diffusion:
@@ -165,7 +230,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if predictor.cfg.task == "depth":
         return _predict_depth(args, predictor, files, out)
-    inputs = {f.resolve() for f in files}
+    inputs = {_real(f) for f in files}
     kinds = ["mask", "color", "overlay"]
     if args.uncertainty:
         kinds += ["entropy"] + (["uncertainty"] if predictor.is_diffusion else [])
@@ -175,7 +240,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         kinds += ["base", "compare"]
     for f, stem in zip(files, _output_stems(files)):
         outputs = [out / f"{stem}_{kind}.png" for kind in kinds]
-        if any(o.resolve() in inputs for o in outputs):
+        if any(_real(o) in inputs for o in outputs):
             raise UserError(f"{out}: writing results there would overwrite input images; "
                             "choose another --out")
         rgb = read_image(f)
@@ -225,11 +290,11 @@ def _predict_depth(args: argparse.Namespace, predictor, files: list[Path], out: 
 
     dcfg = predictor.cfg.data
     scale = depth_scale_for(dcfg.dataset, dcfg.depth.depth_scale, dcfg.depth.max_depth)
-    inputs = {f.resolve() for f in files}
+    inputs = {_real(f) for f in files}
     for f, stem in zip(files, _output_stems(files)):
         targets = [out / f"{stem}_{k}" for k in ("depth.png", "depth16.png", "depth.npy",
                                                    "uncertainty.png", "trajectory.png")]
-        if any(t.resolve() in inputs for t in targets):
+        if any(_real(t) in inputs for t in targets):
             raise UserError(f"{out}: writing results there would overwrite input images; "
                             "choose another --out")
         rgb = read_image(f)
@@ -270,6 +335,11 @@ def _predict_bev(args: argparse.Namespace, predictor, out: Path) -> int:
 
     if args.aug_test:
         raise UserError("--aug-test: BEV models have no test-time augmentation")
+    given = Path(args.input)
+    if given.suffix or given.exists():
+        raise UserError(f"{args.input}: {args.checkpoint} is a BEV model: it predicts from six "
+                        "calibrated cameras, so its input is a split of its dataset (e.g. val "
+                        "or test, with --data-root for another copy), not an image file or folder")
     dataset = predictor.dataset(args.input, args.data_root)
     n = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     out.mkdir(parents=True, exist_ok=True)
@@ -298,8 +368,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from densediff.bench import bench, format_bench
     from densediff.config import load_config
 
+    from densediff.fs import check_writable_file
+
+    if args.size is not None and min(args.size) < 32:
+        raise UserError(f"--size: height and width must be at least 32 pixels, got "
+                        f"{' '.join(map(str, args.size))}")
+    check_range(args.batch, "--batch", 1, 256)
+    check_range(args.repeats, "--repeats", 1, 1000)
+    steps = parse_steps(args.steps, low=1) or [1, 3, 5]
+    if args.out:
+        check_writable_file(args.out, "--out")
     cfg = load_config(args.config, args.overrides)
-    steps = parse_steps(args.steps) or [1, 3, 5]
     result = bench(cfg, size=tuple(args.size) if args.size else None, batch=args.batch,
                    steps=steps, device=args.device, repeats=args.repeats)
     print(format_bench(result))
@@ -313,6 +392,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     from densediff.config import load_config
     from densediff.info import describe
 
+    if args.size is not None and min(args.size) < 32:
+        raise UserError(f"--size: height and width must be at least 32 pixels, got "
+                        f"{' '.join(map(str, args.size))}")
     cfg = load_config(args.config, args.overrides)
     print(describe(cfg, size=tuple(args.size) if args.size else None))
     return 0
@@ -332,9 +414,17 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from densediff.demo import run_demo
+    from densediff.demo import check_demo_options, run_demo
 
-    run_demo(Path(args.out), iters=args.iters, task=args.task)
+    iters = None
+    if args.iters is not None:
+        try:
+            iters = int(args.iters)
+        except ValueError:
+            raise UserError(f"--iters: expected a whole number of training iterations, got "
+                            f"{args.iters!r}") from None
+    check_demo_options(args.out, iters, args.task)  # bad options: one line, before any work
+    run_demo(Path(args.out), iters=iters, task=args.task)
     return 0
 
 
@@ -439,10 +529,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     dm = sub.add_parser("demo", help="train + evaluate + predict on built-in generated data")
     dm.add_argument("--out", default="demo_out", help="parent folder of the demo run")
-    dm.add_argument("--iters", type=int, default=None, help="training iterations (default: "
+    # --iters and --task are checked by cmd_demo (one-line errors, not argparse's usage text)
+    dm.add_argument("--iters", default=None, help="training iterations, 1 to 100000 (default: "
                     "the segmentation config's 1000; depth 1000; BEV 300)")
-    dm.add_argument("--task", choices=["segmentation", "depth", "bev", "all"], default="all",
-                    help="which demo to run (default: all three, one after the other)")
+    dm.add_argument("--task", default="segmentation", metavar="{segmentation,depth,bev,all}",
+                    help="which demo to run (default: segmentation, about 4 min on 2 CPU cores; "
+                    "all: the three one after the other)")
     dm.set_defaults(func=cmd_demo)
     return p
 
@@ -459,7 +551,13 @@ def error_line(err: UserError) -> str:
         last = text.strip().splitlines()[-1]
         prefix = f"{type(err).__module__}.{type(err).__qualname__}: "
         text = last[len(prefix):] if last.startswith(prefix) else last
+    text = _ANSI.sub("", text)  # terminal colour codes (e.g. from a library's message)
+    # no other control characters reach the terminal (file names may hold any byte)
+    text = "".join(c if c.isprintable() or c.isspace() else f"\\x{ord(c):02x}" for c in text)
     return " ".join(text.split())
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 
 def main(argv: list[str] | None = None) -> int:
