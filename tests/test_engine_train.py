@@ -111,7 +111,8 @@ def test_divergence_stops_before_writing(tmp_path, monkeypatch):
         return losses, norm
 
     monkeypatch.setattr(T, "train_step", step)
-    with pytest.raises(T.DivergenceError, match="iteration 3: .*NaN or inf.*checkpoints/last is iteration 2 "):
+    with pytest.raises(T.DivergenceError,
+                       match="iteration 3: .*NaN or inf.*checkpoints/last is iteration 2 "):
         T.train(cfg)
     ckpt = tmp_path / "w" / "checkpoints"
     assert load_metadata(ckpt / "last.safetensors")["iteration"] == 2

@@ -101,12 +101,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from densediff.api import check_steps, load_model, resolve_device
     from densediff.data import build_dataset
     from densediff.engine.evaluate import evaluate_steps, is_diffusion
+    from densediff.fs import check_writable_file
     from densediff.tasks.bev import format_bev_metrics
     from densediff.tasks.depth import format_depth_metrics
     from densediff.tasks.segmentation import format_metrics
     from densediff.viz import plot_steps, steps_table
-
-    from densediff.fs import check_writable_file
 
     for opt, kind in (("out", "JSON"), ("plot", "PNG")):
         if getattr(args, opt) and Path(getattr(args, opt)).is_dir():
@@ -204,9 +203,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from densediff.api import colorize, load
     from densediff.data.io import read_image
-    from densediff.viz import heatmap
-
     from densediff.fs import check_writable_dir
+    from densediff.viz import heatmap
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -367,7 +365,6 @@ def _predict_bev(args: argparse.Namespace, predictor, out: Path) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from densediff.bench import bench, format_bench
     from densediff.config import load_config
-
     from densediff.fs import check_writable_file
 
     if args.size is not None and min(args.size) < 32:
