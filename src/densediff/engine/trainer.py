@@ -426,7 +426,7 @@ class _Run:
         shutil.rmtree(pending, ignore_errors=True)
         kept = (f"checkpoints/last stays at iteration {self.committed[0]}"
                 if self.committed else "no checkpoints/last was kept")
-        self.logger.info(f"warning: iteration {self.iter}: {why}: the weights of iteration {it} "
+        self.logger.info(f"warning: iteration {self.iter + 1}: {why}: the weights of iteration {it} "
                          f"look diverged and are not kept as checkpoints/last; {kept}")
         return why
 
