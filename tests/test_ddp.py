@@ -75,6 +75,17 @@ def test_self_aligned_training_noises_the_models_own_prediction():
     assert float((y0_hat.abs() - model.diffusion_cfg.scale).max()) < 1e-4
 
 
+def test_self_aligned_training_still_trains_the_map_embedding():
+    """Alg. 4 as the official code: the prediction is detached, but its re-encoding is made
+    outside no_grad, so the class embedding receives gradients through y_0 (only through
+    y_0: the loss sees no GT encoding in Alg. 4)."""
+    model = small_model("model.diffusion.self_aligned=true")
+    losses = model.forward_train(torch.randn(2, 3, 64, 64), torch.randint(0, 6, (2, 64, 64)))
+    losses["loss_ce"].backward()
+    grad = model.map_encoding.embedding.weight.grad
+    assert grad is not None and float(grad.abs().sum()) > 0
+
+
 def test_batch_of_four_equals_four_single_runs_with_the_same_seeds():
     model = small_model("model.diffusion.randsteps=2").eval()
     img = torch.randn(4, 3, 64, 64)

@@ -15,6 +15,7 @@ an image (:meth:`Predictor.predict_bev`; samples from :meth:`Predictor.dataset`)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -245,6 +246,22 @@ class Predictor:
         if data_root is not None:
             cfg.data.root = str(data_root)
         return build_dataset(cfg, getattr(cfg.data, f"{split}_split", split), train=False)
+
+    def diagnose(self, split: str = "val", limit: int | None = 32,
+                 steps: Sequence[int] = (1, 2, 3, 5, 10), data_root: str | None = None,
+                 progress: bool = False) -> dict:
+        """Whether the map decoder uses its noisy map (DDP models, every task): map reliance,
+        single-call controls, the sampler's step curve against them and the fuse-weight sizes
+        on the first ``limit`` samples of ``split``; see :func:`densediff.engine.diagnose.diagnose`
+        (``format_diagnosis`` prints it)."""
+        from densediff.engine.diagnose import diagnose, is_ddp
+
+        if not is_ddp(self.model):
+            raise UserError("diagnose: this checkpoint is not a DDP model (diagnostics read its "
+                            "map decoder)")
+        check_steps(self.model, list(steps))
+        return diagnose(self.model, self.dataset(split, data_root), self.cfg, limit=limit,
+                        steps=steps, progress=progress)
 
     @torch.no_grad()
     def predict_bev(self, sample: dict, steps: int | None = None, seed: int = 0,

@@ -147,6 +147,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"steps: {next(iter(results))}")
             print(fmt(next(iter(results.values()))))
         print(steps_table(results))
+        from densediff.engine.diagnose import is_ddp
+
+        if not args.no_controls and is_ddp(model):
+            metrics.update(_control_gains(model, dataset, cfg, results, args.quiet))
         plot = args.plot or (str(Path(args.out).with_suffix("")) + "_steps.png"
                              if args.out and len(results) > 1 else None)
         if plot:
@@ -155,6 +159,49 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"wrote {plot}")
     if args.out:
         _write_json(Path(args.out), metrics)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _control_gains(model, dataset, cfg, results: dict, quiet: bool) -> dict:
+    """DDP: one decoder call on pure noise / a zero map at several time labels (the controls
+    that could show a step curve to be a time-label effect); prints each step count's gain
+    over the best control and over 1 step."""
+    from densediff.engine.diagnose import gains_over_controls, single_call_controls
+
+    controls = single_call_controls(model, dataset, cfg, progress=not quiet)
+    key = "abs_rel" if cfg.task == "depth" else "mIoU"
+    lower = cfg.task == "depth"
+    gains = gains_over_controls({n: m[key] for n, m in results.items()}, controls, lower)
+    best = gains["best_control"]
+    print(f"best single decoder call (control): {best['input']} map at t = {best['t']:.3f}: "
+          f"{key} {best['metric']:.4g}; gain of each step count (positive = better):")
+    for n in results:
+        vs1 = gains["over_step_1"].get(n)
+        print(f"  steps {n}: {gains['over_best_control'][n]:+.4g} vs best control"
+              + (f", {vs1:+.4g} vs 1 step" if vs1 is not None else ""))
+    return {"controls": controls, "gains": gains}
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from densediff.api import load
+    from densediff.engine.diagnose import format_diagnosis, is_ddp
+    from densediff.fs import check_writable_file
+
+    if args.out:
+        check_writable_file(args.out, "--out")
+    check_range(args.limit, "--limit", 2, 10**9)
+    steps = parse_steps(args.steps, low=1)
+    predictor = load(args.checkpoint, device=args.device, overrides=list(args.overrides))
+    if not is_ddp(predictor.model):
+        raise UserError(f"{args.checkpoint}: not a DDP model; diagnostics read the map decoder "
+                        "of a DDP checkpoint (segmentation, depth or BEV)")
+    result = predictor.diagnose(args.split, limit=args.limit, steps=steps,
+                                data_root=args.data_root, progress=not args.quiet)
+    print(f"{args.checkpoint} on {predictor.cfg.data.dataset}/{args.split}")
+    print(format_diagnosis(result))
+    if args.out:
+        _write_json(Path(args.out), result)
         print(f"wrote {args.out}")
     return 0
 
@@ -464,6 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--plot", help="diffusion models: write the mIoU- (depth: AbsRel-) vs-steps "
                    "PNG here "
                    "(default with --out and several steps: <out>_steps.png)")
+    e.add_argument("--no-controls", action="store_true",
+                   help="DDP: skip the single-call controls (one decoder call on noise / a zero "
+                   "map at t = 1 .. 1/3) whose best result each step count is compared with")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     e.set_defaults(func=cmd_eval)
@@ -494,6 +544,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ddps_options(pr)
     pr.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     pr.set_defaults(func=cmd_predict)
+
+    dg = sub.add_parser("diagnose", help="DDP: does the map decoder use its noisy map? map "
+                        "reliance, single-call controls vs the step curve, fuse weights")
+    dg.add_argument("checkpoint")
+    dg.add_argument("overrides", nargs="*", help="dotted overrides of the stored config")
+    dg.add_argument("--split", default="val", help="val | test | train or a split name")
+    dg.add_argument("--limit", type=int, default=32, help="first N samples of the split "
+                    "(default 32, at least 2)")
+    dg.add_argument("--steps", default="1,2,3,5,10", help="sampler step counts to score")
+    dg.add_argument("--data-root", help="dataset folder (overrides data.root)")
+    dg.add_argument("--out", help="write the diagnostics JSON here")
+    dg.add_argument("--quiet", action="store_true", help="no progress bar")
+    dg.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    dg.set_defaults(func=cmd_diagnose)
 
     i = sub.add_parser("info", help="parameters, FLOPs estimate and data summary of a config")
     i.add_argument("config")

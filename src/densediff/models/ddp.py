@@ -130,7 +130,8 @@ class DDP(FeatureSegmentor):
         scored against the full-resolution GT (:meth:`task_losses`: CE on upsampled logits),
         plus the aux loss (weight 0.4).
         Self-aligned: ``y_0`` is instead the encoding of the model's own prediction from pure
-        noise at t = 1 (no gradient), noised with the same ``eps``.
+        noise at t = 1 (the prediction without gradient, its encoding with: the map embedding
+        is trained through it, as in the official code), noised with the same ``eps``.
         """
         feat = self.extract(img)
         b = feat.shape[0]
@@ -139,7 +140,10 @@ class DDP(FeatureSegmentor):
         if self.diffusion_cfg.self_aligned:
             with torch.no_grad():
                 ls1 = self.schedule(torch.ones(b, device=feat.device))
-                y0 = self.encode_prediction(self.denoise(feat, eps, ls1))
+                pred = self.denoise(feat, eps, ls1)
+            # re-encoded outside no_grad, as the official: the map embedding still gets
+            # gradients through y_0 (only the prediction itself is detached)
+            y0 = self.encode_prediction(pred.detach())
         lo, hi = self.diffusion_cfg.sample_range
         t = torch.empty(b, device=feat.device).uniform_(lo, hi)
         log_snr = self.schedule(t)
