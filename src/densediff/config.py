@@ -339,6 +339,22 @@ class DiffusionConfig(_Strict):
     """Output the mean of the per-step probabilities instead of the last step's."""
     self_aligned: bool = False
     """Self-aligned denoising (Alg. 4): noise the model's own t=1 prediction, not the GT."""
+    # ---- levers beyond the official recipe (issue #13); the defaults are the official
+    precondition: bool = False
+    """Input preconditioning (Karras et al. 2022, c_in): the decoder sees
+    ``y_t / sqrt(alpha^2 scale^2 + sigma^2)``, i.e. the map at about unit size at every t,
+    instead of codes of size ``scale`` next to unit-variance features (previous-x0 inputs of
+    ``self_condition`` are divided by ``scale``)."""
+    train_time_power: float = Field(1.0, gt=0)
+    """Training times ``t = lo + (hi - lo) u^p`` with u ~ U(0, 1) and (lo, hi) =
+    ``sample_range``: p > 1 puts more weight near t = 0 (informative maps), 1 is uniform."""
+    sample_start: float = Field(1.0, gt=0, le=1)
+    """Time label of the first sampling step (official 1.0; e.g. 0.999, the end of the training
+    range, keeps every step inside it)."""
+    self_condition: bool = False
+    """Self-conditioning (Chen et al. 2022, Analog Bits): the decoder also reads the previous
+    step's x0 estimate (zeros at the first step); in training, with probability 1/2 a first
+    pass without gradient gives that estimate."""
 
     @field_validator("sample_range")
     @classmethod
@@ -515,6 +531,9 @@ class TrainConfig(_Strict):
     betas: tuple[float, float] = (0.9, 0.999)
     head_lr_mult: float = Field(1.0, gt=0)
     """Learning-rate multiplier for everything but the encoder."""
+    map_lr_mult: float = Field(1.0, gt=0)
+    """DDP: a further learning-rate multiplier for the map path (the map encoding and the fuse
+    conv that mixes the noisy map into the features)."""
     lr_schedule: Literal["poly", "cosine", "cyclic"] = "poly"
     """Learning-rate decay after warmup: poly (mmseg segmentation) or cosine annealing (the
     official depth recipe), both ending at ``min_lr``; or mmcv's one-cycle ``cyclic`` (BEVFusion

@@ -22,16 +22,17 @@ PROGRESS_MIN_STEPS = 50
 """Sampling runs of this many steps or more show a progress bar on a terminal."""
 
 
-def sampling_times(steps: int, td: float = 1.0) -> list[tuple[float, float]]:
+def sampling_times(steps: int, td: float = 1.0, start: float = 1.0) -> list[tuple[float, float]]:
     """The (t_now, t_next) pairs of Algorithm 2 with the asymmetric time difference ``td``.
 
     ``t_now = 1 - s/T`` and ``t_next = max(1 - (s + 1 + td)/T, 0)`` for s = 0..T-1: the next
     time is pushed ``td`` steps further than the uniform grid. T = 3, td = 1 gives
-    (1 -> 1/3), (2/3 -> 0), (1/3 -> 0).
+    (1 -> 1/3), (2/3 -> 0), (1/3 -> 0). ``start`` < 1 scales every time by ``start``.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    return [(1 - s / steps, max(1 - (s + 1 + td) / steps, 0.0)) for s in range(steps)]
+    return [(start * (1 - s / steps), max(start * (1 - (s + 1 + td) / steps), 0.0))
+            for s in range(steps)]
 
 
 def ddim_step(x_t: torch.Tensor, x0: torch.Tensor, log_snr_now: torch.Tensor,
@@ -90,7 +91,8 @@ def _seeded(draw, shape, generators, device, dtype) -> torch.Tensor:
 def sample(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
            to_x0: Callable[[torch.Tensor], torch.Tensor], x_T: torch.Tensor,
            schedule: LogSNRSchedule, steps: int, td: float = 1.0, sampler: str = "ddim",
-           noise: Callable[[], torch.Tensor] | None = None) -> list[torch.Tensor]:
+           noise: Callable[[], torch.Tensor] | None = None, start: float = 1.0
+           ) -> list[torch.Tensor]:
     """Algorithm 2: denoise from t = 1 in ``steps`` steps; return every step's prediction.
 
     Args:
@@ -103,6 +105,8 @@ def sample(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         sampler: ``ddim`` (deterministic given x_T) or ``ddpm`` (ancestral).
         noise: for ``ddpm``, a function returning fresh N x C x h x w noise (seeded by the
             caller); None: ``torch.randn_like``.
+        start: the time of the first step (1: pure noise, as Alg. 2; below 1 the step grid
+            is scaled into [0, start], the starting noise is used as it is).
 
     Returns:
         ``steps`` predictions, in order (the last one is the output).
@@ -112,7 +116,7 @@ def sample(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     x_t = x_T
     n = x_T.shape[0]
     preds = []
-    times = sampling_times(steps, td)
+    times = sampling_times(steps, td, start)
     if steps >= PROGRESS_MIN_STEPS:  # long sampling: a progress bar (shown on a terminal only)
         times = tqdm(times, desc=f"sampling {steps} steps", leave=False, disable=None)
     for t_now, t_next in times:

@@ -13,8 +13,11 @@ This covers mmseg's ``paramwise_cfg`` for Swin/SegFormer/ConvNeXt (``norm``, ``p
 ``absolute_pos_embed``, ``relative_position_bias_table`` with ``decay_mult=0``) and goes one
 step further for biases (``bias_decay_mult=0``), the common practice for AdamW.
 
-Parameters outside ``model.encoder`` get ``lr * head_lr_mult`` (mmseg ``head`` ``lr_mult``).
+Parameters outside ``model.encoder`` get ``lr * head_lr_mult`` (mmseg ``head`` ``lr_mult``);
+with ``train.map_lr_mult != 1`` the DDP map path (``map_encoding.*``, ``fuse.*``) gets
+``lr * head_lr_mult * map_lr_mult`` in groups of its own.
 """
+
 
 from __future__ import annotations
 
@@ -23,6 +26,9 @@ import math
 from torch import nn
 
 from densediff.config import TrainConfig
+
+MAP_PATH = ("map_encoding.", "fuse.")
+"""Name prefixes of the DDP map path (``train.map_lr_mult``)."""
 
 NO_DECAY_NAMES = ("pos_embed", "position_embedding", "relative_position_bias_table",
                   "pos_block", "cls_token", "mask_token")
@@ -50,24 +56,29 @@ def no_decay_names(model: nn.Module) -> set[str]:
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
-    """AdamW parameter groups: {encoder, rest} x {decay, no decay}; empty groups are dropped.
+    """AdamW parameter groups: {encoder, rest[, map path]} x {decay, no decay}; empty groups
+    are dropped.
 
     Each group carries ``name`` and ``lr_mult`` (read by :func:`set_lr`); frozen parameters
     (``requires_grad=False``) are left out.
     """
     no_decay = no_decay_names(model)
-    groups: dict[tuple[bool, bool], list] = {}
+    split_map = cfg.map_lr_mult != 1.0
+    groups: dict[tuple[str, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        key = (name.startswith("encoder."), name in no_decay)
-        groups.setdefault(key, []).append(p)
+        part = ("encoder" if name.startswith("encoder.") else
+                "map" if split_map and name.startswith(MAP_PATH) else "head")
+        groups.setdefault((part, name in no_decay), []).append(p)
+    mult = {"encoder": 1.0, "head": cfg.head_lr_mult, "map": cfg.head_lr_mult * cfg.map_lr_mult}
+    order = {"encoder": 0, "head": 1, "map": 2}
     out = []
-    for (is_enc, nd), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
+    for (part, nd), params in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])):
         out.append({
-            "name": f"{'encoder' if is_enc else 'head'}_{'no_decay' if nd else 'decay'}",
+            "name": f"{part}_{'no_decay' if nd else 'decay'}",
             "params": params,
-            "lr_mult": 1.0 if is_enc else cfg.head_lr_mult,
+            "lr_mult": mult[part],
             "weight_decay": 0.0 if nd else cfg.weight_decay,
         })
     return out

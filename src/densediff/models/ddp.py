@@ -72,7 +72,8 @@ class DDP(FeatureSegmentor):
         self.schedule = get_schedule(d.schedule)
         self.map_encoding = self.build_map_encoding(cfg, num_classes)
         c = m.head.channels
-        self.fuse = nn.Conv2d(self.feat_channels + self.map_encoding.channels, c, 1)
+        map_in = self.map_encoding.channels * (2 if d.self_condition else 1)
+        self.fuse = nn.Conv2d(self.feat_channels + map_in, c, 1)
         nn.init.kaiming_normal_(self.fuse.weight, nonlinearity="relu")  # mmcv ConvModule init
         nn.init.zeros_(self.fuse.bias)
         self.time_mlp = TimeEmbedding(d.time_frequencies, 4 * c)
@@ -92,14 +93,33 @@ class DDP(FeatureSegmentor):
 
     # ---------------------------------------------------------------------------- the decoder
 
-    def denoise(self, feat: torch.Tensor, x_t: torch.Tensor, log_snr: torch.Tensor) -> torch.Tensor:
+    def denoise(self, feat: torch.Tensor, x_t: torch.Tensor, log_snr: torch.Tensor,
+                x0_prev: torch.Tensor | None = None) -> torch.Tensor:
         """The map decoder f_theta(y_t, features, t): class logits on the feature grid.
 
         The time MLP is fed ``log_snr``, or the time t it stands for when
-        ``diffusion.time_input`` is ``t`` (the official depth model)."""
+        ``diffusion.time_input`` is ``t`` (the official depth model). With
+        ``diffusion.precondition`` y_t is first scaled by c_in(t); with
+        ``diffusion.self_condition`` the previous x0 estimate ``x0_prev`` (None: zeros) is a
+        further input."""
         d = self.diffusion_cfg
         time = log_snr if d.time_input == "log_snr" else schedule_time(d.schedule, log_snr)
-        return self.decoder(self.fuse(torch.cat([feat, x_t], 1)), self.time_mlp(time))
+        maps = [self.precondition(x_t, log_snr)]
+        if d.self_condition:
+            prev = torch.zeros_like(x_t) if x0_prev is None else x0_prev
+            maps.append(prev / self.map_encoding.scale if d.precondition else prev)
+        return self.decoder(self.fuse(torch.cat([feat, *maps], 1)), self.time_mlp(time))
+
+    def precondition(self, x_t: torch.Tensor, log_snr: torch.Tensor) -> torch.Tensor:
+        """c_in(t) y_t with c_in = 1 / sqrt(alpha^2 s^2 + sigma^2), s = the code scale (the
+        standard deviation bound of y_0): y_t at about unit size for every t (Karras et al.
+        2022, Table 1, in variance-preserving form); the identity unless
+        ``diffusion.precondition``."""
+        if not self.diffusion_cfg.precondition:
+            return x_t
+        a, s = (v.view(-1, 1, 1, 1) for v in alpha_sigma(log_snr))
+        scale = self.map_encoding.scale
+        return x_t / (a.square() * scale**2 + s.square()).sqrt()
 
     def encode_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """Labels (B x h x w) -> the encoded map y_0 in [-scale, scale]."""
@@ -133,24 +153,33 @@ class DDP(FeatureSegmentor):
         noise at t = 1 (the prediction without gradient, its encoding with: the map embedding
         is trained through it, as in the official code), noised with the same ``eps``.
         """
+        d = self.diffusion_cfg
         feat = self.extract(img)
         b = feat.shape[0]
         y0 = self.encode_target(label, feat.shape[-2:])
         eps = torch.randn_like(y0)
-        if self.diffusion_cfg.self_aligned:
+        if d.self_aligned:
             with torch.no_grad():
                 ls1 = self.schedule(torch.ones(b, device=feat.device))
                 pred = self.denoise(feat, eps, ls1)
             # re-encoded outside no_grad, as the official: the map embedding still gets
             # gradients through y_0 (only the prediction itself is detached)
             y0 = self.encode_prediction(pred.detach())
-        lo, hi = self.diffusion_cfg.sample_range
-        t = torch.empty(b, device=feat.device).uniform_(lo, hi)
+        lo, hi = d.sample_range
+        if d.train_time_power == 1.0:
+            t = torch.empty(b, device=feat.device).uniform_(lo, hi)  # the official
+        else:  # more weight near t = 0 for p > 1
+            t = lo + (hi - lo) * torch.rand(b, device=feat.device).pow(d.train_time_power)
         log_snr = self.schedule(t)
         alpha, sigma = (v.view(b, 1, 1, 1) for v in alpha_sigma(log_snr))
         y_t = alpha * y0 + sigma * eps
-        return self.add_aux_loss(self.task_losses(self.denoise(feat, y_t, log_snr), label), feat,
-                                 label)
+        x0_prev = None
+        if d.self_condition and bool(torch.rand(()) < 0.5):  # Chen et al. 2022, Alg. 1
+            with torch.no_grad():
+                x0_prev = self.encode_prediction(self.denoise(feat, y_t, log_snr))
+        pred = (self.denoise(feat, y_t, log_snr) if x0_prev is None
+                else self.denoise(feat, y_t, log_snr, x0_prev))
+        return self.add_aux_loss(self.task_losses(pred, label), feat, label)
 
     # ---------------------------------------------------------------------------- sampling
 
@@ -182,9 +211,18 @@ class DDP(FeatureSegmentor):
         shape = (b * r, self.map_encoding.channels, h, w)
         x_T = seeded_normal(shape, gens, feat.device, feat.dtype)
         feat_r = feat.repeat_interleave(r, dim=0)  # image-major: (b r)
-        preds = sample(lambda x, ls: self.denoise(feat_r, x, ls), self.encode_prediction, x_T,
-                       self.schedule, steps, td, sampler,
-                       noise=lambda: seeded_normal(shape, gens, feat.device, feat.dtype))
+        prev: list[torch.Tensor | None] = [None]  # self-conditioning: the last x0 estimate
+
+        def denoise(x: torch.Tensor, ls: torch.Tensor) -> torch.Tensor:
+            if not d.self_condition:
+                return self.denoise(feat_r, x, ls)
+            out = self.denoise(feat_r, x, ls, prev[0])
+            prev[0] = self.encode_prediction(out)
+            return out
+
+        preds = sample(denoise, self.encode_prediction, x_T, self.schedule, steps, td, sampler,
+                       noise=lambda: seeded_normal(shape, gens, feat.device, feat.dtype),
+                       start=d.sample_start)
         return self.trajectory_cls([p.view(b, r, *p.shape[1:]) for p in preds])
 
     @torch.no_grad()

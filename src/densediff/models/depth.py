@@ -172,9 +172,10 @@ class DepthDDP(_DepthOutput, DDP):
         dd = cfg.data.depth
         return DepthEncoding(dd.min_depth, dd.max_depth, cfg.model.diffusion.scale)
 
-    def denoise(self, feat: torch.Tensor, x_t: torch.Tensor, log_snr: torch.Tensor) -> torch.Tensor:
+    def denoise(self, feat: torch.Tensor, x_t: torch.Tensor, log_snr: torch.Tensor,
+                x0_prev: torch.Tensor | None = None) -> torch.Tensor:
         """The map decoder's output as depth, B x 1 x h x w."""
-        return self.to_depth(super().denoise(feat, x_t, log_snr))
+        return self.to_depth(super().denoise(feat, x_t, log_snr, x0_prev))
 
     def encode_target(self, label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         valid = valid_mask(label, self.min_depth, self.max_depth)
