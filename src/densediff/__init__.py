@@ -11,7 +11,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "__version__"]
+__all__ = ["format_diagnosis", "load", "__version__"]
 
 
 def load(checkpoint, device="cpu"):
@@ -19,3 +19,11 @@ def load(checkpoint, device="cpu"):
     from densediff.api import load as _load
 
     return _load(checkpoint, device=device)
+
+
+def format_diagnosis(report: dict) -> str:
+    """The tables of a ``Predictor.diagnose`` report; see
+    :func:`densediff.engine.diagnose.format_diagnosis`."""
+    from densediff.engine.diagnose import format_diagnosis as _format
+
+    return _format(report)
