@@ -9,15 +9,20 @@ road layouts seen by six surround cameras):
    (dynamic inference, one pass per split), with the uncertainty scores: metrics JSON, a table
    and the metric-vs-steps curve;
 3. predict on test images and write masks / colourised depth / BEV maps, overlays,
-   uncertainty heatmaps, per-step trajectory strips and an image | truth | prediction | error |
-   uncertainty grid (BEV: cameras | prediction | truth | uncertainty).
+   uncertainty heatmaps, per-step trajectory strips and ``demo_grid.png``, an image | truth |
+   prediction | error | uncertainty grid (BEV: cameras | predicted map | truth | uncertainty)
+   with column titles, the class legend and colour bars that say what the colours mean.
 
-Each demo writes a new time-stamped folder, so earlier results are never overwritten.
+``make demo`` / ``densediff demo`` run the segmentation demo (about 4 minutes on 2 CPU cores);
+``--task depth|bev|all`` (``make demo-depth``, ``demo-bev``, ``demo-all``) the others. Each demo
+writes a new time-stamped folder, so earlier results are never overwritten.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 from pathlib import Path
 
@@ -25,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from densediff.config import load_config
+from densediff.errors import UserError
 
 DEMO_CONFIG = "generated/ddp.yaml"  # shipped in densediff/configs
 DEMO_STEPS = [1, 2, 3, 5, 10]
@@ -37,15 +43,48 @@ BEV_DEMO_STEPS = [1, 3, 5]
 BEV_DEMO_ITERS = 300
 """The BEV demo trains 300 of the config's 2000 iterations (~6 min on 2 CPU cores)."""
 TASKS = ("segmentation", "depth", "bev", "all")
+DEFAULT_TASK = "segmentation"
+MAX_DEMO_ITERS = 100_000
+"""Upper bound of ``--iters`` (100000 iterations: hours of CPU; ``densediff train`` has none)."""
 
 
-def run_demo(out: Path, iters: int | None = None, task: str = "all",
-             overrides: list[str] | None = None) -> list[Path]:
-    """Run the segmentation, depth and/or BEV demo (``task``: segmentation | depth | bev |
-    all); each writes a new ``out/<timestamp>-<task>`` folder, returned in order.
-    ``overrides`` (dotted config changes) are applied to each."""
+def check_demo_options(out: str | os.PathLike, iters: int | None, task: str) -> None:
+    """Reject bad demo options before any work, with a one-line :class:`UserError` naming the
+    option: ``task`` one of :data:`TASKS`; ``iters`` None (each demo's default) or a whole
+    number in 1 .. :data:`MAX_DEMO_ITERS`; ``out`` a folder that is (or can be made) writable."""
     if task not in TASKS:
-        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+        raise UserError(f"--task: must be one of {', '.join(TASKS)}, got {task!r}")
+    if iters is not None:
+        if isinstance(iters, bool) or not isinstance(iters, (int, np.integer)):
+            raise UserError(f"--iters: expected a whole number of training iterations, got "
+                            f"{iters!r}")
+        if iters < 1:
+            raise UserError(f"--iters: training iterations must be at least 1, got {iters} "
+                            f"(leave --iters out for each demo's default)")
+        if iters > MAX_DEMO_ITERS:
+            raise UserError(f"--iters: at most {MAX_DEMO_ITERS} for the demo, got {iters} "
+                            f"(longer runs: densediff train <config> train.iters=N)")
+    if not str(out).strip():
+        raise UserError("--out: expected a folder, got an empty path")
+    path = Path(out).absolute()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out: {out} exists and is not a folder")
+    parent = next(p for p in (path, *path.parents) if p.exists())
+    if not parent.is_dir():
+        raise UserError(f"--out: cannot make {out}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out: cannot write in {parent} (permission denied)")
+
+
+def run_demo(out: str | os.PathLike, iters: int | None = None, task: str = DEFAULT_TASK,
+             overrides: list[str] | None = None) -> list[Path]:
+    """Run the segmentation (default), depth and/or BEV demo (``task``: segmentation | depth |
+    bev | all); each writes a new ``out/<timestamp>-<task>`` folder, returned in order.
+    ``iters``: training iterations (None: each demo's default). ``overrides`` (dotted config
+    changes) are applied to each. Bad options raise :class:`UserError` before any work
+    (:func:`check_demo_options`)."""
+    check_demo_options(out, iters, task)
+    out = Path(out)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     runs = []
     if task in ("segmentation", "all"):
@@ -54,6 +93,10 @@ def run_demo(out: Path, iters: int | None = None, task: str = "all",
         runs.append(_depth_demo(out / f"{stamp}-depth", iters, overrides or []))
     if task in ("bev", "all"):
         runs.append(_bev_demo(out / f"{stamp}-bev", iters, overrides or []))
+    if task != "all":
+        others = "|".join(t for t in TASKS if t != task)
+        print(f"[demo] the other demos: densediff demo --task {others} (make demo-depth, "
+              "make demo-bev, make demo-all)")
     return runs
 
 
@@ -68,7 +111,7 @@ def _train_and_evaluate(config: str, run_dir: Path, iters: int | None, overrides
     from densediff.viz import plot_steps, steps_table
 
     cfg = load_config(config, [f"work_dir={run_dir}"]
-                      + ([f"train.iters={iters}"] if iters else []) + overrides)
+                      + ([f"train.iters={iters}"] if iters is not None else []) + overrides)
     print(f"[demo] 1/3 training DDP ({cfg.task}) -> {run_dir}")
     t0 = time.time()
     train(cfg)
@@ -90,7 +133,7 @@ def _train_and_evaluate(config: str, run_dir: Path, iters: int | None, overrides
 def _segmentation_demo(run_dir: Path, iters: int | None, overrides: list[str]) -> Path:
     from densediff.api import colorize
     from densediff.data import build_dataset
-    from densediff.viz import heatmap, save_grid
+    from densediff.viz import ColorScale, GridColumn, heatmap, save_labelled_grid
 
     predictor = _train_and_evaluate(DEMO_CONFIG, run_dir, iters, overrides, DEMO_STEPS)
     print("[demo] 3/3 predicting on test images")
@@ -99,12 +142,15 @@ def _segmentation_demo(run_dir: Path, iters: int | None, overrides: list[str]) -
     ds = build_dataset(predictor.cfg, "test", train=False)
     rows = []
     steps = predictor.model.default_steps
+    ignore = predictor.cfg.data.ignore_index
+    any_ignored = False
     for i in range(min(6, len(ds))):
         rgb, gt, path = ds.load(i)
         stem = Path(path).name
         pred = predictor.predict(rgb, steps=steps, seed=i)
-        gt_color = colorize(gt, predictor.palette, predictor.cfg.data.ignore_index)
-        error = np.repeat(((pred.mask != gt) & (gt != predictor.cfg.data.ignore_index))
+        gt_color = colorize(gt, predictor.palette, ignore)
+        any_ignored |= bool((gt == ignore).any())
+        error = np.repeat(((pred.mask != gt) & (gt != ignore))
                           [..., None] * 255, 3, axis=2).astype(np.uint8)
         unc = heatmap(pred.uncertainty)
         Image.fromarray(pred.color).save(pred_dir / f"{stem}_color.png")
@@ -114,8 +160,22 @@ def _segmentation_demo(run_dir: Path, iters: int | None, overrides: list[str]) -
         traj = predictor.predict(rgb, steps=DEMO_STEPS[-1], seed=i)
         Image.fromarray(predictor.trajectory_strip(traj, rgb)).save(
             pred_dir / f"{stem}_trajectory.png")
-        rows.append(np.concatenate([rgb, gt_color, pred.color, error, unc], axis=1))
-    save_grid(rows, run_dir / "demo_grid.png")
+        rows.append([rgb, gt_color, pred.color, error, unc])
+    legend = list(zip(predictor.class_names, predictor.palette.tolist()))
+    if any_ignored:
+        legend.append(("not scored (ignore)", (0, 0, 0)))
+    save_labelled_grid(
+        rows, [GridColumn("image"), GridColumn("truth"),
+               GridColumn(f"prediction ({steps} sampling steps)"),
+               GridColumn("error", swatches=(("wrong class", (255, 255, 255)),
+                                             ("right" + (" or not scored" if any_ignored
+                                                         else ""), (0, 0, 0)))),
+               GridColumn("uncertainty (label changes between steps)",
+                          ColorScale("inferno", 0, 1, f"share of the {steps - 1} step-to-step "
+                                     "transitions at which the pixel's label changed: "
+                                     "0 = never (sure), 1 = at every step"))],
+        run_dir / "demo_grid.png", legend=legend, legend_title="classes",
+        title=f"Segmentation DDP on generated test scenes ({len(rows)} images)")
     print(f"[demo] wrote {run_dir / 'demo_grid.png'} (image | truth | prediction | error | "
           f"uncertainty at {steps} steps), {run_dir}/demo_steps_{{val,test}}.png, {pred_dir} "
           f"(masks, overlays, uncertainty, {DEMO_STEPS[-1]}-step trajectories), "
@@ -126,9 +186,10 @@ def _segmentation_demo(run_dir: Path, iters: int | None, overrides: list[str]) -
 def _depth_demo(run_dir: Path, iters: int | None, overrides: list[str]) -> Path:
     from densediff.api import load
     from densediff.data import build_dataset
-    from densediff.viz import depth_color, heatmap, save_grid, scaled_heatmap
+    from densediff.viz import ColorScale, GridColumn, save_labelled_grid, scaled_heatmap
 
-    _train_and_evaluate(DEPTH_DEMO_CONFIG, run_dir, iters or DEPTH_DEMO_ITERS, overrides,
+    _train_and_evaluate(DEPTH_DEMO_CONFIG, run_dir,
+                        DEPTH_DEMO_ITERS if iters is None else iters, overrides,
                         DEPTH_DEMO_STEPS)
     print("[demo] 3/3 predicting depth on test scenes (4 random starts per image)")
     # the spread over random starts is the better depth uncertainty (benchmarks/RESULTS.md §7)
@@ -138,25 +199,44 @@ def _depth_demo(run_dir: Path, iters: int | None, overrides: list[str]) -> Path:
     pred_dir.mkdir(parents=True, exist_ok=True)
     dd = predictor.cfg.data.depth
     ds = build_dataset(predictor.cfg, "test", train=False)
-    rows = []
+    depth_scale = ColorScale("magma_r", dd.min_depth, dd.max_depth,
+                             "depth (m): bright = near, dark = far")
+    err_scale = ColorScale("inferno", 0, 0.5, "relative error |predicted - true| / true "
+                           "(AbsRel; 0.5 and above: brightest)", extend="max")
+    shown = []
     for i in range(min(6, len(ds))):
         rgb, gt, path = ds.load(i)
         stem = Path(path).name
         pred = predictor.predict(rgb, steps=DEPTH_DEMO_STEPS[-1], seed=i)
-        valid = gt > 0
-        err = np.where(valid, np.abs(pred.depth - gt) / np.where(valid, gt, 1), 0.0)
-        err_pic = heatmap(err / 0.5)  # AbsRel 0.5 and above: the brightest
-        err_pic[~valid] = 0
         unc = pred.uncertainty_starts
-        unc_pic = scaled_heatmap(unc)
-        gt_pic = depth_color(gt, dd.min_depth, dd.max_depth)
-        gt_pic[~valid] = 0
         Image.fromarray(pred.color).save(pred_dir / f"{stem}_depth.png")
-        Image.fromarray(unc_pic).save(pred_dir / f"{stem}_uncertainty.png")
+        Image.fromarray(scaled_heatmap(unc)).save(pred_dir / f"{stem}_uncertainty.png")
         Image.fromarray(predictor.trajectory_strip(pred, rgb)).save(
             pred_dir / f"{stem}_trajectory.png")
-        rows.append(np.concatenate([rgb, gt_pic, pred.color, err_pic, unc_pic], axis=1))
-    save_grid(rows, run_dir / "demo_grid.png")
+        shown.append((rgb, gt, pred.depth, unc))
+    # one uncertainty scale for the whole grid (metres), so that rows compare
+    unc_scale = ColorScale("inferno", 0, _nice_ceil(max(float(u.max()) for *_, u in shown)),
+                           f"spread (std) of the depth over {predictor.cfg.model.diffusion.randsteps}"
+                           " random starts (m): bright = unsure")
+    no_gt = (128, 128, 128)
+    any_invalid = False
+    rows = []
+    for rgb, gt, depth, unc in shown:
+        valid = gt > 0
+        any_invalid |= bool((~valid).any())
+        err = np.where(valid, np.abs(depth - gt) / np.where(valid, gt, 1), 0.0)
+        gt_pic, err_pic = depth_scale.colorize(gt), err_scale.colorize(err)
+        gt_pic[~valid] = err_pic[~valid] = no_gt
+        rows.append([rgb, gt_pic, depth_scale.colorize(depth), err_pic, unc_scale.colorize(unc)])
+    missing = (("no true depth", no_gt),) if any_invalid else ()
+    save_labelled_grid(
+        rows, [GridColumn("image"), GridColumn("true depth", depth_scale, missing),
+               GridColumn(f"predicted depth ({DEPTH_DEMO_STEPS[-1]} sampling steps)",
+                          depth_scale),
+               GridColumn("error (AbsRel)", err_scale, missing),
+               GridColumn("uncertainty (spread over random starts)", unc_scale)],
+        run_dir / "demo_grid.png",
+        title=f"Depth DDP on generated 3-D rooms: test scenes ({len(rows)} images)")
     print(f"[demo] wrote {run_dir / 'demo_grid.png'} (image | truth | prediction | AbsRel error "
           f"| uncertainty = depth spread over 4 random starts, {DEPTH_DEMO_STEPS[-1]} steps), "
           f"{run_dir}/demo_steps_{{val,test}}.png, {pred_dir} (colourised depth, uncertainty, "
@@ -164,15 +244,30 @@ def _depth_demo(run_dir: Path, iters: int | None, overrides: list[str]) -> Path:
     return run_dir
 
 
-def _bev_demo(run_dir: Path, iters: int | None, overrides: list[str]) -> Path:
-    from densediff.viz import save_grid
+def _nice_ceil(x: float) -> float:
+    """The smallest of 1, 2, 2.5, 5 x a power of ten that is >= ``x`` (a colour-bar end)."""
+    if x <= 0:
+        return 1.0
+    base = 10.0 ** math.floor(math.log10(x))
+    return next(m * base for m in (1, 2, 2.5, 5, 10) if m * base >= x * (1 - 1e-9))
 
-    predictor = _train_and_evaluate(BEV_DEMO_CONFIG, run_dir, iters or BEV_DEMO_ITERS,
-                                    overrides, BEV_DEMO_STEPS)
+
+_SIX_CAMERAS = ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_LEFT", "CAM_BACK",
+                "CAM_BACK_RIGHT")
+
+
+def _bev_demo(run_dir: Path, iters: int | None, overrides: list[str]) -> Path:
+    from densediff.viz import ColorScale, GridColumn, bev_color, camera_mosaic, save_labelled_grid
+
+    predictor = _train_and_evaluate(BEV_DEMO_CONFIG, run_dir,
+                                    BEV_DEMO_ITERS if iters is None else iters, overrides,
+                                    BEV_DEMO_STEPS)
     print("[demo] 3/3 predicting BEV maps of test scenes")
     pred_dir = run_dir / "predictions"
     pred_dir.mkdir(parents=True, exist_ok=True)
     ds = predictor.dataset("test")
+    d = predictor.cfg.data
+    mean, std = np.asarray(d.mean, np.float32), np.asarray(d.std, np.float32)
     rows = []
     for i in range(min(4, len(ds))):
         sample = ds[i]
@@ -181,8 +276,30 @@ def _bev_demo(run_dir: Path, iters: int | None, overrides: list[str]) -> Path:
         stem = f"test_{i:03d}"
         Image.fromarray(panel).save(pred_dir / f"{stem}_bev.png")
         Image.fromarray(predictor.trajectory_strip(pred)).save(pred_dir / f"{stem}_trajectory.png")
-        rows.append(panel)
-    save_grid(rows, run_dir / "demo_grid.png", zoom=1)
+        cams = [np.clip(im.permute(1, 2, 0).numpy() * std + mean, 0, 255).astype(np.uint8)
+                for im in sample["image"]["images"]]
+        rows.append([camera_mosaic(cams), pred.color,
+                     bev_color(sample["label"].numpy(), predictor.palette),
+                     pred.uncertainty_picture()])
+    b = d.bev
+    extent = f"{b.xbound[1] - b.xbound[0]:g} x {b.ybound[1] - b.ybound[0]:g} m"
+    cams = ("six cameras (top: front-left, front, front-right; bottom: back-left, back, "
+            "back-right)" if tuple(b.cameras) == _SIX_CAMERAS else
+            f"cameras ({', '.join(b.cameras)})")
+    save_labelled_grid(
+        rows, [GridColumn(cams),
+               GridColumn(f"predicted map ({BEV_DEMO_STEPS[-1]} sampling steps)"),
+               GridColumn("true map"),
+               GridColumn("uncertainty (mask changes between steps)",
+                          ColorScale("inferno", 0, 1, f"largest share, over the classes, of the "
+                                     f"{BEV_DEMO_STEPS[-1] - 1} step-to-step transitions at which "
+                                     "the class mask changed: 0 = never (sure), 1 = every step"))],
+        run_dir / "demo_grid.png",
+        legend=[*zip(predictor.class_names, predictor.palette.tolist()),
+                ("no map class", (255, 255, 255))],
+        legend_title="map classes (later ones drawn on top)",
+        title=f"BEV map DDP on the generated world: test scenes ({len(rows)}); maps "
+              f"{extent} around the car, forward up, left on the left")
     print(f"[demo] wrote {run_dir / 'demo_grid.png'} (six cameras | predicted map | truth | "
           f"uncertainty at {BEV_DEMO_STEPS[-1]} steps), {run_dir}/demo_steps_{{val,test}}.png, "
           f"{pred_dir} (panels, trajectories), {run_dir / 'demo_metrics.json'}")

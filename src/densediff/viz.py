@@ -1,14 +1,19 @@
-"""Pictures: uncertainty heatmaps and the accuracy-vs-steps curve of dynamic inference."""
+"""Pictures: uncertainty heatmaps, labelled picture grids (column titles, class legend, colour
+bars) and the accuracy-vs-steps curve of dynamic inference."""
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Mapping
+import textwrap
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["bev_color", "bev_image", "camera_mosaic", "depth_color", "heatmap", "plot_steps",
-           "save_grid", "scaled_heatmap", "steps_table"]
+__all__ = ["ColorScale", "GridColumn", "GridKey", "bev_color", "bev_image", "camera_mosaic",
+           "depth_color", "grid_figure", "heatmap", "plot_steps", "save_grid",
+           "save_labelled_grid", "scaled_heatmap", "steps_table"]
 
 
 def heatmap(values: np.ndarray, cmap: str = "inferno") -> np.ndarray:
@@ -34,6 +39,205 @@ def save_grid(rows: list[np.ndarray], path: str | os.PathLike, zoom: int = 2) ->
     grid = np.concatenate(rows, axis=0)
     Image.fromarray(grid).resize((grid.shape[1] * zoom, grid.shape[0] * zoom),
                                  Image.NEAREST).save(path)
+
+
+@dataclass(frozen=True)
+class ColorScale:
+    """How a picture's colours read: ``cmap`` spans ``vmin`` .. ``vmax`` (values beyond are
+    clipped; ``extend="max"`` draws the colour bar's arrow for values at or above ``vmax``);
+    ``label`` says what the value is and its unit, shown under the colour bar."""
+
+    cmap: str
+    vmin: float
+    vmax: float
+    label: str
+    extend: str = "neither"
+
+    def colorize(self, values: np.ndarray) -> np.ndarray:
+        """``(H, W)`` values -> ``(H, W, 3)`` uint8 colours on this scale."""
+        v = np.asarray(values, np.float32)
+        return heatmap((v - self.vmin) / max(self.vmax - self.vmin, 1e-12), self.cmap)
+
+
+Swatch = tuple[str, Sequence[int]]
+"""A named colour: ``(name, (r, g, b))`` with 0..255 channels."""
+
+
+@dataclass(frozen=True)
+class GridColumn:
+    """One column of a labelled grid: its ``title`` and how to read its colours, a colour bar
+    (``scale``) and/or named colour swatches (``swatches``), drawn under the column."""
+
+    title: str
+    scale: ColorScale | None = None
+    swatches: tuple[Swatch, ...] = ()
+
+
+@dataclass
+class GridKey:
+    """What a labelled grid shows, read back from the drawn figure: the title, the column
+    titles, each column's colour-bar label ("" without one) and swatch names, and the labels of
+    the class legend."""
+
+    title: str
+    columns: list[str]
+    colorbars: list[str]
+    swatches: list[list[str]]
+    legend: list[str] = field(default_factory=list)
+    legend_title: str = ""
+
+
+_PT = 1 / 72  # inches per point
+_TITLE_PT, _KEY_PT, _SUPTITLE_PT = 8.5, 7.0, 10.0
+
+
+def _wrap(text: str, width_in: float, size_pt: float) -> str:
+    """``text`` wrapped to lines that fit ``width_in`` inches at ``size_pt`` (DejaVu Sans is
+    about 0.6 em per character on average)."""
+    chars = max(6, int(width_in / (0.6 * size_pt * _PT)))
+    return "\n".join(textwrap.fill(part, chars) for part in text.split("\n"))
+
+
+def _lines(text: str) -> int:
+    return text.count("\n") + 1 if text else 0
+
+
+def _patch(color: Sequence[int]):
+    from matplotlib.patches import Patch
+
+    return Patch(facecolor=np.asarray(color, np.float32) / 255, edgecolor="0.45", linewidth=0.6)
+
+
+def grid_figure(rows: Sequence[Sequence[np.ndarray]], columns: Sequence[GridColumn],
+                legend: Sequence[Swatch] = (), legend_title: str = "", title: str = "",
+                zoom: float | None = None, dpi: int = 100):
+    """A matplotlib Figure of a picture grid a reader can read unaided: every column titled,
+    a colour bar (with its label: what, unit, what the scale means) and/or swatches under the
+    columns that have them, and a legend of named colours (``legend``, e.g. the classes) under
+    the grid.
+
+    ``rows``: one list of ``H x W x 3`` uint8 tiles per row, one tile per column; the tiles of
+    a row are shown at the row's largest height (aspect kept), column widths follow the first
+    row. ``zoom``: screen pixels per tile pixel (default: enough for readable titles, within
+    about 2000 pixels of width). Uses the object-oriented API only (no pyplot state)."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    if not rows or any(len(r) != len(columns) for r in rows):
+        raise ValueError(f"every row needs one tile per column ({len(columns)} columns)")
+    row_h = [max(t.shape[0] for t in r) for r in rows]
+    col_w = [t.shape[1] * row_h[0] / t.shape[0] for t in rows[0]]  # tile pixels at row height
+    if zoom is None:
+        zoom = max(1.0, 150 / min(col_w))
+        zoom = float(math.ceil(zoom)) if math.ceil(zoom) * sum(col_w) <= 2000 else zoom
+        zoom = max(1.0, min(zoom, 2000 / sum(col_w)))
+    pad, gap_x, gap_y = 0.1, 0.1, 0.05
+    w_in = [w * zoom / dpi for w in col_w]
+    h_in = [h * zoom / dpi for h in row_h]
+    fig_w = 2 * pad + sum(w_in) + gap_x * (len(columns) - 1)
+
+    titles = [_wrap(c.title, w, _TITLE_PT) for c, w in zip(columns, w_in)]
+    title_h = max(_lines(t) for t in titles) * _TITLE_PT * 1.3 * _PT + 0.08
+    sup = _wrap(title, fig_w - 2 * pad, _SUPTITLE_PT) if title else ""
+    sup_h = _lines(sup) * _SUPTITLE_PT * 1.35 * _PT + (0.06 if sup else 0)
+    # the key band under the grid: per column a colour bar (bar, ticks, label) then swatches
+    bar_h, tick_h = 0.11, 0.17
+    cb_labels = [_wrap(c.scale.label, w, _KEY_PT) if c.scale else "" for c, w in zip(columns, w_in)]
+    cb_h = [bar_h + tick_h + _lines(lab) * _KEY_PT * 1.3 * _PT + 0.05 if c.scale else 0.0
+            for c, lab in zip(columns, cb_labels)]
+    sw_h = [len(c.swatches) * _KEY_PT * 1.9 * _PT + 0.04 if c.swatches else 0.0 for c in columns]
+    key_h = max(a + b for a, b in zip(cb_h, sw_h))
+    key_h = key_h + 0.1 if key_h else 0.0
+    # the legend band: entries in as many columns as fit the width
+    leg_h, ncol = 0.0, 1
+    if legend:
+        entry_in = max(len(n) for n, _ in legend) * 0.6 * 8 * _PT + 0.45
+        ncol = max(1, min(len(legend), int((fig_w - 2 * pad) / entry_in)))
+        leg_h = (math.ceil(len(legend) / ncol) + (1 if legend_title else 0)) * 8 * 1.75 * _PT + 0.1
+    fig_h = (2 * pad + sup_h + title_h + sum(h_in) + gap_y * (len(rows) - 1) + key_h + leg_h)
+
+    fig = Figure(figsize=(fig_w, fig_h), dpi=dpi)
+
+    def box(x: float, top: float, w: float, h: float) -> list[float]:
+        """[left, bottom, width, height] in figure fractions of a box given in inches from the
+        top-left corner."""
+        return [x / fig_w, 1 - (top + h) / fig_h, w / fig_w, h / fig_h]
+
+    if sup:
+        fig.suptitle(sup, y=1 - pad / fig_h, va="top", fontsize=_SUPTITLE_PT, weight="bold")
+    xs = [pad + sum(w_in[:c]) + gap_x * c for c in range(len(columns))]
+    top = pad + sup_h + title_h
+    for r, (row, h) in enumerate(zip(rows, h_in)):
+        for c, tile in enumerate(row):
+            ax = fig.add_axes(box(xs[c], top, w_in[c], h))
+            ax.imshow(tile, interpolation="nearest", aspect="auto")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_label(f"tile:{r}:{c}")
+            if r == 0:
+                ax.set_title(titles[c], fontsize=_TITLE_PT, pad=4)
+        top += h + gap_y
+    top += 0.1 - gap_y
+    for c, col in enumerate(columns):
+        y = top
+        if col.scale:
+            s = col.scale
+            cax = fig.add_axes(box(xs[c] + 0.06 * w_in[c], y, 0.88 * w_in[c], bar_h))
+            cax.set_label(f"colorbar:{c}")
+            cb = fig.colorbar(ScalarMappable(Normalize(s.vmin, s.vmax), s.cmap), cax=cax,
+                              orientation="horizontal", extend=s.extend)
+            # few, short tick labels (%g: 0.0005, not 0.00050) so that they never overlap
+            cax.xaxis.set_major_locator(MaxNLocator(nbins=max(2, min(5, int(0.88 * w_in[c]
+                                                                            / 0.55)))))
+            cax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            cax.tick_params(labelsize=_KEY_PT, length=2, pad=1)
+            cb.set_label(cb_labels[c], fontsize=_KEY_PT, labelpad=2)
+            y += cb_h[c]
+        if col.swatches:
+            kax = fig.add_axes(box(xs[c], y, w_in[c], sw_h[c]))
+            kax.set_axis_off()
+            kax.set_label(f"swatches:{c}")
+            kax.legend([_patch(rgb) for _, rgb in col.swatches], [n for n, _ in col.swatches],
+                       loc="upper center", fontsize=_KEY_PT, frameon=False, borderaxespad=0,
+                       handlelength=1.4, handleheight=0.9, labelspacing=0.3)
+    if legend:
+        fig.legend([_patch(rgb) for _, rgb in legend], [n for n, _ in legend],
+                   loc="lower center", bbox_to_anchor=(0.5, pad / fig_h), ncol=ncol,
+                   fontsize=8, title=legend_title or None, title_fontsize=8, frameon=False,
+                   handlelength=1.6, handleheight=1.0, columnspacing=1.2, borderaxespad=0)
+    return fig
+
+
+def grid_key(fig) -> GridKey:
+    """The :class:`GridKey` of a :func:`grid_figure`: what is actually drawn on it."""
+    by_label = {ax.get_label(): ax for ax in fig.axes}
+    n = sum(1 for k in by_label if k.startswith("tile:0:"))
+    one = lambda t: " ".join(t.split())  # titles and labels are wrapped onto several lines
+    cols = [one(by_label[f"tile:0:{c}"].get_title()) for c in range(n)]
+    bars = [one(by_label[f"colorbar:{c}"].get_xlabel()) if f"colorbar:{c}" in by_label else ""
+            for c in range(n)]
+    sw = [[t.get_text() for t in by_label[f"swatches:{c}"].get_legend().get_texts()]
+          if f"swatches:{c}" in by_label else [] for c in range(n)]
+    leg = fig.legends[0] if fig.legends else None
+    sup = fig.get_suptitle() if hasattr(fig, "get_suptitle") else (  # matplotlib < 3.8
+        fig._suptitle.get_text() if fig._suptitle else "")
+    return GridKey(title=one(sup), columns=cols,
+                   colorbars=bars, swatches=sw,
+                   legend=[t.get_text() for t in leg.get_texts()] if leg else [],
+                   legend_title=leg.get_title().get_text() if leg else "")
+
+
+def save_labelled_grid(rows: Sequence[Sequence[np.ndarray]], columns: Sequence[GridColumn],
+                       path: str | os.PathLike, legend: Sequence[Swatch] = (),
+                       legend_title: str = "", title: str = "",
+                       zoom: float | None = None) -> GridKey:
+    """Save :func:`grid_figure` as a PNG at ``path``; returns its :class:`GridKey`."""
+    fig = grid_figure(rows, columns, legend, legend_title, title, zoom)
+    key = grid_key(fig)
+    fig.savefig(path, facecolor="white")
+    return key
 
 
 def depth_color(depth: np.ndarray, min_depth: float, max_depth: float,
