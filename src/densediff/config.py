@@ -403,7 +403,7 @@ class DDPSConfig(_Strict):
     base_config: Optional[dict[str, Any]] = None
     """The base's resolved config, filled in when the model is first built so that a DDPS
     checkpoint is self-contained. Leave it unset."""
-    base_steps: Optional[PosInt] = None
+    base_steps: Optional[Annotated[int, Field(ge=1, le=MAX_SAMPLING_STEPS)]] = None
     """A DDP base: its sampling steps (None: its own default)."""
     codec: Literal["resize", "bits"] = "resize"
     """``resize``: discrete diffusion on the label map at the feature grid (1/4), logits
@@ -415,9 +415,9 @@ class DDPSConfig(_Strict):
     """``hybrid``: the share of the corrupted mass that goes to [MASK]."""
     schedule: Literal["linear", "cosine"] = "linear"
     """Schedule of the keep probability abar_t (``bits``: the cosine log-SNR of DDP)."""
-    timesteps: int = Field(20, ge=1)
+    timesteps: int = Field(20, ge=1, le=MAX_SAMPLING_STEPS)
     """T, the training noise levels (paper: 20 or 100); sampling strides through them."""
-    steps: PosInt = 5
+    steps: int = Field(5, ge=1, le=MAX_SAMPLING_STEPS)
     """Default denoising steps at eval/predict (any count up to ``timesteps``; 0 at eval means
     the base segmentor's own prediction)."""
     renoise: Literal["free", "posterior"] = "free"
