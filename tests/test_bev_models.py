@@ -12,6 +12,7 @@ from PIL import Image
 
 from densediff.config import load_config
 from densediff.data.bev import (
+    DIVIDER_WIDTH,
     MapGeometry,
     bev_augmentation,
     collate_bev,
@@ -302,29 +303,167 @@ def test_cyclic_schedule_follows_mmcv():
 # ------------------------------------------------------------------------------ data geometry
 
 
-def test_rasterize_polygons_holes_and_lines():
-    grid = BEVGrid((-5.0, 5.0, 0.5), (-5.0, 5.0, 0.5))
-    square = np.array([[-1.0, -1.0], [6.0, -1.0], [6.0, 6.0], [-1.0, 6.0]])  # half-size 3.5
-    hole = np.array([[1.5, 1.5], [3.5, 1.5], [3.5, 3.5], [1.5, 3.5]])  # half-size 1
-    geom = MapGeometry({"a": [(square, [hole])]}, {"b": [np.array([[-4.0, -3.0], [4.0, -3.0]])]})
-    out = rasterize_map(geom, grid, ["a", "b", "c"], line_width=1.0)
-    cx, cy = grid.centres()
-    xx, yy = np.meshgrid(cx, cy, indexing="ij")
-    # Boundary cells may go either way (as with the nuScenes map API); a cell centred at least
-    # one cell inside the square and outside the hole is set, one at least a cell outside is not.
-    cheb = np.maximum(abs(xx - 2.5), abs(yy - 2.5))  # the square and hole are centred at 2.5
-    sure = (cheb >= 1.0 + 0.5) & (cheb <= 3.5 - 0.5)
-    assert sure.sum() > 50 and out[0][sure].all()
-    assert not out[0][(cheb >= 3.5 + 0.5) | (cheb <= 1.0 - 0.5)].any()
-    near_line = abs(yy + 3) <= 0.5 + 0.5  # the 1 m line at y = -3, up to a cell more
-    assert out[1][(abs(xx) < 3.5) & (abs(yy + 3) < 0.3)].all() and not out[1][~near_line].any()
-    assert out[2].sum() == 0
-    # rotating the map by +90 degrees about z moves (2.5, 0) to (0, 2.5)
+# The label grid of the rasteriser tests: X (20 cells of 0.5 m) != Y (32 cells of 0.25 m), so a
+# swapped axis or step shows.
+RGRID = BEVGrid((-5.0, 5.0, 0.5), (-4.0, 4.0, 0.25))
+
+
+def _rect(x0, x1, y0, y1):
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float64)
+
+
+def _cells(x0, x1, y0, y1, grid=RGRID):
+    """Mask of the cells [ix, iy] covering [x0, x1) x [y0, y1) (bounds on cell edges)."""
+    (sx, sy), (lx, ly) = grid.step, grid.low
+    m = np.zeros(grid.shape, np.uint8)
+    m[round((x0 - lx) / sx):round((x1 - lx) / sx), round((y0 - ly) / sy):round((y1 - ly) / sy)] = 1
+    return m
+
+
+def _inside_reference(rings, px, py):
+    """Slow exact reference: is each point inside the polygon (even-odd ray casting)?"""
+    inside = np.zeros(px.shape, bool)
+    for ring in rings:
+        ring = np.asarray(ring, np.float64)
+        for (xa, ya), (xb, yb) in zip(ring, np.roll(ring, -1, 0)):
+            crosses = (ya > py) != (yb > py)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                x = xa + (py - ya) * (xb - xa) / (yb - ya)
+            inside ^= crosses & (px < x)
+    return inside
+
+
+def _centroid(mask, grid):
+    xs, ys = grid.centres()
+    ix, iy = np.nonzero(mask)
+    return np.array([xs[ix].mean(), ys[iy].mean()])
+
+
+def test_rasterize_exact_cells_on_the_grid():
+    """Shapes with known extents set exactly the cells of BEVGrid that they cover: cell [ix, iy]
+    spans [xlo + ix sx, xlo + (ix + 1) sx) x [ylo + iy sy, ...), x on the first axis."""
+    rect = _rect(-1.0, 3.0, 0.5, 2.25)
+    ring, hole = _rect(-4.0, -1.5, -3.0, 0.0), _rect(-3.0, -2.0, -2.0, -1.0)
+    left, right = _rect(0.0, 2.0, -3.5, -2.0), _rect(2.0, 4.5, -3.5, -2.0)
+    geom = MapGeometry({"rect": [(rect, [])], "ring": [(ring, [hole])], "left": [(left, [])],
+                        "right": [(right, [])]})
+    out = rasterize_map(geom, RGRID, ["rect", "ring", "left", "right", "none"])
+    assert out.shape == (5, 20, 32) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out[0], _cells(-1.0, 3.0, 0.5, 2.25))
+    assert out[0].sum() == 8 * 7
+    np.testing.assert_array_equal(out[1], _cells(-4.0, -1.5, -3.0, 0.0) - _cells(-3.0, -2.0, -2.0, -1.0))
+    # shapes sharing an edge: no cell in both, none missing
+    assert not (out[2] & out[3]).any()
+    np.testing.assert_array_equal(out[2] | out[3], _cells(0.0, 4.5, -3.5, -2.0))
+    assert out[4].sum() == 0
+    # a cell is labelled where the LiDAR pillars / LSS pooling put the points of that ground
+    rng = np.random.default_rng(0)
+    pts = rng.uniform([-1.0, 0.5], [3.0, 2.25], (500, 2))
+    ix, iy = RGRID.cell_of(torch.tensor(pts[:, 0]), torch.tensor(pts[:, 1]))
+    assert out[0][ix.numpy(), iy.numpy()].all()
+
+
+def test_rasterize_rotated_rectangle_and_map_transform():
+    """A rotated rectangle sets exactly the cells whose centre is inside it; moving the map
+    (MapGeometry.transformed) moves the label."""
+    a, (hu, hv), c = math.radians(30.0), (2.3, 0.9), np.array([0.37, -0.61])
+    u, v = np.array([math.cos(a), math.sin(a)]), np.array([-math.sin(a), math.cos(a)])
+    rect = c + np.array([[-hu, -hv], [hu, -hv], [hu, hv], [-hu, hv]]) @ np.stack([u, v])
+    xs, ys = RGRID.centres()
+    xx, yy = np.meshgrid(xs, ys, indexing="ij")
+    rel = np.stack([xx - c[0], yy - c[1]], -1)
+    expect = (abs(rel @ u) < hu) & (abs(rel @ v) < hv)
+    out = rasterize_map(MapGeometry({"a": [(rect, [])]}), RGRID, ["a"])[0]
+    np.testing.assert_array_equal(out, expect)
+    assert abs(out.sum() * 0.5 * 0.25 - 4 * hu * hv) < 0.5  # area within a few boundary cells
+    # rotating the map by +90 degrees about z: the rectangle [2, 3] x [-0.5, 0.5] -> [-0.5, 0.5]
+    # x [2, 3]
     rot = np.array([[0.0, -1, 0], [1, 0, 0]])
-    pt = MapGeometry({"a": [(np.array([[2.0, -0.5], [3.0, -0.5], [3.0, 0.5], [2.0, 0.5]]), [])]})
-    r = rasterize_map(pt.transformed(rot), grid, ["a"])
-    on = (abs(xx) < 0.5) & (yy > 2) & (yy < 3)
-    assert r[0][on].all() and not r[0][(abs(xx) > 1) | (yy < 1.5) | (yy > 3.5)].any()
+    r = rasterize_map(MapGeometry({"a": [(_rect(2.0, 3.0, -0.5, 0.5), [])]}).transformed(rot), RGRID,
+                      ["a"])
+    np.testing.assert_array_equal(r[0], _cells(-0.5, 0.5, 2.0, 3.0))
+
+
+def test_rasterize_lines_width_and_extent():
+    """A line covers the cells within half its width (round caps): an axis-aligned one exactly
+    width / step rows (or columns), wherever it lies; DIVIDER_WIDTH is 1.5 m."""
+    assert DIVIDER_WIDTH == 1.5
+    grid = RGRID
+    lines = {"on_edge": [np.array([[-3.0, 1.0], [2.0, 1.0]])],  # y = 1: a cell edge
+             "mid": [np.array([[-3.0, 1.125], [2.0, 1.125]])],  # through cell centres
+             "along_y": [np.array([[1.0, -3.0], [1.0, 3.0]])]}
+    out = rasterize_map(MapGeometry(lines=lines), grid, list(lines), line_width=1.5)
+    xs, ys = grid.centres()
+    inner = (xs > -3) & (xs < 2)
+    # 1.5 m = 6 rows of 0.25 m: the band [0.25, 1.75) of centres, resp. [0.375, 1.875)
+    np.testing.assert_array_equal(np.flatnonzero(out[0][inner].any(0)), np.arange(17, 23))
+    assert (out[0][inner].sum(1) == 6).all()
+    np.testing.assert_array_equal(np.flatnonzero(out[1][inner].any(0)), np.arange(17, 23))
+    assert (out[1][inner].sum(1) == 6).all()
+    # round caps reach less than width / 2 past the ends
+    cols = xs[out[0].any(1)]
+    assert cols.min() == -3.25 and cols.max() == 2.25
+    # along y: 3 columns of 0.5 m, [0.25, 1.75)
+    np.testing.assert_array_equal(np.flatnonzero(out[2].any(1)), [10, 11, 12])
+    assert (out[2][:, (ys > -3) & (ys < 3)].sum(0) == 3).all()
+    # a line narrower than a cell still sets one
+    thin = rasterize_map(MapGeometry(lines={"a": lines["mid"]}), grid, ["a"], line_width=0.1)[0]
+    assert (thin[inner].sum(1) == 1).all()
+
+
+def _random_polygon(rng, centre, radius):
+    k = int(rng.integers(3, 12))
+    ang = np.sort(rng.uniform(0, 2 * np.pi, k))
+    r = rng.uniform(0.3, 1.0, k) * radius
+    return centre + np.stack([r * np.cos(ang), r * np.sin(ang)], 1)
+
+
+def test_rasterize_matches_the_cell_centre_reference():
+    """Random polygons (some with a hole) and lines against a slow exact reference: a cell is
+    set iff its centre is inside (polygons) / within half the width (lines). Same cells, and no
+    shift of the label: its centroid agrees to < 0.05 m (Pillow with the old "-0.5" put it
+    0.25 m towards -x and -y)."""
+    grid = BEVGrid((-10.0, 10.0, 0.5), (-10.0, 10.0, 0.5))
+    xs, ys = grid.centres()
+    xx, yy = np.meshgrid(xs, ys, indexing="ij")
+    rng = np.random.default_rng(14)
+    inter = union = 0
+    shift = []
+    for i in range(60):
+        centre = rng.uniform(-4, 4, 2)
+        ext = _random_polygon(rng, centre, rng.uniform(2.0, 6.0))
+        # the exterior is star-shaped about the centre: shrunk about it, it gives a hole
+        holes = [centre + rng.uniform(0.2, 0.5) * (ext - centre)[::-1]] if i % 3 == 0 else []
+        ref = _inside_reference([ext, *holes], xx, yy)
+        got = rasterize_map(MapGeometry({"a": [(ext, holes)]}), grid, ["a"])[0].astype(bool)
+        inter, union = inter + (got & ref).sum(), union + (got | ref).sum()
+        if ref.sum() >= 20:
+            shift.append(_centroid(got, grid) - _centroid(ref, grid))
+    assert inter / union > 0.999, inter / union
+    shift = np.array(shift)
+    assert len(shift) > 40 and (abs(shift.mean(0)) < 0.05).all(), shift.mean(0)
+    # lines: distance from each centre to the polyline < width / 2
+    width, inter, union, shift, area = 1.5, 0, 0, [], []
+    for _ in range(40):
+        pts = np.cumsum(rng.uniform(-4, 4, (int(rng.integers(2, 5)), 2)), 0)
+        pts -= pts.mean(0)
+        got = rasterize_map(MapGeometry(lines={"d": [pts]}), grid, ["d"], width)[0].astype(bool)
+        dist = np.full(xx.shape, np.inf)
+        for p, q in zip(pts[:-1], pts[1:]):
+            d = q - p
+            t = np.clip(((xx - p[0]) * d[0] + (yy - p[1]) * d[1]) / (d @ d), 0, 1)
+            dist = np.minimum(dist, np.hypot(xx - p[0] - t * d[0], yy - p[1] - t * d[1]))
+        ref = dist < width / 2
+        inter, union = inter + (got & ref).sum(), union + (got | ref).sum()
+        shift.append(_centroid(got, grid) - _centroid(ref, grid))
+    assert inter / union > 0.99, inter / union
+    assert (abs(np.mean(shift, 0)) < 0.05).all(), np.mean(shift, 0)
+    # width: a long straight line at any angle covers width x length of ground
+    for a in rng.uniform(0, np.pi, 20):
+        d = np.array([math.cos(a), math.sin(a)]) * 6.0
+        got = rasterize_map(MapGeometry(lines={"d": [np.stack([-d, d])]}), grid, ["d"], width)[0]
+        area.append(got.sum() * 0.25 - math.pi * (width / 2) ** 2)  # less the two half caps
+    assert abs(np.mean(area) / 12.0 - width) < 0.03, np.mean(area) / 12.0
 
 
 def test_image_affine_keeps_the_projection_consistent():

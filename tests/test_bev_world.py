@@ -264,6 +264,24 @@ def test_paint_agrees_with_the_map():
     assert mean["divider"] > 2 * mean["plain"] and mean["plain"] < 0.1, mean
 
 
+def test_paint_is_the_labels_on_the_material_grid():
+    """The material raster and the labels use one rule (a cell takes a polygon when its centre
+    is inside) on one cell convention (cell [ix, iy] covers [ox + ix res, ox + (ix + 1) res),
+    as World.material_at reads it): rasterised on the material's own 0.1 m grid, the drivable
+    area is exactly the asphalt, car-park and paint cells and the walkways off it exactly the
+    concrete ones."""
+    for i in range(3):
+        world = sample_world(np.random.default_rng([11, i]), 25.0)
+        n, (ox, oy), res = world.material.shape[0], world.origin, world.res
+        grid = BEVGrid((ox, ox + n * res, res), (oy, oy + n * res, res))
+        drive, walk = rasterize_map(world.geometry(), grid, ["drivable_area", "walkway"]).astype(bool)
+        np.testing.assert_array_equal(np.isin(world.material, (ASPHALT, LOT, WHITE, YELLOW)), drive)
+        np.testing.assert_array_equal(world.material == CONCRETE, walk & ~drive)
+        xs, ys = grid.centres()  # material_at reads the same cells
+        np.testing.assert_array_equal(world.material_at(*np.meshgrid(xs, ys, indexing="ij")),
+                                      world.material)
+
+
 def test_dataset_end_to_end():
     data = _data()
     ds = GeneratedBEVDataset(data, "train", train=True)

@@ -144,6 +144,31 @@ def test_sample_order_and_splits(nusc, monkeypatch):
     _one_line_error(e, "no samples in split 'empty'", "1 scenes")
 
 
+def test_fixture_has_what_the_devkit_reads(nusc):
+    """write_nuscenes writes every table and map field nuscenes-devkit's constructors read
+    (tests/test_nuscenes_devkit.py opens it with the devkit, when installed)."""
+    root, v = nusc["root"], nusc["root"] / "v1.0-mini"
+    tables = {t: json.loads((v / f"{t}.json").read_text()) for t in (
+        "category", "attribute", "visibility", "instance", "sensor", "calibrated_sensor", "ego_pose",
+        "log", "scene", "sample", "sample_data", "sample_annotation", "map")}
+    logs = {r["token"] for r in tables["log"]}
+    assert {t for r in tables["map"] for t in r["log_tokens"]} == logs
+    assert all((root / r["filename"]).is_file() for r in tables["map"])
+    instances = {r["token"] for r in tables["instance"]}
+    samples = {r["token"] for r in tables["sample"]}
+    assert all(a["instance_token"] in instances and a["sample_token"] in samples
+               for a in tables["sample_annotation"])
+    for loc in nusc["locations"]:
+        m = json.loads((root / "maps" / "expansion" / f"{loc}.json").read_text())
+        assert m["version"] == "1.3" and {"canvas_edge", "arcline_path_3", "connectivity"} <= m.keys()
+        nodes = {n["token"] for n in m["node"]}
+        assert all(r["stop_line_type"] == "PED_CROSSING" for r in m["stop_line"])
+        for lane in m["lane"]:
+            for side in ("left_lane_divider_segments", "right_lane_divider_segments"):
+                assert lane[side] and all(seg["node_token"] in nodes for seg in lane[side])
+            assert lane["token"] in m["arcline_path_3"] and lane["token"] in m["connectivity"]
+
+
 # ------------------------------------------------------------------------------------ LiDAR
 
 
@@ -210,6 +235,13 @@ def _cell(x, y, lo=-50.0, step=0.5):
     return int((x - lo) // step), int((y - lo) // step)
 
 
+def _cells(x0, x1, y0, y1, lo=-50.0, step=0.5, n=200):
+    """Mask of the grid cells covering [x0, x1) x [y0, y1) (bounds on cell edges)."""
+    m = np.zeros((n, n), np.uint8)
+    m[round((x0 - lo) / step):round((x1 - lo) / step), round((y0 - lo) / step):round((y1 - lo) / step)] = 1
+    return m
+
+
 @pytest.mark.parametrize("split", ["train", "val"])  # ego yaw 90 and -30 degrees
 def test_map_rasterised_in_the_ego_frame(nusc, split):
     ds = NuScenesDataset(_cfg(), nusc["root"], split, train=False)
@@ -231,10 +263,21 @@ def test_map_rasterised_in_the_ego_frame(nusc, split):
     assert at("walkway", 22, 22) == 1 and at("walkway", -22, -22) == 0
     assert at("stop_line", 0, -20) == 1 and at("stop_line", 0, 20) == 0
     assert at("carpark_area", -27, 0) == 1 and at("carpark_area", 27, 0) == 0
-    # divider = road divider (y = 5, x -20..20) + lane divider (y = -5)
+    # exactly the cells whose centre is inside (the shapes' edges lie on cell edges)
+    np.testing.assert_array_equal(label[k["drivable_area"]],
+                                  _cells(7, 13, -3, 3) - _cells(9, 11, -1, 1))
+    np.testing.assert_array_equal(label[k["carpark_area"]], _cells(-30, -24, -4, 4))
+    np.testing.assert_array_equal(label[k["ped_crossing"]], _cells(-12, -8, 8, 12))
+    # divider = road divider (y = 5, x -20..20) + lane divider (y = -5): 1.5 m = 3 rows wide
+    # (which 3 of the 4 rows within 0.75 m depends on the rounding of the map's rotation), plus
+    # round caps of 2 cells at each end
     assert at("divider", 0, 5) == 1 and at("divider", 15, -5) == 1
     assert at("divider", 0, 0) == 0 and at("divider", 25, 5) == 0
-    assert label[k["divider"]].sum() < 2 * 41 * 3 * 2  # two lines about 1 m wide
+    div = label[k["divider"]]
+    for y in (5, -5):
+        rows = div[_cell(-20, y)[0]:_cell(20, y)[0], _cell(0, y - 2)[1]:_cell(0, y + 2)[1]]
+        assert (rows.sum(1) == 3).all()
+    assert div.sum() == 2 * (80 * 3 + 2 * 2)
 
 
 def test_map_shapes_selected_near_the_ego(nusc):
@@ -249,7 +292,7 @@ def test_map_shapes_selected_near_the_ego(nusc):
     assert len(geom.lines["divider"]) == 2 and not geom.polygons.get("divider")
     label = ds[0]["label"].numpy()
     assert label[(1, *_cell(0, -42))] == 1  # the lane layer, requested by name
-    assert 10 * 20 <= label[1].sum() <= 11 * 21  # the 10 x 5 m lane (edges may round out), no more
+    assert label[1].sum() == 20 * 10  # the 10 x 5 m lane, no more
 
 
 # ------------------------------------------------------------------------------------ samples

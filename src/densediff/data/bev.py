@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from torch.utils.data import Dataset
 
 from densediff.data.transforms import normalize, to_tensor
@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 
 __all__ = ["BEVDataset", "BEVRecord", "MapGeometry", "bev_augmentation", "collate_bev",
            "example_inputs",
-           "image_affine", "output_grid", "feature_grid", "rasterize_map", "warp_image"]
+           "image_affine", "output_grid", "feature_grid", "line_cells", "polygon_cells",
+           "rasterize_map", "warp_image", "DIVIDER_WIDTH"]
 
 Polygon = tuple[np.ndarray, list[np.ndarray]]
 """(exterior N x 2, [hole M x 2, ...]) in metres."""
@@ -88,42 +89,125 @@ def feature_grid(bev: BEVDataConfig) -> BEVGrid:
     return BEVGrid(tuple(bev.feat_xbound), tuple(bev.feat_ybound))
 
 
-def rasterize_map(geom: MapGeometry, grid: BEVGrid, classes: list[str],
-                  line_width: float = 1.0) -> np.ndarray:
-    """Rasterise a map (in the grid's frame) into K x X x Y {0, 1} layers.
+DIVIDER_WIDTH = 1.5
+"""Width (m) of rasterised map lines (:func:`rasterize_map`): as the nuScenes devkit draws them
+on BEVFusion's 0.5 m grid (``NuScenesMap.get_map_mask``: ``cv2.polylines`` with thickness 2,
+which covers 3 pixels across an axis-aligned line and 2.94 on average over directions, i.e.
+1.5 m; not the 2 pixels the thickness suggests)."""
 
-    Polygons are filled (holes cleared) and polylines drawn ``line_width`` wide (at least one
-    cell) by Pillow on the cell grid. As with the nuScenes map API that BEVFusion uses
-    (``cv2.fillPoly`` / ``cv2.polylines`` on vertices rounded to the canvas, lines 2 pixels = 1 m
-    wide on the 0.5 m grid), every cell whose centre is inside is set, and so may be cells that
-    the boundary only touches (up to half a cell outside).
+
+def _cell_range(lo: np.ndarray, hi: np.ndarray, low: float, step: float, n: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Per interval ``[lo, hi]`` (metres), the cells ``[i0, i1)`` of an axis whose centre lies in
+    it, clipped to ``[0, n)``."""
+    i0 = np.clip(np.ceil((lo - low) / step - 0.5), 0, n).astype(np.int64)
+    i1 = np.clip(np.floor((hi - low) / step - 0.5) + 1, 0, n).astype(np.int64)
+    return i0, np.maximum(i1, i0)
+
+
+def _expand(start: np.ndarray, count: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(k, start[k] + j)`` for every k and ``0 <= j < count[k]`` (vectorised ranges)."""
+    k = np.repeat(np.arange(len(count)), count)
+    return k, start[k] + np.arange(len(k)) - np.repeat(np.cumsum(count) - count, count)
+
+
+def _box_cells(grid: BEVGrid, lo: np.ndarray, hi: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(k, ix, iy)``: every cell whose centre lies in box k (B x 2 corners ``lo``, ``hi``)."""
+    (nx, ny), (sx, sy), (lx, ly) = grid.shape, grid.step, grid.low
+    x0, x1 = _cell_range(lo[:, 0], hi[:, 0], lx, sx, nx)
+    y0, y1 = _cell_range(lo[:, 1], hi[:, 1], ly, sy, ny)
+    k, j = _expand(np.zeros(len(lo), np.int64), (x1 - x0) * (y1 - y0))
+    h = (y1 - y0)[k]
+    return k, x0[k] + j // np.maximum(h, 1), y0[k] + j % np.maximum(h, 1)
+
+
+def polygon_cells(rings: list[np.ndarray], grid: BEVGrid) -> tuple[np.ndarray, np.ndarray]:
+    """``(ix, iy)`` of the cells whose centre lies inside a polygon: even-odd rule over its
+    rings (exterior and holes, each N x 2 metres, closed implicitly), exact up to rounding.
+
+    A scan line through a row of cell centres crosses an edge when ``y0 <= y < y1`` (its
+    lower end counts, its upper one not), and a centre on an edge counts on the edge's right
+    (``x >= crossing``): cells are half-open like the grid's, so the cells of shapes that meet
+    at an edge never overlap nor leave a gap.
+    """
+    (nx, ny), (sx, sy), (lx, ly) = grid.shape, grid.step, grid.low
+    rings = [np.asarray(r, np.float64).reshape(-1, 2) for r in rings]
+    rings = [r for r in rings if len(r) >= 3]
+    if not rings:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    a = np.concatenate(rings)
+    b = np.concatenate([np.roll(r, -1, 0) for r in rings])
+    # cell units: the centre of cell i is at i
+    ax, ay = (a[:, 0] - lx) / sx - 0.5, (a[:, 1] - ly) / sy - 0.5
+    bx, by = (b[:, 0] - lx) / sx - 0.5, (b[:, 1] - ly) / sy - 0.5
+    r0 = np.clip(np.ceil(np.minimum(ay, by)), 0, ny).astype(np.int64)
+    r1 = np.clip(np.ceil(np.maximum(ay, by)), 0, ny).astype(np.int64)
+    e, iy = _expand(r0, np.maximum(r1 - r0, 0))  # (edge, row) crossings; no horizontal edges
+    ea, eb = ay[e], by[e]
+    x = ax[e] + (iy - ea) * (bx[e] - ax[e]) / (eb - ea)
+    c = np.clip(np.ceil(x), 0, nx).astype(np.int64)  # first cell centred right of the crossing
+    order = np.lexsort((c, iy))  # per row an even number of crossings: pair them up
+    iy, c = iy[order], c[order]
+    k, ix = _expand(c[0::2], c[1::2] - c[0::2])
+    return ix, iy[0::2][k]
+
+
+def line_cells(lines: list[np.ndarray], grid: BEVGrid, width: float
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """``(ix, iy)`` of the cells whose centre lies on polylines drawn ``width`` metres wide
+    (may repeat): within ``width / 2`` of a vertex (round joins and caps), or within the band
+    of a segment, ``-width / 2 <= s < width / 2`` across it (``s`` along the segment normal
+    that points to +y, or +x for a segment along y: half-open like the grid's cells, so an
+    axis-aligned line covers exactly ``width / step`` rows or columns when that is whole)."""
+    pts = [np.asarray(p, np.float64).reshape(-1, 2) for p in lines]
+    pts = [p for p in pts if len(p) >= 2]
+    if not pts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    (sx, sy), (lx, ly) = grid.step, grid.low
+    r = width / 2
+    p = np.concatenate([q[:-1] for q in pts])
+    q = np.concatenate([q[1:] for q in pts])
+    length = np.hypot(*(q - p).T)
+    p, q, length = p[length > 0], q[length > 0], length[length > 0]
+    u = (q - p) / length[:, None]
+    normal = np.stack([-u[:, 1], u[:, 0]], 1)
+    flip = (normal[:, 1] < 0) | ((normal[:, 1] == 0) & (normal[:, 0] < 0))
+    normal[flip] *= -1
+    k, ix, iy = _box_cells(grid, np.minimum(p, q) - r, np.maximum(p, q) + r)
+    rel = np.stack([lx + (ix + 0.5) * sx, ly + (iy + 0.5) * sy], 1) - p[k]
+    t, s = (rel * u[k]).sum(1), (rel * normal[k]).sum(1)
+    band = (t >= 0) & (t <= length[k]) & (s >= -r) & (s < r)
+    v = np.concatenate(pts)
+    kv, jx, jy = _box_cells(grid, v - r, v + r)
+    disc = (lx + (jx + 0.5) * sx - v[kv, 0]) ** 2 + (ly + (jy + 0.5) * sy - v[kv, 1]) ** 2 < r * r
+    return np.concatenate([ix[band], jx[disc]]), np.concatenate([iy[band], jy[disc]])
+
+
+def rasterize_map(geom: MapGeometry, grid: BEVGrid, classes: list[str],
+                  line_width: float = DIVIDER_WIDTH) -> np.ndarray:
+    """Rasterise a map (in the grid's frame) into K x X x Y {0, 1} layers (``[k, ix, iy]``, x
+    on the first spatial axis as everywhere in :class:`~densediff.tasks.bev.BEVGrid`).
+
+    A cell is set when its centre lies inside a polygon of the class (outside its holes;
+    :func:`polygon_cells`) or on one of its polylines drawn ``line_width`` metres wide (at
+    least one cell; :func:`line_cells`). Cell ``[ix, iy]`` is the grid's: it covers ``[xlo +
+    ix step, xlo + (ix + 1) step)``, the cell LiDAR pillars and LSS pooling put a point in,
+    so a label sits where the features of the same ground do. The nuScenes devkit's
+    ``get_map_mask`` (BEVFusion's labels) draws lines as wide (:data:`DIVIDER_WIDTH`) but fills
+    polygons one cell further towards +x and +y (``cv2.fillPoly`` on rounded vertices sets the
+    pixels an edge passes through); ``tests/test_nuscenes_devkit.py`` compares the two.
     """
     nx, ny = grid.shape
-    (sx, sy), (lx, ly) = grid.step, grid.low
-    width = max(1, int(round(line_width / min(sx, sy))))
+    width = max(line_width, min(grid.step))
     out = np.zeros((len(classes), nx, ny), np.uint8)
-
-    def pix(pts: np.ndarray) -> list[tuple[float, float]]:
-        # PIL pixel i is centred at coordinate i; column = ix, row = iy.
-        p = np.asarray(pts, np.float64)
-        return list(zip((p[:, 0] - lx) / sx - 0.5, (p[:, 1] - ly) / sy - 0.5))
-
     for k, name in enumerate(classes):
-        polys, lines = geom.polygons.get(name, []), geom.lines.get(name, [])
-        if not polys and not lines:
-            continue
-        canvas = Image.new("L", (nx, ny), 0)
-        draw = ImageDraw.Draw(canvas)
-        for ext, holes in polys:
+        for ext, holes in geom.polygons.get(name, []):
             if len(ext) >= 3:
-                draw.polygon(pix(ext), fill=1)
-                for hole in holes:
-                    if len(hole) >= 3:
-                        draw.polygon(pix(hole), fill=0)
-        for line in lines:
-            if len(line) >= 2:
-                draw.line(pix(line), fill=1, width=width)
-        out[k] = np.asarray(canvas, np.uint8).T
+                ix, iy = polygon_cells([ext, *holes], grid)
+                out[k, ix, iy] = 1
+        ix, iy = line_cells(geom.lines.get(name, []), grid, width)
+        out[k, ix, iy] = 1
     return out
 
 

@@ -36,11 +36,12 @@ extent + 20`` m, where ``extent`` is the largest coordinate of the label grid (2
   buildings (8-25 x 6-18 m footprints, 4-15 m high) beside roads beyond the walkways. They are not
   map classes but occlude the ground for the cameras and the LiDAR.
 
-The ground paint is a material raster (0.1 m cells): grass, dirt, asphalt, car-park asphalt,
-concrete, white paint, yellow paint. Every scene draws its own colour per material (asphalt
-grey 70-115, paint brightness, grass hue, ...), modulated by a smooth world-space texture
-(four sine waves of 0.8-13 m, fading with distance against aliasing), so no class is one
-exact colour. Off the raster the ground is the base terrain.
+The ground paint is a material raster (0.1 m cells, each painted by the last polygon that
+holds its centre: :func:`densediff.data.bev.polygon_cells`, the rule of the labels): grass,
+dirt, asphalt, car-park asphalt, concrete, white paint, yellow paint. Every scene draws its
+own colour per material (asphalt grey 70-115, paint brightness, grass hue, ...), modulated by
+a smooth world-space texture (four sine waves of 0.8-13 m, fading with distance against
+aliasing), so no class is one exact colour. Off the raster the ground is the base terrain.
 
 :func:`camera_rig` gives the six nuScenes channels (optical-axis yaw +55, 0, -55, +110, 180,
 -110 degrees; height 1.5 m; 3 degrees down; horizontal field of view 70 degrees, the back
@@ -68,11 +69,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from densediff.config import NUSCENES_CAMERAS
-from densediff.data.bev import BEVDataset, BEVRecord, MapGeometry
+from densediff.data.bev import BEVDataset, BEVRecord, MapGeometry, polygon_cells
 from densediff.data.generated import generated_items, scene_rng
+from densediff.tasks.bev import BEVGrid
 
 if TYPE_CHECKING:
     from densediff.config import BEVDataConfig, DataConfig
@@ -650,15 +652,19 @@ class _Layout:
         n = int(round(2 * half / res))
         origin = (-n * res / 2, -n * res / 2)
         base, patch = (GRASS, DIRT) if rng.random() < 0.7 else (DIRT, GRASS)
-        canvas = Image.new("L", (n, n), base)
-        draw = ImageDraw.Draw(canvas)
-        to_pix = lambda poly: [tuple(q) for q in (np.asarray(poly) - origin) / res - 0.5]
+        material = np.full((n, n), base, np.uint8)  # cell [ix, iy], as World.material_at
+        cells = BEVGrid((origin[0], origin[0] + n * res, res), (origin[1], origin[1] + n * res, res))
+
+        def paint(poly: np.ndarray, mat: int) -> None:
+            ix, iy = polygon_cells([poly], cells)  # the cells whose centre is inside
+            material[ix, iy] = mat
+
         for _ in range(int(rng.integers(4, 13))):
             c = rng.uniform(-half, half, 2)
             a = rng.uniform(0, np.pi)
             e = _disc(np.zeros(2), 1.0, 24) * rng.uniform(2.0, 15.0, 2)
             rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
-            draw.polygon(to_pix(c + e @ rot.T), fill=patch)
+            paint(c + e @ rot.T, patch)
         asphalt = ([road.strip(road.s0, road.s1, -road.width / 2, road.width / 2)
                     for road in self.roads] + [_disc(c, r) for c, r in self.junctions]
                    + [r.polygon() for r in self.driveways])
@@ -666,8 +672,7 @@ class _Layout:
                   (ASPHALT, asphalt)]
         for mat, polys in layers + [(m, [p]) for m, p in self.paint]:
             for poly in polys:
-                draw.polygon(to_pix(poly), fill=mat)
-        material = np.asarray(canvas, np.uint8).T.copy()
+                paint(poly, mat)
         grey = rng.uniform(70.0, 115.0)
         paint = rng.uniform(195.0, 245.0)
         palette = np.stack([

@@ -274,6 +274,14 @@ NUSCENES_POINT_MARKER = (0.0, 10.0, 0.0)
 """Written as the first point of every LiDAR file (sensor frame: 10 m ahead of the car)."""
 NUSCENES_CLOSE_POINTS = ((0.3, -0.5, -1.5), (-0.8, 0.2, -1.7))
 """Written next in every LiDAR file: within 1 m of the sensor (removed from sweeps)."""
+NUSCENES_CAR = ((15.0, 5.0, 0.9), (1.9, 4.6, 1.7))
+"""The annotated car of every scene: centre (ego frame of the scene's first sample; parked,
+facing the same way) and size (width, length, height), metres."""
+NUSCENES_CATEGORIES = (("vehicle.car", 17), ("human.pedestrian.adult", 2),
+                       ("movable_object.barrier", 9))
+"""(name, index) of the ``category`` rows (real names and lidarseg indices)."""
+NUSCENES_ATTRIBUTES = ("vehicle.moving", "vehicle.parked", "vehicle.stopped")
+NUSCENES_VISIBILITY = (("1", "v0-40"), ("2", "v40-60"), ("3", "v60-80"), ("4", "v80-100"))
 
 
 def _nusc_token(seed: int, *parts) -> str:
@@ -303,16 +311,22 @@ def _rot_z(deg: float) -> np.ndarray:
 def write_nuscenes(root: str | os.PathLike, scenes: int = 2, samples_per_scene: int = 3,
                    sweeps_per_sample: int = 2, image_size: tuple[int, int] = (90, 160),
                    version: str = "v1.0-mini", seed: int = 0) -> dict:
-    """A tiny nuScenes in the real on-disk format (:mod:`densediff.data.nuscenes`).
+    """A tiny nuScenes in the real on-disk format (:mod:`densediff.data.nuscenes`), complete
+    enough for nuscenes-devkit (``NuScenes``, ``NuScenesMap`` and its ``get_map_mask``,
+    ``LidarPointCloud.from_file_multisweep``; ``tests/test_nuscenes_devkit.py``).
 
-    Writes ``<version>/{scene,sample,sample_data,calibrated_sensor,sensor,ego_pose,log}.json``
-    (sample and sample_data rows shuffled), the six cameras (:data:`NUSCENES_RIGS`; camera
+    Writes the 13 tables ``<version>/{scene,sample,sample_data,calibrated_sensor,sensor,
+    ego_pose,log,category,attribute,visibility,instance,sample_annotation,map}.json`` (sample
+    and sample_data rows shuffled; one annotated parked car per scene, :data:`NUSCENES_CAR`;
+    a ``map`` row per location with its ``log_tokens`` and a small semantic-prior PNG under
+    ``maps/``), the six cameras (:data:`NUSCENES_RIGS`; camera
     frame x right, y down, z forward; intrinsics scaled to ``image_size`` (h, w)) with one
     uniformly coloured key-frame JPEG per sample under ``samples/CAM_*/`` and one grey non-key
     frame under ``sweeps/CAM_*/`` with the same ``sample_token``, LIDAR_TOP (:data:`NUSCENES_LIDAR`)
     key frames under ``samples/LIDAR_TOP/`` and ``sweeps_per_sample`` sweeps before each under
     ``sweeps/LIDAR_TOP/`` (``prev`` chains run through every frame back to the scene start),
-    ``maps/expansion/<location>.json`` (v1.3) for two locations and ``splits/train.txt``
+    ``maps/expansion/<location>.json`` (v1.3, every layer and field the devkit reads) for two
+    locations and ``splits/train.txt``
     (even scenes plus ``scene-9999``, which is not in the tables) and ``splits/val.txt`` (odd
     scenes).
 
@@ -342,7 +356,17 @@ def write_nuscenes(root: str | os.PathLike, scenes: int = 2, samples_per_scene: 
     dt = min(50_000, 500_000 // (sweeps_per_sample + 1))
     speed, n_random = 10.0, 40
     tables = {k: [] for k in ("scene", "sample", "sample_data", "calibrated_sensor", "sensor",
-                              "ego_pose", "log")}
+                              "ego_pose", "log", "category", "attribute", "visibility", "instance",
+                              "sample_annotation", "map")}
+    for name, index in NUSCENES_CATEGORIES:
+        tables["category"].append({"token": tok("category", name), "name": name, "index": index,
+                                   "description": f"fixture category {name}"})
+    for name in NUSCENES_ATTRIBUTES:
+        tables["attribute"].append({"token": tok("attribute", name), "name": name,
+                                    "description": f"fixture attribute {name}"})
+    for token, level in NUSCENES_VISIBILITY:
+        tables["visibility"].append({"token": token, "level": level,
+                                     "description": f"visibility of whole object is {level}"})
     out = {"root": root, "version": version, "image_size": (h, w), "cameras": list(NUSCENES_RIGS),
            "scenes": [], "samples": {}, "cam2ego": {}, "intrinsics": {}, "sweep_dt_us": dt,
            "speed": speed, "random_points": n_random, "locations": list(NUSCENES_LOCATIONS)}
@@ -452,16 +476,22 @@ def write_nuscenes(root: str | os.PathLike, scenes: int = 2, samples_per_scene: 
         out["scenes"].append({"name": f"scene-{s + 1:04d}", "token": scene_t, "location": loc,
                               "samples": sample_ts})
         _nusc_map_shapes(maps[loc], tok, s, base, 90.0 - 120.0 * s)
+        _nusc_annotations(tables, tok, s, sample_ts, base, 90.0 - 120.0 * s)
 
     for name in ("sample", "sample_data"):
         tables[name] = [tables[name][i] for i in rng.permutation(len(tables[name]))]
-    (root / version).mkdir(parents=True, exist_ok=True)
-    for name, rows in tables.items():
-        (root / version / f"{name}.json").write_text(json.dumps(rows, indent=0))
     for loc, m in maps.items():
         path = root / "maps" / "expansion" / f"{loc}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(m))
+        png = f"maps/{tok('map', loc)}.png"  # the semantic prior (real ones: 10 px/m, whole map)
+        write_image(root / png, np.zeros((30, 30), np.uint8))
+        tables["map"].append({"token": tok("map", loc), "category": "semantic_prior", "filename": png,
+                              "log_tokens": [r["token"] for r in tables["log"]
+                                             if r["location"] == loc]})
+    (root / version).mkdir(parents=True, exist_ok=True)
+    for name, rows in tables.items():
+        (root / version / f"{name}.json").write_text(json.dumps(rows, indent=0))
     names = [sc["name"] for sc in out["scenes"]]
     out["splits"] = {"train": names[0::2] + ["scene-9999"], "val": names[1::2]}
     (root / "splits").mkdir(parents=True, exist_ok=True)
@@ -472,13 +502,18 @@ def write_nuscenes(root: str | os.PathLike, scenes: int = 2, samples_per_scene: 
 
 def _nusc_map_shapes(m: dict, tok, scene: int, xy: np.ndarray, yaw: float) -> None:
     """Add :data:`NUSCENES_MAP_SHAPES` placed at the ego pose (``xy``, ``yaw`` degrees) to a
-    map-expansion dict (made complete with the layers this fixture leaves empty)."""
+    map-expansion dict (made complete with the layers this fixture leaves empty), with the
+    fields of the real v1.3 records (references this fixture has no record for are ``""``):
+    the stop line is a ``PED_CROSSING`` one (cue: the scene's crossing), the lane has its
+    divider segments (its left and right edge nodes), a straight ``arcline_path_3`` and empty
+    ``connectivity``, the lane divider its ``lane_divider_segments``."""
     rot = _rot_z(yaw)[:2, :2]
+    to_global = lambda p: rot @ np.asarray(p, np.float64) + xy
 
     def nodes(pts, *key) -> list[str]:
         out = []
         for n, p in enumerate(pts):
-            g = rot @ np.asarray(p, np.float64) + xy
+            g = to_global(p)
             out.append(tok("node", scene, *key, n))
             m["node"].append({"token": out[-1], "x": float(g[0]), "y": float(g[1])})
         return out
@@ -487,21 +522,81 @@ def _nusc_map_shapes(m: dict, tok, scene: int, xy: np.ndarray, yaw: float) -> No
                   "stop_line", "carpark_area", "road_divider", "lane_divider", "traffic_light",
                   "lane_connector"):
         m.setdefault(layer, [])
-    m.update(version="1.3", canvas_edge=[3000.0, 3000.0], arcline_path_3={}, connectivity={})
+    m.update(version="1.3", canvas_edge=[3000.0, 3000.0])
+    m.setdefault("arcline_path_3", {})
+    m.setdefault("connectivity", {})
+    crossing = tok("ped_crossing", scene, 0)
     for layer, shapes in NUSCENES_MAP_SHAPES.items():
         for i, shape in enumerate(shapes):
             t = tok(layer, scene, i)
             if layer in ("road_divider", "lane_divider", "traffic_light"):
-                m["line"].append({"token": tok("line", t), "node_tokens": nodes(shape, t)})
-                m[layer].append({"token": t, "line_token": tok("line", t)})
+                node_tokens = nodes(shape, t)
+                m["line"].append({"token": tok("line", t), "node_tokens": node_tokens})
+                rec = {"token": t, "line_token": tok("line", t)}
+                if layer == "road_divider":
+                    rec["road_segment_token"] = ""
+                elif layer == "lane_divider":
+                    rec["lane_divider_segments"] = [{"node_token": n, "segment_type": "SINGLE_DASHED_WHITE"}
+                                                    for n in node_tokens]
+                else:
+                    rec.update(traffic_light_type="VERTICAL", from_road_block_token="", items=[],
+                               pose={"tx": float(to_global(shape[0])[0]),
+                                     "ty": float(to_global(shape[0])[1]), "tz": 3.0,
+                                     "rx": 0.0, "ry": 0.0, "rz": float(np.radians(yaw))})
+                m[layer].append(rec)
                 continue
             ext, *holes = shape
-            m["polygon"].append({"token": tok("polygon", t), "exterior_node_tokens": nodes(ext, t),
+            ext_tokens = nodes(ext, t)
+            m["polygon"].append({"token": tok("polygon", t), "exterior_node_tokens": ext_tokens,
                                  "holes": [{"node_tokens": nodes(hl, t, "hole", k)}
                                            for k, hl in enumerate(holes)]})
-            if layer != "drivable_area":
-                m[layer].append({"token": t, "polygon_token": tok("polygon", t)})
-            elif i == 1:  # the second drivable polygon joins the first record
-                m[layer][-1]["polygon_tokens"].append(tok("polygon", t))
-            else:
-                m[layer].append({"token": t, "polygon_tokens": [tok("polygon", t)]})
+            if layer == "drivable_area":
+                if i == 1:  # the second drivable polygon joins the first record
+                    m[layer][-1]["polygon_tokens"].append(tok("polygon", t))
+                else:
+                    m[layer].append({"token": t, "polygon_tokens": [tok("polygon", t)]})
+                continue
+            rec = {"token": t, "polygon_token": tok("polygon", t)}
+            if layer == "ped_crossing":
+                rec["road_segment_token"] = ""
+            elif layer == "stop_line":
+                rec.update(stop_line_type="PED_CROSSING", ped_crossing_tokens=[crossing],
+                           traffic_light_tokens=[], road_block_token="")
+            elif layer == "carpark_area":
+                rec.update(orientation=float(np.radians(yaw)), road_block_token="")
+            elif layer == "lane":  # exterior (x0, y0) (x1, y0) (x1, y1) (x0, y1), heading +x
+                rec.update(lane_type="CAR", from_edge_line_token="", to_edge_line_token="",
+                           left_lane_divider_segments=[
+                               {"node_token": n, "segment_type": "NIL"} for n in ext_tokens[:1:-1]],
+                           right_lane_divider_segments=[
+                               {"node_token": n, "segment_type": "NIL"} for n in ext_tokens[:2]])
+                (x0, y0), (x1, y1) = ext[0], ext[2]
+                a, b = to_global((x0, (y0 + y1) / 2)), to_global((x1, (y0 + y1) / 2))
+                heading = float(np.radians(yaw))
+                m["arcline_path_3"][t] = [{
+                    "start_pose": [float(a[0]), float(a[1]), heading],
+                    "end_pose": [float(b[0]), float(b[1]), heading], "shape": "LSR",
+                    "radius": 999.999, "segment_length": [0.0, float(x1 - x0), 0.0]}]
+                m["connectivity"][t] = {"incoming": [], "outgoing": []}
+            m[layer].append(rec)
+
+
+def _nusc_annotations(tables: dict, tok, scene: int, sample_tokens: list[str], xy: np.ndarray,
+                      yaw: float) -> None:
+    """One parked car (:data:`NUSCENES_CAR`, placed at the ego pose ``xy``, ``yaw`` degrees)
+    annotated in every sample of a scene: an ``instance`` row and a ``sample_annotation`` chain."""
+    (cx, cy, cz), size = NUSCENES_CAR
+    g = _rot_z(yaw)[:2, :2] @ np.array([cx, cy]) + xy
+    inst = tok("instance", scene)
+    anns = [tok("sample_annotation", scene, j) for j in range(len(sample_tokens))]
+    tables["instance"].append({"token": inst, "category_token": tok("category", "vehicle.car"),
+                               "nbr_annotations": len(anns), "first_annotation_token": anns[0],
+                               "last_annotation_token": anns[-1]})
+    for j, (ann, st) in enumerate(zip(anns, sample_tokens)):
+        tables["sample_annotation"].append({
+            "token": ann, "sample_token": st, "instance_token": inst, "visibility_token": "4",
+            "attribute_tokens": [tok("attribute", "vehicle.parked")],
+            "translation": [float(g[0]), float(g[1]), cz], "size": list(size),
+            "rotation": list(_quat_yaw(yaw)), "prev": anns[j - 1] if j else "",
+            "next": anns[j + 1] if j + 1 < len(anns) else "", "num_lidar_pts": 0,
+            "num_radar_pts": 0})

@@ -33,6 +33,11 @@ A sample (:meth:`NuScenesDataset.load`) is, in the ego frame of its LIDAR_TOP ke
 - the map of the scene's location: per class the map-expansion shapes near the ego, in the ego
   frame (2-D: translation and yaw of the ego pose). Class ``divider`` is ``road_divider`` +
   ``lane_divider``; any other class is the map layer of that name.
+
+With nuscenes-devkit installed, ``tests/test_nuscenes_devkit.py`` checks all of this against
+the devkit on the fixture (:func:`densediff.data.fixtures.write_nuscenes`): tables, poses,
+calibration, sweeps (``LidarPointCloud.from_file_multisweep``) and the map labels
+(:func:`devkit_map_labels`: ``NuScenesMap.get_map_mask``, which BEVFusion's labels come from).
 """
 
 from __future__ import annotations
@@ -51,12 +56,13 @@ from PIL import Image
 from densediff.data.bev import BEVDataset, BEVRecord, MapGeometry
 from densediff.data.io import _load
 from densediff.errors import DataError, one_line
+from densediff.tasks.bev import BEVGrid
 
 if TYPE_CHECKING:
     from densediff.config import DataConfig
 
 __all__ = ["NuScenesDataset", "NuScenesTables", "VectorMap", "check_nuscenes", "class_layers",
-           "load_vector_map", "map_path", "pose_matrix", "quaternion_matrix",
+           "devkit_map_labels", "load_vector_map", "map_path", "pose_matrix", "quaternion_matrix",
            "read_points", "remove_close", "split_scene_names"]
 
 LIDAR_CHANNEL = "LIDAR_TOP"
@@ -548,6 +554,45 @@ def ego_map(vmap: VectorMap, classes: Sequence[str], ego: np.ndarray, half: floa
                 else:
                     geom.lines.setdefault(name, []).append(to_ego(shape))
     return geom
+
+
+def devkit_map_labels(nusc_map: Any, xy: Sequence[float], yaw: float, grid: BEVGrid,
+                      classes: Sequence[str]) -> np.ndarray:
+    """The nuScenes devkit's raster of the map around an ego pose, as K x X x Y {0, 1} layers on
+    ``grid`` (for comparison with :func:`~densediff.data.bev.rasterize_map`; BEVFusion's
+    ``LoadBEVSegmentation`` makes its labels this way, in its LiDAR frame).
+
+    ``nusc_map.get_map_mask`` of the patch centred on the grid's centre (``xy`` + the rotated
+    centre offset; height = the y extent, width = the x extent), ``patch_angle`` = the yaw in
+    degrees, canvas (Y cells, X cells); the devkit's mask is ``[layer, row = y, column = x]``
+    with y growing with the row, so it is transposed to ``[ix, iy]``, no flip. Class
+    ``divider`` is road_divider | lane_divider.
+
+    Args:
+        nusc_map: a ``nuscenes.map_expansion.map_api.NuScenesMap``.
+        xy: the ego position (global x, y).
+        yaw: the ego yaw (radians, about z).
+        grid: the label grid (ego frame).
+        classes: map classes (:func:`class_layers`).
+
+    Raises:
+        DataError: a class with a layer the devkit does not rasterise (traffic_light,
+            lane_connector).
+    """
+    (nx, ny), (lx, hx, ly, hy) = grid.shape, grid.extent()
+    c, s = math.cos(yaw), math.sin(yaw)
+    cx, cy = (lx + hx) / 2, (ly + hy) / 2
+    box = (xy[0] + c * cx - s * cy, xy[1] + s * cx + c * cy, hy - ly, hx - lx)
+    drawn = set(nusc_map.non_geometric_layers) - {"traffic_light"}
+    out = np.zeros((len(classes), nx, ny), np.uint8)
+    for k, name in enumerate(classes):
+        layers = list(class_layers(name))
+        if not set(layers) <= drawn:
+            raise DataError(f"devkit_map_labels: class {name!r}: the devkit's get_map_mask draws "
+                            f"only {', '.join(sorted(drawn))}")
+        mask = nusc_map.get_map_mask(box, math.degrees(yaw), layers, (ny, nx))
+        out[k] = np.asarray(mask).any(0).T
+    return out
 
 
 # --------------------------------------------------------------------------------------------
