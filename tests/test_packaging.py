@@ -13,10 +13,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import socket
+import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
@@ -42,15 +43,16 @@ def _tail(proc: subprocess.CompletedProcess, lines: int = 15) -> str:
 
 
 def _index_reachable() -> tuple[bool, str]:
-    """Can pip's index be reached (PIP_INDEX_URL, else PyPI)?"""
-    url = os.environ.get("PIP_INDEX_URL") or "https://pypi.org/simple"
-    host = urlparse(url).hostname
-    if not host:  # a local (file:) index needs no network
+    """Does pip's index (PIP_INDEX_URL, else PyPI) answer? An HTTP request, not a bare TCP
+    connect: a sandbox's proxy may accept connections to any address."""
+    url = (os.environ.get("PIP_INDEX_URL") or "https://pypi.org/simple").rstrip("/")
+    if urlparse(url).scheme not in ("http", "https"):  # a local (file:) index needs no network
         return True, url
+    ctx = ssl.create_default_context(cafile=os.environ.get("PIP_CERT") or None)
     try:
-        socket.create_connection((host, urlparse(url).port or 443), timeout=10).close()
-        return True, url
-    except OSError as e:
+        with urllib.request.urlopen(f"{url}/pip/", timeout=15, context=ctx) as r:
+            return r.status == 200, f"{url}: HTTP {r.status}"
+    except (OSError, ValueError) as e:
         return False, f"{url}: {e}"
 
 
