@@ -4,7 +4,9 @@
 # trained with the same budget and seed, then diagnosed on the 32 val scenes (map reliance,
 # single-call controls, the 1/2/3/5/10-step curve): `densediff diagnose`. The twin is the
 # same model without diffusion (model.type=segmentor). Selection is on val only.
-# Usage: [SEED=0] [RUNS=folder] [RECIPES="official twin ..."] bash benchmarks/ddp_levers_generated.sh
+# With TEST=1 the val-selected checkpoints are also evaluated once on the 32 test scenes at
+# 1/2/3/5/10 steps (with the single-call controls). Summary: benchmarks/summarize_levers.py.
+# Usage: [SEED=0] [TEST=1] [RUNS=folder] [RECIPES="official twin ..."] bash benchmarks/ddp_levers_generated.sh
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 S=${SEED:-0}
@@ -14,6 +16,7 @@ declare -A RECIPE=(
   [selfcond]="model.diffusion.self_condition=true"
   [precond_s0.1]="model.diffusion.scale=0.1 model.diffusion.precondition=true"
   [precond_s0.1_selfcond]="model.diffusion.scale=0.1 model.diffusion.precondition=true model.diffusion.self_condition=true"
+  [recipe]="model.diffusion.scale=0.1 model.diffusion.precondition=true model.diffusion.steps=5"
   [precond_s0.1_selfcond_t2]="model.diffusion.scale=0.1 model.diffusion.precondition=true model.diffusion.self_condition=true model.diffusion.train_time_power=2 model.diffusion.sample_start=0.999 train.map_lr_mult=3"
 )
 for name in ${RECIPES:-official twin selfcond precond_s0.1 precond_s0.1_selfcond precond_s0.1_selfcond_t2}; do
@@ -24,7 +27,14 @@ for name in ${RECIPES:-official twin selfcond precond_s0.1 precond_s0.1_selfcond
   fi
   if [ "$name" = twin ]; then
     dd eval $w/checkpoints/best.safetensors --split val --out $w/eval_val.json --quiet
+    if [ "${TEST:-0}" = 1 ]; then
+      dd eval $w/checkpoints/best.safetensors --split test --out $w/eval_test.json --quiet
+    fi
   else
     dd diagnose $w/checkpoints/best.safetensors --split val --limit 32 --out $w/diag_val.json --quiet
+    if [ "${TEST:-0}" = 1 ]; then
+      dd eval $w/checkpoints/best.safetensors --split test --steps 1,2,3,5,10 \
+        --out $w/eval_test.json --quiet
+    fi
   fi
 done
