@@ -135,8 +135,8 @@ def test_config_path_that_is_a_folder(capsys, tmp_path):
     (["train", "generated/ddp.yaml", "seed=-1"], ["seed"]),
     (["train", "generated/ddp.yaml", "data.gen_seed=99999999999999999999999"], ["gen_seed"]),
     (["train", "generated/ddp.yaml", "model.diffusion.steps=100000"], ["diffusion.steps"]),
-    (["train", "generated/ddp.yaml", "data.train_pipeline.crop_size=[8,8]"],
-     ["crop_size", "at least 32"]),
+    (["train", "generated/ddp.yaml", "data.train_pipeline.crop_size=[8,8]",
+      "data.batch_size=1"], ["crop_size", "BatchNorm"]),
     (["train", "generated/ddp.yaml", "data.train_pipeline.crop_size=[32,32]",
       "data.batch_size=1"], ["crop_size", "BatchNorm"]),
 ])

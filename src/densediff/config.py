@@ -35,7 +35,8 @@ MAX_SAMPLING_STEPS = 1000
 dozen steps, and 1000 decoder calls of the paper's decoder take about half an hour on a CPU."""
 
 MIN_TRAIN_SIDE = 32
-"""The encoders' deepest stride: a training crop side below it leaves a single padded cell."""
+"""The encoders' deepest stride: a training batch must leave BatchNorm more than one value per
+channel at this stride (ceil(h / 32) * ceil(w / 32) * batch >= 2)."""
 
 PosInt = Annotated[int, Field(ge=1)]
 PosFloat = Annotated[float, Field(gt=0)]
@@ -647,10 +648,6 @@ class Config(_Strict):
         if crop is None or self.model.type == "ddps":
             return
         h, w = crop
-        if min(h, w) < MIN_TRAIN_SIDE:
-            raise ValueError(f"data.train_pipeline.crop_size {list(crop)} is too small for the "
-                             f"network: each side must be at least {MIN_TRAIN_SIDE} (the "
-                             "encoder's deepest stride)")
         cells = -(-h // MIN_TRAIN_SIDE) * -(-w // MIN_TRAIN_SIDE)
         if cells * self.data.batch_size < 2:
             raise ValueError(f"data.train_pipeline.crop_size {list(crop)} with data.batch_size "
