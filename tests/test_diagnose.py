@@ -164,3 +164,45 @@ def test_cli_diagnose_bad_input(ddp_ckpt, capsys, tmp_path):
     twin = untrained_checkpoint(tmp_path / "twin.safetensors")
     one_line_error(capsys, main(["diagnose", str(twin)]), "not a DDP model")
     one_line_error(capsys, main(["diagnose", str(ddp_ckpt), "--steps", "0"]), "--steps")
+
+
+def _untrained(config: str, overrides: list[str], tmp_path):
+    cfg = load_config(config, [*overrides, f"work_dir={tmp_path}"])
+    names, _ = class_info(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg, len(names)).eval()
+    return cfg, model, build_dataset(cfg, "val", train=False)
+
+
+def test_depth_diagnostics_copy_vs_ignore(tmp_path, monkeypatch):
+    """Depth (AbsRel, lower is better): a decoder whose depth is the decoded noisy map reads
+    the GT at t = 0 (low AbsRel) and not another scene's; one that ignores it shows none."""
+    from test_cli_depth import TINY as DEPTH_TINY
+
+    cfg, model, ds = _untrained("generated/depth_ddp.yaml", DEPTH_TINY, tmp_path)
+    enc = model.map_encoding
+    monkeypatch.setattr(model, "denoise",
+                        lambda feat, x_t, ls: enc.decode(x_t.clamp(-enc.scale, enc.scale)))
+    d = diagnose(model, ds, cfg, limit=3, steps=(1, 2), progress=False)
+    assert d["metric"] == "abs_rel" and d["lower_is_better"]
+    r0 = d["reliance"][0]
+    assert r0["metric_own"] < 0.5 * r0["metric_other"] and r0["rel_change"] > 0.05
+    flat = torch.full((1,), 3.0)
+    monkeypatch.setattr(model, "denoise",
+                        lambda feat, x_t, ls: flat.expand(feat.shape[0], 1, *feat.shape[-2:]))
+    d = diagnose(model, ds, cfg, limit=3, steps=(1, 2), progress=False)
+    assert all(r["rel_change"] == 0 and r["metric_own"] == r["metric_other"]
+               for r in d["reliance"])
+
+
+def test_bev_diagnostics_run_on_a_bev_ddp(tmp_path):
+    """BEV (mIoU over best thresholds): the full report on an untrained BEV DDP."""
+    from test_cli_bev import TINY as BEV_TINY
+
+    cfg, model, ds = _untrained("generated/bev_ddp.yaml", [*BEV_TINY, "data.gen_num_val=2"],
+                                tmp_path)
+    d = diagnose(model, ds, cfg, limit=2, steps=(1, 2), progress=False)
+    assert d["metric"] == "mIoU" and d["samples"] == 2
+    assert len(d["controls"]) == 10 and len(d["sampler"][1]["change_rates"]) == 1
+    assert all(0 <= r["metric_own"] <= 100 and r["rel_change"] >= 0 for r in d["reliance"])
+    assert d["fuse"]["map_channels"] == model.map_encoding.channels
