@@ -29,7 +29,7 @@ import numpy as np
 from densediff.config import load_config
 from densediff.data.bev import output_grid
 from densediff.data.fixtures import write_nuscenes
-from densediff.data.nuscenes import NuScenesDataset, devkit_map_labels
+from densediff.data.nuscenes import devkit_label_pairs
 
 POLYGON_CLASSES = {"drivable_area", "ped_crossing", "walkway", "stop_line", "carpark_area",
                    "road_segment", "road_block", "lane"}
@@ -51,9 +51,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("overrides", nargs="*", help="config overrides (data.bev.*)")
     args = p.parse_args()
-    from nuscenes.map_expansion.map_api import NuScenesMap
     from nuscenes.nuscenes import NuScenes
-    from pyquaternion import Quaternion
 
     data = load_config(None, ["task=bev", "data.dataset=nuscenes", "model.aux_head.enabled=false",
                               "data.bev.version=v1.0-mini", *args.overrides]).data
@@ -63,38 +61,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         info = write_nuscenes(Path(tmp) / "nuscenes")
         nusc = NuScenes(info["version"], str(info["root"]), verbose=False)
-        maps = {loc: NuScenesMap(str(info["root"]), loc) for loc in info["locations"]}
         head = f"{'sample':<14}" + "".join(f"{c[:13]:>14}" for c in classes)
         print("\nIoU ours vs devkit (polygon layers: / ours grown one cell towards +x, +y)")
         print(head + "\n" + "-" * len(head))
         ious, grown, offsets = [], [], []
-        for split in ("train", "val"):
-            ds = NuScenesDataset(data, info["root"], split, train=False)
-            for i, token in enumerate(ds.samples):
-                ours = ds[i]["label"].numpy().astype(bool)
-                sample = nusc.get("sample", token)
-                log = nusc.get("log", nusc.get("scene", sample["scene_token"])["log_token"])
-                sd = nusc.get("sample_data", sample["data"]["LIDAR_TOP"])
-                pose = nusc.get("ego_pose", sd["ego_pose_token"])
-                yaw = Quaternion(pose["rotation"]).yaw_pitch_roll[0]
-                theirs = devkit_map_labels(maps[log["location"]], pose["translation"][:2], yaw, grid,
-                                           classes).astype(bool)
-                ious.append([_iou(o, t) for o, t in zip(ours, theirs)])
-                grown.append([_iou(_grow(o), t) if c in POLYGON_CLASSES else np.nan
-                              for c, o, t in zip(classes, ours, theirs)])
-                xs, ys = grid.centres()
-                off = []
-                for o, t in zip(ours, theirs):
-                    if o.any() and t.any():
-                        (oi, oj), (ti, tj) = np.nonzero(o), np.nonzero(t)
-                        off.append([xs[ti].mean() - xs[oi].mean(), ys[tj].mean() - ys[oj].mean()])
-                    else:
-                        off.append([np.nan, np.nan])
-                offsets.append(off)
-                name = f"{split} {info['samples'][token]['scene']}/{info['samples'][token]['index']}"
-                print(f"{name:<14}" + "".join(
-                    f"{a:>14.3f}" if np.isnan(b) else f"{f'{a:.3f} / {b:.3f}':>14}"
-                    for a, b in zip(ious[-1], grown[-1])))
+        for split, token, ours, theirs in devkit_label_pairs(data, info["root"], nusc):
+            ious.append([_iou(o, t) for o, t in zip(ours, theirs)])
+            grown.append([_iou(_grow(o), t) if c in POLYGON_CLASSES else np.nan
+                          for c, o, t in zip(classes, ours, theirs)])
+            xs, ys = grid.centres()
+            off = []
+            for o, t in zip(ours, theirs):
+                if o.any() and t.any():
+                    (oi, oj), (ti, tj) = np.nonzero(o), np.nonzero(t)
+                    off.append([xs[ti].mean() - xs[oi].mean(), ys[tj].mean() - ys[oj].mean()])
+                else:
+                    off.append([np.nan, np.nan])
+            offsets.append(off)
+            name = f"{split} {info['samples'][token]['scene']}/{info['samples'][token]['index']}"
+            print(f"{name:<14}" + "".join(
+                f"{a:>14.3f}" if np.isnan(b) else f"{f'{a:.3f} / {b:.3f}':>14}"
+                for a, b in zip(ious[-1], grown[-1])))
         ious, grown, offsets = np.array(ious), np.array(grown), np.array(offsets)
         print("-" * len(head))
         print(f"{'mean':<14}" + "".join(

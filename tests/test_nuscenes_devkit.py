@@ -26,6 +26,7 @@ from densediff.data.bev import DIVIDER_WIDTH, MapGeometry, output_grid, rasteriz
 from densediff.data.fixtures import write_nuscenes  # noqa: E402
 from densediff.data.nuscenes import (  # noqa: E402
     NuScenesDataset,
+    devkit_label_pairs,
     devkit_map_labels,
     remove_close,
 )
@@ -55,12 +56,6 @@ def _samples(devkit: NuScenes, scene: dict) -> list[str]:
         out.append(token)
         token = devkit.get("sample", token)["next"]
     return out
-
-
-def _ego(devkit: NuScenes, sample: dict) -> tuple[np.ndarray, float]:
-    """Global x, y and yaw (radians) of a sample's LIDAR_TOP ego pose, by the devkit."""
-    pose = devkit.get("ego_pose", devkit.get("sample_data", sample["data"]["LIDAR_TOP"])["ego_pose_token"])
-    return np.asarray(pose["translation"][:2]), Quaternion(pose["rotation"]).yaw_pitch_roll[0]
 
 
 def test_devkit_opens_the_fixture(nusc):
@@ -189,30 +184,22 @@ def test_map_labels_agree_with_get_map_mask(nusc, ybound):
     grid = output_grid(data.bev)
     classes = list(data.bev.classes)
     assert classes == [*POLYGON_CLASSES, "divider"]
-    maps = {loc: NuScenesMap(str(info["root"]), loc) for loc in info["locations"]}
     offsets = {c: [] for c in classes}
-    for split in ("train", "val"):
-        ds = NuScenesDataset(data, info["root"], split, train=False)
-        for i, token in enumerate(ds.samples):
-            ours = ds[i]["label"].numpy().astype(bool)
-            sample = devkit.get("sample", token)
-            log = devkit.get("log", devkit.get("scene", sample["scene_token"])["log_token"])
-            xy, yaw = _ego(devkit, sample)
-            theirs = devkit_map_labels(maps[log["location"]], xy, yaw, grid, classes).astype(bool)
-            assert theirs.shape == ours.shape == (len(classes), *grid.shape)
-            first = info["samples"][token]["index"] == 0
-            for k, c in enumerate(classes):
-                assert ours[k].any() and theirs[k].any(), (token, c)
-                if ours[k].sum() < 20:  # a corner of a shape cut by the grid's edge
-                    assert theirs[k].sum() < 40, (token, c)
-                    continue
-                assert _iou(ours[k], theirs[k]) >= 0.65, (token, c, _iou(ours[k], theirs[k]))
-                offsets[c].append(_centroid(theirs[k], grid) - _centroid(ours[k], grid))
-                if c in POLYGON_CLASSES:
-                    iou = _iou(_dilate_up(ours[k]), theirs[k])
-                    assert iou >= 0.75, (token, c, iou)
-                    if first and c != "drivable_area":  # its hole is grown by the devkit too
-                        assert iou == 1.0, (token, c, iou)
+    for _, token, ours, theirs in devkit_label_pairs(data, info["root"], devkit):
+        assert theirs.shape == ours.shape == (len(classes), *grid.shape)
+        first = info["samples"][token]["index"] == 0
+        for k, c in enumerate(classes):
+            assert ours[k].any() and theirs[k].any(), (token, c)
+            if ours[k].sum() < 20:  # a corner of a shape cut by the grid's edge
+                assert theirs[k].sum() < 40, (token, c)
+                continue
+            assert _iou(ours[k], theirs[k]) >= 0.65, (token, c, _iou(ours[k], theirs[k]))
+            offsets[c].append(_centroid(theirs[k], grid) - _centroid(ours[k], grid))
+            if c in POLYGON_CLASSES:
+                iou = _iou(_dilate_up(ours[k]), theirs[k])
+                assert iou >= 0.75, (token, c, iou)
+                if first and c != "drivable_area":  # its hole is grown by the devkit too
+                    assert iou == 1.0, (token, c, iou)
     for c in classes:
         off = np.mean(offsets[c], 0)
         if c in POLYGON_CLASSES:

@@ -46,7 +46,7 @@ import functools
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,8 +62,9 @@ if TYPE_CHECKING:
     from densediff.config import DataConfig
 
 __all__ = ["NuScenesDataset", "NuScenesTables", "VectorMap", "check_nuscenes", "class_layers",
-           "devkit_map_labels", "load_vector_map", "map_path", "pose_matrix", "quaternion_matrix",
-           "read_points", "remove_close", "split_scene_names"]
+           "devkit_label_pairs", "devkit_map_labels", "load_vector_map", "map_path",
+           "pose_matrix", "quaternion_matrix", "read_points", "remove_close",
+           "split_scene_names"]
 
 LIDAR_CHANNEL = "LIDAR_TOP"
 TABLE_KEYS: dict[str, tuple[str, ...]] = {
@@ -593,6 +594,37 @@ def devkit_map_labels(nusc_map: Any, xy: Sequence[float], yaw: float, grid: BEVG
         mask = nusc_map.get_map_mask(box, math.degrees(yaw), layers, (ny, nx))
         out[k] = np.asarray(mask).any(0).T
     return out
+
+
+def devkit_label_pairs(data: DataConfig, root: str | os.PathLike, nusc: Any,
+                       splits: Sequence[str] = ("train", "val")
+                       ) -> Iterator[tuple[str, str, np.ndarray, np.ndarray]]:
+    """Our labels next to the devkit's, sample by sample: ``(split, sample token, ours,
+    theirs)``, both K x X x Y bool on the label grid. Ours come from :class:`NuScenesDataset`
+    (test pipeline); the devkit's from :func:`devkit_map_labels` at the LIDAR_TOP ego pose as
+    the devkit (``nusc``: a ``nuscenes.nuscenes.NuScenes`` of ``root``) reads it.
+    """
+    from nuscenes.map_expansion.map_api import NuScenesMap
+    from pyquaternion import Quaternion
+
+    from densediff.data.bev import output_grid
+
+    grid, classes = output_grid(data.bev), list(data.bev.classes)
+    maps: dict[str, Any] = {}
+    for split in splits:
+        ds = NuScenesDataset(data, root, split, train=False)
+        for i, token in enumerate(ds.samples):
+            sample = nusc.get("sample", token)
+            location = nusc.get("log", nusc.get("scene", sample["scene_token"])["log_token"])[
+                "location"]
+            if location not in maps:
+                maps[location] = NuScenesMap(str(root), location)
+            sd = nusc.get("sample_data", sample["data"][LIDAR_CHANNEL])
+            pose = nusc.get("ego_pose", sd["ego_pose_token"])
+            yaw = Quaternion(pose["rotation"]).yaw_pitch_roll[0]
+            theirs = devkit_map_labels(maps[location], pose["translation"][:2], yaw, grid,
+                                       classes)
+            yield split, token, ds[i]["label"].numpy().astype(bool), theirs.astype(bool)
 
 
 # --------------------------------------------------------------------------------------------
