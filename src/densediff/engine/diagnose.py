@@ -40,7 +40,7 @@ from densediff.engine import distributed as du
 from densediff.engine.evaluate import _images, sample_seed
 
 __all__ = ["CONTROL_TIMES", "RELIANCE_TIMES", "diagnose", "format_diagnosis",
-           "gains_over_controls", "is_ddp", "single_call_controls"]
+           "gains_over_controls", "is_ddp", "single_call_controls", "task_metric"]
 
 RELIANCE_TIMES = (0.0, 0.25, 0.5, 0.75, 0.95)
 CONTROL_TIMES = (1.0, 0.999, 0.95, 0.5, 1 / 3)
@@ -51,29 +51,32 @@ DEFAULT_STEPS = (1, 2, 3, 5, 10)
 # the task's metric on a trajectory
 
 
+def task_metric(cfg: Config) -> tuple[str, bool]:
+    """(the metric the diagnostics report, lower is better): AbsRel for depth, else mIoU."""
+    return ("abs_rel", True) if cfg.task == "depth" else ("mIoU", False)
+
+
 class _Scorer:
     """One accumulating task metric: ``update(trajectory, label)``, then ``value()``."""
 
     def __init__(self, model: nn.Module, dataset, cfg: Config, device: torch.device):
-        self.task, self.cfg = cfg.task, cfg
+        self.task = cfg.task
         self.accumulation = model.accumulation
+        self.key, self.lower_is_better = task_metric(cfg)
         if cfg.task == "depth":
             from densediff.tasks.depth import DepthMetric
 
             dd = cfg.data.depth
             self.metric = DepthMetric(dd.min_depth, dd.max_depth, dd.eval_crop, device=device)
-            self.key, self.lower_is_better = "abs_rel", True
         elif cfg.task == "bev":
             from densediff.tasks.bev import BEVIoUMetric
 
             self.metric = BEVIoUMetric(dataset.class_names, device=device)
-            self.key, self.lower_is_better = "mIoU", False
         else:
             from densediff.tasks.segmentation import SegMetric
 
             self.metric = SegMetric(dataset.num_classes, dataset.ignore_index,
                                     cfg.eval.boundary_dilation, device=device)
-            self.key, self.lower_is_better = "mIoU", False
 
     def update(self, traj, label: torch.Tensor) -> None:
         size = label.shape[-2:]
@@ -98,7 +101,7 @@ def _one_step(model: nn.Module, out: torch.Tensor):
     return model.trajectory_cls([out[:, None]])
 
 
-def _change_rates(model: nn.Module, task: str, traj) -> list[float]:
+def _change_rates(task: str, traj) -> list[float]:
     """From step s - 1 to step s (s = 2..S): the share of map cells whose label (BEV: mask at
     0.5) changes; depth: the mean absolute depth change over the mean depth."""
     if task == "depth":
@@ -152,29 +155,27 @@ def single_call_controls(model: nn.Module, dataset, cfg: Config, limit: int | No
     gen = _images(model, dataset, cfg, progress)  # eval mode while it runs
     try:
         for index, img, label in islice(gen, limit):
-            feat = model.extract(img)
-            y0 = model.encode_target(label, tuple(feat.shape[-2:]))
-            noise = _seeded_noise(y0, cfg, index)
-            for t in times:
-                ls = _log_snr(model, t, feat.shape[0], device)
-                for kind, x in (("noise", noise), ("zero", torch.zeros_like(y0))):
-                    scorers[(kind, t)].update(_one_step(model, model.denoise(feat, x, ls)), label)
+            _update_controls(model, cfg, index, model.extract(img), label, scorers)
     finally:
         gen.close()
     return [{"input": k, "t": t, "metric": s.value()} for (k, t), s in scorers.items()]
+
+
+def _update_controls(model: nn.Module, cfg: Config, index: int, feat: torch.Tensor,
+                     label: torch.Tensor, scorers: dict) -> None:
+    """Score one decoder call per ``(input, t)`` key of ``scorers``: on the sample's seeded
+    starting noise or on a zero map, at time label t."""
+    y0 = model.encode_target(label, tuple(feat.shape[-2:]))
+    maps = {"noise": _seeded_noise(y0, cfg, index), "zero": torch.zeros_like(y0)}
+    for (kind, t), scorer in scorers.items():
+        ls = _log_snr(model, t, feat.shape[0], feat.device)
+        scorer.update(_one_step(model, model.denoise(feat, maps[kind], ls)), label)
 
 
 def _seeded_noise(y0: torch.Tensor, cfg: Config, index: int) -> torch.Tensor:
     """The sampler's starting noise of dataset item ``index`` (its eval seed)."""
     g = torch.Generator(device=y0.device).manual_seed(sample_seed(cfg, index))
     return seeded_normal(y0.shape, [g], y0.device, y0.dtype)
-
-
-def _targets(model: nn.Module, feat: torch.Tensor, label: torch.Tensor, other: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y_0 of another sample's GT, y_0 of the sample's own GT) on the feature grid."""
-    size = tuple(feat.shape[-2:])
-    return model.encode_target(other, size), model.encode_target(label, size)
 
 
 def best_control(controls: list[dict], lower_is_better: bool) -> dict:
@@ -251,19 +252,13 @@ def diagnose(model: nn.Module, dataset, cfg: Config, limit: int | None = 32,
     try:
         for i, (index, img, label) in enumerate(samples):
             feat = model.extract(img)
-            b = feat.shape[0]
             _reliance(model, index, feat, label, samples[i - 1][2], own, other, change, cfg)
-            y0 = model.encode_target(label, tuple(feat.shape[-2:]))
-            noise = _seeded_noise(y0, cfg, index)
-            for (kind, t), scorer in controls.items():
-                x = noise if kind == "noise" else torch.zeros_like(y0)
-                ls = _log_snr(model, t, b, device)
-                scorer.update(_one_step(model, model.denoise(feat, x, ls)), label)
+            _update_controls(model, cfg, index, feat, label, controls)
             for n, scorer in sampler.items():
                 traj = model.sample_steps(feat, n, seeds=[sample_seed(cfg, index)])
                 scorer.update(traj, label)
                 if n > 1:
-                    rates[n].append(_change_rates(model, cfg.task, traj))
+                    rates[n].append(_change_rates(cfg.task, traj))
     finally:
         model.train(was_training)
     result_controls = [{"input": k, "t": t, "metric": s.value()} for (k, t), s in controls.items()]
@@ -285,7 +280,8 @@ def diagnose(model: nn.Module, dataset, cfg: Config, limit: int | None = 32,
 
 def _reliance(model, index, feat, label, other_label, own, other, change, cfg) -> None:
     """Decoder outputs on y_t built from the own and from another GT (same noise)."""
-    y_other, y_own = _targets(model, feat, label, other_label)
+    size = tuple(feat.shape[-2:])
+    y_own, y_other = model.encode_target(label, size), model.encode_target(other_label, size)
     g = torch.Generator(device=feat.device).manual_seed(sample_seed(cfg, index) + 7919)
     eps = torch.randn(y_own.shape, generator=g, device=feat.device, dtype=y_own.dtype)
     for t in own:
