@@ -30,9 +30,20 @@ class DivergenceError(UserError):
     """Training produced NaN/inf losses or gradients; no checkpoint is written for it."""
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def terminal_line(text: str) -> str:
+    """``text`` as one terminal-safe line: terminal colour codes (e.g. from a library's
+    message) dropped, other control characters written as ``\\xNN`` (file names may hold any
+    byte), whitespace collapsed."""
+    text = _ANSI.sub("", text)
+    text = "".join(c if c.isprintable() or c.isspace() else f"\\x{ord(c):02x}" for c in text)
+    return " ".join(text.split())
+
+
 def one_line(err: BaseException, limit: int = 200) -> str:
-    """An exception's message squeezed onto one line (whitespace collapsed, at most ``limit``
+    """An exception's message squeezed onto one line (:func:`terminal_line`, at most ``limit``
     characters), for wrapping library errors into a one-line :class:`UserError`."""
-    text = " ".join(re.sub(r"\x1b\[[0-9;?]*[ -/]*[@-~]", "", str(err)).split())
-    text = text or type(err).__name__
+    text = terminal_line(str(err)) or type(err).__name__
     return text[:limit] + ("..." if len(text) > limit else "")

@@ -8,11 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
-from densediff.errors import UserError
+from densediff.errors import UserError, terminal_line
 
 DATA_CHECK_FORMATS = ("camvid", "ade20k", "cityscapes", "folder", "kitti", "nyu", "sunrgbd",
                       "depth_folder", "nuscenes")
@@ -66,6 +65,13 @@ def check_range(value: int | None, option: str, low: int, high: int) -> None:
     """UserError naming ``option`` unless ``low <= value <= high`` (None passes)."""
     if value is not None and not low <= value <= high:
         raise UserError(f"{option}: must be between {low} and {high}, got {value}")
+
+
+def check_size(size: list[int] | None, option: str = "--size") -> None:
+    """UserError unless an (H, W) input size is at least 32 x 32 (the deepest encoder stride)."""
+    if size is not None and min(size) < 32:
+        raise UserError(f"{option}: height and width must be at least 32 pixels, got "
+                        f"{' '.join(map(str, size))}")
 
 
 MAX_SEED = 2**63 - 1
@@ -167,11 +173,10 @@ def _control_gains(model, dataset, cfg, results: dict, quiet: bool) -> dict:
     """DDP: one decoder call on pure noise / a zero map at several time labels (the controls
     that could show a step curve to be a time-label effect); prints each step count's gain
     over the best control and over 1 step."""
-    from densediff.engine.diagnose import gains_over_controls, single_call_controls
+    from densediff.engine.diagnose import gains_over_controls, single_call_controls, task_metric
 
     controls = single_call_controls(model, dataset, cfg, progress=not quiet)
-    key = "abs_rel" if cfg.task == "depth" else "mIoU"
-    lower = cfg.task == "depth"
+    key, lower = task_metric(cfg)
     gains = gains_over_controls({n: m[key] for n, m in results.items()}, controls, lower)
     best = gains["best_control"]
     print(f"best single decoder call (control): {best['input']} map at t = {best['t']:.3f}: "
@@ -239,9 +244,7 @@ def _list_images(path: Path) -> list[Path]:
     return files
 
 
-def _real(path: Path) -> str:
-    """The canonical path of ``path`` (never fails, also on link loops)."""
-    return os.path.realpath(path)
+
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -275,7 +278,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if predictor.cfg.task == "depth":
         return _predict_depth(args, predictor, files, out)
-    inputs = {_real(f) for f in files}
+    inputs = {os.path.realpath(f) for f in files}  # realpath: never fails on link loops
     kinds = ["mask", "color", "overlay"]
     if args.uncertainty:
         kinds += ["entropy"] + (["uncertainty"] if predictor.is_diffusion else [])
@@ -285,7 +288,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         kinds += ["base", "compare"]
     for f, stem in zip(files, _output_stems(files)):
         outputs = [out / f"{stem}_{kind}.png" for kind in kinds]
-        if any(_real(o) in inputs for o in outputs):
+        if any(os.path.realpath(o) in inputs for o in outputs):
             raise UserError(f"{out}: writing results there would overwrite input images; "
                             "choose another --out")
         rgb = read_image(f)
@@ -335,11 +338,11 @@ def _predict_depth(args: argparse.Namespace, predictor, files: list[Path], out: 
 
     dcfg = predictor.cfg.data
     scale = depth_scale_for(dcfg.dataset, dcfg.depth.depth_scale, dcfg.depth.max_depth)
-    inputs = {_real(f) for f in files}
+    inputs = {os.path.realpath(f) for f in files}
     for f, stem in zip(files, _output_stems(files)):
         targets = [out / f"{stem}_{k}" for k in ("depth.png", "depth16.png", "depth.npy",
                                                    "uncertainty.png", "trajectory.png")]
-        if any(_real(t) in inputs for t in targets):
+        if any(os.path.realpath(t) in inputs for t in targets):
             raise UserError(f"{out}: writing results there would overwrite input images; "
                             "choose another --out")
         rgb = read_image(f)
@@ -414,9 +417,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from densediff.config import load_config
     from densediff.fs import check_writable_file
 
-    if args.size is not None and min(args.size) < 32:
-        raise UserError(f"--size: height and width must be at least 32 pixels, got "
-                        f"{' '.join(map(str, args.size))}")
+    check_size(args.size)
     check_range(args.batch, "--batch", 1, 256)
     check_range(args.repeats, "--repeats", 1, 1000)
     steps = parse_steps(args.steps, low=1) or [1, 3, 5]
@@ -436,9 +437,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from densediff.config import load_config
     from densediff.info import describe
 
-    if args.size is not None and min(args.size) < 32:
-        raise UserError(f"--size: height and width must be at least 32 pixels, got "
-                        f"{' '.join(map(str, args.size))}")
+    check_size(args.size)
     cfg = load_config(args.config, args.overrides)
     print(describe(cfg, size=tuple(args.size) if args.size else None))
     return 0
@@ -612,13 +611,7 @@ def error_line(err: UserError) -> str:
         last = text.strip().splitlines()[-1]
         prefix = f"{type(err).__module__}.{type(err).__qualname__}: "
         text = last[len(prefix):] if last.startswith(prefix) else last
-    text = _ANSI.sub("", text)  # terminal colour codes (e.g. from a library's message)
-    # no other control characters reach the terminal (file names may hold any byte)
-    text = "".join(c if c.isprintable() or c.isspace() else f"\\x{ord(c):02x}" for c in text)
-    return " ".join(text.split())
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+    return terminal_line(text)
 
 
 def main(argv: list[str] | None = None) -> int:
