@@ -243,7 +243,7 @@ class _Run:
         self.best: float | None = None
         self.best_iter = 0
         self.losses: deque[float] = deque(maxlen=LOSS_HISTORY)  # recent sound training losses
-        self.pending: int | None = None  # iteration of the uncommitted checkpoints/.pending
+        self.pending: int | None = None  # rank 0: iteration of checkpoints/.pending
         self.committed: tuple[int, float] | None = None  # (iteration, first loss) of last
         self.notes: list[str] = []  # resume warnings, logged once the logger exists
         if self.ema is not None:
@@ -408,35 +408,35 @@ class _Run:
                                f"of the previous {len(self.losses)} iterations")
         return True, ""
 
-    def _judge_pending(self, loss: float) -> str | None:
-        """After an iteration: commit a pending ``last`` checkpoint if this iteration's loss
-        (the first computed with its weights) is sound, else drop it. Returns why the weights
-        look diverged, or None. Rank 0 only writes files."""
+    def _judge_pending(self, loss: float) -> None:
+        """After an iteration: commit a pending ``last`` checkpoint (rank 0 only has one) if
+        this iteration's loss, the first computed with its weights, is sound; else drop it."""
         sound, why = self._loss_is_sound(loss)
         if sound:
             self.losses.append(loss)
-        if self.pending is None or not self.info.is_main:
-            self.pending = None
-            return None if sound else why
-        pending, it = self.ckpt_dir / PENDING_DIR, self.pending
-        self.pending = None
+        if self.pending is None:
+            return
         if sound:
-            self._commit_pending(pending, it, loss)
-            return None
-        shutil.rmtree(pending, ignore_errors=True)
+            self._commit_pending(loss)
+            return
+        shutil.rmtree(self.ckpt_dir / PENDING_DIR, ignore_errors=True)
         kept = (f"checkpoints/last stays at iteration {self.committed[0]}"
                 if self.committed else "no checkpoints/last was kept")
-        self.logger.info(f"warning: iteration {self.iter + 1}: {why}: the weights of iteration {it} "
-                         f"look diverged and are not kept as checkpoints/last; {kept}")
-        return why
+        self.logger.info(f"warning: iteration {self.iter + 1}: {why}: the weights of iteration "
+                         f"{self.pending} look diverged and are not kept as checkpoints/last; "
+                         f"{kept}")
+        self.pending = None
 
-    def _commit_pending(self, pending: Path, it: int, loss: float | None) -> None:
+    def _commit_pending(self, loss: float | None = None) -> None:
+        """Move the pending ``last`` checkpoint onto ``checkpoints/last.*`` (``loss``: the
+        sound loss its weights gave, None when unjudged)."""
+        pending = self.ckpt_dir / PENDING_DIR
         for name in LAST_FILES:  # the state file last: it is the commit point
             src = pending / name
             if src.is_file():
                 os.replace(src, self.ckpt_dir / name)
         shutil.rmtree(pending, ignore_errors=True)
-        self.committed = (it, loss)
+        self.committed, self.pending = (self.pending, loss), None
 
     def _kept_checkpoints(self) -> str:
         """Which checkpoints a diverged run leaves, for the error message."""
@@ -562,18 +562,15 @@ class _Run:
                 last = self.iter % t.ckpt_interval == 0 or final
                 if best or last:
                     self._save(best, last)
-                if final and self.pending is not None and info.is_main:
-                    # no later loss to judge the final weights by: committed as they are
-                    self._commit_pending(self.ckpt_dir / PENDING_DIR, self.pending, None)
-                    self.pending = None
+                if final and self.pending is not None:
+                    self._commit_pending()  # no later loss to judge the final weights by
                 t_log += time.perf_counter() - t0  # s/it counts training only
             if self.last_metrics is None:  # resumed a finished run: just report
                 self._evaluate(progress=not bar.disable)
             du.barrier()  # rank 0 has finished writing
         except KeyboardInterrupt:
-            if self.pending is not None and info.is_main:  # keep the work of an interrupted run
-                self._commit_pending(self.ckpt_dir / PENDING_DIR, self.pending, None)
-                self.pending = None
+            if self.pending is not None:  # keep the work of an interrupted run
+                self._commit_pending()
             raise
         finally:
             bar.close()
