@@ -386,3 +386,28 @@ def test_reduce_without_distributed_is_noop():
     m.reduce()
     assert torch.equal(m.confusion, before)
     m.update(PRED[None], LABEL[None])  # allowed: nothing was reduced
+
+
+def test_class_ids_is_argmax_with_first_max_on_ties():
+    from densediff.tasks.segmentation import class_ids
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 17, 23, generator=g)
+    x[:, 3] = x[:, 1]  # exact ties between classes 1 and 3 everywhere: the first (1) wins
+    x[0, :, 0, 0] = 0.0  # a constant column: the first class
+    assert torch.equal(class_ids(x), x.argmax(1))
+    assert int(class_ids(x)[0, 0, 0]) == 0
+    assert not (class_ids(x) == 3).any()
+
+
+def test_segmetric_without_boundary_same_miou_nan_biou():
+    g = torch.Generator().manual_seed(1)
+    label = torch.randint(0, 4, (2, 40, 50), generator=g)
+    label[:, :5] = IGN
+    pred = torch.randint(0, 4, (2, 40, 50), generator=g)
+    full, fast = SegMetric(4, IGN), SegMetric(4, IGN, boundary=False)
+    full.update(pred, label)
+    fast.update(pred, label)
+    a, b = full.compute(), fast.compute()
+    assert a["mIoU"] == b["mIoU"] and a["aAcc"] == b["aAcc"]
+    assert a["mBIoU"] == a["mBIoU"] and b["mBIoU"] != b["mBIoU"]  # a number vs NaN

@@ -38,6 +38,7 @@ from densediff.diffusion.samplers import seeded_normal
 from densediff.diffusion.schedules import alpha_sigma
 from densediff.engine import distributed as du
 from densediff.engine.evaluate import _images, sample_seed
+from densediff.tasks.segmentation import class_ids
 
 __all__ = ["CONTROL_TIMES", "RELIANCE_TIMES", "diagnose", "format_diagnosis",
            "gains_over_controls", "is_ddp", "single_call_controls", "task_metric"]
@@ -75,8 +76,9 @@ class _Scorer:
         else:
             from densediff.tasks.segmentation import SegMetric
 
+            # mIoU only: no boundary bands (most of a score's cost at full resolution).
             self.metric = SegMetric(dataset.num_classes, dataset.ignore_index,
-                                    cfg.eval.boundary_dilation, device=device)
+                                    cfg.eval.boundary_dilation, device=device, boundary=False)
 
     def update(self, traj, label: torch.Tensor) -> None:
         size = label.shape[-2:]
@@ -89,7 +91,7 @@ class _Scorer:
         else:
             scores = F.interpolate(traj.scores(self.accumulation), size=size, mode="bilinear",
                                    align_corners=False)
-            self.metric.update(scores.argmax(1), label)
+            self.metric.update(class_ids(scores), label)
 
     def value(self) -> float:
         self.metric.reduce()
@@ -111,7 +113,7 @@ def _change_rates(task: str, traj) -> list[float]:
     if task == "bev":
         m = traj.step_probs() >= 0.5
     else:
-        m = traj.step_logits().argmax(2)
+        m = traj.step_logits().max(2).indices  # class ids (fast argmax)
     return [float((m[s] != m[s - 1]).float().mean()) for s in range(1, len(m))]
 
 

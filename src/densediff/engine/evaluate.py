@@ -22,7 +22,7 @@ from densediff.config import Config
 from densediff.engine import distributed as du
 from densediff.engine.inference import predict_depth, predict_probs
 from densediff.tasks.depth import DepthMetric, DepthUncertaintyMetric
-from densediff.tasks.segmentation import SegMetric
+from densediff.tasks.segmentation import SegMetric, class_ids
 from densediff.tasks.uncertainty import UncertaintyMetric, entropy_uncertainty, step_change_uncertainty
 
 __all__ = ["bev_uncertainty_maps", "depth_uncertainty_maps", "evaluate", "evaluate_steps",
@@ -58,7 +58,7 @@ def uncertainty_maps(model: nn.Module, feat: torch.Tensor, steps: int, out_size:
         return F.interpolate(x, size=out_size, mode="bilinear", align_corners=False)
 
     probs = up(traj.scores(accumulation)).softmax(1)
-    step_labels = torch.stack([up(lg).argmax(1) for lg in traj.step_logits()])
+    step_labels = torch.stack([class_ids(up(lg)) for lg in traj.step_logits()])
     unc = {"steps": step_change_uncertainty(step_labels), "entropy": entropy_uncertainty(probs)}
     return probs, step_labels, unc
 
@@ -133,7 +133,7 @@ def evaluate_steps(model: nn.Module, dataset, cfg: Config, steps: Sequence[int] 
                 kw = {"steps": n, "seeds": seeds} if diffusion else {}
                 probs = predict_probs(model, img, cfg.eval, ori_size=(h, w), aug=aug, **kw)
                 maps = {"entropy": entropy_uncertainty(probs)} if diffusion else {}
-            pred = probs.argmax(1)
+            pred = class_ids(probs)
             seg[n].update(pred, label)
             for k, m in maps.items():
                 unc[n][k].update(m, pred != label, valid)
