@@ -251,3 +251,48 @@ def test_unet_size_configs_match_the_paper(size, paper):
         net = UNet(256 + 16, u.out_channels, u.dim, u.dim_mults, u.groups, u.heads, u.dim_head)
     n = sum(p.numel() for p in net.parameters()) / 1e6
     assert n == pytest.approx(paper, rel=0.03)
+
+
+@pytest.mark.parametrize("codec", ["resize", "bits"])
+def test_no_diffusion_control_is_one_call_on_a_zero_mask(codec, monkeypatch):
+    """Table 7's control: same parameters as DDPS, trained with CE on the GT from an all-zero
+    mask input at a fixed time, sampled in one call; never draws noise."""
+    model = make(f"model.ddps.codec={codec}", "model.ddps.diffusion=false", "model.ddps.steps=1")
+    twin = make(f"model.ddps.codec={codec}")
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in twin.parameters())
+    seen = []
+    real = model.denoise
+    monkeypatch.setattr(model, "denoise", lambda f, x, t: seen.append((x, t)) or real(f, x, t))
+    img, label = batch()
+    losses = model.forward_train(img, label)
+    assert set(losses) == {"loss", "loss_ce"} and torch.isfinite(losses["loss"])
+    losses["loss"].backward()
+    assert float(model.unet.init_conv.weight.grad.abs().sum()) > 0
+    assert len(seen) == 1 and not seen[0][0].any() and not seen[0][1].any()
+    model.eval()
+    seen.clear()
+    cond = model.extract(img)
+    a = model.sample_steps(cond, 1, seeds=[1, 2]).scores(False)
+    b = model.sample_steps(cond, 1, seeds=[3, 4]).scores(False)
+    assert torch.equal(a, b) and len(seen) == 2  # deterministic: no noise anywhere
+    assert torch.equal(model.sample_steps(cond, 0).scores(False), cond.logits)
+    with pytest.raises(ValueError, match="one call"):
+        model.sample_steps(cond, 2)
+    assert model.max_steps == 1
+
+
+def test_no_diffusion_control_config_is_checked():
+    with pytest.raises(ConfigError, match="model.ddps.steps must be 1"):
+        make("model.ddps.diffusion=false", "model.ddps.steps=3")
+    with pytest.raises(ConfigError, match="loss must be ce"):
+        make("model.ddps.diffusion=false", "model.ddps.steps=1", "model.ddps.loss=vlb")
+
+
+def test_no_diffusion_control_step_check_says_why():
+    from densediff.api import check_steps
+    from densediff.errors import UserError
+
+    model = make("model.ddps.diffusion=false", "model.ddps.steps=1")
+    check_steps(model, [0, 1])
+    with pytest.raises(UserError, match=r"0\.\.1 \(the no-diffusion control makes one call\)"):
+        check_steps(model, [1, 2])

@@ -390,8 +390,8 @@ def check_steps(model: torch.nn.Module, steps: list[int], source: str = "model",
     hi = MAX_SAMPLING_STEPS if hi is None else min(hi, MAX_SAMPLING_STEPS)
     bad = [n for n in steps if n < lo or n > hi]
     if bad:
-        span = (f"{lo}..{hi} (the trained timesteps)" if model.max_steps is not None
-                else f"{lo}..{hi}")
+        why = getattr(model, "max_steps_reason", "the trained timesteps")
+        span = f"{lo}..{hi} ({why})" if model.max_steps is not None else f"{lo}..{hi}"
         raise UserError(f"{key}: {source} takes step counts {span}, got {bad[0]}")
 
 

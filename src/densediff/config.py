@@ -444,9 +444,21 @@ class DDPSConfig(_Strict):
     bit_scale: float = Field(0.1, gt=0)
     """``bits``: input scaling of the analog bits (paper: 0.1)."""
     unet: UNetConfig = UNetConfig()
+    diffusion: bool = True
+    """False: the paper's Table 7 control ("UNet as additional layers of the decode head"):
+    the same UNet and classifier, trained on the frozen base's features with CE on the GT but
+    without diffusion: the mask input is all zeros and the time input fixed, one call
+    (``steps: 1``; eval ``--steps 0`` is still the base). Splits DDPS's gain over the base into
+    extra capacity and diffusion."""
 
     @model_validator(mode="after")
     def _checks(self) -> DDPSConfig:
+        if not self.diffusion and self.steps != 1:
+            raise ValueError("model.ddps.diffusion false (the no-diffusion control) makes one "
+                             f"call: model.ddps.steps must be 1, got {self.steps}")
+        if not self.diffusion and self.loss != "ce":
+            raise ValueError("model.ddps.diffusion false trains with CE: model.ddps.loss must "
+                             "be ce")
         if self.steps > self.timesteps:
             raise ValueError(f"steps ({self.steps}) must be at most timesteps "
                              f"({self.timesteps})")

@@ -16,6 +16,8 @@ DDP's (:mod:`densediff.diffusion.schedules`, :mod:`densediff.diffusion.samplers`
   of Table 3d, two-stage training, condition dropout);
 - inference, Algorithm 2: :meth:`DDPS.sample_steps` (stride sampling, free or posterior
   re-noising, classifier-free guidance; every step's logits returned);
+- the Table 7 control (``model.ddps.diffusion: false``): the same UNet as extra head layers,
+  no diffusion (:meth:`DDPS.control_logits`);
 - codecs: ``resize`` (discrete diffusion on the label map at 1/4, logits upsampled bilinearly)
   and ``bits`` (analog bits with Gaussian diffusion, App. A / Table 8).
 """
@@ -97,7 +99,10 @@ class DDPS(nn.Module):
     default_steps = property(lambda self: self.cfg.steps)
     min_steps = 0  # steps = 0: the base segmentor's own prediction
     # stride sampling visits distinct trained noise levels (the bit codec's time is continuous)
-    max_steps = property(lambda self: self.cfg.timesteps if self.cfg.codec == "resize" else None)
+    max_steps = property(lambda self: 1 if not self.cfg.diffusion
+                         else self.cfg.timesteps if self.cfg.codec == "resize" else None)
+    max_steps_reason = property(lambda self: "the trained timesteps" if self.cfg.diffusion
+                                else "the no-diffusion control makes one call")
     accumulation = False
 
     def train(self, mode: bool = True) -> DDPS:
@@ -168,6 +173,16 @@ class DDPS(nn.Module):
         same by it whatever T)."""
         return t.float() * (1000.0 / self.cfg.timesteps)
 
+    def control_logits(self, features: torch.Tensor, guidance: float = 0.0) -> torch.Tensor:
+        """The no-diffusion control of the paper's Table 7 (``model.ddps.diffusion: false``):
+        one UNet call on the condition features with an all-zero mask input and a fixed time
+        input (0), i.e. the UNet and classifier as extra layers of the base's decode head, with
+        the same parameters as DDPS."""
+        b, _, h, w = features.shape
+        channels = self.cfg.embed_channels if self.cfg.codec == "resize" else self.bits.channels
+        x_in = features.new_zeros(b, channels, h, w)
+        return self.guided(features, x_in, features.new_zeros(b), guidance)
+
     # ---------------------------------------------------------------- training (Algorithm 1)
 
     def _single_step(self) -> bool:
@@ -205,6 +220,10 @@ class DDPS(nn.Module):
         if self.cfg.cond_drop > 0:  # the unconditional branch for guidance
             keep = (torch.rand(b, device=features.device) >= self.cfg.cond_drop).float()
             features = features * keep.view(b, 1, 1, 1)
+        if not self.cfg.diffusion:  # Table 7 control: no noisy mask, CE on the GT
+            loss = ce_loss(self.control_logits(features), label, self.ignore_index,
+                           self.avg_non_ignore)
+            return {"loss_ce": loss, "loss": loss}
         small = F.interpolate(label[:, None].float(), size=(h, w), mode="nearest")[:, 0].long()
         x0 = self._noise_target(cond, features, small)
         losses: dict[str, torch.Tensor] = {}
@@ -284,6 +303,10 @@ class DDPS(nn.Module):
         renoise = d.renoise if renoise is None else renoise
         if steps == 0:
             return Trajectory([cond.logits[:, None]])
+        if not d.diffusion:
+            if steps != 1:
+                raise ValueError(f"the no-diffusion control makes one call, got steps={steps}")
+            return Trajectory([self.control_logits(cond.features, guidance)[:, None]])
         features = cond.features
         b, _, h, w = features.shape
         dev = features.device
@@ -330,6 +353,8 @@ class DDPS(nn.Module):
     def decoder_step(self, cond: Condition) -> torch.Tensor:
         """One denoiser call at the middle noise level (for ``densediff bench``)."""
         b, _, h, w = cond.features.shape
+        if not self.cfg.diffusion:
+            return self.control_logits(cond.features, self.cfg.guidance)
         if self.cfg.codec == "bits":
             ls = self.log_snr(torch.full((b,), 0.5, device=cond.features.device))
             return self.guided(cond.features, torch.randn(b, self.bits.channels, h, w,
