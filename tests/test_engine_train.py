@@ -150,3 +150,7 @@ def test_evaluate_scores_at_original_size(tmp_path):
     want = want.compute()
     assert got["aAcc"] == pytest.approx(want["aAcc"]) and 0 < got["aAcc"] < 100
     assert got["mIoU"] == pytest.approx(want["mIoU"])
+    # a segmentor's softmax entropy is scored as an uncertainty map too (constant here: the
+    # same entropy everywhere ranks nothing, so AUROC is chance)
+    assert set(got["uncertainty"]) == {"entropy"}
+    assert got["uncertainty"]["entropy"]["AUROC"] == pytest.approx(50.0)

@@ -119,7 +119,9 @@ def evaluate_steps(model: nn.Module, dataset, cfg: Config, steps: Sequence[int] 
                         device=device) for n in steps}
     shared = diffusion and cfg.eval.mode == "whole" and not aug
     kinds = ("steps", "entropy") if shared else ("entropy",)
-    unc = {n: {k: UncertaintyMetric(device=device) for k in kinds} for n in steps} if diffusion else {}
+    # every model's softmax entropy (a discriminative one's comes for free); diffusion models
+    # also the paper's step-change map
+    unc = {n: {k: UncertaintyMetric(device=device) for k in kinds} for n in steps}
     accumulation = model.accumulation if diffusion else False
     for index, img, label in _images(model, dataset, cfg, progress):
         h, w = label.shape[-2:]
@@ -132,7 +134,7 @@ def evaluate_steps(model: nn.Module, dataset, cfg: Config, steps: Sequence[int] 
             else:
                 kw = {"steps": n, "seeds": seeds} if diffusion else {}
                 probs = predict_probs(model, img, cfg.eval, ori_size=(h, w), aug=aug, **kw)
-                maps = {"entropy": entropy_uncertainty(probs)} if diffusion else {}
+                maps = {"entropy": entropy_uncertainty(probs)}
             pred = class_ids(probs)
             seg[n].update(pred, label)
             for k, m in maps.items():
@@ -147,7 +149,7 @@ def _results(metric: dict, unc: dict, steps: list[int], diffusion: bool) -> dict
     for n in steps:
         metric[n].reduce()
         results[n] = metric[n].compute()
-        if diffusion:
+        if diffusion or unc.get(n):  # a segmentor: its softmax entropy
             for m in unc[n].values():
                 m.reduce()
             results[n]["uncertainty"] = {k: m.compute() for k, m in unc[n].items()}
