@@ -3,13 +3,18 @@
 For each recipe folder ``<runs>/<recipe>_seed<S>``: val (``diag_val.json``: the step curve,
 the best single-call control, map reliance at t = 0.5, fuse weights) and, when present, test
 (``eval_test.json``: the step curve with the controls' gains). The twin has ``eval_*.json``.
+Where a run folder has the trainer's ``metrics.csv``, "val (trainer)" is its best full-val
+mIoU at the model's default steps (the selection number). ``--full`` adds, for test, mBIoU
+and the uncertainty AUROCs (step-change, entropy; the twin: its softmax entropy).
 
-Usage: python benchmarks/summarize_levers.py benchmarks/runs/levers [recipe ...]
+Usage: python benchmarks/summarize_levers.py [--full] benchmarks/runs/levers [recipe ...]
 """
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import re
 import statistics
 import sys
@@ -35,6 +40,11 @@ def collect(root: Path, recipes: list[str] | None) -> dict:
             continue
         r = out[m.group(1)]
         r["seeds"].append(int(m.group(2)))
+        if (d / "metrics.csv").is_file():
+            with open(d / "metrics.csv") as f:
+                vals = [float(row["mIoU"]) for row in csv.DictReader(f) if row.get("mIoU")]
+            if vals:
+                r["val_trainer"].append(max(vals))
         if (d / "diag_val.json").is_file():
             diag = json.loads((d / "diag_val.json").read_text())
             for s in diag["sampler"]:
@@ -47,18 +57,26 @@ def collect(root: Path, recipes: list[str] | None) -> dict:
             r["val_twin"].append(json.loads((d / "eval_val.json").read_text())["mIoU"])
         if (d / "eval_test.json").is_file():
             e = json.loads((d / "eval_test.json").read_text())
-            if "steps" in e:
-                for n, m_ in e["steps"].items():
-                    r[f"test_{n}"].append(m_["mIoU"])
+            per_step = e["steps"] if "steps" in e else {"twin": e}
+            for n, m_ in per_step.items():
+                r[f"test_{n}"].append(m_["mIoU"])
+                r[f"test_{n}_mBIoU"].append(m_["mBIoU"])
+                for k, u in m_.get("uncertainty", {}).items():
+                    r[f"test_{n}_auroc_{k}"].append(u["AUROC"])
+            if "gains" in e:
                 r["test_best_control"].append(e["gains"]["best_control"]["metric"])
-            else:
-                r["test_twin"].append(e["mIoU"])
     return out
 
 
 def main(argv: list[str]) -> None:
+    full = "--full" in argv
+    argv = [a for a in argv if a != "--full"]
     root, recipes = Path(argv[0]), argv[1:] or None
     data = collect(root, recipes)
+    if any(r["val_trainer"] for r in data.values()):
+        print("\nval (trainer, selection): best full-val mIoU at the default steps")
+        for name, r in data.items():
+            print(f"| {name} | {ms(r['val_trainer'])} |")
     for split in ("val", "test"):
         print(f"\n{split} mIoU (mean ± std over seeds)")
         head = f"| recipe | seeds | twin | {' | '.join(STEPS)} steps | best single call |"
@@ -68,6 +86,16 @@ def main(argv: list[str]) -> None:
             print(f"| {name} | {','.join(map(str, sorted(r['seeds'])))} | "
                   f"{ms(r[f'{split}_twin'])} | {' | '.join(cells)} | "
                   f"{ms(r[f'{split}_best_control'])} |")
+    if full:
+        print("\ntest: mIoU | mBIoU | AUROC step-change | AUROC entropy (mean ± std)")
+        for name, r in data.items():
+            for n in ("twin", *STEPS):
+                if not r[f"test_{n}"]:
+                    continue
+                cells = [ms(r[f"test_{n}"]), ms(r[f"test_{n}_mBIoU"]),
+                         ms([v for v in r[f"test_{n}_auroc_steps"] if not math.isnan(v)]),
+                         ms(r[f"test_{n}_auroc_entropy"])]
+                print(f"| {name} | {n} | {' | '.join(cells)} |")
     print("\nmap reliance at t = 0.5 (val): mIoU own GT − other GT; relative output change")
     for name, r in data.items():
         if r["reliance_05"]:
