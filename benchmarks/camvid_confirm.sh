@@ -3,7 +3,8 @@
 # Three models, the same CPU budget, SEEDS seeds each: the twin (camvid/twin_effnet_lite0.yaml),
 # the official DDP recipe (camvid/ddp_effnet_lite0.yaml: scale 0.01, 3 steps) and the recipe
 # chosen on the generated scenes (scale 0.1 + input preconditioning, 5 steps).
-# Budget (shorter than §3's 600 x 8 so that 9 runs fit a 2-core session): BUDGET below.
+# Budget (shorter than §3's 600 x 8 so that 9 runs fit a 2-core session): SHORT_BUDGET in
+# common.sh, 200 iterations of batch 4.
 # Selection on val by the trainer (full 101 val images at the model's default steps,
 # iterations 100 / 200); then, per DDP checkpoint, `diagnose` on the first 32 val images
 # (map reliance, single-call controls, step curve) and one `eval` on test at 1/2/3/5/10 steps
@@ -13,8 +14,6 @@
 # Summary: python benchmarks/summarize_levers.py benchmarks/runs/camvid_confirm
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
-BUDGET="data.batch_size=4 train.iters=200 train.warmup_iters=25 train.eval_interval=100 \
-train.ckpt_interval=100 train.log_interval=50 train.progress=false"
 declare -A CONFIG=([twin]=camvid/twin_effnet_lite0.yaml [official]=camvid/ddp_effnet_lite0.yaml
                    [recipe]=camvid/ddp_effnet_lite0.yaml)
 declare -A EXTRA=([twin]="" [official]=""
@@ -25,7 +24,7 @@ for s in ${SEEDS:-0 1 2}; do
     ck=$w/checkpoints/best.safetensors
     if [ ! -f "$ck" ]; then
       # shellcheck disable=SC2086
-      timed dd train "${CONFIG[$name]}" seed=$s work_dir=$w $BUDGET ${EXTRA[$name]}
+      timed dd train "${CONFIG[$name]}" seed=$s work_dir=$w $SHORT_BUDGET ${EXTRA[$name]}
     fi
     if [ "$name" = twin ]; then
       [ -f $w/eval_val.json ] || dd eval $ck --split val --out $w/eval_val.json --quiet

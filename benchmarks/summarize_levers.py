@@ -59,6 +59,8 @@ def collect(root: Path, recipes: list[str] | None) -> dict:
             e = json.loads((d / "eval_test.json").read_text())
             per_step = e["steps"] if "steps" in e else {"twin": e}
             for n, m_ in per_step.items():
+                if n not in r["test_names"]:
+                    r["test_names"].append(n)
                 r[f"test_{n}"].append(m_["mIoU"])
                 r[f"test_{n}_mBIoU"].append(m_["mBIoU"])
                 for k, u in m_.get("uncertainty", {}).items():
@@ -89,9 +91,7 @@ def main(argv: list[str]) -> None:
     if full:
         print("\ntest: mIoU | mBIoU | AUROC step-change | AUROC entropy (mean ± std)")
         for name, r in data.items():
-            for n in ("twin", *STEPS):
-                if not r[f"test_{n}"]:
-                    continue
+            for n in r["test_names"]:
                 cells = [ms(r[f"test_{n}"]), ms(r[f"test_{n}_mBIoU"]),
                          ms([v for v in r[f"test_{n}_auroc_steps"] if not math.isnan(v)]),
                          ms(r[f"test_{n}_auroc_entropy"])]
