@@ -155,6 +155,14 @@ def test_cli_diagnose_writes_json_and_eval_reports_control_gains(ddp_ckpt, capsy
     # the sampler's 1-step result is also a single call at t = 1 from the same noise
     one = next(c for c in e["controls"] if c["input"] == "noise" and c["t"] == 1.0)
     assert one["metric"] == pytest.approx(e["steps"]["1"]["mIoU"], abs=1e-6)
+    # only the controls asked for (e.g. the best one on val), with the same values
+    assert main(["eval", str(ddp_ckpt), "--steps", "1,2", "--quiet", "--controls",
+                 "zero@0.95,noise@1", "--out", str(tmp_path / "e2.json")]) == 0
+    e2 = json.loads((tmp_path / "e2.json").read_text())
+    assert [(c["input"], c["t"]) for c in e2["controls"]] == [("zero", 0.95), ("noise", 1.0)]
+    for c in e2["controls"]:
+        same = next(x for x in e["controls"] if (x["input"], x["t"]) == (c["input"], c["t"]))
+        assert c["metric"] == pytest.approx(same["metric"], abs=1e-9)
 
 
 def test_cli_diagnose_bad_input(ddp_ckpt, capsys, tmp_path):
@@ -164,6 +172,8 @@ def test_cli_diagnose_bad_input(ddp_ckpt, capsys, tmp_path):
     twin = untrained_checkpoint(tmp_path / "twin.safetensors")
     one_line_error(capsys, main(["diagnose", str(twin)]), "not a DDP model")
     one_line_error(capsys, main(["diagnose", str(ddp_ckpt), "--steps", "0"]), "--steps")
+    for bad in ("zero", "ones@0.5", "zero@1.5", "noise@x", "zero@0.5,", ""):
+        one_line_error(capsys, main(["eval", str(ddp_ckpt), "--controls", bad]), "--controls")
 
 
 def _untrained(config: str, overrides: list[str], tmp_path):

@@ -61,6 +61,25 @@ def check_step_count(n: int, option: str = "--steps") -> None:
                         "gains nothing past a few dozen steps; each step is one decoder pass)")
 
 
+def parse_controls(text: str) -> list[tuple[str, float]] | None:
+    """``--controls``: ``all`` -> None (every input and time label), else a comma list of
+    ``INPUT@T`` (INPUT noise or zero, 0 <= T <= 1), e.g. ``zero@0.95,noise@1``."""
+    if text.strip() == "all":
+        return None
+    pairs = []
+    for item in text.split(","):
+        kind, _, t = item.strip().partition("@")
+        try:
+            value = float(t)
+        except ValueError:
+            value = float("nan")
+        if kind not in ("noise", "zero") or not 0.0 <= value <= 1.0:
+            raise UserError(f"--controls: expected 'all' or INPUT@T items (INPUT noise or zero, "
+                            f"0 <= T <= 1), e.g. zero@0.95,noise@1; got {item.strip()!r}")
+        pairs.append((kind, value))
+    return pairs
+
+
 def check_range(value: int | None, option: str, low: int, high: int) -> None:
     """UserError naming ``option`` unless ``low <= value <= high`` (None passes)."""
     if value is not None and not low <= value <= high:
@@ -121,6 +140,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if getattr(args, opt):
             check_writable_file(getattr(args, opt), f"--{opt}")
     steps = parse_steps(args.steps)
+    controls = parse_controls(args.controls)
     device = resolve_device(args.device)
     overrides = list(args.overrides)
     if args.data_root:
@@ -156,7 +176,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from densediff.engine.diagnose import is_ddp
 
         if not args.no_controls and is_ddp(model):
-            metrics.update(_control_gains(model, dataset, cfg, results, args.quiet))
+            metrics.update(_control_gains(model, dataset, cfg, results, controls, args.quiet))
         plot = args.plot or (str(Path(args.out).with_suffix("")) + "_steps.png"
                              if args.out and len(results) > 1 else None)
         if plot:
@@ -169,13 +189,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _control_gains(model, dataset, cfg, results: dict, quiet: bool) -> dict:
+def _control_gains(model, dataset, cfg, results: dict, pairs: list | None, quiet: bool) -> dict:
     """DDP: one decoder call on pure noise / a zero map at several time labels (the controls
-    that could show a step curve to be a time-label effect); prints each step count's gain
-    over the best control and over 1 step."""
+    that could show a step curve to be a time-label effect; ``pairs``: only these (input, t),
+    e.g. the best one chosen on val); prints each step count's gain over the best control and
+    over 1 step."""
     from densediff.engine.diagnose import gains_over_controls, single_call_controls, task_metric
 
-    controls = single_call_controls(model, dataset, cfg, progress=not quiet)
+    controls = single_call_controls(model, dataset, cfg, pairs=pairs, progress=not quiet)
     key, lower = task_metric(cfg)
     gains = gains_over_controls({n: m[key] for n, m in results.items()}, controls, lower)
     best = gains["best_control"]
@@ -513,6 +534,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-controls", action="store_true",
                    help="DDP: skip the single-call controls (one decoder call on noise / a zero "
                    "map at t = 1 .. 1/3) whose best result each step count is compared with")
+    e.add_argument("--controls", default="all",
+                   help="DDP: which controls: all (default: noise and zero map at t = 1, "
+                   "0.999, 0.95, 0.5, 1/3), or INPUT@T items, e.g. the best one on val from "
+                   "`densediff diagnose`: zero@0.95")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     e.set_defaults(func=cmd_eval)

@@ -145,15 +145,20 @@ def _check_ddp(model: nn.Module) -> None:
 
 @torch.no_grad()
 def single_call_controls(model: nn.Module, dataset, cfg: Config, limit: int | None = None,
-                         times: Sequence[float] = CONTROL_TIMES, progress: bool = False
-                         ) -> list[dict]:
+                         times: Sequence[float] = CONTROL_TIMES, progress: bool = False,
+                         pairs: Sequence[tuple[str, float]] | None = None) -> list[dict]:
     """One decoder call on pure noise (the sampler's own seeded start) and on a zero map at
-    each time label in ``times``: ``[{"input": "noise"|"zero", "t": t, "metric": value}]``."""
+    each time label in ``times`` (or only the ``(input, t)`` in ``pairs``, e.g. the best
+    control chosen on val): ``[{"input": "noise"|"zero", "t": t, "metric": value}]``."""
     model = du.unwrap(model)
     _check_ddp(model)
     device = next(model.parameters()).device
-    scorers = {(k, t): _Scorer(model, dataset, cfg, device) for k in ("noise", "zero")
-               for t in times}
+    if pairs is None:
+        pairs = [(k, t) for k in ("noise", "zero") for t in times]
+    bad = [k for k, _ in pairs if k not in ("noise", "zero")]
+    if bad or not pairs:
+        raise ValueError(f"control inputs are noise or zero, got {bad or 'none'}")
+    scorers = {(k, float(t)): _Scorer(model, dataset, cfg, device) for k, t in pairs}
     gen = _images(model, dataset, cfg, progress)  # eval mode while it runs
     try:
         for index, img, label in islice(gen, limit):
