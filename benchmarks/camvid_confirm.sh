@@ -8,8 +8,8 @@
 # Selection on val by the trainer (full 101 val images at the model's default steps,
 # iterations 100 / 200); then, per DDP checkpoint, `diagnose` on the first 32 val images
 # (map reliance, single-call controls, step curve) and one `eval` on test at 1/2/3/5/10 steps
-# with the single-call control that was best on those val images; the twin: one eval on val
-# and one on test.
+# with all ten single-call controls (the conservative comparison: a step count counts as
+# refinement only if it beats every single call); the twin: one eval on val and one on test.
 # Usage: DENSEDIFF_CAMVID_ROOT=/path/to/CamVid [SEEDS="0 1 2"] [MODELS="twin official recipe"] \
 #          [RUNS=folder] bash benchmarks/camvid_confirm.sh
 # Summary: python benchmarks/summarize_levers.py benchmarks/runs/camvid_confirm
@@ -32,10 +32,8 @@ for s in ${SEEDS:-0 1 2}; do
       [ -f $w/eval_test.json ] || timed dd eval $ck --split test --out $w/eval_test.json --quiet
     else
       [ -f $w/diag_val.json ] || timed dd diagnose $ck --split val --limit 32 --out $w/diag_val.json --quiet
-      best=$($PY -c "import json,sys; b = json.load(open(sys.argv[1]))['gains']['best_control']
-print(f\"{b['input']}@{b['t']!r}\")" $w/diag_val.json)
       [ -f $w/eval_test.json ] || timed dd eval $ck --split test --steps 1,2,3,5,10 \
-        --controls "$best" --out $w/eval_test.json --quiet
+        --out $w/eval_test.json --quiet
     fi
   done
 done

@@ -2,7 +2,9 @@
 
 For each recipe folder ``<runs>/<recipe>_seed<S>``: val (``diag_val.json``: the step curve,
 the best single-call control, map reliance at t = 0.5, fuse weights) and, when present, test
-(``eval_test.json``: the step curve with the controls' gains). The twin has ``eval_*.json``.
+(``eval_test.json``: the step curve and the controls; controls run apart from it may sit in
+``eval_test_controls.json``: the best single call is taken over both). The twin has
+``eval_*.json``.
 Where a run folder has the trainer's ``metrics.csv``, "val (trainer)" is its best full-val
 mIoU at the model's default steps (the selection number). ``--full`` adds, for test, mBIoU
 and the uncertainty AUROCs (step-change, entropy; the twin: its softmax entropy).
@@ -65,8 +67,12 @@ def collect(root: Path, recipes: list[str] | None) -> dict:
                 r[f"test_{n}_mBIoU"].append(m_["mBIoU"])
                 for k, u in m_.get("uncertainty", {}).items():
                     r[f"test_{n}_auroc_{k}"].append(u["AUROC"])
-            if "gains" in e:
-                r["test_best_control"].append(e["gains"]["best_control"]["metric"])
+            controls = list(e.get("controls", []))
+            extra = d / "eval_test_controls.json"  # controls run apart from the step curve
+            if extra.is_file():
+                controls += json.loads(extra.read_text()).get("controls", [])
+            if controls:  # the best single call on test (mIoU: higher is better)
+                r["test_best_control"].append(max(c["metric"] for c in controls))
     return out
 
 
