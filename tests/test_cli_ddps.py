@@ -122,3 +122,31 @@ def test_user_errors(runs, tmp_path, capsys):
     code = main(["eval", str(runs / "ddps/checkpoints/best.safetensors"), "--steps", "11",
                  "--quiet"])
     one_line_error(capsys, code, "--steps", "0..10", "got 11")
+
+
+def test_the_no_diffusion_control_trains_evaluates_predicts_and_benches(runs, capsys, tmp_path):
+    """Table 7's control through the CLI: one call (eval --steps 0,1 = base vs control); step
+    counts above 1 are refused in one line; bench times only what the model can run."""
+    work = tmp_path / "control"
+    assert main(["train", "configs/generated/ddps_control.yaml", *TINY, *DDPS_TINY,
+                 "model.ddps.steps=1", f"model.ddps.base={runs / 'base'}",
+                 f"work_dir={work}"]) == 0
+    ck = str(work / "checkpoints" / "best.safetensors")
+    out = tmp_path / "e.json"
+    assert main(["eval", ck, "--steps", "0,1", "--quiet", "--out", str(out)]) == 0
+    assert set(json.loads(out.read_text())["steps"]) == {"0", "1"}
+    capsys.readouterr()
+    one_line_error(capsys, main(["eval", ck, "--steps", "1,2"]), "--steps",
+                   "no-diffusion control makes one call")
+    img = tmp_path / "img.png"
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(img)
+    assert main(["predict", ck, str(img), "--out", str(tmp_path / "p")]) == 0
+    assert (tmp_path / "p" / "img_mask.png").is_file()
+    assert main(["bench", "configs/generated/ddps_control.yaml", *DDPS_TINY,
+                 "model.ddps.steps=1", f"model.ddps.base={runs / 'base'}", "--size", "32",
+                 "32", "--repeats", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "total  1 step" in text and "total  3" not in text
+    one_line_error(capsys, main(["bench", "configs/generated/ddps_control.yaml", *DDPS_TINY,
+                                 "model.ddps.steps=1", f"model.ddps.base={runs / 'base'}",
+                                 "--size", "32", "32", "--steps", "3"]), "--steps")

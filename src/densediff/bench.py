@@ -58,12 +58,17 @@ def _peak_rss_mib() -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes vs KiB
 
 
+_DEFAULT_STEPS = (1, 3, 5)
+
+
 @torch.no_grad()
 def bench(cfg: Config, size: tuple[int, int] | None = None, batch: int = 1,
-          steps: Sequence[int] = (1, 3, 5), device: str | torch.device = "cpu",
+          steps: Sequence[int] | None = None, device: str | torch.device = "cpu",
           repeats: int = 10) -> dict:
-    """Median latencies (seconds) and peak memory of ``cfg``'s model; see the module doc."""
-    from densediff.api import resolve_device
+    """Median latencies (seconds) and peak memory of ``cfg``'s model; see the module doc.
+    ``steps``: the whole-prediction step counts (diffusion models; checked against the
+    model's range); None: those of 1, 3, 5 the model can take."""
+    from densediff.api import check_steps, resolve_device
     from densediff.data import class_info
     from densediff.engine.evaluate import is_diffusion
     from densediff.errors import UserError
@@ -88,6 +93,11 @@ def bench(cfg: Config, size: tuple[int, int] | None = None, batch: int = 1,
         img = torch.randn(batch, 3, h, w, device=dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+    if is_diffusion(model):
+        if steps is None:
+            top = model.max_steps or max(_DEFAULT_STEPS)
+            steps = [n for n in _DEFAULT_STEPS if model.min_steps <= n <= top]
+        check_steps(model, list(steps), "the model", "--steps")
     feat = model.extract(img)
     enc = cfg.model.encoder
     if cfg.model.type == "ddps":  # the base segmentor's encoder (config filled in by build_model)

@@ -441,7 +441,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     check_size(args.size)
     check_range(args.batch, "--batch", 1, 256)
     check_range(args.repeats, "--repeats", 1, 1000)
-    steps = parse_steps(args.steps, low=1) or [1, 3, 5]
+    steps = parse_steps(args.steps, low=1)  # None: the model's share of 1, 3, 5
     if args.out:
         check_writable_file(args.out, "--out")
     cfg = load_config(args.config, args.overrides)
