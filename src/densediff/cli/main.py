@@ -265,9 +265,6 @@ def _list_images(path: Path) -> list[Path]:
     return files
 
 
-
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image

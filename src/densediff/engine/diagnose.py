@@ -113,7 +113,7 @@ def _change_rates(task: str, traj) -> list[float]:
     if task == "bev":
         m = traj.step_probs() >= 0.5
     else:
-        m = traj.step_logits().max(2).indices  # class ids (fast argmax)
+        m = torch.stack([class_ids(lg) for lg in traj.step_logits()])
     return [float((m[s] != m[s - 1]).float().mean()) for s in range(1, len(m))]
 
 
@@ -144,17 +144,21 @@ def _check_ddp(model: nn.Module) -> None:
 
 
 @torch.no_grad()
+def control_pairs(times: Sequence[float] = CONTROL_TIMES) -> list[tuple[str, float]]:
+    """Every single-call control: (``noise`` | ``zero``, t) for each time label t."""
+    return [(k, float(t)) for k in ("noise", "zero") for t in times]
+
+
 def single_call_controls(model: nn.Module, dataset, cfg: Config, limit: int | None = None,
-                         times: Sequence[float] = CONTROL_TIMES, progress: bool = False,
-                         pairs: Sequence[tuple[str, float]] | None = None) -> list[dict]:
-    """One decoder call on pure noise (the sampler's own seeded start) and on a zero map at
-    each time label in ``times`` (or only the ``(input, t)`` in ``pairs``, e.g. the best
-    control chosen on val): ``[{"input": "noise"|"zero", "t": t, "metric": value}]``."""
+                         pairs: Sequence[tuple[str, float]] | None = None,
+                         progress: bool = False) -> list[dict]:
+    """One decoder call on pure noise (the sampler's own seeded start) or on a zero map at a
+    time label, for each ``(input, t)`` in ``pairs`` (default :func:`control_pairs`; e.g. only
+    the best control chosen on val): ``[{"input": "noise"|"zero", "t": t, "metric": value}]``."""
     model = du.unwrap(model)
     _check_ddp(model)
     device = next(model.parameters()).device
-    if pairs is None:
-        pairs = [(k, t) for k in ("noise", "zero") for t in times]
+    pairs = control_pairs() if pairs is None else pairs
     bad = [k for k, _ in pairs if k not in ("noise", "zero")]
     if bad or not pairs:
         raise ValueError(f"control inputs are noise or zero, got {bad or 'none'}")
@@ -251,7 +255,7 @@ def diagnose(model: nn.Module, dataset, cfg: Config, limit: int | None = 32,
     own = {t: new() for t in reliance_times}
     other = {t: new() for t in reliance_times}
     change = {t: [0.0, 0.0] for t in reliance_times}
-    controls = {(k, t): new() for k in ("noise", "zero") for t in control_times}
+    controls = {pair: new() for pair in control_pairs(control_times)}
     sampler = {n: new() for n in steps}
     rates: dict[int, list[list[float]]] = {n: [] for n in steps}
     was_training = model.training

@@ -79,7 +79,8 @@ def class_ids(scores: torch.Tensor) -> torch.Tensor:
     """Per-pixel class ids of B x K x H x W scores: the index of the first maximum over K.
 
     The same result as ``scores.argmax(1)`` (first maximum on ties), but ``max(1).indices``
-    runs ~8x faster on CPU for full-resolution maps (``argmax`` over a strided dim is slow).
+    is several times faster on CPU for full-resolution maps (``argmax`` over a strided dim is
+    slow; benchmarks/class_ids_bench.py, RESULTS §12).
     """
     return scores.max(1).indices
 
@@ -275,9 +276,8 @@ class SegMetric:
         n_pred = cm.sum(0)
         iou = 100 * tp / (n_gt + n_pred - tp)  # 0/0 -> NaN
         acc = 100 * tp / n_gt
+        # without boundary bands both counts stay 0: 0 / 0 = NaN
         biou = 100 * self.boundary_inter.double().cpu() / self.boundary_union.double().cpu()
-        if not self.boundary:
-            biou = torch.full_like(biou, float("nan"))
         return {
             "aAcc": float(100 * tp.sum() / cm.sum()),
             "mIoU": _nanmean(iou),
