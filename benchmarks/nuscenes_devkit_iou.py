@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from densediff.config import load_config
-from densediff.data.bev import output_grid
 from densediff.data.fixtures import write_nuscenes
 from densediff.data.nuscenes import devkit_label_pairs
+from densediff.utils.grid import output_grid
 
 POLYGON_CLASSES = {"drivable_area", "ped_crossing", "walkway", "stop_line", "carpark_area",
                    "road_segment", "road_block", "lane"}

@@ -27,7 +27,8 @@ from densediff.encoders.lss import LSSTransform, bev_pool, depth_bins, frustum, 
 from densediff.engine.optim import cyclic_ratio, poly_lr, set_lr
 from densediff.errors import ConfigError
 from densediff.models import BEVDDP, BEVSegmentor, build_model
-from densediff.tasks.bev import BEVGrid, BEVIoUMetric, sigmoid_focal_loss
+from densediff.tasks.bev import BEVIoUMetric, sigmoid_focal_loss
+from densediff.utils.grid import BEVGrid
 
 GRID = BEVGrid((-25.6, 25.6, 0.8), (-25.6, 25.6, 0.8))
 # a forward-looking camera 1.5 m above the ground: camera x -> ego -y, y -> ego -z, z -> ego x

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from densediff.config import BEV_MAP_CLASSES, NUSCENES_CAMERAS, load_config
-from densediff.data.bev import collate_bev, output_grid, rasterize_map
+from densediff.data.bev import collate_bev, rasterize_map
 from densediff.data.bev_world import (
     ASPHALT,
     CONCRETE,
@@ -27,7 +27,7 @@ from densediff.data.bev_world import (
     sample_world,
     world_extent,
 )
-from densediff.tasks.bev import BEVGrid
+from densediff.utils.grid import BEVGrid, output_grid
 
 SIZE = (64, 176)
 OVERRIDES = ["task=bev", "data.dataset=generated", "model.aux_head.enabled=false",

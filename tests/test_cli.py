@@ -208,8 +208,8 @@ def untrained_checkpoint(path, *overrides):
     """A valid (untrained) checkpoint of the tiny generated-data model, written at ``path``."""
     from densediff.config import load_config
     from densediff.data import class_info
-    from densediff.engine.checkpoint import save_checkpoint
     from densediff.models import build_model
+    from densediff.utils.checkpoint import save_checkpoint
 
     cfg = load_config("generated/baseline.yaml", [*TINY, *overrides, f"work_dir={path.parent}"])
     names, palette = class_info(cfg)

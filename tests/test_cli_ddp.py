@@ -94,7 +94,7 @@ def test_bench_reports_each_part(capsys, tmp_path):
 
 
 def test_load_from_starts_a_fine_tune_from_a_run(ddp_run, tmp_path):
-    from densediff.engine.checkpoint import load_weights
+    from densediff.utils.checkpoint import load_weights
 
     work = tmp_path / "aligned"
     assert main(["train", "configs/generated/ddp.yaml", *TINY, *DDP_TINY, f"work_dir={work}",

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from densediff.engine.checkpoint import load_metadata, load_weights
+from densediff.utils.checkpoint import load_metadata, load_weights
 from test_engine_train import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ CHILD = """
 import json, os, sys
 import densediff.engine.trainer as T
 from densediff.config import load_config
-from densediff.engine.distributed import unwrap
+from densediff.utils.distributed import unwrap
 from safetensors.torch import save_file
 
 overrides, out = json.loads(sys.argv[1]), sys.argv[2]
@@ -85,7 +85,7 @@ import json, sys
 import torch
 from densediff.config import load_config
 from densediff.data import build_dataset
-from densediff.engine import distributed as du
+from densediff.utils import distributed as du
 from densediff.engine.evaluate import evaluate_steps
 from densediff.models import build_model
 

@@ -11,8 +11,8 @@ import torch
 
 from densediff.config import Config, load_config
 from densediff.engine import trainer as T
-from densediff.engine.checkpoint import load_metadata, load_train_state, load_weights
 from densediff.errors import CheckpointError, ConfigError
+from densediff.utils.checkpoint import load_metadata, load_train_state, load_weights
 
 TINY = [
     "data.gen_size=[32,32]", "data.train_pipeline.scale=[32,32]",

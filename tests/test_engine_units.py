@@ -11,13 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from densediff.config import TrainConfig
-from densediff.engine import checkpoint as ck
 from densediff.engine.ema import EMA
 from densediff.engine.logger import CSVLog
 from densediff.engine.optim import build_optimizer, no_decay_names, param_groups, poly_lr, set_lr
 from densediff.engine.sampler import InfiniteSampler
 from densediff.engine.trainer import train_step
 from densediff.errors import CheckpointError
+from densediff.utils import checkpoint as ck
 
 # --------------------------------------------------------------------------------------------
 # learning rate

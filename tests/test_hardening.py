@@ -18,8 +18,8 @@ from PIL import Image
 
 from densediff.cli.main import main
 from densediff.engine import trainer as T
-from densediff.engine.checkpoint import load_metadata, load_train_state
 from densediff.errors import ConfigError, DataError, UserError
+from densediff.utils.checkpoint import load_metadata, load_train_state
 from test_cli import one_line_error, untrained_checkpoint
 from test_engine_train import tiny_config
 
@@ -221,7 +221,7 @@ def test_unwritable_outputs_are_refused_first(capsys, tmp_path, monkeypatch, com
 
 def test_read_only_output_folder_is_refused(capsys, tmp_path, monkeypatch):
     """A folder the process may not write in (simulated: root ignores permission bits)."""
-    import densediff.fs as fs
+    import densediff.utils.fs as fs
 
     def deny(*a, **k):
         raise PermissionError(13, "Permission denied")
@@ -247,7 +247,7 @@ def test_run_folder_with_logs_but_no_checkpoints_is_not_overwritten(capsys, tmp_
 
 
 def _hold_lock(folder: str, ready, release) -> None:
-    from densediff.fs import RunLock
+    from densediff.utils.fs import RunLock
 
     with RunLock(folder):
         ready.set()
@@ -331,8 +331,8 @@ def test_loss_spike_rule(tmp_path):
 def bev_ckpt(tmp_path_factory):
     from densediff.config import load_config
     from densediff.data import class_info
-    from densediff.engine.checkpoint import save_checkpoint
     from densediff.models import build_model
+    from densediff.utils.checkpoint import save_checkpoint
     from test_cli_bev import TINY as BEV_TINY
 
     path = tmp_path_factory.mktemp("bev") / "bev.safetensors"

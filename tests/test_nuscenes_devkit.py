@@ -22,7 +22,7 @@ from nuscenes.utils.geometry_utils import transform_matrix  # noqa: E402
 from pyquaternion import Quaternion  # noqa: E402
 
 from densediff.config import load_config  # noqa: E402
-from densediff.data.bev import DIVIDER_WIDTH, MapGeometry, output_grid, rasterize_map  # noqa: E402
+from densediff.data.bev import DIVIDER_WIDTH, MapGeometry, rasterize_map  # noqa: E402
 from densediff.data.fixtures import write_nuscenes  # noqa: E402
 from densediff.data.nuscenes import (  # noqa: E402
     NuScenesDataset,
@@ -31,7 +31,7 @@ from densediff.data.nuscenes import (  # noqa: E402
     remove_close,
 )
 from densediff.errors import DataError  # noqa: E402
-from densediff.tasks.bev import BEVGrid  # noqa: E402
+from densediff.utils.grid import BEVGrid, output_grid  # noqa: E402
 
 SWEEPS = 2
 POLYGON_CLASSES = ("drivable_area", "ped_crossing", "walkway", "stop_line", "carpark_area")

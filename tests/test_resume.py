@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from densediff.engine.checkpoint import load_metadata, load_weights
+from densediff.utils.checkpoint import load_metadata, load_weights
 from test_engine_train import TINY
 
 REPO = Path(__file__).resolve().parents[1]

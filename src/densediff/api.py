@@ -29,12 +29,12 @@ from densediff.config import Config, apply_overrides, config_from_dict
 from densediff.data import class_info
 from densediff.data.io import _to_uint8, read_image
 from densediff.data.transforms import preprocess_image
-from densediff.engine.checkpoint import load_into, load_weights
 from densediff.engine.evaluate import depth_uncertainty_maps, is_diffusion, uncertainty_maps
 from densediff.engine.inference import predict_depth, predict_probs
 from densediff.errors import UserError
 from densediff.models import build_model
 from densediff.tasks.uncertainty import entropy_uncertainty
+from densediff.utils.checkpoint import load_into, load_weights
 from densediff.viz import depth_color, heatmap, scaled_heatmap
 
 ImageLike = Union[str, Path, Image.Image, np.ndarray]

@@ -126,10 +126,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from densediff.api import check_steps, load_model, resolve_device
     from densediff.data import build_dataset
     from densediff.engine.evaluate import evaluate_steps, is_diffusion
-    from densediff.fs import check_writable_file
     from densediff.tasks.bev import format_bev_metrics
     from densediff.tasks.depth import format_depth_metrics
     from densediff.tasks.segmentation import format_metrics
+    from densediff.utils.fs import check_writable_file
     from densediff.viz import plot_steps, steps_table
 
     for opt, kind in (("out", "JSON"), ("plot", "PNG")):
@@ -212,7 +212,7 @@ def _control_gains(model, dataset, cfg, results: dict, pairs: list | None, quiet
 def cmd_diagnose(args: argparse.Namespace) -> int:
     from densediff.api import load
     from densediff.engine.diagnose import format_diagnosis, is_ddp
-    from densediff.fs import check_writable_file
+    from densediff.utils.fs import check_writable_file
 
     if args.out:
         check_writable_file(args.out, "--out")
@@ -271,7 +271,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from densediff.api import colorize, load
     from densediff.data.io import read_image
-    from densediff.fs import check_writable_dir
+    from densediff.utils.fs import check_writable_dir
     from densediff.viz import heatmap
 
     out = Path(args.out)
@@ -433,7 +433,7 @@ def _predict_bev(args: argparse.Namespace, predictor, out: Path) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from densediff.bench import bench, format_bench
     from densediff.config import load_config
-    from densediff.fs import check_writable_file
+    from densediff.utils.fs import check_writable_file
 
     check_size(args.size)
     check_range(args.batch, "--batch", 1, 256)

@@ -31,14 +31,14 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from densediff.data.transforms import normalize, to_tensor
-from densediff.tasks.bev import BEVGrid
+from densediff.utils.grid import BEVGrid, output_grid
 
 if TYPE_CHECKING:
     from densediff.config import BEVDataConfig, DataConfig
 
 __all__ = ["BEVDataset", "BEVRecord", "MapGeometry", "bev_augmentation", "collate_bev",
            "example_inputs",
-           "image_affine", "output_grid", "feature_grid", "line_cells", "polygon_cells",
+           "image_affine", "line_cells", "polygon_cells",
            "rasterize_map", "warp_image", "DIVIDER_WIDTH"]
 
 Polygon = tuple[np.ndarray, list[np.ndarray]]
@@ -77,16 +77,6 @@ class BEVRecord:
     """P x 5 LiDAR points in the ego frame: x, y, z, intensity, time lag (s)."""
     name: str = ""
     paths: list[str] = field(default_factory=list)
-
-
-def output_grid(bev: BEVDataConfig) -> BEVGrid:
-    """The label grid (``xbound``/``ybound``)."""
-    return BEVGrid(tuple(bev.xbound), tuple(bev.ybound))
-
-
-def feature_grid(bev: BEVDataConfig) -> BEVGrid:
-    """The BEV feature grid (``feat_xbound``/``feat_ybound``)."""
-    return BEVGrid(tuple(bev.feat_xbound), tuple(bev.feat_ybound))
 
 
 DIVIDER_WIDTH = 1.5
@@ -187,7 +177,7 @@ def line_cells(lines: list[np.ndarray], grid: BEVGrid, width: float
 def rasterize_map(geom: MapGeometry, grid: BEVGrid, classes: list[str],
                   line_width: float = DIVIDER_WIDTH) -> np.ndarray:
     """Rasterise a map (in the grid's frame) into K x X x Y {0, 1} layers (``[k, ix, iy]``, x
-    on the first spatial axis as everywhere in :class:`~densediff.tasks.bev.BEVGrid`).
+    on the first spatial axis as everywhere in :class:`~densediff.utils.grid.BEVGrid`).
 
     A cell is set when its centre lies inside a polygon of the class (outside its holes;
     :func:`polygon_cells`) or on one of its polylines drawn ``line_width`` metres wide (at

@@ -74,7 +74,7 @@ from PIL import Image
 from densediff.config import NUSCENES_CAMERAS
 from densediff.data.bev import BEVDataset, BEVRecord, MapGeometry, polygon_cells
 from densediff.data.generated import generated_items, scene_rng
-from densediff.tasks.bev import BEVGrid
+from densediff.utils.grid import BEVGrid
 
 if TYPE_CHECKING:
     from densediff.config import BEVDataConfig, DataConfig

@@ -56,7 +56,7 @@ from PIL import Image
 from densediff.data.bev import BEVDataset, BEVRecord, MapGeometry
 from densediff.data.io import _load
 from densediff.errors import DataError, one_line
-from densediff.tasks.bev import BEVGrid
+from densediff.utils.grid import BEVGrid
 
 if TYPE_CHECKING:
     from densediff.config import DataConfig
@@ -607,7 +607,7 @@ def devkit_label_pairs(data: DataConfig, root: str | os.PathLike, nusc: Any,
     from nuscenes.map_expansion.map_api import NuScenesMap
     from pyquaternion import Quaternion
 
-    from densediff.data.bev import output_grid
+    from densediff.utils.grid import output_grid
 
     grid, classes = output_grid(data.bev), list(data.bev.classes)
     maps: dict[str, Any] = {}

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densediff.tasks.bev import BEVGrid
+from densediff.utils.grid import BEVGrid
 
 __all__ = ["BEVGridTransform", "Resampled"]
 

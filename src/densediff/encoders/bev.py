@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from densediff.encoders.lss import LSSTransform
-from densediff.tasks.bev import BEVGrid
+from densediff.utils.grid import BEVGrid
 
 __all__ = ["BEVEncoder", "PillarEncoder"]
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densediff.tasks.bev import BEVGrid
+from densediff.utils.grid import BEVGrid
 
 __all__ = ["LSSTransform", "bev_pool", "depth_bins", "frustum", "lift_points"]
 

@@ -36,9 +36,9 @@ from torch import nn
 from densediff.config import Config
 from densediff.diffusion.samplers import seeded_normal
 from densediff.diffusion.schedules import alpha_sigma
-from densediff.engine import distributed as du
 from densediff.engine.evaluate import _images, sample_seed
 from densediff.tasks.segmentation import class_ids
+from densediff.utils import distributed as du
 
 __all__ = ["CONTROL_TIMES", "RELIANCE_TIMES", "diagnose", "format_diagnosis",
            "gains_over_controls", "is_ddp", "single_call_controls", "task_metric"]

@@ -19,11 +19,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from densediff.config import Config
-from densediff.engine import distributed as du
 from densediff.engine.inference import predict_depth, predict_probs
 from densediff.tasks.depth import DepthMetric, DepthUncertaintyMetric
 from densediff.tasks.segmentation import SegMetric, class_ids
 from densediff.tasks.uncertainty import UncertaintyMetric, entropy_uncertainty, step_change_uncertainty
+from densediff.utils import distributed as du
 
 __all__ = ["bev_uncertainty_maps", "depth_uncertainty_maps", "evaluate", "evaluate_steps",
            "is_diffusion", "sample_seed", "uncertainty_maps"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from densediff.engine.checkpoint import atomic_write
+from densediff.utils.checkpoint import atomic_write
 
 
 class CSVLog:

@@ -49,8 +49,13 @@ from tqdm import tqdm
 
 from densediff.config import LOWER_IS_BETTER, Config
 from densediff.data.datasets import to_device
-from densediff.engine import distributed as du
-from densediff.engine.checkpoint import (
+from densediff.engine.ema import EMA
+from densediff.engine.logger import RunLogger
+from densediff.engine.optim import build_optimizer, set_lr
+from densediff.engine.sampler import InfiniteSampler
+from densediff.errors import CheckpointError, ConfigError, DivergenceError, UserError
+from densediff.utils import distributed as du
+from densediff.utils.checkpoint import (
     first_nonfinite,
     load_into,
     load_metadata,
@@ -60,12 +65,7 @@ from densediff.engine.checkpoint import (
     save_checkpoint,
     save_train_state,
 )
-from densediff.engine.ema import EMA
-from densediff.engine.logger import RunLogger
-from densediff.engine.optim import build_optimizer, set_lr
-from densediff.engine.sampler import InfiniteSampler
-from densediff.errors import CheckpointError, ConfigError, DivergenceError, UserError
-from densediff.fs import RunLock, check_writable_dir
+from densediff.utils.fs import RunLock, check_writable_dir
 
 CKPT_DIR = "checkpoints"
 CHECKPOINT_FILES = ("last.safetensors", "last_ema.safetensors", "last.state.pt",

@@ -46,7 +46,7 @@ def build_base(cfg: Config, num_classes: int) -> nn.Module:
     architecture is built from ``base_config`` and the weights are expected from the DDPS
     checkpoint the caller loads next. The base's ``pretrained`` source is never read.
     """
-    from densediff.engine.checkpoint import load_into, load_weights, resolve_weights
+    from densediff.utils.checkpoint import load_into, load_weights, resolve_weights
 
     d = cfg.model.ddps
     weights = path = None

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from densediff.config import Config
-from densediff.data.bev import feature_grid, output_grid
 from densediff.decoders.bev import BEVGridTransform, Resampled
 from densediff.diffusion.encodings import MultiLabelEmbedding
 from densediff.encoders.bev import BEVEncoder
@@ -35,6 +34,7 @@ from densediff.encoders.lss import camera_features
 from densediff.models.ddp import DDP
 from densediff.models.segmentor import FeatureSegmentor, build_head
 from densediff.tasks.bev import sigmoid_focal_loss
+from densediff.utils.grid import feature_grid, output_grid
 
 __all__ = ["BEVDDP", "BEVSegmentor", "BEVTrajectory"]
 

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
-from densediff.engine.distributed import all_reduce_sum, is_dist
+from densediff.utils.distributed import all_reduce_sum, is_dist
 
 __all__ = [
     "METRIC_KEYS",

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from densediff.engine.distributed import all_reduce_sum, is_dist
 from densediff.errors import DataError
+from densediff.utils.distributed import all_reduce_sum, is_dist
 
 __all__ = ["ce_loss", "boundary_width", "label_boundary", "SegMetric", "format_metrics"]
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from densediff.engine.distributed import all_reduce_sum, is_dist
+from densediff.utils.distributed import all_reduce_sum, is_dist
 
 __all__ = ["step_change_uncertainty", "entropy_uncertainty", "UncertaintyMetric"]
 
