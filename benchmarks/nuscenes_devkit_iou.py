@@ -1,6 +1,6 @@
 """Our nuScenes map labels against the official devkit's raster, sample by sample.
 
-Writes the tiny nuScenes fixture (:func:`densediff.data.fixtures.write_nuscenes`) to a
+Writes the tiny nuScenes fixture (:func:`densediff.testing.fixtures.write_nuscenes`) to a
 temporary folder, loads every sample of its train and val splits with our loader
 (:class:`densediff.data.nuscenes.NuScenesDataset`, labels by
 :func:`densediff.data.bev.rasterize_map`) and rasterises the same patch with nuscenes-devkit
@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from densediff.config import load_config
-from densediff.data.fixtures import write_nuscenes
 from densediff.data.nuscenes import devkit_label_pairs
+from densediff.testing.fixtures import write_nuscenes
 from densediff.utils.grid import output_grid
 
 POLYGON_CLASSES = {"drivable_area", "ped_crossing", "walkway", "stop_line", "carpark_area",

@@ -24,7 +24,7 @@ from densediff.decoders.bev import BEVGridTransform
 from densediff.diffusion.encodings import MultiLabelEmbedding
 from densediff.encoders.bev import PillarEncoder
 from densediff.encoders.lss import LSSTransform, bev_pool, depth_bins, frustum, lift_points
-from densediff.engine.optim import cyclic_ratio, poly_lr, set_lr
+from densediff.engine.optim import cyclic_ratio, scheduled_lr, set_lr
 from densediff.errors import ConfigError
 from densediff.models import BEVDDP, BEVSegmentor, build_model
 from densediff.tasks.bev import BEVIoUMetric, sigmoid_focal_loss
@@ -290,10 +290,10 @@ def test_bev_config_checks():
 def test_cyclic_schedule_follows_mmcv():
     cfg = load_config(None, ["train.lr_schedule=cyclic", "train.warmup_iters=0", "train.iters=100",
                              "train.lr=1.0"]).train
-    assert poly_lr(1.0, 0, cfg) == pytest.approx(1.0)
-    assert poly_lr(1.0, 40, cfg) == pytest.approx(10.0)
-    assert poly_lr(1.0, 20, cfg) == pytest.approx(5.5)  # halfway up the cosine: (1 + 10) / 2
-    assert poly_lr(1.0, 100, cfg) == pytest.approx(1e-4)
+    assert scheduled_lr(1.0, 0, cfg) == pytest.approx(1.0)
+    assert scheduled_lr(1.0, 40, cfg) == pytest.approx(10.0)
+    assert scheduled_lr(1.0, 20, cfg) == pytest.approx(5.5)  # halfway up the cosine: (1 + 10) / 2
+    assert scheduled_lr(1.0, 100, cfg) == pytest.approx(1e-4)
     assert cyclic_ratio(40, 100, (0.85 / 0.95, 1.0)) == pytest.approx(0.85 / 0.95)
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0, betas=(0.95, 0.999))
     set_lr(opt, 40, cfg.model_copy(update={"betas": (0.95, 0.999)}))

@@ -8,7 +8,15 @@ import torch
 
 from densediff.config import BEV_MAP_CLASSES, NUSCENES_CAMERAS, load_config
 from densediff.data.bev import collate_bev, rasterize_map
-from densediff.data.bev_world import (
+from densediff.data.worlds.bev_dataset import GeneratedBEVDataset
+from densediff.data.worlds.raycast import (
+    camera_rays,
+    camera_rig,
+    lidar_points,
+    project_points,
+    render_cameras,
+)
+from densediff.data.worlds.roads import (
     ASPHALT,
     CONCRETE,
     DIRT,
@@ -17,13 +25,7 @@ from densediff.data.bev_world import (
     WHITE,
     YELLOW,
     Box,
-    GeneratedBEVDataset,
     World,
-    camera_rays,
-    camera_rig,
-    lidar_points,
-    project_points,
-    render_cameras,
     sample_world,
     world_extent,
 )

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import densediff
 from densediff.cli.main import main
-from densediff.data.fixtures import write_camvid, write_folder
+from densediff.testing.fixtures import write_camvid, write_folder
 
 TINY = [
     "data.gen_size=[32,32]", "data.gen_num_train=16", "data.gen_num_val=4", "data.gen_num_test=4",

@@ -18,9 +18,9 @@ from densediff.api import BEVPrediction
 from densediff.cli.main import main
 from densediff.config import load_config
 from densediff.data import build_dataset
-from densediff.data.fixtures import write_nuscenes
 from densediff.engine.trainer import train
 from densediff.tasks.bev import constant_iou
+from densediff.testing.fixtures import write_nuscenes
 from test_cli import one_line_error
 
 SMALL_WORLD = [
@@ -98,8 +98,8 @@ def test_predict_writes_bev_pictures_from_a_split(runs, tmp_path):
     assert probs.shape == (6, 48, 48) and probs.min() >= 0 and probs.max() <= 1
     unc = np.load(out / f"{stem}_uncertainty.npy")
     assert unc.shape == (6, 48, 48) and set(np.unique(unc)) <= {0.0, 1.0}  # 2 steps: 0 or 1 change
-    strip = np.asarray(Image.open(out / f"{stem}_trajectory.png"))
-    assert strip.shape == (48, 3 * 48 + 2 * 4, 3)  # 2 steps + uncertainty
+    picture = np.asarray(Image.open(out / f"{stem}_trajectory.png"))  # labelled grid
+    assert picture.ndim == 3 and picture.shape[1] > 3 * 48
 
 
 def test_python_api_bev_prediction(runs):

@@ -58,8 +58,8 @@ def test_predict_writes_uncertainty_and_trajectory(ddp_run, tmp_path):
     assert np.asarray(Image.open(out / "a_mask.png")).shape == (30, 41)
     for kind in ("uncertainty", "entropy"):
         assert np.asarray(Image.open(out / f"a_{kind}.png")).shape == (30, 41, 3)
-    strip = np.asarray(Image.open(out / "a_trajectory.png"))
-    assert strip.shape == (30, 41 * 6 + 4 * 5, 3)  # image, 4 steps, uncertainty
+    picture = np.asarray(Image.open(out / "a_trajectory.png"))  # labelled grid
+    assert picture.ndim == 3 and picture.shape[1] > 41 * 6
 
 
 def test_api_steps_seed_and_uncertainty(ddp_run):

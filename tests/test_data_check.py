@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from densediff.data import fixtures as fx
 from densediff.data.check import check_dataset
 from densediff.errors import DataError
+from densediff.testing import fixtures as fx
 
 
 @pytest.mark.parametrize("fmt", ["camvid", "ade20k", "cityscapes", "folder"])

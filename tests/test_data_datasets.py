@@ -9,9 +9,9 @@ from PIL import Image
 
 from densediff.config import Config
 from densediff.data import build_dataset, collate
-from densediff.data import fixtures as fx
 from densediff.data.io import read_label
 from densediff.errors import ConfigError, DataError
+from densediff.testing import fixtures as fx
 
 IGN = 255
 

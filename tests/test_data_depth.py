@@ -11,7 +11,6 @@ from PIL import Image
 from densediff.config import Config
 from densediff.data import build_dataset, class_info, collate
 from densediff.data import depth as depth_mod
-from densediff.data import fixtures as fx
 from densediff.data.check import check_dataset
 from densediff.data.depth import (
     color_augment,
@@ -21,13 +20,14 @@ from densediff.data.depth import (
     read_depth,
     rotate,
 )
-from densediff.data.depth_scenes import (
+from densediff.data.worlds.rooms import (
     GeneratedDepthDataset,
     render_depth_scene,
     render_scene_arrays,
     sample_depth_scene,
 )
 from densediff.errors import ConfigError, DataError
+from densediff.testing import fixtures as fx
 
 
 def _cfg(fmt, root=None, **depth) -> Config:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from densediff.config import DataConfig
-from densediff.data.generated import GENERATED_CLASSES, GeneratedDataset, render_scene
+from densediff.data.worlds.shapes import GENERATED_CLASSES, GeneratedDataset, render_scene
 from densediff.errors import DataError
 
 

@@ -11,13 +11,6 @@ import torch
 
 from densediff.config import load_config
 from densediff.data.bev import collate_bev
-from densediff.data.fixtures import (
-    NUSCENES_CAMERA_COLOURS,
-    NUSCENES_CLOSE_POINTS,
-    NUSCENES_LIDAR,
-    NUSCENES_POINT_MARKER,
-    write_nuscenes,
-)
 from densediff.data.nuscenes import (
     NuScenesDataset,
     check_nuscenes,
@@ -27,6 +20,13 @@ from densediff.data.nuscenes import (
     remove_close,
 )
 from densediff.errors import DataError
+from densediff.testing.fixtures import (
+    NUSCENES_CAMERA_COLOURS,
+    NUSCENES_CLOSE_POINTS,
+    NUSCENES_LIDAR,
+    NUSCENES_POINT_MARKER,
+    write_nuscenes,
+)
 
 SWEEPS = 2
 

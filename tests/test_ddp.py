@@ -205,7 +205,7 @@ def test_uncertainty_is_higher_on_wrong_pixels_of_a_trained_model(toy):
         assert unc["entropy"]["err_top10"] > unc["entropy"]["err_all"]
     assert res[1]["uncertainty"]["steps"]["AUROC"] == pytest.approx(50)  # one step: no changes
     # the maps themselves: in [0, 1], and larger on wrong pixels
-    from densediff.engine.evaluate import uncertainty_maps
+    from densediff.pipelines.segmentation import uncertainty_maps
 
     wrong_u, right_u = [], []
     with torch.no_grad():
@@ -221,3 +221,20 @@ def test_uncertainty_is_higher_on_wrong_pixels_of_a_trained_model(toy):
             wrong_u.append(maps["entropy"][wrong])
             right_u.append(maps["entropy"][~wrong])
     assert float(torch.cat(wrong_u).mean()) > float(torch.cat(right_u).mean())
+
+
+def test_models_are_built_from_their_config_sections():
+    """A model needs its config section (and a few data facts by keyword), not a run config;
+    ``build_model`` hands the run config's sections down."""
+    from densediff.config import ModelConfig
+
+    cfg = load_config(None, [*SMALL, "data.ignore_index=7"])
+    built = small_model("data.ignore_index=7")
+    torch.manual_seed(0)
+    direct = DDP(cfg.model, 6, ignore_index=7)
+    assert direct.ignore_index == built.ignore_index == 7
+    assert all(torch.equal(v, direct.state_dict()[k]) for k, v in built.state_dict().items())
+    seg = Segmentor(ModelConfig.model_validate({"encoder": {"variant": "tiny"},
+                                                "neck": {"channels": 16, "num_groups": 4},
+                                                "head": {"channels": 16}}), 3)
+    assert seg.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 3, 32, 32)

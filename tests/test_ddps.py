@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from densediff.config import load_config
+from densediff.diffusion.samplers import classifier_free_guidance
 from densediff.errors import ConfigError
 from densediff.models import DDP, DDPS, build_base, build_model
-from densediff.models.ddps import cfg_combine
 
 K = 5
 BASE = ["model.encoder.variant=tiny", "model.neck.channels=16", "model.neck.num_groups=4",
@@ -24,7 +24,7 @@ def make(*overrides: str, base_overrides: tuple[str, ...] = ()) -> DDPS:
     base = build_model(load_config(None, [*BASE, *base_overrides]), K)
     cfg = load_config(None, [*BASE, "model.type=ddps", "model.ddps.base=unused", *UNET,
                              *overrides])
-    return DDPS(cfg, K, base)
+    return DDPS(cfg.model, K, base, ignore_index=cfg.data.ignore_index)
 
 
 def batch(b: int = 2, size: int = 32):
@@ -60,8 +60,20 @@ def test_base_stays_frozen_and_in_eval_mode():
     assert all(p.grad is not None for p in model.unet.parameters())
     # BatchNorm running statistics of the base do not move
     assert all(torch.equal(before[k], v) for k, v in model.base.state_dict().items())
-    # the state embedding is a frozen buffer, not a parameter
-    assert "state_embed" in dict(model.named_buffers())
+    # the state embedding is a frozen buffer of the codec, not a parameter; checkpoints keep
+    # the key they had before the codec was its own module
+    assert "codec.state_embed" in dict(model.named_buffers())
+    assert "state_embed" in model.state_dict() and "codec.state_embed" not in model.state_dict()
+
+
+def test_checkpoint_keys_round_trip():
+    from densediff.utils.checkpoint import load_into
+
+    model, other = make(), make()
+    torch.nn.init.normal_(other.codec.state_embed)
+    load_into(other, model.state_dict())  # the flat "state_embed" key loads into the codec
+    assert torch.equal(other.codec.state_embed, model.codec.state_embed)
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("codec,target,loss", [
@@ -147,11 +159,11 @@ def test_vlb_terms():
 
 def test_guidance_algebra():
     c, u = torch.randn(2, K, 4, 4), torch.randn(2, K, 4, 4)
-    assert torch.equal(cfg_combine(c, u, 0.0), c)
-    assert torch.allclose(cfg_combine(c, u, 0.4), 1.4 * c - 0.4 * u)
+    assert torch.equal(classifier_free_guidance(c, u, 0.0), c)
+    assert torch.allclose(classifier_free_guidance(c, u, 0.4), 1.4 * c - 0.4 * u)
     model = make().eval()
     cond = model.extract(batch()[0])
-    x = model.embed(torch.randint(0, K, (2, 8, 8)))
+    x = model.codec.embed(torch.randint(0, K, (2, 8, 8)))
     t = torch.full((2,), 500.0)
     with torch.no_grad():
         lc = model.denoise(cond.features, x, t)
@@ -165,9 +177,9 @@ def test_sampling_visits_the_stride_times_and_renoises(monkeypatch):
     model = make("model.ddps.timesteps=20").eval()
     cond = model.extract(batch()[0])
     times = []
-    guided = model.guided
-    monkeypatch.setattr(model, "guided", lambda f, x, t, s: times.append(float(t[0])) or
-                        guided(f, x, t, s))
+    denoise = model.denoise
+    monkeypatch.setattr(model, "denoise", lambda f, x, t: times.append(float(t[0])) or
+                        denoise(f, x, t))
     traj = model.sample_steps(cond, 3, seeds=[0, 1])
     assert times == [1000.0, 500.0, 50.0]  # t = 20, 10, 1 of T = 20
     assert len(traj.logits) == 3 and traj.logits[0].shape == (2, 1, K, 8, 8)

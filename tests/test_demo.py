@@ -59,8 +59,10 @@ def test_demo_runs_every_task(tmp_path, monkeypatch):
     metrics = json.loads((bev / "demo_metrics.json").read_text())
     assert list(metrics["test"]) == [str(n) for n in BEV_DEMO_STEPS]
     assert all("mIoU@0.50" in m for m in metrics["test"].values())
-    strip = np.asarray(Image.open(bev / "predictions" / "test_000_trajectory.png"))
-    assert strip.shape == (48, (BEV_DEMO_STEPS[-1] + 1) * 48 + BEV_DEMO_STEPS[-1] * 4, 3)
+    k = keys[bev / "predictions" / "test_000_trajectory.png"]  # labelled, not a bare strip
+    n = BEV_DEMO_STEPS[-1]
+    assert k.columns == [f"step {s} of {n}" for s in range(1, n + 1)] + ["uncertainty"]
+    assert k.legend[-1] == "no map class" and "class mask changed" in k.colorbars[-1]
     for run, steps, key in ((seg, DEMO_STEPS, "mIoU"), (depth, DEPTH_DEMO_STEPS, "abs_rel")):
         metrics = json.loads((run / "demo_metrics.json").read_text())
         assert list(metrics) == ["val", "test"]
@@ -69,12 +71,19 @@ def test_demo_runs_every_task(tmp_path, monkeypatch):
         for split in ("val", "test"):
             assert (run / f"demo_steps_{split}.png").is_file()
     assert (depth / "predictions" / "00000_depth.png").is_file()
-    strip = np.asarray(Image.open(depth / "predictions" / "00000_trajectory.png"))
-    assert strip.shape[1] == (2 + DEPTH_DEMO_STEPS[-1]) * 48 + (1 + DEPTH_DEMO_STEPS[-1]) * 4
+    k = keys[depth / "predictions" / "00000_trajectory.png"]
+    n = DEPTH_DEMO_STEPS[-1]
+    assert k.columns == ["image"] + [f"step {s} of {n}" for s in range(1, n + 1)] + ["uncertainty"]
+    assert all("depth (m)" in c for c in k.colorbars[1:-1]) and "(m)" in k.colorbars[-1]
+    k = keys[seg / "predictions" / "00000_trajectory.png"]
+    n = DEMO_STEPS[-1]
+    assert k.columns == ["image"] + [f"step {s} of {n}" for s in range(1, n + 1)] + ["uncertainty"]
+    assert k.legend_title == "classes" and "label changed" in k.colorbars[-1]
 
     # the picture grids: a readable PNG each, titled columns, legends and colour bars
-    assert set(keys) == {run / "demo_grid.png" for run in (seg, depth, bev)}
-    for path in keys:
+    assert {p for p in keys if p.name == "demo_grid.png"} == {
+        run / "demo_grid.png" for run in (seg, depth, bev)}
+    for path in (run / "demo_grid.png" for run in (seg, depth, bev)):
         grid = np.asarray(Image.open(path))
         assert grid.ndim == 3 and grid.shape[0] > 2 * 32 and grid.shape[1] > 5 * 48
     k = keys[seg / "demo_grid.png"]

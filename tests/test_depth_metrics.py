@@ -440,6 +440,36 @@ def test_pearson_matches_numpy_over_valid_pixels():
         m2.update(torch.full((1, 2, 2), float("nan")), torch.ones(1, 2, 2), torch.ones(1, 2, 2))
 
 
+def test_merge_state_equals_one_metric_over_all_data():
+    g = torch.Generator().manual_seed(11)
+    data = []
+    for _ in range(2):
+        gt = torch.rand(2, 5, 6, generator=g, dtype=D) * 9 + 1
+        gt[0, 0] = 0  # invalid pixels
+        pred = gt * (1 + 0.3 * torch.rand(2, 5, 6, generator=g, dtype=D))
+        data.append((torch.rand(2, 5, 6, generator=g, dtype=D), pred, gt))
+    data[1][2][1] = 0  # an image without evaluated pixels: skipped
+    whole = DepthMetric(1e-3, 80), DepthUncertaintyMetric(1e-3, 80)
+    parts = [(DepthMetric(1e-3, 80), DepthUncertaintyMetric(1e-3, 80)) for _ in data]
+    for (u, p, gt), (dm, um) in zip(data, parts):
+        for d, m in zip((dm, whole[0]), (um, whole[1])):
+            d.update(p, gt)
+            m.update(u, p, gt)
+    for i in range(2):
+        parts[0][i].merge_state(parts[1][i])
+        for k, v in whole[i].compute().items():
+            assert parts[0][i].compute()[k] == pytest.approx(v, rel=1e-12, nan_ok=True), k
+    assert whole[0].compute()["skipped"] == 1
+
+
+def test_one_metric_list_and_explicit_lower_is_better():
+    from densediff.config import DEPTH_METRICS, LOWER_IS_BETTER, TASK_METRICS
+
+    assert METRIC_KEYS is DEPTH_METRICS and TASK_METRICS["depth"] is DEPTH_METRICS
+    assert LOWER_IS_BETTER <= set(DEPTH_METRICS)
+    assert {k for k in DEPTH_METRICS if k not in LOWER_IS_BETTER} == {"d1", "d2", "d3"}
+
+
 # ---------------------------------------------------------------------------- distributed
 
 

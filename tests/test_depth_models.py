@@ -13,7 +13,7 @@ from densediff.config import load_config
 from densediff.diffusion import alpha_sigma
 from densediff.diffusion.encodings import DepthEncoding
 from densediff.diffusion.schedules import cosine_unclamped_log_snr, get_schedule, schedule_time
-from densediff.engine.optim import poly_lr
+from densediff.engine.optim import scheduled_lr
 from densediff.errors import ConfigError
 from densediff.models import DepthDDP, Depther, build_model
 from densediff.models.depth import DepthTrajectory, downsample_depth
@@ -181,11 +181,11 @@ def test_cosine_lr_schedule_formula():
     cfg = load_config(None, ["train.lr_schedule=cosine", "train.iters=100", "train.lr=1.0",
                              "train.warmup_iters=10", "train.warmup_ratio=0.001",
                              "train.min_lr=0.0"]).train
-    assert poly_lr(1.0, 50, cfg) == pytest.approx(0.5)
-    assert poly_lr(1.0, 25, cfg) == pytest.approx((1 + math.cos(math.pi / 4)) / 2)
-    assert poly_lr(1.0, 0, cfg) == pytest.approx(0.001)          # warmup start
+    assert scheduled_lr(1.0, 50, cfg) == pytest.approx(0.5)
+    assert scheduled_lr(1.0, 25, cfg) == pytest.approx((1 + math.cos(math.pi / 4)) / 2)
+    assert scheduled_lr(1.0, 0, cfg) == pytest.approx(0.001)          # warmup start
     w = (1 + math.cos(math.pi * 5 / 100)) / 2
-    assert poly_lr(1.0, 5, cfg) == pytest.approx(w * (1 - 0.5 * 0.999))
+    assert scheduled_lr(1.0, 5, cfg) == pytest.approx(w * (1 - 0.5 * 0.999))
 
 
 @pytest.mark.parametrize("overrides, key", [

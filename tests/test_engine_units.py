@@ -13,7 +13,18 @@ from torch import nn
 from densediff.config import TrainConfig
 from densediff.engine.ema import EMA
 from densediff.engine.logger import CSVLog
-from densediff.engine.optim import build_optimizer, no_decay_names, param_groups, poly_lr, set_lr
+from densediff.engine.optim import (
+    LR_SCHEDULES,
+    build_optimizer,
+    cosine_lr,
+    cyclic_lr,
+    no_decay_names,
+    param_groups,
+    poly_lr,
+    scheduled_lr,
+    set_lr,
+    warmup_factor,
+)
 from densediff.engine.sampler import InfiniteSampler
 from densediff.engine.trainer import train_step
 from densediff.errors import CheckpointError
@@ -25,14 +36,25 @@ from densediff.utils import checkpoint as ck
 
 def test_poly_lr_matches_mmcv_formula():
     cfg = TrainConfig(iters=100, warmup_iters=10, warmup_ratio=0.1, poly_power=1.0, min_lr=0.0)
-    assert poly_lr(1.0, 0, cfg) == pytest.approx(0.1)  # warmup_ratio * lr
-    assert poly_lr(1.0, 5, cfg) == pytest.approx(0.95 * (1 - 0.5 * 0.9))
-    assert poly_lr(1.0, 10, cfg) == pytest.approx(0.9)  # warmup over: plain poly
-    assert poly_lr(1.0, 99, cfg) == pytest.approx(0.01)
+    assert scheduled_lr(1.0, 0, cfg) == pytest.approx(0.1)  # warmup_ratio * lr
+    assert scheduled_lr(1.0, 5, cfg) == pytest.approx(0.95 * (1 - 0.5 * 0.9))
+    assert scheduled_lr(1.0, 10, cfg) == pytest.approx(0.9)  # warmup over: plain poly
+    assert scheduled_lr(1.0, 99, cfg) == pytest.approx(0.01)
+    assert poly_lr(1.0, 5, cfg) == pytest.approx(0.95)  # the policy alone: no warmup
     cfg = TrainConfig(iters=50, warmup_iters=0, poly_power=0.9, min_lr=1e-4)
     for it in (0, 7, 49):
         want = (2e-3 - 1e-4) * (1 - it / 50) ** 0.9 + 1e-4
-        assert poly_lr(2e-3, it, cfg) == pytest.approx(want, rel=1e-12)
+        assert scheduled_lr(2e-3, it, cfg) == pytest.approx(want, rel=1e-12)
+
+
+def test_scheduled_lr_dispatches_on_lr_schedule_with_warmup():
+    for name, policy in LR_SCHEDULES.items():
+        cfg = TrainConfig(iters=100, warmup_iters=10, warmup_ratio=0.1, lr_schedule=name)
+        for it in (0, 3, 10, 57):
+            assert scheduled_lr(2.0, it, cfg) == policy(2.0, it, cfg) * warmup_factor(it, cfg)
+    assert (cosine_lr(1.0, 50, TrainConfig(iters=100, min_lr=0.0)), warmup_factor(10, cfg)) \
+        == (pytest.approx(0.5), 1.0)
+    assert cyclic_lr(1.0, 40, TrainConfig(iters=100)) == pytest.approx(10.0)
 
 
 def test_set_lr_applies_head_multiplier_with_absolute_min_lr():
@@ -40,8 +62,8 @@ def test_set_lr_applies_head_multiplier_with_absolute_min_lr():
     opt = build_optimizer(_Net(), cfg)
     base = set_lr(opt, 5, cfg)
     lrs = {g["name"]: g["lr"] for g in opt.param_groups}
-    assert base == pytest.approx(poly_lr(1e-3, 5, cfg))
-    assert lrs["encoder_decay"] == pytest.approx(poly_lr(1e-3, 5, cfg))
+    assert base == pytest.approx(scheduled_lr(1e-3, 5, cfg))
+    assert lrs["encoder_decay"] == pytest.approx(scheduled_lr(1e-3, 5, cfg))
     assert lrs["head_decay"] == pytest.approx((1e-2 - 1e-5) * 0.75 + 1e-5)  # mmcv: min_lr absolute
 
 

@@ -104,8 +104,8 @@ def test_predict_skips_folders_named_like_images_and_link_loops(capsys, tmp_path
 
 
 def test_data_folder_with_a_link_loop_is_listed_without_hanging(tmp_path):
-    from densediff.data.fixtures import write_folder
     from densediff.data.layouts import scan
+    from densediff.testing.fixtures import write_folder
 
     root = write_folder(tmp_path / "ds")
     os.symlink(".", root / "images" / "again")  # would recurse forever if followed

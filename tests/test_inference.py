@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from densediff.config import AugTestConfig, EvalConfig
-from densediff.engine.inference import predict_probs, slide_logits
 from densediff.errors import ConfigError
+from densediff.pipelines.inference import predict_probs, slide_logits
 
 K = 4
 

@@ -15,6 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from densediff.errors import DataError
+from densediff.tasks.bev import BEVIoUMetric
 from densediff.tasks.segmentation import (
     SegMetric,
     boundary_width,
@@ -355,10 +356,33 @@ def _dist_worker(rank, world, init_file, preds, labels, out_dir):
         m.update(preds[rank], labels[rank])
         m.reduce()
         m.reduce()  # second call must not double-count
-        torch.save({"confusion": m.confusion, "inter": m.boundary_inter,
-                    "union": m.boundary_union}, os.path.join(out_dir, f"{rank}.pt"))
+        out = {"confusion": m.confusion.clone(), "inter": m.boundary_inter.clone(),
+               "union": m.boundary_union.clone()}
+        with pytest.raises(RuntimeError, match="after reduce"):
+            m.update(preds[rank], labels[rank])
+        out["after_reduce"] = m.compute()  # on the sums, no second sync
+        # torchmetrics' own life cycle: compute() syncs by itself, then restores the local
+        # states, so accumulation can go on and a later compute() syncs again
+        lone = SegMetric(4, IGN)
+        lone.update(preds[rank][:1], labels[rank][:1])
+        out["half"] = lone.compute()
+        out["local_after_compute"] = lone.confusion.clone()
+        lone.update(preds[rank][1:], labels[rank][1:])
+        out["compute"] = lone.compute()
+        bev = BEVIoUMetric(["a", "b"])
+        bev.update(*_bev_data(rank))
+        out["bev"] = bev.compute()
+        own = SegMetric(4, IGN, sync_on_compute=False)  # this process's data only
+        own.update(preds[rank], labels[rank])
+        out["own"] = own.compute()
+        torch.save(out, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _bev_data(part: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(20 + part)
+    return torch.rand(2, 2, 5, 6, generator=g), (torch.rand(2, 2, 5, 6, generator=g) < 0.3).long()
 
 
 def test_distributed_reduce_sums_over_processes():
@@ -372,11 +396,98 @@ def test_distributed_reduce_sums_over_processes():
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_dist_worker, args=(2, os.path.join(tmp, "init"), preds, labels, tmp),
                  nprocs=2, join=True)
+        half = SegMetric(4, IGN)
+        for p, lab in zip(preds, labels):
+            half.update(p[:1], lab[:1])
+        bev = BEVIoUMetric(["a", "b"])
+        for part in range(2):
+            bev.update(*_bev_data(part))
         for rank in range(2):
             got = torch.load(os.path.join(tmp, f"{rank}.pt"))
             assert torch.equal(got["confusion"], single.confusion)
             assert torch.equal(got["inter"], single.boundary_inter)
             assert torch.equal(got["union"], single.boundary_union)
+            _same(got["after_reduce"], single.compute())
+            _same(got["compute"], single.compute())
+            _same(got["half"], half.compute())
+            assert torch.equal(got["local_after_compute"],
+                               torch.bincount(_valid_pairs(preds[rank][:1], labels[rank][:1]),
+                                              minlength=16).view(4, 4))
+            _same(got["bev"], bev.compute())
+            own = SegMetric(4, IGN)
+            own.update(preds[rank], labels[rank])
+            _same(got["own"], own.compute())
+
+
+def _valid_pairs(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    valid = label != IGN
+    return label[valid] * 4 + pred[valid]
+
+
+def _same(a, b) -> None:
+    """Equal results, NaN == NaN (the metrics' dicts, lists and floats)."""
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def test_merge_state_equals_one_metric_over_all_data():
+    g = torch.Generator().manual_seed(5)
+    preds = [torch.randint(0, 4, (2, 10, 9), generator=g) for _ in range(2)]
+    labels = [torch.randint(0, 4, (2, 10, 9), generator=g) for _ in range(2)]
+    labels[0][:, :2] = IGN
+    whole, a, b = SegMetric(4, IGN), SegMetric(4, IGN), SegMetric(4, IGN)
+    for p, lab in zip(preds, labels):
+        whole.update(p, lab)
+    a.update(preds[0], labels[0])
+    b.update(preds[1], labels[1])
+    a.merge_state(b)
+    _same(a.compute(), whole.compute())
+
+    bev_whole, bev_a, bev_b = (BEVIoUMetric(["a", "b"]) for _ in range(3))
+    for part, m in enumerate((bev_a, bev_b)):
+        m.update(*_bev_data(part))
+        bev_whole.update(*_bev_data(part))
+    bev_a.merge_state(bev_b)
+    _same(bev_a.compute(), bev_whole.compute())
+
+
+def test_metric_states_follow_to_and_reset():
+    m = SegMetric(3, IGN, device="meta")
+    assert m.device.type == "meta" and m.confusion.device.type == "meta"
+    m = SegMetric(3, IGN)
+    m.update(PRED[None] % 3, LABEL[None])
+    first = m.compute()
+    moved = m.clone().to("meta")  # the states move; the defaults too (reset keeps the device)
+    assert {t.device.type for t in (moved.confusion, moved.boundary_inter,
+                                    moved.boundary_union)} == {"meta"}
+    moved.reset()
+    assert moved.confusion.device.type == "meta"
+    m.reset()
+    assert int(m.confusion.sum()) == 0 and m.confusion.device.type == "cpu"
+    m.update(PRED[None] % 3, LABEL[None])
+    _same(m.compute(), first)
+    assert BEVIoUMetric(["a"], device="meta").tp.device.type == "meta"
+
+
+def test_compute_returns_a_fresh_dict_and_no_warning_when_empty(recwarn):
+    m = SegMetric(2, IGN)
+    res = m.compute()  # before any update: NaN results, no torchmetrics warning
+    assert math.isnan(res["mIoU"]) and not [w for w in recwarn if "compute" in str(w.message)]
+    res["extra"] = 1  # a caller may add keys (evaluate adds "uncertainty")
+    assert "extra" not in m.compute()
+
+
+def test_tasks_do_not_import_the_distributed_helpers():
+    import ast
+    from pathlib import Path
+
+    import densediff.tasks
+
+    for path in Path(densediff.tasks.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [f"{node.module}." + a.name for a in node.names]
+                     if isinstance(node, ast.ImportFrom) and node.module else [])
+            assert not any(n.startswith("densediff.utils.distributed") for n in names), path
 
 
 def test_reduce_without_distributed_is_noop():

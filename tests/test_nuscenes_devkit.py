@@ -23,7 +23,6 @@ from pyquaternion import Quaternion  # noqa: E402
 
 from densediff.config import load_config  # noqa: E402
 from densediff.data.bev import DIVIDER_WIDTH, MapGeometry, rasterize_map  # noqa: E402
-from densediff.data.fixtures import write_nuscenes  # noqa: E402
 from densediff.data.nuscenes import (  # noqa: E402
     NuScenesDataset,
     devkit_label_pairs,
@@ -31,6 +30,7 @@ from densediff.data.nuscenes import (  # noqa: E402
     remove_close,
 )
 from densediff.errors import DataError  # noqa: E402
+from densediff.testing.fixtures import write_nuscenes  # noqa: E402
 from densediff.utils.grid import BEVGrid, output_grid  # noqa: E402
 
 SWEEPS = 2

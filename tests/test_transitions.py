@@ -155,3 +155,78 @@ def test_forward_noise_keeps_the_expected_share_of_labels():
     a, b, c = (float(v) for v in tr.coefficients(0, 10))
     assert float((x_t == x0).float().mean()) == pytest.approx(a + b / 10, abs=0.02)
     assert float((x_t == 10).float().mean()) == pytest.approx(c, abs=0.02)
+
+
+# ---------------------------------------------------------------- the stride sampler (DDPS Alg. 2)
+
+
+def _target_denoiser(target: torch.Tensor, k: int, seen: list):
+    """A perfect denoiser: large logits on ``target`` whatever its input; records (t, flag)."""
+
+    def denoise(x_t, t, with_uncond):
+        seen.append((t.tolist(), with_uncond, x_t.shape))
+        logits = torch.nn.functional.one_hot(target, k).permute(0, 3, 1, 2).float() * 30
+        return torch.cat([logits, torch.zeros_like(logits)]) if with_uncond else logits
+
+    return denoise
+
+
+@pytest.mark.parametrize("kind,renoise", [("uniform", "free"), ("uniform", "posterior"),
+                                          ("hybrid", "free"), ("absorbing", "posterior")])
+def test_sample_discrete_visits_the_stride_times(kind, renoise):
+    from densediff.diffusion.samplers import sample_discrete
+
+    k, T = 4, 20
+    tr = DiscreteTransition(k, T, kind)
+    target = torch.randint(0, k, (2, 5, 6), generator=torch.Generator().manual_seed(0))
+    seen = []
+    preds = sample_discrete(_target_denoiser(target, k, seen), tr, (2, 5, 6), 3, renoise=renoise)
+    assert [s[0] for s in seen] == [[20, 20], [10, 10], [1, 1]]  # stride_times(20, 3)
+    assert all(not s[1] and s[2] == (2, 5, 6) for s in seen)
+    assert len(preds) == 3 and all(torch.equal(p.argmax(1), target) for p in preds)
+    with pytest.raises(ValueError, match="re-noising"):
+        sample_discrete(_target_denoiser(target, k, []), tr, (2, 5, 6), 2, renoise="bad")
+
+
+def test_sample_discrete_guidance_and_seeded_noise():
+    from densediff.diffusion.samplers import (
+        classifier_free_guidance,
+        guided,
+        sample_discrete,
+        seeded_uniform,
+    )
+
+    k = 3
+    tr = DiscreteTransition(k, 10)
+    target = torch.zeros(1, 4, 4, dtype=torch.long)
+    seen = []
+    preds = sample_discrete(_target_denoiser(target, k, seen), tr, (1, 4, 4), 2, guidance=0.5)
+    assert all(s[1] for s in seen)  # one call on the doubled batch per step
+    logits = _target_denoiser(target, k, [])(target, torch.ones(1), False)
+    assert torch.allclose(preds[0], 1.5 * logits)  # (s + 1) l_c - s l_u with l_u = 0
+    assert torch.equal(classifier_free_guidance(logits, -logits, 0.0), logits)
+    assert torch.equal(guided(lambda x, t, u: x + 1, 0.0)(torch.zeros(2), None), torch.ones(2))
+
+    def states(seed):  # the noise of every draw comes from the caller's generator
+        seen = []
+
+        def denoise(x_t, t, with_uncond):
+            seen.append(x_t.clone())
+            return torch.zeros(1, k, 4, 4)
+
+        gens = [torch.Generator().manual_seed(seed)]
+        sample_discrete(denoise, tr, (1, 4, 4), 3,
+                        uniform=lambda size: seeded_uniform(size, gens, "cpu"))
+        return torch.stack(seen)
+
+    assert torch.equal(states(1), states(1)) and not torch.equal(states(1), states(2))
+
+
+def test_diffusion_does_not_import_the_models():
+    import subprocess
+    import sys
+
+    code = ("import sys, densediff.diffusion.codecs, densediff.diffusion.samplers; "
+            "print(any(m.startswith('densediff.models') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

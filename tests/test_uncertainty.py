@@ -262,6 +262,11 @@ def test_two_updates_equal_one_concatenated():
     assert torch.equal(one.hist_wrong, two.hist_wrong)
     assert torch.equal(one.hist_right, two.hist_right)
     assert one.compute() == two.compute()
+    a, b = UncertaintyMetric(), UncertaintyMetric()  # two processes' states, merged
+    a.update(u[:1], wrong[:1], valid[:1])
+    b.update(u[1:], wrong[1:], valid[1:])
+    a.merge_state(b)
+    assert torch.equal(a.hist_wrong, one.hist_wrong) and a.compute() == one.compute()
 
 
 def test_invalid_pixels_are_ignored():

@@ -68,29 +68,21 @@ def bench(cfg: Config, size: tuple[int, int] | None = None, batch: int = 1,
     """Median latencies (seconds) and peak memory of ``cfg``'s model; see the module doc.
     ``steps``: the whole-prediction step counts (diffusion models; checked against the
     model's range); None: those of 1, 3, 5 the model can take."""
-    from densediff.api import check_steps, resolve_device
+    from densediff.api import resolve_device
     from densediff.data import class_info
-    from densediff.engine.evaluate import is_diffusion
     from densediff.errors import UserError
     from densediff.info import count_params
     from densediff.models import build_model
+    from densediff.pipelines import check_steps, is_diffusion, pipeline_for
 
     if batch < 1 or repeats < 1:
         raise UserError("--batch and --repeats: must be at least 1")
     dev = resolve_device(device)
     names, _ = class_info(cfg)
     model = build_model(cfg, len(names)).to(dev).eval()
-    if cfg.task == "bev":  # several cameras (+ points); --size sets each camera image
-        from densediff.data.bev import example_inputs
-
-        bev = cfg.data.bev.model_copy(update={"image_size": tuple(size)} if size else {})
-        h, w = bev.image_size
-        img = example_inputs(bev, batch, dev)
-    else:
-        if size is None:
-            size = cfg.data.train_pipeline.crop_size or (512, 512)
-        h, w = int(size[0]), int(size[1])
-        img = torch.randn(batch, 3, h, w, device=dev)
+    pipe = pipeline_for(cfg)
+    # BEV: several cameras (+ points); --size sets each camera image
+    img, (h, w) = pipe.example_input(cfg, size, batch, dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     if is_diffusion(model):
@@ -108,8 +100,7 @@ def bench(cfg: Config, size: tuple[int, int] | None = None, batch: int = 1,
                  "params_M": count_params(model) / 1e6,
            "tokens_per_step": int(getattr(feat, "features", feat)[0, 0].numel())}
     out["encoder"] = _median_time(lambda: model.extract(img), repeats, dev)
-    predict = (getattr(model, "predict_depth", None) or getattr(model, "predict_probs", None)
-               if cfg.task != "segmentation" else model.predict_logits)
+    predict = pipe.predict_fn(model)
     if is_diffusion(model):
         out["decoder_step"] = _median_time(lambda: model.decoder_step(feat), repeats, dev)
         out["total"] = {int(n): _median_time(lambda n=n: predict(img, steps=n),

@@ -597,10 +597,14 @@ class EvalConfig(_Strict):
 
 SEG_METRICS = ("mIoU", "mAcc", "aAcc", "mBIoU")
 DEPTH_METRICS = ("d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog")
+"""Keys of the depth metrics in reporting order: the one list (``densediff.tasks.depth``'s
+``METRIC_KEYS`` is this tuple)."""
 BEV_METRICS = ("mIoU", "mIoU@0.50")
 """mIoU: the mean over classes of each class's best IoU over the thresholds 0.35..0.65
 (BEVFusion protocol); mIoU@0.50: the mean IoU at threshold 0.5."""
-LOWER_IS_BETTER = frozenset(DEPTH_METRICS[3:])
+LOWER_IS_BETTER = frozenset({"abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog"})
+"""Metric keys (of any task) where lower is better: the depth errors. Every other key is
+higher-is-better (the depth accuracies d1..d3, all segmentation and BEV metrics)."""
 TASK_DATASETS = {"segmentation": ("camvid", "ade20k", "cityscapes", "folder", "generated"),
                  "depth": ("kitti", "nyu", "sunrgbd", "folder", "generated"),
                  "bev": ("nuscenes", "generated")}

@@ -21,9 +21,10 @@ writes a new time-stamped folder, so earlier results are never overwritten.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -87,12 +88,13 @@ def run_demo(out: str | os.PathLike, iters: int | None = None, task: str = DEFAU
     out = Path(out)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     runs = []
-    if task in ("segmentation", "all"):
-        runs.append(_segmentation_demo(out / f"{stamp}-segmentation", iters, overrides or []))
-    if task in ("depth", "all"):
-        runs.append(_depth_demo(out / f"{stamp}-depth", iters, overrides or []))
-    if task in ("bev", "all"):
-        runs.append(_bev_demo(out / f"{stamp}-bev", iters, overrides or []))
+    for name in (list(DEMOS) if task == "all" else [task]):
+        d = DEMOS[name]
+        run_dir = out / f"{stamp}-{name}"
+        predictor = _train_and_evaluate(d.config, run_dir, d.iters if iters is None else iters,
+                                        overrides or [], d.steps)
+        d.predictions(predictor, run_dir, d.steps)
+        runs.append(run_dir)
     if task != "all":
         others = "|".join(t for t in TASKS if t != task)
         print(f"[demo] the other demos: densediff demo --task {others} (make demo-depth, "
@@ -130,12 +132,10 @@ def _train_and_evaluate(config: str, run_dir: Path, iters: int | None, overrides
     return predictor
 
 
-def _segmentation_demo(run_dir: Path, iters: int | None, overrides: list[str]) -> Path:
-    from densediff.api import colorize
+def _segmentation_predictions(predictor, run_dir: Path, demo_steps: list[int]) -> None:
     from densediff.data import build_dataset
-    from densediff.viz import ColorScale, GridColumn, heatmap, save_labelled_grid
+    from densediff.viz import ColorScale, GridColumn, colorize, heatmap, save_labelled_grid
 
-    predictor = _train_and_evaluate(DEMO_CONFIG, run_dir, iters, overrides, DEMO_STEPS)
     print("[demo] 3/3 predicting on test images")
     pred_dir = run_dir / "predictions"
     pred_dir.mkdir(parents=True, exist_ok=True)
@@ -157,9 +157,8 @@ def _segmentation_demo(run_dir: Path, iters: int | None, overrides: list[str]) -
         Image.fromarray(pred.overlay).save(pred_dir / f"{stem}_overlay.png")
         Image.fromarray(unc).save(pred_dir / f"{stem}_uncertainty.png")
         Image.fromarray(heatmap(pred.entropy)).save(pred_dir / f"{stem}_entropy.png")
-        traj = predictor.predict(rgb, steps=DEMO_STEPS[-1], seed=i)
-        Image.fromarray(predictor.trajectory_strip(traj, rgb)).save(
-            pred_dir / f"{stem}_trajectory.png")
+        traj = predictor.predict(rgb, steps=demo_steps[-1], seed=i)
+        traj.save_trajectory(pred_dir / f"{stem}_trajectory.png")
         rows.append([rgb, gt_color, pred.color, error, unc])
     legend = list(zip(predictor.class_names, predictor.palette.tolist()))
     if any_ignored:
@@ -178,19 +177,15 @@ def _segmentation_demo(run_dir: Path, iters: int | None, overrides: list[str]) -
         title=f"Segmentation DDP on generated test scenes ({len(rows)} images)")
     print(f"[demo] wrote {run_dir / 'demo_grid.png'} (image | truth | prediction | error | "
           f"uncertainty at {steps} steps), {run_dir}/demo_steps_{{val,test}}.png, {pred_dir} "
-          f"(masks, overlays, uncertainty, {DEMO_STEPS[-1]}-step trajectories), "
+          f"(masks, overlays, uncertainty, {demo_steps[-1]}-step trajectories), "
           f"{run_dir / 'demo_metrics.json'}")
-    return run_dir
 
 
-def _depth_demo(run_dir: Path, iters: int | None, overrides: list[str]) -> Path:
+def _depth_predictions(_trained, run_dir: Path, demo_steps: list[int]) -> None:
     from densediff.api import load
     from densediff.data import build_dataset
-    from densediff.viz import ColorScale, GridColumn, save_labelled_grid, scaled_heatmap
+    from densediff.viz import ColorScale, GridColumn, nice_ceil, save_labelled_grid, scaled_heatmap
 
-    _train_and_evaluate(DEPTH_DEMO_CONFIG, run_dir,
-                        DEPTH_DEMO_ITERS if iters is None else iters, overrides,
-                        DEPTH_DEMO_STEPS)
     print("[demo] 3/3 predicting depth on test scenes (4 random starts per image)")
     # the spread over random starts is the better depth uncertainty (benchmarks/RESULTS.md §7)
     predictor = load(run_dir / "checkpoints" / "best.safetensors",
@@ -207,15 +202,14 @@ def _depth_demo(run_dir: Path, iters: int | None, overrides: list[str]) -> Path:
     for i in range(min(6, len(ds))):
         rgb, gt, path = ds.load(i)
         stem = Path(path).name
-        pred = predictor.predict(rgb, steps=DEPTH_DEMO_STEPS[-1], seed=i)
+        pred = predictor.predict(rgb, steps=demo_steps[-1], seed=i)
         unc = pred.uncertainty_starts
         Image.fromarray(pred.color).save(pred_dir / f"{stem}_depth.png")
         Image.fromarray(scaled_heatmap(unc)).save(pred_dir / f"{stem}_uncertainty.png")
-        Image.fromarray(predictor.trajectory_strip(pred, rgb)).save(
-            pred_dir / f"{stem}_trajectory.png")
+        pred.save_trajectory(pred_dir / f"{stem}_trajectory.png")
         shown.append((rgb, gt, pred.depth, unc))
     # one uncertainty scale for the whole grid (metres), so that rows compare
-    unc_scale = ColorScale("inferno", 0, _nice_ceil(max(float(u.max()) for *_, u in shown)),
+    unc_scale = ColorScale("inferno", 0, nice_ceil(max(float(u.max()) for *_, u in shown)),
                            f"spread (std) of the depth over {predictor.cfg.model.diffusion.randsteps}"
                            " random starts (m): bright = unsure")
     no_gt = (128, 128, 128)
@@ -231,37 +225,25 @@ def _depth_demo(run_dir: Path, iters: int | None, overrides: list[str]) -> Path:
     missing = (("no true depth", no_gt),) if any_invalid else ()
     save_labelled_grid(
         rows, [GridColumn("image"), GridColumn("true depth", depth_scale, missing),
-               GridColumn(f"predicted depth ({DEPTH_DEMO_STEPS[-1]} sampling steps)",
+               GridColumn(f"predicted depth ({demo_steps[-1]} sampling steps)",
                           depth_scale),
                GridColumn("error (AbsRel)", err_scale, missing),
                GridColumn("uncertainty (spread over random starts)", unc_scale)],
         run_dir / "demo_grid.png",
         title=f"Depth DDP on generated 3-D rooms: test scenes ({len(rows)} images)")
     print(f"[demo] wrote {run_dir / 'demo_grid.png'} (image | truth | prediction | AbsRel error "
-          f"| uncertainty = depth spread over 4 random starts, {DEPTH_DEMO_STEPS[-1]} steps), "
+          f"| uncertainty = depth spread over 4 random starts, {demo_steps[-1]} steps), "
           f"{run_dir}/demo_steps_{{val,test}}.png, {pred_dir} (colourised depth, uncertainty, "
           f"trajectories), {run_dir / 'demo_metrics.json'}")
-    return run_dir
-
-
-def _nice_ceil(x: float) -> float:
-    """The smallest of 1, 2, 2.5, 5 x a power of ten that is >= ``x`` (a colour-bar end)."""
-    if x <= 0:
-        return 1.0
-    base = 10.0 ** math.floor(math.log10(x))
-    return next(m * base for m in (1, 2, 2.5, 5, 10) if m * base >= x * (1 - 1e-9))
 
 
 _SIX_CAMERAS = ("CAM_FRONT_LEFT", "CAM_FRONT", "CAM_FRONT_RIGHT", "CAM_BACK_LEFT", "CAM_BACK",
                 "CAM_BACK_RIGHT")
 
 
-def _bev_demo(run_dir: Path, iters: int | None, overrides: list[str]) -> Path:
+def _bev_predictions(predictor, run_dir: Path, demo_steps: list[int]) -> None:
     from densediff.viz import ColorScale, GridColumn, bev_color, camera_mosaic, save_labelled_grid
 
-    predictor = _train_and_evaluate(BEV_DEMO_CONFIG, run_dir,
-                                    BEV_DEMO_ITERS if iters is None else iters, overrides,
-                                    BEV_DEMO_STEPS)
     print("[demo] 3/3 predicting BEV maps of test scenes")
     pred_dir = run_dir / "predictions"
     pred_dir.mkdir(parents=True, exist_ok=True)
@@ -271,11 +253,10 @@ def _bev_demo(run_dir: Path, iters: int | None, overrides: list[str]) -> Path:
     rows = []
     for i in range(min(4, len(ds))):
         sample = ds[i]
-        pred = predictor.predict_bev(sample, steps=BEV_DEMO_STEPS[-1], seed=i)
-        panel = predictor.bev_panel(sample, pred)
+        pred = predictor.predict_bev(sample, steps=demo_steps[-1], seed=i)
         stem = f"test_{i:03d}"
-        Image.fromarray(panel).save(pred_dir / f"{stem}_bev.png")
-        Image.fromarray(predictor.trajectory_strip(pred)).save(pred_dir / f"{stem}_trajectory.png")
+        Image.fromarray(pred.panel()).save(pred_dir / f"{stem}_bev.png")
+        pred.save_trajectory(pred_dir / f"{stem}_trajectory.png")
         cams = [np.clip(im.permute(1, 2, 0).numpy() * std + mean, 0, 255).astype(np.uint8)
                 for im in sample["image"]["images"]]
         rows.append([camera_mosaic(cams), pred.color,
@@ -288,11 +269,11 @@ def _bev_demo(run_dir: Path, iters: int | None, overrides: list[str]) -> Path:
             f"cameras ({', '.join(b.cameras)})")
     save_labelled_grid(
         rows, [GridColumn(cams),
-               GridColumn(f"predicted map ({BEV_DEMO_STEPS[-1]} sampling steps)"),
+               GridColumn(f"predicted map ({demo_steps[-1]} sampling steps)"),
                GridColumn("true map"),
                GridColumn("uncertainty (mask changes between steps)",
                           ColorScale("inferno", 0, 1, f"largest share, over the classes, of the "
-                                     f"{BEV_DEMO_STEPS[-1] - 1} step-to-step transitions at which "
+                                     f"{demo_steps[-1] - 1} step-to-step transitions at which "
                                      "the class mask changed: 0 = never (sure), 1 = every step"))],
         run_dir / "demo_grid.png",
         legend=[*zip(predictor.class_names, predictor.palette.tolist()),
@@ -301,6 +282,24 @@ def _bev_demo(run_dir: Path, iters: int | None, overrides: list[str]) -> Path:
         title=f"BEV map DDP on the generated world: test scenes ({len(rows)}); maps "
               f"{extent} around the car, forward up, left on the left")
     print(f"[demo] wrote {run_dir / 'demo_grid.png'} (six cameras | predicted map | truth | "
-          f"uncertainty at {BEV_DEMO_STEPS[-1]} steps), {run_dir}/demo_steps_{{val,test}}.png, "
+          f"uncertainty at {demo_steps[-1]} steps), {run_dir}/demo_steps_{{val,test}}.png, "
           f"{pred_dir} (panels, trajectories), {run_dir / 'demo_metrics.json'}")
-    return run_dir
+
+
+@dataclass(frozen=True)
+class Demo:
+    """One task's demo: its config, training iterations (None: the config's), the step
+    counts evaluated, and what it predicts and draws after training (step 3 of 3)."""
+
+    config: str
+    iters: int | None
+    steps: list[int]
+    predictions: Callable[..., None]
+
+
+DEMOS: dict[str, Demo] = {
+    "segmentation": Demo(DEMO_CONFIG, None, DEMO_STEPS, _segmentation_predictions),
+    "depth": Demo(DEPTH_DEMO_CONFIG, DEPTH_DEMO_ITERS, DEPTH_DEMO_STEPS, _depth_predictions),
+    "bev": Demo(BEV_DEMO_CONFIG, BEV_DEMO_ITERS, BEV_DEMO_STEPS, _bev_predictions),
+}
+"""The demos, keyed by task (``--task``; ``all`` runs them in this order)."""

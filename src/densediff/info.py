@@ -13,14 +13,10 @@ def count_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def estimate_flops(model: torch.nn.Module, size: tuple[int, int], bev=None) -> int:
-    """FLOPs of one inference pass at ``size`` (the model's default steps; counted by torch's
-    FlopCounterMode: matmuls and convolutions, 2 FLOPs per multiply-add). BEV models: one
-    sample of ``bev`` (``data.bev``: all cameras at ``image_size``, random points)."""
-    from densediff.data.bev import example_inputs
-
+def estimate_flops(model: torch.nn.Module, x) -> int:
+    """FLOPs of one inference pass on the input ``x`` (the model's default steps; counted by
+    torch's FlopCounterMode: matmuls and convolutions, 2 FLOPs per multiply-add)."""
     model.eval()
-    x = torch.zeros(1, 3, *size) if bev is None else example_inputs(bev)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x)  # every model's forward without a label is its inference path
     return counter.get_total_flops()
@@ -29,6 +25,7 @@ def estimate_flops(model: torch.nn.Module, size: tuple[int, int], bev=None) -> i
 def describe(cfg: Config, size: tuple[int, int] | None = None) -> str:
     from densediff.data import build_dataset, class_info
     from densediff.models import build_model
+    from densediff.pipelines import pipeline_for
 
     lines = []
     names, _ = class_info(cfg)
@@ -38,17 +35,15 @@ def describe(cfg: Config, size: tuple[int, int] | None = None) -> str:
     for name, child in model.named_children():
         lines.append(f"  {name:<14} {count_params(child) / 1e6:9.3f} M")
     lines.append(f"  {'total':<14} {count_params(model) / 1e6:9.3f} M")
-    bev = None
-    if cfg.task == "bev":
-        bev = cfg.data.bev.model_copy(update={"image_size": tuple(size)} if size else {})
-        size = bev.image_size
-    elif size is None:
+    pipe = pipeline_for(cfg)
+    if size is None and pipe.image_input:
         size = cfg.data.train_pipeline.crop_size or cfg.data.test_scale or (512, 512)
-    flops = estimate_flops(model, tuple(size), bev)
+    x, size = pipe.example_input(cfg, size, 1, torch.device("cpu"))
+    flops = estimate_flops(model, x)
     steps = ""
     if cfg.model.type in ("ddp", "ddps"):
         steps = f" with {model.default_steps} sampling steps"
-    what = f"sample ({len(bev.cameras)} cameras)" if bev is not None else "image"
+    what = "image" if pipe.image_input else f"sample ({len(cfg.data.bev.cameras)} cameras)"
     lines.append(f"FLOPs per {what} at {size[0]}x{size[1]}{steps}: {flops / 1e9:.2f} G")
     lines.append("data:")
     for split in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split):

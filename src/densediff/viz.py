@@ -12,8 +12,38 @@ from dataclasses import dataclass, field
 import numpy as np
 
 __all__ = ["ColorScale", "GridColumn", "GridKey", "bev_color", "bev_image", "camera_mosaic",
-           "depth_color", "grid_figure", "heatmap", "plot_steps", "save_grid",
-           "save_labelled_grid", "scaled_heatmap", "steps_table"]
+           "colorize", "depth_color", "grid_figure", "heatmap", "nice_ceil", "overlay",
+           "plot_steps", "save_grid", "save_labelled_grid", "scaled_heatmap", "side_by_side",
+           "steps_table"]
+
+
+def colorize(mask: np.ndarray, palette: np.ndarray, ignore_index: int = 255) -> np.ndarray:
+    """Map class ids to RGB with ``palette`` (K x 3); ignore / out-of-range pixels are black."""
+    out = np.zeros((*mask.shape, 3), np.uint8)
+    valid = (mask >= 0) & (mask < len(palette)) & (mask != ignore_index)
+    out[valid] = palette[mask[valid]]
+    return out
+
+
+def overlay(image: np.ndarray, color: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """``image`` blended with ``color`` (both H x W x 3 uint8)."""
+    return (image.astype(np.float32) * (1 - alpha) + color.astype(np.float32) * alpha
+            ).astype(np.uint8)
+
+
+def side_by_side(tiles: list[np.ndarray], gap: int = 4) -> np.ndarray:
+    """Equal-height H x W x 3 uint8 tiles joined left to right with white gaps."""
+    white = np.full((tiles[0].shape[0], gap, 3), 255, np.uint8)
+    parts = [p for t in tiles for p in (t, white)][:-1]
+    return np.concatenate(parts, axis=1)
+
+
+def nice_ceil(x: float) -> float:
+    """The smallest of 1, 2, 2.5, 5 x a power of ten that is >= ``x`` (a colour-bar end)."""
+    if x <= 0:
+        return 1.0
+    base = 10.0 ** math.floor(math.log10(x))
+    return next(m * base for m in (1, 2, 2.5, 5, 10) if m * base >= x * (1 - 1e-9))
 
 
 def heatmap(values: np.ndarray, cmap: str = "inferno") -> np.ndarray:

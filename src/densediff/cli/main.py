@@ -123,12 +123,10 @@ def _check_ddps_options(args: argparse.Namespace, cfg) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from densediff.api import check_steps, load_model, resolve_device
+    from densediff.api import load_model, resolve_device
     from densediff.data import build_dataset
-    from densediff.engine.evaluate import evaluate_steps, is_diffusion
-    from densediff.tasks.bev import format_bev_metrics
-    from densediff.tasks.depth import format_depth_metrics
-    from densediff.tasks.segmentation import format_metrics
+    from densediff.engine.evaluate import evaluate_steps
+    from densediff.pipelines import check_steps, is_diffusion, pipeline_for
     from densediff.utils.fs import check_writable_file
     from densediff.viz import plot_steps, steps_table
 
@@ -148,9 +146,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     overrides += _ddps_overrides(args)
     model, cfg, names, _ = load_model(args.checkpoint, overrides)
     _check_ddps_options(args, cfg)
-    if args.aug_test and cfg.task == "bev":
-        raise UserError(f"--aug-test: {args.checkpoint} is a BEV model; BEV models have no "
-                        "test-time augmentation")
+    pipe = pipeline_for(cfg)
+    if args.aug_test and not pipe.has_aug:
+        raise UserError(f"--aug-test: {args.checkpoint} is a {pipe.name} model; {pipe.name} "
+                        "models have no test-time augmentation")
     if steps is not None and not is_diffusion(model):
         raise UserError(f"--steps: {args.checkpoint} is not a diffusion model")
     if steps is not None:
@@ -161,9 +160,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     results = evaluate_steps(model, dataset, cfg, steps, aug=args.aug_test,
                              progress=not args.quiet)
     print(f"{args.checkpoint} on {cfg.data.dataset}/{split} ({len(dataset)} images)"
-          f"{(' with flip' if cfg.task == 'depth' else ' with multi-scale+flip') if args.aug_test else ''}")
-    fmt = {"depth": format_depth_metrics, "bev": format_bev_metrics}.get(
-        cfg.task, lambda m: format_metrics(m, names))
+          f"{f' with {pipe.aug_name}' if args.aug_test else ''}")
+
+    def fmt(m: dict) -> str:
+        return pipe.format_metrics(m, names)
     if not is_diffusion(model):
         metrics = results[0]
         print(fmt(metrics))
@@ -266,13 +266,10 @@ def _list_images(path: Path) -> list[Path]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import numpy as np
-    from PIL import Image
-
-    from densediff.api import colorize, load
-    from densediff.data.io import read_image
+    """``predict``: every input (image files; BEV: samples of a dataset split) through the
+    checkpoint's task pipeline; each result writes its own files (``Prediction.save``)."""
+    from densediff.api import load
     from densediff.utils.fs import check_writable_dir
-    from densediff.viz import heatmap
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -286,53 +283,34 @@ def cmd_predict(args: argparse.Namespace) -> int:
     check_writable_dir(out, "--out")  # before any work: results that cannot be written are lost
     predictor = load(args.checkpoint, device=args.device, overrides=_ddps_overrides(args))
     _check_ddps_options(args, predictor.cfg)
+    pipe = predictor.pipeline
     if not predictor.is_diffusion:
         for opt in ("steps", "trajectory"):
             if getattr(args, opt):
                 raise UserError(f"--{opt}: {args.checkpoint} is not a diffusion model")
-    if predictor.cfg.task == "bev":
-        return _predict_bev(args, predictor, out)
+    if args.aug_test and not pipe.has_aug:
+        raise UserError(f"--aug-test: {args.checkpoint} is a {pipe.name} model; {pipe.name} "
+                        "models have no test-time augmentation")
+    if args.steps is not None:
+        from densediff.pipelines import check_steps
+
+        check_steps(predictor.model, [args.steps], str(args.checkpoint), "--steps")
+    suffixes = pipe.output_names(predictor, args.uncertainty, args.trajectory, args.save_probs)
+    options = {"uncertainty": args.uncertainty, "trajectory": args.trajectory,
+               "save_probs": args.save_probs}
+    if not pipe.image_input:
+        return _predict_samples(args, predictor, out, options)
     files = _list_images(Path(args.input))
     out.mkdir(parents=True, exist_ok=True)
-    if predictor.cfg.task == "depth":
-        return _predict_depth(args, predictor, files, out)
     inputs = {os.path.realpath(f) for f in files}  # realpath: never fails on link loops
-    kinds = ["mask", "color", "overlay"]
-    if args.uncertainty:
-        kinds += ["entropy"] + (["uncertainty"] if predictor.is_diffusion else [])
-    if args.trajectory:
-        kinds.append("trajectory")
-    if predictor.cfg.model.type == "ddps":
-        kinds += ["base", "compare"]
-    for f, stem in zip(files, _output_stems(files)):
-        outputs = [out / f"{stem}_{kind}.png" for kind in kinds]
-        if any(os.path.realpath(o) in inputs for o in outputs):
+    for stem in _output_stems(files):
+        if any(os.path.realpath(out / f"{stem}_{k}") in inputs for k in suffixes):
             raise UserError(f"{out}: writing results there would overwrite input images; "
                             "choose another --out")
-        rgb = read_image(f)
-        pred = predictor.predict(rgb, aug=args.aug_test, steps=args.steps, seed=args.seed)
-        pictures = {"mask": pred.mask.astype(np.uint8), "color": pred.color,
-                    "overlay": pred.overlay}
-        if args.uncertainty:
-            pictures["entropy"] = heatmap(pred.entropy)
-            if pred.uncertainty is not None:
-                pictures["uncertainty"] = heatmap(pred.uncertainty)
-            elif predictor.is_diffusion:
-                print(f"note: {f.name}: no step-change uncertainty with sliding-window or "
-                      "multi-scale inference; wrote the entropy map only", file=sys.stderr)
-        if pred.base_mask is not None:
-            pictures["base"] = colorize(pred.base_mask, predictor.palette,
-                                        predictor.cfg.data.ignore_index)
-            pictures["compare"] = predictor.comparison(pred, rgb)
-        if args.trajectory:
-            if pred.trajectory is None:
-                raise UserError("--trajectory: needs whole-image inference without --aug-test")
-            pictures["trajectory"] = predictor.trajectory_strip(pred, rgb)
-        for kind, arr in pictures.items():
-            Image.fromarray(arr).save(out / f"{stem}_{kind}.png")
-        if args.save_probs:
-            np.save(out / f"{stem}_probs.npy", pred.probs.astype(np.float16))
-        print(f"{f} -> {out / (stem + '_{' + ','.join(pictures) + '}.png')}")
+    for f, stem in zip(files, _output_stems(files)):
+        pred = predictor.predict(f, aug=args.aug_test, steps=args.steps, seed=args.seed)
+        written = pred.save(out, stem, **options)
+        print(f"{f} -> {out / (stem + '_{' + ','.join(written) + '}')}")
     return 0
 
 
@@ -344,68 +322,15 @@ def _output_stems(files: list[Path]) -> list[str]:
             for f in files]
 
 
-def _predict_depth(args: argparse.Namespace, predictor, files: list[Path], out: Path) -> int:
-    """``predict`` for depth checkpoints: colourised depth, raw 16-bit PNG and .npy (metres),
-    and with the options the uncertainty (heatmap + .npy) and the trajectory strip."""
-    import numpy as np
-    from PIL import Image
-
-    from densediff.data.depth import depth_scale_for
-    from densediff.data.io import read_image
-    from densediff.viz import scaled_heatmap
-
-    dcfg = predictor.cfg.data
-    scale = depth_scale_for(dcfg.dataset, dcfg.depth.depth_scale, dcfg.depth.max_depth)
-    inputs = {os.path.realpath(f) for f in files}
-    for f, stem in zip(files, _output_stems(files)):
-        targets = [out / f"{stem}_{k}" for k in ("depth.png", "depth16.png", "depth.npy",
-                                                   "uncertainty.png", "trajectory.png")]
-        if any(os.path.realpath(t) in inputs for t in targets):
-            raise UserError(f"{out}: writing results there would overwrite input images; "
-                            "choose another --out")
-        rgb = read_image(f)
-        pred = predictor.predict(rgb, aug=args.aug_test, steps=args.steps, seed=args.seed)
-        written = {"depth.png": pred.color, "depth.npy": pred.depth,
-                   "depth16.png": np.clip(np.round(pred.depth * scale), 0, 65535).astype(np.uint16)}
-        if args.uncertainty:
-            if pred.uncertainty is None:
-                print(f"note: {f.name}: no uncertainty map (it needs a diffusion model, whole-"
-                      "image inference without --aug-test, and 2+ steps or random starts)",
-                      file=sys.stderr)
-            else:
-                u = pred.uncertainty
-                written["uncertainty.png"] = scaled_heatmap(u)
-                written["uncertainty.npy"] = u
-        if args.trajectory:
-            if pred.trajectory is None:
-                raise UserError("--trajectory: needs whole-image inference without --aug-test")
-            written["trajectory.png"] = predictor.trajectory_strip(pred, rgb)
-        for kind, arr in written.items():
-            path = out / f"{stem}_{kind}"
-            if kind.endswith(".npy"):
-                np.save(path, arr.astype(np.float32))
-            else:
-                Image.fromarray(arr).save(path)
-        print(f"{f} -> {out / (stem + '_{' + ','.join(written) + '}')}")
-    return 0
-
-
-def _predict_bev(args: argparse.Namespace, predictor, out: Path) -> int:
-    """``predict`` for BEV checkpoints: ``input`` is a split of the checkpoint's dataset. Per
-    sample: <name>_bev.png (the cameras beside the predicted map, the ground truth and, for
-    diffusion models, the uncertainty), <name>_map.png (the map alone), <name>_probs.npy
-    (K x X x Y float16); with the options the uncertainty (heatmap of the classes' maximum +
-    K x X x Y .npy) and the trajectory (every step's map)."""
-    import numpy as np
-    from PIL import Image
-
-    if args.aug_test:
-        raise UserError("--aug-test: BEV models have no test-time augmentation")
+def _predict_samples(args: argparse.Namespace, predictor, out: Path, options: dict) -> int:
+    """``predict`` for models whose input is a sample of their dataset (BEV: calibrated
+    cameras): ``input`` names a split of the checkpoint's dataset."""
     given = Path(args.input)
     if given.suffix or given.exists():
-        raise UserError(f"{args.input}: {args.checkpoint} is a BEV model: it predicts from six "
-                        "calibrated cameras, so its input is a split of its dataset (e.g. val "
-                        "or test, with --data-root for another copy), not an image file or folder")
+        raise UserError(f"{args.input}: {args.checkpoint} is a {predictor.pipeline.name} model: it "
+                        "predicts from six calibrated cameras, so its input is a split of its "
+                        "dataset (e.g. val or test, with --data-root for another copy), not an "
+                        "image file or folder")
     dataset = predictor.dataset(args.input, args.data_root)
     n = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     out.mkdir(parents=True, exist_ok=True)
@@ -413,19 +338,7 @@ def _predict_bev(args: argparse.Namespace, predictor, out: Path) -> int:
         sample = dataset[i]
         name = "".join(c if c.isalnum() or c in "-." else "_" for c in sample["meta"]["name"])
         pred = predictor.predict_bev(sample, steps=args.steps, seed=args.seed)
-        written = {"bev.png": predictor.bev_panel(sample, pred), "map.png": pred.color,
-                   "probs.npy": pred.probs.astype(np.float16)}
-        if args.uncertainty and pred.uncertainty is not None:
-            written["uncertainty.png"] = pred.uncertainty_picture()
-            written["uncertainty.npy"] = pred.uncertainty.astype(np.float32)
-        if args.trajectory:
-            written["trajectory.png"] = predictor.trajectory_strip(pred)
-        for kind, arr in written.items():
-            path = out / f"{name}_{kind}"
-            if kind.endswith(".npy"):
-                np.save(path, arr)
-            else:
-                Image.fromarray(arr).save(path)
+        written = pred.save(out, name, **options)
         print(f"{sample['meta']['name']} -> {out / (name + '_{' + ','.join(written) + '}')}")
     return 0
 

@@ -1,7 +1,7 @@
 """BEV samples: multi-camera images with calibration, LiDAR points and a vector map.
 
 A dataset (nuScenes, :mod:`densediff.data.nuscenes`; the generated world,
-:mod:`densediff.data.bev_world`) loads a :class:`BEVRecord` per sample, everything in the
+:mod:`densediff.data.worlds`) loads a :class:`BEVRecord` per sample, everything in the
 *ego frame* (x forward, y left, z up, metres). :class:`BEVDataset` turns it into tensors:
 
 - each camera image is resized, cropped (and in training flipped and rotated) by one affine
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     from densediff.config import BEVDataConfig, DataConfig
 
 __all__ = ["BEVDataset", "BEVRecord", "MapGeometry", "bev_augmentation", "collate_bev",
-           "example_inputs",
            "image_affine", "line_cells", "polygon_cells",
            "rasterize_map", "warp_image", "DIVIDER_WIDTH"]
 
@@ -335,26 +334,6 @@ class BEVDataset(Dataset):
                 "meta": {"name": rec.name, "index": index, "paths": list(rec.paths),
                          "ori_size": tuple(label.shape[-2:]),
                          "img_size": tuple(bev.image_size)}}
-
-
-def example_inputs(bev: BEVDataConfig, batch: int = 1, device: torch.device | str = "cpu",
-                   seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random BEV model inputs of the configured shapes (``data.bev.image_size`` and cameras,
-    the generated world's camera rig, random points when ``data.bev.lidar``): for timing and
-    FLOP counts."""
-    from densediff.data.bev_world import camera_rig
-
-    g = torch.Generator().manual_seed(seed)
-    k, c2e = camera_rig(tuple(bev.image_size), cameras=bev.cameras)
-    n = len(bev.cameras)
-    inputs = {"images": torch.randn(batch, n, 3, *bev.image_size, generator=g),
-              "intrinsics": torch.as_tensor(k, dtype=torch.float32).expand(batch, -1, -1, -1),
-              "cam2ego": torch.as_tensor(c2e, dtype=torch.float32).expand(batch, -1, -1, -1)}
-    if bev.lidar:
-        inputs["points"] = torch.randn(batch, 20000, 5, generator=g) * torch.tensor(
-            [20.0, 20.0, 1.0, 0.3, 0.2])
-        inputs["points_mask"] = torch.ones(batch, 20000, dtype=torch.bool)
-    return {key: v.contiguous().to(device) for key, v in inputs.items()}
 
 
 def collate_bev(batch: list[dict[str, Any]]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from densediff.config import BEV_MAP_CLASSES
+from densediff.data.bev import BEVDataset
 from densediff.data.classes import (
     ADE20K_CLASSES,
     ADE20K_PALETTE,
@@ -21,8 +22,17 @@ from densediff.data.classes import (
     read_classes_file,
 )
 from densediff.data.datasets import SegDataset
-from densediff.data.generated import GENERATED_CLASSES, GENERATED_PALETTE, GeneratedDataset
+from densediff.data.depth import (
+    DEPTH_FORMATS,
+    DepthDataset,
+    depth_scale_for,
+    scan_depth,
+)
 from densediff.data.layouts import scan
+from densediff.data.nuscenes import NuScenesDataset
+from densediff.data.worlds.bev_dataset import GeneratedBEVDataset
+from densediff.data.worlds.rooms import GeneratedDepthDataset
+from densediff.data.worlds.shapes import GENERATED_CLASSES, GENERATED_PALETTE, GeneratedDataset
 from densediff.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -63,7 +73,12 @@ def _check_classes(cfg: Config, num_classes: int) -> None:
                           f"0..{num_classes - 1}")
 
 
-def build_dataset(cfg: Config, split: str, train: bool) -> SegDataset:
+AnyDataset = SegDataset | BEVDataset
+"""What :func:`build_dataset` returns: a :class:`~densediff.data.datasets.SegDataset`
+(segmentation; depth datasets subclass it) or a :class:`~densediff.data.bev.BEVDataset`."""
+
+
+def build_dataset(cfg: Config, split: str, train: bool) -> AnyDataset:
     """The dataset ``cfg.data.dataset`` for ``split`` with the train or test pipeline.
 
     Args:
@@ -77,14 +92,11 @@ def build_dataset(cfg: Config, split: str, train: bool) -> SegDataset:
         ConfigError: ``data.num_classes`` or ``data.ignore_index`` does not fit the dataset.
 
     With ``cfg.task == "bev"`` this is :func:`build_bev_dataset`. With ``cfg.task == "depth"``
-    this is :func:`densediff.data.depth.build_depth_dataset` (a
-    :class:`~densediff.data.depth.DepthDataset`; ``num_classes`` and ``ignore_index`` are not
-    read).
+    this is :func:`build_depth_dataset` (a :class:`~densediff.data.depth.DepthDataset`;
+    ``num_classes`` and ``ignore_index`` are not read).
     """
     d = cfg.data
     if cfg.task == "depth":
-        from densediff.data.depth import build_depth_dataset
-
         return build_depth_dataset(cfg, split, train)
     if cfg.task == "bev":
         return build_bev_dataset(cfg, split, train)
@@ -105,16 +117,38 @@ def build_dataset(cfg: Config, split: str, train: bool) -> SegDataset:
     return ds
 
 
-def build_bev_dataset(cfg: Config, split: str, train: bool):
+def build_bev_dataset(cfg: Config, split: str, train: bool) -> BEVDataset:
     """The BEV dataset of ``cfg.data.dataset``: nuScenes (``data.root`` /
     ``$DENSEDIFF_NUSCENES_ROOT``) or the generated world."""
     if cfg.data.dataset == "nuscenes":
-        from densediff.data.nuscenes import NuScenesDataset
-
         return NuScenesDataset(cfg.data, resolve_root(cfg), split, train, seed=cfg.seed)
-    from densediff.data.bev_world import GeneratedBEVDataset
-
     return GeneratedBEVDataset(cfg.data, split, train, seed=cfg.seed)
+
+
+def build_depth_dataset(cfg: Config, split: str, train: bool) -> DepthDataset:
+    """The depth dataset ``cfg.data.dataset`` for ``split`` with the train or test pipeline.
+
+    Raises:
+        DataError: missing folder or list file, broken layout (the first problem is named),
+            sunrgbd ``train``.
+        ConfigError: a folder dataset without ``data.depth.depth_scale``.
+    """
+    d = cfg.data
+    if d.dataset == "generated":
+        return GeneratedDepthDataset(d, split, train, seed=cfg.seed)
+    if d.dataset not in DEPTH_FORMATS:
+        raise ConfigError(f"data.dataset {d.dataset!r} is not a depth dataset "
+                          f"({', '.join(DEPTH_FORMATS)}, generated)")
+    scale = depth_scale_for(d.dataset, d.depth.depth_scale)
+    root = resolve_root(cfg)
+    layout = scan_depth(d.dataset, root, split)
+    if layout.problems:
+        more = len(layout.problems) - 1
+        extra = f" (+{more} more problems; run `densediff data check`)" if more else ""
+        raise DataError(layout.problems[0] + extra)
+    return DepthDataset(layout.files, d, train, seed=cfg.seed, name=f"{d.dataset}/{split}",
+                        depth_scale=scale, sunrgbd=d.dataset == "sunrgbd",
+                        skipped=layout.skipped)
 
 
 def class_info(cfg: Config) -> tuple[list[str], np.ndarray]:

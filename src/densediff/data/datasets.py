@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from densediff.data.bev import collate_bev
 from densediff.data.classes import map_label
 from densediff.data.io import check_same_size, read_image, read_label
 from densediff.data.transforms import test_transform, to_tensor, train_transform
@@ -137,8 +138,6 @@ def collate(batch: list[dict[str, Any]], ignore_index: int | None = None) -> dic
     else 255); ``meta[i]["img_size"]`` keeps each image's unpadded size.
     """
     if isinstance(batch[0]["image"], dict):  # BEV: several cameras, calibration, points
-        from densediff.data.bev import collate_bev
-
         return collate_bev(batch)
     if ignore_index is None:
         ignore_index = batch[0].get("meta", {}).get("ignore_index", 255)

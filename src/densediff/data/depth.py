@@ -81,7 +81,7 @@ from densediff.data.transforms import (
 from densediff.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
-    from densediff.config import Config, DataConfig
+    from densediff.config import DataConfig
 
 DEPTH_FORMATS = ("kitti", "nyu", "sunrgbd", "folder")
 DEFAULT_DEPTH_SCALE = {"kitti": 256.0, "nyu": 1000.0, "sunrgbd": 1000.0}
@@ -429,32 +429,3 @@ def depth_scale_for(fmt: str, depth_scale: float | None, max_depth: float | None
         raise ConfigError(f"data.depth.depth_scale must be set for a {fmt} depth dataset (the "
                           "PNG value per metre, e.g. 1000 for millimetres, 256 as KITTI)")
     return DEFAULT_DEPTH_SCALE[fmt]
-
-
-def build_depth_dataset(cfg: Config, split: str, train: bool) -> DepthDataset:
-    """The depth dataset ``cfg.data.dataset`` for ``split`` with the train or test pipeline.
-
-    Raises:
-        DataError: missing folder or list file, broken layout (the first problem is named),
-            sunrgbd ``train``.
-        ConfigError: a folder dataset without ``data.depth.depth_scale``.
-    """
-    from densediff.data.build import resolve_root
-    from densediff.data.depth_scenes import GeneratedDepthDataset
-
-    d = cfg.data
-    if d.dataset == "generated":
-        return GeneratedDepthDataset(d, split, train, seed=cfg.seed)
-    if d.dataset not in DEPTH_FORMATS:
-        raise ConfigError(f"data.dataset {d.dataset!r} is not a depth dataset "
-                          f"({', '.join(DEPTH_FORMATS)}, generated)")
-    scale = depth_scale_for(d.dataset, d.depth.depth_scale)
-    root = resolve_root(cfg)
-    layout = scan_depth(d.dataset, root, split)
-    if layout.problems:
-        more = len(layout.problems) - 1
-        extra = f" (+{more} more problems; run `densediff data check`)" if more else ""
-        raise DataError(layout.problems[0] + extra)
-    return DepthDataset(layout.files, d, train, seed=cfg.seed, name=f"{d.dataset}/{split}",
-                        depth_scale=scale, sunrgbd=d.dataset == "sunrgbd",
-                        skipped=layout.skipped)

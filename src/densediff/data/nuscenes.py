@@ -35,7 +35,7 @@ A sample (:meth:`NuScenesDataset.load`) is, in the ego frame of its LIDAR_TOP ke
   ``lane_divider``; any other class is the map layer of that name.
 
 With nuscenes-devkit installed, ``tests/test_nuscenes_devkit.py`` checks all of this against
-the devkit on the fixture (:func:`densediff.data.fixtures.write_nuscenes`): tables, poses,
+the devkit on the fixture (:func:`densediff.testing.fixtures.write_nuscenes`): tables, poses,
 calibration, sweeps (``LidarPointCloud.from_file_multisweep``) and the map labels
 (:func:`devkit_map_labels`: ``NuScenesMap.get_map_mask``, which BEVFusion's labels come from).
 """

@@ -3,9 +3,9 @@
 The map decoder of DDP (Ji et al., "DDP: Diffusion Model for Dense Visual Prediction", §3.2)
 refines the fused map (image features + noisy label map) with a stack of deformable-attention
 transformer layers and classifies every pixel with a 1x1 conv. This module reproduces the
-official ``DeformableHeadWithTime`` (see ``/work/shared/reference/official-implementations.md``
-§1.3), which is built from mmcv's ``DetrTransformerEncoder``, ``BaseTransformerLayer`` and
-``MultiScaleDeformableAttention``:
+official ``DeformableHeadWithTime`` (``segmentation/mmseg/models/decode_heads/
+deformable_head_with_time.py`` in https://github.com/JiYuanFeng/DDP), which is built from
+mmcv's ``DetrTransformerEncoder``, ``BaseTransformerLayer`` and ``MultiScaleDeformableAttention``:
 
 - tokens are the ``h * w`` pixels of the map; query and value are both the map, so each layer
   is deformable *self*-attention over the map;

@@ -2,10 +2,10 @@
 
 This is the attention of Deformable DETR (Zhu et al., ICLR 2021) as packaged by mmcv's
 ``MultiScaleDeformableAttention``, which the DDP map decoder uses (Ji et al., "DDP: Diffusion
-Model for Dense Visual Prediction", §3.2; see ``/work/shared/reference/official-implementations.md``
-§1.3 and §1.14). Each query predicts, per head, level and point, a 2-D offset from its
-reference point and an attention weight; the output is the weighted sum of the values
-bilinearly sampled at the resulting locations.
+Model for Dense Visual Prediction", §3.2; official code https://github.com/JiYuanFeng/DDP,
+whose decode heads call ``mmcv.ops.MultiScaleDeformableAttention``). Each query predicts, per
+head, level and point, a 2-D offset from its reference point and an attention weight; the
+output is the weighted sum of the values bilinearly sampled at the resulting locations.
 
 All sampling goes through :func:`ms_deform_attn`, a ``grid_sample`` implementation that needs
 no compiled extension. It is the single place to swap in a faster kernel (e.g. mmcv's CUDA op).

@@ -1,9 +1,14 @@
-"""Samplers for continuous map diffusion: DDP Algorithm 2 (the loop) and Algorithm 3 (DDIM).
+"""Samplers: DDP's for continuous map diffusion (DDP Algorithm 2, the loop, and Algorithm 3,
+DDIM: :func:`sample`) and DDPS's for discrete mask diffusion (DDPS Algorithm 2, stride sampling
+with re-noising and classifier-free guidance: :func:`sample_discrete`).
 
-Model-agnostic: the loop only needs a ``denoise(x_t, log_snr) -> prediction`` function (the map
-decoder, with the image features already bound), a ``to_x0(prediction) -> encoded map`` function
-(segmentation: argmax then re-encode, the "hard re-quantisation" of the official code) and a
-log-SNR schedule from :mod:`densediff.diffusion.schedules`.
+Model-agnostic: a loop only needs a denoise function (the map decoder / denoiser with the
+image's condition already bound) and the noise process. :func:`sample` takes a
+``denoise(x_t, log_snr) -> prediction`` function, a ``to_x0(prediction) -> encoded map``
+function (segmentation: argmax then re-encode, the "hard re-quantisation" of the official code)
+and a log-SNR schedule from :mod:`densediff.diffusion.schedules`; :func:`sample_discrete` a
+``denoise(x_t, t, with_uncond) -> x0 logits`` function and a
+:class:`~densediff.diffusion.transitions.DiscreteTransition`.
 """
 
 from __future__ import annotations
@@ -14,8 +19,16 @@ import torch
 from tqdm import tqdm
 
 from densediff.diffusion.schedules import LogSNRSchedule, alpha_sigma
+from densediff.diffusion.transitions import DiscreteTransition, sample_categorical, stride_times
 
-__all__ = ["ddim_step", "ddpm_step", "sample", "sampling_times", "seeded_normal", "seeded_uniform"]
+__all__ = ["GuidableDenoise", "classifier_free_guidance", "ddim_step", "ddpm_step", "guided",
+           "sample", "sample_discrete", "sample_prior", "sampling_times", "seeded_normal",
+           "seeded_uniform"]
+
+GuidableDenoise = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
+"""``denoise(x, time, with_uncond) -> x0 logits``: B x K x h x w conditional logits, or with
+``with_uncond`` 2B x K x h x w, the conditional then the unconditional ones (condition
+dropped), from one batched call."""
 
 
 PROGRESS_MIN_STEPS = 50
@@ -135,4 +148,96 @@ def sample(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
             if t_next > 0:
                 eps = noise() if noise is not None else torch.randn_like(x_t)
             x_t = ddpm_step(x_t, x0, ls_now, ls_next, eps)
+    return preds
+
+
+# -------------------------------------------------------------------------------- DDPS (discrete)
+
+
+def classifier_free_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float
+                             ) -> torch.Tensor:
+    """Classifier-free guidance on logits (DDPS §3.4): ``(s + 1) l_c - s l_u``."""
+    return (scale + 1) * cond - scale * uncond
+
+
+def guided(denoise: GuidableDenoise, guidance: float
+           ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``(x, time) -> logits`` with classifier-free guidance scale ``guidance`` from a
+    :data:`GuidableDenoise`: s = 0 is one plain conditional call; otherwise one call on the
+    doubled batch, combined by :func:`classifier_free_guidance`."""
+
+    def step(x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        if guidance == 0:
+            return denoise(x, time, False)
+        cond, uncond = denoise(x, time, True).chunk(2)
+        return classifier_free_guidance(cond, uncond, guidance)
+
+    return step
+
+
+def sample_prior(transition: DiscreteTransition, shape: Sequence[int],
+                 uniform: Callable[[Sequence[int]], torch.Tensor] | None = None) -> torch.Tensor:
+    """x_T ~ q(x_T), the stationary distribution: ``shape`` = (B, h, w) states. ``uniform``:
+    ``shape -> uniform (0, 1) noise`` (seeded by the caller); None: ``torch.rand``."""
+    b, h, w = shape
+    prior = transition.prior_probs().view(1, -1, 1, 1).expand(b, -1, h, w)
+    u = (torch.rand(*prior.shape, device=prior.device) if uniform is None
+         else uniform(prior.shape))
+    return sample_categorical(prior, u)
+
+
+def sample_discrete(denoise: GuidableDenoise, transition: DiscreteTransition,
+                    shape: Sequence[int], steps: int, *, renoise: str = "free",
+                    guidance: float = 0.0,
+                    uniform: Callable[[Sequence[int]], torch.Tensor] | None = None
+                    ) -> list[torch.Tensor]:
+    """DDPS Algorithm 2: stride sampling of a categorical diffusion; every step's x0 logits.
+
+    With the transition's forward process (DDPS App. A Eq. 1, one step
+    ``q(x_t | x_{t-1}) = Cat(x_t; x_{t-1} Q_t)``; Eq. 2, the marginal
+    ``q(x_t | x_0) = Cat(x_t; x_0 Qbar_t)``, ``Qbar_t = Q_1 ... Q_t``) and posterior (Eq. 3,
+    ``q(x_s | x_t, x_0) = q(x_t | x_s) q(x_s | x_0) / q(x_t | x_0)``):
+
+    1. x_T ~ q(x_T), the stationary distribution (:func:`sample_prior`);
+    2. for the stride times t_1 = T > t_2 > ... > t_n >= 1
+       (:func:`~densediff.diffusion.transitions.stride_times`, ``n = steps`` up to repeats):
+       x0 logits ``l = denoise(x_t, t)``, with classifier-free guidance
+       ``(s + 1) l_c - s l_u`` when ``guidance`` s > 0 (:func:`guided`);
+    3. unless last, re-noise to the next time s = t_{k+1}: ``free``
+       ``x_s ~ q(x_s | argmax l)`` (Eq. 2; the official sampler) or ``posterior``
+       ``x_s ~ q(x_s | x_t, x0_hat)``, Eq. 3 averaged over ``x0_hat ~ softmax(l)``.
+
+    Args:
+        denoise: ``(x_t, t, with_uncond) -> x0 logits`` (:data:`GuidableDenoise`) on the
+            states x_t (B x h x w) and the noise levels t (B integers in 1..T).
+        transition: the categorical forward process and posterior (T = its ``timesteps``).
+        shape: (B, h, w), the state map.
+        steps: denoiser calls, 1..T.
+        renoise: ``free`` or ``posterior``.
+        guidance: classifier-free guidance scale s (0: off).
+        uniform: ``shape -> uniform (0, 1) noise`` for every draw (seeded by the caller, e.g.
+            per image with :func:`seeded_uniform`); None: ``torch.rand``.
+
+    Returns:
+        one B x K x h x w logits tensor per step, in order (the last one is the output).
+    """
+    if renoise not in ("free", "posterior"):
+        raise ValueError(f"unknown re-noising {renoise!r}; expected free or posterior")
+    step = guided(denoise, guidance)
+    draw = uniform if uniform is not None else (
+        lambda size: torch.rand(*size, device=transition.abar.device))
+    times = stride_times(transition.timesteps, steps)
+    x_t = sample_prior(transition, shape, draw)
+    preds = []
+    for k, t in enumerate(times):
+        logits = step(x_t, torch.full((shape[0],), t, device=x_t.device))
+        preds.append(logits)
+        if k == len(times) - 1:
+            break
+        s = times[k + 1]
+        if renoise == "free":
+            probs = transition.q_probs(logits.argmax(1), s)
+        else:
+            probs = transition.posterior(x_t, logits.float().softmax(1), s, t)
+        x_t = sample_categorical(probs, draw(probs.shape))
     return preds

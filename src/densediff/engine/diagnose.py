@@ -30,14 +30,13 @@ from collections.abc import Sequence
 from itertools import islice
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from densediff.config import Config
 from densediff.diffusion.samplers import seeded_normal
 from densediff.diffusion.schedules import alpha_sigma
-from densediff.engine.evaluate import _images, sample_seed
-from densediff.tasks.segmentation import class_ids
+from densediff.engine.evaluate import _images
+from densediff.pipelines import pipeline_for, sample_seed
 from densediff.utils import distributed as du
 
 __all__ = ["CONTROL_TIMES", "RELIANCE_TIMES", "diagnose", "format_diagnosis",
@@ -53,45 +52,24 @@ DEFAULT_STEPS = (1, 2, 3, 5, 10)
 
 
 def task_metric(cfg: Config) -> tuple[str, bool]:
-    """(the metric the diagnostics report, lower is better): AbsRel for depth, else mIoU."""
-    return ("abs_rel", True) if cfg.task == "depth" else ("mIoU", False)
+    """(the metric the diagnostics report, lower is better): the task pipeline's headline
+    metric (AbsRel for depth, else mIoU)."""
+    pipe = pipeline_for(cfg)
+    return pipe.metric_key, pipe.lower_is_better
 
 
 class _Scorer:
     """One accumulating task metric: ``update(trajectory, label)``, then ``value()``."""
 
     def __init__(self, model: nn.Module, dataset, cfg: Config, device: torch.device):
-        self.task = cfg.task
-        self.accumulation = model.accumulation
-        self.key, self.lower_is_better = task_metric(cfg)
-        if cfg.task == "depth":
-            from densediff.tasks.depth import DepthMetric
-
-            dd = cfg.data.depth
-            self.metric = DepthMetric(dd.min_depth, dd.max_depth, dd.eval_crop, device=device)
-        elif cfg.task == "bev":
-            from densediff.tasks.bev import BEVIoUMetric
-
-            self.metric = BEVIoUMetric(dataset.class_names, device=device)
-        else:
-            from densediff.tasks.segmentation import SegMetric
-
-            # mIoU only: no boundary bands (most of a score's cost at full resolution).
-            self.metric = SegMetric(dataset.num_classes, dataset.ignore_index,
-                                    cfg.eval.boundary_dilation, device=device, boundary=False)
+        self.model = model
+        self.pipe = pipeline_for(cfg)
+        self.key, self.lower_is_better = self.pipe.metric_key, self.pipe.lower_is_better
+        # mIoU only: no boundary bands (most of a score's cost at full resolution).
+        self.metric = self.pipe.metric(dataset, cfg, device, boundary=False)
 
     def update(self, traj, label: torch.Tensor) -> None:
-        size = label.shape[-2:]
-        if self.task == "depth":
-            depth = F.interpolate(traj.depth(self.accumulation), size=size, mode="bilinear",
-                                  align_corners=False)[:, 0]
-            self.metric.update(depth, label)
-        elif self.task == "bev":
-            self.metric.update(traj.probs(self.accumulation), label)
-        else:
-            scores = F.interpolate(traj.scores(self.accumulation), size=size, mode="bilinear",
-                                   align_corners=False)
-            self.metric.update(class_ids(scores), label)
+        self.pipe.score_trajectory(self.model, self.metric, traj, label)
 
     def value(self) -> float:
         self.metric.reduce()
@@ -101,20 +79,6 @@ class _Scorer:
 def _one_step(model: nn.Module, out: torch.Tensor):
     """One decoder output as a one-step trajectory (R = 1 start)."""
     return model.trajectory_cls([out[:, None]])
-
-
-def _change_rates(task: str, traj) -> list[float]:
-    """From step s - 1 to step s (s = 2..S): the share of map cells whose label (BEV: mask at
-    0.5) changes; depth: the mean absolute depth change over the mean depth."""
-    if task == "depth":
-        d = traj.step_depths()
-        return [float((d[s] - d[s - 1]).abs().mean() / d[s - 1].abs().mean().clamp(min=1e-12))
-                for s in range(1, len(d))]
-    if task == "bev":
-        m = traj.step_probs() >= 0.5
-    else:
-        m = torch.stack([class_ids(lg) for lg in traj.step_logits()])
-    return [float((m[s] != m[s - 1]).float().mean()) for s in range(1, len(m))]
 
 
 def _rel_change(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -269,7 +233,7 @@ def diagnose(model: nn.Module, dataset, cfg: Config, limit: int | None = 32,
                 traj = model.sample_steps(feat, n, seeds=[sample_seed(cfg, index)])
                 scorer.update(traj, label)
                 if n > 1:
-                    rates[n].append(_change_rates(cfg.task, traj))
+                    rates[n].append(pipeline_for(cfg).change_rates(traj))
     finally:
         model.train(was_training)
     result_controls = [{"input": k, "t": t, "metric": s.value()} for (k, t), s in controls.items()]

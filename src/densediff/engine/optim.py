@@ -94,34 +94,54 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
+def scheduled_lr(base_lr: float, it: int, cfg: TrainConfig) -> float:
+    """Learning rate at iteration ``it`` (0-based, before that iteration's update) under
+    ``cfg.lr_schedule`` (:data:`LR_SCHEDULES`: :func:`poly_lr`, :func:`cosine_lr` or
+    :func:`cyclic_lr`), times mmcv's linear warmup factor (:func:`warmup_factor`)."""
+    try:
+        policy = LR_SCHEDULES[cfg.lr_schedule]
+    except KeyError:
+        raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}; expected one of "
+                         f"{tuple(LR_SCHEDULES)}") from None
+    return policy(base_lr, it, cfg) * warmup_factor(it, cfg)
+
+
 def poly_lr(base_lr: float, it: int, cfg: TrainConfig) -> float:
-    """Learning rate at iteration ``it`` (0-based, before that iteration's update).
+    """``train.lr_schedule: poly``: mmcv ``PolyLrUpdaterHook`` (``by_epoch=False``), no warmup::
 
-    ``train.lr_schedule: poly``: mmcv ``PolyLrUpdaterHook`` (``by_epoch=False``)::
+        lr = (base_lr - min_lr) * (1 - it / iters) ** poly_power + min_lr
+    """
+    return (base_lr - cfg.min_lr) * (1 - it / cfg.iters) ** cfg.poly_power + cfg.min_lr
 
-        lr = (base_lr - min_lr) * (1 - it / iters) ** power + min_lr
 
-    ``cosine``: mmcv ``CosineAnnealingLrUpdaterHook`` (the official depth recipe)::
+def cosine_lr(base_lr: float, it: int, cfg: TrainConfig) -> float:
+    """``train.lr_schedule: cosine``: mmcv ``CosineAnnealingLrUpdaterHook`` (the official depth
+    recipe), no warmup::
 
         lr = min_lr + (base_lr - min_lr) * (1 + cos(pi * it / iters)) / 2
-
-    ``cyclic``: mmcv ``CyclicLrUpdaterHook`` with its defaults (BEVFusion and the official BEV
-    recipe): :func:`cyclic_ratio` with ratios (10, 1e-4), 40% of the iterations up;
-
-    all with mmcv's linear warmup::
-
-        if it < warmup_iters:
-            lr *= 1 - (1 - it / warmup_iters) * (1 - warmup_ratio)
     """
-    if cfg.lr_schedule == "cosine":
-        lr = cfg.min_lr + (base_lr - cfg.min_lr) * (1 + math.cos(math.pi * it / cfg.iters)) / 2
-    elif cfg.lr_schedule == "cyclic":
-        lr = base_lr * cyclic_ratio(it, cfg.iters, CYCLIC_LR)
-    else:
-        lr = (base_lr - cfg.min_lr) * (1 - it / cfg.iters) ** cfg.poly_power + cfg.min_lr
+    return cfg.min_lr + (base_lr - cfg.min_lr) * (1 + math.cos(math.pi * it / cfg.iters)) / 2
+
+
+def cyclic_lr(base_lr: float, it: int, cfg: TrainConfig) -> float:
+    """``train.lr_schedule: cyclic``: mmcv ``CyclicLrUpdaterHook`` with its defaults (BEVFusion
+    and the official BEV recipe), no warmup: ``base_lr *`` :func:`cyclic_ratio` with ratios
+    :data:`CYCLIC_LR` (10, 1e-4), 40% of the iterations up. ``min_lr`` is not used."""
+    return base_lr * cyclic_ratio(it, cfg.iters, CYCLIC_LR)
+
+
+def warmup_factor(it: int, cfg: TrainConfig) -> float:
+    """mmcv's linear warmup, a factor on the scheduled lr::
+
+        1 - (1 - it / warmup_iters) * (1 - warmup_ratio)   if it < warmup_iters, else 1
+    """
     if it < cfg.warmup_iters:
-        lr *= 1 - (1 - it / cfg.warmup_iters) * (1 - cfg.warmup_ratio)
-    return lr
+        return 1 - (1 - it / cfg.warmup_iters) * (1 - cfg.warmup_ratio)
+    return 1.0
+
+
+LR_SCHEDULES = {"poly": poly_lr, "cosine": cosine_lr, "cyclic": cyclic_lr}
+"""``train.lr_schedule`` -> the policy ``f(base_lr, it, cfg)`` (without warmup)."""
 
 
 CYCLIC_LR = (10.0, 1e-4)
@@ -142,12 +162,13 @@ def cyclic_ratio(it: int, iters: int, target: tuple[float, float], up: float = 0
 
 
 def set_lr(optimizer, it: int, cfg: TrainConfig) -> float:
-    """Set every group's lr to ``poly_lr(cfg.lr * group lr_mult, it)``; returns the base lr.
+    """Set every group's lr to ``scheduled_lr(cfg.lr * group lr_mult, it)``; returns the base
+    lr.
     With ``lr_schedule: cyclic`` AdamW's beta1 cycles the other way (mmcv
     ``CyclicMomentumUpdaterHook`` defaults: ``cyclic_ratio`` with (0.85 / 0.95, 1))."""
     beta1 = cfg.betas[0] * cyclic_ratio(it, cfg.iters, CYCLIC_MOMENTUM)
     for group in optimizer.param_groups:
-        group["lr"] = poly_lr(cfg.lr * group.get("lr_mult", 1.0), it, cfg)
+        group["lr"] = scheduled_lr(cfg.lr * group.get("lr_mult", 1.0), it, cfg)
         if cfg.lr_schedule == "cyclic" and "betas" in group:
             group["betas"] = (beta1, group["betas"][1])
-    return poly_lr(cfg.lr, it, cfg)
+    return scheduled_lr(cfg.lr, it, cfg)

@@ -3,7 +3,8 @@
 One call of :func:`train` runs a whole schedule, in one process or under ``torchrun``
 (DistributedDataParallel; gloo on CPU, NCCL on GPU with SyncBatchNorm). Per iteration:
 
-1. set the learning rate (:func:`densediff.engine.optim.poly_lr`, linear warmup);
+1. set the learning rate (:func:`densediff.engine.optim.scheduled_lr`: ``train.lr_schedule``
+   with linear warmup);
 2. :func:`train_step`: ``train.accum_steps`` micro-batches of ``data.batch_size`` images per
    process, gradients summed (no DDP all-reduce until the last one), clipped, AdamW step;
 3. EMA update every ``train.ema.every`` steps (if enabled);

@@ -26,16 +26,26 @@ def build_model(cfg: Config, num_classes: int) -> nn.Module:
 
     For ``ddps`` the base segmentor is built too (:func:`build_base`); this fills in
     ``cfg.model.ddps.base_config`` when it is unset, so the run's config is self-contained.
+
+    This is the one place that reads the run config: every model gets the model section
+    ``cfg.model`` and, by keyword, the few data facts it needs.
     """
+    model_cfg, data_cfg = cfg.model, cfg.data
+    norm = {"mean": data_cfg.mean, "std": data_cfg.std}
     if cfg.task == "depth":
-        return DepthDDP(cfg) if cfg.model.type == "ddp" else Depther(cfg)
+        depth_range = {"min_depth": data_cfg.depth.min_depth,
+                       "max_depth": data_cfg.depth.max_depth}
+        depth_cls = DepthDDP if model_cfg.type == "ddp" else Depther
+        return depth_cls(model_cfg, ignore_index=data_cfg.ignore_index, **depth_range, **norm)
     if cfg.task == "bev":
-        return (BEVDDP if cfg.model.type == "ddp" else BEVSegmentor)(cfg, num_classes)
-    if cfg.model.type == "ddp":
-        return DDP(cfg, num_classes)
-    if cfg.model.type == "ddps":
-        return DDPS(cfg, num_classes, build_base(cfg, num_classes))
-    return Segmentor(cfg, num_classes)
+        bev_cls = BEVDDP if model_cfg.type == "ddp" else BEVSegmentor
+        return bev_cls(model_cfg, num_classes, bev=data_cfg.bev,
+                       ignore_index=data_cfg.ignore_index, **norm)
+    if model_cfg.type == "ddps":
+        return DDPS(model_cfg, num_classes, build_base(cfg, num_classes),
+                    ignore_index=data_cfg.ignore_index)
+    seg_cls = DDP if model_cfg.type == "ddp" else Segmentor
+    return seg_cls(model_cfg, num_classes, ignore_index=data_cfg.ignore_index, **norm)
 
 
 def build_base(cfg: Config, num_classes: int) -> nn.Module:
@@ -48,13 +58,13 @@ def build_base(cfg: Config, num_classes: int) -> nn.Module:
     """
     from densediff.utils.checkpoint import load_into, load_weights, resolve_weights
 
-    d = cfg.model.ddps
+    ddps_cfg = cfg.model.ddps
     weights = path = None
-    if d.base_config is None:
-        path = resolve_weights(d.base, "model.ddps.base")
+    if ddps_cfg.base_config is None:
+        path = resolve_weights(ddps_cfg.base, "model.ddps.base")
         weights, base_dict = load_weights(path)
-        d.base_config = base_dict
-    base_cfg = config_from_dict(d.base_config, source="model.ddps.base_config")
+        ddps_cfg.base_config = base_dict
+    base_cfg = config_from_dict(ddps_cfg.base_config, source="model.ddps.base_config")
     if base_cfg.model.type == "ddps":
         raise ConfigError("model.ddps.base: the base must be a segmentor or ddp model, not ddps")
     names = base_cfg.data.class_names

@@ -20,13 +20,14 @@ BEV code changes (reference notes §1.12):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densediff.config import Config
+from densediff.config import BEVDataConfig, ModelConfig
 from densediff.decoders.bev import BEVGridTransform, Resampled
 from densediff.diffusion.encodings import MultiLabelEmbedding
 from densediff.encoders.bev import BEVEncoder
@@ -62,15 +63,23 @@ class _BEVModel:
     """What both BEV models share: the camera (+ LiDAR) to BEV features, the output grid and the
     loss. ``extract`` takes the input dict of :class:`~densediff.data.bev.BEVDataset`."""
 
-    def build_view(self, cfg: Config) -> nn.Module:
-        b, bm = cfg.data.bev, cfg.model.bev
+    @staticmethod
+    def bev_view(model_cfg: ModelConfig, bev: BEVDataConfig) -> Callable[[], nn.Module]:
+        """Builds the camera (+ LiDAR) to BEV encoder, the ``view`` of
+        :class:`~densediff.models.segmentor.FeatureSegmentor`."""
+        bm = model_cfg.bev
+        return lambda: BEVEncoder(model_cfg.neck.channels, bm.camera_channels,
+                                  bm.lidar_channels if bev.lidar else None, bm.fused_channels,
+                                  bm.bev_blocks, feature_grid(bev), tuple(bev.dbound),
+                                  tuple(bev.zbound))
+
+    def _setup_bev(self, model_cfg: ModelConfig, bev: BEVDataConfig) -> None:
+        """Store the BEV settings: camera stride, class names, focal loss, the two grids."""
+        bm = model_cfg.bev
         self.camera_stride = bm.camera_stride
-        self.class_names = list(b.classes)
+        self.class_names = list(bev.classes)
         self.focal = (bm.focal_gamma, bm.focal_alpha)
-        self.grids = (feature_grid(b), output_grid(b))
-        return BEVEncoder(cfg.model.neck.channels, bm.camera_channels,
-                          bm.lidar_channels if b.lidar else None, bm.fused_channels,
-                          bm.bev_blocks, self.grids[0], tuple(b.dbound), tuple(b.zbound))
+        self.grids = (feature_grid(bev), output_grid(bev))
 
     def resampled(self, head: nn.Module) -> nn.Module:
         """A map decoder that first resamples the feature grid onto the output grid."""
@@ -98,11 +107,22 @@ class _BEVModel:
 
 class BEVSegmentor(_BEVModel, FeatureSegmentor):
     """Discriminative BEV model: BEV features -> resample -> head (the deformable twin of
-    :class:`BEVDDP`, or a conv head) -> K logits; the same focal loss."""
+    :class:`BEVDDP`, or a conv head) -> K logits; the same focal loss.
 
-    def __init__(self, cfg: Config, num_classes: int):
-        super().__init__(cfg, num_classes)
-        self.head = self.resampled(build_head(cfg.model.head, self.feat_channels, num_classes))
+    Args:
+        model_cfg: the model section (as :class:`~densediff.models.segmentor.Segmentor`, and
+            ``model.bev``).
+        num_classes: the map classes K.
+        bev: the BEV data section (``data.bev``: classes, grids, depth bins, LiDAR).
+        kwargs: ``mean``, ``std`` (and ``ignore_index``) of
+            :class:`~densediff.models.segmentor.FeatureSegmentor`.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, num_classes: int, *, bev: BEVDataConfig,
+                 **kwargs):
+        super().__init__(model_cfg, num_classes, view=self.bev_view(model_cfg, bev), **kwargs)
+        self._setup_bev(model_cfg, bev)
+        self.head = self.resampled(build_head(model_cfg.head, self.feat_channels, num_classes))
 
     def forward_train(self, inputs: dict[str, torch.Tensor], label: torch.Tensor
                       ) -> dict[str, torch.Tensor]:
@@ -117,17 +137,21 @@ class BEVSegmentor(_BEVModel, FeatureSegmentor):
 class BEVDDP(_BEVModel, DDP):
     """DDP for BEV maps (see the module docstring). Training is :meth:`DDP.forward_train`
     (Alg. 1 / Alg. 4) with the hooks below; sampling is :meth:`DDP.sample_steps` (Alg. 2),
-    returning a :class:`BEVTrajectory`."""
+    returning a :class:`BEVTrajectory`.
+
+    Arguments: those of :class:`BEVSegmentor` (``model.diffusion`` is read too); the map
+    encoding is :class:`~densediff.diffusion.encodings.MultiLabelEmbedding`."""
 
     trajectory_cls = BEVTrajectory
 
-    def __init__(self, cfg: Config, num_classes: int):
-        super().__init__(cfg, num_classes)
+    def __init__(self, model_cfg: ModelConfig, num_classes: int, *, bev: BEVDataConfig,
+                 **kwargs):
+        diff_cfg = model_cfg.diffusion
+        super().__init__(model_cfg, num_classes, view=self.bev_view(model_cfg, bev),
+                         map_encoding=lambda: MultiLabelEmbedding(
+                             num_classes, diff_cfg.embed_channels, diff_cfg.scale), **kwargs)
+        self._setup_bev(model_cfg, bev)
         self.decoder = self.resampled(self.decoder)
-
-    def build_map_encoding(self, cfg: Config, num_classes: int) -> nn.Module:
-        d = cfg.model.diffusion
-        return MultiLabelEmbedding(num_classes, d.embed_channels, d.scale)
 
     def encode_target(self, label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """K x X x Y masks on the output grid -> y_0 on the ``size`` feature grid (nearest)."""
@@ -145,7 +169,7 @@ class BEVDDP(_BEVModel, DDP):
                       accumulation: bool | None = None, **kwargs) -> torch.Tensor:
         """B x K x X x Y per-class probabilities. ``kwargs``: ``td``, ``sampler``,
         ``randsteps``, ``seeds``."""
-        d = self.diffusion_cfg
-        traj = self.sample_steps(self.extract(inputs), d.steps if steps is None else steps,
-                                 **kwargs)
-        return traj.probs(d.accumulation if accumulation is None else accumulation)
+        diff_cfg = self.diffusion_cfg
+        traj = self.sample_steps(self.extract(inputs),
+                                 diff_cfg.steps if steps is None else steps, **kwargs)
+        return traj.probs(diff_cfg.accumulation if accumulation is None else accumulation)

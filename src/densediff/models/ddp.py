@@ -16,14 +16,14 @@ final map (last step or accumulated mean), uncertainty maps and trajectories.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densediff.config import Config
+from densediff.config import ModelConfig
 from densediff.diffusion.encodings import build_label_encoding
 from densediff.diffusion.samplers import sample, seeded_normal
 from densediff.diffusion.schedules import TimeEmbedding, alpha_sigma, get_schedule, schedule_time
@@ -60,23 +60,32 @@ class Trajectory:
 class DDP(FeatureSegmentor):
     """DDP for semantic segmentation.
 
+    Arguments: those of :class:`~densediff.models.segmentor.FeatureSegmentor` (``model.head``
+    and ``model.diffusion`` are read too), and ``map_encoding``, which builds the map encoding
+    (labels -> y_0; it needs ``channels`` and ``scale``; a task passes its own); None: the
+    label encoding of ``model.diffusion.encoding``.
+
     Modules (official names in brackets): ``map_encoding`` [embedding_table], ``fuse``
     [transform: 1x1 conv over concat(features, noisy map)], ``time_mlp``, ``decoder``
     [DeformableHeadWithTime], ``aux_head`` [FCNHead on the image features].
     """
 
-    def __init__(self, cfg: Config, num_classes: int):
-        super().__init__(cfg, num_classes)
-        m, d = cfg.model, cfg.model.diffusion
-        self.diffusion_cfg = d
-        self.schedule = get_schedule(d.schedule)
-        self.map_encoding = self.build_map_encoding(cfg, num_classes)
+    def __init__(self, model_cfg: ModelConfig, num_classes: int, *,
+                 map_encoding: Callable[[], nn.Module] | None = None, **kwargs):
+        super().__init__(model_cfg, num_classes, **kwargs)
+        m, diff_cfg = model_cfg, model_cfg.diffusion
+        self.diffusion_cfg = diff_cfg
+        self.schedule = get_schedule(diff_cfg.schedule)
+        self.map_encoding = (map_encoding() if map_encoding is not None else
+                             build_label_encoding(diff_cfg.encoding, num_classes,
+                                                  diff_cfg.embed_channels, diff_cfg.scale,
+                                                  self.ignore_index))
         c = m.head.channels
-        map_in = self.map_encoding.channels * (2 if d.self_condition else 1)
+        map_in = self.map_encoding.channels * (2 if diff_cfg.self_condition else 1)
         self.fuse = nn.Conv2d(self.feat_channels + map_in, c, 1)
         nn.init.kaiming_normal_(self.fuse.weight, nonlinearity="relu")  # mmcv ConvModule init
         nn.init.zeros_(self.fuse.bias)
-        self.time_mlp = TimeEmbedding(d.time_frequencies, 4 * c)
+        self.time_mlp = TimeEmbedding(diff_cfg.time_frequencies, 4 * c)
         self.decoder = build_head(m.head, c, num_classes, time_channels=4 * c)
 
     trajectory_cls = Trajectory
@@ -84,12 +93,6 @@ class DDP(FeatureSegmentor):
     min_steps = 1
     max_steps = None
     accumulation = property(lambda self: self.diffusion_cfg.accumulation)
-
-    def build_map_encoding(self, cfg: Config, num_classes: int) -> nn.Module:
-        """The map encoding (labels -> y_0); a task overrides this (it needs ``channels``)."""
-        d = cfg.model.diffusion
-        return build_label_encoding(d.encoding, num_classes, d.embed_channels, d.scale,
-                                    self.ignore_index)
 
     # ---------------------------------------------------------------------------- the decoder
 
@@ -102,12 +105,13 @@ class DDP(FeatureSegmentor):
         ``diffusion.precondition`` y_t is first scaled by c_in(t); with
         ``diffusion.self_condition`` the previous x0 estimate ``x0_prev`` (None: zeros) is a
         further input."""
-        d = self.diffusion_cfg
-        time = log_snr if d.time_input == "log_snr" else schedule_time(d.schedule, log_snr)
+        diff_cfg = self.diffusion_cfg
+        time = (log_snr if diff_cfg.time_input == "log_snr"
+                else schedule_time(diff_cfg.schedule, log_snr))
         maps = [self.precondition(x_t, log_snr)]
-        if d.self_condition:
+        if diff_cfg.self_condition:
             prev = torch.zeros_like(x_t) if x0_prev is None else x0_prev
-            maps.append(prev / self.map_encoding.scale if d.precondition else prev)
+            maps.append(prev / self.map_encoding.scale if diff_cfg.precondition else prev)
         return self.decoder(self.fuse(torch.cat([feat, *maps], 1)), self.time_mlp(time))
 
     def precondition(self, x_t: torch.Tensor, log_snr: torch.Tensor) -> torch.Tensor:
@@ -153,28 +157,28 @@ class DDP(FeatureSegmentor):
         noise at t = 1 (the prediction without gradient, its encoding with: the map embedding
         is trained through it, as in the official code), noised with the same ``eps``.
         """
-        d = self.diffusion_cfg
+        diff_cfg = self.diffusion_cfg
         feat = self.extract(img)
         b = feat.shape[0]
         y0 = self.encode_target(label, feat.shape[-2:])
         eps = torch.randn_like(y0)
-        if d.self_aligned:
+        if diff_cfg.self_aligned:
             with torch.no_grad():
                 ls1 = self.schedule(torch.ones(b, device=feat.device))
                 pred = self.denoise(feat, eps, ls1)
             # re-encoded outside no_grad, as the official: the map embedding still gets
             # gradients through y_0 (only the prediction itself is detached)
             y0 = self.encode_prediction(pred.detach())
-        lo, hi = d.sample_range
-        if d.train_time_power == 1.0:
+        lo, hi = diff_cfg.sample_range
+        if diff_cfg.train_time_power == 1.0:
             t = torch.empty(b, device=feat.device).uniform_(lo, hi)  # the official
         else:  # more weight near t = 0 for p > 1
-            t = lo + (hi - lo) * torch.rand(b, device=feat.device).pow(d.train_time_power)
+            t = lo + (hi - lo) * torch.rand(b, device=feat.device).pow(diff_cfg.train_time_power)
         log_snr = self.schedule(t)
         alpha, sigma = (v.view(b, 1, 1, 1) for v in alpha_sigma(log_snr))
         y_t = alpha * y0 + sigma * eps
         x0_prev = None
-        if d.self_condition and bool(torch.rand(()) < 0.5):  # Chen et al. 2022, Alg. 1
+        if diff_cfg.self_condition and bool(torch.rand(()) < 0.5):  # Chen et al. 2022, Alg. 1
             with torch.no_grad():
                 x0_prev = self.encode_prediction(self.denoise(feat, y_t, log_snr))
         pred = (self.denoise(feat, y_t, log_snr) if x0_prev is None
@@ -198,10 +202,10 @@ class DDP(FeatureSegmentor):
             seeds: one seed per image: the image's noise then does not depend on the batch it
                 is in. None: the global RNG.
         """
-        d = self.diffusion_cfg
-        td = d.td if td is None else td
-        sampler = d.sampler if sampler is None else sampler
-        r = d.randsteps if randsteps is None else randsteps
+        diff_cfg = self.diffusion_cfg
+        td = diff_cfg.td if td is None else td
+        sampler = diff_cfg.sampler if sampler is None else sampler
+        r = diff_cfg.randsteps if randsteps is None else randsteps
         b, _, h, w = feat.shape
         if seeds is not None and len(seeds) != b:
             raise ValueError(f"got {len(seeds)} seeds for a batch of {b}")
@@ -214,7 +218,7 @@ class DDP(FeatureSegmentor):
         prev: list[torch.Tensor | None] = [None]  # self-conditioning: the last x0 estimate
 
         def denoise(x: torch.Tensor, ls: torch.Tensor) -> torch.Tensor:
-            if not d.self_condition:
+            if not diff_cfg.self_condition:
                 return self.denoise(feat_r, x, ls)
             out = self.denoise(feat_r, x, ls, prev[0])
             prev[0] = self.encode_prediction(out)
@@ -222,7 +226,7 @@ class DDP(FeatureSegmentor):
 
         preds = sample(denoise, self.encode_prediction, x_T, self.schedule, steps, td, sampler,
                        noise=lambda: seeded_normal(shape, gens, feat.device, feat.dtype),
-                       start=d.sample_start)
+                       start=diff_cfg.sample_start)
         return self.trajectory_cls([p.view(b, r, *p.shape[1:]) for p in preds])
 
     @torch.no_grad()
@@ -237,7 +241,8 @@ class DDP(FeatureSegmentor):
         """B x K x H x W scores at the input size whose softmax is the DDP output
         probabilities (log-probabilities), for the generic inference path (slide window,
         multi-scale + flip). ``kwargs``: ``td``, ``sampler``, ``randsteps``, ``seeds``."""
-        d = self.diffusion_cfg
-        traj = self.sample_steps(self.extract(img), d.steps if steps is None else steps, **kwargs)
-        scores = traj.scores(d.accumulation if accumulation is None else accumulation)
+        diff_cfg = self.diffusion_cfg
+        traj = self.sample_steps(self.extract(img), diff_cfg.steps if steps is None else steps,
+                                 **kwargs)
+        scores = traj.scores(diff_cfg.accumulation if accumulation is None else accumulation)
         return F.interpolate(scores, size=img.shape[-2:], mode="bilinear", align_corners=False)

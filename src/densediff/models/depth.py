@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densediff.config import Config
+from densediff.config import ModelConfig
 from densediff.diffusion.encodings import DepthEncoding
 from densediff.models.ddp import DDP
 from densediff.models.segmentor import FeatureSegmentor, build_head
@@ -94,17 +94,17 @@ class DepthTrajectory:
 class _DepthOutput:
     """What both depth models share: the output activation and the loss."""
 
-    def _setup_depth(self, cfg: Config, *convs: nn.Conv2d | None) -> None:
+    def _setup_depth(self, model_cfg: ModelConfig, min_depth: float, max_depth: float,
+                     *convs: nn.Conv2d | None) -> None:
         """Store the depth settings and start each output conv's bias at the middle of the
         depth range. (The official bias starts at 0: with ``relu`` on the output, a head whose
         outputs all start negative gets no gradient and never trains, which happened to the
         generated-scene twin here: grad norm 0 from the first iteration.)"""
-        dd = cfg.data.depth
-        self.min_depth, self.max_depth = dd.min_depth, dd.max_depth
-        self.loss_cfg = cfg.model.depth_loss
+        self.min_depth, self.max_depth = min_depth, max_depth
+        self.loss_cfg = model_cfg.depth_loss
         for conv in convs:
             if conv is not None:
-                nn.init.constant_(conv.bias, (dd.min_depth + dd.max_depth) / 2)
+                nn.init.constant_(conv.bias, (min_depth + max_depth) / 2)
 
     def to_depth(self, raw: torch.Tensor) -> torch.Tensor:
         """Head output -> depth: ``relu(x) + min_depth`` (official ``scale_up=False``)."""
@@ -140,12 +140,21 @@ class _DepthOutput:
 
 class Depther(_DepthOutput, FeatureSegmentor):
     """Discriminative depth model: features -> head (conv, or the deformable twin of DDP) ->
-    ``relu + min_depth``. Trained with the same loss as :class:`DepthDDP`."""
+    ``relu + min_depth``. Trained with the same loss as :class:`DepthDDP`.
 
-    def __init__(self, cfg: Config, num_classes: int = 1):
-        super().__init__(cfg, 1)
-        self.head = build_head(cfg.model.head, cfg.model.neck.channels, 1)
-        self._setup_depth(cfg, self.head.conv_seg, getattr(self.aux_head, "conv_seg", None))
+    Args:
+        model_cfg: the model section (as :class:`~densediff.models.segmentor.Segmentor`, and
+            ``model.depth_loss``).
+        min_depth, max_depth: the depth range in metres (``data.depth``).
+        kwargs: ``mean``, ``std`` (and ``ignore_index``) of
+            :class:`~densediff.models.segmentor.FeatureSegmentor`.
+    """
+
+    def __init__(self, model_cfg: ModelConfig, *, min_depth: float, max_depth: float, **kwargs):
+        super().__init__(model_cfg, 1, **kwargs)
+        self.head = build_head(model_cfg.head, model_cfg.neck.channels, 1)
+        self._setup_depth(model_cfg, min_depth, max_depth, self.head.conv_seg,
+                          getattr(self.aux_head, "conv_seg", None))
 
     def forward_train(self, img: torch.Tensor, label: torch.Tensor) -> dict[str, torch.Tensor]:
         feat = self.extract(img)
@@ -160,17 +169,18 @@ class Depther(_DepthOutput, FeatureSegmentor):
 class DepthDDP(_DepthOutput, DDP):
     """DDP for depth: one-channel map diffusion (see the module docstring). Training is
     :meth:`DDP.forward_train` (Alg. 1 / Alg. 4) with the depth hooks below; sampling is
-    :meth:`DDP.sample_steps` (Alg. 2/3), returning a :class:`DepthTrajectory`."""
+    :meth:`DDP.sample_steps` (Alg. 2/3), returning a :class:`DepthTrajectory`.
+
+    Arguments: those of :class:`Depther` (``model.diffusion`` is read too); the map encoding
+    is :class:`~densediff.diffusion.encodings.DepthEncoding` over the depth range."""
 
     trajectory_cls = DepthTrajectory
 
-    def __init__(self, cfg: Config, num_classes: int = 1):
-        super().__init__(cfg, 1)
-        self._setup_depth(cfg, self.decoder.conv_seg, getattr(self.aux_head, "conv_seg", None))
-
-    def build_map_encoding(self, cfg: Config, num_classes: int) -> nn.Module:
-        dd = cfg.data.depth
-        return DepthEncoding(dd.min_depth, dd.max_depth, cfg.model.diffusion.scale)
+    def __init__(self, model_cfg: ModelConfig, *, min_depth: float, max_depth: float, **kwargs):
+        super().__init__(model_cfg, 1, map_encoding=lambda: DepthEncoding(
+            min_depth, max_depth, model_cfg.diffusion.scale), **kwargs)
+        self._setup_depth(model_cfg, min_depth, max_depth, self.decoder.conv_seg,
+                          getattr(self.aux_head, "conv_seg", None))
 
     def denoise(self, feat: torch.Tensor, x_t: torch.Tensor, log_snr: torch.Tensor,
                 x0_prev: torch.Tensor | None = None) -> torch.Tensor:
@@ -197,7 +207,8 @@ class DepthDDP(_DepthOutput, DDP):
                       accumulation: bool | None = None, **kwargs) -> torch.Tensor:
         """B x 1 x H x W depth at the input size. ``kwargs``: ``td``, ``sampler``,
         ``randsteps``, ``seeds``."""
-        d = self.diffusion_cfg
-        traj = self.sample_steps(self.extract(img), d.steps if steps is None else steps, **kwargs)
-        depth = traj.depth(d.accumulation if accumulation is None else accumulation)
+        diff_cfg = self.diffusion_cfg
+        traj = self.sample_steps(self.extract(img), diff_cfg.steps if steps is None else steps,
+                                 **kwargs)
+        depth = traj.depth(diff_cfg.accumulation if accumulation is None else accumulation)
         return self._up(depth, img.shape[-2:])

@@ -8,35 +8,48 @@ model here shares (encoder + neck run once, the FCN aux head); see :mod:`densedi
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from densediff.config import Config, HeadConfig
+from densediff.config import DataConfig, HeadConfig, ModelConfig
 from densediff.decoders.deformable import DeformableDecoder
 from densediff.decoders.heads import ConvHead, FCNHead
 from densediff.encoders import build_encoder
 from densediff.encoders.neck import FPNMerge
 from densediff.tasks.segmentation import ce_loss
 
+MEAN, STD = (DataConfig.model_fields[k].default for k in ("mean", "std"))
+"""The default input normalisation (``data.mean`` / ``data.std``: ImageNet, 0..255 pixels)."""
+
 
 class FeatureSegmentor(nn.Module):
     """Encoder -> FPN + multi-stage merging (one stride-4 map), and the FCN aux head.
 
     Args:
-        cfg: the resolved run config (``cfg.model`` is read).
-        num_classes: number of classes K (ignore pixels carry ``cfg.data.ignore_index``).
+        model_cfg: the model section (``model.encoder``, ``neck``, ``aux_head``,
+            ``avg_non_ignore`` are read).
+        num_classes: number of classes K.
+        ignore_index: the label of ignore pixels (``data.ignore_index``).
+        mean, std: the input normalisation (``data.mean``, ``data.std``).
+        view: builds the module that turns the neck's per-image features into the task's
+            feature map (BEV: the camera-to-BEV encoder; it needs ``out_channels``), called
+            right after the neck is built; None: the neck's features are used as they are.
     """
 
-    def __init__(self, cfg: Config, num_classes: int):
+    def __init__(self, model_cfg: ModelConfig, num_classes: int, *, ignore_index: int = 255,
+                 mean: Sequence[float] = MEAN, std: Sequence[float] = STD,
+                 view: Callable[[], nn.Module] | None = None):
         super().__init__()
-        m = cfg.model
+        m = model_cfg
         self.num_classes = num_classes
-        self.ignore_index = cfg.data.ignore_index
+        self.ignore_index = ignore_index
         self.avg_non_ignore = m.avg_non_ignore
-        self.encoder = build_encoder(m.encoder, cfg.data.mean, cfg.data.std)
+        self.encoder = build_encoder(m.encoder, mean, std)
         self.neck = FPNMerge(self.encoder.out_channels, m.neck.channels, m.neck.num_groups)
-        self.view = self.build_view(cfg)
+        self.view = view() if view is not None else None
         self.feat_channels = m.neck.channels if self.view is None else self.view.out_channels
         """Channels of :meth:`extract`'s features."""
         # A zero-weight aux head is not built: its parameters would get no gradient, which
@@ -45,11 +58,6 @@ class FeatureSegmentor(nn.Module):
         self.aux_weight = m.aux_head.weight if use_aux else 0.0
         self.aux_head = (FCNHead(m.neck.channels, m.aux_head.channels, num_classes,
                                  m.aux_head.dropout) if use_aux else None)
-
-    def build_view(self, cfg: Config) -> nn.Module | None:
-        """A module that turns the neck's per-image features into the task's feature map
-        (BEV: the camera-to-BEV encoder); None: the neck's features are used as they are."""
-        return None
 
     def extract(self, img: torch.Tensor) -> torch.Tensor:
         """Image features at stride 4 (B x C x H/4 x W/4); run once per image."""
@@ -86,11 +94,12 @@ def build_head(head: HeadConfig, in_channels: int, num_classes: int,
 
 
 class Segmentor(FeatureSegmentor):
-    """Discriminative model: features -> head (conv, or the deformable twin of DDP)."""
+    """Discriminative model: features -> head (conv, or the deformable twin of DDP).
+    Arguments: those of :class:`FeatureSegmentor` (``model.head`` is read too)."""
 
-    def __init__(self, cfg: Config, num_classes: int):
-        super().__init__(cfg, num_classes)
-        self.head = build_head(cfg.model.head, cfg.model.neck.channels, num_classes)
+    def __init__(self, model_cfg: ModelConfig, num_classes: int, **kwargs):
+        super().__init__(model_cfg, num_classes, **kwargs)
+        self.head = build_head(model_cfg.head, model_cfg.neck.channels, num_classes)
 
     def forward_train(self, img: torch.Tensor, label: torch.Tensor) -> dict[str, torch.Tensor]:
         feat = self.extract(img)

@@ -10,12 +10,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from densediff.utils import distributed as du
+from densediff.tasks.base import DatasetMetric
 
 __all__ = ["BEVIoUMetric", "IOU_THRESHOLDS", "format_bev_metrics", "sigmoid_focal_loss"]
 
@@ -45,27 +46,34 @@ def sigmoid_focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float 
     return loss.transpose(0, 1).flatten(1).mean(1)
 
 
-class BEVIoUMetric:
+class BEVIoUMetric(DatasetMetric):
     """IoU per class and threshold, accumulated over samples (a map cell is positive when its
     probability is at least the threshold).
 
-    ``update`` takes B x K x X x Y probabilities and {0, 1} targets; ``reduce`` sums the counts
-    over processes; ``compute`` returns ``mIoU`` (the mean over classes of the best IoU over
-    thresholds), ``mIoU@0.50``, ``per_class`` ({class: best IoU}), ``best_threshold`` and the
-    full ``table`` ({class: [IoU per threshold]}), all in percent.
+    A :class:`torchmetrics.Metric` (see :mod:`densediff.tasks.base`): ``update`` takes
+    B x K x X x Y probabilities and {0, 1} targets; the float64 K x T counts ``tp``, ``fp``,
+    ``fn`` are states summed over processes (``compute`` does it, or ``reduce()`` explicitly);
+    ``compute`` returns ``mIoU`` (the mean over classes of the best IoU over thresholds),
+    ``mIoU@0.50``, ``per_class`` ({class: best IoU}), ``best_threshold`` and the full ``table``
+    ({class: [IoU per threshold]}), all in percent. Further keyword arguments are
+    :class:`torchmetrics.Metric`'s (see :class:`~densediff.tasks.base.DatasetMetric`).
     """
 
+    higher_is_better = True
+
     def __init__(self, class_names: Sequence[str], thresholds: Sequence[float] = IOU_THRESHOLDS,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", **kwargs: Any):
+        super().__init__(**kwargs)
         self.class_names = list(class_names)
         self.thresholds = torch.tensor(list(thresholds), dtype=torch.float64)
         k, t = len(self.class_names), len(self.thresholds)
-        self.tp = torch.zeros(k, t, dtype=torch.float64, device=device)
-        self.fp = torch.zeros_like(self.tp)
-        self.fn = torch.zeros_like(self.tp)
+        for name in ("tp", "fp", "fn"):
+            self.add_state(name, torch.zeros(k, t, dtype=torch.float64), dist_reduce_fx="sum")
+        self.to(device)
 
     @torch.no_grad()
     def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
+        self._check_not_synced()
         k = len(self.class_names)
         if probs.shape[1] != k or probs.shape != target.shape:
             raise ValueError(f"probs {tuple(probs.shape)} and target {tuple(target.shape)} must "
@@ -78,9 +86,6 @@ class BEVIoUMetric:
         self.tp += (pred & gt).sum(-1).to(self.tp)
         self.fp += (pred & ~gt).sum(-1).to(self.tp)
         self.fn += (~pred & gt).sum(-1).to(self.tp)
-
-    def reduce(self) -> None:
-        self.tp, self.fp, self.fn = (du.all_reduce_sum(t) for t in (self.tp, self.fp, self.fn))
 
     def compute(self) -> dict:
         union = self.tp + self.fp + self.fn
@@ -116,7 +121,7 @@ def constant_iou(labels: Sequence[torch.Tensor], class_names: Sequence[str]) -> 
     """:meth:`BEVIoUMetric.compute` of the best constant prediction: every cell positive for
     every class (IoU = the class's share of cells; predicting nothing scores 0). The floor a
     BEV model must beat ("chance")."""
-    metric = BEVIoUMetric(class_names)
+    metric = BEVIoUMetric(class_names, sync_on_compute=False)  # the given labels only
     for label in labels:
         metric.update(torch.ones(label.shape), label)
     return metric.compute()

@@ -14,8 +14,9 @@ definitions the toolbox copies.
 * :func:`eval_crop_mask` -- the Garg / Eigen evaluation crops of KITTI and the Eigen crop of
   NYU-Depth-v2.
 * :func:`depth_errors` -- the nine standard metrics of one image.
-* :class:`DepthMetric` -- the metrics averaged over the images of a dataset (optionally across
-  processes); :func:`format_depth_metrics` prints them.
+* :class:`DepthMetric` -- the metrics averaged over the images of a dataset (a
+  :class:`torchmetrics.Metric`, summed across processes); :func:`format_depth_metrics` prints
+  them.
 * :func:`depth_spread` -- per-pixel spread of several depth predictions (an uncertainty map).
 * :func:`sparsification_curves` / :class:`DepthUncertaintyMetric` -- how well an uncertainty
   map ranks the depth errors: Pearson correlation and AUSE (Ilg et al. 2018; Poggi et al.
@@ -26,10 +27,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from densediff.utils.distributed import all_reduce_sum, is_dist
+from densediff.config import DEPTH_METRICS
+from densediff.tasks.base import DatasetMetric
 
 __all__ = [
     "METRIC_KEYS",
@@ -45,8 +48,10 @@ __all__ = [
     "DepthUncertaintyMetric",
 ]
 
-METRIC_KEYS = ("d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog")
-"""Keys of :func:`depth_errors` and :meth:`DepthMetric.compute`, in reporting order."""
+METRIC_KEYS = DEPTH_METRICS
+"""Keys of :func:`depth_errors` and :meth:`DepthMetric.compute`, in reporting order (the one
+list, :data:`densediff.config.DEPTH_METRICS`; which are lower-is-better:
+:data:`densediff.config.LOWER_IS_BETTER`)."""
 
 CROPS = ("none", "garg", "eigen", "nyu_eigen")
 
@@ -333,33 +338,34 @@ def _as_images(x: torch.Tensor | Sequence[torch.Tensor], name: str) -> list[torc
     return out
 
 
-class _EvaluatedPixels:
+class _EvaluatedPixels(DatasetMetric):
     """What both dataset-level depth scores share: the GT range, the evaluation crop and the
-    mask of evaluated pixels (``valid_mask & eval_crop_mask``, crops cached per size)."""
+    mask of evaluated pixels (``valid_mask & eval_crop_mask``, crops cached per size and
+    device)."""
 
-    def __init__(self, min_depth: float, max_depth: float, crop: str,
-                 device: torch.device | str | None):
+    def __init__(self, min_depth: float, max_depth: float, crop: str, **kwargs: Any):
         _check_range(min_depth, max_depth)
         if crop not in CROPS:
             raise ValueError(f"unknown crop {crop!r}; expected one of {CROPS}")
+        super().__init__(**kwargs)
         self.min_depth = float(min_depth)
         self.max_depth = float(max_depth)
         self.crop = crop
-        self.device = torch.device(device if device is not None else "cpu")
-        self._crops: dict[tuple[int, int], torch.Tensor] = {}
+        self._crops: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
     def _eval_mask(self, gt: torch.Tensor) -> torch.Tensor:
-        size = (gt.shape[-2], gt.shape[-1])
-        if size not in self._crops:
-            self._crops[size] = eval_crop_mask(*size, self.crop, device=self.device)
-        return valid_mask(gt, self.min_depth, self.max_depth) & self._crops[size]
+        key = (gt.shape[-2], gt.shape[-1], gt.device)
+        if key not in self._crops:
+            self._crops[key] = eval_crop_mask(*key[:2], self.crop, device=gt.device)
+        return valid_mask(gt, self.min_depth, self.max_depth) & self._crops[key]
 
 
 class DepthMetric(_EvaluatedPixels):
     """Dataset-level depth metrics: the per-image :func:`depth_errors`, averaged over images.
 
-    Call :meth:`update` per batch, :meth:`reduce` once after the last batch when running under
-    ``torch.distributed`` (it sums the accumulators of all processes), then :meth:`compute`.
+    A :class:`torchmetrics.Metric` (see :mod:`densediff.tasks.base`): call :meth:`update` per
+    batch, then ``compute()``; under ``torch.distributed`` ``compute`` sums the accumulators
+    of all processes first (``reduce()`` does it explicitly).
 
     Per image: the evaluated pixels are ``valid_mask(gt, min_depth, max_depth) &
     eval_crop_mask(H, W, crop)``; the prediction is capped as in BTS / AdaBins evaluation
@@ -370,8 +376,9 @@ class DepthMetric(_EvaluatedPixels):
     Images with no evaluated pixel are skipped (the toolbox's NaN entries that ``nanmean``
     drops) and counted in ``skipped``.
 
-    Accumulators (float64, on ``device``): the 9 per-image sums, the number of images counted
-    and the number skipped.
+    Accumulators (float64 states summed over processes, on the metric's device; ``.to(device)``
+    moves them): ``sums``, the 9 per-image sums, ``images``, the number of images counted, and
+    ``skipped``.
 
     Args:
         min_depth, max_depth: GT range evaluated and prediction cap (toolbox: 1e-3 and 80 for
@@ -379,28 +386,17 @@ class DepthMetric(_EvaluatedPixels):
         crop: evaluation crop, see :func:`eval_crop_mask` (KITTI: ``"garg"``; NYU:
             ``"nyu_eigen"``).
         device: where the accumulators live and the metrics are computed; None: CPU.
+        **kwargs: :class:`torchmetrics.Metric`'s, see :class:`~densediff.tasks.base.DatasetMetric`.
     """
 
     def __init__(self, min_depth: float, max_depth: float, crop: str = "none",
-                 device: torch.device | str | None = None):
-        super().__init__(min_depth, max_depth, crop, device)
-        self.reset()
-
-    def reset(self) -> None:
-        """Zero all accumulators."""
-        self.sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64, device=self.device)
-        self.images = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.skipped = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._reduced = False
-
-    def to(self, device: torch.device | str) -> DepthMetric:
-        """Move the accumulators (and future inputs) to ``device``."""
-        self.device = torch.device(device)
-        self.sums = self.sums.to(self.device)
-        self.images = self.images.to(self.device)
-        self.skipped = self.skipped.to(self.device)
-        self._crops = {}
-        return self
+                 device: torch.device | str | None = None, **kwargs: Any):
+        super().__init__(min_depth, max_depth, crop, **kwargs)
+        f64 = torch.float64
+        self.add_state("sums", torch.zeros(len(METRIC_KEYS), dtype=f64), dist_reduce_fx="sum")
+        self.add_state("images", torch.zeros((), dtype=f64), dist_reduce_fx="sum")
+        self.add_state("skipped", torch.zeros((), dtype=f64), dist_reduce_fx="sum")
+        self.to(device if device is not None else "cpu")
 
     # ---------------------------------------------------------------- accumulation
 
@@ -413,8 +409,7 @@ class DepthMetric(_EvaluatedPixels):
             gt: ground-truth depth at the same size(s); values outside ``(min_depth,
                 max_depth)`` and non-finite ones are not evaluated.
         """
-        if self._reduced:
-            raise RuntimeError("DepthMetric.update() after reduce(); call reset() first")
+        self._check_not_synced()
         preds, gts = _as_images(pred, "pred"), _as_images(gt, "gt")
         if len(preds) != len(gts):
             raise ValueError(f"got {len(preds)} predictions for {len(gts)} GT maps")
@@ -430,20 +425,6 @@ class DepthMetric(_EvaluatedPixels):
             p = _clamp_pred(p[m], self.min_depth, self.max_depth)
             self.sums += _errors_tensor(p, g[m])
             self.images += 1
-
-    def reduce(self) -> None:
-        """Sum the accumulators over all processes (no-op unless torch.distributed is up).
-
-        Call once, after the last :meth:`update`; further calls do nothing until :meth:`reset`.
-        """
-        if self._reduced or not is_dist():
-            return
-        self._reduced = True
-        buf = all_reduce_sum(torch.cat([self.sums, self.images[None], self.skipped[None]]))
-        k = len(METRIC_KEYS)
-        self.sums = buf[:k].clone()
-        self.images = buf[k].clone()
-        self.skipped = buf[k + 1].clone()
 
     # ---------------------------------------------------------------- results
 
@@ -596,8 +577,8 @@ def _ause(curve: torch.Tensor, oracle: torch.Tensor, normalize: bool) -> torch.T
 class DepthUncertaintyMetric(_EvaluatedPixels):
     """Dataset-level quality of a depth uncertainty map: Pearson correlation and AUSE.
 
-    Call :meth:`update` per batch, :meth:`reduce` once after the last batch when running under
-    ``torch.distributed``, then :meth:`compute`. Pixels and prediction cap as in
+    A :class:`torchmetrics.Metric` like :class:`DepthMetric` (one float64 state ``acc`` of
+    sums, summed over processes by ``compute`` or ``reduce()``). Pixels and prediction cap as in
     :class:`DepthMetric` (``valid_mask & eval_crop_mask``; prediction clamped, non-finite
     values replaced).
 
@@ -622,31 +603,21 @@ class DepthUncertaintyMetric(_EvaluatedPixels):
         fractions: F, the number of sparsification steps (Poggi: 50 -- ``intervals``).
         normalize: see above.
         device: where the accumulators live and the metrics are computed; None: CPU.
+        **kwargs: :class:`torchmetrics.Metric`'s, see :class:`~densediff.tasks.base.DatasetMetric`.
     """
 
     def __init__(self, min_depth: float, max_depth: float, crop: str = "none",
                  fractions: int = 20, normalize: bool = False,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, **kwargs: Any):
         if fractions < 1:
             raise ValueError(f"fractions must be >= 1, got {fractions}")
-        super().__init__(min_depth, max_depth, crop, device)
+        super().__init__(min_depth, max_depth, crop, **kwargs)
         self.fractions = int(fractions)
         self.normalize = bool(normalize)
-        self.reset()
+        self.add_state("acc", torch.zeros(self._N, dtype=torch.float64), dist_reduce_fx="sum")
+        self.to(device if device is not None else "cpu")
 
     _N = 10  # n, sx, sy, sxx, syy, sxy, ause_abs_rel, ause_rmse, images, skipped
-
-    def reset(self) -> None:
-        """Zero all accumulators."""
-        self.acc = torch.zeros(self._N, dtype=torch.float64, device=self.device)
-        self._reduced = False
-
-    def to(self, device: torch.device | str) -> DepthUncertaintyMetric:
-        """Move the accumulators (and future inputs) to ``device``."""
-        self.device = torch.device(device)
-        self.acc = self.acc.to(self.device)
-        self._crops = {}
-        return self
 
     def update(self, uncertainty: torch.Tensor | Sequence[torch.Tensor],
                pred: torch.Tensor | Sequence[torch.Tensor],
@@ -659,8 +630,7 @@ class DepthUncertaintyMetric(_EvaluatedPixels):
             pred: predicted depth, same shape(s).
             gt: ground-truth depth, same shape(s).
         """
-        if self._reduced:
-            raise RuntimeError("DepthUncertaintyMetric.update() after reduce(); call reset() first")
+        self._check_not_synced()
         us = _as_images(uncertainty, "uncertainty")
         ps, gs = _as_images(pred, "pred"), _as_images(gt, "gt")
         if not len(us) == len(ps) == len(gs):
@@ -691,16 +661,6 @@ class DepthUncertaintyMetric(_EvaluatedPixels):
                 torch.ones((), dtype=torch.float64, device=self.device),
                 torch.zeros((), dtype=torch.float64, device=self.device),
             ])
-
-    def reduce(self) -> None:
-        """Sum the accumulators over all processes (no-op unless torch.distributed is up).
-
-        Call once, after the last :meth:`update`; further calls do nothing until :meth:`reset`.
-        """
-        if self._reduced or not is_dist():
-            return
-        self._reduced = True
-        self.acc = all_reduce_sum(self.acc).clone()
 
     def compute(self) -> dict:
         """Results, see the class doc.
@@ -756,7 +716,7 @@ def best_constant_depth(gts: Sequence[torch.Tensor], min_depth: float, max_depth
     order = v.argsort()
     cum = w[order].cumsum(0)
     c = float(v[order][torch.searchsorted(cum, cum[-1] / 2)].clamp(min_depth, max_depth))
-    metric = DepthMetric(min_depth, max_depth, crop)
+    metric = DepthMetric(min_depth, max_depth, crop, sync_on_compute=False)  # the given maps only
     for gt in gts:
         metric.update(torch.full_like(gt, c), gt)
     return c, metric.compute()

@@ -6,7 +6,8 @@ Evaluation", CVPR 2021), accumulated per class over the dataset as DDPS reports 
 
 * :func:`ce_loss` -- pixel-wise cross-entropy with an ignore label.
 * :class:`SegMetric` -- accumulates a confusion matrix and per-class boundary counts over a
-  dataset (optionally across processes) and reports aAcc, mIoU, mAcc and mBIoU.
+  dataset (a :class:`torchmetrics.Metric`, summed across processes) and reports aAcc, mIoU,
+  mAcc and mBIoU.
 * :func:`format_metrics` -- the results as a plain-text table.
 * :func:`boundary_width` / :func:`label_boundary` -- the Boundary-IoU band, exposed for tests
   and visualisation.
@@ -16,12 +17,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from densediff.errors import DataError
-from densediff.utils.distributed import all_reduce_sum, is_dist
+from densediff.tasks.base import DatasetMetric
 
 __all__ = ["ce_loss", "boundary_width", "label_boundary", "SegMetric", "format_metrics"]
 
@@ -124,14 +126,16 @@ def label_boundary(labels: torch.Tensor, d: int) -> torch.Tensor:
 # metric
 
 
-class SegMetric:
+class SegMetric(DatasetMetric):
     """Dataset-level segmentation metrics: aAcc, mIoU, mAcc (mmseg) and mBIoU (Cheng et al.).
 
-    Call :meth:`update` per batch, :meth:`reduce` once after the last batch when running under
-    ``torch.distributed`` (it sums the accumulators of all processes), then :meth:`compute`.
+    A :class:`torchmetrics.Metric` (see :mod:`densediff.tasks.base`): call :meth:`update` per
+    batch, then ``compute()``; under ``torch.distributed`` ``compute`` sums the accumulators of
+    all processes first (``reduce()`` does it explicitly).
 
-    Accumulators (int64, on ``device``): a K x K confusion matrix ``confusion[gt, pred]`` over
-    the non-ignored pixels, and per class the boundary intersection and union counts.
+    Accumulators (int64 states summed over processes, on the metric's device; ``.to(device)``
+    moves them): a K x K confusion matrix ``confusion[gt, pred]`` over the non-ignored pixels,
+    and per class the boundary intersection and union counts.
 
     Definitions (all in percent; ``nanmean`` over classes, as mmseg does):
 
@@ -152,35 +156,26 @@ class SegMetric:
         device: where the accumulators live; inputs are moved there.
         boundary: False skips the boundary bands (mBIoU and BIoU are then NaN); for callers
             that only read mIoU, e.g. the diagnostics' many single-call scores.
+        **kwargs: :class:`torchmetrics.Metric`'s, see :class:`~densediff.tasks.base.DatasetMetric`.
     """
+
+    higher_is_better = True
 
     def __init__(self, num_classes: int, ignore_index: int = 255,
                  boundary_dilation: float = 0.02, device: torch.device | str = "cpu",
-                 boundary: bool = True):
+                 boundary: bool = True, **kwargs: Any):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        super().__init__(**kwargs)
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.boundary_dilation = boundary_dilation
         self.boundary = boundary
-        self.device = torch.device(device)
-        self.reset()
-
-    def reset(self) -> None:
-        """Zero all accumulators."""
-        k = self.num_classes
-        self.confusion = torch.zeros(k, k, dtype=torch.int64, device=self.device)
-        self.boundary_inter = torch.zeros(k, dtype=torch.int64, device=self.device)
-        self.boundary_union = torch.zeros(k, dtype=torch.int64, device=self.device)
-        self._reduced = False
-
-    def to(self, device: torch.device | str) -> SegMetric:
-        """Move the accumulators (and future inputs) to ``device``."""
-        self.device = torch.device(device)
-        self.confusion = self.confusion.to(self.device)
-        self.boundary_inter = self.boundary_inter.to(self.device)
-        self.boundary_union = self.boundary_union.to(self.device)
-        return self
+        k = num_classes
+        self.add_state("confusion", torch.zeros(k, k, dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("boundary_inter", torch.zeros(k, dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("boundary_union", torch.zeros(k, dtype=torch.int64), dist_reduce_fx="sum")
+        self.to(device)
 
     # ---------------------------------------------------------------- accumulation
 
@@ -195,8 +190,7 @@ class SegMetric:
         Each map must be at its true image size (the boundary width and the border band depend
         on it): crop away batch padding before calling, or pass lists of per-image maps.
         """
-        if self._reduced:
-            raise RuntimeError("SegMetric.update() after reduce(); call reset() first")
+        self._check_not_synced()
         if isinstance(pred, torch.Tensor) != isinstance(label, torch.Tensor):
             raise TypeError("pred and label must both be tensors or both be sequences")
         if isinstance(pred, torch.Tensor):
@@ -245,21 +239,6 @@ class SegMetric:
             v = int(label[bad][0])
             raise DataError(f"label value {v} is outside 0..{k - 1} and is not the "
                             f"ignore_index {self.ignore_index}")
-
-    def reduce(self) -> None:
-        """Sum the accumulators over all processes (no-op unless torch.distributed is up).
-
-        Call once, after the last :meth:`update`; further calls do nothing until :meth:`reset`.
-        """
-        if self._reduced or not is_dist():
-            return
-        self._reduced = True
-        k = self.num_classes
-        buf = torch.cat([self.confusion.flatten(), self.boundary_inter, self.boundary_union])
-        buf = all_reduce_sum(buf)
-        self.confusion = buf[: k * k].view(k, k).clone()
-        self.boundary_inter = buf[k * k: k * k + k].clone()
-        self.boundary_union = buf[k * k + k:].clone()
 
     # ---------------------------------------------------------------- results
 

@@ -10,19 +10,20 @@ the high-uncertainty pixels coincide with the wrong ones).
   which a pixel's label changed.
 * :func:`entropy_uncertainty` -- the normalised Shannon entropy of the accumulated
   (step-averaged) class probabilities, an alternative continuous estimator.
-* :class:`UncertaintyMetric` -- accumulates, over a dataset (optionally across processes),
-  how well an uncertainty map separates wrong from right pixels: AUROC and the error rate
-  among the most uncertain pixels.
+* :class:`UncertaintyMetric` -- accumulates, over a dataset (a :class:`torchmetrics.Metric`,
+  summed across processes), how well an uncertainty map separates wrong from right pixels:
+  AUROC and the error rate among the most uncertain pixels.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from densediff.utils.distributed import all_reduce_sum, is_dist
+from densediff.tasks.base import DatasetMetric
 
 __all__ = ["step_change_uncertainty", "entropy_uncertainty", "UncertaintyMetric"]
 
@@ -102,16 +103,18 @@ def entropy_uncertainty(probs: torch.Tensor, dim: int = 1) -> torch.Tensor:
 # metric
 
 
-class UncertaintyMetric:
+class UncertaintyMetric(DatasetMetric):
     """Dataset-level quality of an uncertainty map as a detector of wrong pixels.
 
     DDP (§3.4 "Uncertainty Awareness", Fig. 3c) argues that the pixels whose label keeps
-    changing during sampling are the wrong ones; this metric quantifies it. Call
-    :meth:`update` per batch, :meth:`reduce` once after the last batch when running under
-    ``torch.distributed`` (it sums the accumulators of all processes), then :meth:`compute`.
+    changing during sampling are the wrong ones; this metric quantifies it. A
+    :class:`torchmetrics.Metric` (see :mod:`densediff.tasks.base`): call :meth:`update` per
+    batch, then ``compute()``; under ``torch.distributed`` ``compute`` sums the accumulators
+    of all processes first (``reduce()`` does it explicitly).
 
-    Accumulators (int64, on ``device``): two histograms of the uncertainty of the valid
-    pixels over ``bins`` equal bins of ``[0, 1]``, one for wrong and one for right pixels.
+    Accumulators (int64 states summed over processes, on the metric's device; ``.to(device)``
+    moves them): two histograms of the uncertainty of the valid pixels over ``bins`` equal
+    bins of ``[0, 1]``, one for wrong and one for right pixels.
     Value u goes into bin ``floor(u * bins)`` (values within ``1e-6`` bin widths below an edge
     count into the upper bin, which absorbs the float32 rounding of ``k / n``); 1.0 goes into
     the last bin. Memory and cost are independent of the number of pixels.
@@ -137,32 +140,22 @@ class UncertaintyMetric:
         bins: number of histogram bins over ``[0, 1]``.
         top_fraction: share of the most uncertain pixels for ``err_top{P}``, in ``(0, 1]``.
         device: where the accumulators live; inputs are moved there.
+        **kwargs: :class:`torchmetrics.Metric`'s, see :class:`~densediff.tasks.base.DatasetMetric`.
     """
 
     def __init__(self, bins: int = 1000, top_fraction: float = 0.10,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", **kwargs: Any):
         if bins < 1:
             raise ValueError(f"bins must be >= 1, got {bins}")
         if not 0.0 < top_fraction <= 1.0:
             raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction}")
+        super().__init__(**kwargs)
         self.bins = bins
         self.top_fraction = float(top_fraction)
         self.top_key = f"err_top{100 * self.top_fraction:.6g}"
-        self.device = torch.device(device)
-        self.reset()
-
-    def reset(self) -> None:
-        """Zero all accumulators."""
-        self.hist_wrong = torch.zeros(self.bins, dtype=torch.int64, device=self.device)
-        self.hist_right = torch.zeros(self.bins, dtype=torch.int64, device=self.device)
-        self._reduced = False
-
-    def to(self, device: torch.device | str) -> UncertaintyMetric:
-        """Move the accumulators (and future inputs) to ``device``."""
-        self.device = torch.device(device)
-        self.hist_wrong = self.hist_wrong.to(self.device)
-        self.hist_right = self.hist_right.to(self.device)
-        return self
+        self.add_state("hist_wrong", torch.zeros(bins, dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("hist_right", torch.zeros(bins, dtype=torch.int64), dist_reduce_fx="sum")
+        self.to(device)
 
     # ---------------------------------------------------------------- accumulation
 
@@ -181,8 +174,7 @@ class UncertaintyMetric:
             wrong: bool, same shape: prediction != GT.
             valid: bool, same shape: pixels to count (GT not ignored); None: all.
         """
-        if self._reduced:
-            raise RuntimeError("UncertaintyMetric.update() after reduce(); call reset() first")
+        self._check_not_synced()
         if valid is None:
             valid = torch.ones_like(wrong, dtype=torch.bool)
         if uncertainty.shape != wrong.shape or wrong.shape != valid.shape:
@@ -198,19 +190,6 @@ class UncertaintyMetric:
         idx = self.bin_index(u)
         self.hist_wrong += torch.bincount(idx[w], minlength=self.bins)
         self.hist_right += torch.bincount(idx[~w], minlength=self.bins)
-
-    def reduce(self) -> None:
-        """Sum the histograms over all processes (no-op unless torch.distributed is up).
-
-        Call once, after the last :meth:`update`; further calls do nothing until :meth:`reset`.
-        """
-        if self._reduced or not is_dist():
-            return
-        self._reduced = True
-        buf = torch.cat([self.hist_wrong, self.hist_right])
-        buf = all_reduce_sum(buf)
-        self.hist_wrong = buf[: self.bins].clone()
-        self.hist_right = buf[self.bins:].clone()
 
     # ---------------------------------------------------------------- results
 

@@ -1,12 +1,13 @@
-"""Writers of tiny datasets in each real on-disk layout (for tests and examples).
+"""Writers of tiny datasets in each real on-disk layout: for tests and fixtures only (the test
+suite, benchmarks that need a tiny dataset on disk); nothing in the runtime package imports it.
 
-Images and labels are procedural scenes (:func:`densediff.data.generated.render_scene`) with
+Images and labels are procedural scenes (:func:`densediff.data.worlds.shapes.render_scene`) with
 the six scene classes mapped onto real class values of each dataset, and a one-pixel border of
 the dataset's "unlabelled" value (CamVid void 11, ADE20K 0, Cityscapes 255, folder 255), so
 label mappings and ignore handling are exercised. Everything is deterministic by ``seed``.
 
 The depth writers (``write_kitti``, ``write_nyu``, ``write_sunrgbd``, ``write_depth_folder``)
-store rendered rooms (:func:`densediff.data.depth_scenes.render_depth_scene`) with exact depth,
+store rendered rooms (:func:`densediff.data.worlds.rooms.render_depth_scene`) with exact depth,
 quantised by each dataset's PNG scale; :func:`depth_scene` gives back what they stored.
 """
 
@@ -19,8 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from densediff.data.classes import CITYSCAPES_ID_TO_TRAINID
-from densediff.data.generated import GENERATED_CLASSES, GENERATED_PALETTE, render_scene
+from densediff.data.depth import encode_depth
 from densediff.data.io import write_image
+from densediff.data.worlds.rooms import render_depth_scene
+from densediff.data.worlds.shapes import GENERATED_CLASSES, GENERATED_PALETTE, render_scene
 
 # scene classes (sky, ground, disc, square, triangle, ring) -> raw label values of each layout
 CAMVID_VALUES = [0, 3, 8, 1, 6, 10]  # Sky Road Car Building SignSymbol Bicyclist
@@ -131,7 +134,7 @@ def write_folder(root: str | os.PathLike, n: int = 10, splits: bool = False,
 
 
 # --------------------------------------------------------------------------------------------
-# depth layouts (scenes from densediff.data.depth_scenes.render_depth_scene)
+# depth layouts (scenes from densediff.data.worlds.rooms.render_depth_scene)
 
 KITTI_DATE = "2011_09_26"
 KITTI_DRIVES = {"train": f"{KITTI_DATE}_drive_0001_sync", "test": f"{KITTI_DATE}_drive_0002_sync"}
@@ -141,15 +144,11 @@ NYU_SCENES = {"train": ("kitchen_0028a", "living_room_0019"), "test": ("bathroom
 def depth_scene(seed: int, split: int, index: int, size: tuple[int, int], max_depth: float,
                 density: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """The (uint8 RGB, float32 metres) scene the depth writers store for (seed, split, index)."""
-    from densediff.data.depth_scenes import render_depth_scene
-
     return render_depth_scene(np.random.default_rng([seed, 100 + split, index]), size, max_depth,
                               density)
 
 
 def _write_depth_png(path: Path, depth: np.ndarray, scale: float, sunrgbd: bool = False) -> None:
-    from densediff.data.depth import encode_depth
-
     write_image(path, encode_depth(depth, scale, sunrgbd))
 
 

@@ -24,6 +24,8 @@ z-depth (distance along the optical axis, not along the ray): with the camera-fr
 ``((u - cx) / f, (v - cy) / f, 1)`` for pixel centre (u, v) = (col + 0.5, row + 0.5), the hit
 parameter of that unnormalised ray is the depth itself. ``density < 1`` keeps a LiDAR-like
 subset of the depth pixels (random scan lines, random points along them); the others are 0.
+The room's planes and the boxes are hit by :mod:`densediff.data.worlds.geometry` (shared with
+the BEV ray caster).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from densediff.data.depth import DepthDataset, depth_scale_for
-from densediff.data.generated import colour_pair, generated_items, scene_rng
+from densediff.data.worlds.common import colour_pair, generated_items, scene_rng
+from densediff.data.worlds.geometry import plane_hit, slab_hit
 
 if TYPE_CHECKING:
     from densediff.config import DataConfig
@@ -199,17 +202,7 @@ def _hit_box(origin: np.ndarray, d: np.ndarray, obj: Obj) -> tuple[np.ndarray, n
     rot = _rot_y(obj.yaw)  # box frame -> world
     o = rot.T @ (origin - obj.center)
     dl = rot.T @ d
-    near, far = np.full(d.shape[1], -np.inf), np.full(d.shape[1], np.inf)
-    axis = np.zeros(d.shape[1], np.int64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        for k in range(3):
-            t1 = (-obj.size[k] - o[k]) / dl[k]
-            t2 = (obj.size[k] - o[k]) / dl[k]
-            lo = np.nan_to_num(np.fmin(t1, t2), nan=-np.inf)
-            hi = np.nan_to_num(np.fmax(t1, t2), nan=np.inf)
-            axis = np.where(lo > near, k, axis)
-            near = np.maximum(near, lo)
-            far = np.minimum(far, hi)
+    near, far, axis = slab_hit(o, dl, obj.size)  # divides; a grazing ray on a face misses
     t = np.where((near <= far) & (near > 0), near, np.inf)
     n_local = np.zeros_like(d)
     for k in range(3):
@@ -245,12 +238,11 @@ def render_scene_arrays(scene: DepthScene, size: tuple[int, int]
     d = cam.rotation() @ dc  # 3 x N world directions; hit parameter t = z-depth
     origin = np.array([0.0, cam.height, 0.0])
     # leaving the room box: the nearest of the walls/floor/top the ray heads to
-    with np.errstate(divide="ignore", invalid="ignore"):
-        tx = np.where(d[0] > 0, (scene.x_right - origin[0]) / d[0],
-                      np.where(d[0] < 0, (scene.x_left - origin[0]) / d[0], np.inf))
-        ty = np.where(d[1] < 0, -origin[1] / d[1],
-                      np.where(d[1] > 0, (scene.wall_height - origin[1]) / d[1], np.inf))
-        tz = np.where(d[2] > 0, (scene.z_back - origin[2]) / d[2], np.inf)
+    tx = np.where(d[0] > 0, plane_hit(scene.x_right - origin[0], d[0]),
+                  np.where(d[0] < 0, plane_hit(scene.x_left - origin[0], d[0]), np.inf))
+    ty = np.where(d[1] < 0, plane_hit(-origin[1], d[1]),
+                  np.where(d[1] > 0, plane_hit(scene.wall_height - origin[1], d[1]), np.inf))
+    tz = np.where(d[2] > 0, plane_hit(scene.z_back - origin[2], d[2]), np.inf)
     t = np.minimum(np.minimum(tx, ty), tz)
     ids = np.where(t == tz, 4, np.where(t == ty, np.where(d[1] < 0, 2, 3),
                                         np.where(d[0] > 0, 1, 0)))

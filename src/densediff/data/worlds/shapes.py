@@ -16,7 +16,6 @@ CPU in a few minutes to well above chance.
 
 from __future__ import annotations
 
-import colorsys
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from densediff.data.datasets import SegDataset
-from densediff.errors import DataError
+from densediff.data.worlds.common import colour_pair, generated_items, scene_rng
 
 if TYPE_CHECKING:
     from densediff.config import DataConfig
@@ -32,23 +31,6 @@ if TYPE_CHECKING:
 GENERATED_CLASSES = ["sky", "ground", "disc", "square", "triangle", "ring"]
 GENERATED_PALETTE = [(70, 130, 180), (140, 100, 50), (220, 20, 60), (0, 160, 140),
                      (250, 190, 30), (150, 60, 200)]
-_SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
-
-
-def colour_pair(rng: np.random.Generator, sat: tuple[float, float] = (0.25, 0.9),
-                val: tuple[float, float] = (0.3, 0.95), hue_shift: float = 0.12,
-                sat_mult: tuple[float, float] = (0.5, 1.3),
-                val_mult: tuple[float, float] = (0.5, 1.4)) -> tuple[np.ndarray, np.ndarray]:
-    """Two related colours (0..255): a random HSV one (saturation in ``sat``, value in
-    ``val``) and a nearby variation of it (hue +- ``hue_shift``, saturation and value scaled
-    by factors from ``sat_mult`` / ``val_mult``). Shared by both generated datasets."""
-    h, s, v = rng.random(), rng.uniform(*sat), rng.uniform(*val)
-    h2 = (h + rng.uniform(-hue_shift, hue_shift)) % 1.0
-    s2 = float(np.clip(s * rng.uniform(*sat_mult), 0.0, 1.0))
-    v2 = float(np.clip(v * rng.uniform(*val_mult), 0.1, 1.0))
-    c1 = np.array(colorsys.hsv_to_rgb(h, s, v)) * 255.0
-    c2 = np.array(colorsys.hsv_to_rgb(h2, s2, v2)) * 255.0
-    return c1, c2
 
 
 def _texture(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, unit: float
@@ -128,20 +110,6 @@ def render_scene(rng: np.random.Generator, size: tuple[int, int]
         label[mask] = cls
     img += rng.normal(0.0, 5.0, img.shape)
     return np.clip(img, 0, 255).round().astype(np.uint8), label
-
-
-def generated_items(data: DataConfig, split: str) -> list[tuple[str, None]]:
-    """The item names of a generated split (``generated:<split>/<index>``, no files), shared
-    by the segmentation and depth generated datasets; ``data.gen_num_<split>`` of them."""
-    if split not in _SPLIT_CODES:
-        raise DataError(f"generated dataset: split must be train, val or test (got {split!r})")
-    return [(f"generated:{split}/{i:05d}", None) for i in range(getattr(data, f"gen_num_{split}"))]
-
-
-def scene_rng(data: DataConfig, split: str, index: int) -> np.random.Generator:
-    """The RNG of generated scene ``index`` of ``split``: ``default_rng([data.gen_seed, code,
-    index])`` with code 0/1/2 for train/val/test."""
-    return np.random.default_rng([data.gen_seed, _SPLIT_CODES[split], index])
 
 
 class GeneratedDataset(SegDataset):

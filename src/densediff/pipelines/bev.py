@@ -1,0 +1,257 @@
+"""BEV map segmentation, end to end (DDP §4.3): a BEV model's outputs from its trajectory, one
+sample's metric update, :class:`BEVPrediction` with the files ``predict`` writes, and its
+pictures. Inputs are samples of the checkpoint's dataset (calibrated cameras [+ LiDAR]), not
+image files."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from densediff.config import Config
+from densediff.pipelines.base import Pipeline, is_diffusion, resolve_steps
+from densediff.tasks.bev import BEVIoUMetric, format_bev_metrics
+from densediff.tasks.uncertainty import (
+    UncertaintyMetric,
+    entropy_uncertainty,
+    step_change_uncertainty,
+)
+
+__all__ = ["BEVPipeline", "BEVPrediction", "bev_uncertainty_maps"]
+
+
+@torch.no_grad()
+def bev_uncertainty_maps(model: nn.Module, feat: torch.Tensor, steps: int, accumulation: bool,
+                         seeds: Sequence[int] | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Sample ``steps`` steps of a BEV model from BEV features.
+
+    Returns:
+        ``(probs B x K x X x Y, step_probs S x B x K x X x Y, maps)``: the output
+        probabilities, every step's, and per class and cell (B x K x X x Y, in [0, 1]) the
+        share of steps whose mask (threshold 0.5) changed (``steps``, DDP §3.4) and the
+        normalised binary entropy of the output probability (``entropy``).
+    """
+    traj = model.sample_steps(feat, steps, seeds=seeds)
+    probs, step_probs = traj.probs(accumulation), traj.step_probs()
+    maps = {"steps": step_change_uncertainty((step_probs >= 0.5).long()),
+            "entropy": entropy_uncertainty(torch.stack([probs, 1 - probs]), dim=0)}
+    return probs, step_probs, maps
+
+
+@dataclass
+class BEVPrediction:
+    """Result of :meth:`~densediff.api.Predictor.predict_bev` for one sample, on the output
+    grid (``[ix, iy]``, x forward, y left; :func:`densediff.viz.bev_image` orients it for
+    display).
+
+    Attributes:
+        probs: ``(K, X, Y)`` float32 per-class probabilities (multi-label).
+        masks: ``(K, X, Y)`` bool, ``probs >= threshold``.
+        color: ``(X, Y, 3)`` uint8 picture of ``masks`` (oriented: forward up, left left).
+        steps: diffusion sampling steps used (None: a discriminative model).
+        uncertainty: ``(K, X, Y)`` float32 in [0, 1], diffusion models: the share of steps at
+            which the class mask changed.
+        entropy: ``(K, X, Y)`` float32 in [0, 1]: normalised binary entropy of ``probs``.
+        trajectory: ``(S, K, X, Y)`` bool masks of every step (diffusion models).
+        cameras, truth, class_names, palette: the sample's camera images (uint8), its true
+            masks (K x X x Y) and the classes (for the pictures).
+    """
+
+    probs: np.ndarray
+    masks: np.ndarray
+    color: np.ndarray
+    steps: int | None = None
+    uncertainty: np.ndarray | None = None
+    entropy: np.ndarray | None = None
+    trajectory: np.ndarray | None = None
+    cameras: list[np.ndarray] = field(default_factory=list, repr=False)
+    truth: np.ndarray | None = field(default=None, repr=False)
+    class_names: list[str] = field(default_factory=list, repr=False)
+    palette: np.ndarray | None = field(default=None, repr=False)
+
+    def uncertainty_picture(self) -> np.ndarray | None:
+        """X x Y x 3 uint8 heatmap of the classes' maximum step-change share, oriented as
+        ``color``; None for a discriminative model."""
+        from densediff.viz import bev_image, heatmap
+
+        return None if self.uncertainty is None else heatmap(bev_image(self.uncertainty.max(0)))
+
+    def panel(self) -> np.ndarray:
+        """The camera images (two rows of three) beside the predicted map, the ground truth
+        and, for diffusion models, the uncertainty (the classes' maximum step-change share);
+        maps forward up, left on the left."""
+        from PIL import Image
+
+        from densediff.viz import bev_color, camera_mosaic, side_by_side
+
+        mosaic = camera_mosaic(self.cameras)
+        tiles = [self.color]
+        if self.truth is not None:
+            tiles.append(bev_color(self.truth, self.palette))
+        if self.uncertainty is not None:
+            tiles.append(self.uncertainty_picture())
+        size = mosaic.shape[0]
+        tiles = [np.asarray(Image.fromarray(t).resize((size, size), Image.NEAREST))
+                 for t in tiles]
+        return side_by_side([mosaic, *tiles])
+
+    def trajectory_strip(self) -> np.ndarray:
+        """The map of every step and the uncertainty side by side (no labels)."""
+        from densediff.errors import UserError
+        from densediff.viz import bev_color, side_by_side
+
+        if self.trajectory is None:
+            raise UserError("no trajectory: it needs a diffusion model")
+        return side_by_side([bev_color(m, self.palette) for m in self.trajectory]
+                            + [self.uncertainty_picture()])
+
+    def _legend(self) -> list:
+        return [*zip(self.class_names, np.asarray(self.palette).tolist()),
+                ("no map class", (255, 255, 255))]
+
+    def save_trajectory(self, path: str | Path):
+        """The labelled trajectory picture: the map of step 1 .. S | uncertainty, with the
+        class legend and the colour bar."""
+        from densediff.errors import UserError
+        from densediff.viz import ColorScale, GridColumn, bev_color, save_labelled_grid
+
+        if self.trajectory is None:
+            raise UserError("--trajectory: needs a diffusion model")
+        n = len(self.trajectory)
+        tiles = [bev_color(m, self.palette) for m in self.trajectory]
+        cols = [GridColumn(f"step {s} of {n}") for s in range(1, n + 1)]
+        tiles.append(self.uncertainty_picture())
+        cols.append(GridColumn("uncertainty", ColorScale(
+            "inferno", 0, 1, "largest share, over the classes, of step-to-step transitions at "
+            "which the class mask changed")))
+        return save_labelled_grid([tiles], cols, path, legend=self._legend(),
+                           legend_title="map classes (later ones drawn on top)",
+                           title=f"BEV sampling trajectory ({n} steps); forward up, left on "
+                                 "the left")
+
+    def save(self, out_dir: str | Path, stem: str, uncertainty: bool = False,
+             trajectory: bool = False, save_probs: bool = False,
+             note: Callable[[str], None] | None = None) -> list[str]:
+        """Write ``<stem>_bev.png`` (the cameras beside the predicted map, the ground truth and,
+        for diffusion models, the uncertainty), ``_map.png`` (the map alone), ``_probs.npy``
+        (K x X x Y float16); with ``uncertainty`` the heatmap of the classes' maximum and the
+        K x X x Y .npy; with ``trajectory`` the labelled picture of every step's map."""
+        from PIL import Image
+
+        written = {"bev.png": self.panel(), "map.png": self.color,
+                   "probs.npy": self.probs.astype(np.float16)}
+        if uncertainty and self.uncertainty is not None:
+            written["uncertainty.png"] = self.uncertainty_picture()
+            written["uncertainty.npy"] = self.uncertainty.astype(np.float32)
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for kind, arr in written.items():
+            path = out / f"{stem}_{kind}"
+            if kind.endswith(".npy"):
+                np.save(path, arr)
+            else:
+                Image.fromarray(arr).save(path)
+        names = list(written)
+        if trajectory:
+            self.save_trajectory(out / f"{stem}_trajectory.png")
+            names.append("trajectory.png")
+        return names
+
+
+class BEVPipeline(Pipeline):
+    """``task: bev``."""
+
+    task = "bev"
+    name = "BEV"
+    has_aug = False
+    aug_name = "none"
+    image_input = False
+
+    def shares_encoder(self, model, cfg, aug):
+        return is_diffusion(model)  # no augmentation, whole grid
+
+    def metric(self, dataset, cfg: Config, device: torch.device, boundary: bool = True):
+        return BEVIoUMetric(dataset.class_names, device=device)
+
+    def uncertainty_metrics(self, model, cfg, steps, shared, device):
+        if not is_diffusion(model):
+            return {}
+        return {k: UncertaintyMetric(device=device) for k in ("steps", "entropy")}
+
+    def score_image(self, model, cfg, dataset, feat, inputs, label, steps, seeds, aug, metrics,
+                    unc):
+        for n in steps:
+            if is_diffusion(model):
+                probs, _, maps = bev_uncertainty_maps(model, feat, n, model.accumulation, seeds)
+                wrong = (probs >= 0.5) != label.bool()
+                for k, m in maps.items():
+                    unc[n][k].update(m, wrong)
+            else:
+                probs = model.predict_probs(inputs)
+            metrics[n].update(probs, label)
+
+    def score_trajectory(self, model, metric, traj, label):
+        metric.update(traj.probs(model.accumulation), label)
+
+    def change_rates(self, traj) -> list[float]:
+        """From step s - 1 to s: the share of class cells whose mask (at 0.5) changes."""
+        m = traj.step_probs() >= 0.5
+        return [float((m[s] != m[s - 1]).float().mean()) for s in range(1, len(m))]
+
+    def format_metrics(self, metrics, class_names):
+        return format_bev_metrics(metrics)
+
+    def output_names(self, predictor, uncertainty, trajectory, save_probs):
+        return ["bev.png", "map.png", "probs.npy", "uncertainty.png", "uncertainty.npy",
+                "trajectory.png"]
+
+    def example_input(self, cfg, size, batch, device):
+        from densediff.data.worlds.raycast import example_inputs
+
+        bev = cfg.data.bev.model_copy(update={"image_size": tuple(size)} if size else {})
+        h, w = bev.image_size
+        return example_inputs(bev, batch, device), (int(h), int(w))
+
+    def predict_fn(self, model):
+        return model.predict_probs
+
+    @torch.no_grad()
+    def predict(self, predictor, sample: dict, steps: int | None = None, seed: int = 0,
+                threshold: float = 0.5) -> BEVPrediction:
+        """The BEV map of one sample of the checkpoint's dataset (its ``image`` dict: cameras,
+        intrinsics, cam2ego[, points])."""
+        from densediff.data import collate
+        from densediff.data.datasets import to_device
+        from densediff.viz import bev_color
+
+        model, cfg = predictor.model, predictor.cfg
+        inputs = to_device(collate([sample])["image"], predictor.device)
+        n = resolve_steps(model, steps, "this checkpoint")[0]
+        extra: dict = {}
+        if not is_diffusion(model):
+            probs = model.predict_probs(inputs)
+        else:
+            probs, step_probs, maps = bev_uncertainty_maps(
+                model, model.extract(inputs), n, model.accumulation, [seed])
+            extra = {"steps": n, "uncertainty": maps["steps"][0].cpu().numpy(),
+                     "trajectory": (step_probs[:, 0] >= threshold).cpu().numpy()}
+        p = probs[0].float()
+        masks = (p >= threshold).cpu().numpy()
+        ent = entropy_uncertainty(torch.stack([p, 1 - p]), dim=0).cpu().numpy()
+        mean = np.asarray(cfg.data.mean, np.float32)
+        std = np.asarray(cfg.data.std, np.float32)
+        cams = [np.clip(im.permute(1, 2, 0).cpu().numpy() * std + mean, 0, 255).astype(np.uint8)
+                for im in sample["image"]["images"]]
+        truth = sample.get("label")
+        return BEVPrediction(probs=p.cpu().numpy(), masks=masks,
+                             color=bev_color(masks, predictor.palette), entropy=ent,
+                             cameras=cams,
+                             truth=None if truth is None else np.asarray(truth),
+                             class_names=list(predictor.class_names),
+                             palette=predictor.palette, **extra)

@@ -1,0 +1,256 @@
+"""Monocular depth, end to end (DDP §4.4): a depth model's outputs from its trajectory, one
+image's metric update, :class:`DepthPrediction` with the files ``predict`` writes, and its
+pictures."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from densediff.config import Config
+from densediff.pipelines.base import Pipeline, is_diffusion, resolve_steps
+from densediff.pipelines.inference import predict_depth
+from densediff.tasks.depth import DepthMetric, DepthUncertaintyMetric, format_depth_metrics
+
+__all__ = ["DepthPipeline", "DepthPrediction", "depth_uncertainty_maps"]
+
+
+@torch.no_grad()
+def depth_uncertainty_maps(model: nn.Module, feat: torch.Tensor, steps: int,
+                           out_size: tuple[int, int], accumulation: bool,
+                           seeds: Sequence[int] | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Sample ``steps`` steps of a depth model from features; outputs at ``out_size``.
+
+    Returns:
+        ``(depth B x H x W, step_depths S x B x H x W, maps)``: the output depth, every
+        step's depth, and the uncertainty maps (B x H x W, metres): ``steps``, the standard
+        deviation over steps (and starts), and ``starts``, over the random starts of the last
+        step; each only when there are at least two.
+    """
+    traj = model.sample_steps(feat, steps, seeds=seeds)
+
+    def up(x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, size=out_size, mode="bilinear", align_corners=False)[:, 0]
+
+    maps = {k: up(v) for k in ("steps", "starts")
+            if (v := traj.spread(k)) is not None}
+    step_depths = torch.stack([up(d) for d in traj.step_depths()])
+    return up(traj.depth(accumulation)), step_depths, maps
+
+
+def _note(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr)
+
+
+@dataclass
+class DepthPrediction:
+    """Result of :meth:`~densediff.api.Predictor.predict` for one image of a depth model
+    (original size).
+
+    Attributes:
+        depth: ``(H, W)`` float32 depth in metres, clamped to [min_depth, max_depth].
+        color: ``(H, W, 3)`` uint8 colourised depth (fixed scale, near is bright).
+        steps: diffusion sampling steps used (None: a discriminative model).
+        uncertainty: ``(H, W)`` float32 metres, diffusion models with whole-image inference
+            and no flip test: the standard deviation of the depth over the sampling steps
+            (and starts); None with one step and one start.
+        uncertainty_starts: the same over the ``randsteps`` random starts of the last step
+            (None unless ``model.diffusion.randsteps`` > 1).
+        trajectory: ``(S, H, W)`` float32 depth of every sampling step.
+        image, min_depth, max_depth, depth_scale: the input, the depth range (metres) and the
+            16-bit PNG value per metre (for the files and pictures).
+    """
+
+    depth: np.ndarray
+    color: np.ndarray
+    steps: int | None = None
+    uncertainty: np.ndarray | None = None
+    uncertainty_starts: np.ndarray | None = None
+    trajectory: np.ndarray | None = None
+    image: np.ndarray | None = field(default=None, repr=False)
+    min_depth: float = field(default=1e-3, repr=False)
+    max_depth: float = field(default=10.0, repr=False)
+    depth_scale: float = field(default=1000.0, repr=False)
+
+    def trajectory_strip(self) -> np.ndarray:
+        """[image,] the colourised depth of every step and the uncertainty heatmap (scaled to
+        its maximum) side by side (H x W' x 3 uint8, no labels)."""
+        from densediff.errors import UserError
+        from densediff.viz import depth_color, scaled_heatmap, side_by_side
+
+        if self.trajectory is None:
+            raise UserError("no trajectory: it needs a diffusion model with whole-image inference")
+        tiles = [] if self.image is None else [self.image]
+        tiles += [depth_color(d, self.min_depth, self.max_depth) for d in self.trajectory]
+        if self.uncertainty is not None:
+            tiles.append(scaled_heatmap(self.uncertainty))
+        return side_by_side(tiles)
+
+    def save_trajectory(self, path: str | Path):
+        """The labelled trajectory picture: image | step 1 .. S (depth colour bar in metres) |
+        uncertainty (spread in metres)."""
+        from densediff.errors import UserError
+        from densediff.viz import ColorScale, GridColumn, nice_ceil, save_labelled_grid
+
+        if self.trajectory is None:
+            raise UserError("--trajectory: needs whole-image inference without --aug-test")
+        scale = ColorScale("magma_r", self.min_depth, self.max_depth,
+                           "depth (m): bright = near, dark = far")
+        tiles, cols = [], []
+        if self.image is not None:
+            tiles.append(self.image)
+            cols.append(GridColumn("image"))
+        n = len(self.trajectory)
+        for s, d in enumerate(self.trajectory, 1):
+            tiles.append(scale.colorize(d))
+            cols.append(GridColumn(f"step {s} of {n}", scale))
+        if self.uncertainty is not None:
+            u = ColorScale("inferno", 0, nice_ceil(float(self.uncertainty.max())),
+                           "spread (std) of the depth over the steps (m)")
+            tiles.append(u.colorize(self.uncertainty))
+            cols.append(GridColumn("uncertainty", u))
+        return save_labelled_grid([tiles], cols, path,
+                                  title=f"Depth sampling trajectory ({n} steps)")
+
+    def save(self, out_dir: str | Path, stem: str, uncertainty: bool = False,
+             trajectory: bool = False, save_probs: bool = False,
+             note: Callable[[str], None] = _note) -> list[str]:
+        """Write ``<stem>_depth.png`` (colourised), ``_depth16.png`` (16-bit, ``depth_scale``
+        per metre), ``_depth.npy`` (metres); with ``uncertainty`` the heatmap and .npy (metres);
+        with ``trajectory`` the labelled trajectory picture. Returns the suffixes written."""
+        from PIL import Image
+
+        from densediff.viz import scaled_heatmap
+
+        written = {"depth.png": self.color, "depth.npy": self.depth,
+                   "depth16.png": np.clip(np.round(self.depth * self.depth_scale), 0,
+                                          65535).astype(np.uint16)}
+        if uncertainty:
+            if self.uncertainty is None:
+                note(f"{stem}: no uncertainty map (it needs a diffusion model, whole-image "
+                     "inference without --aug-test, and 2+ steps or random starts)")
+            else:
+                written["uncertainty.png"] = scaled_heatmap(self.uncertainty)
+                written["uncertainty.npy"] = self.uncertainty
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for kind, arr in written.items():
+            path = out / f"{stem}_{kind}"
+            if kind.endswith(".npy"):
+                np.save(path, arr.astype(np.float32))
+            else:
+                Image.fromarray(arr).save(path)
+        names = list(written)
+        if trajectory:
+            self.save_trajectory(out / f"{stem}_trajectory.png")
+            names.append("trajectory.png")
+        return names
+
+
+class DepthPipeline(Pipeline):
+    """``task: depth``."""
+
+    task = "depth"
+    name = "depth"
+    metric_key = "abs_rel"
+    lower_is_better = True
+    aug_name = "flip"
+
+    def shares_encoder(self, model, cfg, aug):
+        return is_diffusion(model) and not aug  # depth inference is whole-image
+
+    def metric(self, dataset, cfg: Config, device: torch.device, boundary: bool = True):
+        dd = cfg.data.depth
+        return DepthMetric(dd.min_depth, dd.max_depth, dd.eval_crop, device=device)
+
+    def uncertainty_metrics(self, model, cfg, steps, shared, device):
+        if not shared:
+            return {}
+        dd = cfg.data.depth
+        r = model.diffusion_cfg.randsteps
+        kinds = (["steps"] if steps * r >= 2 else []) + (["starts"] if r > 1 else [])
+        return {k: DepthUncertaintyMetric(dd.min_depth, dd.max_depth, dd.eval_crop,
+                                          device=device) for k in kinds}
+
+    def score_image(self, model, cfg, dataset, feat, img, label, steps, seeds, aug, metrics,
+                    unc):
+        diffusion = is_diffusion(model)
+        size = tuple(label.shape[-2:])
+        for n in steps:
+            maps = {}
+            if feat is not None:
+                depth, _, maps = depth_uncertainty_maps(model, feat, n, size, model.accumulation,
+                                                        seeds)
+            else:
+                kw = {"steps": n, "seeds": seeds} if diffusion else {}
+                depth = predict_depth(model, img, size, flip=aug, **kw)
+            metrics[n].update(depth, label)
+            for k, m in maps.items():
+                unc[n][k].update(m, depth, label)
+
+    def score_trajectory(self, model, metric, traj, label):
+        depth = F.interpolate(traj.depth(model.accumulation), size=label.shape[-2:],
+                              mode="bilinear", align_corners=False)[:, 0]
+        metric.update(depth, label)
+
+    def change_rates(self, traj) -> list[float]:
+        """From step s - 1 to s: the mean absolute depth change over the mean depth."""
+        d = traj.step_depths()
+        return [float((d[s] - d[s - 1]).abs().mean() / d[s - 1].abs().mean().clamp(min=1e-12))
+                for s in range(1, len(d))]
+
+    def format_metrics(self, metrics, class_names):
+        return format_depth_metrics(metrics)
+
+    def predict_fn(self, model):
+        return model.predict_depth
+
+    def output_names(self, predictor, uncertainty, trajectory, save_probs):
+        _depth_scale(predictor.cfg)  # a folder dataset without data.depth.depth_scale: now
+        return ["depth.png", "depth16.png", "depth.npy", "uncertainty.png", "uncertainty.npy",
+                "trajectory.png"]
+
+    @torch.no_grad()
+    def predict(self, predictor, rgb: np.ndarray, x: torch.Tensor, aug: bool,
+                steps: int | None, seed: int) -> DepthPrediction:
+        """One preprocessed image through a depth model (``aug``: the flip test)."""
+        from densediff.viz import depth_color
+
+        model, cfg = predictor.model, predictor.cfg
+        size = rgb.shape[:2]
+        n = resolve_steps(model, steps, "this checkpoint")[0]
+        extra: dict = {}
+        if not is_diffusion(model):
+            depth = predict_depth(model, x, size, flip=aug)
+        else:
+            extra["steps"] = n
+            if aug:
+                depth = predict_depth(model, x, size, flip=True, steps=n, seeds=[seed])
+            else:
+                feat = model.extract(x)
+                depth, step_depths, maps = depth_uncertainty_maps(
+                    model, feat, n, size, model.accumulation, [seed])
+                extra["trajectory"] = step_depths[:, 0].cpu().numpy()
+                for key, name in (("steps", "uncertainty"), ("starts", "uncertainty_starts")):
+                    if key in maps:
+                        extra[name] = maps[key][0].cpu().numpy()
+        dd = cfg.data.depth
+        d = depth[0].clamp(dd.min_depth, dd.max_depth).cpu().numpy().astype(np.float32)
+        return DepthPrediction(depth=d, color=depth_color(d, dd.min_depth, dd.max_depth),
+                               image=rgb, min_depth=dd.min_depth, max_depth=dd.max_depth,
+                               depth_scale=_depth_scale(cfg), **extra)
+
+
+def _depth_scale(cfg: Config) -> float:
+    from densediff.data.depth import depth_scale_for
+
+    dd = cfg.data
+    return depth_scale_for(dd.dataset, dd.depth.depth_scale, dd.depth.max_depth)

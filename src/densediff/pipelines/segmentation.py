@@ -1,0 +1,284 @@
+"""Semantic segmentation, end to end: a model's outputs from its trajectory, one image's
+metric update, :class:`Prediction` with the files ``predict`` writes, and its pictures."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from densediff.config import Config
+from densediff.pipelines.base import Pipeline, is_diffusion, resolve_steps
+from densediff.pipelines.inference import predict_probs
+from densediff.tasks.segmentation import SegMetric, class_ids, format_metrics
+from densediff.tasks.uncertainty import (
+    UncertaintyMetric,
+    entropy_uncertainty,
+    step_change_uncertainty,
+)
+
+__all__ = ["Prediction", "SegmentationPipeline", "uncertainty_maps"]
+
+
+@torch.no_grad()
+def uncertainty_maps(model: nn.Module, feat: torch.Tensor, steps: int, out_size: tuple[int, int],
+                     accumulation: bool, seeds: Sequence[int] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Sample ``steps`` steps from features and form the outputs at ``out_size``.
+
+    Returns:
+        ``(probs B x K x H x W, step_labels S x B x H x W, {"steps": ..., "entropy": ...})``:
+        the output probabilities, every step's label map, and the two uncertainty maps
+        (B x H x W in [0, 1]): the paper's count of step-to-step label changes (DDP §3.4), and
+        the normalised entropy of the output probabilities.
+    """
+    traj = model.sample_steps(feat, steps, seeds=seeds)
+
+    def up(x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x, size=out_size, mode="bilinear", align_corners=False)
+
+    probs = up(traj.scores(accumulation)).softmax(1)
+    step_labels = torch.stack([class_ids(up(lg)) for lg in traj.step_logits()])
+    unc = {"steps": step_change_uncertainty(step_labels), "entropy": entropy_uncertainty(probs)}
+    return probs, step_labels, unc
+
+
+def _note(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr)
+
+
+@dataclass
+class Prediction:
+    """Result of :meth:`~densediff.api.Predictor.predict` for one image (all at the image's
+    original size).
+
+    Attributes:
+        mask: ``(H, W)`` int64 class ids.
+        probs: ``(K, H, W)`` float32 class probabilities.
+        color: ``(H, W, 3)`` uint8 mask coloured with the dataset palette.
+        overlay: ``(H, W, 3)`` uint8 image blended with ``color`` (alpha 0.5).
+        steps: diffusion sampling steps used (None: a discriminative model).
+        uncertainty: ``(H, W)`` float32 in [0, 1], diffusion models only: the paper's estimator,
+            the share of steps at which the pixel's label changed (None when not available:
+            discriminative models, sliding-window or multi-scale inference).
+        entropy: ``(H, W)`` float32 in [0, 1]: normalised entropy of ``probs``.
+        trajectory: ``(S, H, W)`` int64 label map of every sampling step (diffusion, whole-image
+            inference), the last one being ``mask`` unless probabilities are accumulated.
+        base_mask: ``(H, W)`` int64, DDPS with whole-image inference: the mask of the frozen
+            base segmentor before refinement.
+        image, class_names, palette, ignore_index: the input and the dataset's classes (for
+            the pictures).
+    """
+
+    mask: np.ndarray
+    probs: np.ndarray
+    color: np.ndarray
+    overlay: np.ndarray
+    steps: int | None = None
+    uncertainty: np.ndarray | None = None
+    entropy: np.ndarray | None = None
+    trajectory: np.ndarray | None = None
+    base_mask: np.ndarray | None = None
+    image: np.ndarray | None = field(default=None, repr=False)
+    class_names: list[str] = field(default_factory=list, repr=False)
+    palette: np.ndarray | None = field(default=None, repr=False)
+    ignore_index: int = field(default=255, repr=False)
+
+    def colorize(self, mask: np.ndarray) -> np.ndarray:
+        from densediff.viz import colorize
+
+        return colorize(mask, self.palette, self.ignore_index)
+
+    def trajectory_strip(self) -> np.ndarray:
+        """[image,] [the DDPS base mask,] the colour mask of every step and the uncertainty
+        heatmap side by side (H x W' x 3 uint8, no labels; :meth:`save` writes the labelled
+        picture)."""
+        from densediff.errors import UserError
+        from densediff.viz import heatmap, side_by_side
+
+        if self.trajectory is None:
+            raise UserError("no trajectory: it needs a diffusion model with whole-image inference")
+        masks = ([] if self.base_mask is None else [self.base_mask]) + list(self.trajectory)
+        tiles = [] if self.image is None else [self.image]
+        return side_by_side(tiles + [self.colorize(m) for m in masks] + [heatmap(self.uncertainty)])
+
+    def save_trajectory(self, path: str | Path):
+        """The labelled trajectory picture: image | [base] | step 1 .. S | uncertainty, with
+        column titles, the class legend and the uncertainty colour bar."""
+        from densediff.errors import UserError
+        from densediff.viz import ColorScale, GridColumn, save_labelled_grid
+
+        if self.trajectory is None:
+            raise UserError("--trajectory: needs whole-image inference without --aug-test")
+        tiles, cols = [], []
+        if self.image is not None:
+            tiles.append(self.image)
+            cols.append(GridColumn("image"))
+        if self.base_mask is not None:
+            tiles.append(self.colorize(self.base_mask))
+            cols.append(GridColumn("base segmentor (step 0)"))
+        n = len(self.trajectory)
+        for s, m in enumerate(self.trajectory, 1):
+            tiles.append(self.colorize(m))
+            cols.append(GridColumn(f"step {s} of {n}"))
+        tiles.append(ColorScale("inferno", 0, 1, "").colorize(self.uncertainty))
+        cols.append(GridColumn("uncertainty", ColorScale(
+            "inferno", 0, 1, "share of step-to-step transitions at which the label changed")))
+        return save_labelled_grid([tiles], cols, path, legend=self._legend(),
+                                  legend_title="classes",
+                           title=f"Sampling trajectory ({n} steps)")
+
+    def save_comparison(self, path: str | Path):
+        """DDPS: image | base segmentor mask | refined mask, labelled."""
+        from densediff.viz import GridColumn, save_labelled_grid
+
+        tiles = [self.image, self.colorize(self.base_mask), self.color]
+        cols = [GridColumn("image"), GridColumn("base segmentor"),
+                GridColumn(f"refined by DDPS ({self.steps} steps)")]
+        return save_labelled_grid([tiles], cols, path, legend=self._legend(), legend_title="classes")
+
+    def _legend(self) -> list:
+        return list(zip(self.class_names, np.asarray(self.palette).tolist()))
+
+    def save(self, out_dir: str | Path, stem: str, uncertainty: bool = False,
+             trajectory: bool = False, save_probs: bool = False,
+             note: Callable[[str], None] = _note) -> list[str]:
+        """Write ``<stem>_{mask,color,overlay}.png`` (mask: class ids as 8-bit PNG); with
+        ``uncertainty`` the entropy and step-change heatmaps; with ``trajectory`` the labelled
+        trajectory picture; DDPS: the base mask and the comparison; with ``save_probs``
+        ``<stem>_probs.npy`` (K x H x W float16). Returns the suffixes written."""
+        from PIL import Image
+
+        from densediff.viz import heatmap
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        pictures = {"mask": self.mask.astype(np.uint8), "color": self.color,
+                    "overlay": self.overlay}
+        if uncertainty:
+            pictures["entropy"] = heatmap(self.entropy)
+            if self.uncertainty is not None:
+                pictures["uncertainty"] = heatmap(self.uncertainty)
+            elif self.steps is not None:
+                note(f"{stem}: no step-change uncertainty with sliding-window or multi-scale "
+                     "inference; wrote the entropy map only")
+        if self.base_mask is not None:
+            pictures["base"] = self.colorize(self.base_mask)
+        for kind, arr in pictures.items():
+            Image.fromarray(arr).save(out / f"{stem}_{kind}.png")
+        written = [f"{k}.png" for k in pictures]
+        if self.base_mask is not None and self.image is not None:
+            self.save_comparison(out / f"{stem}_compare.png")
+            written.append("compare.png")
+        if trajectory:
+            self.save_trajectory(out / f"{stem}_trajectory.png")
+            written.append("trajectory.png")
+        if save_probs:
+            np.save(out / f"{stem}_probs.npy", self.probs.astype(np.float16))
+            written.append("probs.npy")
+        return written
+
+
+class SegmentationPipeline(Pipeline):
+    """``task: segmentation``."""
+
+    task = "segmentation"
+    name = "segmentation"
+
+    def metric(self, dataset, cfg: Config, device: torch.device, boundary: bool = True):
+        return SegMetric(dataset.num_classes, dataset.ignore_index, cfg.eval.boundary_dilation,
+                         device=device, boundary=boundary)
+
+    def uncertainty_metrics(self, model, cfg, steps, shared, device):
+        # every model's softmax entropy (a discriminative one's comes for free); diffusion
+        # models with whole-image inference also the paper's step-change map
+        kinds = ("steps", "entropy") if shared else ("entropy",)
+        return {k: UncertaintyMetric(device=device) for k in kinds}
+
+    def score_image(self, model, cfg, dataset, feat, img, label, steps, seeds, aug, metrics,
+                    unc):
+        diffusion = is_diffusion(model)
+        h, w = label.shape[-2:]
+        valid = label != dataset.ignore_index
+        for n in steps:
+            if feat is not None:
+                probs, _, maps = uncertainty_maps(model, feat, n, (h, w), model.accumulation,
+                                                  seeds)
+            else:
+                kw = {"steps": n, "seeds": seeds} if diffusion else {}
+                probs = predict_probs(model, img, cfg.eval, ori_size=(h, w), aug=aug, **kw)
+                maps = {"entropy": entropy_uncertainty(probs)}
+            pred = class_ids(probs)
+            metrics[n].update(pred, label)
+            for k, m in maps.items():
+                unc[n][k].update(m, pred != label, valid)
+
+    def score_trajectory(self, model, metric, traj, label):
+        scores = F.interpolate(traj.scores(model.accumulation), size=label.shape[-2:],
+                               mode="bilinear", align_corners=False)
+        metric.update(class_ids(scores), label)
+
+    def change_rates(self, traj) -> list[float]:
+        """From step s - 1 to s (s = 2..S): the share of pixels whose label changes."""
+        m = torch.stack([class_ids(lg) for lg in traj.step_logits()])
+        return [float((m[s] != m[s - 1]).float().mean()) for s in range(1, len(m))]
+
+    def format_metrics(self, metrics, class_names):
+        return format_metrics(metrics, class_names)
+
+    def output_names(self, predictor, uncertainty, trajectory, save_probs):
+        kinds = ["mask.png", "color.png", "overlay.png"]
+        if uncertainty:
+            kinds += ["entropy.png"] + (["uncertainty.png"] if predictor.is_diffusion else [])
+        if trajectory:
+            kinds.append("trajectory.png")
+        if predictor.cfg.model.type == "ddps":
+            kinds += ["base.png", "compare.png"]
+        if save_probs:
+            kinds.append("probs.npy")
+        return kinds
+
+    @torch.no_grad()
+    def predict(self, predictor, rgb: np.ndarray, x: torch.Tensor, aug: bool,
+                steps: int | None, seed: int) -> Prediction:
+        """One preprocessed image ``x`` (of the original ``rgb``) through ``predictor``'s
+        model: the mask and probabilities at the original size, and for diffusion models with
+        whole-image inference the step-change uncertainty and the trajectory."""
+        from densediff.viz import colorize, overlay
+
+        model, cfg = predictor.model, predictor.cfg
+        size = rgb.shape[:2]
+        n = resolve_steps(model, steps, "this checkpoint")[0]
+        extra: dict = {}
+        if not is_diffusion(model):
+            probs = predict_probs(model, x, cfg.eval, ori_size=size, aug=aug)
+        else:
+            extra["steps"] = n
+            if cfg.eval.mode == "whole" and not aug:
+                feat = model.extract(x)
+                probs, step_labels, maps = uncertainty_maps(model, feat, n, size,
+                                                            model.accumulation, [seed])
+                extra["uncertainty"] = maps["steps"][0].cpu().numpy()
+                extra["trajectory"] = step_labels[:, 0].cpu().numpy().astype(np.int64)
+                base = getattr(feat, "logits", None)  # DDPS: the base segmentor's logits
+                if base is not None:
+                    base = F.interpolate(base, size=size, mode="bilinear", align_corners=False)
+                    extra["base_mask"] = base[0].argmax(0).cpu().numpy().astype(np.int64)
+            else:
+                probs = predict_probs(model, x, cfg.eval, ori_size=size, aug=aug, steps=n,
+                                      seeds=[seed])
+        probs = probs[0].float()
+        mask = probs.argmax(0).cpu().numpy().astype(np.int64)
+        color = colorize(mask, predictor.palette, cfg.data.ignore_index)
+        return Prediction(mask=mask, probs=probs.cpu().numpy(), color=color,
+                          overlay=overlay(rgb, color),
+                          entropy=entropy_uncertainty(probs[None])[0].cpu().numpy(),
+                          image=rgb, class_names=list(predictor.class_names),
+                          palette=predictor.palette, ignore_index=cfg.data.ignore_index,
+                          **extra)
