@@ -31,6 +31,7 @@ demo-all: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check --quiet src tests
+	$(VENV)/bin/lint-imports    # the architecture contract in pyproject.toml
 	$(PY) -m pytest tests
 
 bench-camvid: $(STAMP)
