@@ -126,7 +126,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from densediff.api import load_model, resolve_device
     from densediff.data import build_dataset
     from densediff.engine.evaluate import evaluate_steps
-    from densediff.pipelines import check_steps, is_diffusion, pipeline_for
+    from densediff.pipelines import is_diffusion, pipeline_for, resolve_steps
     from densediff.utils.fs import check_writable_file
     from densediff.viz import plot_steps, steps_table
 
@@ -150,10 +150,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.aug_test and not pipe.has_aug:
         raise UserError(f"--aug-test: {args.checkpoint} is a {pipe.name} model; {pipe.name} "
                         "models have no test-time augmentation")
-    if steps is not None and not is_diffusion(model):
-        raise UserError(f"--steps: {args.checkpoint} is not a diffusion model")
-    if steps is not None:
-        check_steps(model, steps, str(args.checkpoint), "--steps")
+    if steps is not None:  # before any work: the model takes these step counts
+        steps = resolve_steps(model, steps, str(args.checkpoint), "--steps")
     model.to(device)
     split = getattr(cfg.data, f"{args.split}_split", args.split)
     dataset = build_dataset(cfg, split, train=False)
