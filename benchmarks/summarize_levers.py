@@ -9,6 +9,8 @@ Where a run folder has the trainer's ``metrics.csv``, "val (trainer)" is its bes
 mIoU at the model's default steps (the selection number). ``--full`` adds, for test, mBIoU
 and the uncertainty AUROCs (step-change, entropy; the twin: its softmax entropy).
 
+Works for every task (BEV: mIoU without mBIoU; depth: AbsRel, lower is better).
+
 Usage: python benchmarks/summarize_levers.py [--full] benchmarks/runs/levers [recipe ...]
 """
 
@@ -63,16 +65,18 @@ def collect(root: Path, recipes: list[str] | None) -> dict:
             for n, m_ in per_step.items():
                 if n not in r["test_names"]:
                     r["test_names"].append(n)
-                r[f"test_{n}"].append(m_["mIoU"])
-                r[f"test_{n}_mBIoU"].append(m_["mBIoU"])
+                key = "mIoU" if "mIoU" in m_ else "abs_rel"  # depth: AbsRel
+                r[f"test_{n}"].append(m_[key])
+                r[f"test_{n}_mBIoU"].append(m_.get("mBIoU", math.nan))  # BEV, depth: none
                 for k, u in m_.get("uncertainty", {}).items():
                     r[f"test_{n}_auroc_{k}"].append(u["AUROC"])
             controls = list(e.get("controls", []))
             extra = d / "eval_test_controls.json"  # controls run apart from the step curve
             if extra.is_file():
                 controls += json.loads(extra.read_text()).get("controls", [])
-            if controls:  # the best single call on test (mIoU: higher is better)
-                r["test_best_control"].append(max(c["metric"] for c in controls))
+            if controls:  # the best single call on test (AbsRel: lower is better)
+                best = min if key == "abs_rel" else max
+                r["test_best_control"].append(best(c["metric"] for c in controls))
     return out
 
 
@@ -98,7 +102,8 @@ def main(argv: list[str]) -> None:
         print("\ntest: mIoU | mBIoU | AUROC step-change | AUROC entropy (mean ± std)")
         for name, r in data.items():
             for n in r["test_names"]:
-                cells = [ms(r[f"test_{n}"]), ms(r[f"test_{n}_mBIoU"]),
+                cells = [ms(r[f"test_{n}"]),
+                         ms([v for v in r[f"test_{n}_mBIoU"] if not math.isnan(v)]),
                          ms([v for v in r[f"test_{n}_auroc_steps"] if not math.isnan(v)]),
                          ms(r[f"test_{n}_auroc_entropy"])]
                 print(f"| {name} | {n} | {' | '.join(cells)} |")
