@@ -22,7 +22,8 @@ from densediff.config import MAX_SAMPLING_STEPS, Config
 from densediff.errors import UserError
 from densediff.utils import distributed as du
 
-__all__ = ["Pipeline", "check_steps", "is_diffusion", "resolve_steps", "sample_seed"]
+__all__ = ["Pipeline", "check_steps", "is_diffusion", "resolve_steps", "sample_seed",
+           "write_files"]
 
 
 def is_diffusion(model: nn.Module) -> bool:
@@ -69,6 +70,25 @@ def resolve_steps(model: nn.Module, steps: int | Sequence[int] | None, source: s
     steps = list(dict.fromkeys(int(s) for s in steps))
     check_steps(model, steps, source, key)
     return steps
+
+
+def write_files(out_dir, stem: str, files: dict):
+    """Write ``{suffix: array}`` as ``out_dir/<stem>_<suffix>`` (``.npy``: the array as is,
+    else a PNG of the uint8 / uint16 array), making ``out_dir``; returns it as a Path."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for kind, arr in files.items():
+        path = out / f"{stem}_{kind}"
+        if kind.endswith(".npy"):
+            np.save(path, arr)
+        else:
+            Image.fromarray(arr).save(path)
+    return out
 
 
 class Pipeline:

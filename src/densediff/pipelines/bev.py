@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from densediff.config import Config
-from densediff.pipelines.base import Pipeline, is_diffusion, resolve_steps
+from densediff.pipelines.base import Pipeline, is_diffusion, resolve_steps, write_files
 from densediff.tasks.bev import BEVIoUMetric, format_bev_metrics
 from densediff.tasks.uncertainty import (
     UncertaintyMetric,
@@ -142,21 +142,12 @@ class BEVPrediction:
         for diffusion models, the uncertainty), ``_map.png`` (the map alone), ``_probs.npy``
         (K x X x Y float16); with ``uncertainty`` the heatmap of the classes' maximum and the
         K x X x Y .npy; with ``trajectory`` the labelled picture of every step's map."""
-        from PIL import Image
-
         written = {"bev.png": self.panel(), "map.png": self.color,
                    "probs.npy": self.probs.astype(np.float16)}
         if uncertainty and self.uncertainty is not None:
             written["uncertainty.png"] = self.uncertainty_picture()
             written["uncertainty.npy"] = self.uncertainty.astype(np.float32)
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        for kind, arr in written.items():
-            path = out / f"{stem}_{kind}"
-            if kind.endswith(".npy"):
-                np.save(path, arr)
-            else:
-                Image.fromarray(arr).save(path)
+        out = write_files(out_dir, stem, written)
         names = list(written)
         if trajectory:
             self.save_trajectory(out / f"{stem}_trajectory.png")

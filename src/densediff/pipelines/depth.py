@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from densediff.config import Config
-from densediff.pipelines.base import Pipeline, is_diffusion, resolve_steps
+from densediff.pipelines.base import Pipeline, is_diffusion, resolve_steps, write_files
 from densediff.pipelines.inference import predict_depth
 from densediff.tasks.depth import DepthMetric, DepthUncertaintyMetric, format_depth_metrics
 
@@ -126,11 +126,9 @@ class DepthPrediction:
         """Write ``<stem>_depth.png`` (colourised), ``_depth16.png`` (16-bit, ``depth_scale``
         per metre), ``_depth.npy`` (metres); with ``uncertainty`` the heatmap and .npy (metres);
         with ``trajectory`` the labelled trajectory picture. Returns the suffixes written."""
-        from PIL import Image
-
         from densediff.viz import scaled_heatmap
 
-        written = {"depth.png": self.color, "depth.npy": self.depth,
+        written = {"depth.png": self.color, "depth.npy": self.depth.astype(np.float32),
                    "depth16.png": np.clip(np.round(self.depth * self.depth_scale), 0,
                                           65535).astype(np.uint16)}
         if uncertainty:
@@ -139,15 +137,8 @@ class DepthPrediction:
                      "inference without --aug-test, and 2+ steps or random starts)")
             else:
                 written["uncertainty.png"] = scaled_heatmap(self.uncertainty)
-                written["uncertainty.npy"] = self.uncertainty
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        for kind, arr in written.items():
-            path = out / f"{stem}_{kind}"
-            if kind.endswith(".npy"):
-                np.save(path, arr.astype(np.float32))
-            else:
-                Image.fromarray(arr).save(path)
+                written["uncertainty.npy"] = self.uncertainty.astype(np.float32)
+        out = write_files(out_dir, stem, written)
         names = list(written)
         if trajectory:
             self.save_trajectory(out / f"{stem}_trajectory.png")

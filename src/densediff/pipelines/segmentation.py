@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from densediff.config import Config
-from densediff.pipelines.base import Pipeline, is_diffusion, resolve_steps
+from densediff.pipelines.base import Pipeline, is_diffusion, resolve_steps, write_files
 from densediff.pipelines.inference import predict_probs
 from densediff.tasks.segmentation import SegMetric, class_ids, format_metrics
 from densediff.tasks.uncertainty import (
@@ -153,12 +153,8 @@ class Prediction:
         ``uncertainty`` the entropy and step-change heatmaps; with ``trajectory`` the labelled
         trajectory picture; DDPS: the base mask and the comparison; with ``save_probs``
         ``<stem>_probs.npy`` (K x H x W float16). Returns the suffixes written."""
-        from PIL import Image
-
         from densediff.viz import heatmap
 
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         pictures = {"mask": self.mask.astype(np.uint8), "color": self.color,
                     "overlay": self.overlay}
         if uncertainty:
@@ -170,8 +166,7 @@ class Prediction:
                      "inference; wrote the entropy map only")
         if self.base_mask is not None:
             pictures["base"] = self.colorize(self.base_mask)
-        for kind, arr in pictures.items():
-            Image.fromarray(arr).save(out / f"{stem}_{kind}.png")
+        out = write_files(out_dir, stem, {f"{k}.png": v for k, v in pictures.items()})
         written = [f"{k}.png" for k in pictures]
         if self.base_mask is not None and self.image is not None:
             self.save_comparison(out / f"{stem}_compare.png")
