@@ -558,7 +558,11 @@ class TrainConfig(_Strict):
     min_lr: float = Field(0.0, ge=0)
     grad_clip: Optional[float] = Field(None, gt=0)
     amp: bool = True
-    """Mixed precision (bf16 autocast) on GPU; ignored on CPU."""
+    """Mixed precision (bf16 autocast) on GPU when ``precision`` is None; ignored on CPU."""
+    precision: Optional[Literal["fp32", "bf16"]] = None
+    """Training precision on any device: fp32, or bf16 autocast (convolutions and matrix
+    products in bf16; the deformable attention's sampling locations and softmax, the losses
+    and the diffusion arithmetic stay fp32). None: bf16 on GPU when ``amp``, else fp32."""
     accum_steps: int = Field(1, ge=1)
     ema: EMAConfig = EMAConfig()
     eval_interval: int = Field(1000, ge=1)

@@ -22,12 +22,14 @@ from densediff.config import Config
 from densediff.errors import UserError
 from densediff.pipelines import is_diffusion, pipeline_for, resolve_steps, sample_seed
 from densediff.utils import distributed as du
+from densediff.utils.precision import autocast
 
 __all__ = ["evaluate", "evaluate_steps"]
 
 
 def evaluate_steps(model: nn.Module, dataset, cfg: Config, steps: Sequence[int] | None = None,
-                   aug: bool = False, progress: bool = True) -> dict[int, dict]:
+                   aug: bool = False, progress: bool = True, precision: str = "fp32"
+                   ) -> dict[int, dict]:
     """Metrics of ``model`` on ``dataset`` (built with ``train=False``) for each step count.
 
     One image at a time: the test-resized image is predicted, the probabilities are resized to
@@ -49,6 +51,7 @@ def evaluate_steps(model: nn.Module, dataset, cfg: Config, steps: Sequence[int] 
             Ignored (one entry, key 0) for discriminative models.
         aug: multi-scale + flip test (``cfg.eval.aug``).
         progress: show a progress bar (rank 0 only).
+        precision: ``fp32`` or ``bf16`` (autocast; see :mod:`densediff.utils.precision`).
 
     Returns:
         ``{steps: metrics}`` with :meth:`SegMetric.compute`'s aAcc, mIoU, mAcc, mBIoU (percent)
@@ -78,7 +81,7 @@ def evaluate_steps(model: nn.Module, dataset, cfg: Config, steps: Sequence[int] 
     shared = pipe.shares_encoder(model, cfg, aug)
     metrics = {n: pipe.metric(dataset, cfg, device) for n in steps}
     unc = {n: pipe.uncertainty_metrics(model, cfg, n, shared, device) for n in steps}
-    for index, img, label in _images(model, dataset, cfg, progress):
+    for index, img, label in _images(model, dataset, cfg, progress, precision):
         feat = model.extract(img) if shared else None
         pipe.score_image(model, cfg, dataset, feat, img, label, steps,
                          [sample_seed(cfg, index)], aug, metrics, unc)
@@ -93,12 +96,12 @@ def evaluate_steps(model: nn.Module, dataset, cfg: Config, steps: Sequence[int] 
     return results
 
 
-def _images(model: nn.Module, dataset, cfg: Config, progress: bool
+def _images(model: nn.Module, dataset, cfg: Config, progress: bool, precision: str = "fp32"
             ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """This process's share of the dataset, one image at a time, as ``(index, image, label)``
     on the model's device: the test-resized image without padding and the label at the
-    original size. The model is in eval mode and inference mode meanwhile; its mode is
-    restored afterwards."""
+    original size. The model is in eval mode, inference mode and ``precision``'s autocast
+    meanwhile; its mode is restored afterwards."""
     from densediff.data import collate
     from densediff.data.datasets import to_device
 
@@ -112,7 +115,7 @@ def _images(model: nn.Module, dataset, cfg: Config, progress: bool
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(precision, device):
             for index, batch in zip(indices, tqdm(loader, desc="eval", leave=False,
                                                   dynamic_ncols=True,
                                                   disable=not progress or rank != 0)):
@@ -130,8 +133,9 @@ def _images(model: nn.Module, dataset, cfg: Config, progress: bool
 
 
 def evaluate(model: nn.Module, dataset, cfg: Config, aug: bool = False,
-             progress: bool = True, steps: int | None = None) -> dict:
+             progress: bool = True, steps: int | None = None, precision: str = "fp32") -> dict:
     """Metrics at one setting (diffusion models: ``steps``, default the model's
     ``default_steps``); see :func:`evaluate_steps`."""
-    out = evaluate_steps(model, dataset, cfg, None if steps is None else [steps], aug, progress)
+    out = evaluate_steps(model, dataset, cfg, None if steps is None else [steps], aug, progress,
+                         precision)
     return next(iter(out.values()))

@@ -67,6 +67,7 @@ from densediff.utils.checkpoint import (
     save_train_state,
 )
 from densediff.utils.fs import RunLock, check_writable_dir
+from densediff.utils.precision import autocast
 
 CKPT_DIR = "checkpoints"
 CHECKPOINT_FILES = ("last.safetensors", "last_ema.safetensors", "last.state.pt",
@@ -85,8 +86,15 @@ LOSS_HISTORY = 50
 # one optimizer step
 
 
+def train_precision(t, device: torch.device) -> str:
+    """``train.precision``, or when None: bf16 on GPU with ``train.amp``, else fp32."""
+    if t.precision is not None:
+        return t.precision
+    return "bf16" if t.amp and device.type == "cuda" else "fp32"
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[dict],
-               accum_steps: int = 1, grad_clip: float | None = None, amp: bool = False
+               accum_steps: int = 1, grad_clip: float | None = None, precision: str = "fp32"
                ) -> tuple[dict[str, torch.Tensor], float]:
     """One optimizer step over ``accum_steps`` micro-batches drawn from ``batches``.
 
@@ -101,7 +109,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iter
         batches: yields dicts with ``image`` and ``label`` tensors.
         accum_steps: micro-batches per step.
         grad_clip: max global L2 norm of the gradients (None: no clipping).
-        amp: bf16 autocast (CUDA only; ignored on CPU).
+        precision: ``fp32`` or ``bf16`` (autocast on the model's device type).
 
     Returns:
         ``(losses, grad_norm)``: each loss averaged over the micro-batches (detached tensors),
@@ -117,8 +125,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iter
         last = i == accum_steps - 1
         no_sync = not last and hasattr(model, "no_sync")
         with model.no_sync() if no_sync else contextlib.nullcontext():
-            with torch.autocast(device.type, dtype=torch.bfloat16,
-                                enabled=amp and device.type == "cuda"):
+            with autocast(precision, device):
                 losses = model(img, label)
             (losses["loss"] / accum_steps).backward()
         for k, v in losses.items():
@@ -535,7 +542,8 @@ class _Run:
                 if hasattr(self.module, "set_iteration"):  # DDPS two-stage training
                     self.module.set_iteration(self.iter)
                 losses, grad_norm = train_step(self.model, self.optimizer, batches,
-                                               t.accum_steps, t.grad_clip, t.amp)
+                                               t.accum_steps, t.grad_clip,
+                                               train_precision(t, self.device))
                 self._judge_pending(float(losses["loss"]))
                 if not math.isfinite(grad_norm):
                     raise DivergenceError(
