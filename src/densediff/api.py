@@ -40,6 +40,7 @@ from densediff.pipelines import (
     pipeline_for,
 )
 from densediff.utils.checkpoint import load_into, load_weights
+from densediff.utils.precision import autocast, resolve_precision
 from densediff.viz import colorize, overlay
 
 __all__ = ["BEVPrediction", "DepthPrediction", "Prediction", "Predictor", "check_steps",
@@ -78,15 +79,20 @@ class Predictor:
         class_names: names of the K classes.
         palette: ``(K, 3)`` uint8 colours.
         device: where to run.
+        precision: ``fp32``, ``bf16`` (autocast; the sampling locations and the diffusion
+            arithmetic stay fp32) or ``auto`` (bf16 where the hardware has it natively);
+            see :mod:`densediff.utils.precision`.
     """
 
     def __init__(self, model: torch.nn.Module, cfg: Config, class_names: list[str],
-                 palette: np.ndarray, device: str | torch.device = "cpu"):
+                 palette: np.ndarray, device: str | torch.device = "cpu",
+                 precision: str = "fp32"):
         self.model = model.to(device).eval()
         self.cfg = cfg
         self.class_names = class_names
         self.palette = palette
         self.device = torch.device(device)
+        self.precision = resolve_precision_or_fail(precision, self.device)
 
     @property
     def pipeline(self) -> Pipeline:
@@ -120,7 +126,8 @@ class Predictor:
                             "from Predictor.dataset(split)")
         rgb = _as_uint8_rgb(image)
         x = preprocess_image(rgb, self.cfg).to(self.device)
-        return self.pipeline.predict(self, rgb, x, aug, steps, seed)
+        with autocast(self.precision, self.device):
+            return self.pipeline.predict(self, rgb, x, aug, steps, seed)
 
     def dataset(self, split: str = "val", data_root: str | None = None):
         """The checkpoint's dataset (test pipeline) for ``split`` (``val``/``test``/``train`` or
@@ -155,7 +162,8 @@ class Predictor:
         if self.pipeline.image_input:
             raise UserError(f"predict_bev: this checkpoint is not a BEV model ({self.cfg.task}); "
                             "use predict")
-        return self.pipeline.predict(self, sample, steps, seed, threshold)
+        with autocast(self.precision, self.device):
+            return self.pipeline.predict(self, sample, steps, seed, threshold)
 
     def trajectory_strip(self, pred: Prediction | DepthPrediction | BEVPrediction,
                          image: ImageLike | None = None) -> np.ndarray:
@@ -203,13 +211,24 @@ def load_model(checkpoint: str | Path, overrides: list[str] | None = None
 
 
 def load(checkpoint: str | Path, device: str | torch.device = "cpu",
-         overrides: list[str] | None = None) -> Predictor:
+         overrides: list[str] | None = None, precision: str = "fp32") -> Predictor:
     """Load a ``.safetensors`` checkpoint written by ``densediff train`` (config inside).
 
     Never unpickles: weights come from safetensors, the config from its JSON metadata.
     ``overrides``: dotted ``key=value`` changes to the stored config (e.g.
-    ``model.ddps.guidance=0.4``).
+    ``model.ddps.guidance=0.4``). ``precision``: ``fp32``, ``bf16`` or ``auto`` (see
+    :class:`Predictor`).
     """
     dev = resolve_device(device)
+    resolve_precision_or_fail(precision, dev)
     model, cfg, names, palette = load_model(checkpoint, overrides)
-    return Predictor(model, cfg, names, palette, dev)
+    return Predictor(model, cfg, names, palette, dev, precision)
+
+
+def resolve_precision_or_fail(precision: str, device: torch.device) -> str:
+    """:func:`~densediff.utils.precision.resolve_precision` with a UserError (checked before
+    any work)."""
+    try:
+        return resolve_precision(precision, device, "precision")
+    except ValueError as e:
+        raise UserError(str(e)) from None

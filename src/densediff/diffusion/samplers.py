@@ -21,9 +21,9 @@ from tqdm import tqdm
 from densediff.diffusion.schedules import LogSNRSchedule, alpha_sigma
 from densediff.diffusion.transitions import DiscreteTransition, sample_categorical, stride_times
 
-__all__ = ["GuidableDenoise", "classifier_free_guidance", "ddim_step", "ddpm_step", "guided",
-           "sample", "sample_discrete", "sample_prior", "sampling_times", "seeded_normal",
-           "seeded_uniform"]
+__all__ = ["GuidableDenoise", "MapDenoise", "classifier_free_guidance", "ddim_step",
+           "ddpm_step", "guided", "sample", "sample_discrete", "sample_map", "sample_prior",
+           "sampling_times", "seeded_normal", "seeded_uniform"]
 
 GuidableDenoise = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
 """``denoise(x, time, with_uncond) -> x0 logits``: B x K x h x w conditional logits, or with
@@ -149,6 +149,63 @@ def sample(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                 eps = noise() if noise is not None else torch.randn_like(x_t)
             x_t = ddpm_step(x_t, x0, ls_now, ls_next, eps)
     return preds
+
+
+MapDenoise = Callable[..., torch.Tensor]
+"""``denoise(features, x_t, log_snr, x0_prev=None) -> prediction``: the map decoder on
+(repeated) image features; ``x0_prev`` (self-conditioning only) is the previous x0 estimate,
+None at the first step."""
+
+
+def sample_map(denoise: MapDenoise, to_x0: Callable[[torch.Tensor], torch.Tensor],
+               feat: torch.Tensor, channels: int, schedule: LogSNRSchedule, steps: int, *,
+               td: float = 1.0, sampler: str = "ddim", randsteps: int = 1,
+               seeds: Sequence[int] | None = None, start: float = 1.0,
+               self_condition: bool = False) -> list[torch.Tensor]:
+    """DDP's sampling on precomputed image features: the seeded starting noise, ``randsteps``
+    starts per image, self-conditioning, then :func:`sample`. Shared by ``DDP.sample_steps``
+    and the onnxruntime model (:mod:`densediff.deploy`), so both draw the same noise.
+
+    Args:
+        denoise: see :data:`MapDenoise`; called on ``feat`` repeated ``randsteps`` times per
+            image (image-major).
+        to_x0: ``prediction -> x0`` in the encoded map space.
+        feat: B x C x h x w features.
+        channels: channels of the encoded map.
+        schedule, steps, td, sampler, start: as :func:`sample`.
+        randsteps: noise starts per image (R).
+        seeds: one seed per image (one ``torch.Generator`` each, on ``feat``'s device): the
+            image's noise then does not depend on the batch it is in. None: the global RNG.
+        self_condition: feed the previous step's x0 estimate to ``denoise``.
+
+    Returns:
+        ``steps`` predictions, each B x R x ... (the last one is the output).
+    """
+    b, _, h, w = feat.shape
+    r = randsteps
+    if seeds is not None and len(seeds) != b:
+        raise ValueError(f"got {len(seeds)} seeds for a batch of {b}")
+    gens = None
+    if seeds is not None:
+        gens = [torch.Generator(device=feat.device).manual_seed(int(s)) for s in seeds]
+    shape = (b * r, channels, h, w)
+    # noise and updates in at least float32, also when the network runs in bf16 (autocast)
+    work = torch.promote_types(feat.dtype, torch.float32)
+    x_T = seeded_normal(shape, gens, feat.device, work)
+    feat_r = feat.repeat_interleave(r, dim=0)  # image-major: (b r)
+    prev: list[torch.Tensor | None] = [None]  # self-conditioning: the last x0 estimate
+
+    def step(x: torch.Tensor, ls: torch.Tensor) -> torch.Tensor:
+        if not self_condition:
+            return denoise(feat_r, x, ls).to(work)
+        out = denoise(feat_r, x, ls, prev[0]).to(work)
+        prev[0] = to_x0(out)
+        return out
+
+    preds = sample(step, to_x0, x_T, schedule, steps, td, sampler,
+                   noise=lambda: seeded_normal(shape, gens, feat.device, work),
+                   start=start)
+    return [p.view(b, r, *p.shape[1:]) for p in preds]
 
 
 # -------------------------------------------------------------------------------- DDPS (discrete)

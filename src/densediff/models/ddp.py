@@ -25,7 +25,7 @@ from torch import nn
 
 from densediff.config import ModelConfig
 from densediff.diffusion.encodings import build_label_encoding
-from densediff.diffusion.samplers import sample, seeded_normal
+from densediff.diffusion.samplers import sample_map
 from densediff.diffusion.schedules import TimeEmbedding, alpha_sigma, get_schedule, schedule_time
 from densediff.models.segmentor import FeatureSegmentor, build_head
 
@@ -203,31 +203,13 @@ class DDP(FeatureSegmentor):
                 is in. None: the global RNG.
         """
         diff_cfg = self.diffusion_cfg
-        td = diff_cfg.td if td is None else td
-        sampler = diff_cfg.sampler if sampler is None else sampler
-        r = diff_cfg.randsteps if randsteps is None else randsteps
-        b, _, h, w = feat.shape
-        if seeds is not None and len(seeds) != b:
-            raise ValueError(f"got {len(seeds)} seeds for a batch of {b}")
-        gens = None
-        if seeds is not None:
-            gens = [torch.Generator(device=feat.device).manual_seed(int(s)) for s in seeds]
-        shape = (b * r, self.map_encoding.channels, h, w)
-        x_T = seeded_normal(shape, gens, feat.device, feat.dtype)
-        feat_r = feat.repeat_interleave(r, dim=0)  # image-major: (b r)
-        prev: list[torch.Tensor | None] = [None]  # self-conditioning: the last x0 estimate
-
-        def denoise(x: torch.Tensor, ls: torch.Tensor) -> torch.Tensor:
-            if not diff_cfg.self_condition:
-                return self.denoise(feat_r, x, ls)
-            out = self.denoise(feat_r, x, ls, prev[0])
-            prev[0] = self.encode_prediction(out)
-            return out
-
-        preds = sample(denoise, self.encode_prediction, x_T, self.schedule, steps, td, sampler,
-                       noise=lambda: seeded_normal(shape, gens, feat.device, feat.dtype),
-                       start=diff_cfg.sample_start)
-        return self.trajectory_cls([p.view(b, r, *p.shape[1:]) for p in preds])
+        preds = sample_map(
+            self.denoise, self.encode_prediction, feat, self.map_encoding.channels,
+            self.schedule, steps, td=diff_cfg.td if td is None else td,
+            sampler=diff_cfg.sampler if sampler is None else sampler,
+            randsteps=diff_cfg.randsteps if randsteps is None else randsteps, seeds=seeds,
+            start=diff_cfg.sample_start, self_condition=diff_cfg.self_condition)
+        return self.trajectory_cls(preds)
 
     @torch.no_grad()
     def decoder_step(self, feat: torch.Tensor) -> torch.Tensor:

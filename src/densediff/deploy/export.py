@@ -1,0 +1,309 @@
+"""``densediff export``: a checkpoint as ONNX graphs plus ``deploy.json``, for
+:mod:`densediff.deploy.runtime` (onnxruntime, no checkpoint and no model code needed).
+
+A DDP model becomes two graphs, the split the sampler needs (the encoder runs once, the map
+decoder once per step):
+
+- ``encoder.onnx``: ``image`` (B x 3 x H x W, normalised) -> ``features`` (B x C x h x w):
+  encoder + neck (``model.extract``);
+- ``step.onnx``: ``features``, ``x_t`` (B x C_map x h x w), ``log_snr`` (B)
+  [, ``x0_prev`` with ``diffusion.self_condition``] -> ``pred`` (one map-decoder step,
+  ``model.denoise``: fuse conv + time MLP + deformable decoder; segmentation: K class logits,
+  depth: the depth in metres) and ``x0`` (``model.encode_prediction(pred)``, the re-encoded
+  x0 estimate the sampler needs: argmax + map encoding, or the clamped depth encoding).
+
+A discriminative model (the twin / baseline segmentor, the depth twin) becomes the same
+``encoder.onnx`` and ``head.onnx``: ``features`` -> ``pred`` on the feature grid (class logits,
+or depth in metres): together the whole network, split where ``bench`` times it.
+
+The sampler itself (noise, seeds, DDIM/DDPM updates) is not in a graph: the runtime runs the
+library's own loop (:func:`densediff.diffusion.samplers.sample_map`) around ``step.onnx``.
+
+The batch axis is dynamic; H and W are fixed at export (``size``, default
+:func:`default_input_size`). Graphs are traced with the TorchScript exporter
+(``dynamo=False``): the torch.export-based one stops at a ``.tolist()`` in the deformable
+attention; while exporting, the attention samples with ``grid_sample`` (ONNX GridSample).
+
+BEV models (calibrated multi-camera input, a ``bev_pool`` scatter) and DDPS (a discrete
+sampler around a frozen base segmentor) are refused: see :data:`SUPPORTED`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from densediff.errors import UserError, one_line
+
+__all__ = ["DEPLOY_FILE", "FORMAT", "FORMAT_VERSION", "SUPPORTED", "default_input_size",
+           "export", "export_model"]
+
+FORMAT = "densediff-onnx"
+"""The ``format`` entry of ``deploy.json``."""
+FORMAT_VERSION = 1
+"""The ``format_version`` entry of ``deploy.json``; the runtime reads this version only."""
+DEPLOY_FILE = "deploy.json"
+SUPPORTED = ("segmentation and depth models: DDP (model.type ddp) and the discriminative "
+             "twins / baselines (model.type segmentor)")
+"""What :func:`export` takes (for messages)."""
+ONNX_HINT = 'pip install "densediff[onnx]"'
+
+_TRACE_BATCH = 2
+"""Batch size of the tracing inputs (2, not 1: nothing may specialise on a batch of one)."""
+
+
+class _Encoder(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.model.extract(image)
+
+
+class _Step(nn.Module):
+    """One sampling step of a DDP model: the decoder's prediction and its re-encoding."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, features: torch.Tensor, x_t: torch.Tensor, log_snr: torch.Tensor,
+                x0_prev: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        pred = self.model.denoise(features, x_t, log_snr, x0_prev)
+        return pred, self.model.encode_prediction(pred)
+
+
+class _Head(nn.Module):
+    """A discriminative model's head: features -> its output on the feature grid (depth: in
+    metres)."""
+
+    def __init__(self, model: nn.Module, depth: bool):
+        super().__init__()
+        self.model, self.depth = model, depth
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        out = self.model.head(features)
+        return self.model.to_depth(out) if self.depth else out
+
+
+def default_input_size(cfg) -> tuple[int, int]:
+    """The image size (H, W) the graphs are exported at by default: the sliding window
+    (``eval.crop_size``) with ``eval.mode: slide``; else, with ``data.test_scale``, the size
+    the test resize gives a landscape image of that aspect ratio (CamVid 360 x 480,
+    Cityscapes 1024 x 2048); else the size ``bench`` uses (the training crop, or 512 x 512)."""
+    from densediff.pipelines import pipeline_for
+
+    if cfg.eval.mode == "slide" and cfg.eval.crop_size is not None:
+        return tuple(int(v) for v in cfg.eval.crop_size)
+    if cfg.data.test_scale is not None:
+        return min(cfg.data.test_scale), max(cfg.data.test_scale)
+    _, size = pipeline_for(cfg).example_input(cfg, None, 1, torch.device("cpu"))
+    return size
+
+
+def _check_out(out: Path, overwrite: bool, what: str) -> None:
+    """UserError when ``out`` holds anything (unless ``overwrite``) or cannot be written."""
+    from densediff.utils.fs import check_writable_dir
+
+    if out.is_dir() and not overwrite:
+        try:
+            busy = any(out.iterdir())
+        except OSError as e:
+            raise UserError(f"{what}: cannot list {out} ({e.strerror or one_line(e)})") from None
+        if busy:
+            raise UserError(f"{what}: {out} exists and is not empty; choose a new folder or "
+                            "pass --overwrite")
+    check_writable_dir(out, what)
+
+
+def _refuse(cfg, checkpoint) -> None:
+    """UserError for the models export does not take (see :data:`SUPPORTED`)."""
+    if cfg.task == "bev":
+        raise UserError(f"{checkpoint}: a BEV model cannot be exported (multi-camera input with "
+                        f"calibration); export takes {SUPPORTED}")
+    if cfg.model.type == "ddps":
+        raise UserError(f"{checkpoint}: a DDPS model cannot be exported (its discrete sampler "
+                        f"runs around a frozen base segmentor); export takes {SUPPORTED}")
+
+
+def _onnx_export(module: nn.Module, args: tuple, path: Path, names_in: list[str],
+                 names_out: list[str], opset: int) -> None:
+    axes = {n: {0: "batch"} for n in names_in + names_out}
+    try:
+        with warnings.catch_warnings():
+            # the legacy exporter's deprecation notice; tracer notes on shapes that become
+            # constants (H and W are fixed by design)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.onnx.export(module.eval(), args, str(path), dynamo=False, opset_version=opset,
+                              input_names=names_in, output_names=names_out,
+                              dynamic_axes=axes, do_constant_folding=True)
+    except torch.onnx.errors.OnnxExporterError as e:
+        raise UserError(f"export: {path.name} could not be exported ({one_line(e)})") from None
+
+
+def _check(path: Path, feeds: dict, expected: list[torch.Tensor]) -> float:
+    """Max abs difference between onnxruntime's outputs of ``path`` and ``expected``."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {k: v.detach().float().cpu().numpy() for k, v in feeds.items()})
+    return max(float((torch.from_numpy(g) - e.float().cpu()).abs().max())
+               for g, e in zip(got, expected))
+
+
+def _need_onnx():
+    try:
+        import onnx
+    except ImportError:
+        raise UserError(f"export needs the onnx package: {ONNX_HINT}") from None
+    return onnx
+
+
+def export(checkpoint: str | os.PathLike, out: str | os.PathLike,
+           size: tuple[int, int] | None = None, opset: int = 17, overwrite: bool = False,
+           what: str = "--out") -> dict:
+    """Export ``checkpoint`` into the folder ``out`` (see the module doc); returns the
+    ``deploy.json`` contents (:func:`export_model`).
+
+    Args:
+        checkpoint: a ``.safetensors`` checkpoint of a supported model (:data:`SUPPORTED`).
+        out: the export folder; it must not exist or be empty, unless ``overwrite``.
+        size: the (H, W) input size of the graphs; None: :func:`default_input_size`.
+        opset: the ONNX opset, 16 (GridSample) to the newest the TorchScript exporter writes.
+        overwrite: write into a non-empty ``out`` (files of the same name are replaced).
+        what: how messages name ``out``.
+    """
+    from densediff.api import load_model
+    from densediff.config import config_from_dict
+    from densediff.utils.checkpoint import load_metadata
+
+    _check_options(size, opset)
+    _need_onnx()
+    _check_out(Path(out), overwrite, what)
+    stored = load_metadata(checkpoint)["config"]  # CheckpointError: missing, not densediff
+    _refuse(config_from_dict(stored, source=str(checkpoint)), checkpoint)  # before building
+    model, cfg, _, _ = load_model(checkpoint)
+    return export_model(model, cfg, out, size=size, opset=opset, overwrite=True, what=what,
+                        config=stored, source=Path(checkpoint).name)
+
+
+def _max_opset() -> int:
+    """The newest opset torch's TorchScript exporter writes."""
+    try:
+        from torch.onnx import _constants
+
+        return int(_constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
+    except (ImportError, AttributeError):  # pragma: no cover - another torch layout
+        return 20
+
+
+def _check_options(size, opset: int) -> None:
+    top = _max_opset()
+    if not 16 <= opset <= top:
+        raise UserError(f"--opset: must be between 16 (GridSample, the deformable attention) "
+                        f"and {top} (the newest the TorchScript exporter writes), got {opset}")
+    if size is not None and (len(size) != 2 or min(size) < 32):
+        raise UserError(f"--size: height and width must be at least 32 pixels, got "
+                        f"{' '.join(map(str, size))}")
+
+
+@torch.no_grad()
+def export_model(model: nn.Module, cfg, out: str | os.PathLike,
+                 size: tuple[int, int] | None = None, opset: int = 17, overwrite: bool = False,
+                 what: str = "out", config: dict | None = None, source: str | None = None
+                 ) -> dict:
+    """Export a built model (``cfg``: its config) into the folder ``out``; returns the
+    ``deploy.json`` contents. :func:`export` does this for a checkpoint; ``bench`` for a model
+    with random weights.
+
+    Args:
+        model: a supported model (:data:`SUPPORTED`), on any device; it is left in eval mode.
+        cfg: its :class:`~densediff.config.Config`.
+        out, size, opset, overwrite, what: as :func:`export`.
+        config: the config dict stored in ``deploy.json`` (the runtime rebuilds the task
+            pipeline, classes and preprocessing from it); None: ``cfg.to_dict()``.
+        source: where the weights came from (stored as ``source``).
+
+    With onnxruntime installed, each graph is run once on the tracing inputs and the largest
+    difference to PyTorch is stored under ``check`` (None without onnxruntime).
+    """
+    from densediff import __version__
+    from densediff.data import class_info
+    from densediff.pipelines import is_diffusion
+
+    out = Path(out)
+    _check_options(size, opset)
+    onnx = _need_onnx()
+    _refuse(cfg, source or "the model")
+    _check_out(out, overwrite, what)
+    model.eval()
+    names, _ = class_info(cfg)
+    h, w = (int(v) for v in (size or default_input_size(cfg)))
+    (out / DEPLOY_FILE).unlink(missing_ok=True)  # written last: marks a complete export
+
+    dev = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randn(_TRACE_BATCH, 3, h, w, generator=gen).to(dev)
+    feat = model.extract(image)
+    diffusion = is_diffusion(model)
+    meta: dict = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                  "densediff_version": __version__, "source": source,
+                  "task": cfg.task, "model_type": cfg.model.type,
+                  "kind": "ddp" if diffusion else "discriminative",
+                  "opset": opset, "input_size": [h, w], "dynamic_batch": True,
+                  "feature_grid": list(feat.shape[-2:]), "feature_channels": int(feat.shape[1]),
+                  "classes": names}
+    try:
+        import onnxruntime  # noqa: F401
+        check: dict | None = {}
+    except ImportError:
+        check = None
+    _onnx_export(_Encoder(model), (image,), out / "encoder.onnx", ["image"], ["features"],
+                 opset)
+    if check is not None:
+        check["features_max_abs_diff"] = _check(out / "encoder.onnx", {"image": image}, [feat])
+    if diffusion:
+        d = cfg.model.diffusion
+        channels = model.map_encoding.channels
+        x_t = torch.randn(_TRACE_BATCH, channels, *feat.shape[-2:], generator=gen).to(dev)
+        log_snr = model.schedule(torch.tensor([0.3, 0.8], device=dev))
+        step_in = {"features": feat, "x_t": x_t, "log_snr": log_snr}
+        if d.self_condition:
+            step_in["x0_prev"] = model.encode_prediction(model.denoise(feat, x_t, log_snr))
+        step = _Step(model)
+        _onnx_export(step, tuple(step_in.values()), out / "step.onnx", list(step_in),
+                     ["pred", "x0"], opset)
+        meta.update(graphs={"encoder": "encoder.onnx", "step": "step.onnx"},
+                    map_channels=channels,
+                    sampler={"schedule": d.schedule, "steps": d.steps, "td": d.td,
+                             "sampler": d.sampler, "randsteps": d.randsteps,
+                             "accumulation": d.accumulation, "sample_start": d.sample_start,
+                             "self_condition": d.self_condition, "time_input": d.time_input,
+                             "precondition": d.precondition})
+        if check is not None:
+            check["step_max_abs_diff"] = _check(out / "step.onnx", step_in,
+                                                list(step(*step_in.values())))
+    else:
+        head = _Head(model, cfg.task == "depth")
+        _onnx_export(head, (feat,), out / "head.onnx", ["features"], ["pred"], opset)
+        meta["graphs"] = {"encoder": "encoder.onnx", "head": "head.onnx"}
+        if check is not None:
+            check["head_max_abs_diff"] = _check(out / "head.onnx", {"features": feat},
+                                                [head(feat)])
+    for name in meta["graphs"].values():
+        onnx.checker.check_model(str(out / name))
+    meta["check"] = check
+    meta["config"] = config if config is not None else cfg.to_dict()
+    tmp = out / (DEPLOY_FILE + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    tmp.replace(out / DEPLOY_FILE)
+    return meta
