@@ -168,7 +168,8 @@ class DeformableDecoder(nn.Module):
        ``in_channels == channels == 256`` and no projection);
     2. the ``h * w`` pixels become the tokens; the query positional embedding is a
        :class:`SinePositionalEncoding` with ``channels // 2`` features per axis; the reference
-       points are the pixel centres ``((j + 0.5) / w, (i + 0.5) / h)``;
+       points are the pixel centres ``((j + 0.5) / w, (i + 0.5) / h)``, in float32 (float64 for
+       a float64 model) also when the map is bf16 under autocast;
     3. ``num_layers`` :class:`DeformableLayer` s of deformable self-attention, each receiving
        ``time_emb`` (FiLM after each layer);
     4. tokens back to ``B x channels x h x w``, optional ``Dropout2d(dropout)`` (the official
@@ -256,7 +257,10 @@ class DeformableDecoder(nn.Module):
         b, c, h, w = x.shape
         query_pos = self.positional_encoding(x).flatten(2).transpose(1, 2)
         spatial_shapes = torch.tensor(self.level_shapes(h, w), dtype=torch.long, device=x.device)
-        reference_points = pixel_centres(h, w, device=x.device, dtype=x.dtype)
+        # float32 (float64 for a float64 model) even when x is bf16/fp16 (autocast): the
+        # sampling locations are built from these and must resolve fractions of a pixel
+        reference_points = pixel_centres(h, w, device=x.device,
+                                         dtype=torch.promote_types(x.dtype, torch.float32))
         reference_points = reference_points[None, :, None, :].expand(b, -1, self.num_levels, -1)
 
         tokens = x.flatten(2).transpose(1, 2)
