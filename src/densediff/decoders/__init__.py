@@ -3,7 +3,7 @@ the pure-PyTorch multi-scale deformable attention in ``msda``)."""
 
 from densediff.decoders.deformable import DeformableDecoder, SinePositionalEncoding
 from densediff.decoders.heads import ConvHead, FCNHead
-from densediff.decoders.msda import MSDeformAttn, ms_deform_attn
+from densediff.decoders.msda import MSDeformAttn, ms_deform_attn, msda_impl
 
 __all__ = ["ConvHead", "DeformableDecoder", "FCNHead", "MSDeformAttn", "SinePositionalEncoding",
-           "ms_deform_attn"]
+           "ms_deform_attn", "msda_impl"]
