@@ -107,3 +107,32 @@ def test_eval_and_predict_in_bf16(ddp_ckpt, tmp_path, capsys):
     with pytest.raises(UserError, match="precision: expected fp32, bf16 or auto"):
         densediff.load(ddp_ckpt, precision="half")
     one_line_error(capsys, main(["eval", str(ddp_ckpt), "--precision", "fp16"]), "--precision")
+
+
+def test_predict_compile_wires_torch_compile(ddp_ckpt, tmp_path, monkeypatch, capsys):
+    """``predict --compile`` compiles the map decoder (spied: the real compiler would take
+    tens of seconds) and refuses onnxruntime; a model without a decoder gets a note."""
+    import densediff
+
+    compiled = []
+
+    def fake_compile(module):
+        compiled.append(module)
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    img = tmp_path / "in.png"
+    from PIL import Image
+
+    Image.fromarray(torch.rand(32, 40, 3).mul(255).byte().numpy()).save(img)
+    assert main(["predict", str(ddp_ckpt), str(img), "--out", str(tmp_path / "p"),
+                 "--compile", "--steps", "2"]) == 0
+    assert len(compiled) == 1 and compiled[0].__class__.__name__ == "DeformableDecoder"
+    assert (tmp_path / "p" / "in_mask.png").is_file()
+    one_line_error(capsys, main(["predict", str(tmp_path), str(img), "--out",
+                                 str(tmp_path / "q"), "--runtime", "onnx", "--compile"]),
+                   "--compile")
+    p = densediff.load(ddp_ckpt)
+    p.model.decoder = None
+    assert p.compile() is p
+    assert "no map decoder" in capsys.readouterr().err

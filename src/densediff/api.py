@@ -94,6 +94,22 @@ class Predictor:
         self.device = torch.device(device)
         self.precision = resolve_precision_or_fail(precision, self.device)
 
+    def compile(self) -> Predictor:
+        """Compile the map decoder (``torch.compile``; DDP models) for the predictions that
+        follow; returns ``self``. The first prediction then pays the compile time (about a
+        minute for the paper's decoder on a 2-core CPU, ``benchmarks/RESULTS.md`` §14) and the
+        later ones run faster, so it pays for many images of one size. A model without a map
+        decoder is left as it is (a ``note:`` says so)."""
+        import sys
+
+        decoder = getattr(self.model, "decoder", None)
+        if decoder is None or not isinstance(decoder, torch.nn.Module):
+            print("note: compile: this model has no map decoder; running it uncompiled",
+                  file=sys.stderr)
+            return self
+        self.model.decoder = torch.compile(decoder)
+        return self
+
     @property
     def pipeline(self) -> Pipeline:
         """The task pipeline of this checkpoint (:data:`densediff.pipelines.PIPELINES`)."""

@@ -16,8 +16,11 @@ sampling step only costs one pass of the light map decoder. For a config with ra
   step beyond the first (on a CPU it is bounded by the FLOPs: decoder / (decoder + encoder));
 - ``step_gflops``: the decoder step's matmul/conv FLOPs (counted once with torch's
   ``FlopCounterMode``) per second, and ``floor_fraction``: that rate over a plain matmul of
-  the variant's precision timed in the same rounds (``matmul_gflops``);
+  the variant's precision timed in the same rounds (``matmul_gflops``; shape
+  ``matmul_shape``: tokens x channels @ channels x FFN channels, the decoder's largest);
 - ``speedup``: the median over rounds of (eager time / variant time) of the same round;
+- ``step_minor_faults``: minor page faults of the process during one decoder step (median;
+  what the malloc settings of :mod:`densediff.utils.alloc` remove);
 - ``peak_memory_MiB``: CUDA ``max_memory_allocated``, or on Linux the rise of the process's
   peak resident set (``VmHWM``, reset before each variant's pass) during one prediction at
   the largest batch;
@@ -63,7 +66,6 @@ DEFAULT_VARIANTS = ("eager", "fast", "onnx")
 NOISY_SPREAD = 0.15
 """(max - min) / median over rounds above which a measurement is flagged noisy."""
 _DEFAULT_STEPS = (1, 3, 5)
-_MATMUL = (4096, 1024, 1024)  # (m, k, n): 8.6 GFLOP, the shape class of the decoder's FFN
 
 
 def _sync(device: torch.device) -> None:
@@ -89,6 +91,15 @@ def _vm(key: str) -> float | None:
     except OSError:
         return None
     return None
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` is missing)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _reset_peak_rss() -> bool:
@@ -254,8 +265,14 @@ def bench(cfg: Config, size: tuple[int, int] | None = None, batch: int = 1,
         ("decoder_step", step_fn),
     ] + [(f"total{n}", lambda v, n=n: predict_fn(v, img, n)) for n in steps]
     times: dict[str, dict[str, list[float]]] = {v: {m: [] for m, _ in measures} for v in runs}
+    faults: dict[str, list[int]] = {v: [] for v in runs}  # minor page faults per decoder step
     mm: dict[str, list[float]] = {"fp32": [], "bf16": []}
-    m_, k_, n_ = _MATMUL
+    # the floor: a matmul of the map decoder's own largest shape (its FFN's first linear:
+    # tokens x channels @ channels x ffn_channels), at least 256 x 256 x 1024
+    head = cfg.model.head
+    m_ = max(out["tokens_per_step"] * batch, 256)
+    k_, n_ = max(head.channels, 256), max(getattr(head, "ffn_channels", 0) or 0, 1024)
+    out["matmul_shape"] = [m_, k_, n_]
     mats = {p: (torch.randn(m_, k_, device=dev, dtype=dt), torch.randn(k_, n_, device=dev, dtype=dt))
             for p, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     order = list(runs.values())
@@ -268,9 +285,13 @@ def bench(cfg: Config, size: tuple[int, int] | None = None, batch: int = 1,
         for m, make in measures:
             for v in rot:
                 with v.active(dev):
+                    f0 = _minor_faults()
                     t = _timed(make(v), dev)
+                    f1 = _minor_faults()
                 if rnd >= warmup:
                     times[v.name][m].append(t)
+                    if m == "decoder_step":
+                        faults[v.name].append(f1 - f0)
     matmul_gflops = {p: 2 * m_ * k_ * n_ / statistics.median(ts) / 1e9 for p, ts in mm.items()}
     out["matmul_gflops"] = matmul_gflops
     out["step_gflop"] = step_flops / 1e9 if step_flops else None
@@ -333,6 +354,7 @@ def bench(cfg: Config, size: tuple[int, int] | None = None, batch: int = 1,
             rate = step_flops / r["decoder_step"]["median"] / 1e9
             r["step_gflops"] = rate
             r["floor_fraction"] = rate / matmul_gflops["bf16" if v.precision == "bf16" else "fp32"]
+        r["step_minor_faults"] = int(statistics.median(faults[v.name]))
         r["throughput"] = {bs: statistics.median(x) for bs, x in thr[v.name].items()}
         r["peak_memory_MiB"] = peaks[v.name]
         if v.compile_s is not None:
@@ -381,7 +403,8 @@ def format_bench(r: dict) -> str:
     if r.get("step_gflop"):
         mm = r["matmul_gflops"]
         lines.append(f"  decoder step: {r['step_gflop']:.2f} GFLOP; matmul floor in this run "
-                     f"fp32 {mm['fp32']:.1f}, bf16 {mm['bf16']:.1f} GFLOP/s; achieved:" + "".join(
+                     f"fp32 {mm['fp32']:.1f}, bf16 {mm['bf16']:.1f} GFLOP/s "
+                     f"({'x'.join(map(str, r['matmul_shape']))}); achieved:" + "".join(
                          f" {v} {r['variants'][v]['step_gflops']:.1f} GFLOP/s "
                          f"({100 * r['variants'][v]['floor_fraction']:.0f} % of its floor)"
                          for v in vs))
@@ -389,6 +412,9 @@ def format_bench(r: dict) -> str:
     lines.append("  throughput (images/s, default steps): " + "; ".join(
         f"{v} " + ", ".join(f"b{bs} {r['variants'][v]['throughput'][bs]:.3g}" for bs in bss)
         for v in vs))
+    lines.append("  minor page faults per decoder step (process-wide; onnxruntime's own "
+                 "threads included): " + ", ".join(
+                     f"{v} {r['variants'][v]['step_minor_faults']}" for v in vs))
     lines.append(f"  peak memory ({r['peak_memory_kind']}, MiB): " + ", ".join(
         f"{v} {r['variants'][v]['peak_memory_MiB']:.1f}" if r['variants'][v]['peak_memory_MiB']
         is not None else f"{v} n/a" for v in vs))

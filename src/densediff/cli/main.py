@@ -303,10 +303,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
             if value != default:
                 raise UserError(f"--{opt} {value}: --runtime onnx runs the exported fp32 "
                                 "graphs on the CPU")
+        if args.compile:
+            raise UserError("--compile: applies to --runtime torch (onnxruntime optimises "
+                            "its graphs itself)")
         predictor = load_onnx(args.checkpoint)
     else:
         predictor = load(args.checkpoint, device=args.device, overrides=_ddps_overrides(args),
                          precision=args.precision)
+        if args.compile:
+            predictor.compile()
     _check_ddps_options(args, predictor.cfg)
     pipe = predictor.pipeline
     if not predictor.is_diffusion:
@@ -541,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "step's mask and the uncertainty side by side")
     _add_ddps_options(pr)
     pr.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    pr.add_argument("--compile", action="store_true",
+                    help="torch.compile the map decoder first (DDP; pays for many images of "
+                    "one size: the first prediction waits for the compiler)")
     pr.add_argument("--precision", default="fp32", metavar="{fp32,bf16,auto}",
                     help="fp32 (default), or bf16 autocast (about 1.6x faster on a CPU with "
                     "native bf16; sampling locations and the diffusion arithmetic stay fp32); "
