@@ -81,13 +81,57 @@ def test_api_steps_seed_and_uncertainty(ddp_run):
 def test_bench_reports_each_part(capsys, tmp_path):
     out = tmp_path / "b.json"
     assert main(["bench", "configs/generated/ddp.yaml", *DDP_TINY, "--size", "32", "32",
-                 "--repeats", "2", "--steps", "1,3", "--out", str(out)]) == 0
+                 "--repeats", "2", "--steps", "1,3", "--batches", "1,2", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "encoder" in text and "decoder step" in text and "extra-step ratio" in text
     r = json.loads(out.read_text())
     assert set(r["total"]) == {"1", "3"} and r["tokens_per_step"] == 64  # 32/4 x 32/4
     assert r["extra_step_ratio"] == pytest.approx(
         (r["total"]["3"] - r["total"]["1"]) / (2 * r["total"]["1"]))
+    try:
+        import onnxruntime  # noqa: F401
+        expected = {"eager", "fast", "onnx"}
+    except ImportError:
+        expected = {"eager", "fast"}
+        assert "onnx: skipped" in text
+    assert set(r["variants"]) == expected and r["base_variant"] == "eager"
+    for v in r["variants"].values():
+        assert set(v["total"]) == {"1", "3"} and set(v["throughput"]) == {"1", "2"}
+        e = v["decoder_step"]
+        assert e["min"] <= e["median"] <= e["max"] and e["speedup"] > 0
+        assert v["step_minor_faults"] >= 0 and 0 < v["floor_fraction"]
+    assert r["variants"]["eager"]["decoder_step"]["speedup"] == 1.0
+    assert r["variants"]["eager"]["precision"] == "fp32"
+    assert r["matmul_shape"] == [256, 256, 1024] and r["step_gflop"] > 0
+
+
+def test_bench_variants_run_what_they_say(capsys, monkeypatch):
+    """eager samples with grid_sample, fast with the gather (spied; the one FLOP count runs
+    the eager path), and bad options end in one line."""
+    from densediff.decoders import msda
+
+    calls = {"grid_sample": 0, "gather": 0}
+    for name in calls:
+        real = getattr(msda, f"ms_deform_attn_{name}")
+
+        def spy(*a, _real=real, _name=name, **k):
+            calls[_name] += 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(msda, f"ms_deform_attn_{name}", spy)
+    for variant, used, unused in (("eager", "grid_sample", "gather"),
+                                  ("fast", "gather", "grid_sample")):
+        calls.update(grid_sample=-1 if variant == "fast" else 0, gather=0)  # the FLOP count
+        assert main(["bench", "configs/generated/ddp.yaml", *DDP_TINY, "--size", "32", "32",
+                     "--repeats", "1", "--steps", "1", "--variants", variant,
+                     "--precision", "fp32"]) == 0
+        assert calls[used] > 0 and calls[unused] == 0, (variant, calls)
+    capsys.readouterr()
+    for bad, needle in ((["--variants", "eager,turbo"], "--variants"),
+                        (["--batches", "1,x"], "--batches"), (["--batches", "0"], "--batches"),
+                        (["--precision", "fp8"], "--precision")):
+        one_line_error(capsys, main(["bench", "configs/generated/ddp.yaml", *DDP_TINY,
+                                     "--size", "32", "32", "--repeats", "1", *bad]), needle)
     assert main(["bench", "configs/generated/baseline.yaml", "--size", "32", "32",
                  "--repeats", "1"]) == 0
     assert "extra-step" not in capsys.readouterr().out

@@ -253,8 +253,10 @@ def bench(cfg: Config, size: tuple[int, int] | None = None, batch: int = 1,
     try:
         from torch.utils.flop_counter import FlopCounterMode
 
+        from densediff.decoders.msda import msda_impl
+
         counter = FlopCounterMode(display=False)
-        with counter:
+        with counter, msda_impl("grid_sample"):  # eager fp32, the reference path
             (model.decoder_step(feat0) if diffusion else model.head(feat0))
         step_flops = counter.get_total_flops()
     except Exception as e:  # noqa: BLE001 (a model the counter cannot trace: no rate)
