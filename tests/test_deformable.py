@@ -24,7 +24,7 @@ from densediff.decoders.msda import MSDeformAttn, ms_deform_attn
 # --------------------------------------------------------------------------- reference
 
 
-def _naive_ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights):
+def naive_ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights):
     """Loop-by-loop bilinear sampling, pixel-centre convention, zero outside the map."""
     b_size, _, heads, _ = value.shape
     _, queries, _, _, points, _ = sampling_locations.shape
@@ -77,7 +77,7 @@ def test_ms_deform_attn_matches_naive_values_and_grads(shapes):
     inputs = [t.requires_grad_() for t in (value, locations, weights)]
 
     fast = ms_deform_attn(value, spatial_shapes, locations, weights)
-    slow = _naive_ms_deform_attn(value, spatial_shapes, locations, weights)
+    slow = naive_ms_deform_attn(value, spatial_shapes, locations, weights)
     assert fast.shape == (2, 3, 2 * 3)
     torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)
 
@@ -164,7 +164,7 @@ def test_msdeformattn_samples_the_ring_around_the_reference_point():
     size_xy = torch.tensor([[6.0, 4.0], [3.0, 2.0]], dtype=torch.float64)  # (W, H) per level
     locations = ref[:, :, None, :, None, :] + offsets[None, None] / size_xy[None, None, None, :, None, :]
     uniform = torch.full((1, 3, heads, levels, points), 1 / (levels * points), dtype=torch.float64)
-    expected = query + _naive_ms_deform_attn(value.view(1, 30, heads, 1), shapes, locations, uniform)
+    expected = query + naive_ms_deform_attn(value.view(1, 30, heads, 1), shapes, locations, uniform)
     torch.testing.assert_close(attn(query, value, ref, shapes), expected)
 
 

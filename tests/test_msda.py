@@ -26,42 +26,11 @@ from densediff.decoders.msda import (
     ms_deform_attn_grid_sample,
     msda_impl,
 )
+from test_deformable import naive_ms_deform_attn
 
 CORES = {"grid_sample": ms_deform_attn_grid_sample, "gather": ms_deform_attn_gather}
 
 # --------------------------------------------------------------------------- reference
-
-
-def naive_ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights):
-    """Point by point: read the four neighbour pixels explicitly, zero outside the map.
-
-    Pixel ``(i, j)`` of an ``H x W`` level has its centre at ``((j + 0.5) / W, (i + 0.5) / H)``,
-    so location ``x`` is at pixel coordinate ``x * W - 0.5``.
-    """
-    batch, _, heads, _ = value.shape
-    _, queries, _, _, points, _ = sampling_locations.shape
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-    starts = [sum(h * w for h, w in shapes[:lvl]) for lvl in range(len(shapes))]
-    out = []
-    for b in range(batch):
-        for q in range(queries):
-            for m in range(heads):
-                acc = torch.zeros_like(value[0, 0, 0])
-                for lvl, (h, w) in enumerate(shapes):
-                    for p in range(points):
-                        px = sampling_locations[b, q, m, lvl, p, 0] * w - 0.5
-                        py = sampling_locations[b, q, m, lvl, p, 1] * h - 0.5
-                        j0, i0 = math.floor(px.item()), math.floor(py.item())
-                        fx, fy = px - j0, py - i0
-                        neighbours = ((i0, j0, (1 - fy) * (1 - fx)), (i0, j0 + 1, (1 - fy) * fx),
-                                      (i0 + 1, j0, fy * (1 - fx)), (i0 + 1, j0 + 1, fy * fx))
-                        sample = torch.zeros_like(acc)
-                        for i, j, weight in neighbours:
-                            if 0 <= i < h and 0 <= j < w:
-                                sample = sample + weight * value[b, starts[lvl] + i * w + j, m]
-                        acc = acc + attention_weights[b, q, m, lvl, p] * sample
-                out.append(acc)
-    return torch.stack(out).view(batch, queries, -1)
 
 
 SHAPES = [(5, 7), (3, 4)]

@@ -241,10 +241,11 @@ def load(checkpoint: str | Path, device: str | torch.device = "cpu",
     return Predictor(model, cfg, names, palette, dev, precision)
 
 
-def resolve_precision_or_fail(precision: str, device: torch.device) -> str:
-    """:func:`~densediff.utils.precision.resolve_precision` with a UserError (checked before
-    any work)."""
+def resolve_precision_or_fail(precision: str, device: torch.device,
+                              key: str = "precision") -> str:
+    """:func:`~densediff.utils.precision.resolve_precision` with a UserError naming ``key``
+    (checked before any work)."""
     try:
-        return resolve_precision(precision, device, "precision")
+        return resolve_precision(precision, device, key)
     except ValueError as e:
         raise UserError(str(e)) from None

@@ -157,21 +157,17 @@ def bench(cfg: Config, size: tuple[int, int] | None = None, batch: int = 1,
     against the model's range); None: those of 1, 3, 5 the model can take. ``variants``:
     None: eager, fast and (where it applies and onnxruntime is installed) onnx. ``batches``:
     the batch sizes of the throughput measurement (None: just ``batch``)."""
-    from densediff.api import resolve_device
+    from densediff.api import resolve_device, resolve_precision_or_fail
     from densediff.data import class_info
     from densediff.errors import UserError
     from densediff.info import count_params
     from densediff.models import build_model
     from densediff.pipelines import check_steps, is_diffusion, pipeline_for
-    from densediff.utils.precision import resolve_precision
 
     if batch < 1 or repeats < 1 or warmup < 0:
         raise UserError("--batch and --repeats: must be at least 1")
     dev = resolve_device(device)
-    try:
-        fast_precision = resolve_precision(precision, dev)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    fast_precision = resolve_precision_or_fail(precision, dev, "--precision")
     asked = list(variants) if variants is not None else list(DEFAULT_VARIANTS)
     bad = [v for v in asked if v not in VARIANTS]
     if bad or not asked:

@@ -124,7 +124,7 @@ def _check_ddps_options(args: argparse.Namespace, cfg) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from densediff.api import load_model, resolve_device
+    from densediff.api import load_model, resolve_device, resolve_precision_or_fail
     from densediff.data import build_dataset
     from densediff.engine.evaluate import evaluate_steps
     from densediff.pipelines import is_diffusion, pipeline_for, resolve_steps
@@ -145,7 +145,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")
     overrides += _ddps_overrides(args)
-    precision = _precision(args, device)
+    precision = resolve_precision_or_fail(args.precision, device, "--precision")
     model, cfg, names, _ = load_model(args.checkpoint, overrides)
     _check_ddps_options(args, cfg)
     pipe = pipeline_for(cfg)
@@ -191,16 +191,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         _write_json(Path(args.out), metrics)
         print(f"wrote {args.out}")
     return 0
-
-
-def _precision(args: argparse.Namespace, device) -> str:
-    """``--precision`` resolved for ``device`` (``auto``: bf16 where the hardware has it)."""
-    from densediff.utils.precision import resolve_precision
-
-    try:
-        return resolve_precision(args.precision, device)
-    except ValueError as e:
-        raise UserError(str(e)) from None
 
 
 def _control_gains(model, dataset, cfg, results: dict, pairs: list | None, quiet: bool) -> dict:

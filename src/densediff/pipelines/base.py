@@ -72,9 +72,11 @@ def resolve_steps(model: nn.Module, steps: int | Sequence[int] | None, source: s
     return steps
 
 
-def write_files(out_dir, stem: str, files: dict):
-    """Write ``{suffix: array}`` as ``out_dir/<stem>_<suffix>`` (``.npy``: the array as is,
-    else a PNG of the uint8 / uint16 array), making ``out_dir``; returns it as a Path."""
+def write_files(out_dir, stem: str, files: dict) -> list[str]:
+    """Write ``{suffix: content}`` as ``out_dir/<stem>_<suffix>``, in order, making
+    ``out_dir``; returns the suffixes. Content: an array (``.npy``: saved as is, else a PNG of
+    the uint8 / uint16 array) or a function drawing the file at the path it is given (the
+    labelled pictures)."""
     from pathlib import Path
 
     import numpy as np
@@ -82,13 +84,15 @@ def write_files(out_dir, stem: str, files: dict):
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for kind, arr in files.items():
+    for kind, content in files.items():
         path = out / f"{stem}_{kind}"
-        if kind.endswith(".npy"):
-            np.save(path, arr)
+        if callable(content):
+            content(path)
+        elif kind.endswith(".npy"):
+            np.save(path, content)
         else:
-            Image.fromarray(arr).save(path)
-    return out
+            Image.fromarray(content).save(path)
+    return list(files)
 
 
 class Pipeline:

@@ -147,12 +147,9 @@ class BEVPrediction:
         if uncertainty and self.uncertainty is not None:
             written["uncertainty.png"] = self.uncertainty_picture()
             written["uncertainty.npy"] = self.uncertainty.astype(np.float32)
-        out = write_files(out_dir, stem, written)
-        names = list(written)
         if trajectory:
-            self.save_trajectory(out / f"{stem}_trajectory.png")
-            names.append("trajectory.png")
-        return names
+            written["trajectory.png"] = self.save_trajectory
+        return write_files(out_dir, stem, written)
 
 
 class BEVPipeline(Pipeline):

@@ -138,12 +138,9 @@ class DepthPrediction:
             else:
                 written["uncertainty.png"] = scaled_heatmap(self.uncertainty)
                 written["uncertainty.npy"] = self.uncertainty.astype(np.float32)
-        out = write_files(out_dir, stem, written)
-        names = list(written)
         if trajectory:
-            self.save_trajectory(out / f"{stem}_trajectory.png")
-            names.append("trajectory.png")
-        return names
+            written["trajectory.png"] = self.save_trajectory
+        return write_files(out_dir, stem, written)
 
 
 class DepthPipeline(Pipeline):

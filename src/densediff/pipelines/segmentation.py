@@ -166,18 +166,14 @@ class Prediction:
                      "inference; wrote the entropy map only")
         if self.base_mask is not None:
             pictures["base"] = self.colorize(self.base_mask)
-        out = write_files(out_dir, stem, {f"{k}.png": v for k, v in pictures.items()})
-        written = [f"{k}.png" for k in pictures]
+        files: dict = {f"{k}.png": v for k, v in pictures.items()}
         if self.base_mask is not None and self.image is not None:
-            self.save_comparison(out / f"{stem}_compare.png")
-            written.append("compare.png")
+            files["compare.png"] = self.save_comparison
         if trajectory:
-            self.save_trajectory(out / f"{stem}_trajectory.png")
-            written.append("trajectory.png")
+            files["trajectory.png"] = self.save_trajectory
         if save_probs:
-            np.save(out / f"{stem}_probs.npy", self.probs.astype(np.float16))
-            written.append("probs.npy")
-        return written
+            files["probs.npy"] = self.probs.astype(np.float16)
+        return write_files(out_dir, stem, files)
 
 
 class SegmentationPipeline(Pipeline):

@@ -77,12 +77,7 @@ def configure_allocator(env: Mapping[str, str] | None = None) -> str:
     if "jemalloc" in preload or "tcmalloc" in preload:
         _state = "preloaded"
         return _state
-    libc = _glibc()
-    if libc is None:
-        return _state
-    ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX) == 1
-    if ok:
-        _state = "glibc-no-mmap"
+    set_glibc_fast(True)
     return _state
 
 
