@@ -43,7 +43,9 @@ def uncertainty_maps(model: nn.Module, feat: torch.Tensor, steps: int, out_size:
     def up(x: torch.Tensor) -> torch.Tensor:
         return F.interpolate(x, size=out_size, mode="bilinear", align_corners=False)
 
-    probs = up(traj.scores(accumulation)).softmax(1)
+    # accumulated: the mean step probabilities, upsampled (a distribution already); else the
+    # softmax of the upsampled logits
+    probs = up(traj.probs(True)) if accumulation else up(traj.seg_logit(False)).softmax(1)
     step_labels = torch.stack([class_ids(up(lg)) for lg in traj.step_logits()])
     unc = {"steps": step_change_uncertainty(step_labels), "entropy": entropy_uncertainty(probs)}
     return probs, step_labels, unc
@@ -211,7 +213,7 @@ class SegmentationPipeline(Pipeline):
                 unc[n][k].update(m, pred != label, valid)
 
     def score_trajectory(self, model, metric, traj, label):
-        scores = F.interpolate(traj.scores(model.accumulation), size=label.shape[-2:],
+        scores = F.interpolate(traj.seg_logit(model.accumulation), size=label.shape[-2:],
                                mode="bilinear", align_corners=False)
         metric.update(class_ids(scores), label)
 
