@@ -30,6 +30,7 @@ from densediff.data.io import _to_uint8, read_image
 from densediff.data.transforms import preprocess_image
 from densediff.errors import UserError
 from densediff.models import build_model
+from densediff.official import is_official_source, load_official
 from densediff.pipelines import (
     BEVPrediction,
     DepthPrediction,
@@ -39,7 +40,6 @@ from densediff.pipelines import (
     is_diffusion,
     pipeline_for,
 )
-from densediff.official import is_official_source, load_official
 from densediff.utils.checkpoint import load_into, load_weights, resolve_weights
 from densediff.utils.precision import autocast, resolve_precision
 from densediff.viz import colorize, overlay

@@ -27,7 +27,7 @@ from densediff.config import Config, load_config
 from densediff.data.build import class_info
 from densediff.errors import CheckpointError, UserError, one_line
 from densediff.models import build_model
-from densediff.official.catalog import ReleasedModel, find_released, match_released
+from densediff.official.catalog import ReleasedModel, match_released
 from densediff.official.hub import hub_download, is_hub_uri
 from densediff.official.mapping import convert_state
 from densediff.utils.checkpoint import load_into, save_checkpoint
