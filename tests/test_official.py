@@ -266,7 +266,8 @@ def test_convert_writes_a_run_folder_that_loads_to_the_same_weights(official_cnx
 def test_predict_takes_the_official_file_directly(official_cnx):
     import densediff
 
-    pred = densediff.load(official_cnx)
+    pred = densediff.load(official_cnx, overrides=["data.test_scale=null"])  # no 1024 resize
+    assert pred.cfg.data.test_scale is None and pred.class_names[0] == "c0"
     out = pred.predict(np.zeros((40, 56, 3), np.uint8), steps=1)
     assert out.mask.shape == (40, 56) and out.uncertainty is not None
 
