@@ -361,3 +361,24 @@ def test_official_depth_decoder_has_no_time_input_and_film_is_opt_in():
     assert any("decoder.layers.0.time_mlp" in k for k in film.state_dict())
     n_plain = sum(p.numel() for p in plain.parameters())
     assert sum(p.numel() for p in film.parameters()) > n_plain
+
+
+def test_whole_image_outputs_resize_to_the_input_size_then_to_the_original_size():
+    """mmseg's whole inference resizes the seg logit to the network input, then to the
+    original image (two bilinear resizes, which differ from one)."""
+    from densediff.pipelines.segmentation import uncertainty_maps
+
+    torch.manual_seed(0)
+    model = build_model(load_config(None, [*SMALL, "model.diffusion.accumulation=true"]), 5).eval()
+    x = torch.randn(1, 3, 64, 96)
+    feat = model.extract(x)
+    traj = model.sample_steps(feat, 2, seeds=[3])
+
+    def up(t, *sizes):
+        for s in sizes:
+            t = F.interpolate(t, size=s, mode="bilinear", align_corners=False)
+        return t
+
+    probs, _, _ = uncertainty_maps(model, feat, 2, (27, 41), True, [3], in_size=(64, 96))
+    assert torch.allclose(probs, up(traj.probs(True), (64, 96), (27, 41)), atol=1e-6)
+    assert not torch.allclose(probs, up(traj.probs(True), (27, 41)), atol=1e-4)

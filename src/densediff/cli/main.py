@@ -456,7 +456,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from densediff.info import describe
 
     check_size(args.size)
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(_config_arg(args.config), args.overrides)
     print(describe(cfg, size=tuple(args.size) if args.size else None))
     return 0
 
