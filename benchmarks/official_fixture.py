@@ -83,6 +83,23 @@ def record_layouts(out: str) -> None:
             json.dump({k: list(v.shape) for k, v in state.items()}, f, separators=(",", ":"))
 
 
+def record_cv2_resize(out: str) -> None:
+    """cv2 INTER_LINEAR on uint8 (mmcv's imresize) for small random images, up and down."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    pairs = [(13, 17, 40, 52), (40, 52, 13, 17), (30, 40, 64, 85), (64, 85, 30, 40), (9, 31, 9, 7),
+             (50, 37, 23, 61), (7, 7, 50, 50), (33, 65, 16, 32)]
+    arrays = {}
+    for i, (h, w, oh, ow) in enumerate(pairs):
+        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        arrays[f"in{i}"], arrays[f"out{i}"] = img, cv2.resize(img, (ow, oh),
+                                                               interpolation=cv2.INTER_LINEAR)
+    np.savez_compressed(os.path.join(out, "cv2_resize.npz"), **arrays)
+
+
 if __name__ == "__main__":
     main(sys.argv[1])
     record_layouts(sys.argv[1])
+    record_cv2_resize(sys.argv[1])

@@ -21,6 +21,7 @@ For one official config it
    ``OUT/<name>_<H>x<W>.pt``: the input, the 4 backbone maps, the neck map, one decoder call at a
    fixed x_t and t, the sampler's start noise, every step's logits, ``ddim_sample``'s output,
    the upsampled seg logit (``encode_decode``), mmseg's ``inference`` probabilities and labels;
+   with ``--fp64`` also backbone, neck, decoder call and sampler of the model in float64;
 3. with ``--pipeline``, runs a synthetic uint8 image of that original size through the config's
    own test pipeline (``mmseg.apis.inference_segmentor``: LoadImage, MultiScaleFlipAug(Resize
    keep_ratio to img_scale, RandomFlip, Normalize), whole mode) and dumps
@@ -202,8 +203,8 @@ class SeededNoise:
     """Patch ``torch.randn`` while the official sampler runs: a call with the start-noise shape
     (R, C, h, w) gets densediff's seeded draw; any other call fails loudly."""
 
-    def __init__(self, seed: int, channels: int):
-        self.seed, self.channels, self.drawn = seed, channels, []
+    def __init__(self, seed: int, channels: int, dtype: torch.dtype = torch.float32):
+        self.seed, self.channels, self.dtype, self.drawn = seed, channels, dtype, []
 
     def __enter__(self):
         self._orig = torch.randn
@@ -215,7 +216,7 @@ class SeededNoise:
             if len(shape) != 4 or shape[1] != me.channels:
                 raise RuntimeError(f"unexpected torch.randn{shape} in the official sampler")
             g = torch.Generator().manual_seed(me.seed)
-            t = orig(tuple(shape), generator=g, dtype=torch.float32)
+            t = orig(tuple(shape), generator=g, dtype=me.dtype)
             me.drawn.append(t.clone())
             return t.to(kw.get("device") or "cpu")
 
@@ -251,7 +252,8 @@ class StepRecorder:
 
 
 @torch.no_grad()
-def dump_stages(model, cfg, name: str, size: tuple[int, int], seed: int, out: Path) -> Path:
+def dump_stages(model, cfg, name: str, size: tuple[int, int], seed: int, out: Path,
+                fp64: bool = False) -> Path:
     h, w = size
     rgb = synthetic_image(h, w, seed)
     img = normalise(rgb, cfg)
@@ -287,6 +289,25 @@ def dump_stages(model, cfg, name: str, size: tuple[int, int], seed: int, out: Pa
         probs = model.inference(img, meta, rescale=True)  # mmseg: softmax(seg_logit)
     d["probs"] = probs
     d["labels"] = probs.argmax(1)[0]
+    if fp64:
+        # the same model and inputs in float64 (densediff's float64 sampler draws its start
+        # noise in float64): float32 round-off of either side then shows as the difference
+        # between its float32 and float64 results
+        m64 = copy.deepcopy(model).double()
+        img64 = img.double()
+        feats64 = m64.backbone(img64)
+        for i, f in enumerate(feats64):
+            d[f"fp64.backbone.{i}"] = f
+        neck64 = m64.neck(feats64)[0]
+        d["fp64.neck"] = neck64
+        emb64 = m64.time_mlp(log_snr.double())
+        fused64 = m64.transform(torch.cat([neck64, x_t.double()], 1))
+        d["fp64.decoder_logits"] = m64.decode_head.forward_test([fused64], emb64, None,
+                                                               m64.test_cfg)
+        with SeededNoise(seed, c, torch.float64), StepRecorder(m64) as rec64:
+            d["fp64.sample_out"] = m64.ddim_sample(neck64, meta)
+        d["fp64.step_logits"] = torch.stack(rec64.logits)
+        del m64
     d["info"] = dict(name=name, size=[h, w], seed=seed, steps=int(model.timesteps),
                      accumulation=bool(model.accumulation), randsteps=int(model.randsteps),
                      sample_range=list(model.sample_range), td=model.time_difference,
@@ -409,6 +430,8 @@ def main(argv=None) -> int:
     ap.add_argument("--aug-flip", action="store_true")
     ap.add_argument("--optimizer", action="store_true",
                     help="also save an AdamW state in the checkpoint")
+    ap.add_argument("--fp64", action="store_true", help="also dump the stages of the same "
+                    "model in float64 (backbone, neck, decoder call, sampler)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
 
@@ -422,7 +445,7 @@ def main(argv=None) -> int:
     path = save_released(model, cfg, args.name, args.out, args.optimizer)
     log(f"saved {path} ({path.stat().st_size / 2**20:.0f} MiB) with mmcv.runner.save_checkpoint")
     for s in [x for x in args.sizes.split(",") if x]:
-        dump_stages(model, cfg, args.name, parse_size(s), args.seed, args.out)
+        dump_stages(model, cfg, args.name, parse_size(s), args.seed, args.out, args.fp64)
     if args.pipeline:
         ratios = [float(r) for r in args.aug.split(",")] if args.aug else None
         dump_pipeline(model, cfg, args.name, parse_size(args.pipeline), args.seed, args.out,

@@ -230,7 +230,53 @@ def compare_stages(model, d: dict) -> dict:
         diff = ours_lab != off_lab
         r["labels_differ"] = int(diff.sum())
         r["official_margins_at_diff"] = margins_at(d["seg_logit"][0], diff)[:10]
+    if "fp64.neck" in d:
+        r.update(compare_fp64(model, d, ours32={"backbone": feats, "neck": neck,
+                                                 "step_logits": ours_steps}))
     r["seconds"] = round(time.time() - t0, 1)
+    return r
+
+
+@torch.no_grad()
+def compare_fp64(model, d: dict, ours32: dict) -> dict:
+    """Both sides in float64 (the oracle's ``--fp64`` dump): does the mapping compute the same
+    function, with float32 round-off the only difference? Also the float32 round-off of each
+    side, measured against the official float64 result."""
+    import copy
+
+    info = d["info"]
+    seed, steps, acc = info["seed"], info["steps"], info["accumulation"]
+    m64 = copy.deepcopy(model).double()
+    img = d["img"].double()
+    r: dict = {}
+    feats = m64.encoder(img)
+    r["fp64_backbone"] = [maxdiff(f, d[f"fp64.backbone.{i}"]) for i, f in enumerate(feats)]
+    neck = m64.extract(img)
+    r["fp64_neck"] = maxdiff(neck, d["fp64.neck"])
+    ls = m64.schedule(d["t"].double())
+    r["fp64_decoder"] = maxdiff(m64.denoise(d["fp64.neck"], d["x_t"].double(), ls),
+                                d["fp64.decoder_logits"])
+    traj = m64.sample_steps(neck, steps, seeds=[seed])
+    st = torch.stack([lg.mean(1) for lg in traj.logits])
+    r["fp64_step_logits"] = [maxdiff(a, b) for a, b in zip(st, d["fp64.step_logits"])]
+    r["fp64_step_labels"] = [agree(a.argmax(1), b.argmax(1))
+                             for a, b in zip(st, d["fp64.step_logits"])]
+    r["fp64_sample"] = maxdiff(traj.probs(True) if acc else traj.logits[-1].mean(1),
+                               d["fp64.sample_out"])
+    # float32 round-off of each side against the official float64 result
+    r["roundoff_official"] = {
+        "backbone": worst([maxdiff(d[f"backbone.{i}"], d[f"fp64.backbone.{i}"])
+                           for i in range(4)]),
+        "neck": maxdiff(d["neck"], d["fp64.neck"]),
+        "decoder": maxdiff(d["decoder_logits"], d["fp64.decoder_logits"]),
+        "step_logits": worst([maxdiff(a, b) for a, b in zip(d["step_logits"],
+                                                            d["fp64.step_logits"])])}
+    r["roundoff_ours"] = {
+        "backbone": worst([maxdiff(f, d[f"fp64.backbone.{i}"])
+                           for i, f in enumerate(ours32["backbone"])]),
+        "neck": maxdiff(ours32["neck"], d["fp64.neck"]),
+        "step_logits": worst([maxdiff(a, b) for a, b in zip(ours32["step_logits"],
+                                                            d["fp64.step_logits"])])}
     return r
 
 

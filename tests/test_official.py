@@ -382,3 +382,18 @@ def test_whole_image_outputs_resize_to_the_input_size_then_to_the_original_size(
     probs, _, _ = uncertainty_maps(model, feat, 2, (27, 41), True, [3], in_size=(64, 96))
     assert torch.allclose(probs, up(traj.probs(True), (64, 96), (27, 41)), atol=1e-6)
     assert not torch.allclose(probs, up(traj.probs(True), (27, 41)), atol=1e-4)
+
+
+def test_image_resize_is_bit_exact_with_cv2_inter_linear():
+    """mmcv resizes test images with cv2 INTER_LINEAR (fixed point); outputs recorded with cv2
+    (benchmarks/official_fixture.py), up- and down-scaling, odd ratios."""
+    from densediff.data.transforms import resize_image
+
+    rec = np.load(FIX / "cv2_resize.npz")
+    n = len(rec.files) // 2
+    assert n >= 8
+    for i in range(n):
+        src, ref = rec[f"in{i}"], rec[f"out{i}"]
+        assert np.array_equal(resize_image(src, ref.shape[:2]), ref), i
+    gray = rec["in0"][..., 0]
+    assert np.array_equal(resize_image(gray, rec["out0"].shape[:2]), rec["out0"][..., 0])
