@@ -11,7 +11,7 @@ and nothing of the official code is copied here: it is imported from ``$DENSEDIF
 
 For one official config it
 
-1. builds the official model (``--seed``), perturbs every parameter and BN statistic away from
+1. builds the official model (weights seeded by ``--seed`` and the name), perturbs every parameter and BN statistic away from
    its initial value (norm weights/biases, layer-scale gammas, biases, MSDA sampling offsets and
    attention weights, relative-position tables, the label embedding, the time MLP: every weight
    then matters), and saves it with mmcv's own ``save_checkpoint`` as ``OUT/<name>.pth``, with a
@@ -44,6 +44,7 @@ import logging
 import os
 import sys
 import time
+import zlib
 from pathlib import Path
 
 ORACLE = Path(os.environ.get("DENSEDIFF_ORACLE", "/work/oracle"))
@@ -438,9 +439,12 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    model, cfg = build(args.name, args.seed)
-    counts = perturb(model, args.seed)
-    log(f"{args.name}: built and perturbed ({counts}), "
+    # the weights' seed also depends on the name, so that two releases of one architecture
+    # (the 160k model and its self-aligned fine-tune) get different weights
+    wseed = args.seed * 1000 + zlib.crc32(args.name.encode()) % 1000
+    model, cfg = build(args.name, wseed)
+    counts = perturb(model, wseed)
+    log(f"{args.name}: built and perturbed (weight seed {wseed}, {counts}), "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
     path = save_released(model, cfg, args.name, args.out, args.optimizer)
     log(f"saved {path} ({path.stat().st_size / 2**20:.0f} MiB) with mmcv.runner.save_checkpoint")

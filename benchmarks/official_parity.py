@@ -334,8 +334,12 @@ def compare_pipeline(pred, d: dict) -> dict:
     lab_b = torch.from_numpy(outb.mask)
     r["labels_same_input"] = agree(lab_b, d["labels"])
     probs_b = torch.from_numpy(outb.probs)[None]
-    r["probs_same_input"] = maxdiff(probs_b, d["probs"])  # official: mmseg softmax output
-    r["probs_same_input_vs"] = "mmseg inference() output (softmax of the rescaled seg logit)"
+    # mmseg's inference() output is the softmax of the rescaled seg logit; with accumulation
+    # that seg logit is the mean of the step probabilities, which densediff's whole-image
+    # output is (no second softmax): compared after applying that softmax to ours
+    r["probs_same_input"] = maxdiff(probs_b.softmax(1) if acc else probs_b, d["probs"])
+    r["probs_same_input_vs"] = ("softmax(ours) vs mmseg inference() output" if acc
+                                else "mmseg inference() output")
     # (c) densediff's own trajectory, resized as mmseg does (to the input size, then to the
     #     original): does the resize order explain what (b) leaves?
     feat = model.extract(x_off)
@@ -465,12 +469,20 @@ def passed(r: dict, keys_diff: list[str], keys_lab: list[str], tol: float) -> bo
     return True
 
 
+def fp64_cell(r: dict) -> str:
+    if "fp64_neck" not in r:
+        return "–"
+    enc = worst(r["fp64_backbone"] + [r["fp64_neck"]])
+    return f"{fmt(enc)} / {fmt(worst(r['fp64_step_logits']))}"
+
+
 def tables(results: dict, tol: float) -> str:
     lines = [f"Stage parity (same normalised input to both; pass: max |diff| <= {tol:g}, "
              "100 % labels)", "",
              "| model | input | backbone (4 maps) | neck | time emb | decoder call | noise | "
-             "step logits (worst) | sample output | full-res output | labels | pass |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "step logits (worst) | sample output | full-res output | labels | pass | "
+             "float64: backbone+neck / steps |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, res in results.items():
         for r in res.get("stages", []):
             ok = passed(r, ["backbone", "neck", "time_emb", "decoder", "noise", "step_logits",
@@ -479,7 +491,7 @@ def tables(results: dict, tol: float) -> str:
                 f"| {name} | {r['size']} | {fmt(worst(r['backbone']))} | {fmt(r['neck'])} | "
                 f"{fmt(r.get('time_emb'))} | {fmt(r['decoder'])} | {fmt(r['noise'])} | "
                 f"{fmt(worst(r['step_logits']))} | {fmt(r['sample'])} | {fmt(r['full_res'])} | "
-                f"{fmt_pct(r['labels'])} | {'yes' if ok else '**no**'} |")
+                f"{fmt_pct(r['labels'])} | {'yes' if ok else '**no**'} | {fp64_cell(r)} |")
     pipe_rows = [(n, r) for n, res in results.items() for r in res.get("pipeline", [])]
     if pipe_rows:
         lines += ["", "Config test pipeline (whole image; labels at the original size; "

@@ -7,11 +7,13 @@
 #   DENSEDIFF_ORACLE=/work/oracle bash benchmarks/official_parity.sh [oracle|parity|all] [extra]
 #
 # oracle: the official side only (dumps + .pth into $DUMPS); parity: densediff's side only
-# (reads $DUMPS); all (default): both. `extra` adds the S and B sizes (stage dumps only; they
-# share every code path with T and L). Environment: DUMPS (default $DENSEDIFF_ORACLE/parity),
-# WORK (converted models, default /tmp/densediff_parity), TABLE (default
-# benchmarks/runs/official_parity.md, the .json beside it). One thread each side, for
-# reproducible timings on a shared CPU; about 15 min (oracle) + 25 min (parity) on 2 cores.
+# (reads $DUMPS); all (default): both. Stage dumps include the float64 run of the same model
+# (--fp64), which tells a mapping difference from float32 round-off. `extra` adds the S and B
+# sizes and ConvNeXt-L aligned (stage dumps at 240x328 only; they share every code path with
+# T and L). Environment: DUMPS (default $DENSEDIFF_ORACLE/parity), WORK (converted models,
+# default /tmp/densediff_parity), TABLE (default benchmarks/runs/official_parity.md, the .json
+# beside it). One thread each side, for reproducible numbers on a shared CPU; about 20 min
+# (oracle) + 30 min (parity) on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -32,7 +34,7 @@ AL=_4x4_512x1024_5k_cityscapes_aligned
 oracle() {  # name, then official_oracle.py options
   local name=$1; shift
   echo "== oracle $name $*"
-  "$OPY" benchmarks/official_oracle.py "$name" --out "$DUMPS" "$@" 2>&1 \
+  "$OPY" benchmarks/official_oracle.py "$name" --out "$DUMPS" --fp64 "$@" 2>&1 \
     | grep -v -e "Warning" -e "warnings.warn" -e "meshgrid" -e "^ *$" || true
 }
 

@@ -68,7 +68,9 @@ def test_backbone_equals_the_official_one_at_sizes_that_are_and_are_not_multiple
         ours = enc(rec[size]["input"])
     for level, (a, b) in enumerate(zip(ours, rec[size]["features"])):
         assert a.shape == b.shape, (level, a.shape, b.shape)
-        assert (a - b).abs().max() <= 1e-5 * max(1.0, float(b.abs().max())), level
+        # float32 round-off on maps of size ~3 stays near 1e-6; a wrong eps (mmcls' 1e-5 in
+        # ConvNeXt's downsampling norms vs 1e-6) already gives 2e-5
+        assert (a - b).abs().max() <= 5e-6, level
 
 
 @pytest.mark.parametrize("family", ["swin", "convnext"])

@@ -196,6 +196,10 @@ even sizes, all bottom/right), ConvNeXt's strided convs floor. These get no oute
 features at sizes not divisible by 32 equal the official ones."""
 
 
+MMCLS_DOWNSAMPLE_EPS = 1e-5
+"""eps of ConvNeXt's downsampling LayerNorms in mmcls (its other norms use 1e-6)."""
+
+
 def _keep_window(input_resolution) -> None:
     """Replaces transformers' ``SwinLayer.set_shift_and_window_size``, which shrinks the window
     (and drops the shift) for maps no larger than the window, and keeps the shrunk window for
@@ -215,6 +219,13 @@ class BackboneEncoder(Encoder):
     def __init__(self, model: nn.Module, **encoder_kwargs):
         super().__init__(out_channels=model.channels, **encoder_kwargs)
         self.pads_input = model.config.model_type not in OWN_SIZE_HANDLING
+        if model.config.model_type == "convnext":
+            # mmcls' ConvNeXt (the official DDP backbone) builds its downsampling LayerNorms
+            # with PyTorch's default eps 1e-5 (transformers: 1e-6, as the rest of the model)
+            for stage in model.encoder.stages:
+                norm = stage.downsampling_layer[0] if len(stage.downsampling_layer) else None
+                if norm is not None and hasattr(norm, "eps"):
+                    norm.eps = MMCLS_DOWNSAMPLE_EPS
         swin = getattr(model, "swin", None)
         if swin is not None:
             # SwinModel's final LayerNorm feeds no backbone output: drop it so every parameter
