@@ -199,6 +199,7 @@ class _Evil:
     ([1, 2], "top level is list"),
     ({"state_dict": {}}, "holds no state_dict"),
     ({"state_dict": {"w": 3}}, "not a named tensor"),
+    ({"state_dict": {"w": torch.ones(1)}, "meta": {"a": np.arange(3)}}, "_reconstruct"),
 ])
 def test_reader_refuses_bad_files_in_one_line(tmp_path, payload, expect):
     f = tmp_path / "bad.pth"
@@ -212,7 +213,9 @@ def test_reader_refuses_missing_truncated_and_folder(tmp_path):
     f = _official_file(tmp_path / "c.pth", {"w": torch.ones(1000)})
     data = f.read_bytes()
     (tmp_path / "t.pth").write_bytes(data[: len(data) // 2])
+    (tmp_path / "g.pth").write_text("garbage\n")
     for bad, expect in ((tmp_path / "none.pth", "not found"), (tmp_path / "t.pth", "corrupt"),
+                        (tmp_path / "g.pth", "corrupt or not a torch checkpoint"),
                         (tmp_path, "not a regular file")):
         with pytest.raises(CheckpointError, match=expect):
             read_official(bad)

@@ -90,14 +90,18 @@ def read_official(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):
-            found = re.search(r"GLOBAL (\S+)", str(e))
-            what = f" ({found.group(1)})" if found else ""
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(e))
+        if found:
+            what = f" ({found.group(1)})"
             raise CheckpointError(
                 f"{path}: refused: it holds Python objects{what} beyond tensors, containers "
                 "and numpy scalars; such files can run code when loaded, so densediff never "
                 "loads them") from None
-        raise CheckpointError(f"{path}: corrupt or not a torch checkpoint ({one_line(e)})") from None
+        detail = re.search(r"Unpickler error:\s*(.+?)\s*(?:Check the documentation|$)", str(e),
+                           flags=re.S)
+        raise CheckpointError(f"{path}: corrupt or not a torch checkpoint"
+                              + (f" ({one_line(ValueError(detail.group(1)), 120)})" if detail
+                                 else "")) from None
     except (RecursionError, MemoryError) as e:
         raise CheckpointError(f"{path}: cannot be read ({type(e).__name__}: nested or large "
                               "beyond limits)") from None
@@ -246,6 +250,8 @@ def load_official(source: str | os.PathLike, config: str | os.PathLike | None = 
     Returns:
         ``(model on CPU in eval mode, resolved config, the released entry or None)``.
     """
+    if config is not None:  # a bad --config is refused before the (large) file is read
+        load_config(config)
     path = resolve_source(source)
     state, meta = read_official(path)
     src = str(source)

@@ -43,12 +43,20 @@ def hub_download(uri: str) -> Path:
     except ImportError:
         raise CheckpointError(f"{uri}: hf:// sources need the huggingface_hub package "
                               "(pip install 'densediff[hf]')") from None
+    from huggingface_hub.utils import logging as hub_logging
+
+    verbosity = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()  # its retry warnings: the one line below says it all
     try:
         return Path(hf_hub_download(repo_id=repo_id, filename=filename, revision=revision))
     except Exception as e:  # noqa: BLE001 -- network, cache, auth, missing file: one line each
         kind = type(e).__name__
         if kind in ("LocalEntryNotFoundError", "OfflineModeIsEnabled"):
-            why = "not in the local Hugging Face cache and downloads are off (HF_HUB_OFFLINE)"
+            from huggingface_hub import constants
+
+            why = ("not in the local Hugging Face cache, and HF_HUB_OFFLINE is set"
+                   if constants.HF_HUB_OFFLINE else
+                   "not in the local Hugging Face cache, and the Hub cannot be reached")
         elif kind == "EntryNotFoundError" or kind == "RemoteEntryNotFoundError":
             why = "no such file in the repository"
         elif kind == "RepositoryNotFoundError":
@@ -59,3 +67,5 @@ def hub_download(uri: str) -> Path:
             why = one_line(e)
         raise CheckpointError(f"{uri}: cannot get {filename} from the Hub repository "
                               f"{repo_id}: {why}") from None
+    finally:
+        hub_logging.set_verbosity(verbosity)
