@@ -402,3 +402,32 @@ def test_image_resize_is_bit_exact_with_cv2_inter_linear():
         assert np.array_equal(resize_image(src, ref.shape[:2]), ref), i
     gray = rec["in0"][..., 0]
     assert np.array_equal(resize_image(gray, rec["out0"].shape[:2]), rec["out0"][..., 0])
+
+
+def test_multi_scale_passes_resize_the_original_image_as_mmseg():
+    """mmseg's MultiScaleFlipAug resizes the ORIGINAL image into (int(2048 r), int(512 r)),
+    keep ratio: 300 x 397 at r = 0.75 gives 384 x 508 (resizing the 512 x 678 test input by
+    0.75 would give 384 x 509)."""
+    from densediff.config import EvalConfig
+    from densediff.data.transforms import aug_input, normalize, resize_image
+    from densediff.pipelines.inference import predict_probs
+
+    data = load_config("ade20k/ddp_swin_t.yaml").data
+    rgb = np.random.default_rng(0).integers(0, 256, (300, 397, 3), dtype=np.uint8)
+    x = aug_input(rgb, data, 0.75)
+    assert x.shape[-2:] == (384, 508)
+    expect = normalize(resize_image(rgb, (384, 508)), data.mean, data.std)
+    assert torch.equal(x[0], torch.from_numpy(expect).permute(2, 0, 1))
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def predict_logits(self, img):
+            seen.append((tuple(img.shape[-2:]), float(img[0, 0, 0, 0])))
+            return torch.zeros(1, 2, *img.shape[-2:])
+
+    cfg = EvalConfig(aug={"scales": [0.5, 0.75], "flip": True})
+    predict_probs(Probe(), aug_input(rgb, data, 1.0), cfg, ori_size=(300, 397), aug=True,
+                  scale_input=lambda r: aug_input(rgb, data, r))
+    assert [s for s, _ in seen] == [(256, 339), (256, 339), (384, 508), (384, 508)]
+    assert seen[2][1] == float(x[0, 0, 0, 0])  # the pass at 0.75 got exactly that input

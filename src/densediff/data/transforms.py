@@ -285,6 +285,20 @@ def test_transform(img: np.ndarray, data: DataConfig) -> np.ndarray:
     return normalize(resize_to_scale(img, data.test_scale), data.mean, data.std)
 
 
+def aug_input(img: np.ndarray, data: DataConfig, ratio: float) -> torch.Tensor:
+    """The network input of one multi-scale test pass (mmseg ``MultiScaleFlipAug`` with
+    ``img_ratios``): the ORIGINAL uint8 image resized (keep ratio) into the box
+    ``int(s * ratio)`` of ``data.test_scale`` (no test scale: to ``ratio`` x its size), then
+    normalized; ``1 x 3 x h x w``. Resizing the original, not the test-resized image, is what
+    makes multi-scale results equal mmseg's."""
+    h, w = img.shape[:2]
+    if data.test_scale is not None:
+        size = rescale_size((h, w), tuple(int(s * ratio) for s in data.test_scale))
+    else:
+        size = (max(1, int(h * ratio + 0.5)), max(1, int(w * ratio + 0.5)))
+    return to_tensor(normalize(resize_image(img, size), data.mean, data.std))[None]
+
+
 def preprocess_image(img: np.ndarray, cfg: Config | DataConfig) -> torch.Tensor:
     """A new uint8 RGB image (H x W x 3, e.g. from :func:`densediff.data.io.read_image`) as a
     1 x 3 x h x w float tensor ready for the model (test-time resize + normalize)."""

@@ -83,8 +83,9 @@ def evaluate_steps(model: nn.Module, dataset, cfg: Config, steps: Sequence[int] 
     unc = {n: pipe.uncertainty_metrics(model, cfg, n, shared, device) for n in steps}
     for index, img, label in _images(model, dataset, cfg, progress, precision):
         feat = model.extract(img) if shared else None
+        scale_input = pipe.aug_inputs(dataset, index, cfg) if aug else None
         pipe.score_image(model, cfg, dataset, feat, img, label, steps,
-                         [sample_seed(cfg, index)], aug, metrics, unc)
+                         [sample_seed(cfg, index)], aug, metrics, unc, scale_input)
     results = {}
     for n in steps:  # reduce: the full-set states on every process
         metrics[n].reduce()

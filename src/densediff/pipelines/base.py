@@ -136,10 +136,16 @@ class Pipeline:
 
     def score_image(self, model: nn.Module, cfg: Config, dataset, feat, img, label,
                     steps: list[int], seeds: list[int], aug: bool, metrics: dict,
-                    unc: dict) -> None:
+                    unc: dict, scale_input=None) -> None:
         """Update ``metrics[n]`` and ``unc[n][kind]`` with one image for each step count
-        ``n`` (``feat``: the shared encoder output, or None)."""
+        ``n`` (``feat``: the shared encoder output, or None; ``scale_input``: see
+        :meth:`aug_inputs`)."""
         raise NotImplementedError
+
+    def aug_inputs(self, dataset, index: int, cfg: Config):
+        """``ratio -> network input`` for the test-time augmentation of dataset item
+        ``index``, built from the original image; None: the passes resize the test input."""
+        return None
 
     def score_trajectory(self, model: nn.Module, metric, traj, label: torch.Tensor) -> None:
         """Update ``metric`` with a model trajectory's output (diagnostics)."""

@@ -173,7 +173,7 @@ class BEVPipeline(Pipeline):
         return {k: UncertaintyMetric(device=device) for k in ("steps", "entropy")}
 
     def score_image(self, model, cfg, dataset, feat, inputs, label, steps, seeds, aug, metrics,
-                    unc):
+                    unc, scale_input=None):
         for n in steps:
             if is_diffusion(model):
                 probs, _, maps = bev_uncertainty_maps(model, feat, n, model.accumulation, seeds)

@@ -169,7 +169,7 @@ class DepthPipeline(Pipeline):
                                           device=device) for k in kinds}
 
     def score_image(self, model, cfg, dataset, feat, img, label, steps, seeds, aug, metrics,
-                    unc):
+                    unc, scale_input=None):
         diffusion = is_diffusion(model)
         size = tuple(label.shape[-2:])
         for n in steps:

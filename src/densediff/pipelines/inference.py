@@ -11,6 +11,8 @@ resolution; extra keyword arguments (e.g. the number of diffusion steps) are pas
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,6 +26,7 @@ __all__ = ["predict_depth", "predict_probs", "slide_logits"]
 @torch.no_grad()
 def predict_probs(model: nn.Module, img: torch.Tensor, eval_cfg: EvalConfig,
                    ori_size: tuple[int, int] | None = None, aug: bool = False,
+                   scale_input: Callable[[float], torch.Tensor] | None = None,
                    **kwargs) -> torch.Tensor:
     """Class probabilities for a batch of images.
 
@@ -38,8 +41,10 @@ def predict_probs(model: nn.Module, img: torch.Tensor, eval_cfg: EvalConfig,
         aug: multi-scale + flip test: one pass per scale in ``eval_cfg.aug.scales`` (relative
             to ``img``: the image is resized bilinearly to ``round(H * s), round(W * s)``), each
             also on the horizontally flipped image when ``eval_cfg.aug.flip``. False: one pass.
-            (mmseg resizes the original image to ``ratio x img_scale``; with the test resize
-            being that keep-ratio resize, this is the same up to resampling.)
+            Give ``scale_input`` to build each pass from the original image as mmseg does.
+        scale_input: ``ratio -> network input`` of that scale (e.g.
+            :func:`densediff.data.transforms.aug_input` of the original image); used for
+            every scale of ``aug`` instead of resizing ``img``.
         **kwargs: forwarded to ``model.predict_logits``.
 
     Returns:
@@ -55,8 +60,11 @@ def predict_probs(model: nn.Module, img: torch.Tensor, eval_cfg: EvalConfig,
     probs = None
     for s in scales:
         size = (max(1, int(h * s + 0.5)), max(1, int(w * s + 0.5)))
-        x = img if size == (h, w) else F.interpolate(img, size=size, mode="bilinear",
-                                                      align_corners=False)
+        if aug and scale_input is not None:
+            x = scale_input(s).to(img.device, img.dtype)
+        else:
+            x = img if size == (h, w) else F.interpolate(img, size=size, mode="bilinear",
+                                                          align_corners=False)
         for flip in flips:
             xi = x.flip(-1) if flip else x
             logits = _single_pass(model, xi, eval_cfg, **kwargs)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from densediff.config import Config
+from densediff.data.transforms import aug_input
 from densediff.pipelines.base import Pipeline, is_diffusion, resolve_steps, write_files
 from densediff.pipelines.inference import predict_probs
 from densediff.tasks.segmentation import SegMetric, class_ids, format_metrics
@@ -201,8 +202,12 @@ class SegmentationPipeline(Pipeline):
         kinds = ("steps", "entropy") if shared else ("entropy",)
         return {k: UncertaintyMetric(device=device) for k in kinds}
 
+    def aug_inputs(self, dataset, index, cfg):
+        original = dataset.load(index)[0]  # the uint8 image before the test resize
+        return lambda ratio: aug_input(original, cfg.data, ratio)
+
     def score_image(self, model, cfg, dataset, feat, img, label, steps, seeds, aug, metrics,
-                    unc):
+                    unc, scale_input=None):
         diffusion = is_diffusion(model)
         h, w = label.shape[-2:]
         valid = label != dataset.ignore_index
@@ -212,7 +217,8 @@ class SegmentationPipeline(Pipeline):
                                                   seeds, in_size=img.shape[-2:])
             else:
                 kw = {"steps": n, "seeds": seeds} if diffusion else {}
-                probs = predict_probs(model, img, cfg.eval, ori_size=(h, w), aug=aug, **kw)
+                probs = predict_probs(model, img, cfg.eval, ori_size=(h, w), aug=aug,
+                                      scale_input=scale_input, **kw)
                 maps = {"entropy": entropy_uncertainty(probs)}
             pred = class_ids(probs)
             metrics[n].update(pred, label)
@@ -256,8 +262,10 @@ class SegmentationPipeline(Pipeline):
         size = rgb.shape[:2]
         n = resolve_steps(model, steps, "this checkpoint")[0]
         extra: dict = {}
+        scale_input = (lambda ratio: aug_input(rgb, cfg.data, ratio)) if aug else None
         if not is_diffusion(model):
-            probs = predict_probs(model, x, cfg.eval, ori_size=size, aug=aug)
+            probs = predict_probs(model, x, cfg.eval, ori_size=size, aug=aug,
+                                  scale_input=scale_input)
         else:
             extra["steps"] = n
             if cfg.eval.mode == "whole" and not aug:
@@ -273,7 +281,7 @@ class SegmentationPipeline(Pipeline):
                     extra["base_mask"] = base[0].argmax(0).cpu().numpy().astype(np.int64)
             else:
                 probs = predict_probs(model, x, cfg.eval, ori_size=size, aug=aug, steps=n,
-                                      seeds=[seed])
+                                      seeds=[seed], scale_input=scale_input)
         probs = probs[0].float()
         mask = probs.argmax(0).cpu().numpy().astype(np.int64)
         color = colorize(mask, predictor.palette, cfg.data.ignore_index)
