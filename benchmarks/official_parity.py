@@ -230,6 +230,13 @@ def compare_stages(model, d: dict) -> dict:
         diff = ours_lab != off_lab
         r["labels_differ"] = int(diff.sum())
         r["official_margins_at_diff"] = margins_at(d["seg_logit"][0], diff)[:10]
+        if "fp64.sample_out" in d and r["labels_differ"]:
+            # the official model's own float64 labels: a pixel that float32 round-off decides
+            # flips between the official float32 and float64 results too (or sides with ours)
+            lab64 = F.interpolate(d["fp64.sample_out"], size=(h, w), mode="bilinear",
+                                  align_corners=False).argmax(1)[0]
+            r["labels_official_fp32_vs_fp64_at_diff"] = int((off_lab != lab64)[diff].sum())
+            r["labels_ours_vs_official_fp64_at_diff"] = int((ours_lab != lab64)[diff].sum())
     if "fp64.neck" in d:
         r.update(compare_fp64(model, d, ours32={"backbone": feats, "neck": neck,
                                                  "step_logits": ours_steps}))

@@ -155,7 +155,9 @@ def _check(path: Path, feeds: dict, expected: list[torch.Tensor]) -> float:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    got = sess.run(None, {k: v.detach().float().cpu().numpy() for k, v in feeds.items()})
+    taken = {i.name for i in sess.get_inputs()}  # a decoder without time drops log_snr
+    got = sess.run(None, {k: v.detach().float().cpu().numpy() for k, v in feeds.items()
+                          if k in taken})
     return max(float((torch.from_numpy(g) - e.float().cpu()).abs().max())
                for g, e in zip(got, expected))
 

@@ -60,9 +60,11 @@ class _Session:
             raise UserError(f"{path}: onnxruntime cannot load it ({one_line(e)})") from None
         self.inputs = [i.name for i in self.sess.get_inputs()]
 
-    def __call__(self, *args: torch.Tensor) -> list[torch.Tensor]:
-        feeds = {n: a.detach().cpu().float().contiguous().numpy()
-                 for n, a in zip(self.inputs, args)}
+    def __call__(self, *args: torch.Tensor, **named: torch.Tensor) -> list[torch.Tensor]:
+        """Inputs in the graph's order, or by name (names the graph does not take, e.g. a
+        ``log_snr`` that a decoder without time input never reads, are dropped)."""
+        pairs = zip(self.inputs, args) if args else ((n, named[n]) for n in self.inputs)
+        feeds = {n: a.detach().cpu().float().contiguous().numpy() for n, a in pairs}
         return [torch.from_numpy(np.asarray(o)) for o in self.sess.run(None, feeds)]
 
 
@@ -139,10 +141,10 @@ class OnnxDDP(_OnnxModel):
     def denoise_step(self, feat: torch.Tensor, x_t: torch.Tensor, log_snr: torch.Tensor,
                      x0_prev: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One ``step.onnx`` call: the decoder's prediction and its re-encoded x0."""
-        args = [feat, x_t, log_snr]
+        named = {"features": feat, "x_t": x_t, "log_snr": log_snr}
         if self.diffusion_cfg.self_condition:  # as DDP.denoise: no estimate yet = zeros
-            args.append(torch.zeros_like(x_t) if x0_prev is None else x0_prev)
-        pred, x0 = self.step(*args)
+            named["x0_prev"] = torch.zeros_like(x_t) if x0_prev is None else x0_prev
+        pred, x0 = self.step(**named)
         return pred, x0
 
     @torch.no_grad()
