@@ -24,12 +24,10 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny generated-data run trained through the CLI (shared by the tests below)."""
-    work = tmp_path_factory.mktemp("run") / "gen"
-    assert main(["train", "configs/generated/baseline.yaml", *TINY, f"work_dir={work}"]) == 0
-    return work
+@pytest.fixture
+def trained(tiny_baseline_run):
+    """The tiny generated-data run trained through the CLI (the session's shared run)."""
+    return tiny_baseline_run
 
 
 def one_line_error(capsys, code, *needles):

@@ -17,11 +17,10 @@ DDP_TINY = ["model.head.num_layers=1", "model.head.channels=16", "model.head.num
             "model.head.ffn_channels=32", "model.diffusion.embed_channels=16"]
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    work = tmp_path_factory.mktemp("ddp") / "run"
-    assert main(["train", "configs/generated/ddp.yaml", *TINY, *DDP_TINY, f"work_dir={work}"]) == 0
-    return work
+@pytest.fixture
+def ddp_run(tiny_ddp_run):
+    """The tiny DDP run (the session's shared run, read-only)."""
+    return tiny_ddp_run
 
 
 def test_eval_several_step_counts_in_one_pass(ddp_run, capsys, tmp_path):
@@ -165,10 +164,8 @@ def test_bad_input_is_one_line(ddp_run, capsys, tmp_path):
                                  "model.diffusion.sample_range=[0.5,0.2]"]), "sample_range")
 
 
-def test_steps_options_refuse_a_discriminative_checkpoint(tmp_path, capsys):
-    work = tmp_path / "gen"
-    assert main(["train", "configs/generated/baseline.yaml", *TINY, f"work_dir={work}"]) == 0
-    ckpt = str(work / "checkpoints/best.safetensors")
+def test_steps_options_refuse_a_discriminative_checkpoint(tiny_baseline_run, tmp_path, capsys):
+    ckpt = str(tiny_baseline_run / "checkpoints/best.safetensors")
     one_line_error(capsys, main(["eval", ckpt, "--steps", "2"]), "not a diffusion model")
     img = tmp_path / "x.png"
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(img)

@@ -169,14 +169,10 @@ TOY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    cfg = load_config("generated/baseline.yaml",
-                      [f"work_dir={tmp_path_factory.mktemp('ddp') / 'w'}", *TOY])
-    metrics = T.train(cfg)
-    return cfg, metrics
+@pytest.fixture
+def toy(toy_ddp):
+    """The session's trained toy DDP (conftest ``toy_ddp``, trained with :data:`TOY`)."""
+    return toy_ddp
 
 
 def test_ddp_training_loss_falls(toy):

@@ -29,7 +29,7 @@ from densediff.errors import UserError  # noqa: E402
 from densediff.models import build_model  # noqa: E402
 from densediff.utils.checkpoint import load_metadata, save_checkpoint  # noqa: E402
 from test_cli import TINY, one_line_error  # noqa: E402
-from test_cli_ddp import DDP_TINY, ddp_run  # noqa: E402, F401  (the trained tiny DDP fixture)
+from test_cli_ddp import DDP_TINY  # noqa: E402
 from test_cli_depth import TINY as DEPTH_TINY  # noqa: E402
 
 REL_TOL = 1e-4
@@ -51,10 +51,16 @@ def random_checkpoint(path, config: str, overrides: list[str]):
     return path
 
 
+@pytest.fixture
+def ddp_run(tiny_ddp_run):
+    """The session's tiny DDP run (conftest), read-only."""
+    return tiny_ddp_run
+
+
 @pytest.fixture(scope="module")
-def seg(ddp_run, tmp_path_factory):  # noqa: F811
+def seg(tiny_ddp_run, tmp_path_factory):
     """The trained tiny DDP, exported at its default size (the 32 x 32 training crop)."""
-    ckpt = ddp_run / "checkpoints/best.safetensors"
+    ckpt = tiny_ddp_run / "checkpoints/best.safetensors"
     folder = tmp_path_factory.mktemp("export") / "ddp"
     meta = export(ckpt, folder)
     return ckpt, folder, meta
