@@ -60,19 +60,26 @@ def test_self_aligned_training_noises_the_models_own_prediction():
     denoise = model.denoise
 
     def spy(feat, x_t, log_snr):
-        calls.append((torch.is_grad_enabled(), log_snr.detach().clone(), x_t.detach().clone()))
-        return denoise(feat, x_t, log_snr)
+        out = denoise(feat, x_t, log_snr)
+        calls.append((torch.is_grad_enabled(), log_snr.detach().clone(), x_t.detach().clone(),
+                      out.detach().clone()))
+        return out
 
     model.denoise = spy
-    model.forward_train(torch.randn(2, 3, 64, 64), torch.randint(0, 6, (2, 64, 64)))
+    label = torch.randint(0, 6, (2, 64, 64))
+    model.forward_train(torch.randn(2, 3, 64, 64), label)
     assert len(calls) == 2
-    (grad1, ls1, x1), (grad2, ls2, x2) = calls
+    (grad1, ls1, x1, pred1), (grad2, ls2, x2, _) = calls
     assert not grad1 and grad2  # the t = 1 prediction carries no gradient
     assert torch.allclose(ls1, model.schedule(torch.ones(2)))
-    # the second input is alpha * enc(argmax pred) + sigma * (the same noise as the first input)
+    # Alg. 4: the second input is alpha * enc(argmax of the first call's logits) + sigma * eps,
+    # eps the first call's input (the same noise)
     a, s = (v.view(2, 1, 1, 1) for v in alpha_sigma(ls2))
-    y0_hat = (x2 - s * x1) / a
-    assert float((y0_hat.abs() - model.diffusion_cfg.scale).max()) < 1e-4
+    with torch.no_grad():
+        own = model.map_encoding(pred1.argmax(1))
+        gt = model.encode_target(label, (16, 16))
+    assert torch.allclose(x2, a * own + s * x1, atol=1e-6)
+    assert not torch.allclose(x2, a * gt + s * x1, atol=1e-3)  # not the GT's encoding
 
 
 def test_self_aligned_training_still_trains_the_map_embedding():
