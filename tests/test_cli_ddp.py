@@ -171,3 +171,49 @@ def test_steps_options_refuse_a_discriminative_checkpoint(tiny_baseline_run, tmp
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(img)
     one_line_error(capsys, main(["predict", ckpt, str(img), "--out", str(tmp_path / "p"),
                                  "--trajectory"]), "not a diffusion model")
+
+
+def test_eval_plot_draws_the_scores_of_each_step_count(ddp_run, capsys, tmp_path, monkeypatch):
+    """``--plot PATH`` writes the metric-vs-steps curve there (a new folder is made), from the
+    same scores as the JSON, instead of the default ``<out>_steps.png``."""
+    import densediff.viz as viz
+
+    drawn = []
+    real = viz.plot_steps
+
+    def spy(results, path, title=None):
+        drawn.append({n: m["mIoU"] for n, m in results.items()})  # path: maybe a temp file
+        return real(results, path, title)
+
+    monkeypatch.setattr(viz, "plot_steps", spy)
+    plot, out = tmp_path / "new" / "curve.png", tmp_path / "val.json"
+    assert main(["eval", str(ddp_run / "checkpoints/best.safetensors"), "--steps", "1,2",
+                 "--no-controls", "--quiet", "--plot", str(plot), "--out", str(out)]) == 0
+    assert f"wrote {plot}" in capsys.readouterr().out
+    scores = {int(n): m["mIoU"] for n, m in json.loads(out.read_text())["steps"].items()}
+    assert drawn == [scores] and list(scores) == [1, 2]
+    picture = Image.open(plot)
+    assert picture.format == "PNG" and picture.size == (540, 384)  # 4.5 x 3.2 in at 120 dpi
+    assert np.asarray(picture.convert("L")).std() > 10  # not a blank canvas
+    assert not (tmp_path / "val_steps.png").exists()  # --plot replaces the default path
+
+
+def test_bench_batch_runs_every_measurement_at_that_batch(capsys, tmp_path, monkeypatch):
+    """``bench --batch 3``: the model sees batches of 3 everywhere (spied), the report and the
+    JSON say so, the throughput is measured at 3, and the matmul floor scales with it."""
+    from densediff.models.ddp import DDP
+
+    sizes = []
+    real = DDP.extract
+    monkeypatch.setattr(DDP, "extract", lambda self, x: sizes.append(x.shape[0]) or real(self, x))
+    out = tmp_path / "b.json"
+    assert main(["bench", "configs/generated/ddp.yaml", *DDP_TINY, "--size", "64", "64",
+                 "--batch", "3", "--repeats", "1", "--steps", "1", "--variants", "eager,fast",
+                 "--precision", "fp32", "--out", str(out)]) == 0
+    assert "input 3x3x64x64" in capsys.readouterr().out
+    assert sizes and set(sizes) == {3}
+    r = json.loads(out.read_text())
+    assert r["batch"] == 3 and r["tokens_per_step"] == 256  # 64/4 x 64/4 per image
+    assert r["matmul_shape"][0] == 3 * 256
+    for v in r["variants"].values():
+        assert set(v["throughput"]) == {"3"}

@@ -118,6 +118,24 @@ def test_encoder_and_step_match_pytorch_at_batch_1_and_2(seg):
     torch.testing.assert_close(second[:, 0], both[:, 1], atol=1e-5, rtol=0)
 
 
+def test_load_onnx_threads_and_providers_reach_every_session(seg, capsys):
+    """``load_onnx(threads=, providers=)`` configures both graphs' onnxruntime sessions (the
+    default: torch's thread count, the CPU provider), and predictions do not change with them.
+    (An unknown provider is onnxruntime's business: it warns and falls back to the CPU.)"""
+    ckpt, folder, _ = seg
+    default = densediff.load_onnx(folder)
+    tuned = densediff.load_onnx(folder, threads=2, providers=["CPUExecutionProvider"])
+    for predictor, threads in ((default, torch.get_num_threads()), (tuned, 2)):
+        sessions = [predictor.model.encoder.sess, predictor.model.step.sess]
+        for sess in sessions:
+            assert sess.get_session_options().intra_op_num_threads == threads
+            assert sess.get_providers() == ["CPUExecutionProvider"]
+    img = np.random.default_rng(3).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    a, b = default.predict(img, steps=2, seed=4), tuned.predict(img, steps=2, seed=4)
+    np.testing.assert_array_equal(a.mask, b.mask)
+    np.testing.assert_allclose(a.probs, b.probs, atol=1e-6, rtol=0)
+
+
 def test_seeded_prediction_matches_pytorch(seg, capsys):
     ckpt, folder, _ = seg
     pt, ox = densediff.load(ckpt), densediff.load_onnx(folder)
