@@ -191,6 +191,7 @@ def test_train_and_eval_on_a_nuscenes_fixture(tmp_path, capsys):
     assert code == 1 and "CAM_BACK" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a short BEV training (~1 min on 2 free cores)
 def test_short_training_beats_the_best_constant_prediction(tmp_path):
     """~1 min: camera-only DDP on a small generated world (+-12 m); the val mIoU at 3 steps
     must be well above that of the best constant prediction."""

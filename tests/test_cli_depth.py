@@ -162,6 +162,7 @@ def test_cli_data_check_formats_match_the_checker():
     assert set(DATA_CHECK_FORMATS) == set(CHECK_FORMATS)
 
 
+@pytest.mark.slow  # a 300-iteration training (~1 min on 2 free cores)
 def test_short_training_beats_the_best_constant_depth(tmp_path):
     """~40 s: DDP on 64 x 64 generated scenes; the val AbsRel at 3 steps must fall well below
     that of the oracle constant depth (the best single depth for the val maps themselves)."""
