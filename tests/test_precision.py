@@ -11,7 +11,7 @@ import torch
 from densediff.cli.main import main
 from densediff.config import load_config
 from densediff.data import class_info
-from densediff.errors import UserError
+from densediff.errors import ConfigError, UserError
 from densediff.models import build_model
 from densediff.utils.precision import autocast, resolve_precision
 from test_cli import TINY, one_line_error
@@ -78,7 +78,7 @@ def test_train_step_runs_under_bf16_on_cpu():
 
 
 def test_train_precision_key_is_checked():
-    with pytest.raises(Exception, match="train.precision"):
+    with pytest.raises(ConfigError, match="train.precision"):
         load_config("configs/generated/ddp.yaml", [*TINY, "train.precision=fp16"])
 
 
