@@ -13,9 +13,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import densediff
+from conftest import copy_run
 from densediff.cli.main import main
 from densediff.config import load_config
-from conftest import copy_run
 from test_cli import TINY, one_line_error
 
 DDPS_TINY = ["model.ddps.unet.dim=16", "model.ddps.unet.heads=2", "model.ddps.unet.dim_head=8",

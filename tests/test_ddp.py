@@ -11,7 +11,6 @@ import torch
 
 from densediff.config import load_config
 from densediff.diffusion import alpha_sigma
-from densediff.engine import trainer as T
 from densediff.engine.evaluate import evaluate_steps
 from densediff.models import DDP, Segmentor, build_model
 
