@@ -222,8 +222,9 @@ def test_bad_checkpoint_device_and_out_paths(capsys, tmp_path):
     ckpt = untrained_checkpoint(tmp_path / "ck.safetensors")
     img = tmp_path / "x.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(img)
+    # a folder is read as a run folder: without checkpoints/ it is refused in one line
     one_line_error(capsys, main(["predict", str(tmp_path), str(img), "--out", str(tmp_path / "o")]),
-                   "is a folder")
+                   "holds no checkpoints/best or last.safetensors")
     one_line_error(capsys, main(["predict", str(ckpt), str(img), "--out", str(img)]),
                    "x.png", "--out must be a folder")
     one_line_error(capsys, main(["predict", str(ckpt), str(img), "--out", str(tmp_path / "o"),

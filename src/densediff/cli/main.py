@@ -385,6 +385,38 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """``convert``: an official DDP checkpoint as a densediff run folder."""
+    from densediff.official import convert
+
+    weights = convert(args.source, args.out, config=args.config)
+    print(f"{args.source} -> {args.out} (config.yaml, {weights.relative_to(args.out)}); use it "
+          f"with eval, predict, diagnose, export, bench or as a DDPS model.ddps.base")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """``models``: the released DDP models (authors' numbers, labelled as theirs)."""
+    from densediff.official import RELEASED
+
+    for m in RELEASED:
+        print(f"{m.name}\n  config:   {m.config}\n  hub:      {m.hub_uri}\n"
+              f"  authors:  {m.reported} (reported by the authors, not measured here)\n"
+              f"  densediff: {m.proven}")
+    return 0
+
+
+def _config_arg(arg: str) -> str:
+    """A config path, or a run folder (e.g. written by ``convert``): its ``config.yaml``."""
+    folder = Path(arg)
+    if folder.is_dir():
+        if not (folder / "config.yaml").is_file():
+            raise UserError(f"{arg}: a folder without config.yaml (give a config file or a run "
+                            "folder)")
+        return str(folder / "config.yaml")
+    return arg
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from densediff.bench import bench, format_bench
     from densediff.config import load_config
@@ -396,7 +428,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     steps = parse_steps(args.steps, low=1)  # None: the model's share of 1, 3, 5
     if args.out:
         check_writable_file(args.out, "--out")
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(_config_arg(args.config), args.overrides)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     batches = None
     if args.batches is not None:
@@ -424,7 +456,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from densediff.info import describe
 
     check_size(args.size)
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(_config_arg(args.config), args.overrides)
     print(describe(cfg, size=tuple(args.size) if args.size else None))
     return 0
 
@@ -562,6 +594,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write into a non-empty --out (files of the same name are replaced)")
     ex.set_defaults(func=cmd_export)
 
+    cv = sub.add_parser("convert", help="convert an official DDP checkpoint (.pth file or "
+                        "hf://yfji/DDP-Weight/<name>.pth) into a densediff run folder")
+    cv.add_argument("source", help="official checkpoint: a .pth file or hf://<repo>/<file>")
+    cv.add_argument("out", help="run folder to write (must be new or empty)")
+    cv.add_argument("--config", help="densediff config of the architecture, for checkpoints "
+                    "trained with the official code that are not released models (default: "
+                    "recognise the released model)")
+    cv.set_defaults(func=cmd_convert)
+
+    mo = sub.add_parser("models", help="list the released DDP models (densediff config, the "
+                        "authors' reported numbers, Hub file)")
+    mo.set_defaults(func=cmd_models)
+
     dg = sub.add_parser("diagnose", help="DDP: does the map decoder use its noisy map? map "
                         "reliance, single-call controls vs the step curve, fuse weights")
     dg.add_argument("checkpoint")
@@ -585,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="latency of the encoder, one decoder step and whole "
                        "predictions at several step counts, and peak memory")
-    b.add_argument("config")
+    b.add_argument("config", help="config file, or a run folder (its config.yaml)")
     b.add_argument("overrides", nargs="*")
     b.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), help="input size "
                    "(default: the training crop size, else 512 512)")

@@ -189,7 +189,7 @@ class OnnxDDP(_OnnxModel):
             raise TypeError("a depth model has no class logits: use predict_depth")
         traj = self._sample(img, steps, **kwargs)
         acc = self.accumulation if accumulation is None else accumulation
-        return self._up(traj.scores(acc), img.shape[-2:])
+        return self._up(traj.seg_logit(acc), img.shape[-2:])
 
     def predict_depth(self, img: torch.Tensor, steps: int | None = None,
                       accumulation: bool | None = None, **kwargs) -> torch.Tensor:

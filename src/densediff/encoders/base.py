@@ -2,9 +2,12 @@
 size padding, freezing, and checked loading of plain state-dict files.
 
 An encoder maps a normalised image batch ``B x 3 x H x W`` to four feature maps at strides
-4, 8, 16 and 32 with ``out_channels[i]`` channels each. Any ``H, W`` works: the input is
-zero-padded (bottom/right) to a multiple of 32 and every output is cropped back to
-``ceil(H / stride) x ceil(W / stride)``, so all backbones agree on output sizes.
+4, 8, 16 and 32 with ``out_channels[i]`` channels each. Any ``H, W`` works. By default the
+input is zero-padded (bottom/right) to a multiple of 32 and every output is cropped back to
+``ceil(H / stride) x ceil(W / stride)``. Backbones that handle any size themselves, as their
+official code does (Swin pads inside its ops, ConvNeXt floors), set ``pads_input = False`` and
+keep their own output sizes (Swin: ceil, ConvNeXt: floor), so that they compute what the
+official code computes at sizes not divisible by 32.
 """
 
 from __future__ import annotations
@@ -63,16 +66,23 @@ class Encoder(nn.Module):
         self.register_buffer("in_shift", shift if shift is not None else torch.zeros(3, 1, 1),
                              persistent=False)
 
+    pads_input: bool = True
+    """Whether :meth:`forward` pads the input to a multiple of 32 (see the module docstring)."""
+
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Backbone forward on an input whose sides divide 32; returns the 4 level maps."""
+        """Backbone forward (on an input whose sides divide 32 when :attr:`pads_input`);
+        returns the 4 level maps."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Args: x: B x 3 x H x W normalised images. Returns 4 maps, level i of size
-        ceil(H / s_i) x ceil(W / s_i) for strides s = 4, 8, 16, 32."""
+        ceil(H / s_i) x ceil(W / s_i) for strides s = 4, 8, 16, 32 (backbones with
+        ``pads_input = False``: their own sizes)."""
         h, w = x.shape[-2:]
         if self.renorm:
             x = x * self.in_scale + self.in_shift
+        if not self.pads_input:
+            return self.features(x)
         pad_h, pad_w = -h % STRIDES[-1], -w % STRIDES[-1]
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
@@ -96,7 +106,7 @@ def _renorm_affine(data_mean, data_std, weights_mean, weights_std):
     """(scale, shift) with ``x_weights = x_data * scale + shift``, or (None, None) if equal."""
     if weights_mean is None or weights_std is None:
         return None, None
-    dm, ds, wm, ws = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1)
+    dm, ds, wm, ws = (torch.tensor(v, dtype=torch.float32, device="cpu").view(3, 1, 1)
                       for v in (data_mean, data_std, weights_mean, weights_std))
     if torch.allclose(dm, wm) and torch.allclose(ds, ws):
         return None, None

@@ -122,11 +122,12 @@ def _no_drop_path(name: str, drop_path: float) -> None:
         raise ConfigError(f"model.encoder.drop_path: {name} has no stochastic depth; set it to 0")
 
 
-def hf_spec(name: str, variant: str, drop_path: float = 0.0, **overrides: Any) -> HFSpec:
+def hf_spec(name: str, variant: str, drop_path: float = 0.0, window_size: int | None = None,
+            **overrides: Any) -> HFSpec:
     """Config and classes for a transformers backbone.
 
     Args:
-        name, variant, drop_path: as in :class:`~densediff.config.EncoderConfig`.
+        name, variant, drop_path, window_size: as in :class:`~densediff.config.EncoderConfig`.
         **overrides: extra config fields (e.g. smaller sizes for tests); they win over the
             variant's published values.
     """
@@ -134,6 +135,7 @@ def hf_spec(name: str, variant: str, drop_path: float = 0.0, **overrides: Any) -
     imagenet = (IMAGENET_MEAN, IMAGENET_STD)
     if name == "swin":
         arch = _variant(SWIN_VARIANTS, name, variant)
+        arch["window_size"] = window_size or SWIN_COMMON["window_size"]
         config = tf.SwinConfig(**{**SWIN_COMMON, **arch, "drop_path_rate": drop_path,
                                   "out_features": _STAGES, **overrides})
         return HFSpec(config, tf.SwinBackbone, BackboneEncoder, arch, imagenet)
@@ -172,7 +174,8 @@ def build_hf_encoder(enc_cfg: EncoderConfig, data_mean=IMAGENET_MEAN, data_std=I
         data_mean, data_std: the data pipeline's normalisation (0-255 scale).
         **overrides: config fields replacing the published variant's (tests use small sizes).
     """
-    spec = hf_spec(enc_cfg.name, enc_cfg.variant, enc_cfg.drop_path, **overrides)
+    spec = hf_spec(enc_cfg.name, enc_cfg.variant, enc_cfg.drop_path, enc_cfg.window_size,
+                   **overrides)
     if enc_cfg.pretrained:
         model = load_hf_model(spec, enc_cfg.pretrained, what=f"{enc_cfg.name} {enc_cfg.variant}")
     else:
@@ -186,19 +189,51 @@ def build_hf_encoder(enc_cfg: EncoderConfig, data_mean=IMAGENET_MEAN, data_std=I
 # adapters
 
 
+OWN_SIZE_HANDLING = ("swin", "convnext")
+"""Backbones whose official DDP code (mmseg Swin, mmcls ConvNeXt) takes any input size itself:
+Swin pads inside its ops (patch embedding to 4, windows to the window size, patch merging to
+even sizes, all bottom/right), ConvNeXt's strided convs floor. These get no outer padding, so
+features at sizes not divisible by 32 equal the official ones."""
+
+
+MMCLS_DOWNSAMPLE_EPS = 1e-5
+"""eps of ConvNeXt's downsampling LayerNorms in mmcls (its other norms use 1e-6)."""
+
+
+def _keep_window(input_resolution) -> None:
+    """Replaces transformers' ``SwinLayer.set_shift_and_window_size``, which shrinks the window
+    (and drops the shift) for maps no larger than the window, and keeps the shrunk window for
+    every later, larger input. mmseg's Swin (the official DDP backbone) keeps the configured
+    window and shift at every size, padding the map to the window instead."""
+
+
 class BackboneEncoder(Encoder):
-    """Swin / ConvNeXt / ResNet through the transformers ``*Backbone`` API (4 out_features)."""
+    """Swin / ConvNeXt / ResNet through the transformers ``*Backbone`` API (4 out_features).
+
+    Swin and ConvNeXt handle any input size as the official mmseg/mmcls backbones do (no outer
+    padding, :data:`OWN_SIZE_HANDLING`); Swin keeps its window at every map size."""
 
     unused_weights = ("swin.layernorm.",)
     """Weights of the transformers model that this adapter drops (may be absent on load)."""
 
     def __init__(self, model: nn.Module, **encoder_kwargs):
         super().__init__(out_channels=model.channels, **encoder_kwargs)
+        self.pads_input = model.config.model_type not in OWN_SIZE_HANDLING
+        if model.config.model_type == "convnext":
+            # mmcls' ConvNeXt (the official DDP backbone) builds its downsampling LayerNorms
+            # with PyTorch's default eps 1e-5 (transformers: 1e-6, as the rest of the model)
+            for stage in model.encoder.stages:
+                norm = stage.downsampling_layer[0] if len(stage.downsampling_layer) else None
+                if norm is not None and hasattr(norm, "eps"):
+                    norm.eps = MMCLS_DOWNSAMPLE_EPS
         swin = getattr(model, "swin", None)
         if swin is not None:
             # SwinModel's final LayerNorm feeds no backbone output: drop it so every parameter
             # gets a gradient (DistributedDataParallel needs that).
             swin.layernorm = nn.Identity()
+            for layer in swin.modules():
+                if hasattr(layer, "set_shift_and_window_size"):
+                    layer.set_shift_and_window_size = _keep_window
         self.model = model
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -52,6 +52,13 @@ class Trajectory:
             return self.probs(True).clamp(min=1e-12).log()
         return self.logits[-1].mean(1)
 
+    def seg_logit(self, accumulation: bool) -> torch.Tensor:
+        """B x K x h x w: the official output on the decoder grid (mmseg's "seg logit"): the
+        mean of the step probabilities (``accumulation``), else the last step's logits averaged
+        over starts. The inference path upsamples it bilinearly and applies softmax, as mmseg
+        does (with ``accumulation`` it thus upsamples probabilities, not their log)."""
+        return self.probs(True) if accumulation else self.logits[-1].mean(1)
+
     def step_logits(self) -> torch.Tensor:
         """S x B x K x h x w: each step's logits averaged over starts."""
         return torch.stack([lg.mean(1) for lg in self.logits])
@@ -85,8 +92,10 @@ class DDP(FeatureSegmentor):
         self.fuse = nn.Conv2d(self.feat_channels + map_in, c, 1)
         nn.init.kaiming_normal_(self.fuse.weight, nonlinearity="relu")  # mmcv ConvModule init
         nn.init.zeros_(self.fuse.bias)
-        self.time_mlp = TimeEmbedding(diff_cfg.time_frequencies, 4 * c)
-        self.decoder = build_head(m.head, c, num_classes, time_channels=4 * c)
+        # diffusion.time_input none: no time input at all (the official depth decoder)
+        timed = diff_cfg.time_input != "none"
+        self.time_mlp = TimeEmbedding(diff_cfg.time_frequencies, 4 * c) if timed else None
+        self.decoder = build_head(m.head, c, num_classes, time_channels=4 * c if timed else None)
 
     trajectory_cls = Trajectory
     default_steps = property(lambda self: self.diffusion_cfg.steps)
@@ -101,18 +110,22 @@ class DDP(FeatureSegmentor):
         """The map decoder f_theta(y_t, features, t): class logits on the feature grid.
 
         The time MLP is fed ``log_snr``, or the time t it stands for when
-        ``diffusion.time_input`` is ``t`` (the official depth model). With
+        ``diffusion.time_input`` is ``t``; with ``none`` the decoder gets no time input (the
+        official depth model). With
         ``diffusion.precondition`` y_t is first scaled by c_in(t); with
         ``diffusion.self_condition`` the previous x0 estimate ``x0_prev`` (None: zeros) is a
         further input."""
         diff_cfg = self.diffusion_cfg
-        time = (log_snr if diff_cfg.time_input == "log_snr"
-                else schedule_time(diff_cfg.schedule, log_snr))
+        time_emb = None
+        if self.time_mlp is not None:
+            time = (log_snr if diff_cfg.time_input == "log_snr"
+                    else schedule_time(diff_cfg.schedule, log_snr))
+            time_emb = self.time_mlp(time)
         maps = [self.precondition(x_t, log_snr)]
         if diff_cfg.self_condition:
             prev = torch.zeros_like(x_t) if x0_prev is None else x0_prev
             maps.append(prev / self.map_encoding.scale if diff_cfg.precondition else prev)
-        return self.decoder(self.fuse(torch.cat([feat, *maps], 1)), self.time_mlp(time))
+        return self.decoder(self.fuse(torch.cat([feat, *maps], 1)), time_emb)
 
     def precondition(self, x_t: torch.Tensor, log_snr: torch.Tensor) -> torch.Tensor:
         """c_in(t) y_t with c_in = 1 / sqrt(alpha^2 s^2 + sigma^2), s = the code scale (the
@@ -220,11 +233,12 @@ class DDP(FeatureSegmentor):
 
     def predict_logits(self, img: torch.Tensor, steps: int | None = None,
                        accumulation: bool | None = None, **kwargs) -> torch.Tensor:
-        """B x K x H x W scores at the input size whose softmax is the DDP output
-        probabilities (log-probabilities), for the generic inference path (slide window,
-        multi-scale + flip). ``kwargs``: ``td``, ``sampler``, ``randsteps``, ``seeds``."""
+        """B x K x H x W scores at the input size: :meth:`Trajectory.seg_logit` upsampled
+        bilinearly (the official output), for the generic inference path (softmax, slide
+        window, multi-scale + flip). ``kwargs``: ``td``, ``sampler``, ``randsteps``,
+        ``seeds``."""
         diff_cfg = self.diffusion_cfg
         traj = self.sample_steps(self.extract(img), diff_cfg.steps if steps is None else steps,
                                  **kwargs)
-        scores = traj.scores(diff_cfg.accumulation if accumulation is None else accumulation)
+        scores = traj.seg_logit(diff_cfg.accumulation if accumulation is None else accumulation)
         return F.interpolate(scores, size=img.shape[-2:], mode="bilinear", align_corners=False)

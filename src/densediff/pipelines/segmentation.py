@@ -28,9 +28,13 @@ __all__ = ["Prediction", "SegmentationPipeline", "uncertainty_maps"]
 
 @torch.no_grad()
 def uncertainty_maps(model: nn.Module, feat: torch.Tensor, steps: int, out_size: tuple[int, int],
-                     accumulation: bool, seeds: Sequence[int] | None = None
+                     accumulation: bool, seeds: Sequence[int] | None = None,
+                     in_size: tuple[int, int] | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Sample ``steps`` steps from features and form the outputs at ``out_size``.
+
+    ``in_size``: the size of the network input; maps are resized bilinearly to it first and
+    then to ``out_size``, as mmseg's whole-image inference does (two resizes differ from one).
 
     Returns:
         ``(probs B x K x H x W, step_labels S x B x H x W, {"steps": ..., "entropy": ...})``:
@@ -41,9 +45,14 @@ def uncertainty_maps(model: nn.Module, feat: torch.Tensor, steps: int, out_size:
     traj = model.sample_steps(feat, steps, seeds=seeds)
 
     def up(x: torch.Tensor) -> torch.Tensor:
-        return F.interpolate(x, size=out_size, mode="bilinear", align_corners=False)
+        for size in ([] if in_size is None else [tuple(in_size)]) + [tuple(out_size)]:
+            if tuple(x.shape[-2:]) != size:
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return x
 
-    probs = up(traj.scores(accumulation)).softmax(1)
+    # accumulated: the mean step probabilities, upsampled (a distribution already); else the
+    # softmax of the upsampled logits
+    probs = up(traj.probs(True)) if accumulation else up(traj.seg_logit(False)).softmax(1)
     step_labels = torch.stack([class_ids(up(lg)) for lg in traj.step_logits()])
     unc = {"steps": step_change_uncertainty(step_labels), "entropy": entropy_uncertainty(probs)}
     return probs, step_labels, unc
@@ -200,7 +209,7 @@ class SegmentationPipeline(Pipeline):
         for n in steps:
             if feat is not None:
                 probs, _, maps = uncertainty_maps(model, feat, n, (h, w), model.accumulation,
-                                                  seeds)
+                                                  seeds, in_size=img.shape[-2:])
             else:
                 kw = {"steps": n, "seeds": seeds} if diffusion else {}
                 probs = predict_probs(model, img, cfg.eval, ori_size=(h, w), aug=aug, **kw)
@@ -211,7 +220,7 @@ class SegmentationPipeline(Pipeline):
                 unc[n][k].update(m, pred != label, valid)
 
     def score_trajectory(self, model, metric, traj, label):
-        scores = F.interpolate(traj.scores(model.accumulation), size=label.shape[-2:],
+        scores = F.interpolate(traj.seg_logit(model.accumulation), size=label.shape[-2:],
                                mode="bilinear", align_corners=False)
         metric.update(class_ids(scores), label)
 
@@ -254,7 +263,8 @@ class SegmentationPipeline(Pipeline):
             if cfg.eval.mode == "whole" and not aug:
                 feat = model.extract(x)
                 probs, step_labels, maps = uncertainty_maps(model, feat, n, size,
-                                                            model.accumulation, [seed])
+                                                            model.accumulation, [seed],
+                                                            in_size=x.shape[-2:])
                 extra["uncertainty"] = maps["steps"][0].cpu().numpy()
                 extra["trajectory"] = step_labels[:, 0].cpu().numpy().astype(np.int64)
                 base = getattr(feat, "logits", None)  # DDPS: the base segmentor's logits

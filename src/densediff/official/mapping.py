@@ -1,0 +1,221 @@
+"""Tensor names and layouts: official DDP (mmseg 0.x fork + mmcls) -> densediff.
+
+Every official key is rewritten by the first matching rule of :func:`rename`; a few tensors
+also change layout:
+
+- Swin ``attn.w_msa.qkv`` (mmseg: one ``3C x C`` linear, rows ``[q; k; v]``, as its
+  ``WindowMSA`` reshapes to ``(3, heads, C / heads)``) -> the three transformers projections;
+- Swin patch merging (``downsample.reduction`` / ``downsample.norm``): mmseg gathers each 2x2
+  neighbourhood with ``nn.Unfold``, so its ``4C`` input channels are ordered ``c * 4 + p`` with
+  ``p = 2 * dh + dw`` (kernel position, row-major). transformers (as the original Swin)
+  concatenates the four sub-grids ``(dh, dw) = (0,0), (1,0), (0,1), (1,1)``, so its channels
+  are ``k * C + c`` with ``k = dh + 2 * dw``. :func:`unfold_to_concat` permutes columns (and
+  the norm's entries) from the first order to the second;
+- Swin ``relative_position_index`` buffers are derived from the window size: dropped.
+
+transformers renamed its Swin parameters between major versions (v4: ``attention.self.query``,
+``attention.output.dense``, ``intermediate.dense``, ``output.dense``; v5:
+``attention.q_proj`` ... ``o_proj``, ``mlp.fc1``/``fc2``, ``attention.relative_position_bias``).
+:data:`SWIN_NAMINGS` holds both; :func:`swin_naming` picks the one the installed model uses,
+and every conversion ends in a strict comparison with the model's own keys.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Collection, Mapping
+
+import torch
+
+from densediff.errors import CheckpointError
+
+Tensor = torch.Tensor
+
+SWIN_NAMINGS: dict[str, dict[str, str]] = {
+    "v5": {"q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj",
+           "proj": "attention.o_proj",
+           "table": "attention.relative_position_bias.relative_position_bias_table",
+           "fc1": "mlp.fc1", "fc2": "mlp.fc2"},
+    "v4": {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+           "proj": "attention.output.dense",
+           "table": "attention.self.relative_position_bias_table",
+           "fc1": "intermediate.dense", "fc2": "output.dense"},
+}
+"""transformers' Swin block names by major version (blocks are
+``encoder.model.swin.encoder.layers.<i>.blocks.<j>.<name>``)."""
+
+_SWIN_BLOCK = "encoder.model.swin.encoder.layers.{i}.blocks.{j}."
+
+
+def swin_naming(model_keys: Collection[str]) -> dict[str, str]:
+    """The entry of :data:`SWIN_NAMINGS` whose names the model's state dict uses."""
+    probe = _SWIN_BLOCK.format(i=0, j=0)
+    for naming in SWIN_NAMINGS.values():
+        if f"{probe}{naming['q']}.weight" in model_keys:
+            return naming
+    raise CheckpointError("the installed transformers names its Swin parameters in a way "
+                          "densediff does not know (expected transformers 4.x or 5.x)")
+
+
+def unfold_to_concat(t: Tensor) -> Tensor:
+    """Patch-merging channels from mmseg's unfold order (``c * 4 + p``, ``p = 2 dh + dw``) to
+    the concatenation order (``k * C + c``, ``k = dh + 2 dw``) along the last dimension."""
+    c = t.shape[-1] // 4
+    grouped = t.reshape(*t.shape[:-1], c, 4)  # [..., c, p]
+    # k = 0..3 is (dh, dw) = (0,0), (1,0), (0,1), (1,1): unfold positions p = 0, 2, 1, 3
+    return grouped[..., [0, 2, 1, 3]].transpose(-1, -2).reshape(t.shape)
+
+
+Rule = tuple[re.Pattern, Callable[[re.Match, Tensor], list[tuple[str, Tensor]]]]
+
+
+def _to(name: str) -> Callable[[re.Match, Tensor], list[tuple[str, Tensor]]]:
+    """A rule action: rename to ``name`` (``{1}``... are the pattern's groups)."""
+    return lambda m, t: [(name.format(*m.groups()), t)]
+
+
+def _drop(m: re.Match, t: Tensor) -> list[tuple[str, Tensor]]:
+    return []
+
+
+def _common_rules() -> list[Rule]:
+    """Neck, heads, DDP modules: the same for every backbone."""
+    r = re.compile
+    return [
+        (r(r"neck\.0\.(lateral|fpn)_convs\.(\d+)\.conv\.weight"), _to("neck.{0}_convs.{1}.0.weight")),
+        (r(r"neck\.0\.(lateral|fpn)_convs\.(\d+)\.gn\.(weight|bias)"), _to("neck.{0}_convs.{1}.1.{2}")),
+        (r(r"neck\.1\.down\.conv\.weight"), _to("neck.merge.0.weight")),
+        (r(r"neck\.1\.down\.gn\.(weight|bias)"), _to("neck.merge.1.{0}")),
+        (r(r"auxiliary_head\.convs\.(\d+)\.conv\.weight"), _to("aux_head.convs.{0}.0.weight")),
+        (r(r"auxiliary_head\.convs\.(\d+)\.bn\.(\w+)"), _to("aux_head.convs.{0}.1.{1}")),
+        (r(r"auxiliary_head\.conv_seg\.(weight|bias)"), _to("aux_head.conv_seg.{0}")),
+        (r(r"embedding_table\.weight"), _to("map_encoding.embedding.weight")),
+        (r(r"transform\.conv\.(weight|bias)"), _to("fuse.{0}")),
+        (r(r"time_mlp\.(0\.weights|[13]\.weight|[13]\.bias)"), _to("time_mlp.{0}")),
+        (r(r"decode_head\.conv_seg\.(weight|bias)"), _to("decoder.conv_seg.{0}")),
+        (r(r"decode_head\.encoder\.layers\.(\d+)\.attentions\.0\.(\w+)\.(weight|bias)"),
+         _to("decoder.layers.{0}.attn.{1}.{2}")),
+        (r(r"decode_head\.encoder\.layers\.(\d+)\.ffns\.0\.layers\.0\.0\.(weight|bias)"),
+         _to("decoder.layers.{0}.ffn.0.{1}")),
+        (r(r"decode_head\.encoder\.layers\.(\d+)\.ffns\.0\.layers\.1\.(weight|bias)"),
+         _to("decoder.layers.{0}.ffn.2.{1}")),
+        (r(r"decode_head\.encoder\.layers\.(\d+)\.norms\.0\.(weight|bias)"),
+         _to("decoder.layers.{0}.norm1.{1}")),
+        (r(r"decode_head\.encoder\.layers\.(\d+)\.norms\.1\.(weight|bias)"),
+         _to("decoder.layers.{0}.norm2.{1}")),
+        (r(r"decode_head\.encoder\.layers\.(\d+)\.time_mlp\.1\.(weight|bias)"),
+         _to("decoder.layers.{0}.time_mlp.1.{1}")),
+    ]
+
+
+def _swin_rules(naming: Mapping[str, str]) -> list[Rule]:
+    r = re.compile
+    block = "encoder.model.swin.encoder.layers.{0}.blocks.{1}."
+
+    def qkv(m: re.Match, t: Tensor) -> list[tuple[str, Tensor]]:
+        i, j, kind = m.groups()
+        q, k, v = t.chunk(3, dim=0)
+        prefix = block.format(i, j)
+        return [(f"{prefix}{naming[n]}.{kind}", x) for n, x in zip("qkv", (q, k, v))]
+
+    def merging(m: re.Match, t: Tensor) -> list[tuple[str, Tensor]]:
+        i, kind, what = m.groups()
+        return [(f"encoder.model.swin.encoder.layers.{i}.downsample.{kind}.{what}",
+                 unfold_to_concat(t))]
+
+    return [
+        (r(r"backbone\.patch_embed\.projection\.(weight|bias)"),
+         _to("encoder.model.swin.embeddings.patch_embeddings.projection.{0}")),
+        (r(r"backbone\.patch_embed\.norm\.(weight|bias)"),
+         _to("encoder.model.swin.embeddings.norm.{0}")),
+        (r(r"backbone\.stages\.(\d+)\.blocks\.(\d+)\.norm1\.(weight|bias)"),
+         _to(block + "layernorm_before.{2}")),
+        (r(r"backbone\.stages\.(\d+)\.blocks\.(\d+)\.norm2\.(weight|bias)"),
+         _to(block + "layernorm_after.{2}")),
+        (r(r"backbone\.stages\.(\d+)\.blocks\.(\d+)\.attn\.w_msa\.relative_position_bias_table"),
+         _to(block + naming["table"])),
+        (r(r"backbone\.stages\.(\d+)\.blocks\.(\d+)\.attn\.w_msa\.relative_position_index"), _drop),
+        (r(r"backbone\.stages\.(\d+)\.blocks\.(\d+)\.attn\.w_msa\.qkv\.(weight|bias)"), qkv),
+        (r(r"backbone\.stages\.(\d+)\.blocks\.(\d+)\.attn\.w_msa\.proj\.(weight|bias)"),
+         _to(block + naming["proj"] + ".{2}")),
+        (r(r"backbone\.stages\.(\d+)\.blocks\.(\d+)\.ffn\.layers\.0\.0\.(weight|bias)"),
+         _to(block + naming["fc1"] + ".{2}")),
+        (r(r"backbone\.stages\.(\d+)\.blocks\.(\d+)\.ffn\.layers\.1\.(weight|bias)"),
+         _to(block + naming["fc2"] + ".{2}")),
+        (r(r"backbone\.stages\.(\d+)\.downsample\.(reduction|norm)\.(weight|bias)"), merging),
+        (r(r"backbone\.norm(\d)\.(weight|bias)"), _stage_norm),
+    ]
+
+
+def _stage_norm(m: re.Match, t: Tensor) -> list[tuple[str, Tensor]]:
+    """mmseg/mmcls ``backbone.norm<i>`` -> transformers ``hidden_states_norms.stage<i+1>``."""
+    i, what = m.groups()
+    return [(f"encoder.model.hidden_states_norms.stage{int(i) + 1}.{what}", t)]
+
+
+def _convnext_rules() -> list[Rule]:
+    r = re.compile
+    stages = "encoder.model.encoder.stages."
+    return [
+        (r(r"backbone\.downsample_layers\.0\.0\.(weight|bias)"),
+         _to("encoder.model.embeddings.patch_embeddings.{0}")),
+        (r(r"backbone\.downsample_layers\.0\.1\.(weight|bias)"),
+         _to("encoder.model.embeddings.layernorm.{0}")),
+        (r(r"backbone\.downsample_layers\.([123])\.([01])\.(weight|bias)"),
+         _to(stages + "{0}.downsampling_layer.{1}.{2}")),
+        (r(r"backbone\.stages\.(\d+)\.(\d+)\.gamma"),
+         _to(stages + "{0}.layers.{1}.layer_scale_parameter")),
+        (r(r"backbone\.stages\.(\d+)\.(\d+)\.depthwise_conv\.(weight|bias)"),
+         _to(stages + "{0}.layers.{1}.dwconv.{2}")),
+        (r(r"backbone\.stages\.(\d+)\.(\d+)\.norm\.(weight|bias)"),
+         _to(stages + "{0}.layers.{1}.layernorm.{2}")),
+        (r(r"backbone\.stages\.(\d+)\.(\d+)\.pointwise_conv([12])\.(weight|bias)"),
+         _to(stages + "{0}.layers.{1}.pwconv{2}.{3}")),
+        (r(r"backbone\.norm(\d)\.(weight|bias)"), _stage_norm),
+    ]
+
+
+def convert_state(official: Mapping[str, Tensor], backbone: str,
+                  model_state: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
+    """Rename and re-lay-out an official DDP state dict for a densediff model, strictly.
+
+    Args:
+        official: the official ``state_dict`` (mmseg names).
+        backbone: ``swin`` or ``convnext``.
+        model_state: the densediff model's own ``state_dict()`` (names and shapes to meet).
+        source: the file, for messages.
+
+    Returns:
+        A state dict with exactly the model's keys and shapes, tensors in the model's dtypes.
+
+    Raises:
+        CheckpointError: one line listing every official key no rule uses, every model key
+            left without a tensor, and every shape that differs.
+    """
+    naming = swin_naming(model_state) if backbone == "swin" else {}
+    rules = (_swin_rules(naming) if backbone == "swin" else _convnext_rules()) + _common_rules()
+    out: dict[str, Tensor] = {}
+    unused: list[str] = []
+    for key, tensor in official.items():
+        for pattern, action in rules:
+            m = pattern.fullmatch(key)
+            if m:
+                out.update(action(m, tensor))
+                break
+        else:
+            unused.append(key)
+    missing = sorted(k for k in model_state if k not in out)
+    extra = sorted(k for k in out if k not in model_state)
+    shapes = sorted(k for k in out if k in model_state
+                    and tuple(out[k].shape) != tuple(model_state[k].shape))
+    problems = []
+    for what, keys in (("official keys with no place in the model", unused),
+                       ("model keys the checkpoint does not fill", missing),
+                       ("converted keys the model does not have", extra),
+                       ("shapes that differ", shapes)):
+        if keys:
+            problems.append(f"{len(keys)} {what} ({', '.join(keys[:4])}"
+                            f"{', ...' if len(keys) > 4 else ''})")
+    if problems:
+        raise CheckpointError(f"{source}: does not convert strictly: {'; '.join(problems)}")
+    return {k: out[k].to(model_state[k].dtype) for k in model_state}
