@@ -30,7 +30,7 @@ demo-all: $(STAMP)
 	$(PY) -m densediff.cli.main demo --task all --out demo_out
 
 # the default suite: lint, the architecture contract, every test not marked `slow`
-# (690 tests, about 5 min on 2 CPU cores; README "Tests")
+# (729 tests, about 5 min on 2 CPU cores; README "Tests")
 test: $(STAMP)
 	$(PY) -m ruff check --quiet src tests
 	$(VENV)/bin/lint-imports    # the architecture contract in pyproject.toml
