@@ -68,6 +68,7 @@ def test_api_steps_seed_and_uncertainty(ddp_run):
     b = model.predict(img, steps=5, seed=3)
     assert a.steps == 5 and a.trajectory.shape == (5, 28, 36)
     np.testing.assert_array_equal(a.probs, b.probs)  # seeded
+    assert not np.array_equal(model.predict(img, steps=5, seed=4).probs, a.probs)  # by the seed
     assert a.uncertainty.min() >= 0 and a.uncertainty.max() <= 1
     changes = (a.trajectory[1:] != a.trajectory[:-1]).sum(0) / 4
     np.testing.assert_allclose(a.uncertainty, changes, atol=1e-6)

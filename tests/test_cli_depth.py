@@ -123,6 +123,7 @@ def test_python_api_depth_prediction(runs):
     assert np.allclose(out.trajectory[-1].clip(1e-3, 10), out.depth, atol=1e-5)
     again = model.predict(img, steps=4, seed=3)
     assert np.array_equal(again.depth, out.depth)       # seeded noise
+    assert not np.array_equal(model.predict(img, steps=4, seed=4).trajectory, out.trajectory)
     flip = model.predict(img, aug=True)
     assert flip.uncertainty is None and flip.steps == 3
     twin = densediff.load(ckpt(runs, "twin")).predict(img)
