@@ -144,7 +144,8 @@ def test_python_api_bev_prediction(runs):
     assert np.array_equal(pred.masks, pred.probs >= 0.5)
     assert pred.trajectory.shape == (3, 6, 48, 48)
     again = model.predict_bev(ds[0], steps=3, seed=1)
-    assert np.array_equal(again.probs, pred.probs)
+    assert np.array_equal(again.probs, pred.probs)  # seeded
+    assert not np.array_equal(model.predict_bev(ds[0], steps=3, seed=2).probs, pred.probs)
     twin = densediff.load(ckpt(runs, "twin")).predict_bev(ds[0])
     assert twin.uncertainty is None and twin.steps is None
 
