@@ -107,7 +107,7 @@ def toy_ckpt(toy_ddp):
 
 
 # The bf16 tolerance, derived and measured on the trained toy DDP (8 val scenes, 32 x 32):
-# bf16 keeps 8 significant bits, a unit roundoff of 2^-9 ~ 0.2 % per rounding; the decoder
+# bf16 keeps 8 significant bits, a unit roundoff of 2^-8 ~ 0.4 % per rounding; the decoder
 # rounds its inputs and weights at every matmul/conv, so its logits move by a fraction of a
 # percent of their scale (measured: max |logit change| 0.024-0.033 for logits up to 5.8, i.e.
 # <= 0.6 %). A pixel's class can change only where its two largest fp32 logits are closer than
