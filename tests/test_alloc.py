@@ -60,8 +60,35 @@ def test_bad_setting_is_a_one_line_error():
         alloc.configure_allocator({"DENSEDIFF_MALLOC": "jemalloc"})
 
 
-def test_preloaded_allocator_is_left_alone(monkeypatch):
+def test_preloaded_allocator_and_system_setting_are_left_alone(monkeypatch):
+    """jemalloc/tcmalloc preloaded, or DENSEDIFF_MALLOC=system: glibc's settings are never
+    touched (the spy on ``set_glibc_fast``, the one place that calls ``mallopt``, stays
+    empty); the default and ``fast`` apply them."""
+    calls = []
+    monkeypatch.setattr(alloc, "set_glibc_fast", lambda fast: calls.append(fast) or True)
     monkeypatch.setattr(alloc, "_state", "system")
     assert alloc.configure_allocator({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}) == "preloaded"
+    assert alloc.configure_allocator({"LD_PRELOAD": "libtcmalloc_minimal.so.4"}) == "preloaded"
+    assert alloc.allocator_state() == "preloaded" and calls == []
     monkeypatch.setattr(alloc, "_state", "system")
-    assert alloc.configure_allocator({"DENSEDIFF_MALLOC": "system"}) == "system"
+    for value in ("system", " System "):
+        assert alloc.configure_allocator({ENV: value}) == "system"
+    assert calls == []
+    alloc.configure_allocator({})
+    alloc.configure_allocator({ENV: "FAST", "LD_PRELOAD": "/opt/libasan.so"})
+    assert calls == [True, True]
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc malloc only")
+def test_set_glibc_fast_reports_the_state_it_set(monkeypatch):
+    """On glibc both switches succeed (``mallopt`` returns 1) and name their state (this
+    process's malloc is left fast afterwards, as ``densediff.cli.main.main`` leaves it)."""
+    monkeypatch.setattr(alloc, "_state", "unset")  # neither value: each must be set here
+    try:
+        assert alloc.set_glibc_fast(False) is True and alloc.allocator_state() == "system"
+        assert alloc.set_glibc_fast(True) is True and alloc.allocator_state() == "glibc-no-mmap"
+    finally:
+        alloc.set_glibc_fast(True)
+
+
+ENV = alloc.ENV_VAR

@@ -21,6 +21,7 @@ from densediff.data.bev import (
     warp_image,
 )
 from densediff.decoders.bev import BEVGridTransform
+from densediff.diffusion import alpha_sigma
 from densediff.diffusion.encodings import MultiLabelEmbedding
 from densediff.encoders.bev import PillarEncoder
 from densediff.encoders.lss import LSSTransform, bev_pool, depth_bins, frustum, lift_points
@@ -233,11 +234,27 @@ def test_bev_ddp_trains_and_samples():
     assert feat.shape == (2, 32, 20, 20)
     traj = model.sample_steps(feat, 3, randsteps=2, seeds=[5, 6])
     assert len(traj.logits) == 3 and traj.logits[0].shape == (2, 2, 6, 32, 32)
-    acc = torch.stack([lg.sigmoid() for lg in traj.logits]).mean((0, 2))
-    assert torch.allclose(traj.probs(True), acc)
-    assert torch.allclose(traj.probs(False), traj.logits[-1].sigmoid().mean(1))
+    for acc in (True, False):
+        p = traj.probs(acc)
+        assert p.shape == (2, 6, 32, 32) and float(p.min()) >= 0 and float(p.max()) <= 1
     one = model.sample_steps(feat[1:], 3, randsteps=2, seeds=[6])
     assert torch.allclose(one.probs(True), traj.probs(True)[1:], atol=1e-5)
+
+
+def test_bev_trajectory_probabilities_by_hand():
+    """Two steps x two starts, one class, one cell; sigmoid(0, ln 3, -ln 3, ln 9) = 0.5, 0.75,
+    0.25, 0.9. The official BEV output averages the sigmoid over all steps and starts:
+    2.4 / 4 = 0.6; without accumulation, the last step's sigmoid averaged over its starts:
+    (0.25 + 0.9) / 2 = 0.575 (not the sigmoid of the mean logit, 0.634)."""
+    from densediff.models.bev import BEVTrajectory
+
+    ln3, ln9 = math.log(3), math.log(9)
+    step0 = torch.tensor([0.0, ln3]).view(1, 2, 1, 1, 1)  # B x R x K x X x Y
+    step1 = torch.tensor([-ln3, ln9]).view(1, 2, 1, 1, 1)
+    traj = BEVTrajectory([step0, step1])
+    assert float(traj.probs(True)) == pytest.approx(0.6)
+    assert float(traj.probs(False)) == pytest.approx(0.575)
+    assert traj.step_probs().flatten().tolist() == pytest.approx([0.625, 0.575])
 
 
 def test_bev_targets_and_requantisation():
@@ -246,8 +263,15 @@ def test_bev_targets_and_requantisation():
     label[0, 2, :16] = 1
     y0 = model.encode_target(label, (20, 20))
     assert y0.shape == (1, 16, 20, 20)
-    small = torch.nn.functional.interpolate(label, size=(20, 20), mode="nearest")
-    assert torch.allclose(y0, model.map_encoding(small))
+    # nearest resampling 32 -> 20 rows: row i reads source row floor(i * 32 / 20), which is
+    # < 16 for i < 10. Cells with class 2 set hold the official code: the mean over the K = 6
+    # class channels of embedding[c + 1 if set else 0], then sigmoid * 2 - 1, times scale
+    emb, scale = model.map_encoding.embedding.weight.detach(), model.map_encoding.scale
+    on = ((5 * emb[0] + emb[3]) / 6).sigmoid() * 2 - 1
+    off = emb[0].sigmoid() * 2 - 1
+    assert torch.allclose(y0[0, :, :10], (scale * on)[:, None, None].expand(16, 10, 20), atol=1e-7)
+    assert torch.allclose(y0[0, :, 10:], (scale * off)[:, None, None].expand(16, 10, 20), atol=1e-7)
+    assert not torch.allclose(on, off)
     logits = torch.full((1, 6, 32, 32), -3.0)
     logits[0, 2, :16] = 3.0
     assert torch.allclose(model.encode_prediction(logits), y0)
@@ -506,12 +530,29 @@ def test_collate_pads_points():
     assert batch["label"].shape == (2, 6, 2, 2)
 
 
-def test_self_aligned_bev_training_noises_its_own_prediction(monkeypatch):
+def test_self_aligned_bev_training_noises_its_own_prediction():
     torch.manual_seed(0)
     model = build_model(tiny_cfg("model.diffusion.self_aligned=true"), 6)
     calls = []
-    real = model.encode_prediction
-    monkeypatch.setattr(model, "encode_prediction", lambda x: calls.append(x.shape) or real(x))
-    losses = model(tiny_inputs(), (torch.rand(2, 6, 32, 32) > 0.5).to(torch.uint8))
-    # y0 = the encoding of the model's own output-grid prediction from pure noise (Alg. 4)
-    assert calls == [(2, 6, 32, 32)] and torch.isfinite(losses["loss"])
+    denoise = model.denoise
+
+    def spy(feat, x_t, log_snr):
+        out = denoise(feat, x_t, log_snr)
+        calls.append((log_snr.detach(), x_t.detach().clone(), out.detach()))
+        return out
+
+    model.denoise = spy
+    label = (torch.rand(2, 6, 32, 32) > 0.5).to(torch.uint8)
+    losses = model(tiny_inputs(), label)
+    assert len(calls) == 2 and torch.isfinite(losses["loss"])
+    (ls1, x1, logits1), (ls2, x2, _) = calls
+    assert torch.allclose(ls1, model.schedule(torch.ones(2)))  # from pure noise at t = 1
+    assert logits1.shape == (2, 6, 32, 32)  # the prediction on the output grid
+    # Alg. 4: x2 = alpha * y0 + sigma * eps, y0 the encoding of the first call's masks
+    # (probability >= 0.5, resampled onto the feature grid), eps the first call's input
+    a, s = (v.view(2, 1, 1, 1) for v in alpha_sigma(ls2))
+    with torch.no_grad():
+        own = model.encode_prediction(logits1)
+        gt = model.encode_target(label, tuple(x1.shape[-2:]))
+    assert torch.allclose(x2, a * own + s * x1, atol=1e-7)
+    assert not torch.allclose(x2, a * gt + s * x1, atol=1e-5)  # not the GT's encoding

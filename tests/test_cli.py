@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -24,12 +25,10 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny generated-data run trained through the CLI (shared by the tests below)."""
-    work = tmp_path_factory.mktemp("run") / "gen"
-    assert main(["train", "configs/generated/baseline.yaml", *TINY, f"work_dir={work}"]) == 0
-    return work
+@pytest.fixture
+def trained(tiny_baseline_run):
+    """The tiny generated-data run trained through the CLI (the session's shared run)."""
+    return tiny_baseline_run
 
 
 def one_line_error(capsys, code, *needles):
@@ -262,6 +261,10 @@ def test_checkpoint_loads_without_the_pretrained_weights_used_for_training(tmp_p
     weights.unlink()  # e.g. the checkpoint was copied to another machine
     model = densediff.load(ckpt)
     assert model.cfg.model.encoder.pretrained == str(weights)  # the stored config is kept
+    stored = load_file(ckpt)  # and the weights are the checkpoint's, every one of them
+    loaded = model.model.state_dict()
+    assert stored.keys() <= loaded.keys()
+    assert all(torch.equal(loaded[k], v) for k, v in stored.items())
     assert model.predict(np.zeros((20, 24, 3), np.uint8)).mask.shape == (20, 24)
 
 

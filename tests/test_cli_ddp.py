@@ -17,11 +17,10 @@ DDP_TINY = ["model.head.num_layers=1", "model.head.channels=16", "model.head.num
             "model.head.ffn_channels=32", "model.diffusion.embed_channels=16"]
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory):
-    work = tmp_path_factory.mktemp("ddp") / "run"
-    assert main(["train", "configs/generated/ddp.yaml", *TINY, *DDP_TINY, f"work_dir={work}"]) == 0
-    return work
+@pytest.fixture
+def ddp_run(tiny_ddp_run):
+    """The tiny DDP run (the session's shared run, read-only)."""
+    return tiny_ddp_run
 
 
 def test_eval_several_step_counts_in_one_pass(ddp_run, capsys, tmp_path):
@@ -69,6 +68,7 @@ def test_api_steps_seed_and_uncertainty(ddp_run):
     b = model.predict(img, steps=5, seed=3)
     assert a.steps == 5 and a.trajectory.shape == (5, 28, 36)
     np.testing.assert_array_equal(a.probs, b.probs)  # seeded
+    assert not np.array_equal(model.predict(img, steps=5, seed=4).probs, a.probs)  # by the seed
     assert a.uncertainty.min() >= 0 and a.uncertainty.max() <= 1
     changes = (a.trajectory[1:] != a.trajectory[:-1]).sum(0) / 4
     np.testing.assert_allclose(a.uncertainty, changes, atol=1e-6)
@@ -165,12 +165,56 @@ def test_bad_input_is_one_line(ddp_run, capsys, tmp_path):
                                  "model.diffusion.sample_range=[0.5,0.2]"]), "sample_range")
 
 
-def test_steps_options_refuse_a_discriminative_checkpoint(tmp_path, capsys):
-    work = tmp_path / "gen"
-    assert main(["train", "configs/generated/baseline.yaml", *TINY, f"work_dir={work}"]) == 0
-    ckpt = str(work / "checkpoints/best.safetensors")
+def test_steps_options_refuse_a_discriminative_checkpoint(tiny_baseline_run, tmp_path, capsys):
+    ckpt = str(tiny_baseline_run / "checkpoints/best.safetensors")
     one_line_error(capsys, main(["eval", ckpt, "--steps", "2"]), "not a diffusion model")
     img = tmp_path / "x.png"
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(img)
     one_line_error(capsys, main(["predict", ckpt, str(img), "--out", str(tmp_path / "p"),
                                  "--trajectory"]), "not a diffusion model")
+
+
+def test_eval_plot_draws_the_scores_of_each_step_count(ddp_run, capsys, tmp_path, monkeypatch):
+    """``--plot PATH`` writes the metric-vs-steps curve there (a new folder is made), from the
+    same scores as the JSON, instead of the default ``<out>_steps.png``."""
+    import densediff.viz as viz
+
+    drawn = []
+    real = viz.plot_steps
+
+    def spy(results, path, title=None):
+        drawn.append({n: m["mIoU"] for n, m in results.items()})  # path: maybe a temp file
+        return real(results, path, title)
+
+    monkeypatch.setattr(viz, "plot_steps", spy)
+    plot, out = tmp_path / "new" / "curve.png", tmp_path / "val.json"
+    assert main(["eval", str(ddp_run / "checkpoints/best.safetensors"), "--steps", "1,2",
+                 "--no-controls", "--quiet", "--plot", str(plot), "--out", str(out)]) == 0
+    assert f"wrote {plot}" in capsys.readouterr().out
+    scores = {int(n): m["mIoU"] for n, m in json.loads(out.read_text())["steps"].items()}
+    assert drawn == [scores] and list(scores) == [1, 2]
+    picture = Image.open(plot)
+    assert picture.format == "PNG" and picture.size == (540, 384)  # 4.5 x 3.2 in at 120 dpi
+    assert np.asarray(picture.convert("L")).std() > 10  # not a blank canvas
+    assert not (tmp_path / "val_steps.png").exists()  # --plot replaces the default path
+
+
+def test_bench_batch_runs_every_measurement_at_that_batch(capsys, tmp_path, monkeypatch):
+    """``bench --batch 3``: the model sees batches of 3 everywhere (spied), the report and the
+    JSON say so, the throughput is measured at 3, and the matmul floor scales with it."""
+    from densediff.models.ddp import DDP
+
+    sizes = []
+    real = DDP.extract
+    monkeypatch.setattr(DDP, "extract", lambda self, x: sizes.append(x.shape[0]) or real(self, x))
+    out = tmp_path / "b.json"
+    assert main(["bench", "configs/generated/ddp.yaml", *DDP_TINY, "--size", "64", "64",
+                 "--batch", "3", "--repeats", "1", "--steps", "1", "--variants", "eager,fast",
+                 "--precision", "fp32", "--out", str(out)]) == 0
+    assert "input 3x3x64x64" in capsys.readouterr().out
+    assert sizes and set(sizes) == {3}
+    r = json.loads(out.read_text())
+    assert r["batch"] == 3 and r["tokens_per_step"] == 256  # 64/4 x 64/4 per image
+    assert r["matmul_shape"][0] == 3 * 256
+    for v in r["variants"].values():
+        assert set(v["throughput"]) == {"3"}

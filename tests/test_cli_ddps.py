@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import densediff
+from conftest import copy_run
 from densediff.cli.main import main
 from densediff.config import load_config
 from test_cli import TINY, one_line_error
@@ -23,10 +24,9 @@ DDPS_TINY = ["model.ddps.unet.dim=16", "model.ddps.unet.heads=2", "model.ddps.un
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, tiny_baseline_run):
     root = tmp_path_factory.mktemp("ddps")
-    assert main(["train", "configs/generated/baseline.yaml", *TINY,
-                 f"work_dir={root / 'base'}"]) == 0
+    copy_run(tiny_baseline_run, root / "base")  # the session's tiny baseline as the frozen base
     assert main(["train", "configs/generated/ddps.yaml", *TINY, *DDPS_TINY,
                  f"model.ddps.base={root / 'base'}", f"work_dir={root / 'ddps'}"]) == 0
     return root

@@ -105,13 +105,41 @@ def test_cat_max_ratio_honoured():
     assert share_ok(1.0) < 0.3  # no re-draw: ~11% of windows straddle it
 
 
+class _CountingRng:
+    """A numpy Generator that counts its ``integers`` calls (two per crop window drawn)."""
+
+    def __init__(self, seed: int):
+        self.rng, self.calls = np.random.default_rng(seed), 0
+
+    def integers(self, *args, **kwargs):
+        self.calls += 1
+        return self.rng.integers(*args, **kwargs)
+
+
 def test_cat_max_ratio_ignores_ignore_pixels():
+    img = np.zeros((40, 40, 3), np.uint8)
+    # 80 % ignore in every window, classes 0 and 1 at 10 % each: 50 / 50 among the counted
+    # pixels, so the first window is accepted (one draw); were ignore counted as a class it
+    # would cover 80 % >= 0.75 and all 11 windows would be drawn
+    label = np.full((40, 40), IGN, np.int64)
+    label[::5, 0::2], label[::5, 1::2] = 0, 1
+    rng = _CountingRng(0)
+    out, lab = random_crop(img, label, (10, 10), 0.75, IGN, rng)
+    assert out.shape[:2] == lab.shape == (10, 10) and rng.calls == 2
+    assert (lab == IGN).mean() == pytest.approx(0.8)
+    # only class 0 besides ignore: never acceptable (one counted class), so 1 + 10 windows are
+    # drawn and the last one is returned, although half of the windows hold two values (0 and
+    # ignore) that would pass were ignore a class
     label = np.full((40, 40), IGN, np.int64)
     label[:, :20] = 0
-    img = np.zeros((40, 40, 3), np.uint8)
-    # only class 0 besides ignore: never acceptable, so 11 draws are made; must still return
-    out, lab = random_crop(img, label, (10, 10), 0.75, IGN, np.random.default_rng(0))
-    assert out.shape[:2] == lab.shape == (10, 10)
+    rng = _CountingRng(0)
+    out, lab = random_crop(img, label, (10, 10), 0.75, IGN, rng)
+    assert out.shape[:2] == lab.shape == (10, 10) and rng.calls == 22
+    replay = np.random.default_rng(0)
+    windows = [(int(replay.integers(0, 31)), int(replay.integers(0, 31))) for _ in range(11)]
+    top, left = windows[-1]
+    np.testing.assert_array_equal(lab, label[top:top + 10, left:left + 10])
+    assert any(left < 20 < left + 10 for _, left in windows[:10])  # mixed windows were drawn
 
 
 def test_ignore_kept_through_resize_and_pad():

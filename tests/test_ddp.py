@@ -4,6 +4,7 @@ uncertainty on a trained toy model, and the non-diffusion twin."""
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,6 @@ import torch
 
 from densediff.config import load_config
 from densediff.diffusion import alpha_sigma
-from densediff.engine import trainer as T
 from densediff.engine.evaluate import evaluate_steps
 from densediff.models import DDP, Segmentor, build_model
 
@@ -60,19 +60,26 @@ def test_self_aligned_training_noises_the_models_own_prediction():
     denoise = model.denoise
 
     def spy(feat, x_t, log_snr):
-        calls.append((torch.is_grad_enabled(), log_snr.detach().clone(), x_t.detach().clone()))
-        return denoise(feat, x_t, log_snr)
+        out = denoise(feat, x_t, log_snr)
+        calls.append((torch.is_grad_enabled(), log_snr.detach().clone(), x_t.detach().clone(),
+                      out.detach().clone()))
+        return out
 
     model.denoise = spy
-    model.forward_train(torch.randn(2, 3, 64, 64), torch.randint(0, 6, (2, 64, 64)))
+    label = torch.randint(0, 6, (2, 64, 64))
+    model.forward_train(torch.randn(2, 3, 64, 64), label)
     assert len(calls) == 2
-    (grad1, ls1, x1), (grad2, ls2, x2) = calls
+    (grad1, ls1, x1, pred1), (grad2, ls2, x2, _) = calls
     assert not grad1 and grad2  # the t = 1 prediction carries no gradient
     assert torch.allclose(ls1, model.schedule(torch.ones(2)))
-    # the second input is alpha * enc(argmax pred) + sigma * (the same noise as the first input)
+    # Alg. 4: the second input is alpha * enc(argmax of the first call's logits) + sigma * eps,
+    # eps the first call's input (the same noise)
     a, s = (v.view(2, 1, 1, 1) for v in alpha_sigma(ls2))
-    y0_hat = (x2 - s * x1) / a
-    assert float((y0_hat.abs() - model.diffusion_cfg.scale).max()) < 1e-4
+    with torch.no_grad():
+        own = model.map_encoding(pred1.argmax(1))
+        gt = model.encode_target(label, (16, 16))
+    assert torch.allclose(x2, a * own + s * x1, atol=1e-6)
+    assert not torch.allclose(x2, a * gt + s * x1, atol=1e-3)  # not the GT's encoding
 
 
 def test_self_aligned_training_still_trains_the_map_embedding():
@@ -109,12 +116,31 @@ def test_trajectory_outputs_accumulation_and_randsteps():
     with torch.no_grad():
         traj = model.sample_steps(model.extract(torch.randn(2, 3, 32, 32)), 4, randsteps=3,
                                   seeds=[0, 1])
-    assert len(traj.logits) == 4
-    acc = torch.stack([lg.softmax(2) for lg in traj.logits]).mean(0).mean(1)
-    assert torch.allclose(traj.probs(True), acc, atol=1e-6)
-    assert torch.allclose(traj.probs(False), traj.logits[-1].mean(1).softmax(1))
-    assert torch.allclose(traj.scores(True).softmax(1), acc, atol=1e-5)
+    assert len(traj.logits) == 4 and traj.logits[0].shape == (2, 3, 6, 8, 8)
+    for acc in (True, False):
+        assert traj.probs(acc).shape == (2, 6, 8, 8)
+        assert torch.allclose(traj.probs(acc).sum(1), torch.ones(2, 8, 8), atol=1e-5)
+        assert torch.allclose(traj.scores(acc).softmax(1), traj.probs(acc), atol=1e-5)
     assert traj.step_logits().shape == (4, 2, 6, 8, 8)
+
+
+def test_trajectory_probabilities_by_hand():
+    """Two steps x two starts, K = 2, one cell, logits chosen so every softmax is known:
+    (0, 0) -> 0.5, (ln 3, 0) -> 0.75, (0, ln 3) -> 0.25, (ln 9, 0) -> 0.9 for class 0.
+    Accumulation: the mean of the four, 2.4 / 4 = 0.6. The official output: the softmax of
+    the last step's logits averaged over starts, (ln 3, ln 3 / 2) -> 3 / (3 + sqrt 3)."""
+    from densediff.models.ddp import Trajectory
+
+    ln3, ln9 = math.log(3), math.log(9)
+    step0 = torch.tensor([[0.0, 0.0], [ln3, 0.0]]).view(1, 2, 2, 1, 1)  # B x R x K x h x w
+    step1 = torch.tensor([[0.0, ln3], [ln9, 0.0]]).view(1, 2, 2, 1, 1)
+    traj = Trajectory([step0, step1])
+    assert traj.probs(True).flatten().tolist() == pytest.approx([0.6, 0.4])
+    official = 3 / (3 + math.sqrt(3))
+    assert traj.probs(False).flatten().tolist() == pytest.approx([official, 1 - official])
+    assert traj.scores(False).flatten().tolist() == pytest.approx([ln3, ln3 / 2])
+    assert traj.scores(True).flatten().tolist() == pytest.approx([math.log(0.6), math.log(0.4)])
+    assert traj.step_logits().flatten().tolist() == pytest.approx([ln3 / 2, 0, ln9 / 2, ln3 / 2])
 
 
 def test_predict_logits_respects_steps_and_ddpm():
@@ -169,14 +195,10 @@ TOY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    cfg = load_config("generated/baseline.yaml",
-                      [f"work_dir={tmp_path_factory.mktemp('ddp') / 'w'}", *TOY])
-    metrics = T.train(cfg)
-    return cfg, metrics
+@pytest.fixture
+def toy(toy_ddp):
+    """The session's trained toy DDP (conftest ``toy_ddp``, trained with :data:`TOY`)."""
+    return toy_ddp
 
 
 def test_ddp_training_loss_falls(toy):

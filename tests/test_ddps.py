@@ -109,19 +109,28 @@ def test_noise_targets(monkeypatch):
             assert torch.equal(x0[ok], small[ok]) and int(x0.max()) < K
         elif target == "initial_prediction":
             assert torch.equal(x0, cond.logits.argmax(1))
-        else:  # one denoiser call at t = T from the stationary distribution
+        else:  # one denoiser call at t = T on x_T from the stationary distribution
             calls = []
             denoise = model.denoise
 
             def spy(f, x, t, calls=calls, denoise=denoise):
-                calls.append(t)
-                return denoise(f, x, t)
+                out = denoise(f, x, t)
+                calls.append((x.clone(), t.clone(), out.clone()))
+                return out
 
             monkeypatch.setattr(model, "denoise", spy)
             torch.manual_seed(3)
             x0b = model._noise_target(cond, cond.features, small)
-            assert torch.equal(x0, x0b)
-            assert len(calls) == 1 and torch.all(calls[0] == 1000.0)
+            assert torch.equal(x0, x0b)  # seeded: the same x_T, the same target
+            assert len(calls) == 1
+            x_in, t, logits = calls[0]
+            assert torch.all(t == 1000.0)
+            # the target is the argmax of that call's x0 logits, on x_T drawn as pure noise
+            assert torch.equal(x0b, logits.argmax(1))
+            torch.manual_seed(3)
+            assert torch.equal(x_in, model.codec.pure_noise(2, 8, 8, img.device).x_in)
+            # and it is neither the GT nor the base's prediction
+            assert not torch.equal(x0b, cond.logits.argmax(1)) and not torch.equal(x0b, small)
 
 
 def test_two_stage_training_uses_only_the_first_step_first(monkeypatch):

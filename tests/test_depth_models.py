@@ -170,11 +170,21 @@ def test_twin_trains_and_predicts_depth():
 
 
 def test_gradient_loss_term_is_added_with_its_weight():
+    """``loss_grad`` = weight x the unweighted gradient loss, and it is part of ``loss``: the
+    same model and input at weights 0.5 and 2 give loss_grad in the ratio 4 and an equal
+    SigLoss; at weight 0 the term is absent."""
     img, gt = torch.randn(2, 3, 32, 32), torch.rand(2, 32, 32) * 5 + 1
-    model = small("model.type=segmentor", "model.depth_loss.gradient_weight=0.5")
-    losses = model.forward_train(img, gt)
-    assert set(losses) == {"loss_depth", "loss_grad", "loss"}
-    assert losses["loss_grad"] > 0
+    out = {}
+    for w in (0.0, 0.5, 2.0):
+        model = small("model.type=segmentor", f"model.depth_loss.gradient_weight={w}").eval()
+        out[w] = model.forward_train(img, gt)  # eval mode: no dropout, the same prediction
+    assert set(out[0.0]) == {"loss_depth", "loss"}
+    assert set(out[0.5]) == set(out[2.0]) == {"loss_depth", "loss_grad", "loss"}
+    assert float(out[0.5]["loss_grad"].detach()) > 0
+    assert torch.allclose(out[2.0]["loss_grad"], 4 * out[0.5]["loss_grad"], rtol=1e-5)
+    assert torch.allclose(out[0.5]["loss_depth"], out[0.0]["loss_depth"])
+    for w in (0.5, 2.0):
+        assert torch.allclose(out[w]["loss"], out[w]["loss_depth"] + out[w]["loss_grad"])
 
 
 def test_cosine_lr_schedule_formula():
@@ -222,14 +232,21 @@ def test_self_aligned_depth_noises_the_models_own_clamped_prediction():
 
     def spy(feat, x_t, log_snr):
         out = denoise(feat, x_t, log_snr)
-        calls.append((log_snr.detach(), out.detach()))
+        calls.append((log_snr.detach(), x_t.detach().clone(), out.detach()))
         return out
 
     model.denoise = spy
     gt = torch.rand(2, 64, 64) * 8 + 1
     losses = model.forward_train(torch.randn(2, 3, 64, 64), gt)
     assert len(calls) == 2 and torch.isfinite(losses["loss"])
+    (ls1, x1, depth1), (ls2, x2, _) = calls
     # the first call is Alg. 4's prediction from pure noise at t = 1
-    assert torch.allclose(calls[0][0], model.schedule(torch.ones(2)))
-    y0 = model.encode_prediction(calls[0][1])
-    assert y0.abs().max() <= 0.1 + 1e-6 and not torch.allclose(y0, model.encode_target(gt, (16, 16)))
+    assert torch.allclose(ls1, model.schedule(torch.ones(2)))
+    # its depth, encoded (depth / max scaled to +-0.1) and clamped to [-0.1, 0.1], is the y0
+    # of the second input: x2 = alpha * y0 + sigma * eps with eps the first input
+    enc = model.map_encoding
+    y0 = ((depth1 - enc.min_depth) / (enc.max_depth - enc.min_depth) * 2 - 1) * 0.1
+    y0 = y0.clamp(-0.1, 0.1)
+    a, s = (v.view(2, 1, 1, 1) for v in alpha_sigma(ls2))
+    assert torch.allclose(x2, a * y0 + s * x1, atol=1e-6)
+    assert not torch.allclose(x2, a * model.encode_target(gt, (16, 16)) + s * x1, atol=1e-4)

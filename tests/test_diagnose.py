@@ -129,12 +129,9 @@ def test_is_ddp_and_the_report(setup):
         diagnose(model, ds, cfg, limit=1, progress=False)
 
 
-@pytest.fixture(scope="module")
-def ddp_ckpt(tmp_path_factory):
-    work = tmp_path_factory.mktemp("ddp") / "run"
-    assert main(["train", "configs/generated/ddp.yaml", *TINY, *DDP_TINY,
-                 f"work_dir={work}"]) == 0
-    return work / "checkpoints" / "best.safetensors"
+@pytest.fixture
+def ddp_ckpt(tiny_ddp_run):
+    return tiny_ddp_run / "checkpoints" / "best.safetensors"
 
 
 def test_cli_diagnose_writes_json_and_eval_reports_control_gains(ddp_ckpt, capsys, tmp_path):

@@ -154,3 +154,42 @@ def test_evaluate_scores_at_original_size(tmp_path):
     # same entropy everywhere ranks nothing, so AUROC is chance)
     assert set(got["uncertainty"]) == {"entropy"}
     assert got["uncertainty"]["entropy"]["AUROC"] == pytest.approx(50.0)
+
+
+@pytest.mark.parametrize("config, metric, values", [
+    ("generated/baseline.yaml", "mIoU", [10.0, 30.0, 30.0, 20.0]),    # higher is better
+    ("generated/depth_twin.yaml", "abs_rel", [0.5, 0.2, 0.2, 0.3]),   # lower is better
+])
+def test_best_checkpoint_is_the_best_of_several_evaluations(tmp_path, monkeypatch, config, metric,
+                                                             values):
+    """Four evaluations (iterations 2, 4, 6, 8) with scripted scores: ``best`` must be the
+    weights evaluated at iteration 4, the first of the two best scores in the metric's own
+    direction. Keeping the last (8), the first (2), ties (6) or the other direction (2) each
+    fails."""
+    import densediff.engine.evaluate as E
+    from test_cli_depth import TINY as DEPTH_TINY
+
+    base = TINY if "baseline" in config else DEPTH_TINY
+    cfg = load_config(config, [f"work_dir={tmp_path / 'w'}", *base, "train.iters=8",
+                               "train.warmup_iters=1", "train.eval_interval=2",
+                               "train.ckpt_interval=2", "train.log_interval=2",
+                               "train.progress=false"])
+    assert cfg.best_metric == metric
+    scores, seen = iter(values), []
+
+    def scripted(module, dataset, cfg, progress=False):
+        seen.append({k: v.detach().clone() for k, v in module.state_dict().items()})
+        return {metric: next(scores)}
+
+    monkeypatch.setattr(E, "evaluate", scripted)
+    metrics = T.train(cfg)
+    assert len(seen) == 4
+    assert metrics["best_iter"] == 4 and metrics[f"best_{metric}"] == values[1]
+    ckpt = tmp_path / "w" / "checkpoints"
+    meta = load_metadata(ckpt / "best.safetensors")
+    assert meta["iteration"] == 4 and meta[metric] == values[1]
+    best, _ = load_weights(ckpt / "best.safetensors")
+    moved = [k for k in best if not torch.equal(seen[1][k], seen[3][k])]
+    assert moved  # training moved the weights between the evaluations
+    assert all(torch.equal(best[k], seen[1][k]) for k in best)
+    assert load_train_state(ckpt / "last.state.pt")["best_iter"] == 4

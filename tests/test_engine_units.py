@@ -48,22 +48,41 @@ def test_poly_lr_matches_mmcv_formula():
 
 
 def test_scheduled_lr_dispatches_on_lr_schedule_with_warmup():
-    for name, policy in LR_SCHEDULES.items():
+    """Each schedule at base lr 2, 100 iterations, mmcv's linear warmup over 10 iterations
+    from ratio 0.1: the warmup factor is 1 - (1 - it/10) * 0.9 = 0.1, 0.37, 1, 1 at it = 0, 3,
+    10, 57. Expected values written out from mmcv's formulas (not the implementation's):
+    poly 2 (1 - it/100); cosine 1 + cos(pi it/100); cyclic (one-cycle, up 40 %) 2 x
+    [10 - 4.5 (1 + cos(pi it/40))] below it = 40, 2 x [1e-4 + (10 - 1e-4)/2 (1 + cos(pi
+    (it - 40)/60))] after."""
+    want = {
+        "poly": {0: 2 * 0.1, 3: 1.94 * 0.37, 10: 1.8, 57: 0.86},
+        "cosine": {0: 2 * 0.1, 3: 1.9955619646 * 0.37, 10: 1.9510565163, 57: 0.7818567586},
+        "cyclic": {0: 2 * 0.1, 3: 2.2486707164 * 0.37, 10: 4.6360389693, 57: 16.2932409785},
+    }
+    assert set(want) == set(LR_SCHEDULES)
+    for name, values in want.items():
         cfg = TrainConfig(iters=100, warmup_iters=10, warmup_ratio=0.1, lr_schedule=name)
-        for it in (0, 3, 10, 57):
-            assert scheduled_lr(2.0, it, cfg) == policy(2.0, it, cfg) * warmup_factor(it, cfg)
+        for it, lr in values.items():
+            assert scheduled_lr(2.0, it, cfg) == pytest.approx(lr, rel=1e-7), (name, it)
+    cfg = TrainConfig(iters=100, warmup_iters=10, warmup_ratio=0.1)
+    assert [warmup_factor(it, cfg) for it in (0, 3, 10, 57)] == pytest.approx([0.1, 0.37, 1, 1])
     assert (cosine_lr(1.0, 50, TrainConfig(iters=100, min_lr=0.0)), warmup_factor(10, cfg)) \
         == (pytest.approx(0.5), 1.0)
     assert cyclic_lr(1.0, 40, TrainConfig(iters=100)) == pytest.approx(10.0)
+    assert poly_lr(2.0, 57, cfg) == pytest.approx(0.86)  # the policy alone: no warmup factor
+    with pytest.raises(ValueError, match="unknown lr_schedule 'step'"):
+        scheduled_lr(1.0, 0, cfg.model_copy(update={"lr_schedule": "step"}))
 
 
 def test_set_lr_applies_head_multiplier_with_absolute_min_lr():
+    """lr 1e-3, head x10, poly power 1, min_lr 1e-5 (absolute, mmcv), it 5 of 20:
+    (lr - min_lr) * 0.75 + min_lr per group."""
     cfg = TrainConfig(iters=20, lr=1e-3, head_lr_mult=10.0, warmup_iters=0, min_lr=1e-5)
     opt = build_optimizer(_Net(), cfg)
     base = set_lr(opt, 5, cfg)
     lrs = {g["name"]: g["lr"] for g in opt.param_groups}
-    assert base == pytest.approx(scheduled_lr(1e-3, 5, cfg))
-    assert lrs["encoder_decay"] == pytest.approx(scheduled_lr(1e-3, 5, cfg))
+    assert base == pytest.approx((1e-3 - 1e-5) * 0.75 + 1e-5)
+    assert lrs["encoder_decay"] == pytest.approx((1e-3 - 1e-5) * 0.75 + 1e-5)
     assert lrs["head_decay"] == pytest.approx((1e-2 - 1e-5) * 0.75 + 1e-5)  # mmcv: min_lr absolute
 
 

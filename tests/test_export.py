@@ -29,7 +29,7 @@ from densediff.errors import UserError  # noqa: E402
 from densediff.models import build_model  # noqa: E402
 from densediff.utils.checkpoint import load_metadata, save_checkpoint  # noqa: E402
 from test_cli import TINY, one_line_error  # noqa: E402
-from test_cli_ddp import DDP_TINY, ddp_run  # noqa: E402, F401  (the trained tiny DDP fixture)
+from test_cli_ddp import DDP_TINY  # noqa: E402
 from test_cli_depth import TINY as DEPTH_TINY  # noqa: E402
 
 REL_TOL = 1e-4
@@ -51,10 +51,16 @@ def random_checkpoint(path, config: str, overrides: list[str]):
     return path
 
 
+@pytest.fixture
+def ddp_run(tiny_ddp_run):
+    """The session's tiny DDP run (conftest), read-only."""
+    return tiny_ddp_run
+
+
 @pytest.fixture(scope="module")
-def seg(ddp_run, tmp_path_factory):  # noqa: F811
+def seg(tiny_ddp_run, tmp_path_factory):
     """The trained tiny DDP, exported at its default size (the 32 x 32 training crop)."""
-    ckpt = ddp_run / "checkpoints/best.safetensors"
+    ckpt = tiny_ddp_run / "checkpoints/best.safetensors"
     folder = tmp_path_factory.mktemp("export") / "ddp"
     meta = export(ckpt, folder)
     return ckpt, folder, meta
@@ -110,6 +116,24 @@ def test_encoder_and_step_match_pytorch_at_batch_1_and_2(seg):
     assert (both.argmax(2) == want.argmax(2)).float().mean() >= MASK_AGREEMENT
     assert rel_diff(both, want) < REL_TOL
     torch.testing.assert_close(second[:, 0], both[:, 1], atol=1e-5, rtol=0)
+
+
+def test_load_onnx_threads_and_providers_reach_every_session(seg, capsys):
+    """``load_onnx(threads=, providers=)`` configures both graphs' onnxruntime sessions (the
+    default: torch's thread count, the CPU provider), and predictions do not change with them.
+    (An unknown provider is onnxruntime's business: it warns and falls back to the CPU.)"""
+    ckpt, folder, _ = seg
+    default = densediff.load_onnx(folder)
+    tuned = densediff.load_onnx(folder, threads=2, providers=["CPUExecutionProvider"])
+    for predictor, threads in ((default, torch.get_num_threads()), (tuned, 2)):
+        sessions = [predictor.model.encoder.sess, predictor.model.step.sess]
+        for sess in sessions:
+            assert sess.get_session_options().intra_op_num_threads == threads
+            assert sess.get_providers() == ["CPUExecutionProvider"]
+    img = np.random.default_rng(3).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    a, b = default.predict(img, steps=2, seed=4), tuned.predict(img, steps=2, seed=4)
+    np.testing.assert_array_equal(a.mask, b.mask)
+    np.testing.assert_allclose(a.probs, b.probs, atol=1e-6, rtol=0)
 
 
 def test_seeded_prediction_matches_pytorch(seg, capsys):

@@ -199,24 +199,44 @@ def test_long_sampling_shows_progress(monkeypatch):
 # outputs that cannot be written: refused before the work
 
 
+class _Reached(Exception):
+    """Raised by the sentinel: the command got as far as building its model."""
+
+
 @pytest.mark.parametrize("command", ["train", "predict", "eval", "eval-plot", "bench"])
 def test_unwritable_outputs_are_refused_first(capsys, tmp_path, monkeypatch, command):
+    """The sentinel is model building, the first expensive step of every one of these
+    commands (train and bench build from the config, eval and predict load the checkpoint):
+    with a writable output the same command reaches it, with an unwritable one it must not."""
+    import densediff.api
+    import densediff.models
+
     ckpt = untrained_checkpoint(tmp_path / "ck.safetensors")
     img = _png(tmp_path / "x.png")
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     bad = blocker / "sub"  # below a file: no one, root included, can create it
     calls = []
-    import densediff.engine.evaluate as E
 
-    monkeypatch.setattr(E, "evaluate_steps", lambda *a, **k: calls.append(1))
-    argv = {"train": ["train", "generated/baseline.yaml", f"work_dir={bad}"],
-            "predict": ["predict", str(ckpt), str(img), "--out", str(bad)],
-            "eval": ["eval", str(ckpt), "--quiet", "--out", str(bad / "m.json")],
-            "eval-plot": ["eval", str(ckpt), "--quiet", "--plot", str(bad / "p.png")],
-            "bench": ["bench", "generated/ddp.yaml", "--out", str(bad / "b.json")]}[command]
-    one_line_error(capsys, main(argv), "a_file is a file, not a folder")
-    assert calls == []
+    def sentinel(*a, **k):
+        calls.append(1)
+        raise _Reached
+
+    monkeypatch.setattr(densediff.models, "build_model", sentinel)
+    monkeypatch.setattr(densediff.api, "build_model", sentinel)
+
+    def argv(out):
+        return {"train": ["train", "generated/baseline.yaml", f"work_dir={out}"],
+                "predict": ["predict", str(ckpt), str(img), "--out", str(out)],
+                "eval": ["eval", str(ckpt), "--quiet", "--out", str(out / "m.json")],
+                "eval-plot": ["eval", str(ckpt), "--quiet", "--plot", str(out / "p.png")],
+                "bench": ["bench", "generated/ddp.yaml", "--out", str(out / "b.json")]}[command]
+
+    with pytest.raises(_Reached):  # the sentinel can fire: a writable output gets there
+        main(argv(tmp_path / "good"))
+    assert calls == [1]
+    one_line_error(capsys, main(argv(bad)), "a_file is a file, not a folder")
+    assert calls == [1]  # refused before the model was built
 
 
 def test_read_only_output_folder_is_refused(capsys, tmp_path, monkeypatch):

@@ -83,6 +83,7 @@ def wheel(tmp_path_factory) -> Path:
     return whl
 
 
+@pytest.mark.slow  # builds a wheel of the tree
 def test_wheel_ships_every_config(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     configs = sorted(p.relative_to(CONFIGS.parent.parent).as_posix() for p in CONFIGS.rglob("*")
@@ -112,6 +113,7 @@ def fresh_venv(wheel, tmp_path_factory) -> Path:
     return venv
 
 
+@pytest.mark.slow  # a fresh venv with torch from PyPI (~1.5 min)
 def test_wheel_in_fresh_venv_runs_info_on_a_shipped_ablation(fresh_venv, tmp_path):
     t0 = time.time()
     bindir = fresh_venv / "bin"
@@ -130,3 +132,22 @@ def test_wheel_in_fresh_venv_runs_info_on_a_shipped_ablation(fresh_venv, tmp_pat
     assert "decoder" in out and "total" in out, out  # the parameter table
     assert "FLOPs per image at 64x64" in out, out
     assert time.time() - t0 < 300
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_ci_runs_the_default_suite_the_slow_tests_and_the_devkit_check():
+    """``make test`` deselects ``slow``, ``make test-slow`` runs exactly those, the devkit
+    check runs in its own venv and may not skip, and CI (``.ci/run``) runs all three."""
+    proc = subprocess.run(["make", "-n", "-W", "pyproject.toml", "test", "test-slow",
+                           "test-devkit"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    runs = [ln for ln in proc.stdout.splitlines() if "-m pytest" in ln]
+    assert len(runs) == 3, runs
+    assert runs[0].endswith('-m pytest tests -m "not slow"')
+    assert runs[1].endswith("-m pytest tests -m slow")
+    assert "DENSEDIFF_REQUIRE_DEVKIT=1" in runs[2] and runs[2].endswith("tests/test_nuscenes_devkit.py")
+    assert '"numpy<2" "nuscenes-devkit' in proc.stdout
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "make test-all" in ci
+    make = subprocess.run(["make", "-n", "-p", "test-all"], cwd=REPO, capture_output=True, text=True)
+    assert "test-all: test test-slow test-devkit" in make.stdout

@@ -13,7 +13,7 @@ import numpy as np
 
 __all__ = ["ColorScale", "GridColumn", "GridKey", "bev_color", "bev_image", "camera_mosaic",
            "colorize", "depth_color", "grid_figure", "heatmap", "nice_ceil", "overlay",
-           "plot_steps", "save_grid", "save_labelled_grid", "scaled_heatmap", "side_by_side",
+           "plot_steps", "save_labelled_grid", "scaled_heatmap", "side_by_side",
            "steps_table"]
 
 
@@ -59,16 +59,6 @@ def scaled_heatmap(values: np.ndarray, cmap: str = "inferno") -> np.ndarray:
     uncertainty in metres); all zeros stay dark."""
     v = np.asarray(values, np.float32)
     return heatmap(v / max(float(v.max()), 1e-6), cmap)
-
-
-def save_grid(rows: list[np.ndarray], path: str | os.PathLike, zoom: int = 2) -> None:
-    """Stack equal-width H x W x 3 uint8 rows and save them enlarged ``zoom`` times
-    (nearest neighbour)."""
-    from PIL import Image
-
-    grid = np.concatenate(rows, axis=0)
-    Image.fromarray(grid).resize((grid.shape[1] * zoom, grid.shape[0] * zoom),
-                                 Image.NEAREST).save(path)
 
 
 @dataclass(frozen=True)
