@@ -39,7 +39,7 @@ from densediff.pipelines import (
     is_diffusion,
     pipeline_for,
 )
-from densediff.utils.checkpoint import load_into, load_weights
+from densediff.utils.checkpoint import check_fits, load_into, load_weights
 from densediff.utils.precision import autocast, resolve_precision
 from densediff.viz import colorize, overlay
 
@@ -221,6 +221,7 @@ def load_model(checkpoint: str | Path, overrides: list[str] | None = None
     names, palette = class_info(cfg)
     build_cfg = cfg.model_copy(deep=True)
     build_cfg.model.encoder.pretrained = None
+    check_fits(lambda: build_model(build_cfg, len(names)), state, str(checkpoint))  # no memory
     model = build_model(build_cfg, len(names))
     load_into(model, state, source=str(checkpoint))
     return model, cfg, names, palette

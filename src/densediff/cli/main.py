@@ -29,7 +29,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     metrics = train(cfg, resume=args.resume)
-    if metrics and os.environ.get("RANK", "0") == "0":
+    if metrics and os.environ.get("RANK", "0").strip() in ("", "0"):
         print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}, indent=1))
     return 0
 
@@ -253,15 +253,20 @@ def _list_images(path: Path) -> list[Path]:
             if p.is_file():
                 files.append(p)
             else:
-                kind = ("a folder" if p.is_dir() else "a broken or looping link"
-                        if p.is_symlink() else "not a regular file")
+                from densediff.utils.checks import path_kind
+
+                kind = path_kind(p)
                 print(f"note: skipping {p}: {kind}", file=sys.stderr)
         if not files:
             raise UserError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in folder")
     elif path.is_file():
         files = [path]
-    elif path.is_symlink():
+    elif path.is_symlink() and not path.exists():
         raise UserError(f"{path}: a broken or looping symbolic link")
+    elif path.exists():
+        from densediff.utils.checks import path_kind
+
+        raise UserError(f"{path}: is {path_kind(path)}, not an image file or folder")
     else:
         raise UserError(f"{path}: no such file or folder")
     for f in files:
@@ -652,15 +657,39 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = list(args.overrides) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from densediff.utils.signals import Interrupted, graceful
+
     try:
-        configure_allocator()  # glibc: reuse freed tensors instead of page-faulting them in
-        return args.func(args)
+        with graceful():  # SIGTERM (kill, timeout, SLURM, docker stop) as Ctrl-C
+            configure_allocator()  # glibc: reuse freed tensors instead of page-faulting them in
+            return args.func(args)
     except UserError as e:
         print(f"error: {error_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        name = str(e) if isinstance(e, Interrupted) else "SIGINT"
+        print(f"interrupted ({name}): stopped at a safe point; files written so far are kept",
+              file=sys.stderr)
+        return e.exit_code if isinstance(e, Interrupted) else 130
+    except MemoryError:
+        print("error: out of memory; lower the input size (--size), the batch size or the "
+              "number of steps", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # torch's allocator failures
+        text = str(e)
+        if "out of memory" not in text and "can't allocate memory" not in text:
+            raise
+        print(f"error: out of memory ({terminal_line(text)[:160]}); lower the input size, the "
+              "batch size or the number of steps", file=sys.stderr)
+        return 2
+    except RecursionError:
+        print("error: input nested too deeply to read", file=sys.stderr)
+        return 2
+    except OSError as e:  # a write that failed outside the checked paths: still one line
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {terminal_line(where)}{e.strerror or terminal_line(str(e))}",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -96,7 +96,7 @@ def _renorm_affine(data_mean, data_std, weights_mean, weights_std):
     """(scale, shift) with ``x_weights = x_data * scale + shift``, or (None, None) if equal."""
     if weights_mean is None or weights_std is None:
         return None, None
-    dm, ds, wm, ws = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1)
+    dm, ds, wm, ws = (torch.tensor(v, dtype=torch.float32, device="cpu").view(3, 1, 1)
                       for v in (data_mean, data_std, weights_mean, weights_std))
     if torch.allclose(dm, wm) and torch.allclose(ds, ws):
         return None, None

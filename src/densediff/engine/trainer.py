@@ -66,8 +66,9 @@ from densediff.utils.checkpoint import (
     save_checkpoint,
     save_train_state,
 )
-from densediff.utils.fs import RunLock, check_writable_dir
+from densediff.utils.fs import RunLock, atomic_write, check_writable_dir, remove_stale_temps
 from densediff.utils.precision import autocast
+from densediff.utils.signals import critical, graceful
 
 CKPT_DIR = "checkpoints"
 CHECKPOINT_FILES = ("last.safetensors", "last_ema.safetensors", "last.state.pt",
@@ -204,8 +205,9 @@ def train(cfg: Config, resume: bool = False) -> dict:
     info = du.init_distributed()
     run = None
     try:
-        run = _Run(cfg, info, resume)
-        return run.fit()
+        with graceful():  # SIGTERM as SIGINT: stop at a safe point, keep the sound checkpoints
+            run = _Run(cfg, info, resume)
+            return run.fit()
     finally:
         if run is not None and run.lock is not None:
             run.lock.release()
@@ -310,6 +312,7 @@ class _Run:
                                       f"({', '.join(earlier)}); pass --resume to continue it, "
                                       "or choose another work_dir (nothing is overwritten)")
             shutil.rmtree(self.ckpt_dir / PENDING_DIR, ignore_errors=True)  # an unjudged save
+            remove_stale_temps(self.ckpt_dir)  # temporary files of a save that was killed
         except UserError:
             self.lock.release()
             self.lock = None
@@ -364,7 +367,12 @@ class _Run:
         self.notes.append(f"initialised from {path}")
 
     def _save(self, best: bool, last: bool) -> None:
-        """Write the ``best`` and/or ``last`` checkpoints; every rank must call it."""
+        """Write the ``best`` and/or ``last`` checkpoints; every rank must call it. A SIGINT /
+        SIGTERM during the save takes effect once it is complete."""
+        with critical():
+            self._save_now(best, last)
+
+    def _save_now(self, best: bool, last: bool) -> None:
         for m in (self.module, self.ema.module if self.ema else None):
             if m is not None:
                 du.broadcast_buffers(m)
@@ -438,6 +446,10 @@ class _Run:
     def _commit_pending(self, loss: float | None = None) -> None:
         """Move the pending ``last`` checkpoint onto ``checkpoints/last.*`` (``loss``: the
         sound loss its weights gave, None when unjudged)."""
+        with critical():
+            self._commit_pending_now(loss)
+
+    def _commit_pending_now(self, loss: float | None) -> None:
         pending = self.ckpt_dir / PENDING_DIR
         for name in LAST_FILES:  # the state file last: it is the commit point
             src = pending / name
@@ -516,7 +528,8 @@ class _Run:
                    disable=not (info.is_main and t.progress and sys.stderr.isatty()))
         if info.is_main:
             self.work_dir.mkdir(parents=True, exist_ok=True)
-            (self.work_dir / "config.yaml").write_text(cfg.to_yaml())
+            text = cfg.to_yaml()
+            atomic_write(self.work_dir / "config.yaml", lambda tmp: tmp.write_text(text))
             self.logger = RunLogger(self.work_dir, self.iter, bar)
             self.logger.info(
                 f"{'resuming at' if self.iter else 'training from'} iteration {self.iter}/"

@@ -18,7 +18,7 @@ import json
 import os
 import pickle
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -164,7 +164,48 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor],
         CheckpointError: naming ``source`` and the first key that is missing, unexpected, or
             of the wrong shape.
     """
+    _compare(model.state_dict(), state, source)
+    model.load_state_dict(state, strict=True)
+
+
+MAX_MODEL_BYTES = 16 * 2**30
+"""Largest model (parameters + buffers) a checkpoint's config may ask for: 16 GiB."""
+
+
+def check_fits(build: Callable[[], nn.Module], state: Mapping[str, torch.Tensor],
+               source: str | os.PathLike = "checkpoint",
+               max_bytes: int = MAX_MODEL_BYTES) -> None:
+    """Build the model ``build()`` describes on the ``meta`` device (no memory) and compare it
+    with ``state`` before the real build: a stored config that asks for other or enormous
+    layers is refused in one line, before anything is allocated.
+
+    Raises:
+        CheckpointError: the model would exceed ``max_bytes``, or a key is missing,
+            unexpected or of another shape than in ``state``.
+    """
+    try:
+        with torch.device("meta"):
+            model = build()
+    except CheckpointError:
+        raise
+    except (MemoryError, OverflowError) as e:
+        raise CheckpointError(f"{source}: its config asks for a model too large to build "
+                              f"({type(e).__name__})") from None
+    except Exception as e:  # a module that cannot be built on meta: the real build decides
+        if "meta" not in str(e).lower() and isinstance(e, (ValueError, TypeError)):
+            raise CheckpointError(f"{source}: its config does not give a model "
+                                  f"({one_line(e, 120)})") from None
+        return
     own = model.state_dict()
+    total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    if total > max_bytes:
+        raise CheckpointError(f"{source}: its config asks for a model of {total / 2**30:.1f} GiB,"
+                              f" above the limit of {max_bytes / 2**30:.0f} GiB")
+    _compare(own, state, source)
+
+
+def _compare(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+             source: str | os.PathLike) -> None:
     for k, v in own.items():
         if k not in state:
             raise CheckpointError(f"{source}: does not fit the model: key {k!r} is missing")
@@ -175,7 +216,6 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor],
     for k in state:
         if k not in own:
             raise CheckpointError(f"{source}: does not fit the model: unexpected key {k!r}")
-    model.load_state_dict(state, strict=True)
 
 
 def save_train_state(path: str | os.PathLike, state: Mapping[str, Any]) -> None:

@@ -214,10 +214,10 @@ def path_kind(path: str | os.PathLike) -> str:
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        return "a broken or looping symbolic link" if os.path.islink(path) else "missing"
+        return "a broken or looping link" if os.path.islink(path) else "missing"
     except OSError as e:
         if os.path.islink(path):
-            return "a broken or looping symbolic link"
+            return "a broken or looping link"
         return f"unreadable ({e.strerror or one_line(e)})"
     mode = st.st_mode
     for test, name in ((stat.S_ISREG, "a file"), (stat.S_ISDIR, "a folder"),

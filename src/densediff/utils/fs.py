@@ -71,7 +71,8 @@ def check_writable_file(path: str | os.PathLike, what: str) -> Path:
     if path.is_dir():
         raise UserError(f"{what}: {path} is a folder; expected a file path")
     kind = path_kind(path)
-    if kind not in ("a file", "missing", "a broken or looping symbolic link"):
+    if kind not in ("a file", "missing", "a broken or looping link") and not kind.startswith(
+            "unreadable"):  # unreadable: check_writable_dir says why
         raise UserError(f"{what}: {path} is {kind}; expected a regular file path")
     check_writable_dir(path.parent, what)
     if path.exists() and not os.access(path, os.W_OK):
