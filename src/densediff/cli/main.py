@@ -88,10 +88,13 @@ def check_range(value: int | None, option: str, low: int, high: int) -> None:
 
 
 def check_size(size: list[int] | None, option: str = "--size") -> None:
-    """UserError unless an (H, W) input size is at least 32 x 32 (the deepest encoder stride)."""
-    if size is not None and min(size) < 32:
-        raise UserError(f"{option}: height and width must be at least 32 pixels, got "
-                        f"{' '.join(map(str, size))}")
+    """UserError unless an (H, W) input size is within the limits: at least 32 x 32 (the
+    deepest encoder stride), at most 8192 a side and 4096 x 4096 pixels
+    (:func:`densediff.utils.checks.check_size`)."""
+    from densediff.utils.checks import check_size as check
+
+    if size is not None:
+        check(list(size), option)
 
 
 MAX_SEED = 2**63 - 1
@@ -139,7 +142,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if getattr(args, opt):
             check_writable_file(getattr(args, opt), f"--{opt}")
     steps = parse_steps(args.steps)
-    controls = parse_controls(args.controls)
+    if args.controls is not None and args.no_controls:
+        raise UserError("--controls: contradicts --no-controls; give one of them")
+    controls = parse_controls(args.controls if args.controls is not None else "all")
     device = resolve_device(args.device)
     overrides = list(args.overrides)
     if args.data_root:
@@ -152,6 +157,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.aug_test and not pipe.has_aug:
         raise UserError(f"--aug-test: {args.checkpoint} is a {pipe.name} model; {pipe.name} "
                         "models have no test-time augmentation")
+    from densediff.engine.diagnose import is_ddp
+
+    for opt, given in (("--controls", args.controls is not None),
+                       ("--no-controls", args.no_controls)):
+        if given and not is_ddp(model):
+            raise UserError(f"{opt}: applies to DDP models (the single-call controls of the map "
+                            f"decoder); {args.checkpoint} is a {cfg.model.type} model")
+    if args.plot and not is_diffusion(model):
+        raise UserError(f"--plot: applies to diffusion models (the metric against the step "
+                        f"count); {args.checkpoint} is not one")
     if steps is not None:  # before any work: the model takes these step counts
         steps = resolve_steps(model, steps, str(args.checkpoint), "--steps")
     model.to(device)
@@ -173,8 +188,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"steps: {next(iter(results))}")
             print(fmt(next(iter(results.values()))))
         print(steps_table(results))
-        from densediff.engine.diagnose import is_ddp
-
         if not args.no_controls and is_ddp(model):
             from densediff.utils.precision import autocast
 
@@ -234,6 +247,12 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         _write_json(Path(args.out), result)
         print(f"wrote {args.out}")
     return 0
+
+
+def torch_module():
+    import torch
+
+    return torch.nn.Module
 
 
 def _list_images(path: Path) -> list[Path]:
@@ -303,16 +322,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
                             "its graphs itself)")
         predictor = load_onnx(args.checkpoint)
     else:
+        from densediff.api import resolve_device, resolve_precision_or_fail
+
+        resolve_precision_or_fail(args.precision, resolve_device(args.device), "--precision")
         predictor = load(args.checkpoint, device=args.device, overrides=_ddps_overrides(args),
                          precision=args.precision)
         if args.compile:
+            if not isinstance(getattr(predictor.model, "decoder", None), torch_module()):
+                raise UserError(f"--compile: {args.checkpoint} has no map decoder to compile "
+                                "(it applies to DDP models)")
             predictor.compile()
     _check_ddps_options(args, predictor.cfg)
     pipe = predictor.pipeline
     if not predictor.is_diffusion:
-        for opt in ("steps", "trajectory"):
-            if getattr(args, opt):
+        for opt in ("steps", "trajectory", "seed"):
+            if getattr(args, opt) is not None and getattr(args, opt) is not False:
                 raise UserError(f"--{opt}: {args.checkpoint} is not a diffusion model")
+    if args.save_probs and pipe.task != "segmentation":
+        raise UserError(f"--save-probs: applies to segmentation models; {args.checkpoint} is a "
+                        f"{pipe.name} model" + (" (its probabilities are always written)"
+                                                if pipe.task == "bev" else ""))
+    if pipe.image_input:
+        for opt in ("limit", "data_root"):
+            if getattr(args, opt) is not None:
+                raise UserError(f"--{opt.replace('_', '-')}: applies to BEV models (samples of "
+                                f"a dataset split); {args.checkpoint} predicts image files")
     if args.aug_test and not pipe.has_aug:
         raise UserError(f"--aug-test: {args.checkpoint} is a {pipe.name} model; {pipe.name} "
                         "models have no test-time augmentation")
@@ -337,18 +371,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise UserError(f"{out}: writing results there would overwrite input images; "
                             "choose another --out")
     for f, stem in zip(files, _output_stems(files)):
-        pred = predictor.predict(f, aug=args.aug_test, steps=args.steps, seed=args.seed)
+        pred = predictor.predict(f, aug=args.aug_test, steps=args.steps, seed=args.seed or 0)
         written = pred.save(out, stem, **options)
         print(f"{f} -> {out / (stem + '_{' + ','.join(written) + '}')}")
     return 0
 
 
 def _output_stems(files: list[Path]) -> list[str]:
-    """Output name stems: a.png and a.jpg in one folder keep their suffix so that neither
-    result overwrites the other."""
-    stems = [f.stem for f in files]
-    return [f.stem if stems.count(f.stem) == 1 else f"{f.stem}_{f.suffix.lstrip('.')}"
-            for f in files]
+    """Output name stems, one per input and no two alike (every output suffix is one word
+    after the last ``_``, so distinct stems give distinct files): the stem, or where two
+    inputs share it ``<stem>_<ext>`` (a.png, a.jpg -> a_png, a_jpg), or where that clashes
+    too the full file name (:func:`~densediff.utils.fs.injective_names`)."""
+    from densediff.utils.fs import injective_names
+
+    return injective_names([[f.stem, f"{f.stem}_{f.suffix.lstrip('.')}", f.name]
+                            for f in files])
 
 
 def _predict_samples(args: argparse.Namespace, predictor, out: Path, options: dict) -> int:
@@ -363,10 +400,14 @@ def _predict_samples(args: argparse.Namespace, predictor, out: Path, options: di
     dataset = predictor.dataset(args.input, args.data_root)
     n = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     out.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
     for i in range(n):
         sample = dataset[i]
         name = "".join(c if c.isalnum() or c in "-." else "_" for c in sample["meta"]["name"])
-        pred = predictor.predict_bev(sample, steps=args.steps, seed=args.seed)
+        if name in used:  # two names alike once made safe: "~" is never in a safe name
+            name = f"{name}~{i}"
+        used.add(name)
+        pred = predictor.predict_bev(sample, steps=args.steps, seed=args.seed or 0)
         written = pred.save(out, name, **options)
         print(f"{sample['meta']['name']} -> {out / (name + '_{' + ','.join(written) + '}')}")
     return 0
@@ -463,10 +504,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
-    tmp.replace(path)
+    from densediff.utils.fs import atomic_write
+
+    text = json.dumps(obj, indent=1, default=float)
+    atomic_write(path, lambda tmp: tmp.write_text(text))  # a failed write: one line
 
 
 # ------------------------------------------------------------------------------------------
@@ -504,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-controls", action="store_true",
                    help="DDP: skip the single-call controls (one decoder call on noise / a zero "
                    "map at t = 1 .. 1/3) whose best result each step count is compared with")
-    e.add_argument("--controls", default="all",
+    e.add_argument("--controls",
                    help="DDP: which controls: all (default: noise and zero map at t = 1, "
                    "0.999, 0.95, 0.5, 1/3), or INPUT@T items, e.g. the best one on val from "
                    "`densediff diagnose`: zero@0.95")
@@ -529,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="segmentation: also write KxHxW float16 .npy")
     pr.add_argument("--steps", type=int, help="diffusion models: sampling steps "
                     "(default: the model's steps; DDPS: 0 = the base segmentor)")
-    pr.add_argument("--seed", type=int, default=0, help="diffusion models: noise seed")
+    pr.add_argument("--seed", type=int, help="diffusion models: noise seed (default 0)")
     pr.add_argument("--limit", type=int, help="BEV: predict the first N samples of the split only")
     pr.add_argument("--data-root", help="BEV: dataset folder (overrides data.root)")
     pr.add_argument("--uncertainty", action="store_true",

@@ -64,9 +64,9 @@ def check_size(size: Any, what: str) -> tuple[int, int]:
     """An (H, W) input size: two whole numbers, each in [:data:`MIN_SIDE`, :data:`MAX_SIDE`],
     H x W at most :data:`MAX_INPUT_PIXELS`; UserError naming ``what`` otherwise."""
     if not isinstance(size, (list, tuple)) or len(size) != 2:
-        raise UserError(f"{what}: expected [H, W], got {_short(size)}")
+        raise UserError(f"{what} must be [H, W], got {_short(size)}")
     if any(isinstance(v, bool) or not isinstance(v, int) for v in size):
-        raise UserError(f"{what}: expected two whole numbers H W, got {_short(size)}")
+        raise UserError(f"{what} must be [H, W] of two whole numbers, got {_short(size)}")
     h, w = size
     if min(h, w) < MIN_SIDE:
         raise UserError(f"{what}: height and width must be at least {MIN_SIDE} pixels, got "
@@ -174,7 +174,7 @@ def json_loads(text: str | bytes, what: str, max_depth: int = MAX_NESTING) -> An
     try:
         value = json.loads(text, parse_constant=no_constant)
     except (ValueError, RecursionError) as e:
-        raise UserError(f"{what}: not valid JSON ({one_line(e, 120)})") from None
+        raise UserError(f"{what}: not readable JSON ({one_line(e, 120)})") from None
     return value
 
 

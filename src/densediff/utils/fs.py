@@ -235,3 +235,28 @@ def _alive(pid: int) -> bool:
     except (PermissionError, OverflowError):
         return True
     return True
+
+
+def injective_names(choices: list[list[str]]) -> list[str]:
+    """One name per item, no two alike: item ``i`` takes ``choices[i][0]`` unless another item
+    takes the same name, then its next choice, and so on. The last choices must differ
+    pairwise (e.g. full file names in one folder); the result is then injective.
+
+    ``predict`` names its outputs so: ``a.png`` -> ``a``, but with ``a.jpg`` beside it
+    ``a_png`` and ``a_jpg``, and with ``a_png.png`` too, the full names.
+    """
+    last = [c[-1] for c in choices]
+    if len(set(last)) != len(last):
+        raise ValueError("the last choices must differ pairwise")
+    level = [0] * len(choices)
+    while True:
+        names = [c[min(lv, len(c) - 1)] for c, lv in zip(choices, level)]
+        seen: dict[str, list[int]] = {}
+        for i, n in enumerate(names):
+            seen.setdefault(n, []).append(i)
+        clash = [i for group in seen.values() if len(group) > 1 for i in group
+                 if level[i] < len(choices[i]) - 1]
+        if not clash:
+            return names
+        for i in clash:
+            level[i] += 1
