@@ -197,8 +197,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         plot = args.plot or (str(Path(args.out).with_suffix("")) + "_steps.png"
                              if args.out and len(results) > 1 else None)
         if plot:
-            Path(plot).parent.mkdir(parents=True, exist_ok=True)
-            plot_steps(results, plot, title=f"{Path(args.checkpoint).name} {split}")
+            from densediff.utils.fs import atomic_write
+
+            atomic_write(Path(plot), lambda tmp: plot_steps(
+                results, tmp, title=f"{Path(args.checkpoint).name} {split}"), what="--plot")
             print(f"wrote {plot}")
     if args.out:
         _write_json(Path(args.out), metrics)

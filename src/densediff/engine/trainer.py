@@ -54,7 +54,7 @@ from densediff.engine.ema import EMA
 from densediff.engine.logger import RunLogger
 from densediff.engine.optim import build_optimizer, set_lr
 from densediff.engine.sampler import InfiniteSampler
-from densediff.errors import CheckpointError, ConfigError, DivergenceError, UserError
+from densediff.errors import CheckpointError, ConfigError, DivergenceError, UserError, one_line
 from densediff.utils import distributed as du
 from densediff.utils.checkpoint import (
     first_nonfinite,
@@ -322,6 +322,7 @@ class _Run:
         """Restore weights, EMA, optimizer, counters and RNG states from ``checkpoints/last``."""
         state_path = self.ckpt_dir / "last.state.pt"
         state = load_train_state(state_path)
+        _check_train_state(state, state_path, self.t.iters)
         it = state.get("iteration")
         files = [(self.ckpt_dir / "last.safetensors", self.module)]
         if self.ema is not None:
@@ -338,14 +339,20 @@ class _Run:
             load_into(module, weights, source=path)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{state_path}: optimizer state does not fit ({e})") from None
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as e:
+            raise CheckpointError(f"{state_path}: optimizer state does not fit "
+                                  f"({one_line(e, 120)})") from None
         self.iter, self.samples = int(it), int(state["samples"])
         self.committed = (self.iter, None)
         self.best, self.best_iter = state["best"], int(state["best_iter"])
         rngs = state["rng"]
         if len(rngs) == self.info.world_size:
-            _set_rng_state(rngs[self.info.rank], self.device)
+            try:
+                _set_rng_state(rngs[self.info.rank], self.device)
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError,
+                    RuntimeError) as e:
+                raise CheckpointError(f"{state_path}: entry 'rng' is not a random state "
+                                      f"({one_line(e, 100)})") from None
         else:
             self.notes.append(f"warning: {state_path} was written by {len(rngs)} processes, "
                               f"now {self.info.world_size}: random streams are not continued "
@@ -600,6 +607,30 @@ class _Run:
                 self.logger.close()
         return {**self.last_metrics, "iter": self.iter, f"best_{self.metric}": self.best,
                 "best_iter": self.best_iter}
+
+
+def _check_train_state(state: dict, path: Path, iters: int) -> None:
+    """The entries :meth:`_Run._load` reads, of the right types and in range, before any of
+    them is used: one CheckpointError line naming the file and the entry."""
+    def bad(key: str, what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: entry {key!r} {what}; not a densediff training state "
+                               "(or a damaged one)")
+    for key in ("iteration", "samples", "optimizer", "best_iter", "rng"):
+        if key not in state:
+            raise bad(key, "is missing")
+    for key in ("iteration", "samples", "best_iter"):
+        v = state[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 2**62:
+            raise bad(key, f"must be a whole number >= 0, got {type(v).__name__}")
+    best = state.get("best")
+    if best is not None and (isinstance(best, bool) or not isinstance(best, (int, float))):
+        raise bad("best", f"must be a number or None, got {type(best).__name__}")
+    if not isinstance(state["optimizer"], dict):
+        raise bad("optimizer", "must be a mapping")
+    rngs = state["rng"]
+    if (not isinstance(rngs, (list, tuple)) or not 1 <= len(rngs) <= 65536
+            or not all(isinstance(r, dict) for r in rngs)):
+        raise bad("rng", "must be a list of random states, one per process")
 
 
 def ema_init_share(iters: int, decay: float, every: int) -> float:

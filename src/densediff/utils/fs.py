@@ -132,13 +132,14 @@ class RunLock:
         self.release()
 
 
-TEMP_PATTERN = re.compile(r"^\..+\.tmp(\d+)$")
-"""Names of the temporary files :func:`atomic_write` writes: ``.<name>.tmp<pid>``."""
+TEMP_PATTERN = re.compile(r"^\..+\.tmp(\d+)(\.[A-Za-z0-9]+)?$")
+"""Names of the temporary files :func:`atomic_write` writes: ``.<name>.tmp<pid><suffix>``."""
 
 
 def temp_path(path: Path) -> Path:
-    """The temporary file :func:`atomic_write` writes ``path`` through."""
-    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+    """The temporary file :func:`atomic_write` writes ``path`` through: hidden, with the
+    process id, and ending in ``path``'s suffix (writers pick the format from it)."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None],
