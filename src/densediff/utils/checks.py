@@ -279,11 +279,8 @@ def write_error(path: str | os.PathLike, err: BaseException, what: str = "",
                 error: type[UserError] = UserError) -> UserError:
     """The one-line UserError for a failed write of ``path`` (full disk, file-size limit,
     ``EIO`` ...); raise it ``from None``."""
-    if isinstance(err, OSError):
-        reason = err.strerror or one_line(err)
-        if err.errno == 27:  # EFBIG
-            reason += " (the file-size limit, ulimit -f)"
-    else:
-        reason = one_line(err)
+    reason = (err.strerror or one_line(err)) if isinstance(err, OSError) else one_line(err)
+    if "File too large" in reason or getattr(err, "errno", None) == 27:  # EFBIG
+        reason += " (the file-size limit, ulimit -f)"
     prefix = f"{what}: " if what else ""
     return error(f"{prefix}cannot write {path}: {reason}; earlier files are intact")
