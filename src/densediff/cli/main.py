@@ -344,6 +344,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UserError(f"--save-probs: applies to segmentation models; {args.checkpoint} is a "
                         f"{pipe.name} model" + (" (its probabilities are always written)"
                                                 if pipe.task == "bev" else ""))
+    if args.uncertainty and pipe.task == "depth" and (not predictor.is_diffusion
+                                                        or args.aug_test):
+        raise UserError(f"--uncertainty: a depth uncertainty map needs a diffusion model and "
+                        f"whole-image inference without --aug-test ({args.checkpoint})")
     if pipe.image_input:
         for opt in ("limit", "data_root"):
             if getattr(args, opt) is not None:
