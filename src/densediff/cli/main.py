@@ -251,12 +251,6 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
-def torch_module():
-    import torch
-
-    return torch.nn.Module
-
-
 def _list_images(path: Path) -> list[Path]:
     """The image files to predict: ``path`` itself, or the image files directly in the folder
     ``path`` (sorted). Entries with an image suffix that are not readable files (folders,
@@ -330,7 +324,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         predictor = load(args.checkpoint, device=args.device, overrides=_ddps_overrides(args),
                          precision=args.precision)
         if args.compile:
-            if not isinstance(getattr(predictor.model, "decoder", None), torch_module()):
+            import torch
+
+            if not isinstance(getattr(predictor.model, "decoder", None), torch.nn.Module):
                 raise UserError(f"--compile: {args.checkpoint} has no map decoder to compile "
                                 "(it applies to DDP models)")
             predictor.compile()
