@@ -55,6 +55,8 @@ MAX_GRID_CELLS = 4096
 
 PosInt = Annotated[int, Field(ge=1)]
 PosFloat = Annotated[float, Field(gt=0)]
+Scale = Annotated[float, Field(gt=0, le=16)]
+"""A resize factor: > 0 and at most 16 (an image resized beyond that is an input error)."""
 Side = Annotated[int, Field(ge=1, le=MAX_SIDE)]
 Size = tuple[Side, Side]
 """(height, width), both in 1 .. MAX_SIDE (8192)."""
@@ -72,7 +74,7 @@ class PipelineConfig(_Strict):
     """Base size for random resize, as in mmseg ``img_scale`` with ``keep_ratio=True``: the image
     is scaled so its long side <= max(scale) and short side <= min(scale) (orientation is
     ignored, so (h, w) and (w, h) mean the same). None: no resize."""
-    ratio_range: Optional[tuple[PosFloat, PosFloat]] = (0.5, 2.0)
+    ratio_range: Optional[tuple[Scale, Scale]] = (0.5, 2.0)
     """Random resize factor range applied to ``scale`` (train only); None disables it."""
     crop_size: Optional[Size] = None
     """Random crop (h, w) for training; None disables cropping."""
@@ -167,7 +169,7 @@ class BEVDataConfig(_Strict):
     """Camera channels (nuScenes names; the generated world uses the same six rigs)."""
     image_size: Size = (256, 704)
     """Network input size of every camera image (h, w) after resize and crop."""
-    resize_range: tuple[PosFloat, PosFloat] = (0.38, 0.55)
+    resize_range: tuple[Scale, Scale] = (0.38, 0.55)
     """Training: random resize factor of the original camera image before the crop
     (BEVFusion ImageAug3D ``resize_lim``; nuScenes 900 x 1600 -> about 342..495 x 608..880)."""
     test_resize: Optional[PosFloat] = 0.48
@@ -180,7 +182,7 @@ class BEVDataConfig(_Strict):
     bev_rotate: float = Field(22.5, ge=0)
     """Training: random rotation of the whole scene about z, U(-bev_rotate, bev_rotate) degrees
     (BEVFusion GlobalRotScaleTrans, 0.3925 rad); cameras, points and map rotate together."""
-    bev_scale: tuple[PosFloat, PosFloat] = (0.95, 1.05)
+    bev_scale: tuple[Scale, Scale] = (0.95, 1.05)
     """Training: random scaling of the scene."""
     bev_flip: bool = True
     """Training: random flips of the scene along x and along y (BEVFusion RandomFlip3D)."""
@@ -608,7 +610,8 @@ class TrainConfig(_Strict):
 
 
 class AugTestConfig(_Strict):
-    scales: list[PosFloat] = Field([0.5, 0.75, 1.0, 1.25, 1.5, 1.75], min_length=1)
+    scales: list[Scale] = Field([0.5, 0.75, 1.0, 1.25, 1.5, 1.75], min_length=1,
+                              max_length=32)
     flip: bool = True
 
 
