@@ -538,6 +538,12 @@ def test_options_that_do_not_apply_are_refused(tmp_path, capsys):
         (["predict", ckpt, img, "--out", out, "--data-root", "x"], ("--data-root", "BEV")),
         (["predict", ckpt, img, "--out", out, "--compile"], ("--compile", "no map decoder")),
         (["predict", ckpt, img, "--out", out, "--guidance", "1"], ("--guidance", "DDPS")),
+        (["predict", ckpt, img, "--out", out, "--save-probs", "--runtime", "onnx",
+          "--compile"], ("--compile",)),
+        (["bench", "generated/baseline.yaml", "--variants", "eager", "--precision", "bf16"],
+         ("--precision", "fast and compiled")),
+        (["bench", "generated/baseline.yaml", *TINY, "--steps", "2", "--variants", "eager",
+          "--repeats", "1"], ("--steps", "diffusion")),
     ):
         one_line_error(capsys, main(args), *needles)
     assert not list(Path(out).glob("a_*"))

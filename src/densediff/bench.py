@@ -187,6 +187,9 @@ def bench(cfg: Config, size: tuple[int, int] | None = None, batch: int = 1,
             top = model.max_steps or max(_DEFAULT_STEPS)
             steps = [n for n in _DEFAULT_STEPS if model.min_steps <= n <= top]
         check_steps(model, list(steps), "the model", "--steps")
+    elif steps is not None:
+        raise UserError("--steps: applies to diffusion models; this config's model "
+                        f"({cfg.model.type}) takes no step count")
     else:
         steps = [1]
     notes: list[str] = []

@@ -446,6 +446,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         check_writable_file(args.out, "--out")
     cfg = load_config(args.config, args.overrides)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.precision is not None and not {"fast", "compiled"} & set(variants):
+        raise UserError("--precision: applies to the fast and compiled variants, and --variants "
+                        f"{args.variants!r} has neither")
     batches = None
     if args.batches is not None:
         try:
@@ -459,7 +462,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             check_range(b, "--batches", 1, 256)
     result = bench(cfg, size=tuple(args.size) if args.size else None, batch=args.batch,
                    steps=steps, device=args.device, repeats=args.repeats, variants=variants,
-                   batches=batches, precision=args.precision)
+                   batches=batches, precision=args.precision or "auto")
     print(format_bench(result))
     if args.out:
         _write_json(Path(args.out), result)
@@ -648,9 +651,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(onnxruntime; skipped with a note where it does not apply)")
     b.add_argument("--batches", help="batch sizes of the throughput measurement, e.g. 1,4,8 "
                    "(default: --batch)")
-    b.add_argument("--precision", default="auto", metavar="{fp32,bf16,auto}",
-                   help="precision of the fast and compiled variants (auto: bf16 where the "
-                   "hardware has it)")
+    b.add_argument("--precision", metavar="{fp32,bf16,auto}",
+                   help="precision of the fast and compiled variants (default auto: bf16 "
+                   "where the hardware has it)")
     b.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     b.add_argument("--out", help="write the results JSON here")
     b.set_defaults(func=cmd_bench)

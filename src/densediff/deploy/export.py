@@ -31,6 +31,7 @@ sampler around a frozen base segmentor) are refused: see :data:`SUPPORTED`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -308,7 +309,8 @@ def export_model(model: nn.Module, cfg, out: str | os.PathLike,
                                                 [head(feat)])
     for name in meta["graphs"].values():
         onnx.checker.check_model(str(out / name))
-    meta["check"] = check
+    meta["check"] = check if check is None else {  # strict JSON: NaN/inf are not numbers
+        k: (v if math.isfinite(v) else None) for k, v in check.items()}
     meta["config"] = config if config is not None else cfg.to_dict()
     text = json.dumps(meta, indent=1)
     atomic_write(out / DEPLOY_FILE, lambda tmp: tmp.write_text(text), what="export")
