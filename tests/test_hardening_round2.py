@@ -184,6 +184,11 @@ def test_deploy_json_schema_and_consistency(export_dir, tmp_path, capsys):
 
     def task_cfg(m):
         m["config"]["task"] = "depth"
+
+    def fewer_classes(m):
+        for key in ("class_names", "palette"):
+            m["config"]["data"][key] = m["config"]["data"][key][:3]
+        m["classes"] = m["classes"][:3]
     cases = [
         (dict(meta_change=drop("map_channels")), "the entry 'map_channels' is missing"),
         (dict(meta_change=set_(map_channels="3")), "'map_channels': expected a whole number"),
@@ -197,6 +202,7 @@ def test_deploy_json_schema_and_consistency(export_dir, tmp_path, capsys):
         (dict(meta_change=set_(graphs={"encoder": "encoder.onnx", "step": "encoder.onnx"})),
          "two different files"),
         (dict(meta_change=set_(classes=["a"])), "'classes' (1) differ"),
+        (dict(meta_change=fewer_classes), "step.onnx: its output has shape"),
         (dict(meta_change=set_(config=[])), "'config' must be a mapping"),
         (dict(change=lambda d: (d / "deploy.json").write_text("[" * 50_000 + "]" * 50_000)),
          "nested more than 32 levels"),

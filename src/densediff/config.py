@@ -61,6 +61,8 @@ Side = Annotated[int, Field(ge=1, le=MAX_SIDE)]
 Size = tuple[Side, Side]
 """(height, width), both in 1 .. MAX_SIDE (8192)."""
 Channels = Annotated[int, Field(ge=8, le=MAX_CHANNELS)]
+Channel8 = Annotated[int, Field(ge=0, le=255)]
+"""One colour component."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,11 +231,12 @@ class DataConfig(_Strict):
     """Dataset folder. None: taken from $DENSEDIFF_<DATASET>_ROOT (e.g. DENSEDIFF_CAMVID_ROOT)."""
     num_classes: Optional[int] = Field(None, ge=1, le=MAX_CLASSES)
     """None: the dataset's own count (CamVid 11, ADE20K 150, Cityscapes 19, folder: classes file)."""
-    ignore_index: int = 255
+    ignore_index: int = Field(255, ge=0, le=65535)
     class_names: Optional[list[str]] = Field(None, max_length=MAX_CLASSES)
     """Class names; None: the dataset's own. The trainer fills this (and ``palette``) in the
     resolved config, so a checkpoint is self-contained."""
-    palette: Optional[list[tuple[int, int, int]]] = None
+    palette: Optional[list[tuple[Channel8, Channel8, Channel8]]] = Field(
+        None, max_length=MAX_CLASSES)
     """RGB colour per class; None: the dataset's own."""
     train_split: str = "train"
     val_split: str = "val"

@@ -297,7 +297,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: --out must be a folder, but this is a file")
+        from densediff.utils.checks import path_kind
+
+        raise UserError(f"{out}: --out must be a folder, but this is {path_kind(out)}")
     if args.steps is not None and args.steps < 0:
         raise UserError(f"--steps: must be at least 0, got {args.steps}")
     if args.steps is not None:

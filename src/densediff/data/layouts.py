@@ -56,7 +56,7 @@ from densediff.data.classes import (
 )
 from densediff.data.io import IMAGE_EXTENSIONS, LABEL_EXTENSIONS
 from densediff.errors import DataError
-from densediff.utils.checks import read_text
+from densediff.utils.checks import path_kind, read_text
 
 FORMATS = ("camvid", "ade20k", "cityscapes", "folder")
 
@@ -160,7 +160,9 @@ def _files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
 def _need_dir(path: Path, out: Layout) -> bool:
     if path.is_dir():
         return True
-    out.problems.append(f"{path}: folder not found")
+    kind = path_kind(path)
+    out.problems.append(f"{path}: folder not found" if kind == "missing"
+                        else f"{path}: is {kind}, not a folder")
     return False
 
 

@@ -359,11 +359,11 @@ def load_runtime(folder: str | os.PathLike, threads: int | None = None,
     _check_agrees(meta, cfg, names, path)
     cls = OnnxDDP if meta["kind"] == "ddp" else OnnxSegmentor
     model = cls(folder, meta, cfg, threads, providers)
-    _check_graphs(model, meta, cfg, folder)
+    _check_graphs(model, meta, cfg, folder, len(names))
     return model, cfg, names, palette
 
 
-def _check_graphs(model, meta: dict, cfg, folder: Path) -> None:
+def _check_graphs(model, meta: dict, cfg, folder: Path, num_classes: int) -> None:
     """Every graph's inputs against ``deploy.json`` and the other graph, before any image."""
     h, w = meta["input_size"]
     g = meta["graphs"]
@@ -376,9 +376,15 @@ def _check_graphs(model, meta: dict, cfg, folder: Path) -> None:
         inputs = [("features", fdims), ("x_t", [None, c, *fdims[2:]]), ("log_snr", [None])]
         if cfg.model.diffusion.self_condition:
             inputs.append(("x0_prev", [None, c, *fdims[2:]]))
-        _check_graph(model.step, folder / g["step"], inputs)
+        graph = folder / g["step"]
+        pred = _check_graph(model.step, graph, inputs)
     else:
-        _check_graph(model.head_graph, folder / g["head"], [("features", fdims)])
+        graph = folder / g["head"]
+        pred = _check_graph(model.head_graph, graph, [("features", fdims)])
+    want = 1 if meta["task"] == "depth" else num_classes
+    if len(pred) != 4 or (isinstance(pred[1], int) and pred[1] != want):
+        raise UserError(f"{graph}: its output has shape {pred}, but its config gives {want} "
+                        f"{'depth channel' if meta['task'] == 'depth' else 'classes'}")
 
 
 def load_onnx_model(folder: str | os.PathLike, threads: int | None = None,

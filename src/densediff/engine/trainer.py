@@ -294,7 +294,10 @@ class _Run:
 
     def _check_work_dir_main(self, resume: bool) -> None:
         if self.work_dir.exists() and not self.work_dir.is_dir():
-            raise ConfigError(f"work_dir: {self.work_dir} is a file, not a folder")
+            from densediff.utils.checks import path_kind
+
+            raise ConfigError(f"work_dir: {self.work_dir} is {path_kind(self.work_dir)}, not a "
+                              "folder")
         check_writable_dir(self.work_dir, "work_dir")
         self.lock = RunLock(self.work_dir)
         try:

@@ -47,7 +47,7 @@ def check_writable_dir(path: str | os.PathLike, what: str) -> Path:
     path = Path(path)
     for p in (path, *path.parents):
         if p.exists() and not p.is_dir():
-            raise UserError(f"{what}: {p} is a file, not a folder"
+            raise UserError(f"{what}: {p} is {path_kind(p)}, not a folder"
                             + ("" if p == path else f" (needed for {path})"))
         if p.exists():
             break
