@@ -632,3 +632,19 @@ def test_fifo_and_devices_are_reported_as_what_they_are(tmp_path, capsys):
                    "character device")
     one_line_error(capsys, main(["eval", ckpt, "--out", "/dev/null"]), "character device")
     assert checks.path_kind(tmp_path / "nothing") == "missing"
+
+
+def test_library_inputs_are_one_line_errors(tmp_path):
+    import densediff
+
+    p = densediff.load(untrained_checkpoint(tmp_path / "ck.safetensors"))
+    img = np.zeros((40, 40, 3), np.uint8)
+    for kwargs, needle in (
+        (dict(image=img, seed=-1), "seed: must be between 0"),
+        (dict(image=np.zeros((0, 0, 3), np.uint8)), "at least 1x1"),
+        (dict(image=np.zeros((4, 4, 5), np.uint8)), "HxW, HxWx3 or HxWx4"),
+        (dict(image=np.array([["a"]])), "must hold numbers"),
+    ):
+        with pytest.raises(UserError, match=needle):
+            p.predict(**kwargs)
+    assert p.predict(np.ones((8, 8), bool)).mask.shape == (8, 8)  # bool and grey: fine
