@@ -612,6 +612,9 @@ def test_precision_named_as_the_option_everywhere(tmp_path, capsys):
     for cmd in (["predict", ckpt, img, "--out", str(tmp_path / "o")], ["eval", ckpt]):
         err = one_line_error(capsys, main([*cmd, "--precision", "fp16"]), "--precision:")
         assert "fp16" in err
+    for cmd in (["predict", ckpt, img, "--out", str(tmp_path / "o")], ["eval", ckpt],
+                ["diagnose", ckpt], ["bench", "generated/baseline.yaml"]):
+        one_line_error(capsys, main([*cmd, "--device", "tpu"]), "--device 'tpu'")
 
 
 def test_fifo_and_devices_are_reported_as_what_they_are(tmp_path, capsys):

@@ -203,19 +203,20 @@ class Predictor:
         return pred.trajectory_strip()
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``device`` as a torch.device; UserError when it is malformed or not available here."""
+def resolve_device(device: str | torch.device, key: str = "device") -> torch.device:
+    """``device`` as a torch.device; UserError naming ``key`` (the CLI: ``--device``) when it
+    is malformed or not available here."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise UserError(f"device {str(device)!r}: not a device name (e.g. cpu, cuda, cuda:1)"
+        raise UserError(f"{key} {str(device)!r}: not a device name (e.g. cpu, cuda, cuda:1)"
                         ) from None
     if dev.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n == 0:
-            raise UserError(f"device {str(device)!r}: CUDA is not available on this machine")
+            raise UserError(f"{key} {str(device)!r}: CUDA is not available on this machine")
         if dev.index is not None and dev.index >= n:
-            raise UserError(f"device {str(device)!r}: only {n} CUDA device(s) here")
+            raise UserError(f"{key} {str(device)!r}: only {n} CUDA device(s) here")
     return dev
 
 

@@ -166,7 +166,7 @@ def bench(cfg: Config, size: tuple[int, int] | None = None, batch: int = 1,
 
     if batch < 1 or repeats < 1 or warmup < 0:
         raise UserError("--batch and --repeats: must be at least 1")
-    dev = resolve_device(device)
+    dev = resolve_device(device, "--device")
     fast_precision = resolve_precision_or_fail(precision, dev, "--precision")
     asked = list(variants) if variants is not None else list(DEFAULT_VARIANTS)
     bad = [v for v in asked if v not in VARIANTS]

@@ -145,7 +145,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.controls is not None and args.no_controls:
         raise UserError("--controls: contradicts --no-controls; give one of them")
     controls = parse_controls(args.controls if args.controls is not None else "all")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     overrides = list(args.overrides)
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")
@@ -237,6 +237,9 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         check_writable_file(args.out, "--out")
     check_range(args.limit, "--limit", 2, 10**9)
     steps = parse_steps(args.steps, low=1)
+    from densediff.api import resolve_device
+
+    resolve_device(args.device, "--device")
     predictor = load(args.checkpoint, device=args.device, overrides=list(args.overrides))
     if not is_ddp(predictor.model):
         raise UserError(f"{args.checkpoint}: not a DDP model; diagnostics read the map decoder "
@@ -322,7 +325,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         from densediff.api import resolve_device, resolve_precision_or_fail
 
-        resolve_precision_or_fail(args.precision, resolve_device(args.device), "--precision")
+        resolve_precision_or_fail(args.precision, resolve_device(args.device, "--device"),
+                                  "--precision")
         predictor = load(args.checkpoint, device=args.device, overrides=_ddps_overrides(args),
                          precision=args.precision)
         if args.compile:
