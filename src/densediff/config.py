@@ -450,7 +450,7 @@ class DDPSConfig(_Strict):
     renoise: Literal["free", "posterior"] = "free"
     """Re-noising between steps (Table 3c): ``free`` q(x_s | argmax x0_hat), or the posterior
     q(x_s | x_t, x0_hat) (Eq. 3, averaged over the predicted x0 distribution)."""
-    guidance: float = Field(0.0, ge=0)
+    guidance: float = Field(0.0, ge=0, le=1000)
     """Classifier-free guidance scale s: logits = (s + 1) l_cond - s l_uncond; 0 = off."""
     cond_drop: float = Field(0.0, ge=0, lt=1)
     """Training: probability of zeroing an image's condition features (the unconditional

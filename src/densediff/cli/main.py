@@ -112,8 +112,9 @@ def _ddps_overrides(args: argparse.Namespace) -> list[str]:
     """``--guidance`` / ``--renoise`` as overrides of the stored config."""
     out = []
     if args.guidance is not None:
-        if args.guidance < 0:
-            raise UserError(f"--guidance: must be >= 0, got {args.guidance}")
+        from densediff.utils.checks import finite_float
+
+        finite_float(args.guidance, "--guidance", low=0.0, high=1000.0)
         out.append(f"model.ddps.guidance={args.guidance}")
     if args.renoise is not None:
         out.append(f"model.ddps.renoise={args.renoise}")
