@@ -514,6 +514,18 @@ def test_lock_never_follows_a_link_or_truncates_a_foreign_file(tmp_path):
         assert lock.path == run / LOCK_NAME
 
 
+def test_train_refuses_a_linked_pending_folder(tmp_path, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("keep")
+    ck = tmp_path / "run" / "checkpoints"
+    ck.mkdir(parents=True)
+    os.symlink(elsewhere, ck / ".pending")
+    one_line_error(capsys, main(["train", "generated/baseline.yaml", *TINY,
+                                 f"work_dir={tmp_path / 'run'}"]), ".pending", "a link")
+    assert (elsewhere / "keep.txt").read_text() == "keep"
+
+
 def test_train_refuses_a_linked_lock_and_leaves_its_target(tmp_path, capsys):
     victim = tmp_path / "precious.txt"
     victim.write_text("do not touch")

@@ -301,6 +301,10 @@ class _Run:
         check_writable_dir(self.work_dir, "work_dir")
         self.lock = RunLock(self.work_dir)
         try:
+            pending = self.ckpt_dir / PENDING_DIR
+            if pending.is_symlink() or (pending.exists() and not pending.is_dir()):
+                raise ConfigError(f"work_dir: {pending} is not the run's own folder (a link or "
+                                  "a file); remove it")
             if resume and not (self.ckpt_dir / "last.state.pt").is_file():
                 raise CheckpointError(f"{self.ckpt_dir / 'last.state.pt'}: nothing to resume "
                                       "from (drop --resume to start a new run)")
@@ -314,7 +318,7 @@ class _Run:
                     raise ConfigError(f"work_dir: {self.work_dir} already holds an earlier run "
                                       f"({', '.join(earlier)}); pass --resume to continue it, "
                                       "or choose another work_dir (nothing is overwritten)")
-            shutil.rmtree(self.ckpt_dir / PENDING_DIR, ignore_errors=True)  # an unjudged save
+            shutil.rmtree(pending, ignore_errors=True)  # an unjudged save
             remove_stale_temps(self.ckpt_dir)  # temporary files of a save that was killed
         except UserError:
             self.lock.release()
