@@ -4,6 +4,7 @@ contract (import-linter) that keeps layers pointing down."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -69,8 +70,10 @@ def _record(monkeypatch) -> dict:
     save = densediff.viz.save_labelled_grid
 
     def recording(rows, columns, path, *args, **kw):
-        keys[Path(path).name] = save(rows, columns, path, *args, **kw)
-        return keys[Path(path).name]
+        name = Path(path).name  # files are drawn at their temporary name, then renamed
+        m = re.match(r"^\.(.+)\.tmp\d+\.\w+$", name)
+        keys[m.group(1) if m else name] = save(rows, columns, path, *args, **kw)
+        return keys[m.group(1) if m else name]
 
     monkeypatch.setattr(densediff.viz, "save_labelled_grid", recording)
     return keys

@@ -24,11 +24,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from densediff.config import Config, apply_overrides, config_from_dict
+from densediff.config import MAX_SEED, Config, apply_overrides, config_from_dict
 from densediff.data import class_info
-from densediff.data.io import _to_uint8, read_image
+from densediff.data.io import MAX_PIXELS_ENV, _to_uint8, max_image_pixels, read_image
 from densediff.data.transforms import preprocess_image
-from densediff.errors import UserError
+from densediff.errors import DataError, UserError
 from densediff.models import build_model
 from densediff.official import is_official_source, load_official
 from densediff.pipelines import (
@@ -40,7 +40,8 @@ from densediff.pipelines import (
     is_diffusion,
     pipeline_for,
 )
-from densediff.utils.checkpoint import load_into, load_weights, resolve_weights
+from densediff.utils.checkpoint import check_fits, load_into, load_weights, resolve_weights
+from densediff.utils.checks import check_int, finite_float
 from densediff.utils.precision import autocast, resolve_precision
 from densediff.viz import colorize, overlay
 
@@ -57,10 +58,18 @@ def _as_uint8_rgb(image: ImageLike) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
     arr = np.asarray(image)
     if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=2)
-    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
-        raise ValueError(f"image array must be HxW, HxWx3 or HxWx4, got shape {arr.shape}")
-    arr = arr[..., :3]
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise DataError(f"image array must be HxW, HxWx3 or HxWx4, got shape {arr.shape}")
+    if arr.dtype.kind not in "biuf":
+        raise DataError(f"image array must hold numbers, got dtype {arr.dtype}")
+    limit = max_image_pixels()
+    if min(arr.shape[:2]) < 1 or (limit and arr.shape[0] * arr.shape[1] > limit):
+        raise DataError(f"image array of {arr.shape[0]}x{arr.shape[1]} pixels: must be at "
+                        f"least 1x1 and at most {limit} pixels ({MAX_PIXELS_ENV})")
+    arr = np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr[..., :3]
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * 255
     if arr.dtype == np.uint16:
         arr = _to_uint8(arr, "I;16")          # 16-bit: scaled like 16-bit files
     elif np.issubdtype(arr.dtype, np.floating):
@@ -141,6 +150,7 @@ class Predictor:
             raise UserError(f"predict: a {self.pipeline.name} model takes multi-camera samples "
                             "of its dataset, not an image; use predict_bev(sample) with samples "
                             "from Predictor.dataset(split)")
+        check_int(seed, "seed", 0, MAX_SEED)
         rgb = _as_uint8_rgb(image)
         x = preprocess_image(rgb, self.cfg).to(self.device)
         with autocast(self.precision, self.device):
@@ -179,6 +189,8 @@ class Predictor:
         if self.pipeline.image_input:
             raise UserError(f"predict_bev: this checkpoint is not a BEV model ({self.cfg.task}); "
                             "use predict")
+        check_int(seed, "seed", 0, MAX_SEED)
+        finite_float(threshold, "threshold", 0.0, 1.0)
         with autocast(self.precision, self.device):
             return self.pipeline.predict(self, sample, steps, seed, threshold)
 
@@ -192,19 +204,20 @@ class Predictor:
         return pred.trajectory_strip()
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``device`` as a torch.device; UserError when it is malformed or not available here."""
+def resolve_device(device: str | torch.device, key: str = "device") -> torch.device:
+    """``device`` as a torch.device; UserError naming ``key`` (the CLI: ``--device``) when it
+    is malformed or not available here."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise UserError(f"device {str(device)!r}: not a device name (e.g. cpu, cuda, cuda:1)"
+        raise UserError(f"{key} {str(device)!r}: not a device name (e.g. cpu, cuda, cuda:1)"
                         ) from None
     if dev.type == "cuda":
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n == 0:
-            raise UserError(f"device {str(device)!r}: CUDA is not available on this machine")
+            raise UserError(f"{key} {str(device)!r}: CUDA is not available on this machine")
         if dev.index is not None and dev.index >= n:
-            raise UserError(f"device {str(device)!r}: only {n} CUDA device(s) here")
+            raise UserError(f"{key} {str(device)!r}: only {n} CUDA device(s) here")
     return dev
 
 
@@ -233,6 +246,7 @@ def load_model(checkpoint: str | Path, overrides: list[str] | None = None
     names, palette = class_info(cfg)
     build_cfg = cfg.model_copy(deep=True)
     build_cfg.model.encoder.pretrained = None
+    check_fits(lambda: build_model(build_cfg, len(names)), state, str(checkpoint))  # no memory
     model = build_model(build_cfg, len(names))
     load_into(model, state, source=str(checkpoint))
     return model, cfg, names, palette

@@ -166,7 +166,7 @@ def bench(cfg: Config, size: tuple[int, int] | None = None, batch: int = 1,
 
     if batch < 1 or repeats < 1 or warmup < 0:
         raise UserError("--batch and --repeats: must be at least 1")
-    dev = resolve_device(device)
+    dev = resolve_device(device, "--device")
     fast_precision = resolve_precision_or_fail(precision, dev, "--precision")
     asked = list(variants) if variants is not None else list(DEFAULT_VARIANTS)
     bad = [v for v in asked if v not in VARIANTS]
@@ -187,6 +187,9 @@ def bench(cfg: Config, size: tuple[int, int] | None = None, batch: int = 1,
             top = model.max_steps or max(_DEFAULT_STEPS)
             steps = [n for n in _DEFAULT_STEPS if model.min_steps <= n <= top]
         check_steps(model, list(steps), "the model", "--steps")
+    elif steps is not None:
+        raise UserError("--steps: applies to diffusion models; this config's model "
+                        f"({cfg.model.type}) takes no step count")
     else:
         steps = [1]
     notes: list[str] = []

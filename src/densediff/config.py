@@ -19,11 +19,13 @@ from typing import Annotated, Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from densediff.errors import ConfigError
+from densediff.errors import ConfigError, UserError
+from densediff.utils.checks import MAX_SIDE, check_nesting, read_text
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float key must be finite (train.lr=inf is refused)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 MAX_SEED = 2**63 - 1
@@ -38,10 +40,29 @@ MIN_TRAIN_SIDE = 32
 """The encoders' deepest stride: a training batch must leave BatchNorm more than one value per
 channel at this stride (ceil(h / 32) * ceil(w / 32) * batch >= 2)."""
 
+MAX_CHANNELS = 8192
+"""Upper bound on every channel count / width of the config (the paper's widest is 1024)."""
+MAX_LAYERS = 64
+"""Upper bound on layer, block, head, point and level counts."""
+MAX_CLASSES = 4096
+"""Upper bound on the number of classes."""
+MAX_COUNT = 10**9
+"""Upper bound on iteration counts, intervals and dataset sizes."""
+MAX_BATCH = 4096
+"""Upper bound on batch sizes and accumulation steps."""
+MAX_GRID_CELLS = 4096
+"""Upper bound on the cells of a BEV grid along one axis (and on depth bins)."""
+
 PosInt = Annotated[int, Field(ge=1)]
 PosFloat = Annotated[float, Field(gt=0)]
-Size = tuple[PosInt, PosInt]
-"""(height, width), both >= 1."""
+Scale = Annotated[float, Field(gt=0, le=16)]
+"""A resize factor: > 0 and at most 16 (an image resized beyond that is an input error)."""
+Side = Annotated[int, Field(ge=1, le=MAX_SIDE)]
+Size = tuple[Side, Side]
+"""(height, width), both in 1 .. MAX_SIDE (8192)."""
+Channels = Annotated[int, Field(ge=8, le=MAX_CHANNELS)]
+Channel8 = Annotated[int, Field(ge=0, le=255)]
+"""One colour component."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -55,7 +76,7 @@ class PipelineConfig(_Strict):
     """Base size for random resize, as in mmseg ``img_scale`` with ``keep_ratio=True``: the image
     is scaled so its long side <= max(scale) and short side <= min(scale) (orientation is
     ignored, so (h, w) and (w, h) mean the same). None: no resize."""
-    ratio_range: Optional[tuple[PosFloat, PosFloat]] = (0.5, 2.0)
+    ratio_range: Optional[tuple[Scale, Scale]] = (0.5, 2.0)
     """Random resize factor range applied to ``scale`` (train only); None disables it."""
     crop_size: Optional[Size] = None
     """Random crop (h, w) for training; None disables cropping."""
@@ -150,7 +171,7 @@ class BEVDataConfig(_Strict):
     """Camera channels (nuScenes names; the generated world uses the same six rigs)."""
     image_size: Size = (256, 704)
     """Network input size of every camera image (h, w) after resize and crop."""
-    resize_range: tuple[PosFloat, PosFloat] = (0.38, 0.55)
+    resize_range: tuple[Scale, Scale] = (0.38, 0.55)
     """Training: random resize factor of the original camera image before the crop
     (BEVFusion ImageAug3D ``resize_lim``; nuScenes 900 x 1600 -> about 342..495 x 608..880)."""
     test_resize: Optional[PosFloat] = 0.48
@@ -163,16 +184,16 @@ class BEVDataConfig(_Strict):
     bev_rotate: float = Field(22.5, ge=0)
     """Training: random rotation of the whole scene about z, U(-bev_rotate, bev_rotate) degrees
     (BEVFusion GlobalRotScaleTrans, 0.3925 rad); cameras, points and map rotate together."""
-    bev_scale: tuple[PosFloat, PosFloat] = (0.95, 1.05)
+    bev_scale: tuple[Scale, Scale] = (0.95, 1.05)
     """Training: random scaling of the scene."""
     bev_flip: bool = True
     """Training: random flips of the scene along x and along y (BEVFusion RandomFlip3D)."""
     lidar: bool = False
     """Read LiDAR points (``C+L`` models need them)."""
-    lidar_sweeps: int = Field(9, ge=0)
+    lidar_sweeps: int = Field(9, ge=0, le=100)
     """nuScenes: earlier LiDAR sweeps added to the key frame (BEVFusion: 9), each moved into
     the key frame's ego frame, with its time lag as the fifth point feature."""
-    max_points: Optional[PosInt] = None
+    max_points: Optional[Annotated[int, Field(ge=1, le=10**8)]] = None
     """Keep at most this many points per sample (random subset in training, strided in
     evaluation). None: all."""
     version: str = "v1.0-trainval"
@@ -187,6 +208,9 @@ class BEVDataConfig(_Strict):
             if not (hi > lo and step > 0) or round((hi - lo) / step) < 1:
                 raise ValueError(f"{name} must be (low, high, step) with low < high and step > 0, "
                                  f"got {(lo, hi, step)}")
+            if (hi - lo) / step > MAX_GRID_CELLS:
+                raise ValueError(f"{name} gives {(hi - lo) / step:.0f} cells, above the limit "
+                                 f"of {MAX_GRID_CELLS}, got {(lo, hi, step)}")
         if self.zbound[0] >= self.zbound[1]:
             raise ValueError(f"zbound must be (low, high) with low < high, got {self.zbound}")
         if self.resize_range[0] > self.resize_range[1]:
@@ -205,13 +229,14 @@ class DataConfig(_Strict):
     sunrgbd (evaluation only) | folder | generated. BEV: nuscenes | generated."""
     root: Optional[str] = None
     """Dataset folder. None: taken from $DENSEDIFF_<DATASET>_ROOT (e.g. DENSEDIFF_CAMVID_ROOT)."""
-    num_classes: Optional[int] = Field(None, ge=1)
+    num_classes: Optional[int] = Field(None, ge=1, le=MAX_CLASSES)
     """None: the dataset's own count (CamVid 11, ADE20K 150, Cityscapes 19, folder: classes file)."""
-    ignore_index: int = 255
-    class_names: Optional[list[str]] = None
+    ignore_index: int = Field(255, ge=0, le=65535)
+    class_names: Optional[list[str]] = Field(None, max_length=MAX_CLASSES)
     """Class names; None: the dataset's own. The trainer fills this (and ``palette``) in the
     resolved config, so a checkpoint is self-contained."""
-    palette: Optional[list[tuple[int, int, int]]] = None
+    palette: Optional[list[tuple[Channel8, Channel8, Channel8]]] = Field(
+        None, max_length=MAX_CLASSES)
     """RGB colour per class; None: the dataset's own."""
     train_split: str = "train"
     val_split: str = "val"
@@ -219,18 +244,18 @@ class DataConfig(_Strict):
     train_pipeline: PipelineConfig = PipelineConfig()
     test_scale: Optional[Size] = None
     """Test-time resize (same long/short-side rule as ``scale``); None: original size."""
-    size_divisor: int = Field(32, ge=1)
+    size_divisor: int = Field(32, ge=1, le=1024)
     """Pad images (with 0) and labels (with ignore) so both sides divide this number."""
     mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     std: tuple[PosFloat, PosFloat, PosFloat] = (58.395, 57.12, 57.375)
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH)
     """Per-process batch size."""
-    num_workers: int = Field(2, ge=0)
+    num_workers: int = Field(2, ge=0, le=256)
     # generated dataset
-    gen_num_train: int = Field(1000, ge=1)
+    gen_num_train: int = Field(1000, ge=1, le=MAX_COUNT)
     """Generated scenes are made on the fly from (seed, index), so large counts cost nothing."""
-    gen_num_val: int = Field(24, ge=1)
-    gen_num_test: int = Field(24, ge=1)
+    gen_num_val: int = Field(24, ge=1, le=MAX_COUNT)
+    gen_num_test: int = Field(24, ge=1, le=MAX_COUNT)
     gen_size: Size = (64, 64)
     gen_seed: Seed = 0
     depth: DepthDataConfig = DepthDataConfig()
@@ -276,8 +301,8 @@ class EncoderConfig(_Strict):
 
 
 class NeckConfig(_Strict):
-    channels: int = Field(256, ge=8)
-    num_groups: int = Field(32, ge=1)
+    channels: Channels = Field(256)
+    num_groups: int = Field(32, ge=1, le=MAX_LAYERS)
     """GroupNorm groups (FPN and the merging conv)."""
 
 
@@ -286,18 +311,18 @@ class HeadConfig(_Strict):
     """``conv``: a small conv head; ``deformable``: the DDP map decoder (stacked deformable
     self-attention layers). A ``segmentor`` with a deformable head is the non-diffusion twin of
     DDP; a ``ddp`` model needs the deformable head."""
-    channels: int = Field(256, ge=8)
-    num_convs: int = Field(2, ge=0)
+    channels: Channels = Field(256)
+    num_convs: int = Field(2, ge=0, le=MAX_LAYERS)
     """Conv head only."""
     dropout: float = Field(0.1, ge=0, lt=1)
     """Dropout before the classifier (official DDP decoder: 0)."""
-    num_layers: int = Field(6, ge=1)
+    num_layers: int = Field(6, ge=1, le=MAX_LAYERS)
     """Deformable head: decoder depth (paper Table 5d: 1, 2, 4, 6, 12; default 6)."""
-    num_heads: int = Field(8, ge=1)
-    num_points: int = Field(4, ge=1)
-    num_levels: int = Field(1, ge=1)
+    num_heads: int = Field(8, ge=1, le=MAX_LAYERS)
+    num_points: int = Field(4, ge=1, le=MAX_LAYERS)
+    num_levels: int = Field(1, ge=1, le=8)
     """Deformable head: levels of the value pyramid (1 = the official single 1/4 level)."""
-    ffn_channels: int = Field(1024, ge=8)
+    ffn_channels: Channels = Field(1024)
     out_kernel: Literal[1, 3] = 1
     """Kernel of the output conv ``conv_seg`` (official segmentation 1; depth 3)."""
 
@@ -312,7 +337,7 @@ class HeadConfig(_Strict):
 class AuxHeadConfig(_Strict):
     enabled: bool = True
     weight: float = Field(0.4, ge=0)
-    channels: int = Field(256, ge=8)
+    channels: Channels = Field(256)
     dropout: float = Field(0.1, ge=0, lt=1)
 
 
@@ -323,7 +348,7 @@ class DiffusionConfig(_Strict):
     """Segmentation only (depth maps are normalised to [-scale, scale] instead). Map encoding
     of labels (Table 5a): learned class embedding (sigmoid), one-hot or analog
     bits; all are brought to [-scale, scale]."""
-    embed_channels: int = Field(256, ge=1)
+    embed_channels: int = Field(256, ge=1, le=MAX_CHANNELS)
     """Channels of the class embedding (the official uses the decoder width, 256)."""
     scale: float = Field(0.01, gt=0)
     """Signal scale of the encoded map (Table 5b; 0.01 for the embedding, 0.1 for depth)."""
@@ -336,7 +361,7 @@ class DiffusionConfig(_Strict):
     ``use_time_mlp=True`` layers are plain mmcv layers that ignore time)."""
     sample_range: tuple[float, float] = (0.0, 0.999)
     """Training times t ~ U(sample_range)."""
-    time_frequencies: int = Field(16, ge=2)
+    time_frequencies: int = Field(16, ge=2, le=1024)
     """Dimension of the learned sinusoidal time embedding (even)."""
     steps: int = Field(3, ge=1, le=MAX_SAMPLING_STEPS)
     """Default sampling steps at eval/predict (dynamic inference: any count up to
@@ -387,12 +412,13 @@ class UNetConfig(_Strict):
     dim_mults [1, 1, 1] (3.4 / 11.3 / 40.8 / 154.4 M parameters; paper: 3.4 / 11.3 / 41.3 /
     158.5)."""
 
-    dim: int = Field(256, ge=8)
-    dim_mults: list[PosInt] = Field([1, 1, 1], min_length=1)
-    groups: int = Field(8, ge=1)
-    heads: int = Field(4, ge=1)
-    dim_head: int = Field(32, ge=1)
-    out_channels: int = Field(256, ge=1)
+    dim: Channels = Field(256)
+    dim_mults: list[Annotated[int, Field(ge=1, le=16)]] = Field([1, 1, 1], min_length=1,
+                                                                      max_length=8)
+    groups: int = Field(8, ge=1, le=MAX_LAYERS)
+    heads: int = Field(4, ge=1, le=MAX_LAYERS)
+    dim_head: int = Field(32, ge=1, le=MAX_CHANNELS)
+    out_channels: int = Field(256, ge=1, le=MAX_CHANNELS)
     """Channels of the UNet output, before the new classifier (official 256)."""
     dropout: float = Field(0.1, ge=0, lt=1)
     """Dropout2d before the classifier (official 0.1)."""
@@ -434,7 +460,7 @@ class DDPSConfig(_Strict):
     renoise: Literal["free", "posterior"] = "free"
     """Re-noising between steps (Table 3c): ``free`` q(x_s | argmax x0_hat), or the posterior
     q(x_s | x_t, x0_hat) (Eq. 3, averaged over the predicted x0 distribution)."""
-    guidance: float = Field(0.0, ge=0)
+    guidance: float = Field(0.0, ge=0, le=1000)
     """Classifier-free guidance scale s: logits = (s + 1) l_cond - s l_uncond; 0 = off."""
     cond_drop: float = Field(0.0, ge=0, lt=1)
     """Training: probability of zeroing an image's condition features (the unconditional
@@ -446,10 +472,10 @@ class DDPSConfig(_Strict):
     """Training criterion (Table 3d): cross-entropy on x0, or the variational bound (Eq. 4)
     plus ``vlb_ce_weight`` x the auxiliary CE (Eq. 5). ``vlb`` needs codec ``resize``."""
     vlb_ce_weight: float = Field(0.1, ge=0)
-    single_step_iters: int = Field(0, ge=0)
+    single_step_iters: int = Field(0, ge=0, le=MAX_COUNT)
     """Two-stage training: the first this many iterations train the first step only (t = T,
     a pure-noise input), then all steps."""
-    embed_channels: int = Field(16, ge=1)
+    embed_channels: int = Field(16, ge=1, le=MAX_CHANNELS)
     """Channels of the frozen random embedding of the noisy mask (official 16)."""
     bit_scale: float = Field(0.1, gt=0)
     """``bits``: input scaling of the analog bits (paper: 0.1)."""
@@ -484,7 +510,7 @@ class DepthLossConfig(_Strict):
     variance_focus: float = Field(0.15, ge=0, le=1)
     """lambda in sqrt(Var(g) + lambda mean(g)^2), g = log(pred) - log(gt)."""
     gradient_weight: float = Field(0.0, ge=0)
-    gradient_scales: PosInt = 4
+    gradient_scales: Annotated[int, Field(ge=1, le=8)] = 4
 
 
 class BEVModelConfig(_Strict):
@@ -493,13 +519,13 @@ class BEVModelConfig(_Strict):
     camera_stride: Literal[4, 8, 16] = 8
     """Stride of the camera features that are lifted (the neck's stride-4 map is average-pooled;
     BEVFusion: 8)."""
-    camera_channels: int = Field(80, ge=1)
+    camera_channels: int = Field(80, ge=1, le=MAX_CHANNELS)
     """Channels of the lifted camera features (BEVFusion LSS: 80)."""
-    lidar_channels: int = Field(64, ge=1)
+    lidar_channels: int = Field(64, ge=1, le=MAX_CHANNELS)
     """Channels of the LiDAR pillar features (used when ``data.bev.lidar``)."""
-    fused_channels: int = Field(256, ge=8)
+    fused_channels: Channels = Field(256)
     """Channels of the fused BEV features that condition the map decoder."""
-    bev_blocks: int = Field(2, ge=0)
+    bev_blocks: int = Field(2, ge=0, le=MAX_LAYERS)
     """Residual 3x3 conv blocks on the fused BEV features (the BEV backbone)."""
     focal_gamma: float = Field(2.0, ge=0)
     """Per-class sigmoid focal loss (BEVFusion: gamma 2, no alpha)."""
@@ -543,15 +569,17 @@ class ModelConfig(_Strict):
 class EMAConfig(_Strict):
     enabled: bool = False
     decay: float = Field(0.999, gt=0, lt=1)
-    every: int = Field(1, ge=1)
+    every: int = Field(1, ge=1, le=MAX_COUNT)
     """Update the EMA copy every this many optimizer steps."""
 
 
 class TrainConfig(_Strict):
-    iters: int = Field(1000, ge=1)
+    iters: int = Field(1000, ge=1, le=MAX_COUNT)
     lr: float = Field(6e-5, gt=0)
     weight_decay: float = Field(0.01, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
+        0.9, 0.999)
+    """AdamW's (beta1, beta2), each in [0, 1)."""
     head_lr_mult: float = Field(1.0, gt=0)
     """Learning-rate multiplier for everything but the encoder."""
     map_lr_mult: float = Field(1.0, gt=0)
@@ -562,7 +590,7 @@ class TrainConfig(_Strict):
     official depth recipe), both ending at ``min_lr``; or mmcv's one-cycle ``cyclic`` (BEVFusion
     and the official BEV recipe: up to 10 x lr over 40% of the iterations, then down to
     1e-4 x lr, with AdamW's beta1 cycling 0.95 -> 0.85 -> 0.95 of its value)."""
-    warmup_iters: int = Field(1500, ge=0)
+    warmup_iters: int = Field(1500, ge=0, le=MAX_COUNT)
     warmup_ratio: float = Field(1e-6, ge=0, le=1)
     poly_power: float = Field(1.0, ge=0)
     min_lr: float = Field(0.0, ge=0)
@@ -573,11 +601,11 @@ class TrainConfig(_Strict):
     """Training precision on any device: fp32, or bf16 autocast (convolutions and matrix
     products in bf16; the deformable attention's sampling locations and softmax, the losses
     and the diffusion arithmetic stay fp32). None: bf16 on GPU when ``amp``, else fp32."""
-    accum_steps: int = Field(1, ge=1)
+    accum_steps: int = Field(1, ge=1, le=MAX_BATCH)
     ema: EMAConfig = EMAConfig()
-    eval_interval: int = Field(1000, ge=1)
-    ckpt_interval: int = Field(1000, ge=1)
-    log_interval: int = Field(50, ge=1)
+    eval_interval: int = Field(1000, ge=1, le=MAX_COUNT)
+    ckpt_interval: int = Field(1000, ge=1, le=MAX_COUNT)
+    log_interval: int = Field(50, ge=1, le=MAX_COUNT)
     divergence_factor: Optional[float] = Field(10.0, gt=1)
     """Loss-spike guard: a ``last`` checkpoint is committed only once its weights have given a
     sound training loss (finite and at most this factor x the median of the previous 50
@@ -595,7 +623,8 @@ class TrainConfig(_Strict):
 
 
 class AugTestConfig(_Strict):
-    scales: list[PosFloat] = Field([0.5, 0.75, 1.0, 1.25, 1.5, 1.75], min_length=1)
+    scales: list[Scale] = Field([0.5, 0.75, 1.0, 1.25, 1.5, 1.75], min_length=1,
+                              max_length=32)
     flip: bool = True
 
 
@@ -724,19 +753,10 @@ def _read_yaml(path: Path, _stack: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"{path}: _base_ cycle ({' -> '.join(p.name for p in _stack)})")
     if path.is_dir():
         raise ConfigError(f"{path}: is a folder, not a YAML config file")
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise ConfigError(f"{path}: config file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read as a UTF-8 YAML file "
-                          f"({type(e).__name__})") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}:{where} is not valid YAML") from None
+    text = read_text(path, error=ConfigError, kind="YAML file")  # UTF-8 (BOM dropped); FIFOs, devices refused
+    data = _safe_yaml(text, str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     bases = data.pop("_base_", [])
@@ -750,6 +770,23 @@ def _read_yaml(path: Path, _stack: tuple[Path, ...] = ()) -> dict:
     return _merge(merged, data)
 
 
+def _safe_yaml(text: str, what: str) -> Any:
+    """``yaml.safe_load`` with one ConfigError line for bad YAML, nesting deeper than
+    :data:`~densediff.utils.checks.MAX_NESTING` or an alias bomb (never a RecursionError)."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{what}:{where} is not valid YAML") from None
+    except RecursionError:
+        raise ConfigError(f"{what}: nested too deeply") from None
+    try:
+        return check_nesting(data, what)
+    except UserError as e:
+        raise ConfigError(str(e)) from None
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``a.b.c=value`` -> (["a","b","c"], parsed value)."""
     if "=" not in item:
@@ -758,9 +795,13 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key or any(not p for p in key.split(".")):
         raise ConfigError(f"override {item!r}: bad key")
+    if len(key.split(".")) > 8:
+        raise ConfigError(f"override {item[:80]!r}: bad key (more than 8 levels)")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+        value = _safe_yaml(raw, f"override {key}") if raw.strip() else None
+    except ConfigError as e:
+        if "not valid YAML" not in str(e):
+            raise
         value = raw
     return key.split("."), value
 
@@ -780,8 +821,16 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def validate(data: dict, source: str = "config") -> Config:
     """Validate a merged dict; raise ConfigError naming the first bad key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the config must be a mapping, got {type(data).__name__}")
+    try:
+        check_nesting(data, source)
+    except UserError as e:
+        raise ConfigError(str(e)) from None
     try:
         return Config.model_validate(data)
+    except (TypeError, ArithmeticError, RecursionError) as e:  # a validator on odd input
+        raise ConfigError(f"{source}: invalid config ({type(e).__name__})") from None
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
@@ -790,7 +839,8 @@ def validate(data: dict, source: str = "config") -> Config:
         else:
             msg = err["msg"]
             if "input" in err and not isinstance(err["input"], (dict, list)):
-                msg += f" (got {err['input']!r})"
+                got = repr(err["input"])
+                msg += f" (got {got[:80] + '...' if len(got) > 80 else got})"
         more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
         msg = msg.removeprefix("Value error, ")
         raise ConfigError(f"{source}: {loc + ': ' if loc else ''}{msg}{more}") from None

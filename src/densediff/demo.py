@@ -72,7 +72,10 @@ def check_demo_options(out: str | os.PathLike, iters: int | None, task: str) -> 
         raise UserError(f"--out: {out} exists and is not a folder")
     parent = next(p for p in (path, *path.parents) if p.exists())
     if not parent.is_dir():
-        raise UserError(f"--out: cannot make {out}: {parent} is a file, not a folder")
+        from densediff.utils.checks import path_kind
+
+        raise UserError(f"--out: cannot make {out}: {parent} is {path_kind(parent)}, not a "
+                        "folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"--out: cannot write in {parent} (permission denied)")
 

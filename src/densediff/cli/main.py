@@ -29,7 +29,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     metrics = train(cfg, resume=args.resume)
-    if metrics and os.environ.get("RANK", "0") == "0":
+    if metrics and os.environ.get("RANK", "0").strip() in ("", "0"):
         print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, list)}, indent=1))
     return 0
 
@@ -88,10 +88,13 @@ def check_range(value: int | None, option: str, low: int, high: int) -> None:
 
 
 def check_size(size: list[int] | None, option: str = "--size") -> None:
-    """UserError unless an (H, W) input size is at least 32 x 32 (the deepest encoder stride)."""
-    if size is not None and min(size) < 32:
-        raise UserError(f"{option}: height and width must be at least 32 pixels, got "
-                        f"{' '.join(map(str, size))}")
+    """UserError unless an (H, W) input size is within the limits: at least 32 x 32 (the
+    deepest encoder stride), at most 8192 a side and 4096 x 4096 pixels
+    (:func:`densediff.utils.checks.check_size`)."""
+    from densediff.utils.checks import check_size as check
+
+    if size is not None:
+        check(list(size), option)
 
 
 MAX_SEED = 2**63 - 1
@@ -109,8 +112,9 @@ def _ddps_overrides(args: argparse.Namespace) -> list[str]:
     """``--guidance`` / ``--renoise`` as overrides of the stored config."""
     out = []
     if args.guidance is not None:
-        if args.guidance < 0:
-            raise UserError(f"--guidance: must be >= 0, got {args.guidance}")
+        from densediff.utils.checks import finite_float
+
+        finite_float(args.guidance, "--guidance", low=0.0, high=1000.0)
         out.append(f"model.ddps.guidance={args.guidance}")
     if args.renoise is not None:
         out.append(f"model.ddps.renoise={args.renoise}")
@@ -139,8 +143,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if getattr(args, opt):
             check_writable_file(getattr(args, opt), f"--{opt}")
     steps = parse_steps(args.steps)
-    controls = parse_controls(args.controls)
-    device = resolve_device(args.device)
+    if args.controls is not None and args.no_controls:
+        raise UserError("--controls: contradicts --no-controls; give one of them")
+    controls = parse_controls(args.controls if args.controls is not None else "all")
+    device = resolve_device(args.device, "--device")
     overrides = list(args.overrides)
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")
@@ -152,6 +158,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.aug_test and not pipe.has_aug:
         raise UserError(f"--aug-test: {args.checkpoint} is a {pipe.name} model; {pipe.name} "
                         "models have no test-time augmentation")
+    from densediff.engine.diagnose import is_ddp
+
+    for opt, given in (("--controls", args.controls is not None),
+                       ("--no-controls", args.no_controls)):
+        if given and not is_ddp(model):
+            raise UserError(f"{opt}: applies to DDP models (the single-call controls of the map "
+                            f"decoder); {args.checkpoint} is a {cfg.model.type} model")
+    if args.plot and not is_diffusion(model):
+        raise UserError(f"--plot: applies to diffusion models (the metric against the step "
+                        f"count); {args.checkpoint} is not one")
     if steps is not None:  # before any work: the model takes these step counts
         steps = resolve_steps(model, steps, str(args.checkpoint), "--steps")
     model.to(device)
@@ -173,8 +189,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"steps: {next(iter(results))}")
             print(fmt(next(iter(results.values()))))
         print(steps_table(results))
-        from densediff.engine.diagnose import is_ddp
-
         if not args.no_controls and is_ddp(model):
             from densediff.utils.precision import autocast
 
@@ -184,8 +198,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         plot = args.plot or (str(Path(args.out).with_suffix("")) + "_steps.png"
                              if args.out and len(results) > 1 else None)
         if plot:
-            Path(plot).parent.mkdir(parents=True, exist_ok=True)
-            plot_steps(results, plot, title=f"{Path(args.checkpoint).name} {split}")
+            from densediff.utils.fs import atomic_write
+
+            atomic_write(Path(plot), lambda tmp: plot_steps(
+                results, tmp, title=f"{Path(args.checkpoint).name} {split}"), what="--plot")
             print(f"wrote {plot}")
     if args.out:
         _write_json(Path(args.out), metrics)
@@ -222,6 +238,9 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         check_writable_file(args.out, "--out")
     check_range(args.limit, "--limit", 2, 10**9)
     steps = parse_steps(args.steps, low=1)
+    from densediff.api import resolve_device
+
+    resolve_device(args.device, "--device")
     predictor = load(args.checkpoint, device=args.device, overrides=list(args.overrides))
     if not is_ddp(predictor.model):
         raise UserError(f"{args.checkpoint}: not a DDP model; diagnostics read the map decoder "
@@ -253,15 +272,20 @@ def _list_images(path: Path) -> list[Path]:
             if p.is_file():
                 files.append(p)
             else:
-                kind = ("a folder" if p.is_dir() else "a broken or looping link"
-                        if p.is_symlink() else "not a regular file")
+                from densediff.utils.checks import path_kind
+
+                kind = path_kind(p)
                 print(f"note: skipping {p}: {kind}", file=sys.stderr)
         if not files:
             raise UserError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in folder")
     elif path.is_file():
         files = [path]
-    elif path.is_symlink():
+    elif path.is_symlink() and not path.exists():
         raise UserError(f"{path}: a broken or looping symbolic link")
+    elif path.exists():
+        from densediff.utils.checks import path_kind
+
+        raise UserError(f"{path}: is {path_kind(path)}, not an image file or folder")
     else:
         raise UserError(f"{path}: no such file or folder")
     for f in files:
@@ -277,7 +301,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: --out must be a folder, but this is a file")
+        from densediff.utils.checks import path_kind
+
+        raise UserError(f"{out}: --out must be a folder, but this is {path_kind(out)}")
     if args.steps is not None and args.steps < 0:
         raise UserError(f"--steps: must be at least 0, got {args.steps}")
     if args.steps is not None:
@@ -298,16 +324,38 @@ def cmd_predict(args: argparse.Namespace) -> int:
                             "its graphs itself)")
         predictor = load_onnx(args.checkpoint)
     else:
+        from densediff.api import resolve_device, resolve_precision_or_fail
+
+        resolve_precision_or_fail(args.precision, resolve_device(args.device, "--device"),
+                                  "--precision")
         predictor = load(args.checkpoint, device=args.device, overrides=_ddps_overrides(args),
                          precision=args.precision)
         if args.compile:
+            import torch
+
+            if not isinstance(getattr(predictor.model, "decoder", None), torch.nn.Module):
+                raise UserError(f"--compile: {args.checkpoint} has no map decoder to compile "
+                                "(it applies to DDP models)")
             predictor.compile()
     _check_ddps_options(args, predictor.cfg)
     pipe = predictor.pipeline
     if not predictor.is_diffusion:
-        for opt in ("steps", "trajectory"):
-            if getattr(args, opt):
+        for opt in ("steps", "trajectory", "seed"):
+            if getattr(args, opt) is not None and getattr(args, opt) is not False:
                 raise UserError(f"--{opt}: {args.checkpoint} is not a diffusion model")
+    if args.save_probs and pipe.task != "segmentation":
+        raise UserError(f"--save-probs: applies to segmentation models; {args.checkpoint} is a "
+                        f"{pipe.name} model" + (" (its probabilities are always written)"
+                                                if pipe.task == "bev" else ""))
+    if args.uncertainty and pipe.task == "depth" and (not predictor.is_diffusion
+                                                        or args.aug_test):
+        raise UserError(f"--uncertainty: a depth uncertainty map needs a diffusion model and "
+                        f"whole-image inference without --aug-test ({args.checkpoint})")
+    if pipe.image_input:
+        for opt in ("limit", "data_root"):
+            if getattr(args, opt) is not None:
+                raise UserError(f"--{opt.replace('_', '-')}: applies to BEV models (samples of "
+                                f"a dataset split); {args.checkpoint} predicts image files")
     if args.aug_test and not pipe.has_aug:
         raise UserError(f"--aug-test: {args.checkpoint} is a {pipe.name} model; {pipe.name} "
                         "models have no test-time augmentation")
@@ -332,18 +380,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
             raise UserError(f"{out}: writing results there would overwrite input images; "
                             "choose another --out")
     for f, stem in zip(files, _output_stems(files)):
-        pred = predictor.predict(f, aug=args.aug_test, steps=args.steps, seed=args.seed)
+        pred = predictor.predict(f, aug=args.aug_test, steps=args.steps, seed=args.seed or 0)
         written = pred.save(out, stem, **options)
         print(f"{f} -> {out / (stem + '_{' + ','.join(written) + '}')}")
     return 0
 
 
 def _output_stems(files: list[Path]) -> list[str]:
-    """Output name stems: a.png and a.jpg in one folder keep their suffix so that neither
-    result overwrites the other."""
-    stems = [f.stem for f in files]
-    return [f.stem if stems.count(f.stem) == 1 else f"{f.stem}_{f.suffix.lstrip('.')}"
-            for f in files]
+    """Output name stems, one per input and no two alike (every output suffix is one word
+    after the last ``_``, so distinct stems give distinct files): the stem, or where two
+    inputs share it ``<stem>_<ext>`` (a.png, a.jpg -> a_png, a_jpg), or where that clashes
+    too the full file name (:func:`~densediff.utils.fs.injective_names`)."""
+    from densediff.utils.fs import injective_names
+
+    return injective_names([[f.stem, f"{f.stem}_{f.suffix.lstrip('.')}", f.name]
+                            for f in files])
 
 
 def _predict_samples(args: argparse.Namespace, predictor, out: Path, options: dict) -> int:
@@ -358,10 +409,14 @@ def _predict_samples(args: argparse.Namespace, predictor, out: Path, options: di
     dataset = predictor.dataset(args.input, args.data_root)
     n = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     out.mkdir(parents=True, exist_ok=True)
+    used: set[str] = set()
     for i in range(n):
         sample = dataset[i]
         name = "".join(c if c.isalnum() or c in "-." else "_" for c in sample["meta"]["name"])
-        pred = predictor.predict_bev(sample, steps=args.steps, seed=args.seed)
+        if name in used:  # two names alike once made safe: "~" is never in a safe name
+            name = f"{name}~{i}"
+        used.add(name)
+        pred = predictor.predict_bev(sample, steps=args.steps, seed=args.seed or 0)
         written = pred.save(out, name, **options)
         print(f"{sample['meta']['name']} -> {out / (name + '_{' + ','.join(written) + '}')}")
     return 0
@@ -430,6 +485,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         check_writable_file(args.out, "--out")
     cfg = load_config(_config_arg(args.config), args.overrides)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.precision is not None and not {"fast", "compiled"} & set(variants):
+        raise UserError("--precision: applies to the fast and compiled variants, and --variants "
+                        f"{args.variants!r} has neither")
     batches = None
     if args.batches is not None:
         try:
@@ -443,7 +501,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             check_range(b, "--batches", 1, 256)
     result = bench(cfg, size=tuple(args.size) if args.size else None, batch=args.batch,
                    steps=steps, device=args.device, repeats=args.repeats, variants=variants,
-                   batches=batches, precision=args.precision)
+                   batches=batches, precision=args.precision or "auto")
     print(format_bench(result))
     if args.out:
         _write_json(Path(args.out), result)
@@ -490,10 +548,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
-    tmp.replace(path)
+    from densediff.utils.fs import atomic_write
+
+    text = json.dumps(obj, indent=1, default=float)
+    atomic_write(path, lambda tmp: tmp.write_text(text))  # a failed write: one line
 
 
 # ------------------------------------------------------------------------------------------
@@ -531,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-controls", action="store_true",
                    help="DDP: skip the single-call controls (one decoder call on noise / a zero "
                    "map at t = 1 .. 1/3) whose best result each step count is compared with")
-    e.add_argument("--controls", default="all",
+    e.add_argument("--controls",
                    help="DDP: which controls: all (default: noise and zero map at t = 1, "
                    "0.999, 0.95, 0.5, 1/3), or INPUT@T items, e.g. the best one on val from "
                    "`densediff diagnose`: zero@0.95")
@@ -556,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="segmentation: also write KxHxW float16 .npy")
     pr.add_argument("--steps", type=int, help="diffusion models: sampling steps "
                     "(default: the model's steps; DDPS: 0 = the base segmentor)")
-    pr.add_argument("--seed", type=int, default=0, help="diffusion models: noise seed")
+    pr.add_argument("--seed", type=int, help="diffusion models: noise seed (default 0)")
     pr.add_argument("--limit", type=int, help="BEV: predict the first N samples of the split only")
     pr.add_argument("--data-root", help="BEV: dataset folder (overrides data.root)")
     pr.add_argument("--uncertainty", action="store_true",
@@ -645,9 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(onnxruntime; skipped with a note where it does not apply)")
     b.add_argument("--batches", help="batch sizes of the throughput measurement, e.g. 1,4,8 "
                    "(default: --batch)")
-    b.add_argument("--precision", default="auto", metavar="{fp32,bf16,auto}",
-                   help="precision of the fast and compiled variants (auto: bf16 where the "
-                   "hardware has it)")
+    b.add_argument("--precision", metavar="{fp32,bf16,auto}",
+                   help="precision of the fast and compiled variants (default auto: bf16 "
+                   "where the hardware has it)")
     b.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     b.add_argument("--out", help="write the results JSON here")
     b.set_defaults(func=cmd_bench)
@@ -697,15 +755,39 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = list(args.overrides) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from densediff.utils.signals import Interrupted, graceful
+
     try:
-        configure_allocator()  # glibc: reuse freed tensors instead of page-faulting them in
-        return args.func(args)
+        with graceful():  # SIGTERM (kill, timeout, SLURM, docker stop) as Ctrl-C
+            configure_allocator()  # glibc: reuse freed tensors instead of page-faulting them in
+            return args.func(args)
     except UserError as e:
         print(f"error: {error_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        name = str(e) if isinstance(e, Interrupted) else "SIGINT"
+        print(f"interrupted ({name}): stopped at a safe point; files written so far are kept",
+              file=sys.stderr)
+        return e.exit_code if isinstance(e, Interrupted) else 130
+    except MemoryError:
+        print("error: out of memory; lower the input size (--size), the batch size or the "
+              "number of steps", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # torch's allocator failures
+        text = str(e)
+        if "out of memory" not in text and "can't allocate memory" not in text:
+            raise
+        print(f"error: out of memory ({terminal_line(text)[:160]}); lower the input size, the "
+              "batch size or the number of steps", file=sys.stderr)
+        return 2
+    except RecursionError:
+        print("error: input nested too deeply to read", file=sys.stderr)
+        return 2
+    except OSError as e:  # a write that failed outside the checked paths: still one line
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {terminal_line(where)}{e.strerror or terminal_line(str(e))}",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def _check_nuscenes(root: Path) -> list[str]:
     from densediff.data.nuscenes import check_nuscenes
 
     if not root.is_dir():
-        return [f"{root}: dataset folder not found"]
+        return [_not_a_folder(root)]
     versions = sorted(d.name for d in root.glob("v1.0-*") if d.is_dir())
     if not versions:
         return [f"{root}: no v1.0-* table folder (e.g. v1.0-trainval, v1.0-mini)"]
@@ -106,6 +106,15 @@ def _check_nuscenes(root: Path) -> list[str]:
             problems += check_nuscenes(root, version, split, NUSCENES_CAMERAS, lidar=True,
                                        lidar_sweeps=9, classes=BEV_MAP_CLASSES)
     return list(dict.fromkeys(problems))
+
+
+def _not_a_folder(root) -> str:
+    """Why ``root`` is not a dataset folder: not found, or what it is (a file, a FIFO ...)."""
+    from densediff.utils.checks import path_kind
+
+    kind = path_kind(Path(root).expanduser())
+    return (f"{root}: dataset folder not found" if kind in ("missing", "a folder")
+            else f"{root}: is {kind}, not a dataset folder")
 
 
 def check_dataset(root: str | os.PathLike, fmt: str, decode_images: bool = True,
@@ -134,7 +143,7 @@ def check_dataset(root: str | os.PathLike, fmt: str, decode_images: bool = True,
         return _check_nuscenes(Path(root).expanduser())
     depth = fmt in DEPTH_CHECK_FORMATS
     if not (Path(root).expanduser() if depth else dataset_dir(fmt, root)).is_dir():
-        return [f"{root}: dataset folder not found"]
+        return [_not_a_folder(root)]
     problems: list[str] = []
     jobs: dict[tuple[Path, Path], np.ndarray | None] = {}
     if depth:

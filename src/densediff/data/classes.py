@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from densediff.errors import DataError
+from densediff.utils.checks import read_text
 
 CAMVID_CLASSES = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence",
                   "Car", "Pedestrian", "Bicyclist"]
@@ -118,12 +119,10 @@ def read_classes_file(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
         DataError: missing/empty file, a bad colour, a duplicate name, or more than 255 classes.
     """
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"{path}: classes file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read classes file ({e})") from None
+    if not path.exists() and not path.is_symlink():
+        raise DataError(f"{path}: classes file not found")
+    # UTF-8, a byte-order mark dropped (else class 0's name would carry it)
+    lines = read_text(path, error=DataError, kind="classes file").splitlines()
     names: list[str] = []
     colours: list[tuple[int, int, int] | None] = []
     for lineno, line in enumerate(lines, 1):

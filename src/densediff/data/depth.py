@@ -79,6 +79,7 @@ from densediff.data.transforms import (
     random_flip,
 )
 from densediff.errors import ConfigError, DataError
+from densediff.utils.checks import read_text
 
 if TYPE_CHECKING:
     from densediff.config import DataConfig
@@ -360,7 +361,7 @@ def _scan_list(fmt: str, root: Path, split: str, out: DepthLayout) -> None:
         return
     img_dir, dep_dir = (root / "input", root / "gt_depth") if fmt == "kitti" else (root, root)
     files = []
-    for lineno, line in enumerate(lst.read_text().splitlines(), 1):
+    for lineno, line in enumerate(read_text(lst, error=DataError).splitlines(), 1):
         parts = line.split()
         if not parts:
             continue

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from densediff.errors import DataError, one_line
+from densediff.errors import DataError, UserError, one_line
+from densediff.utils.checks import env_int, path_kind
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 """File suffixes taken as images when listing folders (case-insensitive)."""
@@ -34,19 +35,17 @@ header, before decoding: a small compressed file can decode to gigabytes. Set th
 variable ``DENSEDIFF_MAX_IMAGE_PIXELS`` to raise it (0: no limit; trusted files only)."""
 
 
+MAX_PIXELS_LIMIT = 2**40
+"""The largest value ``DENSEDIFF_MAX_IMAGE_PIXELS`` takes (a whole number; 0 = no limit)."""
+
+
 def max_image_pixels() -> int:
     """The decoded-pixel limit: ``$DENSEDIFF_MAX_IMAGE_PIXELS`` or :data:`DEFAULT_MAX_PIXELS`
     (0 = no limit)."""
-    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
-    if not raw:
-        return DEFAULT_MAX_PIXELS
     try:
-        value = int(float(raw))
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise DataError(f"{MAX_PIXELS_ENV}={raw!r}: expected a pixel count >= 0 (0: no limit)")
-    return value
+        return env_int(MAX_PIXELS_ENV, DEFAULT_MAX_PIXELS, 0, MAX_PIXELS_LIMIT)
+    except UserError as e:
+        raise DataError(f"{e} (0: no limit)") from None
 
 
 def _open(path: str | os.PathLike) -> Image.Image:
@@ -55,7 +54,9 @@ def _open(path: str | os.PathLike) -> Image.Image:
     if path.is_dir():
         raise DataError(f"{path}: is a folder, not an image file")
     if not path.is_file():
-        raise DataError(f"{path}: file not found")
+        kind = path_kind(path)
+        raise DataError(f"{path}: file not found" if kind == "missing"
+                        else f"{path}: is {kind}, not an image file")
     limit = max_image_pixels()
     try:
         with warnings.catch_warnings():

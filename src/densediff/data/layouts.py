@@ -56,6 +56,7 @@ from densediff.data.classes import (
 )
 from densediff.data.io import IMAGE_EXTENSIONS, LABEL_EXTENSIONS
 from densediff.errors import DataError
+from densediff.utils.checks import path_kind, read_text
 
 FORMATS = ("camvid", "ade20k", "cityscapes", "folder")
 
@@ -159,7 +160,9 @@ def _files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
 def _need_dir(path: Path, out: Layout) -> bool:
     if path.is_dir():
         return True
-    out.problems.append(f"{path}: folder not found")
+    kind = path_kind(path)
+    out.problems.append(f"{path}: folder not found" if kind == "missing"
+                        else f"{path}: is {kind}, not a folder")
     return False
 
 
@@ -171,7 +174,7 @@ def _scan_camvid(root: Path, split: str, out: Layout) -> None:
     if not (_need_dir(img_dir, out) & _need_dir(ann_dir, out)):
         return
     if lst.is_file():
-        for lineno, line in enumerate(lst.read_text().splitlines(), 1):
+        for lineno, line in enumerate(read_text(lst, error=DataError).splitlines(), 1):
             parts = line.split()
             if not parts:
                 continue
@@ -318,7 +321,7 @@ def folder_split_stems(root: Path, split: str, images: dict[str, Path], img_dir:
             problems.append(f"{split_file}: split file not found")
             return None
         stems = []
-        for lineno, line in enumerate(split_file.read_text().splitlines(), 1):
+        for lineno, line in enumerate(read_text(split_file, error=DataError).splitlines(), 1):
             s = line.strip()
             if not s or s.startswith("#"):
                 continue

@@ -56,6 +56,7 @@ from PIL import Image
 from densediff.data.bev import BEVDataset, BEVRecord, MapGeometry
 from densediff.data.io import _load
 from densediff.errors import DataError, one_line
+from densediff.utils.checks import read_text
 from densediff.utils.grid import BEVGrid
 
 if TYPE_CHECKING:
@@ -169,10 +170,12 @@ def _read_json(path: Path, what: str, object_hook: Callable | None = None) -> An
     if not path.is_file():
         raise DataError(f"{path}: {what} not found")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             return json.load(f, object_hook=object_hook)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: invalid JSON ({one_line(e)})") from None
+    except RecursionError:
+        raise DataError(f"{path}: {what} is nested too deeply") from None
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read {what} ({one_line(e)})") from None
 
@@ -378,7 +381,7 @@ def split_scene_names(root: str | os.PathLike, split: str) -> list[str]:
     """
     path = Path(root).expanduser() / "splits" / f"{split}.txt"
     if path.is_file():
-        lines = (line.strip() for line in path.read_text(encoding="utf-8").splitlines())
+        lines = (line.strip() for line in read_text(path, error=DataError).splitlines())
         return [line for line in lines if line and not line.startswith("#")]
     try:
         from nuscenes.utils.splits import create_splits_scenes

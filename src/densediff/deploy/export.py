@@ -31,6 +31,7 @@ sampler around a frozen base segmentor) are refused: see :data:`SUPPORTED`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -39,6 +40,8 @@ import torch
 from torch import nn
 
 from densediff.errors import UserError, one_line
+from densediff.utils.checks import check_size
+from densediff.utils.fs import atomic_write
 
 __all__ = ["DEPLOY_FILE", "FORMAT", "FORMAT_VERSION", "SUPPORTED", "default_input_size",
            "export", "export_model"]
@@ -135,17 +138,22 @@ def _refuse(cfg, checkpoint) -> None:
 def _onnx_export(module: nn.Module, args: tuple, path: Path, names_in: list[str],
                  names_out: list[str], opset: int) -> None:
     axes = {n: {0: "batch"} for n in names_in + names_out}
-    try:
-        with warnings.catch_warnings():
-            # the legacy exporter's deprecation notice; tracer notes on shapes that become
-            # constants (H and W are fixed by design)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.onnx.export(module.eval(), args, str(path), dynamo=False, opset_version=opset,
-                              input_names=names_in, output_names=names_out,
-                              dynamic_axes=axes, do_constant_folding=True)
-    except torch.onnx.errors.OnnxExporterError as e:
-        raise UserError(f"export: {path.name} could not be exported ({one_line(e)})") from None
+
+    def write(tmp: Path) -> None:
+        try:
+            with warnings.catch_warnings():
+                # the legacy exporter's deprecation notice; tracer notes on shapes that become
+                # constants (H and W are fixed by design)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                torch.onnx.export(module.eval(), args, str(tmp), dynamo=False,
+                                  opset_version=opset, input_names=names_in,
+                                  output_names=names_out, dynamic_axes=axes,
+                                  do_constant_folding=True)
+        except torch.onnx.errors.OnnxExporterError as e:
+            raise UserError(f"export: {path.name} could not be exported ({one_line(e)})"
+                            ) from None
+    atomic_write(path, write, what="export")  # a failed write: one line naming the file
 
 
 def _check(path: Path, feeds: dict, expected: list[torch.Tensor]) -> float:
@@ -213,9 +221,8 @@ def _check_options(size, opset: int) -> None:
     if not 16 <= opset <= top:
         raise UserError(f"--opset: must be between 16 (GridSample, the deformable attention) "
                         f"and {top} (the newest the TorchScript exporter writes), got {opset}")
-    if size is not None and (len(size) != 2 or min(size) < 32):
-        raise UserError(f"--size: height and width must be at least 32 pixels, got "
-                        f"{' '.join(map(str, size))}")
+    if size is not None:
+        check_size(list(size), "--size")
 
 
 @torch.no_grad()
@@ -249,7 +256,8 @@ def export_model(model: nn.Module, cfg, out: str | os.PathLike,
     _check_out(out, overwrite, what)
     model.eval()
     names, _ = class_info(cfg)
-    h, w = (int(v) for v in (size or default_input_size(cfg)))
+    h, w = check_size([int(v) for v in (size or default_input_size(cfg))],
+                      "export input size" if size is None else "--size")
     (out / DEPLOY_FILE).unlink(missing_ok=True)  # written last: marks a complete export
 
     dev = next(model.parameters()).device
@@ -303,9 +311,9 @@ def export_model(model: nn.Module, cfg, out: str | os.PathLike,
                                                 [head(feat)])
     for name in meta["graphs"].values():
         onnx.checker.check_model(str(out / name))
-    meta["check"] = check
+    meta["check"] = check if check is None else {  # strict JSON: NaN/inf are not numbers
+        k: (v if math.isfinite(v) else None) for k, v in check.items()}
     meta["config"] = config if config is not None else cfg.to_dict()
-    tmp = out / (DEPLOY_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    tmp.replace(out / DEPLOY_FILE)
+    text = json.dumps(meta, indent=1)
+    atomic_write(out / DEPLOY_FILE, lambda tmp: tmp.write_text(text), what="export")
     return meta

@@ -21,7 +21,6 @@ Only torch (for the sampler's arithmetic) and onnxruntime are needed; no checkpo
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -48,9 +47,13 @@ class _Session:
     """One graph: numpy in, torch out."""
 
     def __init__(self, path: Path, threads: int | None, providers: list[str] | None):
+        from densediff.utils.checks import path_kind
+
         ort = _onnxruntime()
         if not path.is_file():
-            raise UserError(f"{path}: missing (the export folder is incomplete; export again)")
+            kind = path_kind(path)
+            raise UserError(f"{path}: missing (the export folder is incomplete; export again)"
+                            if kind == "missing" else f"{path}: is {kind}, not an ONNX graph file")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         try:
@@ -230,46 +233,114 @@ class OnnxSegmentor(_OnnxModel):
 
 _REQUIRED = ("task", "kind", "input_size", "graphs", "config")
 _GRAPHS = {"ddp": ("encoder", "step"), "discriminative": ("encoder", "head")}
+_KIND_OF_TYPE = {"ddp": "ddp", "segmentor": "discriminative"}
+MAX_DEPLOY_BYTES = 16 * 2**20
+"""Largest ``deploy.json`` read (its config and class names take a few kB)."""
 
 
 def read_deploy(folder: str | os.PathLike) -> dict:
-    """``folder/deploy.json``, checked: UserError naming the folder or file when it is missing,
-    not JSON, of another format or version, or lacks an entry."""
+    """``folder/deploy.json``, checked against its schema: UserError naming the file and the
+    entry when it is missing, not JSON, nested too deep, of another format or version, or when
+    an entry is missing, of the wrong type or out of bounds. Its agreement with the stored
+    config and the graphs is checked by :func:`load_runtime`."""
+    from densediff.utils.checks import check_int, check_size, json_loads, path_kind, read_text
+
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"{folder}: no such folder (expected a folder written by "
-                        "`densediff export`)")
+        kind = path_kind(folder)
+        raise UserError(f"{folder}: {'no such folder' if kind == 'missing' else 'is ' + kind} "
+                        "(expected a folder written by `densediff export`)")
     path = folder / DEPLOY_FILE
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise UserError(f"{path}: missing; {folder} is not a (complete) `densediff export` "
                         "folder")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not readable JSON ({one_line(e)})") from None
+    meta = json_loads(read_text(path, max_bytes=MAX_DEPLOY_BYTES, kind="JSON file"), str(path))
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{path}: not a densediff export description (format is not {FORMAT!r})")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION or isinstance(version, bool):
         raise UserError(f"{path}: format_version {version!r} is not supported (this densediff "
                         f"reads version {FORMAT_VERSION}); export the checkpoint again")
     missing = [k for k in _REQUIRED if k not in meta]
     if missing:
         raise UserError(f"{path}: the entry {missing[0]!r} is missing")
-    graphs = _GRAPHS.get(meta["kind"])
+    if meta["task"] not in ("segmentation", "depth"):
+        raise UserError(f"{path}: 'task' must be segmentation or depth, got "
+                        f"{_short(meta['task'])}")
+    kind = meta["kind"]
+    graphs = _GRAPHS.get(kind) if isinstance(kind, str) else None
     if graphs is None:
-        raise UserError(f"{path}: unknown kind {meta['kind']!r} (expected ddp or discriminative)")
+        raise UserError(f"{path}: unknown kind {_short(kind)} (expected ddp or discriminative)")
     named = meta["graphs"]
-    if (not isinstance(named, dict) or not set(graphs) <= set(named)
+    if (not isinstance(named, dict) or set(named) != set(graphs)
             or not all(isinstance(named[g], str) and Path(named[g]).name == named[g]
-                       and named[g] not in ("", ".", "..") for g in graphs)):
+                       and named[g] not in ("", ".", "..") for g in graphs)
+            or len({named[g] for g in graphs}) != len(graphs)):
         raise UserError(f"{path}: 'graphs' must name the {' and '.join(graphs)} graph files "
-                        "in the folder")
-    size = meta["input_size"]
-    if not (isinstance(size, list) and len(size) == 2
-            and all(isinstance(v, int) and v > 0 for v in size)):
-        raise UserError(f"{path}: 'input_size' must be [H, W], got {size!r}")
+                        "in the folder (two different files)")
+    try:
+        check_size(meta["input_size"], f"{path}: 'input_size'")
+        if kind == "ddp":
+            if "map_channels" not in meta:
+                raise UserError(f"{path}: the entry 'map_channels' is missing")
+            check_int(meta["map_channels"], f"{path}: 'map_channels'", 1, 8192)
+        for key, high in (("feature_channels", 8192), ("opset", 100)):
+            if key in meta:
+                check_int(meta[key], f"{path}: {key!r}", 1, high)
+        if "feature_grid" in meta:
+            grid = meta["feature_grid"]
+            if not isinstance(grid, list) or len(grid) != 2:
+                raise UserError(f"{path}: 'feature_grid' must be [h, w], got {_short(grid)}")
+            for v in grid:
+                check_int(v, f"{path}: 'feature_grid'", 1, 8192)
+    except UserError as e:
+        raise UserError(str(e)) from None
+    classes = meta.get("classes")
+    if classes is not None and (not isinstance(classes, list) or len(classes) > 4096
+                                or not all(isinstance(c, str) for c in classes)):
+        raise UserError(f"{path}: 'classes' must be a list of class names")
+    if not isinstance(meta["config"], dict):
+        raise UserError(f"{path}: 'config' must be a mapping (the checkpoint's config)")
     return meta
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
+
+
+def _check_agrees(meta: dict, cfg, names: list[str], path: Path) -> None:
+    """``deploy.json``'s entries against its stored config: task, model type, classes."""
+    if cfg.task != meta["task"]:
+        raise UserError(f"{path}: 'task' is {meta['task']} but its config's task is {cfg.task}")
+    kind = _KIND_OF_TYPE.get(cfg.model.type)
+    if kind != meta["kind"]:
+        raise UserError(f"{path}: 'kind' is {meta['kind']} but its config's model.type is "
+                        f"{cfg.model.type}")
+    if "model_type" in meta and meta["model_type"] != cfg.model.type:
+        raise UserError(f"{path}: 'model_type' is {_short(meta['model_type'])} but its config's "
+                        f"model.type is {cfg.model.type}")
+    if meta.get("classes") is not None and list(meta["classes"]) != list(names):
+        raise UserError(f"{path}: 'classes' ({len(meta['classes'])}) differ from its config's "
+                        f"classes ({len(names)})")
+
+
+def _check_graph(session: _Session, path: Path, expected: list[tuple[str, list]]) -> list:
+    """The graph's inputs against ``expected`` ``(name, dims)`` (None: any size); UserError
+    naming the graph when they differ (swapped or foreign graphs). Returns the graph's first
+    output's dims."""
+    got = [(i.name, list(i.shape)) for i in session.sess.get_inputs()]
+    names = [n for n, _ in got]
+    if names != [n for n, _ in expected]:
+        raise UserError(f"{path}: its inputs are {names}, expected {[n for n, _ in expected]} "
+                        "(graphs swapped, or not from this export)")
+    for (name, dims), (_, want) in zip(got, expected):
+        ok = len(dims) == len(want) and all(
+            w is None or not isinstance(d, int) or d == w for d, w in zip(dims, want))
+        if not ok:
+            raise UserError(f"{path}: input {name!r} has shape {dims}, but deploy.json asks for "
+                            f"{['N' if w is None else w for w in want]}")
+    return list(session.sess.get_outputs()[0].shape)
 
 
 def load_runtime(folder: str | os.PathLike, threads: int | None = None,
@@ -284,10 +355,38 @@ def load_runtime(folder: str | os.PathLike, threads: int | None = None,
     folder = Path(folder)
     meta = read_deploy(folder)
     _onnxruntime()  # before any other work: one line naming the extra to install
-    cfg = config_from_dict(meta["config"], source=str(folder / DEPLOY_FILE))
+    path = folder / DEPLOY_FILE
+    cfg = config_from_dict(meta["config"], source=f"{path}: config")
     names, palette = class_info(cfg)
+    _check_agrees(meta, cfg, names, path)
     cls = OnnxDDP if meta["kind"] == "ddp" else OnnxSegmentor
-    return cls(folder, meta, cfg, threads, providers), cfg, names, palette
+    model = cls(folder, meta, cfg, threads, providers)
+    _check_graphs(model, meta, cfg, folder, len(names))
+    return model, cfg, names, palette
+
+
+def _check_graphs(model, meta: dict, cfg, folder: Path, num_classes: int) -> None:
+    """Every graph's inputs against ``deploy.json`` and the other graph, before any image."""
+    h, w = meta["input_size"]
+    g = meta["graphs"]
+    feat = _check_graph(model.encoder, folder / g["encoder"], [("image", [None, 3, h, w])])
+    fdims = [None] + [d if isinstance(d, int) else None for d in feat[1:]]
+    if len(fdims) != 4:
+        raise UserError(f"{folder / g['encoder']}: its output is not B x C x h x w features")
+    if meta["kind"] == "ddp":
+        c = meta["map_channels"]
+        inputs = [("features", fdims), ("x_t", [None, c, *fdims[2:]]), ("log_snr", [None])]
+        if cfg.model.diffusion.self_condition:
+            inputs.append(("x0_prev", [None, c, *fdims[2:]]))
+        graph = folder / g["step"]
+        pred = _check_graph(model.step, graph, inputs)
+    else:
+        graph = folder / g["head"]
+        pred = _check_graph(model.head_graph, graph, [("features", fdims)])
+    want = 1 if meta["task"] == "depth" else num_classes
+    if len(pred) != 4 or (isinstance(pred[1], int) and pred[1] != want):
+        raise UserError(f"{graph}: its output has shape {pred}, but its config gives {want} "
+                        f"{'depth channel' if meta['task'] == 'depth' else 'classes'}")
 
 
 def load_onnx_model(folder: str | os.PathLike, threads: int | None = None,

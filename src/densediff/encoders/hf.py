@@ -22,7 +22,6 @@ pipeline default); the MobileNetV2 weights (converted from TensorFlow) expect
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -40,6 +39,7 @@ from densediff.encoders.base import (
     check_loading,
 )
 from densediff.errors import CheckpointError, ConfigError, one_line
+from densediff.utils.checks import json_loads, read_text
 
 SWIN_VARIANTS: dict[str, dict[str, Any]] = {
     "tiny": dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24]),
@@ -320,10 +320,10 @@ def _check_folder_config(folder: Path, spec: HFSpec, what: str) -> None:
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
         return  # weights only: the tensor checks below decide
-    try:
-        theirs = json.loads(cfg_file.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{cfg_file}: unreadable ({one_line(e)})") from None
+    theirs = json_loads(read_text(cfg_file, error=CheckpointError, kind="JSON file"),
+                        str(cfg_file))
+    if not isinstance(theirs, dict):
+        raise CheckpointError(f"{cfg_file}: not a model config (top level is not a mapping)")
     ours = spec.config
     if theirs.get("model_type") not in (None, ours.model_type):
         raise CheckpointError(f"{folder}: holds a {theirs['model_type']} model, the config asks "

@@ -54,7 +54,7 @@ from densediff.engine.ema import EMA
 from densediff.engine.logger import RunLogger
 from densediff.engine.optim import build_optimizer, set_lr
 from densediff.engine.sampler import InfiniteSampler
-from densediff.errors import CheckpointError, ConfigError, DivergenceError, UserError
+from densediff.errors import CheckpointError, ConfigError, DivergenceError, UserError, one_line
 from densediff.utils import distributed as du
 from densediff.utils.checkpoint import (
     first_nonfinite,
@@ -66,8 +66,9 @@ from densediff.utils.checkpoint import (
     save_checkpoint,
     save_train_state,
 )
-from densediff.utils.fs import RunLock, check_writable_dir
+from densediff.utils.fs import RunLock, atomic_write, check_writable_dir, remove_stale_temps
 from densediff.utils.precision import autocast
+from densediff.utils.signals import critical, graceful
 
 CKPT_DIR = "checkpoints"
 CHECKPOINT_FILES = ("last.safetensors", "last_ema.safetensors", "last.state.pt",
@@ -204,8 +205,9 @@ def train(cfg: Config, resume: bool = False) -> dict:
     info = du.init_distributed()
     run = None
     try:
-        run = _Run(cfg, info, resume)
-        return run.fit()
+        with graceful():  # SIGTERM as SIGINT: stop at a safe point, keep the sound checkpoints
+            run = _Run(cfg, info, resume)
+            return run.fit()
     finally:
         if run is not None and run.lock is not None:
             run.lock.release()
@@ -292,10 +294,17 @@ class _Run:
 
     def _check_work_dir_main(self, resume: bool) -> None:
         if self.work_dir.exists() and not self.work_dir.is_dir():
-            raise ConfigError(f"work_dir: {self.work_dir} is a file, not a folder")
+            from densediff.utils.checks import path_kind
+
+            raise ConfigError(f"work_dir: {self.work_dir} is {path_kind(self.work_dir)}, not a "
+                              "folder")
         check_writable_dir(self.work_dir, "work_dir")
         self.lock = RunLock(self.work_dir)
         try:
+            pending = self.ckpt_dir / PENDING_DIR
+            if pending.is_symlink() or (pending.exists() and not pending.is_dir()):
+                raise ConfigError(f"work_dir: {pending} is not the run's own folder (a link or "
+                                  "a file); remove it")
             if resume and not (self.ckpt_dir / "last.state.pt").is_file():
                 raise CheckpointError(f"{self.ckpt_dir / 'last.state.pt'}: nothing to resume "
                                       "from (drop --resume to start a new run)")
@@ -309,7 +318,8 @@ class _Run:
                     raise ConfigError(f"work_dir: {self.work_dir} already holds an earlier run "
                                       f"({', '.join(earlier)}); pass --resume to continue it, "
                                       "or choose another work_dir (nothing is overwritten)")
-            shutil.rmtree(self.ckpt_dir / PENDING_DIR, ignore_errors=True)  # an unjudged save
+            shutil.rmtree(pending, ignore_errors=True)  # an unjudged save
+            remove_stale_temps(self.ckpt_dir)  # temporary files of a save that was killed
         except UserError:
             self.lock.release()
             self.lock = None
@@ -319,6 +329,7 @@ class _Run:
         """Restore weights, EMA, optimizer, counters and RNG states from ``checkpoints/last``."""
         state_path = self.ckpt_dir / "last.state.pt"
         state = load_train_state(state_path)
+        _check_train_state(state, state_path, self.t.iters)
         it = state.get("iteration")
         files = [(self.ckpt_dir / "last.safetensors", self.module)]
         if self.ema is not None:
@@ -335,14 +346,20 @@ class _Run:
             load_into(module, weights, source=path)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{state_path}: optimizer state does not fit ({e})") from None
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as e:
+            raise CheckpointError(f"{state_path}: optimizer state does not fit "
+                                  f"({one_line(e, 120)})") from None
         self.iter, self.samples = int(it), int(state["samples"])
         self.committed = (self.iter, None)
         self.best, self.best_iter = state["best"], int(state["best_iter"])
         rngs = state["rng"]
         if len(rngs) == self.info.world_size:
-            _set_rng_state(rngs[self.info.rank], self.device)
+            try:
+                _set_rng_state(rngs[self.info.rank], self.device)
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError,
+                    RuntimeError) as e:
+                raise CheckpointError(f"{state_path}: entry 'rng' is not a random state "
+                                      f"({one_line(e, 100)})") from None
         else:
             self.notes.append(f"warning: {state_path} was written by {len(rngs)} processes, "
                               f"now {self.info.world_size}: random streams are not continued "
@@ -364,7 +381,12 @@ class _Run:
         self.notes.append(f"initialised from {path}")
 
     def _save(self, best: bool, last: bool) -> None:
-        """Write the ``best`` and/or ``last`` checkpoints; every rank must call it."""
+        """Write the ``best`` and/or ``last`` checkpoints; every rank must call it. A SIGINT /
+        SIGTERM during the save takes effect once it is complete."""
+        with critical():
+            self._save_now(best, last)
+
+    def _save_now(self, best: bool, last: bool) -> None:
         for m in (self.module, self.ema.module if self.ema else None):
             if m is not None:
                 du.broadcast_buffers(m)
@@ -438,6 +460,10 @@ class _Run:
     def _commit_pending(self, loss: float | None = None) -> None:
         """Move the pending ``last`` checkpoint onto ``checkpoints/last.*`` (``loss``: the
         sound loss its weights gave, None when unjudged)."""
+        with critical():
+            self._commit_pending_now(loss)
+
+    def _commit_pending_now(self, loss: float | None) -> None:
         pending = self.ckpt_dir / PENDING_DIR
         for name in LAST_FILES:  # the state file last: it is the commit point
             src = pending / name
@@ -516,7 +542,8 @@ class _Run:
                    disable=not (info.is_main and t.progress and sys.stderr.isatty()))
         if info.is_main:
             self.work_dir.mkdir(parents=True, exist_ok=True)
-            (self.work_dir / "config.yaml").write_text(cfg.to_yaml())
+            text = cfg.to_yaml()
+            atomic_write(self.work_dir / "config.yaml", lambda tmp: tmp.write_text(text))
             self.logger = RunLogger(self.work_dir, self.iter, bar)
             self.logger.info(
                 f"{'resuming at' if self.iter else 'training from'} iteration {self.iter}/"
@@ -587,6 +614,30 @@ class _Run:
                 self.logger.close()
         return {**self.last_metrics, "iter": self.iter, f"best_{self.metric}": self.best,
                 "best_iter": self.best_iter}
+
+
+def _check_train_state(state: dict, path: Path, iters: int) -> None:
+    """The entries :meth:`_Run._load` reads, of the right types and in range, before any of
+    them is used: one CheckpointError line naming the file and the entry."""
+    def bad(key: str, what: str) -> CheckpointError:
+        return CheckpointError(f"{path}: entry {key!r} {what}; not a densediff training state "
+                               "(or a damaged one)")
+    for key in ("iteration", "samples", "optimizer", "best_iter", "rng"):
+        if key not in state:
+            raise bad(key, "is missing")
+    for key in ("iteration", "samples", "best_iter"):
+        v = state[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 2**62:
+            raise bad(key, f"must be a whole number >= 0, got {type(v).__name__}")
+    best = state.get("best")
+    if best is not None and (isinstance(best, bool) or not isinstance(best, (int, float))):
+        raise bad("best", f"must be a number or None, got {type(best).__name__}")
+    if not isinstance(state["optimizer"], dict):
+        raise bad("optimizer", "must be a mapping")
+    rngs = state["rng"]
+    if (not isinstance(rngs, (list, tuple)) or not 1 <= len(rngs) <= 65536
+            or not all(isinstance(r, dict) for r in rngs)):
+        raise bad("rng", "must be a list of random states, one per process")
 
 
 def ema_init_share(iters: int, decay: float, every: int) -> float:

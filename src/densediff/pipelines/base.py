@@ -82,16 +82,23 @@ def write_files(out_dir, stem: str, files: dict) -> list[str]:
     import numpy as np
     from PIL import Image
 
+    from densediff.utils.fs import atomic_write
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for kind, content in files.items():
         path = out / f"{stem}_{kind}"
         if callable(content):
-            content(path)
+            write = content
         elif kind.endswith(".npy"):
-            np.save(path, content)
+            def write(tmp, a=content):
+                with open(tmp, "wb") as f:
+                    np.save(f, a)
         else:
-            Image.fromarray(content).save(path)
+            def write(tmp, a=content):
+                Image.fromarray(a).save(tmp, format="PNG")
+        # each file whole or not at all; a failed write (full disk, ulimit -f): one line
+        atomic_write(path, write, what="predict")
     return list(files)
 
 

@@ -25,43 +25,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from densediff.errors import CheckpointError, one_line
+from densediff.errors import CheckpointError, one_line, terminal_line
+from densediff.utils.checks import MAX_NESTING, json_depth, require_file
+from densediff.utils.fs import atomic_write
+
+__all__ = ["FORMAT", "atomic_write", "first_nonfinite", "load_into", "load_metadata",
+           "load_train_state", "load_weights", "resolve_weights", "save_checkpoint",
+           "save_train_state"]
 
 FORMAT = "densediff"
 """Value of the ``format`` metadata entry in every weights file written here."""
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_path)`` then move the finished file onto ``path`` in one step.
-
-    The temporary file lives next to ``path`` (same file system, so ``os.replace`` is atomic);
-    it is removed if ``write`` fails, and ``path`` is untouched unless everything succeeded.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # some writers (safetensors) create owner-only files
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable (best effort: not every file system allows this)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def _storage_safe(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -113,7 +86,8 @@ def save_checkpoint(path: str | os.PathLike, model_state: Mapping[str, torch.Ten
     for k, v in (extra_meta or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v)
     tensors = _storage_safe(model_state)
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta),
+                 error=CheckpointError)
 
 
 def load_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -124,8 +98,7 @@ def load_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder; give a .safetensors checkpoint file "
                               f"(e.g. <work_dir>/checkpoints/best.safetensors)")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file not found")
+    require_file(path, error=CheckpointError, hint="; give a .safetensors checkpoint file")
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
@@ -136,9 +109,12 @@ def load_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a densediff checkpoint (no config in its metadata)")
     meta: dict[str, Any] = {}
     for k, v in raw.items():
+        if json_depth(v) > MAX_NESTING:  # checked before parsing: no RecursionError
+            raise CheckpointError(f"{path}: metadata entry {terminal_line(k)[:60]!r} is nested "
+                                  f"more than {MAX_NESTING} levels deep")
         try:
             meta[k] = json.loads(v)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             meta[k] = v
     if not isinstance(meta["config"], dict):
         raise CheckpointError(f"{path}: the config in its metadata is not a mapping")
@@ -188,7 +164,48 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor],
         CheckpointError: naming ``source`` and the first key that is missing, unexpected, or
             of the wrong shape.
     """
+    _compare(model.state_dict(), state, source)
+    model.load_state_dict(state, strict=True)
+
+
+MAX_MODEL_BYTES = 16 * 2**30
+"""Largest model (parameters + buffers) a checkpoint's config may ask for: 16 GiB."""
+
+
+def check_fits(build: Callable[[], nn.Module], state: Mapping[str, torch.Tensor],
+               source: str | os.PathLike = "checkpoint",
+               max_bytes: int = MAX_MODEL_BYTES) -> None:
+    """Build the model ``build()`` describes on the ``meta`` device (no memory) and compare it
+    with ``state`` before the real build: a stored config that asks for other or enormous
+    layers is refused in one line, before anything is allocated.
+
+    Raises:
+        CheckpointError: the model would exceed ``max_bytes``, or a key is missing,
+            unexpected or of another shape than in ``state``.
+    """
+    try:
+        with torch.device("meta"):
+            model = build()
+    except CheckpointError:
+        raise
+    except (MemoryError, OverflowError) as e:
+        raise CheckpointError(f"{source}: its config asks for a model too large to build "
+                              f"({type(e).__name__})") from None
+    except Exception as e:  # a module that cannot be built on meta: the real build decides
+        if "meta" not in str(e).lower() and isinstance(e, (ValueError, TypeError)):
+            raise CheckpointError(f"{source}: its config does not give a model "
+                                  f"({one_line(e, 120)})") from None
+        return
     own = model.state_dict()
+    total = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    if total > max_bytes:
+        raise CheckpointError(f"{source}: its config asks for a model of {total / 2**30:.1f} GiB,"
+                              f" above the limit of {max_bytes / 2**30:.0f} GiB")
+    _compare(own, state, source)
+
+
+def _compare(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+             source: str | os.PathLike) -> None:
     for k, v in own.items():
         if k not in state:
             raise CheckpointError(f"{source}: does not fit the model: key {k!r} is missing")
@@ -199,12 +216,11 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor],
     for k in state:
         if k not in own:
             raise CheckpointError(f"{source}: does not fit the model: unexpected key {k!r}")
-    model.load_state_dict(state, strict=True)
 
 
 def save_train_state(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
     """``torch.save`` the training state atomically (tensors, numbers, strings, containers)."""
-    atomic_write(path, lambda tmp: torch.save(dict(state), tmp))
+    atomic_write(path, lambda tmp: torch.save(dict(state), tmp), error=CheckpointError)
 
 
 def load_train_state(path: str | os.PathLike) -> dict[str, Any]:
@@ -213,9 +229,7 @@ def load_train_state(path: str | os.PathLike) -> dict[str, Any]:
     Raises:
         CheckpointError: the file is missing, truncated or holds anything but plain data.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: training state file not found")
+    path = require_file(path, error=CheckpointError)
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols on stderr
             warnings.simplefilter("ignore")

@@ -6,12 +6,13 @@ Single-process runs need none of this: every helper degrades to a no-op when
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from densediff.utils.checks import env_int
 
 
 @dataclass
@@ -38,8 +39,9 @@ def init_distributed() -> DistInfo:
     Uses NCCL with one GPU per process when CUDA is available, gloo on CPU. Without those
     variables (or with WORLD_SIZE=1) it returns a single-process description.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world = env_int("WORLD_SIZE", 1, 1, 65536)
+    local_rank = env_int("LOCAL_RANK", 0, 0, 65535)
+    env_int("RANK", 0, 0, world - 1)
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank)
