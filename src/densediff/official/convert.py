@@ -285,7 +285,7 @@ def convert(source: str | os.PathLike, out: str | os.PathLike,
     Returns:
         The weights file written.
     """
-    from densediff.utils.fs import check_writable_dir
+    from densediff.utils.fs import atomic_write, check_writable_dir
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -298,5 +298,6 @@ def convert(source: str | os.PathLike, out: str | os.PathLike,
     meta = {"kind": "model", "num_classes": len(cfg.data.class_names),
             "source": str(source), "official": entry.name if entry else "custom"}
     save_checkpoint(weights, model.state_dict(), cfg, meta)
-    (out / "config.yaml").write_text(cfg.to_yaml())
+    text = cfg.to_yaml()
+    atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(text))
     return weights
