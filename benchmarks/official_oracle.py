@@ -11,12 +11,13 @@ and nothing of the official code is copied here: it is imported from ``$DENSEDIF
 
 For one official config it
 
-1. builds the official model (weights seeded by ``--seed`` and the name), perturbs every parameter and BN statistic away from
-   its initial value (norm weights/biases, layer-scale gammas, biases, MSDA sampling offsets and
-   attention weights, relative-position tables, the label embedding, the time MLP: every weight
-   then matters), and saves it with mmcv's own ``save_checkpoint`` as ``OUT/<name>.pth``, with a
-   meta like the one mmseg training writes (CLASSES, PALETTE, the config text, a keep-best hook's
-   numpy score, versions, iteration) and, with ``--optimizer``, an AdamW state;
+1. builds the official model (weights seeded by ``--seed`` and the name), perturbs every
+   parameter and BN statistic away from its initial value (norm weights/biases, layer-scale
+   gammas, biases, MSDA sampling offsets and attention weights, relative-position tables, the
+   label embedding, the time MLP: every weight then matters), and saves it with mmcv's own
+   ``save_checkpoint`` as ``OUT/<name>.pth``, with a meta like the one mmseg training writes
+   (CLASSES, PALETTE, the config text, a keep-best hook's numpy score, versions, iteration)
+   and, with ``--optimizer``, an AdamW state;
 2. for each ``--sizes`` HxW (a synthetic image, normalised as mmseg does, no resize), dumps
    ``OUT/<name>_<H>x<W>.pt``: the input, the 4 backbone maps, the neck map, one decoder call at a
    fixed x_t and t, the sampler's start noise, every step's logits, ``ddim_sample``'s output,
@@ -51,7 +52,9 @@ ORACLE = Path(os.environ.get("DENSEDIFF_ORACLE", "/work/oracle"))
 SEG = ORACLE / "DDP" / "segmentation"
 sys.path[:0] = [str(SEG), str(ORACLE / "shims")]
 
-import mmcv_lite_ops_shim  # noqa: E402,F401  (before mmseg.models)
+# the shim must be imported before mmcv.runner and mmseg: keep this order
+# isort: off
+import mmcv_lite_ops_shim  # noqa: E402,F401
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -60,6 +63,7 @@ from mmcv.runner import save_checkpoint  # noqa: E402
 
 from mmseg.apis import inference_segmentor  # noqa: E402
 from mmseg.models import build_segmentor  # noqa: E402
+# isort: on
 
 CONFIGS = {
     **{f"ddp_swin_{s}_2x8_512x512_160k_ade20k": "configs/ade" for s in "tsbl"},

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -95,36 +94,6 @@ def fmt_pct(x: float | None) -> str:
     if math.isnan(x):
         return "shape≠"
     return "100 %" if x == 100.0 else f"{x:.3f} %"
-
-
-def cv2_exact_resize(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """uint8 H x W x C bilinear resize to ``size`` (h, w) with OpenCV's ``INTER_LINEAR``
-    fixed-point arithmetic (what ``mmcv.imresize`` gives on x86), in numpy: coefficients
-    ``round(c * 2048)`` from float32 fractions, ``scale = 1 / (dst / src)``; the horizontal pass
-    in integers with x clamped to the image (fraction 0 at the borders); the vertical pass as
-    cv2's SIMD code, ``((S0 >> 4) * b0 >> 16) + ((S1 >> 4) * b1 >> 16)``, then ``(v + 2) >> 2``,
-    with y not clamped (rows clipped instead). Bit-exact against cv2 4.10 on 41 random size
-    pairs (FINDINGS); here only to show what the resize alone costs in label agreement."""
-    def coef(src: int, dst: int, clamp: bool):
-        f = ((np.arange(dst) + 0.5) * (1.0 / (dst / src)) - 0.5).astype(np.float32)
-        s = np.floor(f).astype(np.int64)
-        f = (f - s).astype(np.float32)
-        if clamp:
-            f[s < 0], s[s < 0] = 0, 0
-            hi = s >= src - 1
-            f[hi], s[hi] = 0, src - 1
-        a1 = np.round(f * np.float32(2048)).astype(np.int64)
-        a0 = np.round((np.float32(1) - f) * np.float32(2048)).astype(np.int64)
-        return np.clip(s, 0, src - 1), np.clip(s + 1, 0, src - 1), a0, a1
-
-    h, w = size
-    sx, sx1, ax0, ax1 = coef(img.shape[1], w, True)
-    sy, sy1, by0, by1 = coef(img.shape[0], h, False)
-    im = img.astype(np.int64)
-    rows = im[:, sx] * ax0[None, :, None] + im[:, sx1] * ax1[None, :, None]
-    s0, s1 = rows[sy] >> 4, rows[sy1] >> 4
-    out = ((s0 * by0[:, None, None]) >> 16) + ((s1 * by1[:, None, None]) >> 16)
-    return np.clip((out + 2) >> 2, 0, 255).astype(np.uint8)
 
 
 # ------------------------------------------------------------------------------ convert / load
@@ -298,11 +267,9 @@ def _double_resize(seg: torch.Tensor, in_size, out_size) -> torch.Tensor:
 def compare_pipeline(pred, d: dict) -> dict:
     """The config's own test pipeline (whole image, no aug)."""
     from densediff.data.transforms import (
-        normalize,
         preprocess_image,
         rescale_size,
         resize_image,
-        to_tensor,
     )
 
     model, info = pred.model, d["info"]
@@ -328,14 +295,6 @@ def compare_pipeline(pred, d: dict) -> dict:
     out = pred.predict(rgb, steps=steps, seed=seed)
     r["labels_e2e"] = agree(torch.from_numpy(out.mask), d["labels"])
     r["input_e2e"] = maxdiff(preprocess_image(rgb, pred.cfg), x_off)
-    # (a') the same with a cv2-exact resize (densediff's normalisation): the resize's share
-    exact = cv2_exact_resize(rgb, size)
-    r["resize_exact_px_differ"] = int((exact != mm).any(2).sum()) if exact.shape == mm.shape \
-        else None
-    x_exact = to_tensor(normalize(exact, pred.cfg.data.mean, pred.cfg.data.std))[None]
-    r["input_exact"] = maxdiff(x_exact, x_off)
-    oute = pred.pipeline.predict(pred, rgb, x_exact, False, steps, seed)
-    r["labels_e2e_cv2_exact"] = agree(torch.from_numpy(oute.mask), d["labels"])
     # (b) the official normalised input through densediff's pipeline (model side only)
     outb = pred.pipeline.predict(pred, rgb, x_off, False, steps, seed)
     lab_b = torch.from_numpy(outb.mask)
@@ -436,6 +395,8 @@ def compare_onnx(ckpt: Path, d: dict, work: Path, python: str) -> dict:
     traj = m.sample_steps(neck, steps, seeds=[seed])
     ours_steps = torch.stack([lg.mean(1) for lg in traj.logits])
     r["step_logits"] = [maxdiff(a, b) for a, b in zip(ours_steps, d["step_logits"])]
+    r["step_labels"] = [agree(a.argmax(1), b.argmax(1))
+                        for a, b in zip(ours_steps, d["step_logits"])]
     sample = traj.probs(True) if acc else traj.logits[-1].mean(1)
     r["sample"] = maxdiff(sample, d["sample_out"])
     up = F.interpolate(sample, size=(h, w), mode="bilinear", align_corners=False)
@@ -505,15 +466,14 @@ def tables(results: dict, tol: float) -> str:
                   "e2e = from the uint8 image with densediff's resize; same input = the "
                   "official normalised input)", "",
                   "| model | original → input | resized uint8: px differing / max | labels e2e | "
-                  "labels e2e, cv2-exact resize | labels same input | probs same input | "
-                  "labels, mmseg resize order | pass |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "labels same input | probs same input | labels, mmseg resize order | pass |",
+                  "|---|---|---|---|---|---|---|---|"]
         for n, r in pipe_rows:
             ok = passed(r, ["probs_same_input"], ["labels_e2e", "labels_same_input"], tol)
             rz = (f"{r['resize_px_differ_pct']:.2f} % / {r['resize_max_abs']}"
                   if "resize_px_differ_pct" in r else "size≠")
             lines.append(f"| {n} | {r['original']} → {r['input']} | {rz} | "
-                         f"{fmt_pct(r['labels_e2e'])} | {fmt_pct(r.get('labels_e2e_cv2_exact'))} | "
+                         f"{fmt_pct(r['labels_e2e'])} | "
                          f"{fmt_pct(r['labels_same_input'])} | "
                          f"{fmt(r['probs_same_input'])} | "
                          f"{fmt_pct(r['labels_mmseg_resize_order'])} | "
@@ -557,6 +517,8 @@ def main(argv=None) -> int:
                     "exist)")
     ap.add_argument("--table", type=Path, default=None, help="write the markdown here (and "
                     "the numbers to the same path with .json)")
+    ap.add_argument("--only", default=None, help="compare only the dumps whose file name "
+                    "matches this regular expression (e.g. 'aug_' or '240x328')")
     ap.add_argument("--tol", type=float, default=TOL)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -587,7 +549,7 @@ def main(argv=None) -> int:
         dumps = sorted(args.dumps.glob(f"{name}_*.pt"))
         for f in dumps:
             kind = re.fullmatch(rf"{re.escape(name)}_(?:(pipe|aug)_)?(\d+x\d+)\.pt", f.name)
-            if not kind:
+            if not kind or (args.only and not re.search(args.only, f.name)):
                 continue
             d = torch.load(f, weights_only=False)
             try:

@@ -8,8 +8,8 @@ seeded sampler at the config's default steps and the full-resolution labels, at 
 not a multiple of 32 (Swin pads inside its ops, ConvNeXt floors).
 
 Skipped unless ``DENSEDIFF_ORACLE`` names a folder with the oracle's ``venv/`` and the official
-repository in ``DDP/`` (``../shared/tools/official-oracle/README.md`` builds both). About a
-minute when it runs. The full table: ``benchmarks/official_parity.sh``.
+repository in ``DDP/`` (``../shared/tools/official-oracle/README.md`` builds both). About
+30 s when it runs on an idle 2-core CPU. The full table: ``benchmarks/official_parity.sh``.
 """
 
 from __future__ import annotations
