@@ -234,9 +234,10 @@ def test_unwritable_outputs_are_refused_first(capsys, tmp_path, monkeypatch, com
 
     with pytest.raises(_Reached):  # the sentinel can fire: a writable output gets there
         main(argv(tmp_path / "good"))
-    assert calls == [1]
+    reached = len(calls)  # loading a checkpoint builds twice: on `meta` (check_fits), then
+    assert reached >= 1
     one_line_error(capsys, main(argv(bad)), "a_file is a file, not a folder")
-    assert calls == [1]  # refused before the model was built
+    assert len(calls) == reached  # refused before the model was built
 
 
 def test_read_only_output_folder_is_refused(capsys, tmp_path, monkeypatch):

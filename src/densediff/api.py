@@ -240,7 +240,9 @@ def load_model(checkpoint: str | Path, overrides: list[str] | None = None
             names, palette = class_info(cfg)
             return model, cfg, names, palette
     else:
-        state, cfg_dict = load_weights(resolve_weights(checkpoint, "checkpoint"))
+        if Path(checkpoint).is_dir():  # a run folder: its checkpoints/best, else last
+            checkpoint = resolve_weights(checkpoint, "checkpoint")
+        state, cfg_dict = load_weights(checkpoint)
     cfg = config_from_dict(apply_overrides(cfg_dict, list(overrides or [])),
                            source=str(checkpoint))
     names, palette = class_info(cfg)

@@ -231,7 +231,8 @@ class DataConfig(_Strict):
     """Dataset folder. None: taken from $DENSEDIFF_<DATASET>_ROOT (e.g. DENSEDIFF_CAMVID_ROOT)."""
     num_classes: Optional[int] = Field(None, ge=1, le=MAX_CLASSES)
     """None: the dataset's own count (CamVid 11, ADE20K 150, Cityscapes 19, folder: classes file)."""
-    ignore_index: int = Field(255, ge=0, le=65535)
+    ignore_index: int = Field(255, ge=-32768, le=65535)
+    """The label of pixels that are not scored (255; -1 and -100 are common elsewhere)."""
     class_names: Optional[list[str]] = Field(None, max_length=MAX_CLASSES)
     """Class names; None: the dataset's own. The trainer fills this (and ``palette``) in the
     resolved config, so a checkpoint is self-contained."""

@@ -375,8 +375,11 @@ def _check_graphs(model, meta: dict, cfg, folder: Path, num_classes: int) -> Non
         raise UserError(f"{folder / g['encoder']}: its output is not B x C x h x w features")
     if meta["kind"] == "ddp":
         c = meta["map_channels"]
-        inputs = [("features", fdims), ("x_t", [None, c, *fdims[2:]]), ("log_snr", [None])]
-        if cfg.model.diffusion.self_condition:
+        d = cfg.model.diffusion
+        inputs = [("features", fdims), ("x_t", [None, c, *fdims[2:]])]
+        if d.time_input != "none" or d.precondition:  # else the decoder never reads the time
+            inputs.append(("log_snr", [None]))
+        if d.self_condition:
             inputs.append(("x0_prev", [None, c, *fdims[2:]]))
         graph = folder / g["step"]
         pred = _check_graph(model.step, graph, inputs)

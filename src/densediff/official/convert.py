@@ -31,6 +31,7 @@ from densediff.official.catalog import ReleasedModel, match_released
 from densediff.official.hub import hub_download, is_hub_uri
 from densediff.official.mapping import convert_state
 from densediff.utils.checkpoint import load_into, save_checkpoint
+from densediff.utils.checks import require_file
 
 MAX_OFFICIAL_BYTES = 8 << 30
 """Largest official checkpoint read (8 GiB; the largest release, ConvNeXt-L with optimizer
@@ -76,11 +77,7 @@ def read_official(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
         CheckpointError: missing, not a regular file, too large, not a torch zip/pickle file,
             holding Python objects beyond tensors/containers/numpy scalars, or no state dict.
     """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: checkpoint file not found")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not a regular file")
+    path = require_file(path, error=CheckpointError)  # missing, a folder, a FIFO ...: named
     size = path.stat().st_size
     if size > MAX_OFFICIAL_BYTES:
         raise CheckpointError(f"{path}: {size / 2**30:.1f} GiB, above the "
