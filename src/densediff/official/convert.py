@@ -205,13 +205,14 @@ def _meta_classes(meta: dict[str, Any], num_classes: int):
     """``(names, palette)`` from mmseg metadata when complete and sane, else ``(None, None)``."""
     names, palette = meta.get("CLASSES"), meta.get("PALETTE")
     if not (isinstance(names, (list, tuple)) and len(names) == num_classes <= MAX_CLASSES_META
-            and all(isinstance(n, str) and 0 < len(n) <= 100 for n in names)):
+            and all(isinstance(n, str) and 0 < len(n.strip()) <= 100 for n in names)):
         return None, None
+    names = [n.strip() for n in names]  # mmseg's ADE20K table has "bed " with a space
     ok_palette = (isinstance(palette, (list, tuple)) and len(palette) == num_classes
                   and all(isinstance(c, (list, tuple)) and len(c) == 3
                           and all(isinstance(v, (int, np.integer)) and 0 <= v <= 255 for v in c)
                           for c in palette))
-    return list(names), ([[int(v) for v in c] for c in palette] if ok_palette else None)
+    return names, ([[int(v) for v in c] for c in palette] if ok_palette else None)
 
 
 def _official_config(entry: ReleasedModel | None, config: str | os.PathLike | None,
