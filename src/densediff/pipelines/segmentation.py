@@ -153,8 +153,18 @@ class Prediction:
                 GridColumn(f"refined by DDPS ({self.steps} steps)")]
         return save_labelled_grid([tiles], cols, path, legend=self._legend(), legend_title="classes")
 
+    LEGEND_ALL_UP_TO = 20
+    """Legends list every class up to this many classes; above (ADE20K: 150), only the classes
+    present in the pictured masks, so the legend stays readable."""
+
     def _legend(self) -> list:
-        return list(zip(self.class_names, np.asarray(self.palette).tolist()))
+        entries = list(zip(self.class_names, np.asarray(self.palette).tolist()))
+        if len(entries) <= self.LEGEND_ALL_UP_TO:
+            return entries
+        shown = [self.mask] + ([] if self.trajectory is None else list(self.trajectory)) + (
+            [] if self.base_mask is None else [self.base_mask])
+        present = set(np.unique(np.concatenate([m.ravel() for m in shown])).tolist())
+        return [e for k, e in enumerate(entries) if k in present]
 
     def save(self, out_dir: str | Path, stem: str, uncertainty: bool = False,
              trajectory: bool = False, save_probs: bool = False,
