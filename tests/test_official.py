@@ -431,3 +431,45 @@ def test_multi_scale_passes_resize_the_original_image_as_mmseg():
                   scale_input=lambda r: aug_input(rgb, data, r))
     assert [s for s, _ in seen] == [(256, 339), (256, 339), (384, 508), (384, 508)]
     assert seen[2][1] == float(x[0, 0, 0, 0])  # the pass at 0.75 got exactly that input
+
+
+def _flip(data: bytes, flips: list[tuple[int, int]]) -> bytes:
+    out = bytearray(data)
+    for pos, val in flips:
+        out[pos] = val
+    return bytes(out)
+
+
+def test_any_hub_uri_or_file_bytes_give_a_result_or_one_user_error(tmp_path):
+    """Property: hf:// strings and .pth contents from hypothesis never raise anything but a
+    one-line UserError (and never hang)."""
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.text(max_size=60))
+    def uris(tail):
+        try:
+            repo, name, _ = parse_hub_uri("hf://" + tail)
+            assert repo.count("/") == 1 and name
+        except UserError as e:
+            assert "\n" not in str(e)
+
+    good = _official_file(tmp_path / "good.pth", {"w": torch.ones(3)},
+                          {"hook_msgs": {"best_score": np.float64(0.5)}}).read_bytes()
+    flips = st.lists(st.tuples(st.integers(0, len(good) - 1), st.integers(0, 255)), max_size=8)
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.one_of(st.binary(max_size=400), flips.map(lambda fl: _flip(good, fl))))
+    def files(data):
+        f = tmp_path / "x.pth"
+        f.write_bytes(data)
+        try:
+            read_official(f)
+        except UserError as e:
+            assert "\n" not in str(e)
+
+    uris()
+    files()
+    assert hypothesis.__version__

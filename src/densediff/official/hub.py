@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from densediff.errors import CheckpointError, one_line
+from densediff.errors import CheckpointError, one_line, terminal_line
 
 SCHEME = "hf://"
 
@@ -20,18 +20,19 @@ def is_hub_uri(source: object) -> bool:
 
 def parse_hub_uri(uri: str) -> tuple[str, str, str | None]:
     """``hf://owner/repo/path/file.pth[@revision]`` -> ``(repo_id, filename, revision)``."""
+    shown = terminal_line(uri)  # the URI as one printable line, for messages
     rest = uri[len(SCHEME):]
     revision = None
     if "@" in rest:
         rest, revision = rest.rsplit("@", 1)
         if not revision:
-            raise CheckpointError(f"{uri}: empty revision after '@'")
+            raise CheckpointError(f"{shown}: empty revision after '@'")
     parts = rest.split("/")
     if len(parts) < 3 or not all(parts):
-        raise CheckpointError(f"{uri}: expected hf://<owner>/<repo>/<file> "
+        raise CheckpointError(f"{shown}: expected hf://<owner>/<repo>/<file> "
                               f"(e.g. hf://yfji/DDP-Weight/ddp_swin_t_2x8_512x512_160k_ade20k.pth)")
     if any(p in (".", "..") for p in parts):
-        raise CheckpointError(f"{uri}: '.' and '..' are not allowed in a Hub path")
+        raise CheckpointError(f"{shown}: '.' and '..' are not allowed in a Hub path")
     return "/".join(parts[:2]), "/".join(parts[2:]), revision
 
 
@@ -41,7 +42,7 @@ def hub_download(uri: str) -> Path:
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
-        raise CheckpointError(f"{uri}: hf:// sources need the huggingface_hub package "
+        raise CheckpointError(f"{terminal_line(uri)}: hf:// sources need the huggingface_hub package "
                               "(pip install 'densediff[hf]')") from None
     from huggingface_hub.utils import logging as hub_logging
 
@@ -65,7 +66,7 @@ def hub_download(uri: str) -> Path:
             why = f"no revision {revision!r}"
         else:
             why = one_line(e)
-        raise CheckpointError(f"{uri}: cannot get {filename} from the Hub repository "
-                              f"{repo_id}: {why}") from None
+        raise CheckpointError(f"{terminal_line(uri)}: cannot get {terminal_line(filename)} from "
+                              f"the Hub repository {terminal_line(repo_id)}: {why}") from None
     finally:
         hub_logging.set_verbosity(verbosity)
