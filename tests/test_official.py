@@ -224,8 +224,10 @@ def test_reader_refuses_missing_truncated_and_folder(tmp_path):
 def test_non_ddp_and_bev_checkpoints_are_refused_by_name(tmp_path):
     with pytest.raises(CheckpointError, match="not an official DDP"):
         describe({"backbone.x": torch.ones(1)}, "a.pth")
-    with pytest.raises(CheckpointError, match="BEV"):
-        describe({"encoders.camera.backbone.x": torch.ones(1)}, "b.pth")
+    bev = {"encoders.camera.backbone.patch_embed.projection.weight": torch.ones(1),
+           "embedding_table.weight": torch.ones(7, 256), "heads.map.conv_seg.weight": torch.ones(1)}
+    with pytest.raises(CheckpointError, match="BEV"):  # the official BEV DDP's top-level names
+        describe(bev, "b.pth")
 
 
 # ------------------------------------------------------------------------------------------

@@ -139,10 +139,11 @@ def describe(state: dict[str, torch.Tensor], source: str) -> OfficialArch:
         CheckpointError: not a DDP segmentation checkpoint, a BEV checkpoint (not supported),
             or a backbone size that no released model has.
     """
+    if any(k.startswith(("encoders.", "fuser.", "heads.map")) for k in state):
+        raise CheckpointError(f"{source}: a BEV (BEVFusion) checkpoint: densediff does not "
+                              "convert the official BEV layout (its camera and BEV modules are "
+                              "not densediff's)")
     if not any(k.startswith(("decode_head.", "embedding_table")) for k in state):
-        if any(k.startswith(("encoders.", "fuser.", "heads.map")) for k in state):
-            raise CheckpointError(f"{source}: a BEV (BEVFusion) checkpoint: densediff does not "
-                                  "convert the official BEV layout")
         raise CheckpointError(f"{source}: not an official DDP segmentation checkpoint (no "
                               "decode_head / embedding_table tensors)")
     for key in ("decode_head.conv_seg.weight", "embedding_table.weight"):
