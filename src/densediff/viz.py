@@ -175,7 +175,7 @@ def grid_figure(rows: Sequence[Sequence[np.ndarray]], columns: Sequence[GridColu
     if legend:
         entry_in = max(len(n) for n, _ in legend) * 0.6 * 8 * _PT + 0.45
         ncol = max(1, min(len(legend), int((fig_w - 2 * pad) / entry_in)))
-        leg_h = (math.ceil(len(legend) / ncol) + (1 if legend_title else 0)) * 8 * 1.75 * _PT + 0.1
+        leg_h = _legend_height(legend, ncol, legend_title, fig_w, dpi) + 0.1
     fig_h = (2 * pad + sup_h + title_h + sum(h_in) + gap_y * (len(rows) - 1) + key_h + leg_h)
 
     fig = Figure(figsize=(fig_w, fig_h), dpi=dpi)
@@ -223,11 +223,29 @@ def grid_figure(rows: Sequence[Sequence[np.ndarray]], columns: Sequence[GridColu
                        loc="upper center", fontsize=_KEY_PT, frameon=False, borderaxespad=0,
                        handlelength=1.4, handleheight=0.9, labelspacing=0.3)
     if legend:
-        fig.legend([_patch(rgb) for _, rgb in legend], [n for n, _ in legend],
-                   loc="lower center", bbox_to_anchor=(0.5, pad / fig_h), ncol=ncol,
-                   fontsize=8, title=legend_title or None, title_fontsize=8, frameon=False,
-                   handlelength=1.6, handleheight=1.0, columnspacing=1.2, borderaxespad=0)
+        _draw_legend(fig, legend, ncol, legend_title, (0.5, pad / fig_h))
     return fig
+
+
+def _draw_legend(fig, legend: Sequence[Swatch], ncol: int, title: str, anchor):
+    """The named-colour legend of :func:`grid_figure`, its bottom centre at ``anchor``."""
+    return fig.legend([_patch(rgb) for _, rgb in legend], [n for n, _ in legend],
+                      loc="lower center", bbox_to_anchor=anchor, ncol=ncol, fontsize=8,
+                      title=title or None, title_fontsize=8, frameon=False, handlelength=1.6,
+                      handleheight=1.0, columnspacing=1.2, borderaxespad=0)
+
+
+def _legend_height(legend: Sequence[Swatch], ncol: int, title: str, width: float,
+                   dpi: int) -> float:
+    """Height in inches of that legend, measured by drawing it once on a scratch figure (an
+    estimate per row left a gap above long legends, e.g. ADE20K's 150 classes)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    scratch = Figure(figsize=(width, 1.0), dpi=dpi)
+    canvas = FigureCanvasAgg(scratch)
+    leg = _draw_legend(scratch, legend, ncol, title, (0.5, 0.0))
+    return leg.get_window_extent(canvas.get_renderer()).height / dpi
 
 
 def grid_key(fig) -> GridKey:
