@@ -291,12 +291,12 @@ def aug_input(img: np.ndarray, data: DataConfig, ratio: float) -> torch.Tensor:
     ``int(s * ratio)`` of ``data.test_scale`` (no test scale: to ``ratio`` x its size), then
     normalized; ``1 x 3 x h x w``. Resizing the original, not the test-resized image, is what
     makes multi-scale results equal mmseg's."""
-    h, w = img.shape[:2]
     if data.test_scale is not None:
-        size = rescale_size((h, w), tuple(int(s * ratio) for s in data.test_scale))
+        img = resize_to_scale(img, tuple(int(s * ratio) for s in data.test_scale))
     else:
-        size = (max(1, int(h * ratio + 0.5)), max(1, int(w * ratio + 0.5)))
-    return to_tensor(normalize(resize_image(img, size), data.mean, data.std))[None]
+        h, w = img.shape[:2]
+        img = resize_image(img, (max(1, int(h * ratio + 0.5)), max(1, int(w * ratio + 0.5))))
+    return to_tensor(normalize(img, data.mean, data.std))[None]
 
 
 def preprocess_image(img: np.ndarray, cfg: Config | DataConfig) -> torch.Tensor:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from densediff.deploy.export import DEPLOY_FILE, FORMAT, FORMAT_VERSION, ONNX_HINT
 from densediff.errors import UserError, one_line
+from densediff.utils.checks import short_repr
 
 __all__ = ["OnnxDDP", "OnnxSegmentor", "load_onnx_model", "load_runtime", "read_deploy"]
 
@@ -243,7 +244,13 @@ def read_deploy(folder: str | os.PathLike) -> dict:
     entry when it is missing, not JSON, nested too deep, of another format or version, or when
     an entry is missing, of the wrong type or out of bounds. Its agreement with the stored
     config and the graphs is checked by :func:`load_runtime`."""
-    from densediff.utils.checks import check_int, check_size, json_loads, path_kind, read_text
+    from densediff.utils.checks import (
+        check_int,
+        check_size,
+        json_loads,
+        path_kind,
+        read_text,
+    )
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -266,11 +273,11 @@ def read_deploy(folder: str | os.PathLike) -> dict:
         raise UserError(f"{path}: the entry {missing[0]!r} is missing")
     if meta["task"] not in ("segmentation", "depth"):
         raise UserError(f"{path}: 'task' must be segmentation or depth, got "
-                        f"{_short(meta['task'])}")
+                        f"{short_repr(meta['task'])}")
     kind = meta["kind"]
     graphs = _GRAPHS.get(kind) if isinstance(kind, str) else None
     if graphs is None:
-        raise UserError(f"{path}: unknown kind {_short(kind)} (expected ddp or discriminative)")
+        raise UserError(f"{path}: unknown kind {short_repr(kind)} (expected ddp or discriminative)")
     named = meta["graphs"]
     if (not isinstance(named, dict) or set(named) != set(graphs)
             or not all(isinstance(named[g], str) and Path(named[g]).name == named[g]
@@ -290,7 +297,7 @@ def read_deploy(folder: str | os.PathLike) -> dict:
         if "feature_grid" in meta:
             grid = meta["feature_grid"]
             if not isinstance(grid, list) or len(grid) != 2:
-                raise UserError(f"{path}: 'feature_grid' must be [h, w], got {_short(grid)}")
+                raise UserError(f"{path}: 'feature_grid' must be [h, w], got {short_repr(grid)}")
             for v in grid:
                 check_int(v, f"{path}: 'feature_grid'", 1, 8192)
     except UserError as e:
@@ -304,11 +311,6 @@ def read_deploy(folder: str | os.PathLike) -> dict:
     return meta
 
 
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:60] + "..."
-
-
 def _check_agrees(meta: dict, cfg, names: list[str], path: Path) -> None:
     """``deploy.json``'s entries against its stored config: task, model type, classes."""
     if cfg.task != meta["task"]:
@@ -318,7 +320,7 @@ def _check_agrees(meta: dict, cfg, names: list[str], path: Path) -> None:
         raise UserError(f"{path}: 'kind' is {meta['kind']} but its config's model.type is "
                         f"{cfg.model.type}")
     if "model_type" in meta and meta["model_type"] != cfg.model.type:
-        raise UserError(f"{path}: 'model_type' is {_short(meta['model_type'])} but its config's "
+        raise UserError(f"{path}: 'model_type' is {short_repr(meta['model_type'])} but its config's "
                         f"model.type is {cfg.model.type}")
     if meta.get("classes") is not None and list(meta["classes"]) != list(names):
         raise UserError(f"{path}: 'classes' ({len(meta['classes'])}) differ from its config's "

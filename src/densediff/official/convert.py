@@ -216,9 +216,9 @@ def _meta_classes(meta: dict[str, Any], num_classes: int):
     return names, ([[int(v) for v in c] for c in palette] if ok_palette else None)
 
 
-def _official_config(entry: ReleasedModel | None, config: str | os.PathLike | None,
+def _official_config(entry: ReleasedModel | None, given: Config | None,
                      arch: OfficialArch | None, meta: dict[str, Any], source: str) -> Config:
-    cfg = load_config(config if config is not None else entry.config)
+    cfg = given if given is not None else load_config(entry.config)
     cfg.model.encoder.pretrained = None  # every weight comes from the checkpoint
     cfg.train.load_from = None
     if arch is not None and cfg.model.encoder.name == "swin" and arch.window not in (
@@ -249,8 +249,8 @@ def load_official(source: str | os.PathLike, config: str | os.PathLike | None = 
     Returns:
         ``(model on CPU in eval mode, resolved config, the released entry or None)``.
     """
-    if config is not None:  # a bad --config is refused before the (large) file is read
-        load_config(config)
+    # a bad --config is refused before the (large) file is read
+    given = load_config(config) if config is not None else None
     path = resolve_source(source)
     state, meta = read_official(path)
     src = str(source)
@@ -261,7 +261,7 @@ def load_official(source: str | os.PathLike, config: str | os.PathLike | None = 
     else:
         arch, entry = None, None
         backbone = None
-    cfg = _official_config(entry, config, arch, meta, src)
+    cfg = _official_config(entry, given, arch, meta, src)
     if backbone is None:
         backbone = cfg.model.encoder.name
         if backbone not in ("swin", "convnext") or cfg.model.type != "ddp":

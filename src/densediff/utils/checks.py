@@ -54,7 +54,7 @@ def check_int(value: Any, what: str, low: int, high: int) -> int:
             value = int(value)
         else:
             raise UserError(f"{what}: expected a whole number between {low} and {high}, got "
-                            f"{_short(value)}")
+                            f"{short_repr(value)}")
     if not low <= value <= high:
         raise UserError(f"{what}: must be between {low} and {high}, got {value}")
     return value
@@ -64,9 +64,9 @@ def check_size(size: Any, what: str) -> tuple[int, int]:
     """An (H, W) input size: two whole numbers, each in [:data:`MIN_SIDE`, :data:`MAX_SIDE`],
     H x W at most :data:`MAX_INPUT_PIXELS`; UserError naming ``what`` otherwise."""
     if not isinstance(size, (list, tuple)) or len(size) != 2:
-        raise UserError(f"{what} must be [H, W], got {_short(size)}")
+        raise UserError(f"{what} must be [H, W], got {short_repr(size)}")
     if any(isinstance(v, bool) or not isinstance(v, int) for v in size):
-        raise UserError(f"{what} must be [H, W] of two whole numbers, got {_short(size)}")
+        raise UserError(f"{what} must be [H, W] of two whole numbers, got {short_repr(size)}")
     h, w = size
     if min(h, w) < MIN_SIDE:
         raise UserError(f"{what}: height and width must be at least {MIN_SIDE} pixels, got "
@@ -89,13 +89,13 @@ def finite_float(raw: Any, what: str, low: float | None = None, high: float | No
         except (TypeError, ValueError, OverflowError):
             value = math.nan
     if not math.isfinite(value):
-        raise UserError(f"{what}: expected a finite number, got {_short(raw)}")
+        raise UserError(f"{what}: expected a finite number, got {short_repr(raw)}")
     bad = ((low is not None and (value < low or (low_open and value == low)))
            or (high is not None and (value > high or (high_open and value == high))))
     if bad:
         lo = "" if low is None else f"{low} {'<' if low_open else '<='} "
         hi = "" if high is None else f" {'<' if high_open else '<='} {high}"
-        raise UserError(f"{what}: must be {lo}x{hi}, got {_short(raw)}")
+        raise UserError(f"{what}: must be {lo}x{hi}, got {short_repr(raw)}")
     return value
 
 
@@ -116,11 +116,11 @@ def env_int(name: str, default: int, low: int, high: int,
         except (ValueError, OverflowError):
             f = math.nan
         if not math.isfinite(f) or not f.is_integer():
-            raise UserError(f"{name}={_short(raw)}: expected a whole number between {low} and "
+            raise UserError(f"{name}={short_repr(raw)}: expected a whole number between {low} and "
                             f"{high}") from None
         value = int(f)
     if not low <= value <= high:
-        raise UserError(f"{name}={_short(raw)}: expected a whole number between {low} and "
+        raise UserError(f"{name}={short_repr(raw)}: expected a whole number between {low} and "
                         f"{high}")
     return value
 
@@ -135,7 +135,8 @@ def env_float(name: str, default: float, low: float | None = None, high: float |
     return finite_float(raw, name, low, high)
 
 
-def _short(value: Any, limit: int = 60) -> str:
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters, for messages about untrusted values."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
 
