@@ -238,7 +238,7 @@ def bench(cfg: Config, size: tuple[int, int] | None = None, batch: int = 1,
         return lambda: v.model.head(f)
 
     def predict_fn(v: _Variant, x, n: int) -> Callable[[], object]:
-        fn = pipe.predict_fn(v.model)
+        fn = v.model.predict_map
         return (lambda: fn(x, steps=n)) if diffusion else (lambda: fn(x))
 
     # ---- the compile time: the first decoder call of the compiled variant
