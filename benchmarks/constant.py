@@ -15,9 +15,9 @@ import argparse
 import json
 
 from densediff.config import load_config
+from densediff.criteria.bev import constant_iou
+from densediff.criteria.depth import best_constant_depth
 from densediff.data import build_dataset
-from densediff.tasks.bev import constant_iou
-from densediff.tasks.depth import best_constant_depth
 
 
 def main() -> None:

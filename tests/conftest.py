@@ -76,8 +76,8 @@ def toy_ddp(tmp_path_factory):
     """A DDP that has learned the generated-scene task (``test_ddp.TOY``: 150 iterations,
     mIoU well above chance): ``(cfg, returned metrics)``. For claims that need a trained model
     (uncertainty on wrong pixels, the bf16 tolerance)."""
-    from densediff.config import load_config
     from densediff.engine import trainer as T
+    from densediff.tasks import load_config
     from test_ddp import TOY
 
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from densediff.config import load_config
+from densediff.criteria.bev import BEVIoUMetric, sigmoid_focal_loss
 from densediff.data.bev import (
     DIVIDER_WIDTH,
     MapGeometry,
@@ -27,8 +27,8 @@ from densediff.encoders.bev import PillarEncoder
 from densediff.encoders.lss import LSSTransform, bev_pool, depth_bins, frustum, lift_points
 from densediff.engine.optim import cyclic_ratio, scheduled_lr, set_lr
 from densediff.errors import ConfigError
-from densediff.models import BEVDDP, BEVSegmentor, build_model
-from densediff.tasks.bev import BEVIoUMetric, sigmoid_focal_loss
+from densediff.models import BEVDDP, BEVSegmentor
+from densediff.tasks import build_model, load_config
 from densediff.utils.grid import BEVGrid
 
 GRID = BEVGrid((-25.6, 25.6, 0.8), (-25.6, 25.6, 0.8))

@@ -205,9 +205,7 @@ def test_console_script_exit_code_without_traceback(tmp_path):
 
 def untrained_checkpoint(path, *overrides):
     """A valid (untrained) checkpoint of the tiny generated-data model, written at ``path``."""
-    from densediff.config import load_config
-    from densediff.data import class_info
-    from densediff.models import build_model
+    from densediff.tasks import build_model, class_info, load_config
     from densediff.utils.checkpoint import save_checkpoint
 
     cfg = load_config("generated/baseline.yaml", [*TINY, *overrides, f"work_dir={path.parent}"])

@@ -16,10 +16,9 @@ from PIL import Image
 import densediff
 from densediff.api import BEVPrediction
 from densediff.cli.main import main
-from densediff.config import load_config
-from densediff.data import build_dataset
+from densediff.criteria.bev import constant_iou
 from densediff.engine.trainer import train
-from densediff.tasks.bev import constant_iou
+from densediff.tasks import build_dataset, load_config
 from densediff.testing.fixtures import write_nuscenes
 from test_cli import one_line_error
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import densediff
 from conftest import copy_run
 from densediff.cli.main import main
-from densediff.config import load_config
+from densediff.tasks import load_config
 from test_cli import TINY, one_line_error
 
 DDPS_TINY = ["model.ddps.unet.dim=16", "model.ddps.unet.heads=2", "model.ddps.unet.dim_head=8",

@@ -15,11 +15,10 @@ from PIL import Image
 import densediff
 from densediff.api import DepthPrediction
 from densediff.cli.main import DATA_CHECK_FORMATS, main
-from densediff.config import load_config
-from densediff.data import build_dataset
+from densediff.criteria.depth import best_constant_depth
 from densediff.data.check import CHECK_FORMATS
 from densediff.engine.trainer import train
-from densediff.tasks.depth import best_constant_depth
+from densediff.tasks import build_dataset, load_config
 from densediff.testing.fixtures import write_kitti
 from test_cli import one_line_error
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from densediff.config import load_config
 from densediff.diffusion import alpha_sigma
 from densediff.engine.evaluate import evaluate_steps
-from densediff.models import DDP, Segmentor, build_model
+from densediff.models import DDP, Segmentor
+from densediff.tasks import build_model, load_config
 
 SMALL = ["model.type=ddp", "model.head.type=deformable", "model.encoder.variant=tiny",
          "model.neck.channels=32", "model.neck.num_groups=8", "model.head.channels=32",
@@ -213,7 +213,7 @@ def test_ddp_training_loss_falls(toy):
 
 def test_uncertainty_is_higher_on_wrong_pixels_of_a_trained_model(toy):
     from densediff.api import load_model
-    from densediff.data import build_dataset
+    from densediff.tasks import build_dataset
 
     cfg, _ = toy
     model, cfg, _, _ = load_model(Path(cfg.work_dir) / "checkpoints" / "best.safetensors")

@@ -9,16 +9,16 @@ import math
 import pytest
 import torch
 
-from densediff.config import load_config
 from densediff.diffusion import alpha_sigma
 from densediff.diffusion.encodings import DepthEncoding
 from densediff.diffusion.schedules import cosine_unclamped_log_snr, get_schedule, schedule_time
 from densediff.engine.optim import scheduled_lr
 from densediff.errors import ConfigError
-from densediff.models import DepthDDP, Depther, build_model
+from densediff.models import DepthDDP, Depther
 from densediff.models.depth import downsample_depth
 from densediff.models.interface import Trajectory
 from densediff.pipelines.depth import trajectory_spread
+from densediff.tasks import build_model, load_config, spec_for
 
 SMALL = ["task=depth", "model.type=ddp", "model.head.type=deformable", "model.head.out_kernel=3",
          "model.encoder.variant=tiny", "model.neck.channels=32", "model.neck.num_groups=8",
@@ -207,7 +207,7 @@ def test_cosine_lr_schedule_formula():
     (["task=depth", "train.best_metric=mIoU"], "not a depth metric"),
     (["task=depth", "data.train_pipeline.scale=[64,64]"], "train_pipeline.scale"),
     (["task=depth", "data.depth.min_depth=5", "data.depth.max_depth=1"], "min_depth"),
-    (["task=depth", "model.type=ddps", "model.ddps.base=x"], "segmentation only"),
+    (["task=depth", "model.type=ddps", "model.ddps.base=x"], "not a depth model"),
 ])
 def test_config_task_checks(overrides, key):
     with pytest.raises(ConfigError, match=key):
@@ -215,8 +215,10 @@ def test_config_task_checks(overrides, key):
 
 
 def test_depth_best_metric_defaults_to_abs_rel():
-    assert load_config(None, ["task=depth"]).best_metric == "abs_rel"
-    assert load_config(None, []).best_metric == "mIoU"
+    cfg = load_config(None, ["task=depth"])
+    assert spec_for(cfg).best_metric(cfg) == "abs_rel"
+    cfg = load_config(None, [])
+    assert spec_for(cfg).best_metric(cfg) == "mIoU"
 
 
 def test_output_bias_starts_mid_range_so_relu_is_alive():

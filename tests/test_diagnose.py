@@ -9,8 +9,6 @@ import pytest
 import torch
 
 from densediff.cli.main import main
-from densediff.config import load_config
-from densediff.data import build_dataset, class_info
 from densediff.engine.diagnose import (
     best_control,
     diagnose,
@@ -19,7 +17,7 @@ from densediff.engine.diagnose import (
     gains_over_controls,
     is_ddp,
 )
-from densediff.models import build_model
+from densediff.tasks import build_dataset, build_model, class_info, load_config
 from test_cli import TINY
 from test_cli_ddp import DDP_TINY
 

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 CHILD = """
 import json, os, sys
 import densediff.engine.trainer as T
-from densediff.config import load_config
+from densediff.tasks import load_config
 from densediff.utils.distributed import unwrap
 from safetensors.torch import save_file
 
@@ -83,11 +83,11 @@ def test_torchrun_two_processes(tmp_path):
 EVAL_CHILD = """
 import json, sys
 import torch
-from densediff.config import load_config
-from densediff.data import build_dataset
+from densediff.tasks import load_config
+from densediff.tasks import build_dataset
 from densediff.utils import distributed as du
 from densediff.engine.evaluate import evaluate_steps
-from densediff.models import build_model
+from densediff.tasks import build_model
 
 spec, out = json.loads(sys.argv[1]), sys.argv[2]
 torch.distributed.init_process_group("gloo")
@@ -105,10 +105,8 @@ def sharded_and_single(config: str, classes: int, overrides: list[str], tmp_path
                        ) -> tuple[dict, dict]:
     """``evaluate_steps`` at 1 and 3 steps of a seeded random model on the val split: in two
     torchrun processes (rank 0's result) and in this one."""
-    from densediff.config import load_config
-    from densediff.data import build_dataset
     from densediff.engine.evaluate import evaluate_steps
-    from densediff.models import build_model
+    from densediff.tasks import build_dataset, build_model, load_config
 
     torchrun_two(EVAL_CHILD, {"config": config, "classes": classes, "overrides": overrides},
                  tmp_path)

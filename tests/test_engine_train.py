@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from densediff.config import Config, load_config
+from densediff.config import Config
 from densediff.engine import trainer as T
 from densediff.errors import CheckpointError, ConfigError
 from densediff.models.interface import MapModel
+from densediff.tasks import load_config, spec_for
 from densediff.utils.checkpoint import load_metadata, load_train_state, load_weights
 
 TINY = [
@@ -134,9 +135,9 @@ class _ConstantModel(MapModel):
 
 
 def test_evaluate_scores_at_original_size(tmp_path):
-    from densediff.data import build_dataset
+    from densediff.criteria.segmentation import SegMetric
     from densediff.engine.evaluate import evaluate
-    from densediff.tasks.segmentation import SegMetric
+    from densediff.tasks import build_dataset
 
     cfg = tiny_config(tmp_path, "data.test_scale=[16,16]")  # model input 16x16, labels 32x32
     ds = build_dataset(cfg, "val", train=False)
@@ -175,7 +176,7 @@ def test_best_checkpoint_is_the_best_of_several_evaluations(tmp_path, monkeypatc
                                "train.warmup_iters=1", "train.eval_interval=2",
                                "train.ckpt_interval=2", "train.log_interval=2",
                                "train.progress=false"])
-    assert cfg.best_metric == metric
+    assert spec_for(cfg).best_metric(cfg) == metric
     scores, seen = iter(values), []
 
     def scripted(module, dataset, cfg, progress=False):

@@ -22,11 +22,13 @@ pytest.importorskip("onnx")
 
 import densediff  # noqa: E402
 from densediff.cli.main import main  # noqa: E402
-from densediff.config import load_config  # noqa: E402
-from densediff.data import class_info  # noqa: E402
 from densediff.deploy import export, load_onnx_model  # noqa: E402
 from densediff.errors import UserError  # noqa: E402
-from densediff.models import build_model  # noqa: E402
+from densediff.tasks import (
+    build_model,  # noqa: E402
+    class_info,  # noqa: E402
+    load_config,  # noqa: E402
+)
 from densediff.utils.checkpoint import load_metadata, save_checkpoint  # noqa: E402
 from test_cli import TINY, one_line_error  # noqa: E402
 from test_cli_ddp import DDP_TINY  # noqa: E402

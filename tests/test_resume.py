@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 CHILD = """
 import json, os, signal, sys
 import densediff.engine.trainer as T
-from densediff.config import load_config
+from densediff.tasks import load_config
 
 overrides, resume, kill_at = json.loads(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3])
 if kill_at:

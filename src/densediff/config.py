@@ -615,11 +615,10 @@ class TrainConfig(_Strict):
     load_from: Optional[str] = None
     """Start from these weights (a checkpoint file or run folder; weights only, fresh optimizer
     and schedule), e.g. the self-aligned fine-tune of a trained DDP model."""
-    best_metric: Optional[Literal["mIoU", "mAcc", "aAcc", "mBIoU", "d1", "d2", "d3", "abs_rel",
-                                  "sq_rel", "rmse", "rmse_log", "log10", "silog",
-                                  "mIoU@0.50"]] = None
-    """Validation metric that picks ``best.safetensors`` (errors: lower is better). None: mIoU
-    for segmentation, abs_rel for depth."""
+    best_metric: Optional[str] = Field(None, max_length=64)
+    """Validation metric that picks ``best.safetensors`` (errors: lower is better), one of the
+    task's metrics (``TaskSpec.metrics``). None: the task's headline metric (mIoU for
+    segmentation and BEV, abs_rel for depth)."""
     progress: bool = True
 
 
@@ -639,27 +638,12 @@ class EvalConfig(_Strict):
     """Boundary IoU band width as a share of the image diagonal (Cheng et al. 2021)."""
 
 
-SEG_METRICS = ("mIoU", "mAcc", "aAcc", "mBIoU")
-DEPTH_METRICS = ("d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog")
-"""Keys of the depth metrics in reporting order: the one list (``densediff.tasks.depth``'s
-``METRIC_KEYS`` is this tuple)."""
-BEV_METRICS = ("mIoU", "mIoU@0.50")
-"""mIoU: the mean over classes of each class's best IoU over the thresholds 0.35..0.65
-(BEVFusion protocol); mIoU@0.50: the mean IoU at threshold 0.5."""
-LOWER_IS_BETTER = frozenset({"abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog"})
-"""Metric keys (of any task) where lower is better: the depth errors. Every other key is
-higher-is-better (the depth accuracies d1..d3, all segmentation and BEV metrics)."""
-TASK_DATASETS = {"segmentation": ("camvid", "ade20k", "cityscapes", "folder", "generated"),
-                 "depth": ("kitti", "nyu", "sunrgbd", "folder", "generated"),
-                 "bev": ("nuscenes", "generated")}
-TASK_METRICS = {"segmentation": SEG_METRICS, "depth": DEPTH_METRICS, "bev": BEV_METRICS}
-
-
 class Config(_Strict):
-    task: Literal["segmentation", "depth", "bev"] = "segmentation"
+    task: str = Field("segmentation", pattern=r"^[a-z][a-z0-9_]{0,31}$")
     """``segmentation`` (class maps), ``depth`` (monocular depth maps, ``data.depth``) or
     ``bev`` (multi-label bird's-eye-view maps from several cameras and LiDAR, ``data.bev``,
-    ``model.bev``)."""
+    ``model.bev``): an entry of the task table :data:`densediff.tasks.TASKS`, which checks
+    the rest of the config against the task (datasets, metrics, model types)."""
     seed: Seed = 0
     """Seeds the weights, the data order and augmentation (0 .. 2^63 - 1)."""
     work_dir: Optional[str] = None
@@ -675,57 +659,6 @@ class Config(_Strict):
         if v is not None and not v.strip():
             raise ValueError("must not be empty")
         return v
-
-    @model_validator(mode="after")
-    def _task(self) -> Config:
-        if self.data.dataset not in TASK_DATASETS[self.task]:
-            raise ValueError(f"data.dataset {self.data.dataset!r} is not a {self.task} dataset "
-                             f"({', '.join(TASK_DATASETS[self.task])})")
-        metric = self.train.best_metric
-        if metric is not None and metric not in self.metrics:
-            raise ValueError(f"train.best_metric {metric!r} is not a {self.task} metric "
-                             f"({', '.join(self.metrics)})")
-        if self.task == "depth":
-            if self.model.type == "ddps":
-                raise ValueError("model.type ddps is for segmentation only")
-            if self.data.train_pipeline.scale is not None:
-                raise ValueError("data.train_pipeline.scale must be unset for depth: resizing "
-                                 "changes the apparent focal length, not metric depth")
-        if self.task in ("segmentation", "depth"):
-            self._check_train_crop()
-        if self.task == "bev":
-            if self.model.type == "ddps":
-                raise ValueError("model.type ddps is for segmentation only")
-            if self.model.aux_head.enabled:
-                raise ValueError("model.aux_head.enabled must be false for bev (the BEV models "
-                                 "have no aux head)")
-        return self
-
-    def _check_train_crop(self) -> None:
-        """The training crop must leave the encoder's deepest (stride-32) map more than one
-        value per channel in a batch, or BatchNorm fails at the first iteration."""
-        crop = self.data.train_pipeline.crop_size
-        if crop is None or self.model.type == "ddps":
-            return
-        h, w = crop
-        cells = -(-h // MIN_TRAIN_SIDE) * -(-w // MIN_TRAIN_SIDE)
-        if cells * self.data.batch_size < 2:
-            raise ValueError(f"data.train_pipeline.crop_size {list(crop)} with data.batch_size "
-                             f"{self.data.batch_size} leaves BatchNorm one value per channel at "
-                             f"stride {MIN_TRAIN_SIDE}: use a crop side >= {2 * MIN_TRAIN_SIDE} "
-                             "or a batch of 2 or more")
-
-    @property
-    def metrics(self) -> tuple[str, ...]:
-        """The validation metrics of the task."""
-        return TASK_METRICS[self.task]
-
-    @property
-    def best_metric(self) -> str:
-        """``train.best_metric``, or the task's default (mIoU, abs_rel)."""
-        if self.train.best_metric is not None:
-            return self.train.best_metric
-        return "abs_rel" if self.task == "depth" else "mIoU"
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

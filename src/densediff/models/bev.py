@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from densediff.config import BEVDataConfig, ModelConfig
+from densediff.criteria.bev import sigmoid_focal_loss
 from densediff.decoders.bev import BEVGridTransform, Resampled
 from densediff.diffusion.encodings import MultiLabelEmbedding
 from densediff.encoders.bev import BEVEncoder
@@ -34,7 +35,6 @@ from densediff.encoders.lss import camera_features
 from densediff.models.ddp import DDP
 from densediff.models.interface import Trajectory
 from densediff.models.segmentor import FeatureSegmentor, build_head
-from densediff.tasks.bev import sigmoid_focal_loss
 from densediff.utils.grid import feature_grid, output_grid
 
 __all__ = ["BEVDDP", "BEVSegmentor"]

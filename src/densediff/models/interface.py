@@ -110,6 +110,10 @@ class MapModel(nn.Module):
     max_steps: int | None = 0
     accumulation = False
 
+    def set_iteration(self, iteration: int) -> None:
+        """Called by the trainer before every optimizer step; a model whose training
+        changes with the iteration (DDPS's two stages) overrides it."""
+
     def forward(self, inputs: Any, label: torch.Tensor | None = None):
         return self.forward_train(inputs, label) if label is not None else self.predict_map(inputs)
 

@@ -23,13 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from densediff.config import Config, load_config
-from densediff.data.build import class_info
+from densediff.config import Config
 from densediff.errors import CheckpointError, UserError, one_line
-from densediff.models import build_model
 from densediff.official.catalog import ReleasedModel, match_released
 from densediff.official.hub import hub_download, is_hub_uri
 from densediff.official.mapping import convert_state
+from densediff.tasks import build_model, class_info, load_config
 from densediff.utils.checkpoint import load_into, save_checkpoint
 from densediff.utils.checks import require_file
 
