@@ -11,10 +11,11 @@ from PIL import Image
 
 import densediff
 from densediff.cli.main import main
-from test_cli import TINY, one_line_error
+from densediff.testing import tiny
+from densediff.testing.assertions import one_line_error
+from densediff.testing.tiny import DDP_HEAD as DDP_TINY
 
-DDP_TINY = ["model.head.num_layers=1", "model.head.channels=16", "model.head.num_heads=4",
-            "model.head.ffn_channels=32", "model.diffusion.embed_channels=16"]
+TINY = tiny.TINY["generated/baseline.yaml"]
 
 
 @pytest.fixture

@@ -13,14 +13,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import densediff
-from conftest import copy_run
 from densediff.cli.main import main
 from densediff.config import load_config
-from test_cli import TINY, one_line_error
+from densediff.testing import tiny
+from densediff.testing.assertions import one_line_error
+from densediff.testing.runs import copy_run
+from densediff.testing.tiny import DDPS_UNET as DDPS_TINY
 
-DDPS_TINY = ["model.ddps.unet.dim=16", "model.ddps.unet.heads=2", "model.ddps.unet.dim_head=8",
-             "model.ddps.unet.out_channels=16", "model.ddps.timesteps=10", "model.ddps.steps=3",
-             "train.ema.every=2"]
+TINY = tiny.TINY["generated/baseline.yaml"]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from densediff.diffusion import alpha_sigma
 from densediff.diffusion.samplers import sampling_times
 from densediff.diffusion.schedules import schedule_time
 from densediff.engine.optim import param_groups
-from test_ddp import small_model
+from densediff.testing.models import small_model
 
 
 def _fuse_inputs(model):
