@@ -17,6 +17,7 @@ from densediff.cli.main import main
 from densediff.config import load_config
 from densediff.testing import tiny
 from densediff.testing.assertions import one_line_error
+from densediff.testing.fixtures import write_random_image
 from densediff.testing.runs import copy_run
 from densediff.testing.tiny import DDPS_UNET as DDPS_TINY
 
@@ -85,10 +86,7 @@ def test_checkpoint_works_without_the_base_run(runs, tmp_path):
 
 
 def test_predict_writes_base_comparison_and_trajectory(runs, tmp_path):
-    src = tmp_path / "imgs"
-    src.mkdir()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 41, 3), dtype=np.uint8)
-                    ).save(src / "a.png")
+    src = write_random_image(tmp_path / "imgs")
     out = tmp_path / "pred"
     assert main(["predict", str(runs / "ddps/checkpoints/best.safetensors"), str(src), "--out",
                  str(out), "--steps", "3", "--uncertainty", "--trajectory",

@@ -22,7 +22,7 @@ from densediff.engine.trainer import train
 from densediff.tasks.depth import best_constant_depth
 from densediff.testing import tiny
 from densediff.testing.assertions import one_line_error
-from densediff.testing.fixtures import write_kitti
+from densediff.testing.fixtures import write_kitti, write_random_image
 from densediff.testing.runs import train_generated
 
 TINY = tiny.TINY["generated/depth_ddp.yaml"]
@@ -84,10 +84,7 @@ def test_twin_eval_and_flip_test(runs, capsys):
 
 
 def test_predict_writes_depth_pictures_raw_png_and_uncertainty(runs, tmp_path):
-    src = tmp_path / "imgs"
-    src.mkdir()
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (30, 41, 3), dtype=np.uint8)).save(src / "a.png")
+    src = write_random_image(tmp_path / "imgs")
     out = tmp_path / "pred"
     assert main(["predict", ckpt(runs), str(src), "--out", str(out), "--steps", "3",
                  "--uncertainty", "--trajectory"]) == 0

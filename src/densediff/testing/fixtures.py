@@ -134,6 +134,19 @@ def write_folder(root: str | os.PathLike, n: int = 10, splits: bool = False,
     return root
 
 
+def write_random_image(folder: str | os.PathLike, name: str = "a.png",
+                       size: tuple[int, int] = (30, 41), seed: int = 0) -> Path:
+    """``folder`` (made) holding one RGB image ``name`` of uniform random pixels, ``size``
+    (h, w): an input of odd size for ``predict``; returns ``folder``."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    pixels = np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(folder / name)
+    return folder
+
+
 # --------------------------------------------------------------------------------------------
 # depth layouts (scenes from densediff.data.worlds.rooms.render_depth_scene)
 
