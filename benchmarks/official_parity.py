@@ -180,11 +180,11 @@ def compare_stages(model, d: dict) -> dict:
     r["accumulation_match"] = bool(model.accumulation) == bool(acc)
     # the sampler on densediff's own features
     traj = model.sample_steps(neck, steps, seeds=[seed])
-    ours_steps = torch.stack([lg.mean(1) for lg in traj.logits])            # S x 1 x K x h x w
+    ours_steps = traj.step_outputs()            # S x 1 x K x h x w
     r["step_logits"] = [maxdiff(a, b) for a, b in zip(ours_steps, d["step_logits"])]
     r["step_labels"] = [agree(a.argmax(1), b.argmax(1))
                         for a, b in zip(ours_steps, d["step_logits"])]
-    sample = traj.probs(True) if acc else traj.logits[-1].mean(1)
+    sample = traj.output(acc)
     r["sample"] = maxdiff(sample, d["sample_out"])
     # the full-resolution output as densediff's pipeline forms it (whole image, no resize)
     probs, _, _ = uncertainty_maps(model, neck, steps, (h, w), acc, [seed])
@@ -233,11 +233,11 @@ def compare_fp64(model, d: dict, ours32: dict) -> dict:
     r["fp64_decoder"] = maxdiff(m64.denoise(d["fp64.neck"], d["x_t"].double(), ls),
                                 d["fp64.decoder_logits"])
     traj = m64.sample_steps(neck, steps, seeds=[seed])
-    st = torch.stack([lg.mean(1) for lg in traj.logits])
+    st = traj.step_outputs()
     r["fp64_step_logits"] = [maxdiff(a, b) for a, b in zip(st, d["fp64.step_logits"])]
     r["fp64_step_labels"] = [agree(a.argmax(1), b.argmax(1))
                              for a, b in zip(st, d["fp64.step_logits"])]
-    r["fp64_sample"] = maxdiff(traj.probs(True) if acc else traj.logits[-1].mean(1),
+    r["fp64_sample"] = maxdiff(traj.output(acc),
                                d["fp64.sample_out"])
     # float32 round-off of each side against the official float64 result
     r["roundoff_official"] = {
@@ -310,7 +310,7 @@ def compare_pipeline(pred, d: dict) -> dict:
     #     original): does the resize order explain what (b) leaves?
     feat = model.extract(x_off)
     traj = model.sample_steps(feat, steps, seeds=[seed])
-    seg = traj.probs(True) if acc else traj.logits[-1].mean(1)
+    seg = traj.output(acc)
     ref = _double_resize(seg, (ih, iw), (oh, ow)).softmax(1)
     r["probs_mmseg_resize_order"] = maxdiff(ref, d["probs"])
     r["labels_mmseg_resize_order"] = agree(ref.argmax(1)[0], d["labels"])
@@ -393,11 +393,11 @@ def compare_onnx(ckpt: Path, d: dict, work: Path, python: str) -> dict:
     log_snr = m.schedule(d["t"])
     r["decoder"] = maxdiff(m.denoise_step(d["neck"], d["x_t"], log_snr)[0], d["decoder_logits"])
     traj = m.sample_steps(neck, steps, seeds=[seed])
-    ours_steps = torch.stack([lg.mean(1) for lg in traj.logits])
+    ours_steps = traj.step_outputs()
     r["step_logits"] = [maxdiff(a, b) for a, b in zip(ours_steps, d["step_logits"])]
     r["step_labels"] = [agree(a.argmax(1), b.argmax(1))
                         for a, b in zip(ours_steps, d["step_logits"])]
-    sample = traj.probs(True) if acc else traj.logits[-1].mean(1)
+    sample = traj.output(acc)
     r["sample"] = maxdiff(sample, d["sample_out"])
     up = F.interpolate(sample, size=(h, w), mode="bilinear", align_corners=False)
     probs = up if acc else up.softmax(1)

@@ -233,12 +233,12 @@ def test_bev_ddp_trains_and_samples():
     feat = model.extract(inputs)
     assert feat.shape == (2, 32, 20, 20)
     traj = model.sample_steps(feat, 3, randsteps=2, seeds=[5, 6])
-    assert len(traj.logits) == 3 and traj.logits[0].shape == (2, 2, 6, 32, 32)
+    assert len(traj.steps) == 3 and traj.steps[0].shape == (2, 2, 6, 32, 32)
     for acc in (True, False):
-        p = traj.probs(acc)
+        p = traj.output(acc)
         assert p.shape == (2, 6, 32, 32) and float(p.min()) >= 0 and float(p.max()) <= 1
     one = model.sample_steps(feat[1:], 3, randsteps=2, seeds=[6])
-    assert torch.allclose(one.probs(True), traj.probs(True)[1:], atol=1e-5)
+    assert torch.allclose(one.output(True), traj.output(True)[1:], atol=1e-5)
 
 
 def test_bev_trajectory_probabilities_by_hand():
@@ -246,15 +246,15 @@ def test_bev_trajectory_probabilities_by_hand():
     0.25, 0.9. The official BEV output averages the sigmoid over all steps and starts:
     2.4 / 4 = 0.6; without accumulation, the last step's sigmoid averaged over its starts:
     (0.25 + 0.9) / 2 = 0.575 (not the sigmoid of the mean logit, 0.634)."""
-    from densediff.models.bev import BEVTrajectory
+    from densediff.models.interface import Trajectory
 
     ln3, ln9 = math.log(3), math.log(9)
     step0 = torch.tensor([0.0, ln3]).view(1, 2, 1, 1, 1)  # B x R x K x X x Y
     step1 = torch.tensor([-ln3, ln9]).view(1, 2, 1, 1, 1)
-    traj = BEVTrajectory([step0, step1])
-    assert float(traj.probs(True)) == pytest.approx(0.6)
-    assert float(traj.probs(False)) == pytest.approx(0.575)
-    assert traj.step_probs().flatten().tolist() == pytest.approx([0.625, 0.575])
+    traj = Trajectory([step0, step1], "multilabel")
+    assert float(traj.output(True)) == pytest.approx(0.6)
+    assert float(traj.output(False)) == pytest.approx(0.575)
+    assert traj.step_outputs().flatten().tolist() == pytest.approx([0.625, 0.575])
 
 
 def test_bev_targets_and_requantisation():

@@ -76,13 +76,13 @@ def test_batch_of_four_equals_four_single_runs_with_the_same_seeds():
         batch = model.sample_steps(feat, 3, seeds=seeds)
         for i in range(4):
             single = model.sample_steps(feat[i:i + 1], 3, seeds=seeds[i:i + 1])
-            for lb, ls in zip(batch.logits, single.logits):
+            for lb, ls in zip(batch.steps, single.steps):
                 assert torch.allclose(lb[i:i + 1], ls, atol=1e-4)
         again = model.sample_steps(feat, 3, seeds=seeds)
         other = model.sample_steps(feat, 3, seeds=[1, 2, 3, 4])
-    assert torch.equal(batch.logits[-1], again.logits[-1])  # seeded: reproducible
-    assert not torch.allclose(batch.logits[0], other.logits[0])  # different noise, different map
-    assert batch.logits[0].shape == (4, 2, 6, 16, 16)  # B x randsteps x K x h x w
+    assert torch.equal(batch.steps[-1], again.steps[-1])  # seeded: reproducible
+    assert not torch.allclose(batch.steps[0], other.steps[0])  # different noise, different map
+    assert batch.steps[0].shape == (4, 2, 6, 16, 16)  # B x randsteps x K x h x w
 
 
 def test_trajectory_outputs_accumulation_and_randsteps():
@@ -90,12 +90,11 @@ def test_trajectory_outputs_accumulation_and_randsteps():
     with torch.no_grad():
         traj = model.sample_steps(model.extract(torch.randn(2, 3, 32, 32)), 4, randsteps=3,
                                   seeds=[0, 1])
-    assert len(traj.logits) == 4 and traj.logits[0].shape == (2, 3, 6, 8, 8)
-    for acc in (True, False):
-        assert traj.probs(acc).shape == (2, 6, 8, 8)
-        assert torch.allclose(traj.probs(acc).sum(1), torch.ones(2, 8, 8), atol=1e-5)
-        assert torch.allclose(traj.scores(acc).softmax(1), traj.probs(acc), atol=1e-5)
-    assert traj.step_logits().shape == (4, 2, 6, 8, 8)
+    assert len(traj.steps) == 4 and traj.steps[0].shape == (2, 3, 6, 8, 8)
+    assert traj.output(False).shape == traj.output(True).shape == (2, 6, 8, 8)
+    assert torch.allclose(traj.output(True).sum(1), torch.ones(2, 8, 8), atol=1e-5)
+    assert torch.equal(traj.output(False), traj.steps[-1].mean(1))  # logits
+    assert traj.step_outputs().shape == (4, 2, 6, 8, 8)
 
 
 def test_trajectory_probabilities_by_hand():
@@ -103,27 +102,29 @@ def test_trajectory_probabilities_by_hand():
     (0, 0) -> 0.5, (ln 3, 0) -> 0.75, (0, ln 3) -> 0.25, (ln 9, 0) -> 0.9 for class 0.
     Accumulation: the mean of the four, 2.4 / 4 = 0.6. The official output: the softmax of
     the last step's logits averaged over starts, (ln 3, ln 3 / 2) -> 3 / (3 + sqrt 3)."""
-    from densediff.models.ddp import Trajectory
+    from densediff.models.interface import Trajectory
 
     ln3, ln9 = math.log(3), math.log(9)
     step0 = torch.tensor([[0.0, 0.0], [ln3, 0.0]]).view(1, 2, 2, 1, 1)  # B x R x K x h x w
     step1 = torch.tensor([[0.0, ln3], [ln9, 0.0]]).view(1, 2, 2, 1, 1)
-    traj = Trajectory([step0, step1])
-    assert traj.probs(True).flatten().tolist() == pytest.approx([0.6, 0.4])
+    traj = Trajectory([step0, step1], "classes")
+    assert traj.output(True).flatten().tolist() == pytest.approx([0.6, 0.4])
     official = 3 / (3 + math.sqrt(3))
-    assert traj.probs(False).flatten().tolist() == pytest.approx([official, 1 - official])
-    assert traj.scores(False).flatten().tolist() == pytest.approx([ln3, ln3 / 2])
-    assert traj.scores(True).flatten().tolist() == pytest.approx([math.log(0.6), math.log(0.4)])
-    assert traj.step_logits().flatten().tolist() == pytest.approx([ln3 / 2, 0, ln9 / 2, ln3 / 2])
+    assert traj.output(False).softmax(1).flatten().tolist() == pytest.approx(
+        [official, 1 - official])
+    assert traj.output(False).flatten().tolist() == pytest.approx([ln3, ln3 / 2])
+    assert traj.step_outputs().flatten().tolist() == pytest.approx([ln3 / 2, 0, ln9 / 2, ln3 / 2])
+    with pytest.raises(ValueError, match="kind"):
+        Trajectory([step0], "labels")
 
 
-def test_predict_logits_respects_steps_and_ddpm():
+def test_predict_map_respects_steps_and_ddpm():
     model = small_model().eval()
     img = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        a = model.predict_logits(img, steps=1, seeds=[0])
-        b = model.predict_logits(img, steps=5, seeds=[0])
-        c = model.predict_logits(img, steps=5, sampler="ddpm", seeds=[0])
+        a = model.predict_map(img, steps=1, seeds=[0])
+        b = model.predict_map(img, steps=5, seeds=[0])
+        c = model.predict_map(img, steps=5, sampler="ddpm", seeds=[0])
     assert a.shape == (1, 6, 32, 32)
     assert not torch.allclose(a, b) and not torch.allclose(b, c)
 
@@ -134,7 +135,7 @@ def test_other_encodings_train_and_sample(encoding, channels):
     assert model.map_encoding.channels == channels
     model.forward_train(torch.randn(2, 3, 32, 32), torch.randint(0, 6, (2, 32, 32)))["loss"].backward()
     with torch.no_grad():
-        assert model.eval().predict_logits(torch.randn(1, 3, 32, 32), steps=2).shape == (1, 6, 32, 32)
+        assert model.eval().predict_map(torch.randn(1, 3, 32, 32), steps=2).shape == (1, 6, 32, 32)
 
 
 def test_twin_is_the_same_decoder_without_time_and_noisy_map():

@@ -87,7 +87,7 @@ def test_self_conditioning_feeds_the_previous_estimate():
     assert len(seen) == 3
     assert float(seen[0][:, -c_map:].abs().max()) == 0  # no estimate before the first step
     for s in (1, 2):  # step s reads the encoding of step s - 1's prediction
-        prev = model.encode_prediction(traj.logits[s - 1][:, 0])
+        prev = model.encode_prediction(traj.steps[s - 1][:, 0])
         assert torch.allclose(seen[s][:, -c_map:], prev)
 
 

@@ -191,12 +191,12 @@ def test_sampling_visits_the_stride_times_and_renoises(monkeypatch):
                         denoise(f, x, t))
     traj = model.sample_steps(cond, 3, seeds=[0, 1])
     assert times == [1000.0, 500.0, 50.0]  # t = 20, 10, 1 of T = 20
-    assert len(traj.logits) == 3 and traj.logits[0].shape == (2, 1, K, 8, 8)
+    assert len(traj.steps) == 3 and traj.steps[0].shape == (2, 1, K, 8, 8)
     base = model.sample_steps(cond, 0)  # steps = 0: the base segmentor
-    assert torch.equal(base.logits[0][:, 0], cond.logits)
+    assert torch.equal(base.steps[0][:, 0], cond.logits)
     post = model.sample_steps(cond, 3, seeds=[0, 1], renoise="posterior")
-    assert torch.equal(post.logits[0], traj.logits[0])  # same start, same first step
-    assert not torch.equal(post.logits[2], traj.logits[2])
+    assert torch.equal(post.steps[0], traj.steps[0])  # same start, same first step
+    assert not torch.equal(post.steps[2], traj.steps[2])
 
 
 @pytest.mark.parametrize("extra", [
@@ -206,27 +206,27 @@ def test_batch_of_three_equals_three_single_runs(extra):
     model = make(*extra).eval()
     img, _ = batch(3)
     cond = model.extract(img)
-    together = model.sample_steps(cond, 3, seeds=[4, 5, 6]).step_logits()
+    together = model.sample_steps(cond, 3, seeds=[4, 5, 6]).step_outputs()
     for i in range(3):
         one = model.extract(img[i:i + 1])
-        alone = model.sample_steps(one, 3, seeds=[4 + i]).step_logits()
+        alone = model.sample_steps(one, 3, seeds=[4 + i]).step_outputs()
         assert torch.allclose(together[:, i], alone[:, 0], atol=1e-4), i
 
 
 def test_same_seed_same_result_other_seed_other_noise():
     model = make().eval()
     cond = model.extract(batch(1)[0])
-    a = model.sample_steps(cond, 2, seeds=[7]).step_logits()
-    b = model.sample_steps(cond, 2, seeds=[7]).step_logits()
-    c = model.sample_steps(cond, 2, seeds=[8]).step_logits()
+    a = model.sample_steps(cond, 2, seeds=[7]).step_outputs()
+    b = model.sample_steps(cond, 2, seeds=[7]).step_outputs()
+    c = model.sample_steps(cond, 2, seeds=[8]).step_outputs()
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_predict_logits_at_input_size():
+def test_predict_map_at_input_size():
     model = make().eval()
     img, _ = batch(2, 36)  # 9 x 9 grid: the UNet pads to 12 x 12 and crops back
     with torch.no_grad():
-        out = model.predict_logits(img, steps=2, seeds=[0, 1])
+        out = model.predict_map(img, steps=2, seeds=[0, 1])
     assert out.shape == (2, K, 36, 36) and torch.isfinite(out).all()
 
 
@@ -293,10 +293,10 @@ def test_no_diffusion_control_is_one_call_on_a_zero_mask(codec, monkeypatch):
     model.eval()
     seen.clear()
     cond = model.extract(img)
-    a = model.sample_steps(cond, 1, seeds=[1, 2]).scores(False)
-    b = model.sample_steps(cond, 1, seeds=[3, 4]).scores(False)
+    a = model.sample_steps(cond, 1, seeds=[1, 2]).output(False)
+    b = model.sample_steps(cond, 1, seeds=[3, 4]).output(False)
     assert torch.equal(a, b) and len(seen) == 2  # deterministic: no noise anywhere
-    assert torch.equal(model.sample_steps(cond, 0).scores(False), cond.logits)
+    assert torch.equal(model.sample_steps(cond, 0).output(False), cond.logits)
     with pytest.raises(ValueError, match="one call"):
         model.sample_steps(cond, 2)
     assert model.max_steps == 1

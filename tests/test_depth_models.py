@@ -16,7 +16,9 @@ from densediff.diffusion.schedules import cosine_unclamped_log_snr, get_schedule
 from densediff.engine.optim import scheduled_lr
 from densediff.errors import ConfigError
 from densediff.models import DepthDDP, Depther, build_model
-from densediff.models.depth import DepthTrajectory, downsample_depth
+from densediff.models.depth import downsample_depth
+from densediff.models.interface import Trajectory
+from densediff.pipelines.depth import trajectory_spread
 from densediff.testing.spies import assert_self_aligned, record_denoise
 
 SMALL = ["task=depth", "model.type=ddp", "model.head.type=deformable", "model.head.out_kernel=3",
@@ -85,15 +87,16 @@ def test_downsample_depth_uses_valid_pixels_only():
 def test_trajectory_output_and_spread():
     d1, d2 = torch.full((1, 2, 1, 2, 2), 1.0), torch.full((1, 2, 1, 2, 2), 3.0)
     d2[0, 1] = 5.0                                  # two starts at the last step: 3 and 5
-    traj = DepthTrajectory([d1, d2])
-    assert torch.allclose(traj.depth(False), torch.full((1, 1, 2, 2), 4.0))
-    assert torch.allclose(traj.depth(True), torch.full((1, 1, 2, 2), 2.5))
-    assert torch.allclose(traj.spread("starts"), torch.full((1, 1, 2, 2), 1.0))
+    traj = Trajectory([d1, d2], "depth")
+    assert torch.allclose(traj.output(False), torch.full((1, 1, 2, 2), 4.0))
+    assert torch.allclose(traj.output(True), torch.full((1, 1, 2, 2), 2.5))
+    assert torch.allclose(trajectory_spread(traj, "starts"), torch.full((1, 1, 2, 2), 1.0))
     vals = torch.tensor([1.0, 1.0, 3.0, 5.0])
-    assert torch.allclose(traj.spread("steps"), vals.std(correction=0).expand(1, 1, 2, 2))
-    assert DepthTrajectory([d1[:, :1]]).spread("steps") is None
+    assert torch.allclose(trajectory_spread(traj, "steps"),
+                          vals.std(correction=0).expand(1, 1, 2, 2))
+    assert trajectory_spread(Trajectory([d1[:, :1]], "depth"), "steps") is None
     with pytest.raises(ValueError):
-        traj.spread("pixels")
+        trajectory_spread(traj, "pixels")
 
 
 def test_depth_ddp_training_step_alg1_with_sigloss_and_t_time_input():
@@ -143,13 +146,13 @@ def test_sampling_clamps_x0_and_returns_every_step():
     clamped = model.encode_prediction(torch.tensor([[[[50.0, -3.0]]]]))
     assert torch.allclose(clamped, torch.tensor([[[[0.1, -0.1]]]]))
     traj = model.sample_steps(feat, 4, seeds=[3, 4])
-    assert isinstance(traj, DepthTrajectory) and len(traj.depths) == 4
-    assert all(d.shape == (2, 1, 1, 16, 16) for d in traj.depths)
-    assert all((d >= model.min_depth).all() for d in traj.depths)   # relu + min_depth head
+    assert traj.kind == "depth" and len(traj.steps) == 4
+    assert all(d.shape == (2, 1, 1, 16, 16) for d in traj.steps)
+    assert all((d >= model.min_depth).all() for d in traj.steps)   # relu + min_depth head
     # per-image seeds: an image gets the same result alone or in a batch
     alone = model.sample_steps(feat[1:], 4, seeds=[4])
-    assert torch.allclose(alone.depths[-1][0], traj.depths[-1][1], atol=1e-5)
-    out = model.predict_depth(torch.randn(1, 3, 64, 48), steps=2)
+    assert torch.allclose(alone.steps[-1][0], traj.steps[-1][1], atol=1e-5)
+    out = model.predict_map(torch.randn(1, 3, 64, 48), steps=2)
     assert out.shape == (1, 1, 64, 48)
 
 

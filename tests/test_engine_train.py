@@ -12,6 +12,7 @@ import torch
 from densediff.config import load_config
 from densediff.engine import trainer as T
 from densediff.errors import CheckpointError, ConfigError
+from densediff.models.interface import MapModel
 from densediff.testing import tiny
 from densediff.testing.runs import tiny_config
 from densediff.utils.checkpoint import load_metadata, load_train_state, load_weights
@@ -111,7 +112,7 @@ def test_divergence_stops_before_writing(tmp_path, monkeypatch):
     assert load_train_state(ckpt / "last.state.pt")["iteration"] == 2
 
 
-class _ConstantModel(torch.nn.Module):
+class _ConstantModel(MapModel):
     """Predicts class ``c`` everywhere (at whatever resolution it is given)."""
 
     def __init__(self, num_classes: int, c: int):
@@ -119,7 +120,7 @@ class _ConstantModel(torch.nn.Module):
         self.logits = torch.nn.Parameter(torch.nn.functional.one_hot(
             torch.tensor(c), num_classes).float())
 
-    def predict_logits(self, img):
+    def predict_map(self, img):
         return self.logits[None, :, None, None].expand(img.shape[0], -1, *img.shape[-2:])
 
 

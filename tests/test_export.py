@@ -112,9 +112,9 @@ def test_encoder_and_step_match_pytorch_at_batch_1_and_2(seg):
     # batch 2 sampling: each image's noise comes from its own seed, as in PyTorch
     img = torch.randn(2, 3, 32, 32, generator=gen)
     with torch.no_grad():
-        want = model.sample_steps(model.extract(img), 3, seeds=[7, 8]).step_logits()
-    both = rt.sample_steps(rt.extract(img), 3, seeds=[7, 8]).step_logits()
-    second = rt.sample_steps(rt.extract(img[1:]), 3, seeds=[8]).step_logits()
+        want = model.sample_steps(model.extract(img), 3, seeds=[7, 8]).step_outputs()
+    both = rt.sample_steps(rt.extract(img), 3, seeds=[7, 8]).step_outputs()
+    second = rt.sample_steps(rt.extract(img[1:]), 3, seeds=[8]).step_outputs()
     assert both.shape == want.shape == (3, 2, 6, 8, 8)
     assert (both.argmax(2) == want.argmax(2)).float().mean() >= MASK_AGREEMENT
     assert rel_diff(both, want) < REL_TOL

@@ -24,7 +24,7 @@ class PointwiseModel(nn.Module):
         self.calls: list[tuple[int, int]] = []
         self.kwargs: list[dict] = []
 
-    def predict_logits(self, img, **kwargs):
+    def predict_map(self, img, **kwargs):
         self.calls.append(tuple(img.shape[-2:]))
         self.kwargs.append(kwargs)
         if self.crop_size is not None:
@@ -39,14 +39,14 @@ class ContextModel(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, K, 3, padding=1)
 
-    def predict_logits(self, img):
+    def predict_map(self, img):
         return self.conv(img)
 
 
 class RampModel(nn.Module):
     """Ignores the image: logits rise left to right for class 0, fall for class 1."""
 
-    def predict_logits(self, img):
+    def predict_map(self, img):
         b, _, h, w = img.shape
         ramp = torch.linspace(-2, 2, w).expand(b, 1, h, w)
         return torch.cat([ramp, -ramp], 1)
@@ -101,7 +101,7 @@ def test_slide_pads_images_smaller_than_crop():
 
 def test_slide_overlap_is_averaged():
     class CountModel(nn.Module):
-        def predict_logits(self, img):  # constant 1: the average must stay 1 everywhere
+        def predict_map(self, img):  # constant 1: the average must stay 1 everywhere
             return img.new_ones(img.shape[0], K, *img.shape[-2:])
 
     out = slide_logits(CountModel(), torch.randn(1, 3, 13, 13), (6, 6), (4, 4))
@@ -132,7 +132,7 @@ def test_flip_pass_is_flipped_back():
     img = torch.randn(1, 3, 4, 9)
     cfg = _cfg(aug=AugTestConfig(scales=[1.0], flip=True))
     probs = predict_probs(RampModel(), img, cfg, aug=True)
-    p = RampModel().predict_logits(img).softmax(1)
+    p = RampModel().predict_map(img).softmax(1)
     torch.testing.assert_close(probs, (p + p.flip(-1)) / 2)
     assert not torch.allclose(probs, p)
 
@@ -146,7 +146,7 @@ def test_multiscale_averages_probabilities_of_all_passes():
     for size in [(4, 6), (12, 18)]:
         x = F.interpolate(img, size=size, mode="bilinear", align_corners=False)
         for flip in (False, True):
-            logits = model.predict_logits(x.flip(-1) if flip else x)
+            logits = model.predict_map(x.flip(-1) if flip else x)
             p = F.interpolate(logits, size=(10, 15), mode="bilinear",
                               align_corners=False).softmax(1)
             expected = expected + (p.flip(-1) if flip else p) / 4

@@ -341,9 +341,9 @@ def test_accumulated_output_upsamples_the_mean_step_probabilities():
     model = build_model(load_config(None, [*SMALL, "model.diffusion.accumulation=true"]), 5).eval()
     img = torch.randn(1, 3, 40, 56)
     traj = model.sample_steps(model.extract(img), 3, seeds=[7])
-    mean_p = torch.stack([lg.softmax(2) for lg in traj.logits]).mean((0, 2))
+    mean_p = torch.stack([lg.softmax(2) for lg in traj.steps]).mean((0, 2))
     expect = F.interpolate(mean_p, size=(40, 56), mode="bilinear", align_corners=False)
-    got = model.predict_logits(img, steps=3, seeds=[7])
+    got = model.predict_map(img, steps=3, seeds=[7])
     assert torch.allclose(got, expect, atol=1e-6)
     old = F.interpolate(mean_p.log(), size=(40, 56), mode="bilinear", align_corners=False)
     assert not torch.allclose(got.softmax(1), old.softmax(1), atol=1e-3)
@@ -387,8 +387,8 @@ def test_whole_image_outputs_resize_to_the_input_size_then_to_the_original_size(
         return t
 
     probs, _, _ = uncertainty_maps(model, feat, 2, (27, 41), True, [3], in_size=(64, 96))
-    assert torch.allclose(probs, up(traj.probs(True), (64, 96), (27, 41)), atol=1e-6)
-    assert not torch.allclose(probs, up(traj.probs(True), (27, 41)), atol=1e-4)
+    assert torch.allclose(probs, up(traj.output(True), (64, 96), (27, 41)), atol=1e-6)
+    assert not torch.allclose(probs, up(traj.output(True), (27, 41)), atol=1e-4)
 
 
 def test_image_resize_is_bit_exact_with_cv2_inter_linear():
@@ -424,7 +424,7 @@ def test_multi_scale_passes_resize_the_original_image_as_mmseg():
     seen = []
 
     class Probe(torch.nn.Module):
-        def predict_logits(self, img):
+        def predict_map(self, img):
             seen.append((tuple(img.shape[-2:]), float(img[0, 0, 0, 0])))
             return torch.zeros(1, 2, *img.shape[-2:])
 

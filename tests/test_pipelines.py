@@ -19,6 +19,7 @@ from PIL import Image
 import densediff.viz
 from densediff.config import Config
 from densediff.errors import UserError
+from densediff.models.interface import MapModel
 from densediff.pipelines import (
     PIPELINES,
     BEVPrediction,
@@ -59,7 +60,7 @@ def test_resolve_steps_one_place_for_defaults_dedup_and_range():
         resolve_steps(m, [2, 8], "ckpt", "--steps")
     with pytest.raises(UserError, match="steps: .* 1..7"):
         resolve_steps(m, 0)
-    plain = torch.nn.Conv2d(1, 1, 1)  # no sample_steps: discriminative
+    plain = MapModel()  # steps 0 only: discriminative
     assert resolve_steps(plain, None) == [0]
     with pytest.raises(UserError, match="steps: this checkpoint is not a diffusion model"):
         resolve_steps(plain, 3, "this checkpoint")

@@ -50,18 +50,18 @@ def test_sampling_stays_float32_under_bf16_autocast():
             low = model.sample_steps(model.extract(img), 3, seeds=[7])
     hook.remove()
     assert seen[0] == torch.float32 and seen[-1] == torch.bfloat16
-    assert all(lg.dtype == torch.float32 for lg in low.logits)
+    assert all(lg.dtype == torch.float32 for lg in low.steps)
     # the first step sees the same x_T: only rounding differs (measured 0.8 % of the logit
     # scale on this untrained model; bound 2 %, see LOGIT_REL_TOL below for the derivation),
     # and a class changes only where the fp32 margin is below twice the largest change
-    change = float((low.logits[0] - ref.logits[0]).abs().max())
-    assert change <= 0.02 * float(ref.logits[0].abs().max())
-    top2 = ref.logits[0].topk(2, dim=2).values
-    flipped = low.logits[0].argmax(2) != ref.logits[0].argmax(2)
+    change = float((low.steps[0] - ref.steps[0]).abs().max())
+    assert change <= 0.02 * float(ref.steps[0].abs().max())
+    top2 = ref.steps[0].topk(2, dim=2).values
+    flipped = low.steps[0].argmax(2) != ref.steps[0].argmax(2)
     assert bool(((top2[:, :, 0] - top2[:, :, 1])[flipped] <= 2 * change).all())
     # later steps start from maps that already differ where a class flipped (measured 98.4 %
     # of the cells equal at step 3)
-    agree = (low.logits[-1].argmax(2) == ref.logits[-1].argmax(2)).float().mean()
+    agree = (low.steps[-1].argmax(2) == ref.steps[-1].argmax(2)).float().mean()
     assert agree > 0.95
 
 
@@ -135,9 +135,9 @@ def test_bf16_changes_a_trained_models_logits_only_by_rounding(toy_ckpt):
     with torch.no_grad():
         for i in range(len(ds)):
             img = ds[i]["image"][None]
-            a = fp32.model.predict_logits(img, steps=3, seeds=[i])
+            a = fp32.model.predict_map(img, steps=3, seeds=[i])
             with autocast("bf16", "cpu"):
-                b = bf16.model.predict_logits(img, steps=3, seeds=[i]).float()
+                b = bf16.model.predict_map(img, steps=3, seeds=[i]).float()
             change = float((a - b).abs().max())
             assert change <= LOGIT_REL_TOL * float(a.abs().max()), (i, change)
             top2 = a.topk(2, dim=1).values

@@ -243,7 +243,7 @@ def test_cli_size_options_are_checked_by_the_cli(h, w):
     from densediff.cli.main import check_size
 
     try:
-        check_size([h, w], "--size")  # export, info and bench call this before any work
+        check_size([h, w], "--size")  # export and info call this before any work
     except UserError as e:
         _one_line(e)
         assert "--size" in str(e)

@@ -49,22 +49,31 @@ variants as the reported ratios; absolute CPU times mean little.
 from __future__ import annotations
 
 import contextlib
+import copy
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from densediff.config import Config, config_from_dict
+from densediff.errors import UserError
+from densediff.models import DDP
 
-__all__ = ["NOISY_SPREAD", "VARIANTS", "bench", "format_bench"]
+__all__ = ["MAX_BATCH", "MAX_REPEATS", "NOISY_SPREAD", "VARIANTS", "bench", "format_bench"]
 
 VARIANTS = ("eager", "fast", "compiled", "onnx")
 DEFAULT_VARIANTS = ("eager", "fast", "onnx")
 NOISY_SPREAD = 0.15
 """(max - min) / median over rounds above which a measurement is flagged noisy."""
+MAX_BATCH = 256
+"""Largest ``batch`` and throughput batch size (``bench --batch``, ``--batches``)."""
+MAX_REPEATS = 1000
+"""Most timed rounds (``bench --repeats``), and most warmup rounds."""
 _DEFAULT_STEPS = (1, 3, 5)
 
 
@@ -111,31 +120,158 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-class _Variant:
-    """How one variant runs: its model (or onnxruntime stand-in) and the context of a call."""
+# ------------------------------------------------------------------------------------------
+# options and setup
 
-    def __init__(self, name: str, model, precision: str, msda: str, fast_malloc: bool,
-                 decoder: torch.nn.Module | None = None):
-        self.name, self.model, self.precision = name, model, precision
-        self.msda, self.fast_malloc, self.decoder = msda, fast_malloc, decoder
-        self.compile_s: float | None = None
+
+def _check_options(size: Sequence[int] | None, batch: int, repeats: int, warmup: int,
+                   variants: Sequence[str] | None, batches: Sequence[int] | None,
+                   precision: str | None) -> tuple[list[str], list[int]]:
+    """The variants to run (in the order given, each once) and the sorted, distinct batch
+    sizes of the throughput measurement (None or empty: ``[batch]``). One UserError line
+    naming the option for a size, count or variant out of range, or a ``precision`` that no
+    asked variant uses."""
+    from densediff.utils.checks import check_int, check_size
+
+    if size is not None:
+        check_size(list(size), "--size")
+    check_int(batch, "--batch", 1, MAX_BATCH)
+    check_int(repeats, "--repeats", 1, MAX_REPEATS)
+    check_int(warmup, "warmup", 0, MAX_REPEATS)
+    asked = list(dict.fromkeys(variants if variants is not None else DEFAULT_VARIANTS))
+    bad = [v for v in asked if v not in VARIANTS]
+    if bad or not asked:
+        raise UserError(f"--variants: unknown variant {bad[0] if bad else '(none)'}; "
+                        f"choose from {', '.join(VARIANTS)}")
+    if precision is not None and not {"fast", "compiled"} & set(asked):
+        raise UserError("--precision: applies to the fast and compiled variants, and --variants "
+                        f"{','.join(asked)!r} has neither")
+    sizes = {check_int(b, "--batches", 1, MAX_BATCH) for b in (batches or [batch])}
+    return asked, sorted(sizes)
+
+
+def _step_counts(cfg: Config, model: torch.nn.Module, steps: Sequence[int] | None,
+                 diffusion: bool) -> list[int]:
+    """The whole-prediction step counts to time: ``steps`` checked against the model's range,
+    or (None) those of 1, 3, 5 the model can take; ``[1]`` for a model without steps
+    (UserError if ``steps`` were given for it)."""
+    from densediff.pipelines import check_steps
+
+    if not diffusion:
+        if steps is not None:
+            raise UserError("--steps: applies to diffusion models; this config's model "
+                            f"({cfg.model.type}) takes no step count")
+        return [1]
+    if steps is None:
+        top = model.max_steps or max(_DEFAULT_STEPS)
+        steps = [n for n in _DEFAULT_STEPS if model.min_steps <= n <= top]
+    check_steps(model, list(steps), "the model", "--steps")
+    return list(steps)
+
+
+@dataclass
+class _Setup:
+    """What every measurement of one run shares: the eager model (random weights), its task
+    pipeline, the example input at ``batch`` (BEV: every camera image at ``hw``) and the
+    options."""
+
+    cfg: Config
+    dev: torch.device
+    model: torch.nn.Module
+    pipe: Any
+    diffusion: bool
+    img: Any
+    hw: tuple[int, int]
+    steps: list[int]
+    batch: int
+    batches: list[int]
+    size: tuple[int, int] | None
+    repeats: int
+    warmup: int
+
+    def step_call(self, v: _Variant) -> Callable[[], object]:
+        """One map-decoder evaluation of ``v`` on its features (a segmentor: its head)."""
+        f = v.feats
+        if self.diffusion:
+            return lambda: v.model.decoder_step(f)
+        return lambda: v.model.head(f)
+
+    def predict_call(self, v: _Variant, x: Any, n: int) -> Callable[[], object]:
+        """A whole prediction of ``v`` on ``x`` with ``n`` steps (no step count: one pass)."""
+        fn = v.model.predict_map
+        return (lambda: fn(x, steps=n)) if self.diffusion else (lambda: fn(x))
+
+    def default_steps(self) -> int:
+        """The step count of the throughput and memory measurements: the model's default
+        where it is among ``steps``, else the last of ``steps`` (1 without steps)."""
+        if not self.diffusion:
+            return 1
+        n = self.model.default_steps
+        return n if n in self.steps else self.steps[-1]
+
+
+def _setup(cfg: Config, size: tuple[int, int] | None, batch: int, steps: Sequence[int] | None,
+           dev: torch.device, batches: list[int], repeats: int, warmup: int) -> _Setup:
+    """``cfg``'s model built with random weights on ``dev`` (the weights do not change the
+    cost), its pipeline, an example input and the step counts to time."""
+    from densediff.data import class_info
+    from densediff.models import build_model
+    from densediff.pipelines import is_diffusion, pipeline_for
+
+    names, _ = class_info(cfg)
+    model = build_model(cfg, len(names)).to(dev).eval()
+    pipe = pipeline_for(cfg)
+    diffusion = is_diffusion(model)
+    img, hw = pipe.example_input(cfg, size, batch, dev)  # BEV: size sets each camera image
+    return _Setup(cfg, dev, model, pipe, diffusion, img, hw,
+                  _step_counts(cfg, model, steps, diffusion), batch, batches, size, repeats,
+                  warmup)
+
+
+# ------------------------------------------------------------------------------------------
+# variants
+
+
+@dataclass
+class _Variant:
+    """One execution variant: its model (or onnxruntime stand-in), the precision, deformable
+    attention core and malloc settings of its calls, and its features of the example input
+    (set before timing)."""
+
+    name: str
+    model: Any
+    precision: str
+    msda: str
+    fast_malloc: bool
+    compile_s: float | None = None
+    feats: Any = None
 
     @contextlib.contextmanager
-    def active(self, device: torch.device):
+    def active(self, device: torch.device) -> Iterator[None]:
+        """The variant's malloc settings, attention core and autocast, for one call."""
         from densediff.decoders.msda import msda_impl
         from densediff.utils.alloc import set_glibc_fast
         from densediff.utils.precision import autocast
 
         set_glibc_fast(self.fast_malloc)
-        swap = self.decoder is not None
-        if swap:
-            original, self.model.decoder = self.model.decoder, self.decoder
-        try:
-            with msda_impl(self.msda), autocast(self.precision, device):
-                yield
-        finally:
-            if swap:
-                self.model.decoder = original
+        with msda_impl(self.msda), autocast(self.precision, device):
+            yield
+
+    def labels(self) -> dict[str, str]:
+        """The report's ``precision``, ``msda`` and ``malloc`` of this variant."""
+        if self.name == "onnx":
+            return {"precision": "fp32", "msda": "GridSample", "malloc": "onnxruntime arena"}
+        return {"precision": self.precision, "msda": self.msda,
+                "malloc": "no-mmap" if self.fast_malloc else "glibc default"}
+
+
+def _with_decoder(model: torch.nn.Module, decoder: torch.nn.Module) -> torch.nn.Module:
+    """A shallow copy of ``model`` that shares all its parameters and submodules but calls
+    ``decoder`` as its map decoder; ``model`` itself is left unchanged."""
+    clone = copy.copy(model)
+    clone._modules = dict(model._modules)  # its own table of submodules, the same modules
+    clone.decoder = decoder
+    return clone
 
 
 def _onnx_model(model, cfg: Config, size: tuple[int, int], tmp: Path):
@@ -146,109 +282,100 @@ def _onnx_model(model, cfg: Config, size: tuple[int, int], tmp: Path):
     return load_onnx_model(tmp / "onnx")
 
 
-@torch.no_grad()
-def bench(cfg: Config, size: tuple[int, int] | None = None, batch: int = 1,
-          steps: Sequence[int] | None = None, device: str | torch.device = "cpu",
-          repeats: int = 10, variants: Sequence[str] | None = None,
-          batches: Sequence[int] | None = None, precision: str = "auto",
-          warmup: int = 1) -> dict:
-    """Latencies (seconds), rates and peak memory of ``cfg``'s model per variant; see the
-    module doc. ``steps``: the whole-prediction step counts (diffusion models; checked
-    against the model's range); None: those of 1, 3, 5 the model can take. ``variants``:
-    None: eager, fast and (where it applies and onnxruntime is installed) onnx. ``batches``:
-    the batch sizes of the throughput measurement (None: just ``batch``)."""
-    from densediff.api import resolve_device, resolve_precision_or_fail
-    from densediff.data import class_info
-    from densediff.errors import UserError
-    from densediff.info import count_params
-    from densediff.models import build_model
-    from densediff.pipelines import check_steps, is_diffusion, pipeline_for
-
-    if batch < 1 or repeats < 1 or warmup < 0:
-        raise UserError("--batch and --repeats: must be at least 1")
-    dev = resolve_device(device, "--device")
-    fast_precision = resolve_precision_or_fail(precision, dev, "--precision")
-    asked = list(variants) if variants is not None else list(DEFAULT_VARIANTS)
-    bad = [v for v in asked if v not in VARIANTS]
-    if bad or not asked:
-        raise UserError(f"--variants: unknown variant {bad[0] if bad else '(none)'}; "
-                        f"choose from {', '.join(VARIANTS)}")
-    batches = sorted({int(b) for b in (batches or [batch])})
-    if batches[0] < 1:
-        raise UserError("--batches: every batch size must be at least 1")
-    names, _ = class_info(cfg)
-    model = build_model(cfg, len(names)).to(dev).eval()
-    pipe = pipeline_for(cfg)
-    diffusion = is_diffusion(model)
-    # BEV: several cameras (+ points); --size sets each camera image
-    img, (h, w) = pipe.example_input(cfg, size, batch, dev)
-    if diffusion:
-        if steps is None:
-            top = model.max_steps or max(_DEFAULT_STEPS)
-            steps = [n for n in _DEFAULT_STEPS if model.min_steps <= n <= top]
-        check_steps(model, list(steps), "the model", "--steps")
-    elif steps is not None:
-        raise UserError("--steps: applies to diffusion models; this config's model "
-                        f"({cfg.model.type}) takes no step count")
-    else:
-        steps = [1]
-    notes: list[str] = []
-    runs: dict[str, _Variant] = {}
-    tmp = tempfile.TemporaryDirectory(prefix="densediff-bench-")
+def _build_variants(s: _Setup, asked: list[str], fast_precision: str, tmp: Path,
+                    notes: list[str]) -> list[_Variant]:
+    """The ``asked`` variants that apply to the model, in that order; each one skipped gets a
+    line in ``notes``. UserError when none applies."""
+    runs = []
     for name in asked:
         if name == "eager":
-            runs[name] = _Variant(name, model, "fp32", "grid_sample", False)
+            runs.append(_Variant(name, s.model, "fp32", "grid_sample", False))
         elif name == "fast":
-            runs[name] = _Variant(name, model, fast_precision, "auto", True)
+            runs.append(_Variant(name, s.model, fast_precision, "auto", True))
+        elif name == "compiled" and not isinstance(s.model, DDP):
+            notes.append("compiled: skipped (the model has no map decoder to compile)")
         elif name == "compiled":
-            if not hasattr(model, "decoder"):
-                notes.append("compiled: skipped (the model has no map decoder to compile)")
-                continue
-            runs[name] = _Variant(name, model, fast_precision, "auto", True,
-                                  decoder=torch.compile(model.decoder))
+            compiled = _with_decoder(s.model, torch.compile(s.model.decoder))
+            runs.append(_Variant(name, compiled, fast_precision, "auto", True))
         elif name == "onnx":
             try:
-                runs[name] = _Variant(name, _onnx_model(model, cfg, (h, w), Path(tmp.name)),
-                                      "fp32", "auto", True)
+                runs.append(_Variant(name, _onnx_model(s.model, s.cfg, s.hw, tmp), "fp32",
+                                     "auto", True))
             except UserError as e:  # not installed, or a model the exporter refuses
                 notes.append(f"onnx: skipped ({e})")
-    if "eager" not in runs:
+    if not runs:
+        raise UserError(f"--variants: none of {','.join(asked)} applies ({'; '.join(notes)})")
+    if "eager" not in asked:
         notes.append("speedup: relative to the first variant (eager was not run)")
-    base = next(iter(runs))
+    return runs
 
-    feats = {}
-    for v in runs.values():
-        with v.active(dev):
-            feats[v.name] = v.model.extract(img)
-    feat0 = feats[base]
-    out: dict = {"config_model": cfg.model.type, "size": [h, w], "batch": batch,
-                 "device": str(dev), "threads": torch.get_num_threads(), "repeats": repeats,
-                 "warmup": warmup, "params_M": count_params(model) / 1e6,
-                 "tokens_per_step": int(getattr(feat0, "features", feat0)[0, 0].numel()),
-                 "variants": {}, "notes": notes}
-    enc = cfg.model.encoder
-    if cfg.model.type == "ddps":  # the base segmentor's encoder (config filled in by build_model)
-        enc = config_from_dict(cfg.model.ddps.base_config).model.encoder
-    out["encoder_name"], out["encoder_variant"] = enc.name, enc.variant
 
-    def step_fn(v: _Variant) -> Callable[[], object]:
-        f = feats[v.name]
-        if diffusion:
-            return lambda: v.model.decoder_step(f)
-        return lambda: v.model.head(f)
+# ------------------------------------------------------------------------------------------
+# timing rounds
 
-    def predict_fn(v: _Variant, x, n: int) -> Callable[[], object]:
-        fn = pipe.predict_fn(v.model)
-        return (lambda: fn(x, steps=n)) if diffusion else (lambda: fn(x))
 
-    # ---- the compile time: the first decoder call of the compiled variant
-    if "compiled" in runs:
-        v = runs["compiled"]
-        with v.active(dev):
-            v.compile_s = _timed(step_fn(v), dev)
+def _rounds(order: list, warmup: int, repeats: int) -> Iterator[tuple[bool, list]]:
+    """``warmup + repeats`` rounds: per round, whether it is timed (the first ``warmup`` are
+    not) and ``order`` rotated left by the round's index, so that each item takes each place
+    in turn and a busy period slows all of them alike."""
+    for rnd in range(warmup + repeats):
+        k = rnd % len(order)
+        yield rnd >= warmup, order[k:] + order[:k]
 
-    # ---- FLOPs of one step (eager fp32), for the achieved rate
-    step_flops = None
+
+def _measures(s: _Setup) -> list[tuple[str, Callable[[_Variant], Callable[[], object]]]]:
+    """The latency measurements, by name, each as a maker of a variant's call: ``encoder``,
+    ``decoder_step`` and ``total<n>`` for each step count n."""
+    return [("encoder", lambda v: (lambda: v.model.extract(s.img))),
+            ("decoder_step", s.step_call)] + [
+        (f"total{n}", lambda v, n=n: s.predict_call(v, s.img, n)) for n in s.steps]
+
+
+def _floor_matmuls(s: _Setup, tokens: int) -> tuple[list[int], dict[str, tuple]]:
+    """The shape ``[m, k, n]`` of the floor matmul and its fp32 and bf16 operands: the map
+    decoder's largest matmul (its FFN's first linear: tokens x channels @ channels x
+    ffn_channels, over the batch), at least 256 x 256 x 1024."""
+    head = s.cfg.model.head
+    m = max(tokens * s.batch, 256)
+    k, n = max(head.channels, 256), max(getattr(head, "ffn_channels", 0) or 0, 1024)
+    mats = {p: (torch.randn(m, k, device=s.dev, dtype=dt),
+                torch.randn(k, n, device=s.dev, dtype=dt))
+            for p, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    return [m, k, n], mats
+
+
+def _timing_rounds(s: _Setup, runs: list[_Variant], mats: dict[str, tuple]):
+    """The latency rounds (:func:`_rounds`): in each, the floor matmuls once per precision,
+    then each measurement of :func:`_measures` once per variant, the variants in the round's
+    order. Returns, over the timed rounds, the seconds per variant and measurement, the minor
+    page faults of each decoder step per variant, and the matmul seconds per precision."""
+    measures = _measures(s)
+    times: dict[str, dict[str, list[float]]] = {v.name: {m: [] for m, _ in measures}
+                                                 for v in runs}
+    faults: dict[str, list[int]] = {v.name: [] for v in runs}
+    mm: dict[str, list[float]] = {p: [] for p in mats}
+    for timed, rot in _rounds(runs, s.warmup, s.repeats):
+        for p, (a, b) in mats.items():
+            t = _timed(lambda a=a, b=b: a @ b, s.dev)
+            if timed:
+                mm[p].append(t)
+        for m, make in measures:
+            for v in rot:
+                with v.active(s.dev):
+                    f0 = _minor_faults()
+                    t = _timed(make(v), s.dev)
+                    f1 = _minor_faults()
+                if timed:
+                    times[v.name][m].append(t)
+                    if m == "decoder_step":
+                        faults[v.name].append(f1 - f0)
+    return times, faults, mm
+
+
+def _step_flops(s: _Setup, feats: Any, notes: list[str]) -> int | None:
+    """Matmul/conv FLOPs of one decoder step (a segmentor: its head) of the eager fp32 model
+    on ``feats``, counted with torch's ``FlopCounterMode``; None, with a note, where the
+    counter cannot trace the model."""
     try:
         from torch.utils.flop_counter import FlopCounterMode
 
@@ -256,123 +383,210 @@ def bench(cfg: Config, size: tuple[int, int] | None = None, batch: int = 1,
 
         counter = FlopCounterMode(display=False)
         with counter, msda_impl("grid_sample"):  # eager fp32, the reference path
-            (model.decoder_step(feat0) if diffusion else model.head(feat0))
-        step_flops = counter.get_total_flops()
+            (s.model.decoder_step(feats) if s.diffusion else s.model.head(feats))
+        return counter.get_total_flops()
     except Exception as e:  # noqa: BLE001 (a model the counter cannot trace: no rate)
         notes.append(f"FLOP count unavailable ({type(e).__name__})")
+        return None
 
-    measures: list[tuple[str, Callable[[_Variant], Callable[[], object]]]] = [
-        ("encoder", lambda v: (lambda: v.model.extract(img))),
-        ("decoder_step", step_fn),
-    ] + [(f"total{n}", lambda v, n=n: predict_fn(v, img, n)) for n in steps]
-    times: dict[str, dict[str, list[float]]] = {v: {m: [] for m, _ in measures} for v in runs}
-    faults: dict[str, list[int]] = {v: [] for v in runs}  # minor page faults per decoder step
-    mm: dict[str, list[float]] = {"fp32": [], "bf16": []}
-    # the floor: a matmul of the map decoder's own largest shape (its FFN's first linear:
-    # tokens x channels @ channels x ffn_channels), at least 256 x 256 x 1024
-    head = cfg.model.head
-    m_ = max(out["tokens_per_step"] * batch, 256)
-    k_, n_ = max(head.channels, 256), max(getattr(head, "ffn_channels", 0) or 0, 1024)
-    out["matmul_shape"] = [m_, k_, n_]
-    mats = {p: (torch.randn(m_, k_, device=dev, dtype=dt), torch.randn(k_, n_, device=dev, dtype=dt))
-            for p, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-    order = list(runs.values())
-    for rnd in range(warmup + repeats):
-        rot = order[rnd % len(order):] + order[:rnd % len(order)]
-        for p, (a, b) in mats.items():
-            t = _timed(lambda a=a, b=b: a @ b, dev)
-            if rnd >= warmup:
-                mm[p].append(t)
-        for m, make in measures:
-            for v in rot:
-                with v.active(dev):
-                    f0 = _minor_faults()
-                    t = _timed(make(v), dev)
-                    f1 = _minor_faults()
-                if rnd >= warmup:
-                    times[v.name][m].append(t)
-                    if m == "decoder_step":
-                        faults[v.name].append(f1 - f0)
-    matmul_gflops = {p: 2 * m_ * k_ * n_ / statistics.median(ts) / 1e9 for p, ts in mm.items()}
-    out["matmul_gflops"] = matmul_gflops
-    out["step_gflop"] = step_flops / 1e9 if step_flops else None
 
-    # ---- throughput at each batch size (default steps), interleaved the same way
-    n_default = (model.default_steps if diffusion else 1)
-    if diffusion and n_default not in steps:
-        n_default = steps[-1]
-    thr: dict[str, dict[int, list[float]]] = {v: {bs: [] for bs in batches} for v in runs}
-    inputs = {bs: pipe.example_input(cfg, size, bs, dev)[0] for bs in batches}
-    for rnd in range(warmup + max(1, repeats // 3)):
-        rot = order[rnd % len(order):] + order[:rnd % len(order)]
-        for bs in batches:
+# ------------------------------------------------------------------------------------------
+# throughput and memory
+
+
+def _throughput(s: _Setup, runs: list[_Variant], inputs: dict[int, Any],
+                n: int) -> dict[str, dict[int, list[float]]]:
+    """Images per second of whole ``n``-step predictions per variant and batch size of
+    ``inputs``, over ``max(1, repeats // 3)`` timed rounds interleaved as the latencies."""
+    thr: dict[str, dict[int, list[float]]] = {v.name: {bs: [] for bs in inputs} for v in runs}
+    for timed, rot in _rounds(runs, s.warmup, max(1, s.repeats // 3)):
+        for bs, x in inputs.items():
             for v in rot:
-                with v.active(dev):
-                    t = _timed(predict_fn(v, inputs[bs], n_default), dev)
-                if rnd >= warmup:
+                with v.active(s.dev):
+                    t = _timed(s.predict_call(v, x, n), s.dev)
+                if timed:
                     thr[v.name][bs].append(bs / t)
+    return thr
 
-    # ---- peak memory: one prediction at the largest batch per variant
+
+def _peak_memory(s: _Setup, runs: list[_Variant], x: Any, n: int) -> dict[str, float | None]:
+    """MiB per variant of one ``n``-step prediction on ``x``: CUDA ``max_memory_allocated``,
+    or on Linux the rise of the process's peak resident set (reset before each pass); None
+    where neither can be read."""
     peaks: dict[str, float | None] = {}
-    for v in order:
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        reset = dev.type != "cuda" and _reset_peak_rss()
+    cuda = s.dev.type == "cuda"
+    for v in runs:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(s.dev)
+        reset = not cuda and _reset_peak_rss()
         before = _vm("VmRSS")
-        with v.active(dev):
-            predict_fn(v, inputs[batches[-1]], n_default)()
-        if dev.type == "cuda":
-            peaks[v.name] = torch.cuda.max_memory_allocated(dev) / 2**20
+        with v.active(s.dev):
+            s.predict_call(v, x, n)()
+        if cuda:
+            peaks[v.name] = torch.cuda.max_memory_allocated(s.dev) / 2**20
         elif reset and before is not None:
             peaks[v.name] = _vm("VmHWM") - before
         else:
             peaks[v.name] = None
-    out["peak_memory_kind"] = ("cuda max_memory_allocated" if dev.type == "cuda" else
-                               "rise of the process peak RSS during the prediction")
+    return peaks
 
+
+# ------------------------------------------------------------------------------------------
+# report
+
+
+@dataclass
+class _Measured:
+    """The raw numbers of one run, per variant name: latencies (seconds per measurement and
+    round), minor page faults per decoder step, throughputs (images/s per batch size and
+    round), peak memory (MiB); and the matmul floor rates and the FLOPs of a decoder step."""
+
+    times: dict[str, dict[str, list[float]]]
+    faults: dict[str, list[int]]
+    throughput: dict[str, dict[int, list[float]]]
+    peaks: dict[str, float | None]
+    matmul_gflops: dict[str, float]
+    step_flops: int | None
+
+
+def _entry(ts: list[float], ref: list[float]) -> dict[str, float]:
+    """One measurement over rounds: median, min and max of ``ts``, and ``speedup``: the median
+    over rounds of the reference's time ``ref`` / this time, pairing the same rounds."""
+    return {"median": statistics.median(ts), "min": min(ts), "max": max(ts),
+            "speedup": statistics.median(a / b for a, b in zip(ref, ts))}
+
+
+def _is_noisy(ts: list[float]) -> bool:
+    """Whether ``ts`` (more than one round) spread by more than :data:`NOISY_SPREAD` of their
+    median."""
+    med = statistics.median(ts)
+    spread = (max(ts) - min(ts)) / med if med > 0 else 0.0
+    return spread > NOISY_SPREAD and len(ts) > 1
+
+
+def _variant_report(v: _Variant, base: str, m: _Measured,
+                    diffusion: bool) -> tuple[dict, list[str]]:
+    """The report of one variant (speedups relative to the variant ``base``) and the names of
+    its noisy measurements (``"<variant> <measurement>"``)."""
+    r: dict = v.labels()
     noisy = []
-    for v in order:
-        r: dict = {"precision": v.precision, "msda": v.msda if v.name != "onnx" else "GridSample",
-                   "malloc": "no-mmap" if v.fast_malloc else "glibc default"}
-        if v.name == "onnx":
-            r["precision"], r["malloc"] = "fp32", "onnxruntime arena"
-        for m, ts in times[v.name].items():
-            med = statistics.median(ts)
-            spread = (max(ts) - min(ts)) / med if med > 0 else 0.0
-            if spread > NOISY_SPREAD and len(ts) > 1:
-                noisy.append(f"{v.name} {m}")
-            ref = times[base][m]
-            entry = {"median": med, "min": min(ts), "max": max(ts),
-                     "speedup": statistics.median(a / b for a, b in zip(ref, ts))}
-            if m.startswith("total"):
-                r.setdefault("total", {})[int(m[5:])] = entry
-            else:
-                r[m] = entry
-        if 1 in r.get("total", {}) and 3 in r["total"] and diffusion:
-            t1, t3 = r["total"][1]["median"], r["total"][3]["median"]
-            r["extra_step_ratio"] = (t3 - t1) / (2 * t1)
-        if step_flops:
-            rate = step_flops / r["decoder_step"]["median"] / 1e9
-            r["step_gflops"] = rate
-            r["floor_fraction"] = rate / matmul_gflops["bf16" if v.precision == "bf16" else "fp32"]
-        r["step_minor_faults"] = int(statistics.median(faults[v.name]))
-        r["throughput"] = {bs: statistics.median(x) for bs, x in thr[v.name].items()}
-        r["peak_memory_MiB"] = peaks[v.name]
-        if v.compile_s is not None:
-            r["compile_s"] = v.compile_s
-        out["variants"][v.name] = r
-    out["noisy"] = noisy
+    for name, ts in m.times[v.name].items():
+        if _is_noisy(ts):
+            noisy.append(f"{v.name} {name}")
+        entry = _entry(ts, m.times[base][name])
+        if name.startswith("total"):
+            r.setdefault("total", {})[int(name[5:])] = entry
+        else:
+            r[name] = entry
+    if 1 in r.get("total", {}) and 3 in r["total"] and diffusion:
+        t1, t3 = r["total"][1]["median"], r["total"][3]["median"]
+        r["extra_step_ratio"] = (t3 - t1) / (2 * t1)
+    if m.step_flops:
+        rate = m.step_flops / r["decoder_step"]["median"] / 1e9
+        r["step_gflops"] = rate
+        r["floor_fraction"] = rate / m.matmul_gflops["bf16" if v.precision == "bf16" else "fp32"]
+    r["step_minor_faults"] = int(statistics.median(m.faults[v.name]))
+    r["throughput"] = {bs: statistics.median(x) for bs, x in m.throughput[v.name].items()}
+    r["peak_memory_MiB"] = m.peaks[v.name]
+    if v.compile_s is not None:
+        r["compile_s"] = v.compile_s
+    return r, noisy
+
+
+def _encoder_config(cfg: Config):
+    """The encoder config of ``cfg``'s model; DDPS: that of its base segmentor (filled in by
+    ``build_model``)."""
+    if cfg.model.type == "ddps":
+        return config_from_dict(cfg.model.ddps.base_config).model.encoder
+    return cfg.model.encoder
+
+
+def _report(s: _Setup, runs: list[_Variant], m: _Measured, notes: list[str], tokens: int,
+            matmul_shape: list[int]) -> dict:
+    """The result of :func:`bench`: the run's settings, one report per variant, and the first
+    variant's latencies and peak memory again at the top level."""
+    from densediff.info import count_params
+
+    base, enc = runs[0].name, _encoder_config(s.cfg)
+    out: dict = {"config_model": s.cfg.model.type, "size": list(s.hw), "batch": s.batch,
+                 "device": str(s.dev), "threads": torch.get_num_threads(),
+                 "repeats": s.repeats, "warmup": s.warmup,
+                 "params_M": count_params(s.model) / 1e6, "tokens_per_step": tokens,
+                 "variants": {}, "notes": notes, "encoder_name": enc.name,
+                 "encoder_variant": enc.variant, "matmul_shape": matmul_shape,
+                 "matmul_gflops": m.matmul_gflops,
+                 "step_gflop": m.step_flops / 1e9 if m.step_flops else None,
+                 "peak_memory_kind": ("cuda max_memory_allocated" if s.dev.type == "cuda" else
+                                      "rise of the process peak RSS during the prediction"),
+                 "noisy": []}
+    for v in runs:
+        out["variants"][v.name], noisy = _variant_report(v, base, m, s.diffusion)
+        out["noisy"] += noisy
     out["base_variant"] = base
-    # the first variant's numbers at the top level (the pre-variant report format)
-    first = out["variants"][base]
+    first = out["variants"][base]  # at the top level too (the pre-variant report format)
     out["encoder"] = first["encoder"]["median"]
     out["decoder_step"] = first["decoder_step"]["median"]
     out["total"] = {n: e["median"] for n, e in first["total"].items()}
     if "extra_step_ratio" in first:
         out["extra_step_ratio"] = first["extra_step_ratio"]
     out["peak_memory_MiB"] = first["peak_memory_MiB"]
-    tmp.cleanup()
     return out
+
+
+# ------------------------------------------------------------------------------------------
+# the whole run
+
+
+def _measure(s: _Setup, runs: list[_Variant], notes: list[str]) -> dict:
+    """Every measurement of the module doc, in order: features, compile time, FLOPs, latency
+    rounds with the matmul floor, throughput, peak memory; then the report."""
+    for v in runs:
+        with v.active(s.dev):
+            v.feats = v.model.extract(s.img)
+    feat0 = runs[0].feats
+    tokens = int(getattr(feat0, "features", feat0)[0, 0].numel())
+    for v in runs:
+        if v.name == "compiled":  # its first decoder call compiles
+            with v.active(s.dev):
+                v.compile_s = _timed(s.step_call(v), s.dev)
+    step_flops = _step_flops(s, feat0, notes)
+    shape, mats = _floor_matmuls(s, tokens)
+    times, faults, mm = _timing_rounds(s, runs, mats)
+    flop = 2 * shape[0] * shape[1] * shape[2]
+    matmul_gflops = {p: flop / statistics.median(ts) / 1e9 for p, ts in mm.items()}
+    n = s.default_steps()
+    inputs = {bs: s.pipe.example_input(s.cfg, s.size, bs, s.dev)[0] for bs in s.batches}
+    thr = _throughput(s, runs, inputs, n)
+    peaks = _peak_memory(s, runs, inputs[s.batches[-1]], n)
+    measured = _Measured(times, faults, thr, peaks, matmul_gflops, step_flops)
+    return _report(s, runs, measured, notes, tokens, shape)
+
+
+@torch.no_grad()
+def bench(cfg: Config, size: tuple[int, int] | None = None, batch: int = 1,
+          steps: Sequence[int] | None = None, device: str | torch.device = "cpu",
+          repeats: int = 10, variants: Sequence[str] | None = None,
+          batches: Sequence[int] | None = None, precision: str | None = None,
+          warmup: int = 1) -> dict:
+    """Latencies (seconds), rates and peak memory of ``cfg``'s model per variant; see the
+    module doc. ``size``: the (H, W) input (None: the training crop size, else 512 x 512).
+    ``steps``: the whole-prediction step counts (diffusion models; checked against the
+    model's range); None: those of 1, 3, 5 the model can take. ``variants``: None: eager,
+    fast and (where it applies and onnxruntime is installed) onnx. ``batches``: the batch
+    sizes of the throughput measurement (None: just ``batch``). ``precision``: that of the
+    fast and compiled variants (None: ``auto``). Bad options: one UserError line naming the
+    CLI option, before any work."""
+    from densediff.api import resolve_device, resolve_precision_or_fail
+
+    asked, batch_sizes = _check_options(size, batch, repeats, warmup, variants, batches,
+                                        precision)
+    dev = resolve_device(device, "--device")
+    fast_precision = resolve_precision_or_fail(precision or "auto", dev, "--precision")
+    s = _setup(cfg, size, batch, steps, dev, batch_sizes, repeats, warmup)
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="densediff-bench-") as tmp:
+        runs = _build_variants(s, asked, fast_precision, Path(tmp), notes)
+        return _measure(s, runs, notes)
 
 
 def format_bench(r: dict) -> str:

@@ -128,6 +128,124 @@ def _patch(color: Sequence[int]):
     return Patch(facecolor=np.asarray(color, np.float32) / 255, edgecolor="0.45", linewidth=0.6)
 
 
+_PAD, _GAP_X, _GAP_Y = 0.1, 0.1, 0.05  # inches: figure margin, between columns, between rows
+_BAR_H, _TICK_H = 0.11, 0.17  # inches: a colour bar and its tick labels
+
+
+@dataclass
+class _GridLayout:
+    """Where the parts of a :func:`grid_figure` go, in inches: column widths ``w_in`` and
+    their left edges ``xs``, row heights ``h_in``, the figure size, the wrapped column titles,
+    title and colour-bar labels with the heights of their bands, the heights of each column's
+    colour bar and swatches, and the number of legend columns."""
+
+    w_in: list[float]
+    h_in: list[float]
+    xs: list[float]
+    fig_w: float
+    fig_h: float
+    titles: list[str]
+    title_h: float
+    sup: str
+    sup_h: float
+    cb_labels: list[str]
+    cb_h: list[float]
+    sw_h: list[float]
+    ncol: int
+
+    def box(self, x: float, top: float, w: float, h: float) -> list[float]:
+        """[left, bottom, width, height] in figure fractions of a box given in inches from the
+        top-left corner."""
+        return [x / self.fig_w, 1 - (top + h) / self.fig_h, w / self.fig_w, h / self.fig_h]
+
+
+def _grid_zoom(col_w: Sequence[float]) -> float:
+    """Screen pixels per tile pixel: enough for the narrowest column to be 150 pixels wide
+    (a whole number where that fits), within about 2000 pixels of width, at least 1."""
+    zoom = max(1.0, 150 / min(col_w))
+    zoom = float(math.ceil(zoom)) if math.ceil(zoom) * sum(col_w) <= 2000 else zoom
+    return max(1.0, min(zoom, 2000 / sum(col_w)))
+
+
+def _grid_layout(rows: Sequence[Sequence[np.ndarray]], columns: Sequence[GridColumn],
+                 legend: Sequence[Swatch], legend_title: str, title: str, zoom: float | None,
+                 dpi: int) -> _GridLayout:
+    """The :class:`_GridLayout` of a :func:`grid_figure` with these arguments."""
+    row_h = [max(t.shape[0] for t in r) for r in rows]
+    col_w = [t.shape[1] * row_h[0] / t.shape[0] for t in rows[0]]  # tile pixels at row height
+    zoom = _grid_zoom(col_w) if zoom is None else zoom
+    w_in = [w * zoom / dpi for w in col_w]
+    h_in = [h * zoom / dpi for h in row_h]
+    fig_w = 2 * _PAD + sum(w_in) + _GAP_X * (len(columns) - 1)
+    titles = [_wrap(c.title, w, _TITLE_PT) for c, w in zip(columns, w_in)]
+    title_h = max(_lines(t) for t in titles) * _TITLE_PT * 1.3 * _PT + 0.08
+    sup = _wrap(title, fig_w - 2 * _PAD, _SUPTITLE_PT) if title else ""
+    sup_h = _lines(sup) * _SUPTITLE_PT * 1.35 * _PT + (0.06 if sup else 0)
+    # the key band under the grid: per column a colour bar (bar, ticks, label) then swatches
+    cb_labels = [_wrap(c.scale.label, w, _KEY_PT) if c.scale else "" for c, w in zip(columns, w_in)]
+    cb_h = [_BAR_H + _TICK_H + _lines(lab) * _KEY_PT * 1.3 * _PT + 0.05 if c.scale else 0.0
+            for c, lab in zip(columns, cb_labels)]
+    sw_h = [len(c.swatches) * _KEY_PT * 1.9 * _PT + 0.04 if c.swatches else 0.0 for c in columns]
+    key_h = max(a + b for a, b in zip(cb_h, sw_h))
+    key_h = key_h + 0.1 if key_h else 0.0
+    # the legend band: entries in as many columns as fit the width
+    leg_h, ncol = 0.0, 1
+    if legend:
+        entry_in = max(len(n) for n, _ in legend) * 0.6 * 8 * _PT + 0.45
+        ncol = max(1, min(len(legend), int((fig_w - 2 * _PAD) / entry_in)))
+        leg_h = _legend_height(legend, ncol, legend_title, fig_w, dpi) + 0.1
+    fig_h = (2 * _PAD + sup_h + title_h + sum(h_in) + _GAP_Y * (len(rows) - 1) + key_h + leg_h)
+    xs = [_PAD + sum(w_in[:c]) + _GAP_X * c for c in range(len(columns))]
+    return _GridLayout(w_in, h_in, xs, fig_w, fig_h, titles, title_h, sup, sup_h, cb_labels,
+                       cb_h, sw_h, ncol)
+
+
+def _draw_tiles(fig, lay: _GridLayout, rows: Sequence[Sequence[np.ndarray]]) -> float:
+    """The tiles of ``rows`` (axes labelled ``tile:<row>:<column>``, the first row's titled);
+    returns the top of the key band in inches."""
+    top = _PAD + lay.sup_h + lay.title_h
+    for r, (row, h) in enumerate(zip(rows, lay.h_in)):
+        for c, tile in enumerate(row):
+            ax = fig.add_axes(lay.box(lay.xs[c], top, lay.w_in[c], h))
+            ax.imshow(tile, interpolation="nearest", aspect="auto")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_label(f"tile:{r}:{c}")
+            if r == 0:
+                ax.set_title(lay.titles[c], fontsize=_TITLE_PT, pad=4)
+        top += h + _GAP_Y
+    return top + 0.1 - _GAP_Y
+
+
+def _draw_colorbar(fig, lay: _GridLayout, c: int, s: ColorScale, y: float) -> None:
+    """Column ``c``'s colour bar of ``s`` (axes labelled ``colorbar:<c>``), its top at ``y``
+    inches, with few short tick labels and the scale's label under it."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    w = lay.w_in[c]
+    cax = fig.add_axes(lay.box(lay.xs[c] + 0.06 * w, y, 0.88 * w, _BAR_H))
+    cax.set_label(f"colorbar:{c}")
+    cb = fig.colorbar(ScalarMappable(Normalize(s.vmin, s.vmax), s.cmap), cax=cax,
+                      orientation="horizontal", extend=s.extend)
+    # few, short tick labels (%g: 0.0005, not 0.00050) so that they never overlap
+    cax.xaxis.set_major_locator(MaxNLocator(nbins=max(2, min(5, int(0.88 * w / 0.55)))))
+    cax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    cax.tick_params(labelsize=_KEY_PT, length=2, pad=1)
+    cb.set_label(lay.cb_labels[c], fontsize=_KEY_PT, labelpad=2)
+
+
+def _draw_swatches(fig, lay: _GridLayout, c: int, swatches: Sequence[Swatch], y: float) -> None:
+    """Column ``c``'s named colours (axes labelled ``swatches:<c>``), their top at ``y``."""
+    kax = fig.add_axes(lay.box(lay.xs[c], y, lay.w_in[c], lay.sw_h[c]))
+    kax.set_axis_off()
+    kax.set_label(f"swatches:{c}")
+    kax.legend([_patch(rgb) for _, rgb in swatches], [n for n, _ in swatches],
+               loc="upper center", fontsize=_KEY_PT, frameon=False, borderaxespad=0,
+               handlelength=1.4, handleheight=0.9, labelspacing=0.3)
+
+
 def grid_figure(rows: Sequence[Sequence[np.ndarray]], columns: Sequence[GridColumn],
                 legend: Sequence[Swatch] = (), legend_title: str = "", title: str = "",
                 zoom: float | None = None, dpi: int = 100):
@@ -140,90 +258,25 @@ def grid_figure(rows: Sequence[Sequence[np.ndarray]], columns: Sequence[GridColu
     a row are shown at the row's largest height (aspect kept), column widths follow the first
     row. ``zoom``: screen pixels per tile pixel (default: enough for readable titles, within
     about 2000 pixels of width). Uses the object-oriented API only (no pyplot state)."""
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     if not rows or any(len(r) != len(columns) for r in rows):
         raise ValueError(f"every row needs one tile per column ({len(columns)} columns)")
-    row_h = [max(t.shape[0] for t in r) for r in rows]
-    col_w = [t.shape[1] * row_h[0] / t.shape[0] for t in rows[0]]  # tile pixels at row height
-    if zoom is None:
-        zoom = max(1.0, 150 / min(col_w))
-        zoom = float(math.ceil(zoom)) if math.ceil(zoom) * sum(col_w) <= 2000 else zoom
-        zoom = max(1.0, min(zoom, 2000 / sum(col_w)))
-    pad, gap_x, gap_y = 0.1, 0.1, 0.05
-    w_in = [w * zoom / dpi for w in col_w]
-    h_in = [h * zoom / dpi for h in row_h]
-    fig_w = 2 * pad + sum(w_in) + gap_x * (len(columns) - 1)
-
-    titles = [_wrap(c.title, w, _TITLE_PT) for c, w in zip(columns, w_in)]
-    title_h = max(_lines(t) for t in titles) * _TITLE_PT * 1.3 * _PT + 0.08
-    sup = _wrap(title, fig_w - 2 * pad, _SUPTITLE_PT) if title else ""
-    sup_h = _lines(sup) * _SUPTITLE_PT * 1.35 * _PT + (0.06 if sup else 0)
-    # the key band under the grid: per column a colour bar (bar, ticks, label) then swatches
-    bar_h, tick_h = 0.11, 0.17
-    cb_labels = [_wrap(c.scale.label, w, _KEY_PT) if c.scale else "" for c, w in zip(columns, w_in)]
-    cb_h = [bar_h + tick_h + _lines(lab) * _KEY_PT * 1.3 * _PT + 0.05 if c.scale else 0.0
-            for c, lab in zip(columns, cb_labels)]
-    sw_h = [len(c.swatches) * _KEY_PT * 1.9 * _PT + 0.04 if c.swatches else 0.0 for c in columns]
-    key_h = max(a + b for a, b in zip(cb_h, sw_h))
-    key_h = key_h + 0.1 if key_h else 0.0
-    # the legend band: entries in as many columns as fit the width
-    leg_h, ncol = 0.0, 1
-    if legend:
-        entry_in = max(len(n) for n, _ in legend) * 0.6 * 8 * _PT + 0.45
-        ncol = max(1, min(len(legend), int((fig_w - 2 * pad) / entry_in)))
-        leg_h = _legend_height(legend, ncol, legend_title, fig_w, dpi) + 0.1
-    fig_h = (2 * pad + sup_h + title_h + sum(h_in) + gap_y * (len(rows) - 1) + key_h + leg_h)
-
-    fig = Figure(figsize=(fig_w, fig_h), dpi=dpi)
-
-    def box(x: float, top: float, w: float, h: float) -> list[float]:
-        """[left, bottom, width, height] in figure fractions of a box given in inches from the
-        top-left corner."""
-        return [x / fig_w, 1 - (top + h) / fig_h, w / fig_w, h / fig_h]
-
-    if sup:
-        fig.suptitle(sup, y=1 - pad / fig_h, va="top", fontsize=_SUPTITLE_PT, weight="bold")
-    xs = [pad + sum(w_in[:c]) + gap_x * c for c in range(len(columns))]
-    top = pad + sup_h + title_h
-    for r, (row, h) in enumerate(zip(rows, h_in)):
-        for c, tile in enumerate(row):
-            ax = fig.add_axes(box(xs[c], top, w_in[c], h))
-            ax.imshow(tile, interpolation="nearest", aspect="auto")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_label(f"tile:{r}:{c}")
-            if r == 0:
-                ax.set_title(titles[c], fontsize=_TITLE_PT, pad=4)
-        top += h + gap_y
-    top += 0.1 - gap_y
+    lay = _grid_layout(rows, columns, legend, legend_title, title, zoom, dpi)
+    fig = Figure(figsize=(lay.fig_w, lay.fig_h), dpi=dpi)
+    if lay.sup:
+        fig.suptitle(lay.sup, y=1 - _PAD / lay.fig_h, va="top", fontsize=_SUPTITLE_PT,
+                     weight="bold")
+    top = _draw_tiles(fig, lay, rows)
     for c, col in enumerate(columns):
         y = top
         if col.scale:
-            s = col.scale
-            cax = fig.add_axes(box(xs[c] + 0.06 * w_in[c], y, 0.88 * w_in[c], bar_h))
-            cax.set_label(f"colorbar:{c}")
-            cb = fig.colorbar(ScalarMappable(Normalize(s.vmin, s.vmax), s.cmap), cax=cax,
-                              orientation="horizontal", extend=s.extend)
-            # few, short tick labels (%g: 0.0005, not 0.00050) so that they never overlap
-            cax.xaxis.set_major_locator(MaxNLocator(nbins=max(2, min(5, int(0.88 * w_in[c]
-                                                                            / 0.55)))))
-            cax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            cax.tick_params(labelsize=_KEY_PT, length=2, pad=1)
-            cb.set_label(cb_labels[c], fontsize=_KEY_PT, labelpad=2)
-            y += cb_h[c]
+            _draw_colorbar(fig, lay, c, col.scale, y)
+            y += lay.cb_h[c]
         if col.swatches:
-            kax = fig.add_axes(box(xs[c], y, w_in[c], sw_h[c]))
-            kax.set_axis_off()
-            kax.set_label(f"swatches:{c}")
-            kax.legend([_patch(rgb) for _, rgb in col.swatches], [n for n, _ in col.swatches],
-                       loc="upper center", fontsize=_KEY_PT, frameon=False, borderaxespad=0,
-                       handlelength=1.4, handleheight=0.9, labelspacing=0.3)
+            _draw_swatches(fig, lay, c, col.swatches, y)
     if legend:
-        _draw_legend(fig, legend, ncol, legend_title, (0.5, pad / fig_h))
+        _draw_legend(fig, legend, lay.ncol, legend_title, (0.5, _PAD / lay.fig_h))
     return fig
 
 

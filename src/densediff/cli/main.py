@@ -477,17 +477,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from densediff.config import load_config
     from densediff.utils.fs import check_writable_file
 
-    check_size(args.size)
-    check_range(args.batch, "--batch", 1, 256)
-    check_range(args.repeats, "--repeats", 1, 1000)
+    # sizes, counts, variants and --precision are checked by bench() itself, before any work
     steps = parse_steps(args.steps, low=1)  # None: the model's share of 1, 3, 5
     if args.out:
         check_writable_file(args.out, "--out")
     cfg = load_config(_config_arg(args.config), args.overrides)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if args.precision is not None and not {"fast", "compiled"} & set(variants):
-        raise UserError("--precision: applies to the fast and compiled variants, and --variants "
-                        f"{args.variants!r} has neither")
     batches = None
     if args.batches is not None:
         try:
@@ -497,11 +492,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                             f"{args.batches!r}") from None
         if not batches:
             raise UserError("--batches: give at least one batch size, e.g. 1,4,8")
-        for b in batches:
-            check_range(b, "--batches", 1, 256)
     result = bench(cfg, size=tuple(args.size) if args.size else None, batch=args.batch,
                    steps=steps, device=args.device, repeats=args.repeats, variants=variants,
-                   batches=batches, precision=args.precision or "auto")
+                   batches=batches, precision=args.precision)
     print(format_bench(result))
     if args.out:
         _write_json(Path(args.out), result)
@@ -558,12 +551,8 @@ def _write_json(path: Path, obj) -> None:
 # parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="densediff", description="Dense prediction by diffusion: train, eval, predict, export, bench, "
-        "info, data check, demo.")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    """The ``train`` subcommand: a config, overrides, ``--resume``."""
     t = sub.add_parser("train", help="train a model from a YAML config")
     t.add_argument("config", help="YAML config file (may use _base_ inheritance)")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.iters=200")
@@ -571,6 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from <work_dir>/checkpoints/last exactly")
     t.set_defaults(func=cmd_train)
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    """The ``eval`` subcommand: a checkpoint, overrides, step counts, controls, plot."""
     e = sub.add_parser("eval", help="evaluate a checkpoint on a dataset split")
     e.add_argument("checkpoint")
     e.add_argument("overrides", nargs="*", help="dotted overrides of the stored config")
@@ -600,6 +592,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "diffusion arithmetic stay fp32); auto: bf16 where the hardware has it")
     e.set_defaults(func=cmd_eval)
 
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    """The ``predict`` subcommand: a checkpoint (or export folder), images, ``--out``."""
     pr = sub.add_parser("predict", help="segment (or estimate the depth of) an image or a folder "
                         "of images; depth writes <name>_depth.png (colour), _depth16.png "
                         "(16-bit, metres x the dataset's PNG scale) and _depth.npy (metres)")
@@ -638,6 +633,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "the first argument is then the export folder")
     pr.set_defaults(func=cmd_predict)
 
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    """The ``export`` subcommand: a checkpoint as ONNX graphs + deploy.json."""
     ex = sub.add_parser("export", help="export a checkpoint as ONNX graphs + deploy.json for "
                         "`predict --runtime onnx` and densediff.load_onnx (segmentation and "
                         "depth: DDP and discriminative models)")
@@ -652,6 +650,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write into a non-empty --out (files of the same name are replaced)")
     ex.set_defaults(func=cmd_export)
 
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    """The ``convert`` subcommand: an official DDP checkpoint as a run folder."""
     cv = sub.add_parser("convert", help="convert an official DDP checkpoint (.pth file or "
                         "hf://yfji/DDP-Weight/<name>.pth) into a densediff run folder")
     cv.add_argument("source", help="official checkpoint: a .pth file or hf://<repo>/<file>")
@@ -661,10 +662,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "recognise the released model)")
     cv.set_defaults(func=cmd_convert)
 
+
+def _add_models(sub: argparse._SubParsersAction) -> None:
+    """The ``models`` subcommand: the released DDP models."""
     mo = sub.add_parser("models", help="list the released DDP models (densediff config, the "
                         "authors' reported numbers, Hub file)")
     mo.set_defaults(func=cmd_models)
 
+
+def _add_diagnose(sub: argparse._SubParsersAction) -> None:
+    """The ``diagnose`` subcommand: map reliance, controls, fuse weights of a DDP."""
     dg = sub.add_parser("diagnose", help="DDP: does the map decoder use its noisy map? map "
                         "reliance, single-call controls vs the step curve, fuse weights")
     dg.add_argument("checkpoint")
@@ -679,6 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     dg.set_defaults(func=cmd_diagnose)
 
+
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    """The ``info`` subcommand: parameters, FLOPs and data summary of a config."""
     i = sub.add_parser("info", help="parameters, FLOPs estimate and data summary of a config")
     i.add_argument("config")
     i.add_argument("overrides", nargs="*")
@@ -686,6 +696,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input size for the FLOPs estimate (default: crop size)")
     i.set_defaults(func=cmd_info)
 
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    """The ``bench`` subcommand: latencies per execution variant, throughput, memory."""
     b = sub.add_parser("bench", help="latency of the encoder, one decoder step and whole "
                        "predictions at several step counts, and peak memory")
     b.add_argument("config", help="config file, or a run folder (its config.yaml)")
@@ -710,6 +723,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="write the results JSON here")
     b.set_defaults(func=cmd_bench)
 
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    """The ``data`` subcommand and its ``check``."""
     d = sub.add_parser("data", help="dataset tools")
     dsub = d.add_subparsers(dest="data_command", required=True)
     dc = dsub.add_parser("check", help="validate a dataset folder and list every problem")
@@ -719,6 +735,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "sunrgbd depth_folder; BEV: nuscenes")
     dc.set_defaults(func=cmd_data_check)
 
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    """The ``demo`` subcommand: train + evaluate + predict on generated data."""
     dm = sub.add_parser("demo", help="train + evaluate + predict on built-in generated data")
     dm.add_argument("--out", default="demo_out", help="parent folder of the demo run")
     # --iters and --task are checked by cmd_demo (one-line errors, not argparse's usage text)
@@ -728,6 +747,25 @@ def build_parser() -> argparse.ArgumentParser:
                     help="which demo to run (default: segmentation, about 4 min on 2 CPU cores; "
                     "all: the three one after the other)")
     dm.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``densediff`` parser: one subcommand from each ``_add_*`` function above."""
+    p = argparse.ArgumentParser(
+        prog="densediff", description="Dense prediction by diffusion: train, eval, predict, export, bench, "
+        "info, data check, demo.")
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_predict(sub)
+    _add_export(sub)
+    _add_convert(sub)
+    _add_models(sub)
+    _add_diagnose(sub)
+    _add_info(sub)
+    _add_bench(sub)
+    _add_data(sub)
+    _add_demo(sub)
     return p
 
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from densediff.deploy.export import DEPLOY_FILE, FORMAT, FORMAT_VERSION, ONNX_HINT
 from densediff.errors import UserError, one_line
+from densediff.models.interface import Trajectory
 from densediff.utils.checks import short_repr
 
 __all__ = ["OnnxDDP", "OnnxSegmentor", "load_onnx_model", "load_runtime", "read_deploy"]
@@ -76,11 +77,15 @@ class _OnnxModel:
     """What the runtime models share: ``encoder.onnx`` behind ``extract``, the fixed input
     size, and the ``to`` / ``eval`` calls :class:`~densediff.api.Predictor` makes."""
 
+    default_steps = min_steps = max_steps = 0
+    accumulation = False
+
     def __init__(self, folder: Path, meta: dict, cfg, threads: int | None,
                  providers: list[str] | None):
         self.meta = meta
         self.cfg = cfg
         self.task = meta["task"]
+        self.output_kind = "depth" if self.task == "depth" else "classes"
         self.encoder = _Session(folder / meta["graphs"]["encoder"], threads, providers)
         self.input_size = tuple(int(v) for v in meta["input_size"])
         self._noted: set[tuple[int, int]] = set()
@@ -129,15 +134,12 @@ class OnnxDDP(_OnnxModel):
     def __init__(self, folder: Path, meta: dict, cfg, threads: int | None = None,
                  providers: list[str] | None = None):
         from densediff.diffusion.schedules import get_schedule
-        from densediff.models.ddp import Trajectory
-        from densediff.models.depth import DepthTrajectory
 
         super().__init__(folder, meta, cfg, threads, providers)
         self.step = _Session(folder / meta["graphs"]["step"], threads, providers)
         self.diffusion_cfg = cfg.model.diffusion
         self.schedule = get_schedule(self.diffusion_cfg.schedule)
         self.map_channels = int(meta["map_channels"])
-        self.trajectory_cls = DepthTrajectory if self.task == "depth" else Trajectory
 
     default_steps = property(lambda self: self.diffusion_cfg.steps)
     accumulation = property(lambda self: self.diffusion_cfg.accumulation)
@@ -182,29 +184,15 @@ class OnnxDDP(_OnnxModel):
                            sampler=d.sampler if sampler is None else sampler,
                            randsteps=d.randsteps if randsteps is None else randsteps,
                            seeds=seeds, start=d.sample_start, self_condition=d.self_condition)
-        return self.trajectory_cls(preds)
+        return Trajectory(preds, self.output_kind)
 
-    def _sample(self, img, steps, **kwargs):
-        return self.sample_steps(self.extract(img), self.default_steps if steps is None
+    def predict_map(self, img: torch.Tensor, steps: int | None = None,
+                    accumulation: bool | None = None, **kwargs) -> torch.Tensor:
+        """As :meth:`densediff.models.interface.MapModel.predict_map`."""
+        traj = self.sample_steps(self.extract(img), self.default_steps if steps is None
                                  else steps, **kwargs)
-
-    def predict_logits(self, img: torch.Tensor, steps: int | None = None,
-                       accumulation: bool | None = None, **kwargs) -> torch.Tensor:
-        """As :meth:`densediff.models.DDP.predict_logits`: B x K x H x W scores."""
-        if self.task == "depth":
-            raise TypeError("a depth model has no class logits: use predict_depth")
-        traj = self._sample(img, steps, **kwargs)
         acc = self.accumulation if accumulation is None else accumulation
-        return self._up(traj.seg_logit(acc), img.shape[-2:])
-
-    def predict_depth(self, img: torch.Tensor, steps: int | None = None,
-                      accumulation: bool | None = None, **kwargs) -> torch.Tensor:
-        """As :meth:`densediff.models.DepthDDP.predict_depth`: B x 1 x H x W depth."""
-        if self.task != "depth":
-            raise TypeError("a segmentation model has no depth: use predict_logits")
-        traj = self._sample(img, steps, **kwargs)
-        acc = self.accumulation if accumulation is None else accumulation
-        return self._up(traj.depth(acc), img.shape[-2:])
+        return self._up(traj.output(acc), img.shape[-2:])
 
 
 class OnnxSegmentor(_OnnxModel):
@@ -219,16 +207,16 @@ class OnnxSegmentor(_OnnxModel):
         """The head's output on the feature grid (depth: in metres)."""
         return self.head_graph(feat)[0]
 
-    def predict_logits(self, img: torch.Tensor) -> torch.Tensor:
-        """As :meth:`densediff.models.Segmentor.predict_logits`: B x K x H x W logits."""
-        if self.task == "depth":
-            raise TypeError("a depth model has no class logits: use predict_depth")
-        return self._up(self.head(self.extract(img)), img.shape[-2:])
+    def sample_steps(self, feat: torch.Tensor, steps: int = 0, **settings) -> Trajectory:
+        """The head's output as a one-step trajectory (``steps`` must be 0)."""
+        if steps != 0:
+            raise ValueError(f"a discriminative model takes steps = 0, got {steps}")
+        return Trajectory([self.head(feat)[:, None]], self.output_kind)
 
-    def predict_depth(self, img: torch.Tensor) -> torch.Tensor:
-        """As :meth:`densediff.models.Depther.predict_depth`: B x 1 x H x W depth."""
-        if self.task != "depth":
-            raise TypeError("a segmentation model has no depth: use predict_logits")
+    def predict_map(self, img: torch.Tensor, steps: int | None = None, **kwargs
+                    ) -> torch.Tensor:
+        """As :meth:`densediff.models.interface.MapModel.predict_map`: the head's output
+        (logits, or depth in metres) at the input size."""
         return self._up(self.head(self.extract(img)), img.shape[-2:])
 
 

@@ -36,6 +36,8 @@ from densediff.config import Config
 from densediff.diffusion.samplers import seeded_normal
 from densediff.diffusion.schedules import alpha_sigma
 from densediff.engine.evaluate import _images
+from densediff.models import DDP
+from densediff.models.interface import Trajectory
 from densediff.pipelines import pipeline_for, sample_seed
 from densediff.utils import distributed as du
 
@@ -78,7 +80,7 @@ class _Scorer:
 
 def _one_step(model: nn.Module, out: torch.Tensor):
     """One decoder output as a one-step trajectory (R = 1 start)."""
-    return model.trajectory_cls([out[:, None]])
+    return Trajectory([out[:, None]], model.output_kind)
 
 
 def _rel_change(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
@@ -93,8 +95,7 @@ def _log_snr(model: nn.Module, t: float, n: int, device: torch.device) -> torch.
 def is_ddp(model: nn.Module) -> bool:
     """True for DDP models (any task): a map decoder ``denoise(features, y_t, log_snr)``, a
     map encoding of the GT and a continuous noise schedule."""
-    model = du.unwrap(model)
-    return all(hasattr(model, a) for a in ("denoise", "encode_target", "schedule"))
+    return isinstance(du.unwrap(model), DDP)
 
 
 def _check_ddp(model: nn.Module) -> None:

@@ -21,7 +21,6 @@ BEV code changes (reference notes §1.12):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,35 +32,19 @@ from densediff.diffusion.encodings import MultiLabelEmbedding
 from densediff.encoders.bev import BEVEncoder
 from densediff.encoders.lss import camera_features
 from densediff.models.ddp import DDP
+from densediff.models.interface import Trajectory
 from densediff.models.segmentor import FeatureSegmentor, build_head
 from densediff.tasks.bev import sigmoid_focal_loss
 from densediff.utils.grid import feature_grid, output_grid
 
-__all__ = ["BEVDDP", "BEVSegmentor", "BEVTrajectory"]
-
-
-@dataclass
-class BEVTrajectory:
-    """All sampling steps of one call: ``logits[s]`` is step s's output, B x R x K x X x Y
-    (R = ``randsteps`` starts; X x Y = the output grid)."""
-
-    logits: list[torch.Tensor]
-
-    def probs(self, accumulation: bool) -> torch.Tensor:
-        """B x K x X x Y: the mean sigmoid over all steps and starts (``accumulation``, the
-        official BEV output), or the last step's sigmoid averaged over starts."""
-        if accumulation:
-            return torch.stack([lg.sigmoid() for lg in self.logits]).mean((0, 2))
-        return self.logits[-1].sigmoid().mean(1)
-
-    def step_probs(self) -> torch.Tensor:
-        """S x B x K x X x Y: each step's sigmoid averaged over starts."""
-        return torch.stack([lg.sigmoid().mean(1) for lg in self.logits])
+__all__ = ["BEVDDP", "BEVSegmentor"]
 
 
 class _BEVModel:
     """What both BEV models share: the camera (+ LiDAR) to BEV features, the output grid and the
     loss. ``extract`` takes the input dict of :class:`~densediff.data.bev.BEVDataset`."""
+
+    output_kind = "multilabel"
 
     @staticmethod
     def bev_view(model_cfg: ModelConfig, bev: BEVDataConfig) -> Callable[[], nn.Module]:
@@ -98,11 +81,9 @@ class _BEVModel:
         per_class = sigmoid_focal_loss(logits, label, *self.focal)
         return {f"loss_{n}": v for n, v in zip(self.class_names, per_class)}
 
-    def forward(self, inputs: dict[str, torch.Tensor], label: torch.Tensor | None = None):
-        return self.forward_train(inputs, label) if label is not None else self.predict_probs(inputs)
-
-    def predict_logits(self, inputs, **kwargs) -> torch.Tensor:
-        raise TypeError("a BEV model outputs per-class probabilities: use predict_probs")
+    def resize_output(self, out: torch.Tensor, inputs) -> torch.Tensor:
+        """BEV maps stay on the output grid."""
+        return out
 
 
 class BEVSegmentor(_BEVModel, FeatureSegmentor):
@@ -129,20 +110,18 @@ class BEVSegmentor(_BEVModel, FeatureSegmentor):
         feat = self.extract(inputs)
         return self.add_aux_loss(self.bev_losses(self.head(feat), label), feat, label)
 
-    def predict_probs(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """B x K x X x Y per-class probabilities on the output grid."""
-        return self.head(self.extract(inputs)).sigmoid()
+    def sample_steps(self, feat: torch.Tensor, steps: int = 0, **settings) -> Trajectory:
+        """The head's per-class logits on the output grid as a one-step trajectory."""
+        return self.one_call(self.head(feat), steps)
 
 
 class BEVDDP(_BEVModel, DDP):
     """DDP for BEV maps (see the module docstring). Training is :meth:`DDP.forward_train`
     (Alg. 1 / Alg. 4) with the hooks below; sampling is :meth:`DDP.sample_steps` (Alg. 2),
-    returning a :class:`BEVTrajectory`.
+    returning a multilabel :class:`Trajectory`.
 
     Arguments: those of :class:`BEVSegmentor` (``model.diffusion`` is read too); the map
     encoding is :class:`~densediff.diffusion.encodings.MultiLabelEmbedding`."""
-
-    trajectory_cls = BEVTrajectory
 
     def __init__(self, model_cfg: ModelConfig, num_classes: int, *, bev: BEVDataConfig,
                  **kwargs):
@@ -164,12 +143,3 @@ class BEVDDP(_BEVModel, DDP):
 
     def task_losses(self, pred: torch.Tensor, label: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.bev_losses(pred, label)
-
-    def predict_probs(self, inputs: dict[str, torch.Tensor], steps: int | None = None,
-                      accumulation: bool | None = None, **kwargs) -> torch.Tensor:
-        """B x K x X x Y per-class probabilities. ``kwargs``: ``td``, ``sampler``,
-        ``randsteps``, ``seeds``."""
-        diff_cfg = self.diffusion_cfg
-        traj = self.sample_steps(self.extract(inputs),
-                                 diff_cfg.steps if steps is None else steps, **kwargs)
-        return traj.probs(diff_cfg.accumulation if accumulation is None else accumulation)

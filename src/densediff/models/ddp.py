@@ -17,7 +17,6 @@ final map (last step or accumulated mean), uncertainty maps and trajectories.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,41 +26,8 @@ from densediff.config import ModelConfig
 from densediff.diffusion.encodings import build_label_encoding
 from densediff.diffusion.samplers import sample_map
 from densediff.diffusion.schedules import TimeEmbedding, alpha_sigma, get_schedule, schedule_time
+from densediff.models.interface import Trajectory
 from densediff.models.segmentor import FeatureSegmentor, build_head
-
-
-@dataclass
-class Trajectory:
-    """All sampling steps of one call: ``logits[s]`` is step s's decoder output,
-    B x R x K x h x w (R = ``randsteps`` noise starts per image, h x w = the decoder grid)."""
-
-    logits: list[torch.Tensor]
-
-    def probs(self, accumulation: bool) -> torch.Tensor:
-        """B x K x h x w class probabilities: the mean over steps and starts of the per-step
-        softmax (``accumulation``), or the softmax of the last step's logits averaged over
-        starts (the official output)."""
-        if accumulation:
-            return torch.stack([lg.softmax(2) for lg in self.logits]).mean((0, 2))
-        return self.logits[-1].mean(1).softmax(1)
-
-    def scores(self, accumulation: bool) -> torch.Tensor:
-        """B x K x h x w scores whose softmax is :meth:`probs`: the log of the accumulated
-        probabilities, or the last step's logits averaged over starts."""
-        if accumulation:
-            return self.probs(True).clamp(min=1e-12).log()
-        return self.logits[-1].mean(1)
-
-    def seg_logit(self, accumulation: bool) -> torch.Tensor:
-        """B x K x h x w: the official output on the decoder grid (mmseg's "seg logit"): the
-        mean of the step probabilities (``accumulation``), else the last step's logits averaged
-        over starts. The inference path upsamples it bilinearly and applies softmax, as mmseg
-        does (with ``accumulation`` it thus upsamples probabilities, not their log)."""
-        return self.probs(True) if accumulation else self.logits[-1].mean(1)
-
-    def step_logits(self) -> torch.Tensor:
-        """S x B x K x h x w: each step's logits averaged over starts."""
-        return torch.stack([lg.mean(1) for lg in self.logits])
 
 
 class DDP(FeatureSegmentor):
@@ -97,7 +63,7 @@ class DDP(FeatureSegmentor):
         self.time_mlp = TimeEmbedding(diff_cfg.time_frequencies, 4 * c) if timed else None
         self.decoder = build_head(m.head, c, num_classes, time_channels=4 * c if timed else None)
 
-    trajectory_cls = Trajectory
+    output_kind = "classes"
     default_steps = property(lambda self: self.diffusion_cfg.steps)
     min_steps = 1
     max_steps = None
@@ -222,7 +188,7 @@ class DDP(FeatureSegmentor):
             sampler=diff_cfg.sampler if sampler is None else sampler,
             randsteps=diff_cfg.randsteps if randsteps is None else randsteps, seeds=seeds,
             start=diff_cfg.sample_start, self_condition=diff_cfg.self_condition)
-        return self.trajectory_cls(preds)
+        return Trajectory(preds, self.output_kind)
 
     @torch.no_grad()
     def decoder_step(self, feat: torch.Tensor) -> torch.Tensor:
@@ -230,15 +196,3 @@ class DDP(FeatureSegmentor):
         b, _, h, w = feat.shape
         x_t = torch.randn(b, self.map_encoding.channels, h, w, device=feat.device)
         return self.denoise(feat, x_t, self.schedule(torch.full((b,), 0.5, device=feat.device)))
-
-    def predict_logits(self, img: torch.Tensor, steps: int | None = None,
-                       accumulation: bool | None = None, **kwargs) -> torch.Tensor:
-        """B x K x H x W scores at the input size: :meth:`Trajectory.seg_logit` upsampled
-        bilinearly (the official output), for the generic inference path (softmax, slide
-        window, multi-scale + flip). ``kwargs``: ``td``, ``sampler``, ``randsteps``,
-        ``seeds``."""
-        diff_cfg = self.diffusion_cfg
-        traj = self.sample_steps(self.extract(img), diff_cfg.steps if steps is None else steps,
-                                 **kwargs)
-        scores = traj.seg_logit(diff_cfg.accumulation if accumulation is None else accumulation)
-        return F.interpolate(scores, size=img.shape[-2:], mode="bilinear", align_corners=False)

@@ -39,7 +39,8 @@ from densediff.diffusion.codecs import BitCodec, DiscreteCodec, MaskCodec
 from densediff.diffusion.encodings import AnalogBits
 from densediff.diffusion.samplers import GuidableDenoise, guided
 from densediff.diffusion.transitions import DiscreteTransition
-from densediff.models.ddp import DDP, Trajectory
+from densediff.models.ddp import DDP
+from densediff.models.interface import MapModel, Trajectory
 from densediff.tasks.segmentation import ce_loss
 
 __all__ = ["DDPS", "Condition", "build_codec"]
@@ -66,7 +67,7 @@ def build_codec(ddps_cfg: DDPSConfig, num_classes: int, ignore_index: int) -> Ma
     return BitCodec(AnalogBits(num_classes, ddps_cfg.bit_scale, ignore_index))
 
 
-class DDPS(nn.Module):
+class DDPS(MapModel):
     """The DDPS model; see the module doc. Modules: ``base`` (frozen), ``codec`` (for
     ``resize`` with the frozen random ``state_embed``, stored as ``state_embed`` in the
     state dict as before), ``unet`` and ``conv_seg`` (the new classifier).
@@ -124,9 +125,6 @@ class DDPS(nn.Module):
         """Called by the trainer before every optimizer step (two-stage training)."""
         self.iteration = iteration
 
-    def forward(self, img: torch.Tensor, label: torch.Tensor | None = None):
-        return self.forward_train(img, label) if label is not None else self.predict_logits(img)
-
     # ---------------------------------------------------------------- the two stages
 
     @torch.no_grad()
@@ -144,7 +142,7 @@ class DDPS(nn.Module):
                 traj = self.base.sample_steps(feat,
                                               self.ddps_cfg.base_steps or self.base.default_steps,
                                               seeds=[BASE_SEED] * b)
-                logits = traj.scores(self.base.accumulation)
+                logits = _scores(traj, self.base.accumulation)
                 features = captured[-1].view(b, -1, *captured[-1].shape[1:]).mean(1)
             else:
                 logits = self.base.head(feat)
@@ -266,11 +264,12 @@ class DDPS(nn.Module):
         guidance = ddps_cfg.guidance if guidance is None else guidance
         renoise = ddps_cfg.renoise if renoise is None else renoise
         if steps == 0:
-            return Trajectory([cond.logits[:, None]])
+            return Trajectory([cond.logits[:, None]], self.output_kind)
         if not ddps_cfg.diffusion:
             if steps != 1:
                 raise ValueError(f"the no-diffusion control makes one call, got steps={steps}")
-            return Trajectory([self.control_logits(cond.features, guidance)[:, None]])
+            return Trajectory([self.control_logits(cond.features, guidance)[:, None]],
+                              self.output_kind)
         features = cond.features
         b, _, h, w = features.shape
         dev = features.device
@@ -281,17 +280,7 @@ class DDPS(nn.Module):
             gens = [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]
         preds = self.codec.sample(self.mask_denoiser(features), (b, h, w), steps,
                                   guidance=guidance, renoise=renoise, generators=gens, device=dev)
-        return Trajectory([p[:, None] for p in preds])
-
-    def predict_logits(self, img: torch.Tensor, steps: int | None = None, **kwargs
-                       ) -> torch.Tensor:
-        """B x K x H x W logits of the last step at the input size (the generic inference
-        path: slide window, multi-scale + flip). ``kwargs``: ``seeds``, ``guidance``,
-        ``renoise``."""
-        traj = self.sample_steps(self.extract(img),
-                                 self.ddps_cfg.steps if steps is None else steps, **kwargs)
-        return F.interpolate(traj.scores(False), size=img.shape[-2:], mode="bilinear",
-                             align_corners=False)
+        return Trajectory([p[:, None] for p in preds], self.output_kind)
 
     @torch.no_grad()
     def decoder_step(self, cond: Condition) -> torch.Tensor:
@@ -301,6 +290,13 @@ class DDPS(nn.Module):
         b, _, h, w = cond.features.shape
         x_t = self.codec.middle(b, h, w, cond.features.device)
         return self.guided(cond.features, x_t.x_in, x_t.time, self.ddps_cfg.guidance)
+
+
+def _scores(traj: Trajectory, accumulation: bool) -> torch.Tensor:
+    """B x K x h x w scores whose softmax is the base's output probabilities: the log of the
+    accumulated step probabilities, or the last step's logits averaged over starts."""
+    out = traj.output(accumulation)
+    return out.clamp(min=1e-12).log() if accumulation else out
 
 
 _CODEC_KEY, _FLAT_KEY = "codec.state_embed", "state_embed"

@@ -20,8 +20,6 @@ the time MLP (``diffusion.time_input: t``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,10 +27,11 @@ from torch import nn
 from densediff.config import ModelConfig
 from densediff.diffusion.encodings import DepthEncoding
 from densediff.models.ddp import DDP
+from densediff.models.interface import Trajectory
 from densediff.models.segmentor import FeatureSegmentor, build_head
-from densediff.tasks.depth import depth_spread, gradient_loss, sig_loss, valid_mask
+from densediff.tasks.depth import gradient_loss, sig_loss, valid_mask
 
-__all__ = ["DepthDDP", "DepthTrajectory", "Depther", "downsample_depth"]
+__all__ = ["DepthDDP", "Depther", "downsample_depth"]
 
 
 def downsample_depth(depth: torch.Tensor, valid: torch.Tensor, size: tuple[int, int],
@@ -58,41 +57,10 @@ def downsample_depth(depth: torch.Tensor, valid: torch.Tensor, size: tuple[int, 
     return out.masked_fill(empty, fallback)
 
 
-@dataclass
-class DepthTrajectory:
-    """All sampling steps of one call: ``depths[s]`` is step s's depth, B x R x 1 x h x w
-    (R = ``randsteps`` noise starts per image)."""
-
-    depths: list[torch.Tensor]
-
-    def depth(self, accumulation: bool) -> torch.Tensor:
-        """B x 1 x h x w: the last step averaged over starts (the official output), or the
-        mean over all steps and starts (``accumulation``)."""
-        if accumulation:
-            return torch.stack(self.depths).mean((0, 2))
-        return self.depths[-1].mean(1)
-
-    def step_depths(self) -> torch.Tensor:
-        """S x B x 1 x h x w: each step's depth averaged over starts."""
-        return torch.stack([d.mean(1) for d in self.depths])
-
-    def spread(self, over: str) -> torch.Tensor | None:
-        """B x 1 x h x w uncertainty: the population standard deviation of the depth over the
-        ``steps`` (every step and start) or over the random ``starts`` of the last step.
-        None when there is only one step / start."""
-        if over == "steps":
-            x = torch.stack(self.depths)  # S x B x R x 1 x h x w
-            if x.shape[0] * x.shape[2] < 2:
-                return None
-            return depth_spread(x.transpose(1, 2).flatten(0, 1))  # (S R) x B x 1 x h x w
-        if over == "starts":
-            x = self.depths[-1]
-            return depth_spread(x.transpose(0, 1)) if x.shape[1] > 1 else None
-        raise ValueError(f"spread over 'steps' or 'starts', not {over!r}")
-
-
 class _DepthOutput:
     """What both depth models share: the output activation and the loss."""
+
+    output_kind = "depth"
 
     def _setup_depth(self, model_cfg: ModelConfig, min_depth: float, max_depth: float,
                      *convs: nn.Conv2d | None) -> None:
@@ -131,12 +99,6 @@ class _DepthOutput:
         losses["loss"] = sum(losses.values())
         return losses
 
-    def forward(self, img: torch.Tensor, label: torch.Tensor | None = None):
-        return self.forward_train(img, label) if label is not None else self.predict_depth(img)
-
-    def _up(self, depth: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        return F.interpolate(depth, size=size, mode="bilinear", align_corners=False)
-
 
 class Depther(_DepthOutput, FeatureSegmentor):
     """Discriminative depth model: features -> head (conv, or the deformable twin of DDP) ->
@@ -161,20 +123,18 @@ class Depther(_DepthOutput, FeatureSegmentor):
         depth = self.to_depth(self.head(feat))
         return self.add_aux_loss(self.depth_losses(depth, label), feat, label)
 
-    def predict_depth(self, img: torch.Tensor) -> torch.Tensor:
-        """B x 1 x H x W depth at the input size."""
-        return self._up(self.to_depth(self.head(self.extract(img))), img.shape[-2:])
+    def sample_steps(self, feat: torch.Tensor, steps: int = 0, **settings) -> Trajectory:
+        """The head's depth as a one-step trajectory (``settings`` are ignored)."""
+        return self.one_call(self.to_depth(self.head(feat)), steps)
 
 
 class DepthDDP(_DepthOutput, DDP):
     """DDP for depth: one-channel map diffusion (see the module docstring). Training is
     :meth:`DDP.forward_train` (Alg. 1 / Alg. 4) with the depth hooks below; sampling is
-    :meth:`DDP.sample_steps` (Alg. 2/3), returning a :class:`DepthTrajectory`.
+    :meth:`DDP.sample_steps` (Alg. 2/3), returning a depth :class:`Trajectory`.
 
     Arguments: those of :class:`Depther` (``model.diffusion`` is read too); the map encoding
     is :class:`~densediff.diffusion.encodings.DepthEncoding` over the depth range."""
-
-    trajectory_cls = DepthTrajectory
 
     def __init__(self, model_cfg: ModelConfig, *, min_depth: float, max_depth: float, **kwargs):
         super().__init__(model_cfg, 1, map_encoding=lambda: DepthEncoding(
@@ -199,16 +159,3 @@ class DepthDDP(_DepthOutput, DDP):
 
     def task_losses(self, pred: torch.Tensor, label: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.depth_losses(pred, label)
-
-    def predict_logits(self, img: torch.Tensor, **kwargs) -> torch.Tensor:
-        raise TypeError("a depth model has no class logits: use predict_depth")
-
-    def predict_depth(self, img: torch.Tensor, steps: int | None = None,
-                      accumulation: bool | None = None, **kwargs) -> torch.Tensor:
-        """B x 1 x H x W depth at the input size. ``kwargs``: ``td``, ``sampler``,
-        ``randsteps``, ``seeds``."""
-        diff_cfg = self.diffusion_cfg
-        traj = self.sample_steps(self.extract(img), diff_cfg.steps if steps is None else steps,
-                                 **kwargs)
-        depth = traj.depth(diff_cfg.accumulation if accumulation is None else accumulation)
-        return self._up(depth, img.shape[-2:])

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from densediff.config import DataConfig, HeadConfig, ModelConfig
@@ -19,13 +18,14 @@ from densediff.decoders.deformable import DeformableDecoder
 from densediff.decoders.heads import ConvHead, FCNHead
 from densediff.encoders import build_encoder
 from densediff.encoders.neck import FPNMerge
+from densediff.models.interface import MapModel, Trajectory
 from densediff.tasks.segmentation import ce_loss
 
 MEAN, STD = (DataConfig.model_fields[k].default for k in ("mean", "std"))
 """The default input normalisation (``data.mean`` / ``data.std``: ImageNet, 0..255 pixels)."""
 
 
-class FeatureSegmentor(nn.Module):
+class FeatureSegmentor(MapModel):
     """Encoder -> FPN + multi-stage merging (one stride-4 map), and the FCN aux head.
 
     Args:
@@ -75,10 +75,6 @@ class FeatureSegmentor(nn.Module):
         losses["loss"] = sum(losses.values())
         return losses
 
-    def forward(self, img: torch.Tensor, label: torch.Tensor | None = None):
-        # DistributedDataParallel calls forward(); route to the training or inference path.
-        return self.forward_train(img, label) if label is not None else self.predict_logits(img)
-
 
 def build_head(head: HeadConfig, in_channels: int, num_classes: int,
                time_channels: int | None = None) -> nn.Module:
@@ -105,7 +101,6 @@ class Segmentor(FeatureSegmentor):
         feat = self.extract(img)
         return self.add_aux_loss({"loss_ce": self.ce(self.head(feat), label)}, feat, label)
 
-    def predict_logits(self, img: torch.Tensor) -> torch.Tensor:
-        """Class logits B x K x H x W at the input resolution."""
-        logits = self.head(self.extract(img))
-        return F.interpolate(logits, size=img.shape[-2:], mode="bilinear", align_corners=False)
+    def sample_steps(self, feat: torch.Tensor, steps: int = 0, **settings) -> Trajectory:
+        """The head's class logits as a one-step trajectory (``settings`` are ignored)."""
+        return self.one_call(self.head(feat), steps)

@@ -20,6 +20,7 @@ from torch import nn
 
 from densediff.config import MAX_SAMPLING_STEPS, Config
 from densediff.errors import UserError
+from densediff.models.interface import is_diffusion as model_is_diffusion
 from densediff.utils import distributed as du
 
 __all__ = ["Pipeline", "check_steps", "is_diffusion", "resolve_steps", "sample_seed",
@@ -27,8 +28,9 @@ __all__ = ["Pipeline", "check_steps", "is_diffusion", "resolve_steps", "sample_s
 
 
 def is_diffusion(model: nn.Module) -> bool:
-    """True for models that sample (they take ``steps``)."""
-    return hasattr(du.unwrap(model), "sample_steps")
+    """True for models that sample (they take step counts other than 0); a
+    DistributedDataParallel wrapper is unwrapped."""
+    return model_is_diffusion(du.unwrap(model))
 
 
 def sample_seed(cfg: Config, index: int) -> int:
@@ -174,7 +176,3 @@ class Pipeline:
         """A random model input of ``batch`` samples and its (H, W) image size."""
         h, w = size if size else (cfg.data.train_pipeline.crop_size or (512, 512))
         return torch.randn(batch, 3, int(h), int(w), device=device), (int(h), int(w))
-
-    def predict_fn(self, model: nn.Module):
-        """The model's whole-prediction call (``fn(input, steps=n)``)."""
-        return model.predict_logits

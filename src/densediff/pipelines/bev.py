@@ -38,7 +38,7 @@ def bev_uncertainty_maps(model: nn.Module, feat: torch.Tensor, steps: int, accum
         normalised binary entropy of the output probability (``entropy``).
     """
     traj = model.sample_steps(feat, steps, seeds=seeds)
-    probs, step_probs = traj.probs(accumulation), traj.step_probs()
+    probs, step_probs = traj.output(accumulation), traj.step_outputs()
     maps = {"steps": step_change_uncertainty((step_probs >= 0.5).long()),
             "entropy": entropy_uncertainty(torch.stack([probs, 1 - probs]), dim=0)}
     return probs, step_probs, maps
@@ -181,15 +181,15 @@ class BEVPipeline(Pipeline):
                 for k, m in maps.items():
                     unc[n][k].update(m, wrong)
             else:
-                probs = model.predict_probs(inputs)
+                probs = model.predict_map(inputs)
             metrics[n].update(probs, label)
 
     def score_trajectory(self, model, metric, traj, label):
-        metric.update(traj.probs(model.accumulation), label)
+        metric.update(traj.output(model.accumulation), label)
 
     def change_rates(self, traj) -> list[float]:
         """From step s - 1 to s: the share of class cells whose mask (at 0.5) changes."""
-        m = traj.step_probs() >= 0.5
+        m = traj.step_outputs() >= 0.5
         return [float((m[s] != m[s - 1]).float().mean()) for s in range(1, len(m))]
 
     def format_metrics(self, metrics, class_names):
@@ -206,9 +206,6 @@ class BEVPipeline(Pipeline):
         h, w = bev.image_size
         return example_inputs(bev, batch, device), (int(h), int(w))
 
-    def predict_fn(self, model):
-        return model.predict_probs
-
     @torch.no_grad()
     def predict(self, predictor, sample: dict, steps: int | None = None, seed: int = 0,
                 threshold: float = 0.5) -> BEVPrediction:
@@ -223,7 +220,7 @@ class BEVPipeline(Pipeline):
         n = resolve_steps(model, steps, "this checkpoint")[0]
         extra: dict = {}
         if not is_diffusion(model):
-            probs = model.predict_probs(inputs)
+            probs = model.predict_map(inputs)
         else:
             probs, step_probs, maps = bev_uncertainty_maps(
                 model, model.extract(inputs), n, model.accumulation, [seed])

@@ -15,11 +15,32 @@ import torch.nn.functional as F
 from torch import nn
 
 from densediff.config import Config
+from densediff.models.interface import Trajectory
 from densediff.pipelines.base import Pipeline, is_diffusion, resolve_steps, write_files
 from densediff.pipelines.inference import predict_depth
-from densediff.tasks.depth import DepthMetric, DepthUncertaintyMetric, format_depth_metrics
+from densediff.tasks.depth import (
+    DepthMetric,
+    DepthUncertaintyMetric,
+    depth_spread,
+    format_depth_metrics,
+)
 
-__all__ = ["DepthPipeline", "DepthPrediction", "depth_uncertainty_maps"]
+__all__ = ["DepthPipeline", "DepthPrediction", "depth_uncertainty_maps", "trajectory_spread"]
+
+
+def trajectory_spread(traj: Trajectory, over: str) -> torch.Tensor | None:
+    """B x 1 x h x w uncertainty of a depth trajectory: the population standard deviation of
+    the depth over the ``steps`` (every step and start) or over the random ``starts`` of the
+    last step. None when there is only one step / start."""
+    if over == "steps":
+        x = torch.stack(traj.steps)  # S x B x R x 1 x h x w
+        if x.shape[0] * x.shape[2] < 2:
+            return None
+        return depth_spread(x.transpose(1, 2).flatten(0, 1))  # (S R) x B x 1 x h x w
+    if over == "starts":
+        x = traj.steps[-1]
+        return depth_spread(x.transpose(0, 1)) if x.shape[1] > 1 else None
+    raise ValueError(f"spread over 'steps' or 'starts', not {over!r}")
 
 
 @torch.no_grad()
@@ -41,9 +62,9 @@ def depth_uncertainty_maps(model: nn.Module, feat: torch.Tensor, steps: int,
         return F.interpolate(x, size=out_size, mode="bilinear", align_corners=False)[:, 0]
 
     maps = {k: up(v) for k in ("steps", "starts")
-            if (v := traj.spread(k)) is not None}
-    step_depths = torch.stack([up(d) for d in traj.step_depths()])
-    return up(traj.depth(accumulation)), step_depths, maps
+            if (v := trajectory_spread(traj, k)) is not None}
+    step_depths = torch.stack([up(d) for d in traj.step_outputs()])
+    return up(traj.output(accumulation)), step_depths, maps
 
 
 def _note(text: str) -> None:
@@ -185,21 +206,18 @@ class DepthPipeline(Pipeline):
                 unc[n][k].update(m, depth, label)
 
     def score_trajectory(self, model, metric, traj, label):
-        depth = F.interpolate(traj.depth(model.accumulation), size=label.shape[-2:],
+        depth = F.interpolate(traj.output(model.accumulation), size=label.shape[-2:],
                               mode="bilinear", align_corners=False)[:, 0]
         metric.update(depth, label)
 
     def change_rates(self, traj) -> list[float]:
         """From step s - 1 to s: the mean absolute depth change over the mean depth."""
-        d = traj.step_depths()
+        d = traj.step_outputs()
         return [float((d[s] - d[s - 1]).abs().mean() / d[s - 1].abs().mean().clamp(min=1e-12))
                 for s in range(1, len(d))]
 
     def format_metrics(self, metrics, class_names):
         return format_depth_metrics(metrics)
-
-    def predict_fn(self, model):
-        return model.predict_depth
 
     def output_names(self, predictor, uncertainty, trajectory, save_probs):
         _depth_scale(predictor.cfg)  # a folder dataset without data.depth.depth_scale: now

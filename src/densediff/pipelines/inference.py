@@ -5,7 +5,7 @@ produces logits at the size of the image it was given, these are resized bilinea
 original size, turned into softmax probabilities (and flipped back for flipped passes), and
 the probabilities of all passes are averaged.
 
-The model only needs ``predict_logits(img, **kwargs) -> B x K x h x w`` logits at its input
+The model only needs ``predict_map(img, **kwargs) -> B x K x h x w`` logits at its input
 resolution; extra keyword arguments (e.g. the number of diffusion steps) are passed through.
 """
 
@@ -34,7 +34,7 @@ def predict_probs(model: nn.Module, img: torch.Tensor, eval_cfg: EvalConfig,
     label map.
 
     Args:
-        model: anything with ``predict_logits(img, **kwargs)``; put it in eval mode first.
+        model: a model (``predict_map(img, **kwargs)``); put it in eval mode first.
         img: B x 3 x H x W normalised images (already test-resized).
         eval_cfg: ``cfg.eval``: ``mode`` (whole | slide), ``crop_size``, ``stride``, ``aug``.
         ori_size: (h, w) of the output, normally the original image size; None: (H, W).
@@ -45,7 +45,7 @@ def predict_probs(model: nn.Module, img: torch.Tensor, eval_cfg: EvalConfig,
         scale_input: ``ratio -> network input`` of that scale (e.g.
             :func:`densediff.data.transforms.aug_input` of the original image); used for
             every scale of ``aug`` instead of resizing ``img``.
-        **kwargs: forwarded to ``model.predict_logits``.
+        **kwargs: forwarded to ``model.predict_map``.
 
     Returns:
         B x K x h x w float32 probabilities (softmax over K, averaged over passes).
@@ -83,7 +83,7 @@ def _single_pass(model: nn.Module, img: torch.Tensor, eval_cfg: EvalConfig,
                  **kwargs) -> torch.Tensor:
     """Logits at the size of ``img`` in the configured mode."""
     if eval_cfg.mode == "whole":
-        return model.predict_logits(img, **kwargs)
+        return model.predict_map(img, **kwargs)
     if eval_cfg.mode == "slide":
         if eval_cfg.crop_size is None or eval_cfg.stride is None:
             raise ConfigError("eval.crop_size and eval.stride: both are required when "
@@ -105,7 +105,7 @@ def slide_logits(model: nn.Module, img: torch.Tensor, crop_size: tuple[int, int]
     inputs (fixed-size models, e.g. diffusion decoders, need that).
 
     Args:
-        model: has ``predict_logits(img, **kwargs)``.
+        model: has ``predict_map(img, **kwargs)``.
         img: B x C x H x W.
         crop_size: window (h, w).
         stride: step (h, w), each at most the window size (else pixels would be skipped).
@@ -129,7 +129,7 @@ def slide_logits(model: nn.Module, img: torch.Tensor, crop_size: tuple[int, int]
         for j in range(w_grids):
             y2, x2 = min(i * hs + hc, H), min(j * ws + wc, W)
             y1, x1 = y2 - hc, x2 - wc
-            out = model.predict_logits(img[:, :, y1:y2, x1:x2], **kwargs).float()
+            out = model.predict_map(img[:, :, y1:y2, x1:x2], **kwargs).float()
             if total is None:
                 total = out.new_zeros(out.shape[0], out.shape[1], H, W)
                 count = out.new_zeros(1, 1, H, W)
@@ -145,13 +145,13 @@ def predict_depth(model: nn.Module, img: torch.Tensor, ori_size: tuple[int, int]
 
     ``flip``: the flip test of the depth toolboxes: the mean of the prediction and the
     flipped-back prediction for the horizontally flipped image. ``kwargs`` go to
-    ``model.predict_depth`` (e.g. ``steps``, ``seeds``: the flipped pass uses the same noise).
+    ``model.predict_map`` (e.g. ``steps``, ``seeds``: the flipped pass uses the same noise).
     """
     out_size = tuple(ori_size) if ori_size is not None else tuple(img.shape[-2:])
     passes = [False, True] if flip else [False]
     total = None
     for f in passes:
-        d = model.predict_depth(img.flip(-1) if f else img, **kwargs).float()
+        d = model.predict_map(img.flip(-1) if f else img, **kwargs).float()
         d = d.flip(-1) if f else d
         if tuple(d.shape[-2:]) != out_size:
             d = F.interpolate(d, size=out_size, mode="bilinear", align_corners=False)

@@ -53,8 +53,8 @@ def uncertainty_maps(model: nn.Module, feat: torch.Tensor, steps: int, out_size:
 
     # accumulated: the mean step probabilities, upsampled (a distribution already); else the
     # softmax of the upsampled logits
-    probs = up(traj.probs(True)) if accumulation else up(traj.seg_logit(False)).softmax(1)
-    step_labels = torch.stack([class_ids(up(lg)) for lg in traj.step_logits()])
+    probs = up(traj.output(True)) if accumulation else up(traj.output(False)).softmax(1)
+    step_labels = torch.stack([class_ids(up(lg)) for lg in traj.step_outputs()])
     unc = {"steps": step_change_uncertainty(step_labels), "entropy": entropy_uncertainty(probs)}
     return probs, step_labels, unc
 
@@ -236,13 +236,13 @@ class SegmentationPipeline(Pipeline):
                 unc[n][k].update(m, pred != label, valid)
 
     def score_trajectory(self, model, metric, traj, label):
-        scores = F.interpolate(traj.seg_logit(model.accumulation), size=label.shape[-2:],
+        scores = F.interpolate(traj.output(model.accumulation), size=label.shape[-2:],
                                mode="bilinear", align_corners=False)
         metric.update(class_ids(scores), label)
 
     def change_rates(self, traj) -> list[float]:
         """From step s - 1 to s (s = 2..S): the share of pixels whose label changes."""
-        m = torch.stack([class_ids(lg) for lg in traj.step_logits()])
+        m = torch.stack([class_ids(lg) for lg in traj.step_outputs()])
         return [float((m[s] != m[s - 1]).float().mean()) for s in range(1, len(m))]
 
     def format_metrics(self, metrics, class_names):
