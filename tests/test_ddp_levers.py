@@ -12,7 +12,7 @@ from densediff.diffusion.samplers import sampling_times
 from densediff.diffusion.schedules import schedule_time
 from densediff.engine.optim import param_groups
 from densediff.tasks import load_config
-from test_ddp import small_model
+from densediff.testing.models import small_model
 
 
 def _fuse_inputs(model):

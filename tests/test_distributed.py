@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from densediff.testing import tiny
+from densediff.testing.tiny import QUICK_BASELINE as TINY
 from densediff.utils.checkpoint import load_metadata, load_weights
-from test_engine_train import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -138,7 +139,7 @@ def test_depth_eval_sharded_over_two_processes_equals_one(tmp_path):
 def test_bev_eval_sharded_over_two_processes_equals_one(tmp_path):
     """Three val scenes over two ranks: the IoU counts and uncertainty histograms are summed
     over processes, so the result equals a single-process evaluation."""
-    from test_cli_bev import TINY as BEV_TINY
+    BEV_TINY = tiny.TINY["generated/bev_ddp.yaml"]
 
     overrides = [o for o in BEV_TINY if not o.startswith("train.")] + ["data.gen_num_val=3"]
     sharded, single = sharded_and_single("generated/bev_ddp.yaml", 6, overrides, tmp_path)

@@ -21,9 +21,10 @@ from densediff.cli.main import main
 from densediff.engine import trainer as T
 from densediff.errors import ConfigError, DataError, UserError
 from densediff.tasks import TASKS
+from densediff.testing import tiny
+from densediff.testing.assertions import one_line_error
+from densediff.testing.runs import tiny_config, untrained_checkpoint
 from densediff.utils.checkpoint import load_metadata, load_train_state
-from test_cli import one_line_error, untrained_checkpoint
-from test_engine_train import tiny_config
 
 
 def _png(path: Path, h: int = 40, w: int = 40) -> Path:
@@ -352,7 +353,7 @@ def test_loss_spike_rule(tmp_path):
 def bev_ckpt(tmp_path_factory):
     from densediff.tasks import build_model, class_info, load_config
     from densediff.utils.checkpoint import save_checkpoint
-    from test_cli_bev import TINY as BEV_TINY
+    BEV_TINY = tiny.TINY["generated/bev_ddp.yaml"]
 
     path = tmp_path_factory.mktemp("bev") / "bev.safetensors"
     cfg = load_config("generated/bev_ddp.yaml", [*BEV_TINY, f"work_dir={path.parent}"])

@@ -19,13 +19,16 @@ from PIL import Image
 
 from densediff.cli.main import _output_stems, main
 from densediff.errors import CheckpointError, ConfigError, DataError, UserError
+from densediff.testing import tiny
+from densediff.testing.assertions import one_line_error
+from densediff.testing.runs import untrained_checkpoint
+from densediff.testing.tiny import DDP_HEAD as DDP_TINY
 from densediff.utils import checks
 from densediff.utils.checkpoint import load_metadata, save_checkpoint
 from densediff.utils.fs import LOCK_NAME, RunLock, atomic_write, remove_stale_temps
 from densediff.utils.signals import Interrupted, critical, graceful
-from test_cli import TINY, one_line_error, untrained_checkpoint
-from test_cli_ddp import DDP_TINY
 
+TINY = tiny.TINY["generated/baseline.yaml"]
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 

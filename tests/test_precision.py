@@ -11,9 +11,12 @@ import torch
 from densediff.cli.main import main
 from densediff.errors import ConfigError, UserError
 from densediff.tasks import build_model, class_info, load_config
+from densediff.testing import tiny
+from densediff.testing.assertions import one_line_error
+from densediff.testing.tiny import DDP_HEAD as DDP_TINY
 from densediff.utils.precision import autocast, resolve_precision
-from test_cli import TINY, one_line_error
-from test_cli_ddp import DDP_TINY
+
+TINY = tiny.TINY["generated/baseline.yaml"]
 
 
 def _tiny_ddp():

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
+from densediff.testing.tiny import QUICK_BASELINE as TINY
 from densediff.utils.checkpoint import load_metadata, load_weights
-from test_engine_train import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 

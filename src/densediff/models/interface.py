@@ -64,7 +64,9 @@ class Trajectory:
 
 @runtime_checkable
 class DenseModel(Protocol):
-    """What every model (and the onnxruntime model of :mod:`densediff.deploy`) provides.
+    """What every model (and the onnxruntime model of :mod:`densediff.deploy`) provides for
+    inference. Trainable models (:class:`MapModel`) add ``forward_train(inputs, label) ->
+    losses`` (``loss``: their sum).
 
     Attributes:
         output_kind: one of :data:`OUTPUT_KINDS`.
@@ -89,9 +91,6 @@ class DenseModel(Protocol):
     def predict_map(self, inputs: Any, steps: int | None = None, **settings: Any
                     ) -> torch.Tensor:
         """The output map B x C x H x W at the input size (BEV: the output grid)."""
-
-    def forward_train(self, inputs: Any, label: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The training losses (``loss``: their sum)."""
 
 
 def is_diffusion(model: DenseModel) -> bool:
