@@ -180,7 +180,8 @@ def convert_state(official: Mapping[str, Tensor], backbone: str,
     """Rename and re-lay-out an official DDP state dict for a densediff model, strictly.
 
     Args:
-        official: the official ``state_dict`` (mmseg names).
+        official: the official ``state_dict`` (mmseg names; or the BEV camera model's
+            BEVFusion names, converted by :mod:`densediff.official.mapping_bev`).
         backbone: ``swin`` or ``convnext``.
         model_state: the densediff model's own ``state_dict()`` (names and shapes to meet).
         source: the file, for messages.
@@ -192,8 +193,19 @@ def convert_state(official: Mapping[str, Tensor], backbone: str,
         CheckpointError: one line listing every official key no rule uses, every model key
             left without a tensor, and every shape that differs.
     """
+    from densediff.official.mapping_bev import BEV_PREFIXES, convert_bev_state
+
+    if any(k.startswith(BEV_PREFIXES) for k in official):  # the BEV camera model (swin)
+        return convert_bev_state(official, model_state, source)
     naming = swin_naming(model_state) if backbone == "swin" else {}
     rules = (_swin_rules(naming) if backbone == "swin" else _convnext_rules()) + _common_rules()
+    return apply_rules(official, rules, model_state, source)
+
+
+def apply_rules(official: Mapping[str, Tensor], rules: list[Rule],
+                model_state: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
+    """Rename ``official`` by the first matching rule of each key, then check strictly against
+    ``model_state`` (see :func:`convert_state`: returns and raises as it does)."""
     out: dict[str, Tensor] = {}
     unused: list[str] = []
     for key, tensor in official.items():
