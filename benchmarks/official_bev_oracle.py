@@ -28,7 +28,6 @@ Nothing of the official code is copied into densediff; this file only imports it
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import json
 import os
@@ -138,8 +137,8 @@ class _ForceRegister:
 def import_official():
     """Load the official camera-model modules; returns the ``DDP`` class."""
     sys.path[:0] = [str(BEV_SITE), str(ORACLE / "shims")]
-    import mmcv_lite_ops_shim  # noqa: F401  (mmcv.ops importable without compiled ops)
     import mmcv
+    import mmcv_lite_ops_shim  # noqa: F401  (mmcv.ops importable without compiled ops)
 
     real = mmcv.__version__
     mmcv.__version__ = "1.5.0"  # mmdet 2.20.0 asserts mmcv <= 1.5.0
@@ -348,7 +347,7 @@ def dump(out: Path, size=(64, 176), seed: int = 0, ncam: int = 2, randsteps: int
     dec = model.decoder["neck"](model.decoder["backbone"](bev))
     d["decoder"] = dec
     # one map-head call at a fixed noisy map and t
-    c, fh, fw = dec.shape[1], dec.shape[2], dec.shape[3]
+    fh, fw = dec.shape[2], dec.shape[3]
     x_t = torch.randn((1, 256, fh, fw), generator=g) * 0.6
     t = torch.tensor([0.5])
     log_snr = model.log_snr(t)

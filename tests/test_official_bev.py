@@ -16,7 +16,7 @@ from densediff.errors import CheckpointError, ConfigError, UserError
 from densediff.models import build_model
 from densediff.official.catalog import find_released
 from densediff.official.convert import describe, load_official, released_for
-from densediff.official.mapping_bev import convert_bev_state
+from densediff.official.mapping import convert_bev_state
 from densediff.utils.grid import BEVGrid
 
 FIX = Path(__file__).parent / "fixtures" / "official"

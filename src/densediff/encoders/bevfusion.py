@@ -2,7 +2,7 @@
 released ``ddp-camera-bev256d2-lss-scale001-d5-lr5e-5`` uses it), in plain PyTorch.
 
 ``model.bev.arch: bevfusion`` builds it; its parameter layout is the official one, so the
-released checkpoint converts name by name (:mod:`densediff.official.mapping_bev`).
+released checkpoint converts name by name (:func:`densediff.official.mapping.bev_rules`).
 
 1. :class:`CameraFPN` (BEVFusion ``GeneralizedLSSFPN``): the encoder's stride 8/16/32 levels,
    top-down: upsample the coarser map bilinearly (``align_corners=False``) to the finer one,
@@ -20,11 +20,12 @@ released checkpoint converts name by name (:mod:`densediff.official.mapping_bev`
      single cell spans ``zbound``); then cells outside ``[0, n)`` are dropped;
    - the splat sums the points of a cell (the CUDA ``bev_pool`` kernel), here by
      :func:`~densediff.encoders.lss.splat`.
-3. :func:`residual_stages` + :class:`UpFuse` (BEVFusion ``GeneralizedResNet`` + ``LSSFPN``): residual stages (basic
-   blocks, 3x3 convs, a 1x1 conv + BN shortcut where the shape changes), then the last stage
-   upsampled bilinearly (``align_corners=True``) to the first stage's size, concatenated with
-   it, 1x1 + 3x3 conv -> BN -> ReLU, and upsampled x``scale`` back to the feature grid
-   (bilinear, ``align_corners=True``, then 3x3 conv -> BN -> ReLU).
+3. :func:`residual_stages` + :class:`UpFuse` (BEVFusion ``GeneralizedResNet`` + ``LSSFPN``):
+   residual stages (basic blocks, 3x3 convs, a 1x1 conv + BN shortcut where the shape
+   changes), then the last stage upsampled bilinearly (``align_corners=True``) to the first
+   stage's size, concatenated with it, 1x1 + 3x3 conv -> BN -> ReLU, and upsampled
+   x``scale`` back to the feature grid (bilinear, ``align_corners=True``, then 3x3 conv ->
+   BN -> ReLU).
 """
 
 from __future__ import annotations

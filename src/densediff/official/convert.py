@@ -29,8 +29,7 @@ from densediff.errors import CheckpointError, UserError, one_line
 from densediff.models import build_model
 from densediff.official.catalog import ReleasedModel, match_released
 from densediff.official.hub import hub_download, is_hub_uri
-from densediff.official.mapping import convert_state
-from densediff.official.mapping_bev import BEV_PREFIXES
+from densediff.official.mapping import BEV_PREFIXES, convert_state
 from densediff.utils.checkpoint import load_into, save_checkpoint
 from densediff.utils.checks import require_file
 
