@@ -14,9 +14,11 @@ augmentation; the BEV frame = the ego frame), max |diff| of:
   output, noisy map and t;
 - the start noise (``seeds=[seed]``), every sampling step's probabilities, the sampler output
   (mean over steps and starts) and the whole model from the images (``predict_probs``), plus
-  the agreement of the 0.5-thresholded maps.
+  the agreement of the 0.5-thresholded maps (and, where they differ, how far the official
+  probability is from 0.5).
 
-Pass: every max |diff| <= ``--tol`` (1e-4) and 100 % agreement of the thresholded maps.
+Pass: every max |diff| <= ``--tol`` (1e-4); a 0.5-thresholded cell may differ only where the
+official probability is within the whole-model max |diff| of 0.5 (a round-off tie).
 
     .venv/bin/python benchmarks/official_parity_bev.py --dumps /tmp/bevparity --work /tmp/bevwork
 """
@@ -90,17 +92,27 @@ def compare(model, d: dict) -> dict:
     out["whole_model"] = maxdiff(probs[0], d["masks_bev"])
     ours, ref = probs[0] > 0.5, d["masks_bev"] > 0.5
     out["thresholded_agree"] = float((ours == ref).float().mean())
+    differ = ours != ref
+    out["thresholded_differ"] = int(differ.sum())
+    # how close the official probability is to the threshold where the maps differ
+    out["official_margin_at_differ"] = (float((d["masks_bev"][differ] - 0.5).abs().max())
+                                        if differ.any() else 0.0)
     out["official_bev_pool_check"] = info["bev_pool_check"]
     return out
 
 
+NOT_DIFFS = ("thresholded_agree", "thresholded_differ", "official_margin_at_differ",
+             "official_bev_pool_check")
+
+
 def passed(r: dict, tol: float) -> bool:
+    """Every max |diff| <= tol, and a thresholded cell may differ only where the official
+    probability is within round-off (the whole-model max |diff|) of 0.5."""
     vals = []
     for k, v in r.items():
-        if k in ("thresholded_agree", "official_bev_pool_check"):
-            continue
-        vals.extend(v if isinstance(v, list) else [v])
-    return max(vals) <= tol and r["thresholded_agree"] == 1.0
+        if k not in NOT_DIFFS:
+            vals.extend(v if isinstance(v, list) else [v])
+    return max(vals) <= tol and r["official_margin_at_differ"] <= r["whole_model"]
 
 
 def table(r: dict, info: dict, tol: float) -> str:
@@ -108,8 +120,12 @@ def table(r: dict, info: dict, tol: float) -> str:
         return " / ".join(f"{x:.1e}" for x in v) if isinstance(v, list) else (
             f"{v:.1e}" if isinstance(v, float) else str(v))
 
-    rows = [f"| {k} | {f(v)} |" for k, v in r.items() if k != "thresholded_agree"]
-    rows.append(f"| 0.5-thresholded maps agree | {100 * r['thresholded_agree']:.2f} % |")
+    rows = [f"| {k} | {f(v)} |" for k, v in r.items() if k not in NOT_DIFFS]
+    rows.append(f"| 0.5-thresholded maps agree | {100 * r['thresholded_agree']:.4f} % "
+                f"({r['thresholded_differ']} cells differ; official |p - 0.5| there <= "
+                f"{r['official_margin_at_differ']:.1e}) |")
+    rows.append(f"| official bev_pool reference vs a per-point loop | "
+                f"{r['official_bev_pool_check']:.1e} |")
     head = (f"{NAME}, random perturbed weights, {info['cameras']} cameras at "
             f"{info['size'][0]}x{info['size'][1]}, {info['steps']} steps, "
             f"{info['randsteps']} starts, seed {info['seed']}: "
