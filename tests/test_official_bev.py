@@ -121,3 +121,37 @@ def test_camera_fpn_uses_the_last_levels_top_down():
     assert torch.equal(fpn(levels), out)
     levels[-1] = levels[-1] + 1  # the coarsest one reaches the output through both steps
     assert not torch.allclose(fpn(levels), out)
+
+
+def test_nuscenes_lidar_frame_moves_cameras_points_and_map_into_the_lidar_sensor_frame(tmp_path):
+    """``data.bev.frame: lidar`` (the official BEV frame): everything is the ego-frame sample
+    moved by the inverse LIDAR_TOP calibration."""
+    import numpy as np
+
+    from densediff.data.nuscenes import NuScenesDataset
+    from densediff.testing.fixtures import write_nuscenes
+
+    nusc = write_nuscenes(tmp_path / "nuscenes", sweeps_per_sample=1)
+    records = {}
+    for frame in ("ego", "lidar"):
+        data = load_config(None, ["task=bev", "data.dataset=nuscenes", "data.bev.lidar=true",
+                                  "model.aux_head.enabled=false", "data.bev.image_size=[64,96]",
+                                  "data.bev.version=v1.0-mini", f"data.bev.frame={frame}"]).data
+        ds = NuScenesDataset(data, nusc["root"], "train", train=False)
+        records[frame] = ds.load(0)
+        tables = ds.tables
+    ego, lid = records["ego"], records["lidar"]
+    key = tables.key_frame(ds.samples[0], "LIDAR_TOP")
+    lidar2ego = tables.pose("calibrated_sensor", tables.get(
+        "calibrated_sensor", key["calibrated_sensor_token"]))
+    assert not np.allclose(lidar2ego, np.eye(4))  # the fixture's LiDAR is mounted off-centre
+    to_lidar = np.linalg.inv(lidar2ego)
+    np.testing.assert_allclose(lid.cam2ego, to_lidar @ ego.cam2ego, atol=1e-9)
+    np.testing.assert_allclose(lid.points[:, :3], ego.points[:, :3] @ to_lidar[:3, :3].T
+                               + to_lidar[:3, 3], atol=1e-4)
+    # the map: the same shapes, moved in 2-D by the LiDAR's yaw and x-y offset
+    name = next(n for n, polys in ego.map.polygons.items() if polys)
+    yaw = np.arctan2(lidar2ego[1, 0], lidar2ego[0, 0])
+    rot = np.array([[np.cos(yaw), -np.sin(yaw)], [np.sin(yaw), np.cos(yaw)]])
+    moved = (ego.map.polygons[name][0][0] - lidar2ego[:2, 3]) @ rot
+    np.testing.assert_allclose(lid.map.polygons[name][0][0], moved, atol=1e-6)

@@ -198,6 +198,11 @@ class BEVDataConfig(_Strict):
     evaluation). None: all."""
     version: str = "v1.0-trainval"
     """nuScenes table folder under the dataset root (``v1.0-mini`` for the mini split)."""
+    frame: Literal["ego", "lidar"] = "ego"
+    """nuScenes: the BEV frame (map grid, cameras, points): ``ego``, the LIDAR_TOP key frame's
+    ego frame (x forward, y left); ``lidar``, the LIDAR_TOP sensor frame, as BEVFusion and the
+    official DDP BEV models (whose converted weights expect it). The generated world has only
+    ``ego``."""
     gen_image_size: Size = (64, 176)
     """Generated world: rendered camera image size (h, w)."""
 
