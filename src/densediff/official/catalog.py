@@ -55,8 +55,8 @@ _ALIGNED_MIOU = {"tiny": "82.3 / 82.6 / 82.6", "large": "83.0 / 83.2 / 83.2"}
 _SIZE = {"tiny": "t", "small": "s", "base": "b", "large": "l"}
 _PROVEN_SEG = "oracle parity (random weights): see RESULTS, Official parity"
 _PROVEN_SHARED = "converted strictly; same code paths as the proven T/L sizes"
-_PROVEN_BEV_CAMERA = ("converted strictly (official BEVFusion camera layout, model.bev.arch "
-                      "bevfusion); oracle parity not run")
+_PROVEN_BEV_CAMERA = ("oracle parity (random weights; official camera modules on CPU, "
+                      "model.bev.arch bevfusion): see RESULTS, Official parity, BEV")
 _PROVEN_BEV_FUSION = ("not converted: the LiDAR branch (voxelisation, spconv SparseEncoder, "
                       "ConvFuser, SECOND decoder) has no densediff counterpart")
 
