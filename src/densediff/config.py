@@ -198,6 +198,11 @@ class BEVDataConfig(_Strict):
     evaluation). None: all."""
     version: str = "v1.0-trainval"
     """nuScenes table folder under the dataset root (``v1.0-mini`` for the mini split)."""
+    frame: Literal["ego", "lidar"] = "ego"
+    """nuScenes: the BEV frame (map grid, cameras, points): ``ego``, the LIDAR_TOP key frame's
+    ego frame (x forward, y left); ``lidar``, the LIDAR_TOP sensor frame, as BEVFusion and the
+    official DDP BEV models (whose converted weights expect it). The generated world has only
+    ``ego``."""
     gen_image_size: Size = (64, 176)
     """Generated world: rendered camera image size (h, w)."""
 
@@ -517,6 +522,22 @@ class DepthLossConfig(_Strict):
 class BEVModelConfig(_Strict):
     """The camera (and LiDAR) to BEV encoder of ``task: bev`` (BEVFusion-style, pure PyTorch)."""
 
+    arch: Literal["densediff", "bevfusion"] = "densediff"
+    """``densediff``: densediff's own encoder (:mod:`densediff.encoders.bev`: LSS on the
+    neck's pooled stride-4 map, LiDAR pillars, a conv fuser, residual blocks); ``bevfusion``:
+    the official DDP BEV camera stream (:mod:`densediff.encoders.bevfusion`: GeneralizedLSSFPN
+    on encoder levels 2-4, LSS with depthnet + downsample, GeneralizedResNet + LSSFPN), whose
+    weights the released camera checkpoint converts into. ``bevfusion`` is camera-only
+    (``data.bev.lidar: false``) and needs ``camera_stride: 8``."""
+    lift_downsample: Literal[1, 2] = 2
+    """``bevfusion`` only: the LSS splat grid is this many times finer than the feature grid, and
+    a stride-this conv stack brings it back (official 2: 0.4 m -> 0.8 m)."""
+    decoder_channels: tuple[Annotated[int, Field(ge=1, le=MAX_CHANNELS)], ...] = Field(
+        (160, 320, 640), min_length=2, max_length=8)
+    """``bevfusion`` only: channels of the residual BEV stages (official 160, 320, 640)."""
+    decoder_strides: tuple[Literal[1, 2], ...] = Field((2, 2, 1), min_length=2, max_length=8)
+    """``bevfusion`` only: their strides (official 2, 2, 1; the first is undone by upsampling)."""
+
     camera_stride: Literal[4, 8, 16] = 8
     """Stride of the camera features that are lifted (the neck's stride-4 map is average-pooled;
     BEVFusion: 8)."""
@@ -527,10 +548,24 @@ class BEVModelConfig(_Strict):
     fused_channels: Channels = Field(256)
     """Channels of the fused BEV features that condition the map decoder."""
     bev_blocks: int = Field(2, ge=0, le=MAX_LAYERS)
-    """Residual 3x3 conv blocks on the fused BEV features (the BEV backbone)."""
+    """Residual 3x3 conv blocks on the fused BEV features (the BEV backbone); ``bevfusion``:
+    blocks per residual stage (official 2, at least 1)."""
     focal_gamma: float = Field(2.0, ge=0)
     """Per-class sigmoid focal loss (BEVFusion: gamma 2, no alpha)."""
     focal_alpha: Optional[float] = Field(None, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _bevfusion(self) -> BEVModelConfig:
+        if self.arch == "bevfusion":
+            if self.camera_stride != 8:
+                raise ValueError("arch bevfusion lifts the stride-8 camera features: set "
+                                 "camera_stride: 8")
+            if len(self.decoder_channels) != len(self.decoder_strides):
+                raise ValueError(f"decoder_channels ({len(self.decoder_channels)}) and "
+                                 f"decoder_strides ({len(self.decoder_strides)}) differ in length")
+            if self.bev_blocks < 1:
+                raise ValueError("arch bevfusion needs bev_blocks >= 1 (blocks per stage)")
+        return self
 
 
 class ModelConfig(_Strict):
