@@ -1,8 +1,8 @@
 """Evaluate a model on a dataset split (single process or sharded under torch.distributed):
-the generic loop; what one image does to the metrics is the task pipeline's
-(:meth:`densediff.pipelines.base.Pipeline.score_image`).
+the generic loop over this process's images, feeding the task's
+:class:`~densediff.pipelines.base.Evaluator` (``reset`` / ``process`` / ``result``).
 
-Diffusion models (anything with ``extract`` + ``sample_steps``: :class:`~densediff.models.DDP`,
+Diffusion models (:class:`~densediff.models.DDP` and its depth / BEV variants,
 :class:`~densediff.models.DDPS`) can be scored at several step counts in one pass (dynamic
 inference): the encoder runs once per image and each requested step count runs its own
 trajectory from the same seeded noise. Their results also carry uncertainty scores: how well
@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from densediff.config import Config
 from densediff.errors import UserError
-from densediff.pipelines import is_diffusion, resolve_steps, sample_seed
+from densediff.pipelines import is_diffusion, resolve_steps
 from densediff.tasks import spec_for
 from densediff.utils import distributed as du
 from densediff.utils.precision import autocast
@@ -78,24 +78,10 @@ def evaluate_steps(model: nn.Module, dataset, cfg: Config, steps: Sequence[int] 
     pipe = spec_for(cfg).pipeline
     if aug and not pipe.has_aug:
         raise UserError(f"aug: {cfg.task} evaluation has no test-time augmentation")
-    device = next(model.parameters()).device
-    shared = pipe.shares_encoder(model, cfg, aug)
-    metrics = {n: pipe.metric(dataset, cfg, device) for n in steps}
-    unc = {n: pipe.uncertainty_metrics(model, cfg, n, shared, device) for n in steps}
+    evaluator = pipe.evaluator(model, dataset, cfg, steps, aug, next(model.parameters()).device)
     for index, img, label in _images(model, dataset, cfg, progress, precision):
-        feat = model.extract(img) if shared else None
-        scale_input = pipe.aug_inputs(dataset, index, cfg) if aug else None
-        pipe.score_image(model, cfg, dataset, feat, img, label, steps,
-                         [sample_seed(cfg, index)], aug, metrics, unc, scale_input)
-    results = {}
-    for n in steps:  # reduce: the full-set states on every process
-        metrics[n].reduce()
-        results[n] = metrics[n].compute()
-        if diffusion or unc[n]:  # a segmentor: its softmax entropy
-            for m in unc[n].values():
-                m.reduce()
-            results[n]["uncertainty"] = {k: m.compute() for k, m in unc[n].items()}
-    return results
+        evaluator.process(index, img, label)
+    return evaluator.result()
 
 
 def _images(model: nn.Module, dataset, cfg: Config, progress: bool, precision: str = "fp32"

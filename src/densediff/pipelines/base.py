@@ -24,7 +24,7 @@ from densediff.errors import UserError
 from densediff.models.interface import is_diffusion as model_is_diffusion
 from densediff.utils import distributed as du
 
-__all__ = ["Pipeline", "check_steps", "is_diffusion", "resolve_steps", "sample_seed",
+__all__ = ["Evaluator", "Pipeline", "check_steps", "is_diffusion", "resolve_steps", "sample_seed",
            "write_files"]
 
 
@@ -138,13 +138,24 @@ class Pipeline:
         """The uncertainty-map metrics one step count fills (may be empty)."""
         raise NotImplementedError
 
-    def score_image(self, model: nn.Module, cfg: Config, dataset, feat, img, label,
-                    steps: list[int], seeds: list[int], aug: bool, metrics: dict,
-                    unc: dict, scale_input=None) -> None:
-        """Update ``metrics[n]`` and ``unc[n][kind]`` with one image for each step count
-        ``n`` (``feat``: the shared encoder output, or None; ``scale_input``: see
-        :meth:`aug_inputs`)."""
+    def image_outputs(self, model: nn.Module, cfg: Config, feat, img, size: tuple[int, int],
+                      steps: int, seeds: list[int], aug: bool, scale_input=None
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One input's prediction at ``size`` (the label's) with ``steps`` steps, and its
+        uncertainty maps by kind (``feat``: the shared encoder output, or None;
+        ``scale_input``: see :meth:`aug_inputs`)."""
         raise NotImplementedError
+
+    def update_metrics(self, metric, unc: dict, pred: torch.Tensor,
+                       maps: dict[str, torch.Tensor], label: torch.Tensor, dataset) -> None:
+        """Add one prediction of :meth:`image_outputs` to ``metric`` and its maps to the
+        uncertainty metrics ``unc`` (by kind)."""
+        raise NotImplementedError
+
+    def evaluator(self, model: nn.Module, dataset, cfg: Config, steps: list[int], aug: bool,
+                  device: torch.device) -> Evaluator:
+        """The :class:`Evaluator` of this task's metrics at each step count."""
+        return Evaluator(self, model, dataset, cfg, steps, aug, device)
 
     def aug_inputs(self, dataset, index: int, cfg: Config):
         """``ratio -> network input`` for the test-time augmentation of dataset item
@@ -182,3 +193,53 @@ class Pipeline:
         """A random model input of ``batch`` samples and its (H, W) image size."""
         h, w = size if size else (cfg.data.train_pipeline.crop_size or (512, 512))
         return torch.randn(batch, 3, int(h), int(w), device=device), (int(h), int(w))
+
+
+class Evaluator:
+    """A task's metrics at several step counts, as ``reset`` / ``process`` / ``result``
+    (detectron2's ``DatasetEvaluator`` shape): :meth:`process` takes one input at a time;
+    :meth:`result` reduces over processes and computes.
+
+    Whole-image diffusion inference without test-time augmentation runs the encoder once per
+    input and samples every step count from its features (:meth:`Pipeline.shares_encoder`).
+    """
+
+    def __init__(self, pipe: Pipeline, model: nn.Module, dataset, cfg: Config,
+                 steps: list[int], aug: bool, device: torch.device):
+        self.pipe, self.model, self.dataset, self.cfg = pipe, model, dataset, cfg
+        self.steps, self.aug, self.device = list(steps), aug, device
+        self.shared = pipe.shares_encoder(model, cfg, aug)
+        self.reset()
+
+    def reset(self) -> None:
+        """Fresh metrics for every step count."""
+        pipe, model, cfg, dev = self.pipe, self.model, self.cfg, self.device
+        self.metrics = {n: pipe.metric(self.dataset, cfg, dev) for n in self.steps}
+        self.unc = {n: pipe.uncertainty_metrics(model, cfg, n, self.shared, dev)
+                    for n in self.steps}
+
+    def process(self, index: int, img, label: torch.Tensor) -> None:
+        """Score dataset item ``index`` (its test input and its label at the original size)
+        at every step count, with the item's own noise seed."""
+        feat = self.model.extract(img) if self.shared else None
+        scale_input = self.pipe.aug_inputs(self.dataset, index, self.cfg) if self.aug else None
+        seeds = [sample_seed(self.cfg, index)]
+        size = tuple(label.shape[-2:])
+        for n in self.steps:
+            pred, maps = self.pipe.image_outputs(self.model, self.cfg, feat, img, size, n, seeds,
+                                                 self.aug, scale_input)
+            self.pipe.update_metrics(self.metrics[n], self.unc[n], pred, maps, label,
+                                     self.dataset)
+
+    def result(self) -> dict[int, dict]:
+        """Step count -> the task's metrics (the full-set values on every process), with
+        ``uncertainty`` ``{kind: scores}`` where uncertainty maps were scored."""
+        results = {}
+        for n in self.steps:
+            self.metrics[n].reduce()
+            results[n] = self.metrics[n].compute()
+            if is_diffusion(self.model) or self.unc[n]:  # a segmentor: its softmax entropy
+                for m in self.unc[n].values():
+                    m.reduce()
+                results[n]["uncertainty"] = {k: m.compute() for k, m in self.unc[n].items()}
+        return results

@@ -179,17 +179,18 @@ class BEVPipeline(Pipeline):
             return {}
         return {k: UncertaintyMetric(device=device) for k in ("steps", "entropy")}
 
-    def score_image(self, model, cfg, dataset, feat, inputs, label, steps, seeds, aug, metrics,
-                    unc, scale_input=None):
-        for n in steps:
-            if is_diffusion(model):
-                probs, _, maps = bev_uncertainty_maps(model, feat, n, model.accumulation, seeds)
-                wrong = (probs >= 0.5) != label.bool()
-                for k, m in maps.items():
-                    unc[n][k].update(m, wrong)
-            else:
-                probs = model.predict_map(inputs)
-            metrics[n].update(probs, label)
+    def image_outputs(self, model, cfg, feat, img, size, steps, seeds, aug, scale_input=None):
+        if feat is not None:
+            probs, _, maps = bev_uncertainty_maps(model, feat, steps, model.accumulation, seeds)
+            return probs, maps
+        return model.predict_map(img), {}
+
+    def update_metrics(self, metric, unc, pred, maps, label, dataset):
+        if maps:
+            wrong = (pred >= 0.5) != label.bool()
+            for k, m in maps.items():
+                unc[k].update(m, wrong)
+        metric.update(pred, label)
 
     def score_trajectory(self, model, metric, traj, label):
         metric.update(traj.output(model.accumulation), label)

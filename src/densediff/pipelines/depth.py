@@ -194,21 +194,18 @@ class DepthPipeline(Pipeline):
         return {k: DepthUncertaintyMetric(dd.min_depth, dd.max_depth, dd.eval_crop,
                                           device=device) for k in kinds}
 
-    def score_image(self, model, cfg, dataset, feat, img, label, steps, seeds, aug, metrics,
-                    unc, scale_input=None):
-        diffusion = is_diffusion(model)
-        size = tuple(label.shape[-2:])
-        for n in steps:
-            maps = {}
-            if feat is not None:
-                depth, _, maps = depth_uncertainty_maps(model, feat, n, size, model.accumulation,
-                                                        seeds)
-            else:
-                kw = {"steps": n, "seeds": seeds} if diffusion else {}
-                depth = predict_depth(model, img, size, flip=aug, **kw)
-            metrics[n].update(depth, label)
-            for k, m in maps.items():
-                unc[n][k].update(m, depth, label)
+    def image_outputs(self, model, cfg, feat, img, size, steps, seeds, aug, scale_input=None):
+        if feat is not None:
+            depth, _, maps = depth_uncertainty_maps(model, feat, steps, size, model.accumulation,
+                                                    seeds)
+            return depth, maps
+        kw = {"steps": steps, "seeds": seeds} if is_diffusion(model) else {}
+        return predict_depth(model, img, size, flip=aug, **kw), {}
+
+    def update_metrics(self, metric, unc, pred, maps, label, dataset):
+        metric.update(pred, label)
+        for k, m in maps.items():
+            unc[k].update(m, pred, label)
 
     def score_trajectory(self, model, metric, traj, label):
         depth = F.interpolate(traj.output(model.accumulation), size=label.shape[-2:],

@@ -221,24 +221,22 @@ class SegmentationPipeline(Pipeline):
         original = dataset.load(index)[0]  # the uint8 image before the test resize
         return lambda ratio: aug_input(original, cfg.data, ratio)
 
-    def score_image(self, model, cfg, dataset, feat, img, label, steps, seeds, aug, metrics,
-                    unc, scale_input=None):
-        diffusion = is_diffusion(model)
-        h, w = label.shape[-2:]
+    def image_outputs(self, model, cfg, feat, img, size, steps, seeds, aug, scale_input=None):
+        if feat is not None:
+            probs, _, maps = uncertainty_maps(model, feat, steps, size, model.accumulation,
+                                              seeds, in_size=img.shape[-2:])
+            return probs, maps
+        kw = {"steps": steps, "seeds": seeds} if is_diffusion(model) else {}
+        probs = predict_probs(model, img, cfg.eval, ori_size=size, aug=aug,
+                              scale_input=scale_input, **kw)
+        return probs, {"entropy": entropy_uncertainty(probs)}
+
+    def update_metrics(self, metric, unc, pred, maps, label, dataset):
+        labels = class_ids(pred)
+        metric.update(labels, label)
         valid = label != dataset.ignore_index
-        for n in steps:
-            if feat is not None:
-                probs, _, maps = uncertainty_maps(model, feat, n, (h, w), model.accumulation,
-                                                  seeds, in_size=img.shape[-2:])
-            else:
-                kw = {"steps": n, "seeds": seeds} if diffusion else {}
-                probs = predict_probs(model, img, cfg.eval, ori_size=(h, w), aug=aug,
-                                      scale_input=scale_input, **kw)
-                maps = {"entropy": entropy_uncertainty(probs)}
-            pred = class_ids(probs)
-            metrics[n].update(pred, label)
-            for k, m in maps.items():
-                unc[n][k].update(m, pred != label, valid)
+        for k, m in maps.items():
+            unc[k].update(m, labels != label, valid)
 
     def score_trajectory(self, model, metric, traj, label):
         scores = F.interpolate(traj.output(model.accumulation), size=label.shape[-2:],
