@@ -162,16 +162,23 @@ def test_step_and_seed_bounds_at_eval_and_predict(capsys, tmp_path):
                    "--steps", "limit of 1000")
     from densediff.api import check_steps, load
 
-    with pytest.raises(UserError, match="1..1000"):
+    with pytest.raises(UserError, match="limit of 1000"):
         check_steps(load(ckpt).model, [1001])
 
 
-def test_cli_and_config_limits_agree():
-    import densediff.cli.main as cli
-    import densediff.config as config
+def test_limits_live_in_one_torch_free_module():
+    import subprocess
+    import sys
 
-    assert cli.MAX_SAMPLING_STEPS == config.MAX_SAMPLING_STEPS
-    assert cli.MAX_SEED == config.MAX_SEED
+    import densediff.config as config
+    import densediff.limits as limits
+
+    assert config.MAX_SAMPLING_STEPS is limits.MAX_SAMPLING_STEPS
+    assert config.MAX_SEED is limits.MAX_SEED
+    code = ("import sys, densediff.limits, densediff.cli.main as m; m.build_parser(); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"  # the CLI parser and the limits import no torch
 
 
 def test_long_sampling_shows_progress(monkeypatch):

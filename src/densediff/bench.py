@@ -62,6 +62,8 @@ import torch
 
 from densediff.config import Config
 from densediff.errors import UserError
+from densediff.limits import BENCH_MAX_BATCH as MAX_BATCH
+from densediff.limits import BENCH_MAX_REPEATS as MAX_REPEATS
 from densediff.models import DDP
 
 __all__ = ["MAX_BATCH", "MAX_REPEATS", "NOISY_SPREAD", "VARIANTS", "bench", "format_bench"]
@@ -70,10 +72,6 @@ VARIANTS = ("eager", "fast", "compiled", "onnx")
 DEFAULT_VARIANTS = ("eager", "fast", "onnx")
 NOISY_SPREAD = 0.15
 """(max - min) / median over rounds above which a measurement is flagged noisy."""
-MAX_BATCH = 256
-"""Largest ``batch`` and throughput batch size (``bench --batch``, ``--batches``)."""
-MAX_REPEATS = 1000
-"""Most timed rounds (``bench --repeats``), and most warmup rounds."""
 _DEFAULT_STEPS = (1, 3, 5)
 
 

@@ -20,6 +20,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from densediff.errors import ConfigError, UserError
+from densediff.limits import (  # noqa: F401 (re-exported: the schema's bounds)
+    MAX_BATCH,
+    MAX_CHANNELS,
+    MAX_CLASSES,
+    MAX_COUNT,
+    MAX_GRID_CELLS,
+    MAX_LAYERS,
+    MAX_SAMPLING_STEPS,
+    MAX_SEED,
+    MIN_TRAIN_SIDE,
+)
 from densediff.utils.checks import MAX_SIDE, check_nesting, read_text
 
 
@@ -28,30 +39,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
-MAX_SEED = 2**63 - 1
-"""Seeds are 0 .. 2^63 - 1 (what torch, numpy and Python's RNGs all accept)."""
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
-MAX_SAMPLING_STEPS = 1000
-"""Upper bound on sampling step counts (config, ``--steps``): DDIM gains nothing past a few
-dozen steps, and 1000 decoder calls of the paper's decoder take about half an hour on a CPU."""
 
-MIN_TRAIN_SIDE = 32
-"""The encoders' deepest stride: a training batch must leave BatchNorm more than one value per
-channel at this stride (ceil(h / 32) * ceil(w / 32) * batch >= 2)."""
 
-MAX_CHANNELS = 8192
-"""Upper bound on every channel count / width of the config (the paper's widest is 1024)."""
-MAX_LAYERS = 64
-"""Upper bound on layer, block, head, point and level counts."""
-MAX_CLASSES = 4096
-"""Upper bound on the number of classes."""
-MAX_COUNT = 10**9
-"""Upper bound on iteration counts, intervals and dataset sizes."""
-MAX_BATCH = 4096
-"""Upper bound on batch sizes and accumulation steps."""
-MAX_GRID_CELLS = 4096
-"""Upper bound on the cells of a BEV grid along one axis (and on depth bins)."""
 
 PosInt = Annotated[int, Field(ge=1)]
 PosFloat = Annotated[float, Field(gt=0)]

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 
 from densediff.errors import UserError
+from densediff.limits import MAX_DEMO_ITERS
 from densediff.tasks import load_config
 
 DEMO_CONFIG = "generated/ddp.yaml"  # shipped in densediff/configs
@@ -45,8 +46,6 @@ BEV_DEMO_ITERS = 300
 """The BEV demo trains 300 of the config's 2000 iterations (~6 min on 2 CPU cores)."""
 TASKS = ("segmentation", "depth", "bev", "all")
 DEFAULT_TASK = "segmentation"
-MAX_DEMO_ITERS = 100_000
-"""Upper bound of ``--iters`` (100000 iterations: hours of CPU; ``densediff train`` has none)."""
 
 
 def check_demo_options(out: str | os.PathLike, iters: int | None, task: str) -> None:

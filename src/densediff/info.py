@@ -7,6 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from densediff.config import Config
 from densediff.errors import UserError
+from densediff.utils.checks import check_size
 
 
 def count_params(module: torch.nn.Module) -> int:
@@ -34,6 +35,8 @@ def describe(cfg: Config, size: tuple[int, int] | None = None) -> str:
         lines.append(f"  {name:<14} {count_params(child) / 1e6:9.3f} M")
     lines.append(f"  {'total':<14} {count_params(model) / 1e6:9.3f} M")
     pipe = spec_for(cfg).pipeline
+    if size is not None:
+        check_size(list(size), "--size")
     if size is None and pipe.image_input:
         size = cfg.data.train_pipeline.crop_size or cfg.data.test_scale or (512, 512)
     x, size = pipe.example_input(cfg, size, 1, torch.device("cpu"))

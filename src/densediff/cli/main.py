@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from densediff.errors import UserError, terminal_line
+from densediff.limits import MAX_SEED
 from densediff.utils.alloc import configure_allocator
 
 DATA_CHECK_FORMATS = ("camvid", "ade20k", "cityscapes", "folder", "kitti", "nyu", "sunrgbd",
@@ -35,8 +36,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def parse_steps(text: str | None, low: int = 0) -> list[int] | None:
-    """``"1,2,3"`` -> [1, 2, 3]; UserError naming the option when malformed, below ``low`` or
-    above :data:`~densediff.config.MAX_SAMPLING_STEPS`."""
+    """``"1,2,3"`` -> [1, 2, 3]; UserError naming the option when malformed or below ``low``
+    (the model's step bounds are checked by the library: ``pipelines.check_steps``)."""
     if text is None:
         return None
     try:
@@ -46,20 +47,9 @@ def parse_steps(text: str | None, low: int = 0) -> list[int] | None:
                         ) from None
     if not steps or min(steps) < low:
         raise UserError(f"--steps: step counts must be at least {low}, got {text!r}")
-    for n in steps:
-        check_step_count(n)
     return steps
 
 
-MAX_SAMPLING_STEPS = 1000
-"""= ``densediff.config.MAX_SAMPLING_STEPS`` (repeated so that building the parser imports no
-torch; a test keeps them equal)."""
-
-
-def check_step_count(n: int, option: str = "--steps") -> None:
-    if n > MAX_SAMPLING_STEPS:
-        raise UserError(f"{option}: {n} steps is above the limit of {MAX_SAMPLING_STEPS} (DDIM "
-                        "gains nothing past a few dozen steps; each step is one decoder pass)")
 
 
 def parse_controls(text: str) -> list[tuple[str, float]] | None:
@@ -87,18 +77,6 @@ def check_range(value: int | None, option: str, low: int, high: int) -> None:
         raise UserError(f"{option}: must be between {low} and {high}, got {value}")
 
 
-def check_size(size: list[int] | None, option: str = "--size") -> None:
-    """UserError unless an (H, W) input size is within the limits: at least 32 x 32 (the
-    deepest encoder stride), at most 8192 a side and 4096 x 4096 pixels
-    (:func:`densediff.utils.checks.check_size`)."""
-    from densediff.utils.checks import check_size as check
-
-    if size is not None:
-        check(list(size), option)
-
-
-MAX_SEED = 2**63 - 1
-"""= ``densediff.config.MAX_SEED``."""
 
 
 def _add_ddps_options(p: argparse.ArgumentParser) -> None:
@@ -306,8 +284,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UserError(f"{out}: --out must be a folder, but this is {path_kind(out)}")
     if args.steps is not None and args.steps < 0:
         raise UserError(f"--steps: must be at least 0, got {args.steps}")
-    if args.steps is not None:
-        check_step_count(args.steps)
     check_range(args.seed, "--seed", 0, MAX_SEED)
     check_range(args.limit, "--limit", 1, 10**9)
     check_writable_dir(out, "--out")  # before any work: results that cannot be written are lost
@@ -415,7 +391,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     """``export``: a checkpoint as ONNX graphs + deploy.json (:mod:`densediff.deploy.export`)."""
     from densediff.deploy import export
 
-    check_size(args.size)
     meta = export(args.checkpoint, args.out, size=tuple(args.size) if args.size else None,
                   opset=args.opset, overwrite=args.overwrite)
     h, w = meta["input_size"]
@@ -495,7 +470,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     from densediff.info import describe
     from densediff.tasks import load_config
 
-    check_size(args.size)
     cfg = load_config(_config_arg(args.config), args.overrides)
     print(describe(cfg, size=tuple(args.size) if args.size else None))
     return 0

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from densediff.errors import DataError, UserError, one_line
+from densediff.limits import MAX_PIXELS_ENV, MAX_PIXELS_LIMIT
 from densediff.utils.checks import env_int, path_kind
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -28,15 +29,12 @@ LABEL_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
 
 _LABEL_MODES = ("L", "P", "1", "I", "I;16", "I;16L", "I;16B", "I;16N")
 
-MAX_PIXELS_ENV = "DENSEDIFF_MAX_IMAGE_PIXELS"
 DEFAULT_MAX_PIXELS = 50_000_000
 """Images with more pixels than this (default 50 M, e.g. 8660 x 5773) are refused from their
 header, before decoding: a small compressed file can decode to gigabytes. Set the environment
 variable ``DENSEDIFF_MAX_IMAGE_PIXELS`` to raise it (0: no limit; trusted files only)."""
 
 
-MAX_PIXELS_LIMIT = 2**40
-"""The largest value ``DENSEDIFF_MAX_IMAGE_PIXELS`` takes (a whole number; 0 = no limit)."""
 
 
 def max_image_pixels() -> int:

@@ -25,19 +25,13 @@ import torch
 
 from densediff.config import Config
 from densediff.errors import CheckpointError, UserError, one_line
+from densediff.limits import MAX_CLASSES_META, MAX_OFFICIAL_BYTES
 from densediff.official.catalog import ReleasedModel, match_released
 from densediff.official.hub import hub_download, is_hub_uri
 from densediff.official.mapping import BEV_PREFIXES, convert_state
 from densediff.tasks import build_model, class_info, load_config
 from densediff.utils.checkpoint import load_into, save_checkpoint
 from densediff.utils.checks import require_file
-
-MAX_OFFICIAL_BYTES = 8 << 30
-"""Largest official checkpoint read (8 GiB; the largest release, ConvNeXt-L with optimizer
-state, is well below)."""
-
-MAX_CLASSES_META = 1000
-"""Most class names / palette entries read from a checkpoint's metadata."""
 
 OFFICIAL_SUFFIXES = (".pth", ".pt", ".bin")
 """File suffixes treated as official (pickle-zip) checkpoints; densediff's own are safetensors."""

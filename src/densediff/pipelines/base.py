@@ -48,6 +48,11 @@ def check_steps(model: nn.Module, steps: Sequence[int], source: str = "model",
     model = du.unwrap(model)
     lo, hi = model.min_steps, model.max_steps
     top = MAX_SAMPLING_STEPS if hi is None else min(hi, MAX_SAMPLING_STEPS)
+    over = [n for n in steps if n > MAX_SAMPLING_STEPS]
+    if over:
+        raise UserError(f"{key}: {over[0]} steps is above the limit of {MAX_SAMPLING_STEPS} "
+                        "(DDIM gains nothing past a few dozen steps; each step is one decoder "
+                        "pass)")
     bad = [n for n in steps if n < lo or n > top]
     if bad:
         why = getattr(model, "max_steps_reason", "the trained timesteps")

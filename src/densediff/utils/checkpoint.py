@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from densediff.errors import CheckpointError, one_line, terminal_line
+from densediff.limits import MAX_MODEL_BYTES
 from densediff.utils.checks import MAX_NESTING, json_depth, require_file
 from densediff.utils.fs import atomic_write
 
@@ -168,8 +169,6 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor],
     model.load_state_dict(state, strict=True)
 
 
-MAX_MODEL_BYTES = 16 * 2**30
-"""Largest model (parameters + buffers) a checkpoint's config may ask for: 16 GiB."""
 
 
 def check_fits(build: Callable[[], nn.Module], state: Mapping[str, torch.Tensor],

@@ -24,20 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from densediff.errors import UserError, one_line
+from densediff.limits import (
+    MAX_INPUT_PIXELS,
+    MAX_NESTING,
+    MAX_NODES,
+    MAX_SIDE,
+    MAX_TEXT_BYTES,
+    MIN_SIDE,
+)
 
-MAX_SIDE = 8192
-"""Largest height or width of an input size (``export/info/bench --size``, deploy.json
-``input_size``, config crop sizes)."""
-MAX_INPUT_PIXELS = 4096 * 4096
-"""Largest H x W of an input size (16.8 M pixels; Cityscapes' 1024 x 2048 is 2.1 M)."""
-MIN_SIDE = 32
-"""Smallest height or width of an input size (the encoders' deepest stride)."""
-MAX_NESTING = 32
-"""Deepest nesting of lists/mappings in a JSON or YAML file we read (configs nest 4 deep)."""
-MAX_NODES = 1_000_000
-"""Most values (after YAML aliases are expanded) in one config, deploy.json or metadata."""
-MAX_TEXT_BYTES = 64 * 2**20
-"""Largest text file read whole (configs, deploy.json, classes.txt, split lists): 64 MiB."""
 TEXT_ENCODINGS = "UTF-8 (with or without a byte-order mark; ASCII is UTF-8)"
 """The encodings text files are read in, for messages and the README."""
 
