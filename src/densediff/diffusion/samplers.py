@@ -144,7 +144,7 @@ def sample_ddim(denoise: StepDenoise, x_T: torch.Tensor, schedule: LogSNRSchedul
         the last prediction (the output).
     """
     x_t, x0 = x_T, None
-    for s, t_next, ls_now, ls_next in _time_grid(schedule, x_T, steps, td, start):
+    for s, _t_next, ls_now, ls_next in _time_grid(schedule, x_T, steps, td, start):
         pred, x0 = denoise(x_t, ls_now, x0 if self_condition else None)
         if callback is not None:
             callback(s, pred)
