@@ -270,18 +270,25 @@ def export_model(model: nn.Module, cfg, out: str | os.PathLike,
                            out / "encoder.onnx", opset, check, "features_max_abs_diff")
     graphs = (_export_step(model, feat, gen, out, opset, check) if is_diffusion(model)
               else _export_head(model, feat, out, opset, check))
-    meta = {**_describe(model, cfg, source, opset, (h, w), feat, names), **graphs}
-    meta["inputs"] = {}
-    for graph, name in meta["graphs"].items():
-        onnx.checker.check_model(str(out / name))
-        meta["inputs"][graph] = [i.name for i in onnx.load(str(out / name),
-                                                           load_external_data=False).graph.input]
+    meta = {**_describe(model, cfg, source, opset, (h, w), feat, names), **graphs,
+            "inputs": _graph_inputs(onnx, out, graphs["graphs"])}
     meta["check"] = check if check is None else {  # strict JSON: NaN/inf are not numbers
         k: (v if math.isfinite(v) else None) for k, v in check.items()}
     meta["config"] = config if config is not None else cfg.to_dict()
     text = json.dumps(meta, indent=1)
     atomic_write(out / DEPLOY_FILE, lambda tmp: tmp.write_text(text), what="export")
     return meta
+
+
+def _graph_inputs(onnx, out: Path, graphs: dict[str, str]) -> dict[str, list[str]]:
+    """Each written graph checked by ``onnx.checker``; its input names, in order (the
+    exporter leaves out inputs the graph never reads)."""
+    inputs = {}
+    for graph, name in graphs.items():
+        onnx.checker.check_model(str(out / name))
+        model = onnx.load(str(out / name), load_external_data=False)
+        inputs[graph] = [i.name for i in model.graph.input]
+    return inputs
 
 
 def _new_check() -> dict | None:
