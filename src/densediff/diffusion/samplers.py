@@ -24,6 +24,7 @@ both run it.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 import torch
 from tqdm import tqdm
@@ -32,12 +33,12 @@ from densediff.diffusion.noise import generators, seeded_normal
 from densediff.diffusion.schedules import LogSNRSchedule, alpha_sigma
 from densediff.diffusion.transitions import DiscreteTransition, sample_categorical, stride_times
 
-__all__ = ["SAMPLERS", "GaussianSampler", "GuidableDenoise", "MapStep", "StepCallback",
+__all__ = ["SAMPLERS", "GaussianSampler", "GuidableDenoise", "MapStep", "Noise", "StepCallback",
            "StepDenoise", "classifier_free_guidance", "ddim_step", "ddpm_step", "guided",
            "sample_ddim", "sample_ddpm", "sample_discrete", "sample_map", "sample_prior",
            "sampling_times"]
 
-StepDenoise = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"],
+StepDenoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None],
                        tuple[torch.Tensor, torch.Tensor]]
 """``denoise(x_t, log_snr, x0_prev) -> (prediction, x0)``: one network call on x_t (N x C x
 h x w) at ``log_snr`` (N values), and the prediction re-encoded as the x0 estimate (x_t's
@@ -137,7 +138,7 @@ def sample_ddim(denoise: StepDenoise, x_T: torch.Tensor, schedule: LogSNRSchedul
         start: the time of the first step (1: pure noise, as Alg. 2; below 1 the step grid
             is scaled into [0, start], x_T is used as it is).
         self_condition: pass each step's x0 estimate to the next call as ``x0_prev``.
-        noise: unused (the signature of :data:`GaussianSampler`).
+        noise: unused (the signature of :class:`GaussianSampler`).
         callback: see :data:`StepCallback`.
 
     Returns:
@@ -176,9 +177,14 @@ def sample_ddpm(denoise: StepDenoise, x_T: torch.Tensor, schedule: LogSNRSchedul
     return pred
 
 
-GaussianSampler = Callable[..., torch.Tensor]
-"""The signature every :data:`SAMPLERS` entry has: ``(denoise, x_T, schedule, steps, *, td,
-start, self_condition, noise, callback) -> last prediction`` (see :func:`sample_ddim`)."""
+class GaussianSampler(Protocol):
+    """The signature every :data:`SAMPLERS` entry has (see :func:`sample_ddim`)."""
+
+    def __call__(self, denoise: StepDenoise, x_T: torch.Tensor, schedule: LogSNRSchedule,
+                 steps: int, *, td: float = 1.0, start: float = 1.0,
+                 self_condition: bool = False, noise: Noise | None = None,
+                 callback: StepCallback | None = None) -> torch.Tensor: ...
+
 
 SAMPLERS: dict[str, GaussianSampler] = {
     "ddim": sample_ddim,
