@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from densediff.tasks.segmentation import class_ids
+from densediff.criteria.segmentation import class_ids
 
 
 def main(rounds: int = 30) -> None:

@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from densediff.config import load_config
-from densediff.data import build_dataset
-from densediff.tasks.bev import constant_iou
-from densediff.tasks.depth import best_constant_depth
+from densediff.criteria.bev import constant_iou
+from densediff.criteria.depth import best_constant_depth
+from densediff.tasks import build_dataset, load_config
 
 
 def main() -> None:

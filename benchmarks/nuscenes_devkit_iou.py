@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from densediff.config import load_config
 from densediff.data.nuscenes import devkit_label_pairs
+from densediff.tasks import load_config
 from densediff.testing.fixtures import write_nuscenes
 from densediff.utils.grid import output_grid
 

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from densediff.api import load_model
-from densediff.data import build_dataset
 from densediff.decoders.msda import msda_impl
 from densediff.engine.evaluate import evaluate_steps
 from densediff.pipelines import pipeline_for
+from densediff.tasks import build_dataset
 
 SETTINGS = [("grid_sample fp32", "grid_sample", "fp32"), ("gather fp32", "gather", "fp32"),
             ("gather bf16", "gather", "bf16")]

@@ -27,12 +27,10 @@ from pathlib import Path
 
 import torch
 
-from densediff.config import load_config
-from densediff.data import class_info
 from densediff.decoders.msda import msda_impl
 from densediff.engine.optim import build_optimizer
 from densediff.engine.trainer import train_step
-from densediff.models import build_model
+from densediff.tasks import build_model, class_info, load_config
 from densediff.utils.alloc import set_glibc_fast
 
 VARIANTS = {"today": ("grid_sample", False, "fp32"), "default": ("auto", True, "fp32"),

@@ -1,13 +1,16 @@
 """Shared fixtures. The tiny trained runs are trained once per test session (session scope)
 and are read-only for the tests: a test that needs to write into a run copies it first
-(:func:`copy_run`)."""
+(:func:`densediff.testing.runs.copy_run`). Plain helpers and override lists shared by the test
+modules live in :mod:`densediff.testing` (no test module imports another)."""
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+
+from densediff.tasks import load_config
+from densediff.testing.tiny import DDP_HEAD, TINY, TOY_DDP
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,12 +38,6 @@ def _seed_and_threads():
     yield
 
 
-def copy_run(run: Path, dest: Path) -> Path:
-    """A writable copy of a shared run folder (the shared one must stay as trained)."""
-    shutil.copytree(run, dest)
-    return dest
-
-
 def _train_cli(work: Path, config: str, *overrides: str) -> Path:
     from densediff.cli.main import main
 
@@ -52,36 +49,29 @@ def _train_cli(work: Path, config: str, *overrides: str) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_baseline_run(tmp_path_factory) -> Path:
-    """The tiny conv-head run on generated scenes (``test_cli.TINY``, 4 iterations), trained
-    through the CLI once per session."""
-    from test_cli import TINY
-
+    """The tiny conv-head run on generated scenes (``TINY["generated/baseline.yaml"]`` of
+    :mod:`densediff.testing.tiny`, 4 iterations), trained through the CLI once per session."""
     return _train_cli(tmp_path_factory.mktemp("baseline") / "gen",
-                      "configs/generated/baseline.yaml", *TINY)
+                      "configs/generated/baseline.yaml", *TINY["generated/baseline.yaml"])
 
 
 @pytest.fixture(scope="session")
 def tiny_ddp_run(tmp_path_factory) -> Path:
-    """The tiny DDP run (``TINY`` + ``test_cli_ddp.DDP_TINY``, 4 iterations), trained through
-    the CLI once per session. Untrained in effect: for wiring, files and bad input."""
-    from test_cli import TINY
-    from test_cli_ddp import DDP_TINY
-
+    """The tiny DDP run (the baseline's tiny overrides + ``DDP_HEAD``, 4 iterations), trained
+    through the CLI once per session. Untrained in effect: for wiring, files and bad input."""
     return _train_cli(tmp_path_factory.mktemp("ddp") / "run", "configs/generated/ddp.yaml",
-                      *TINY, *DDP_TINY)
+                      *TINY["generated/baseline.yaml"], *DDP_HEAD)
 
 
 @pytest.fixture(scope="session")
 def toy_ddp(tmp_path_factory):
-    """A DDP that has learned the generated-scene task (``test_ddp.TOY``: 150 iterations,
+    """A DDP that has learned the generated-scene task (``TOY_DDP``: 150 iterations,
     mIoU well above chance): ``(cfg, returned metrics)``. For claims that need a trained model
     (uncertainty on wrong pixels, the bf16 tolerance)."""
-    from densediff.config import load_config
     from densediff.engine import trainer as T
-    from test_ddp import TOY
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
     cfg = load_config("generated/baseline.yaml",
-                      [f"work_dir={tmp_path_factory.mktemp('toy') / 'w'}", *TOY])
+                      [f"work_dir={tmp_path_factory.mktemp('toy') / 'w'}", *TOY_DDP])
     return cfg, T.train(cfg)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from densediff.config import load_config
+from densediff.criteria.bev import BEVIoUMetric, sigmoid_focal_loss
 from densediff.data.bev import (
     DIVIDER_WIDTH,
     MapGeometry,
@@ -21,14 +21,14 @@ from densediff.data.bev import (
     warp_image,
 )
 from densediff.decoders.bev import BEVGridTransform
-from densediff.diffusion import alpha_sigma
 from densediff.diffusion.encodings import MultiLabelEmbedding
 from densediff.encoders.bev import PillarEncoder
 from densediff.encoders.lss import LSSTransform, bev_pool, depth_bins, frustum, lift_points
 from densediff.engine.optim import cyclic_ratio, scheduled_lr, set_lr
 from densediff.errors import ConfigError
-from densediff.models import BEVDDP, BEVSegmentor, build_model
-from densediff.tasks.bev import BEVIoUMetric, sigmoid_focal_loss
+from densediff.models import BEVDDP, BEVSegmentor
+from densediff.tasks import build_model, load_config
+from densediff.testing.spies import assert_self_aligned, record_denoise
 from densediff.utils.grid import BEVGrid
 
 GRID = BEVGrid((-25.6, 25.6, 0.8), (-25.6, 25.6, 0.8))
@@ -533,26 +533,14 @@ def test_collate_pads_points():
 def test_self_aligned_bev_training_noises_its_own_prediction():
     torch.manual_seed(0)
     model = build_model(tiny_cfg("model.diffusion.self_aligned=true"), 6)
-    calls = []
-    denoise = model.denoise
-
-    def spy(feat, x_t, log_snr):
-        out = denoise(feat, x_t, log_snr)
-        calls.append((log_snr.detach(), x_t.detach().clone(), out.detach()))
-        return out
-
-    model.denoise = spy
+    calls = record_denoise(model)
     label = (torch.rand(2, 6, 32, 32) > 0.5).to(torch.uint8)
     losses = model(tiny_inputs(), label)
     assert len(calls) == 2 and torch.isfinite(losses["loss"])
-    (ls1, x1, logits1), (ls2, x2, _) = calls
-    assert torch.allclose(ls1, model.schedule(torch.ones(2)))  # from pure noise at t = 1
-    assert logits1.shape == (2, 6, 32, 32)  # the prediction on the output grid
-    # Alg. 4: x2 = alpha * y0 + sigma * eps, y0 the encoding of the first call's masks
-    # (probability >= 0.5, resampled onto the feature grid), eps the first call's input
-    a, s = (v.view(2, 1, 1, 1) for v in alpha_sigma(ls2))
+    assert calls[0].out.shape == (2, 6, 32, 32)  # the prediction on the output grid
+    # Alg. 4 from pure noise at t = 1: x2 = alpha * y0 + sigma * eps, y0 the encoding of the
+    # first call's masks (probability >= 0.5, resampled onto the feature grid), eps the first
+    # call's input; not the GT's encoding
     with torch.no_grad():
-        own = model.encode_prediction(logits1)
-        gt = model.encode_target(label, tuple(x1.shape[-2:]))
-    assert torch.allclose(x2, a * own + s * x1, atol=1e-7)
-    assert not torch.allclose(x2, a * gt + s * x1, atol=1e-5)  # not the GT's encoding
+        gt = model.encode_target(label, tuple(calls[0].x_t.shape[-2:]))
+    assert_self_aligned(model, calls, model.encode_prediction, gt, atol=1e-7, gt_atol=1e-5)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from densediff.config import BEV_MAP_CLASSES, NUSCENES_CAMERAS, load_config
+from densediff.config import BEV_MAP_CLASSES, NUSCENES_CAMERAS
 from densediff.data.bev import collate_bev, rasterize_map
 from densediff.data.worlds.bev_dataset import GeneratedBEVDataset
 from densediff.data.worlds.raycast import (
@@ -29,6 +29,7 @@ from densediff.data.worlds.roads import (
     sample_world,
     world_extent,
 )
+from densediff.tasks import load_config
 from densediff.utils.grid import BEVGrid, output_grid
 
 SIZE = (64, 176)

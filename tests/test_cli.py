@@ -12,32 +12,18 @@ from safetensors.torch import load_file, save_file
 
 import densediff
 from densediff.cli.main import main
+from densediff.testing import tiny
+from densediff.testing.assertions import one_line_error
 from densediff.testing.fixtures import write_camvid, write_folder
+from densediff.testing.runs import untrained_checkpoint
 
-TINY = [
-    "data.gen_size=[32,32]", "data.gen_num_train=16", "data.gen_num_val=4", "data.gen_num_test=4",
-    "data.train_pipeline.scale=[32,32]", "data.train_pipeline.crop_size=[32,32]",
-    "data.batch_size=2", "model.encoder.variant=tiny", "model.neck.channels=16",
-    "model.neck.num_groups=4",
-    "model.head.channels=16", "model.aux_head.channels=16", "train.iters=4",
-    "train.warmup_iters=1", "train.eval_interval=4", "train.ckpt_interval=2",
-    "train.log_interval=2", "train.progress=false",
-]
+TINY = tiny.TINY["generated/baseline.yaml"]
 
 
 @pytest.fixture
 def trained(tiny_baseline_run):
     """The tiny generated-data run trained through the CLI (the session's shared run)."""
     return tiny_baseline_run
-
-
-def one_line_error(capsys, code, *needles):
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    for n in needles:
-        assert n in err, err
-    return err
 
 
 def test_train_writes_run_folder(trained):
@@ -201,21 +187,6 @@ def test_console_script_exit_code_without_traceback(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # bad input without a trained run: an untrained checkpoint is enough
-
-
-def untrained_checkpoint(path, *overrides):
-    """A valid (untrained) checkpoint of the tiny generated-data model, written at ``path``."""
-    from densediff.config import load_config
-    from densediff.data import class_info
-    from densediff.models import build_model
-    from densediff.utils.checkpoint import save_checkpoint
-
-    cfg = load_config("generated/baseline.yaml", [*TINY, *overrides, f"work_dir={path.parent}"])
-    names, palette = class_info(cfg)
-    cfg.data.class_names = list(names)
-    cfg.data.palette = [tuple(int(c) for c in rgb) for rgb in palette]
-    save_checkpoint(path, build_model(cfg, len(names)).state_dict(), cfg, {"iteration": 0})
-    return path
 
 
 def test_bad_checkpoint_device_and_out_paths(capsys, tmp_path):

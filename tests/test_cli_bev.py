@@ -16,38 +16,22 @@ from PIL import Image
 import densediff
 from densediff.api import BEVPrediction
 from densediff.cli.main import main
-from densediff.config import load_config
-from densediff.data import build_dataset
+from densediff.criteria.bev import constant_iou
 from densediff.engine.trainer import train
-from densediff.tasks.bev import constant_iou
+from densediff.tasks import build_dataset, load_config
+from densediff.testing import tiny
+from densediff.testing.assertions import one_line_error
 from densediff.testing.fixtures import write_nuscenes
-from test_cli import one_line_error
+from densediff.testing.runs import train_generated
+from densediff.testing.tiny import BEV_WORLD as SMALL_WORLD
 
-SMALL_WORLD = [
-    "data.bev.gen_image_size=[32,88]", "data.bev.image_size=[32,88]",
-    "data.bev.xbound=[-12,12,0.5]", "data.bev.ybound=[-12,12,0.5]",
-    "data.bev.feat_xbound=[-12.8,12.8,0.8]", "data.bev.feat_ybound=[-12.8,12.8,0.8]",
-    "data.bev.dbound=[1,17,1]",
-]
-TINY = SMALL_WORLD + [
-    "data.gen_num_train=8", "data.gen_num_val=2", "data.gen_num_test=2", "data.batch_size=2",
-    "data.num_workers=0", "model.encoder.variant=tiny", "model.neck.channels=16",
-    "model.neck.num_groups=4", "model.head.channels=16", "model.head.num_layers=1",
-    "model.head.num_heads=4", "model.head.ffn_channels=32", "model.diffusion.embed_channels=16",
-    "model.bev.camera_channels=8", "model.bev.lidar_channels=8", "model.bev.fused_channels=16",
-    "model.bev.bev_blocks=1", "train.iters=4", "train.warmup_iters=1", "train.eval_interval=4",
-    "train.ckpt_interval=2", "train.log_interval=2", "train.progress=false",
-]
+TINY = tiny.TINY["generated/bev_ddp.yaml"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bev")
-    for name in ("ddp", "twin", "ddp_lidar"):  # the DDP run evaluates twice: best is a choice
-        extra = ["train.eval_interval=2"] if name == "ddp" else []
-        assert main(["train", f"configs/generated/bev_{name}.yaml", *TINY, *extra,
-                     f"work_dir={root / name}"]) == 0
-    return root
+    return train_generated(tmp_path_factory.mktemp("bev"), "bev", ("ddp", "twin", "ddp_lidar"),
+                           TINY)
 
 
 def ckpt(runs, name="ddp"):

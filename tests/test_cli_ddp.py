@@ -11,10 +11,12 @@ from PIL import Image
 
 import densediff
 from densediff.cli.main import main
-from test_cli import TINY, one_line_error
+from densediff.testing import tiny
+from densediff.testing.assertions import one_line_error
+from densediff.testing.fixtures import write_random_image
+from densediff.testing.tiny import DDP_HEAD as DDP_TINY
 
-DDP_TINY = ["model.head.num_layers=1", "model.head.channels=16", "model.head.num_heads=4",
-            "model.head.ffn_channels=32", "model.diffusion.embed_channels=16"]
+TINY = tiny.TINY["generated/baseline.yaml"]
 
 
 @pytest.fixture
@@ -47,10 +49,7 @@ def test_eval_default_steps_prints_the_class_table(ddp_run, capsys):
 
 
 def test_predict_writes_uncertainty_and_trajectory(ddp_run, tmp_path):
-    src = tmp_path / "imgs"
-    src.mkdir()
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (30, 41, 3), dtype=np.uint8)).save(src / "a.png")
+    src = write_random_image(tmp_path / "imgs")
     out = tmp_path / "pred"
     assert main(["predict", str(ddp_run / "checkpoints/best.safetensors"), str(src), "--out",
                  str(out), "--steps", "4", "--uncertainty", "--trajectory"]) == 0

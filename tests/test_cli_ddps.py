@@ -13,14 +13,15 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import densediff
-from conftest import copy_run
 from densediff.cli.main import main
-from densediff.config import load_config
-from test_cli import TINY, one_line_error
+from densediff.tasks import load_config
+from densediff.testing import tiny
+from densediff.testing.assertions import one_line_error
+from densediff.testing.fixtures import write_random_image
+from densediff.testing.runs import copy_run
+from densediff.testing.tiny import DDPS_UNET as DDPS_TINY
 
-DDPS_TINY = ["model.ddps.unet.dim=16", "model.ddps.unet.heads=2", "model.ddps.unet.dim_head=8",
-             "model.ddps.unet.out_channels=16", "model.ddps.timesteps=10", "model.ddps.steps=3",
-             "train.ema.every=2"]
+TINY = tiny.TINY["generated/baseline.yaml"]
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +86,7 @@ def test_checkpoint_works_without_the_base_run(runs, tmp_path):
 
 
 def test_predict_writes_base_comparison_and_trajectory(runs, tmp_path):
-    src = tmp_path / "imgs"
-    src.mkdir()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 41, 3), dtype=np.uint8)
-                    ).save(src / "a.png")
+    src = write_random_image(tmp_path / "imgs")
     out = tmp_path / "pred"
     assert main(["predict", str(runs / "ddps/checkpoints/best.safetensors"), str(src), "--out",
                  str(out), "--steps", "3", "--uncertainty", "--trajectory",

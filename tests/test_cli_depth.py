@@ -15,32 +15,21 @@ from PIL import Image
 import densediff
 from densediff.api import DepthPrediction
 from densediff.cli.main import DATA_CHECK_FORMATS, main
-from densediff.config import load_config
-from densediff.data import build_dataset
+from densediff.criteria.depth import best_constant_depth
 from densediff.data.check import CHECK_FORMATS
 from densediff.engine.trainer import train
-from densediff.tasks.depth import best_constant_depth
-from densediff.testing.fixtures import write_kitti
-from test_cli import one_line_error
+from densediff.tasks import build_dataset, load_config
+from densediff.testing import tiny
+from densediff.testing.assertions import one_line_error
+from densediff.testing.fixtures import write_kitti, write_random_image
+from densediff.testing.runs import train_generated
 
-TINY = [
-    "data.gen_size=[32,48]", "data.gen_num_train=16", "data.gen_num_val=3", "data.gen_num_test=3",
-    "data.train_pipeline.crop_size=[32,48]", "data.batch_size=2", "model.encoder.variant=tiny",
-    "model.neck.channels=16", "model.neck.num_groups=4", "model.head.channels=16",
-    "model.head.num_layers=1", "model.head.num_heads=4", "model.head.ffn_channels=32",
-    "train.iters=4", "train.warmup_iters=1", "train.eval_interval=4", "train.ckpt_interval=2",
-    "train.log_interval=2", "train.progress=false",
-]
+TINY = tiny.TINY["generated/depth_ddp.yaml"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("depth")
-    for name in ("ddp", "twin"):  # the DDP run evaluates twice: best is a real choice
-        extra = ["train.eval_interval=2"] if name == "ddp" else []
-        assert main(["train", f"configs/generated/depth_{name}.yaml", *TINY, *extra,
-                     f"work_dir={root / name}"]) == 0
-    return root
+    return train_generated(tmp_path_factory.mktemp("depth"), "depth", ("ddp", "twin"), TINY)
 
 
 def ckpt(runs, name="ddp"):
@@ -94,10 +83,7 @@ def test_twin_eval_and_flip_test(runs, capsys):
 
 
 def test_predict_writes_depth_pictures_raw_png_and_uncertainty(runs, tmp_path):
-    src = tmp_path / "imgs"
-    src.mkdir()
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (30, 41, 3), dtype=np.uint8)).save(src / "a.png")
+    src = write_random_image(tmp_path / "imgs")
     out = tmp_path / "pred"
     assert main(["predict", ckpt(runs), str(src), "--out", str(out), "--steps", "3",
                  "--uncertainty", "--trajectory"]) == 0

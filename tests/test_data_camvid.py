@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from densediff.config import Config
-from densediff.data import build_dataset
 from densediff.data.io import read_label
+from densediff.tasks import build_dataset
 
 pytestmark = pytest.mark.camvid
 

@@ -8,9 +8,10 @@ import torch
 from PIL import Image
 
 from densediff.config import Config
-from densediff.data import build_dataset, collate
+from densediff.data import collate
 from densediff.data.io import read_label
 from densediff.errors import ConfigError, DataError
+from densediff.tasks import build_dataset
 from densediff.testing import fixtures as fx
 
 IGN = 255

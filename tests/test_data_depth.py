@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from densediff.config import Config
-from densediff.data import build_dataset, class_info, collate
+from densediff.data import collate
 from densediff.data import depth as depth_mod
 from densediff.data.check import check_dataset
 from densediff.data.depth import (
@@ -27,6 +27,7 @@ from densediff.data.worlds.rooms import (
     sample_depth_scene,
 )
 from densediff.errors import ConfigError, DataError
+from densediff.tasks import build_dataset, class_info
 from densediff.testing import fixtures as fx
 
 

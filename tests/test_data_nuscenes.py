@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from densediff.config import load_config
 from densediff.data.bev import collate_bev
 from densediff.data.nuscenes import (
     NuScenesDataset,
@@ -20,6 +19,7 @@ from densediff.data.nuscenes import (
     remove_close,
 )
 from densediff.errors import DataError
+from densediff.tasks import load_config
 from densediff.testing.fixtures import (
     NUSCENES_CAMERA_COLOURS,
     NUSCENES_CLOSE_POINTS,

@@ -10,35 +10,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from densediff.config import load_config
 from densediff.diffusion import alpha_sigma
 from densediff.engine.evaluate import evaluate_steps
-from densediff.models import DDP, Segmentor, build_model
-
-SMALL = ["model.type=ddp", "model.head.type=deformable", "model.encoder.variant=tiny",
-         "model.neck.channels=32", "model.neck.num_groups=8", "model.head.channels=32",
-         "model.head.num_layers=2", "model.head.ffn_channels=64", "model.aux_head.channels=32",
-         "model.diffusion.embed_channels=32"]
-
-
-def small_model(*overrides: str, k: int = 6) -> DDP:
-    torch.manual_seed(0)
-    return build_model(load_config(None, [*SMALL, *overrides]), k)
+from densediff.models import DDP, Segmentor
+from densediff.tasks import build_model, load_config
+from densediff.testing.models import small_model
+from densediff.testing.spies import assert_self_aligned, record_denoise
+from densediff.testing.tiny import SMALL_DDP as SMALL
 
 
 def test_training_step_noises_the_encoded_gt_per_alg1():
     model = small_model()
     img, label = torch.randn(2, 3, 64, 64), torch.randint(0, 6, (2, 64, 64))
     label[0, :8] = 255
-    seen = {}
-    denoise = model.denoise
-
-    def spy(feat, x_t, log_snr):
-        seen["x_t"], seen["log_snr"] = x_t.detach(), log_snr.detach()
-        return denoise(feat, x_t, log_snr)
-
-    model.denoise = spy
+    calls = record_denoise(model)
     losses = model.forward_train(img, label)
+    seen = {"x_t": calls[-1].x_t, "log_snr": calls[-1].log_snr}
     assert set(losses) == {"loss_ce", "loss_aux", "loss"}
     assert torch.allclose(losses["loss"], losses["loss_ce"] + losses["loss_aux"])
     losses["loss"].backward()
@@ -56,30 +43,17 @@ def test_training_step_noises_the_encoded_gt_per_alg1():
 
 def test_self_aligned_training_noises_the_models_own_prediction():
     model = small_model("model.diffusion.self_aligned=true")
-    calls = []
-    denoise = model.denoise
-
-    def spy(feat, x_t, log_snr):
-        out = denoise(feat, x_t, log_snr)
-        calls.append((torch.is_grad_enabled(), log_snr.detach().clone(), x_t.detach().clone(),
-                      out.detach().clone()))
-        return out
-
-    model.denoise = spy
+    calls = record_denoise(model)
     label = torch.randint(0, 6, (2, 64, 64))
     model.forward_train(torch.randn(2, 3, 64, 64), label)
     assert len(calls) == 2
-    (grad1, ls1, x1, pred1), (grad2, ls2, x2, _) = calls
-    assert not grad1 and grad2  # the t = 1 prediction carries no gradient
-    assert torch.allclose(ls1, model.schedule(torch.ones(2)))
+    assert not calls[0].grad and calls[1].grad  # the t = 1 prediction carries no gradient
     # Alg. 4: the second input is alpha * enc(argmax of the first call's logits) + sigma * eps,
-    # eps the first call's input (the same noise)
-    a, s = (v.view(2, 1, 1, 1) for v in alpha_sigma(ls2))
+    # eps the first call's input (the same noise), not the GT's encoding
     with torch.no_grad():
-        own = model.map_encoding(pred1.argmax(1))
         gt = model.encode_target(label, (16, 16))
-    assert torch.allclose(x2, a * own + s * x1, atol=1e-6)
-    assert not torch.allclose(x2, a * gt + s * x1, atol=1e-3)  # not the GT's encoding
+    assert_self_aligned(model, calls, lambda logits: model.map_encoding(logits.argmax(1)), gt,
+                        atol=1e-6, gt_atol=1e-3)
 
 
 def test_self_aligned_training_still_trains_the_map_embedding():
@@ -184,21 +158,10 @@ def test_ddp_config_needs_the_deformable_head():
 
 # ------------------------------------------------------------------------ trained toy model
 
-TOY = [
-    "data.gen_size=[32,32]", "data.train_pipeline.scale=[32,32]",
-    "data.train_pipeline.crop_size=[32,32]", "data.gen_num_train=64", "data.gen_num_val=8",
-    "data.batch_size=4", "data.num_workers=0", "model.neck.channels=32",
-    "model.neck.num_groups=8", "model.aux_head.channels=32", "model.type=ddp",
-    "model.head.type=deformable", "model.head.channels=32", "model.head.num_layers=2",
-    "model.head.ffn_channels=64", "model.head.dropout=0", "model.diffusion.embed_channels=32",
-    "train.iters=150", "train.warmup_iters=10", "train.lr=3e-3", "train.log_interval=1",
-    "train.eval_interval=150", "train.ckpt_interval=150", "train.progress=false",
-]
-
-
 @pytest.fixture
 def toy(toy_ddp):
-    """The session's trained toy DDP (conftest ``toy_ddp``, trained with :data:`TOY`)."""
+    """The session's trained toy DDP (conftest ``toy_ddp``, trained with
+    :data:`densediff.testing.tiny.TOY_DDP`)."""
     return toy_ddp
 
 
@@ -213,7 +176,7 @@ def test_ddp_training_loss_falls(toy):
 
 def test_uncertainty_is_higher_on_wrong_pixels_of_a_trained_model(toy):
     from densediff.api import load_model
-    from densediff.data import build_dataset
+    from densediff.tasks import build_dataset
 
     cfg, _ = toy
     model, cfg, _, _ = load_model(Path(cfg.work_dir) / "checkpoints" / "best.safetensors")

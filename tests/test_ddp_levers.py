@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from densediff.config import load_config
 from densediff.diffusion import alpha_sigma
 from densediff.diffusion.samplers import sampling_times
 from densediff.diffusion.schedules import schedule_time
 from densediff.engine.optim import param_groups
-from test_ddp import small_model
+from densediff.tasks import load_config
+from densediff.testing.models import small_model
 
 
 def _fuse_inputs(model):

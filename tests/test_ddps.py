@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from densediff.config import load_config
 from densediff.diffusion.samplers import classifier_free_guidance
 from densediff.errors import ConfigError
-from densediff.models import DDP, DDPS, build_base, build_model
+from densediff.models import DDP, DDPS, build_base
+from densediff.tasks import build_model, load_config
 
 K = 5
 BASE = ["model.encoder.variant=tiny", "model.neck.channels=16", "model.neck.num_groups=4",

@@ -52,8 +52,7 @@ def test_classifier_init_is_small_normal_with_zero_bias():
 def test_zero_weight_aux_head_is_not_built():
     # An aux head with loss weight 0 would leave parameters without gradients, which
     # DistributedDataParallel rejects; so it is not built at all.
-    from densediff.config import load_config
-    from densediff.models import build_model
+    from densediff.tasks import build_model, load_config
 
     small = ["model.neck.channels=16", "model.neck.num_groups=4", "model.head.channels=16",
              "model.aux_head.channels=16"]

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from densediff.tasks.depth import (
+from densediff.criteria.depth import (
     METRIC_KEYS,
     DepthMetric,
     DepthUncertaintyMetric,
@@ -463,11 +463,11 @@ def test_merge_state_equals_one_metric_over_all_data():
 
 
 def test_one_metric_list_and_explicit_lower_is_better():
-    from densediff.config import DEPTH_METRICS, LOWER_IS_BETTER, TASK_METRICS
+    from densediff.tasks import TASKS
 
-    assert METRIC_KEYS is DEPTH_METRICS and TASK_METRICS["depth"] is DEPTH_METRICS
-    assert LOWER_IS_BETTER <= set(DEPTH_METRICS)
-    assert {k for k in DEPTH_METRICS if k not in LOWER_IS_BETTER} == {"d1", "d2", "d3"}
+    depth = TASKS["depth"]
+    assert depth.metrics is METRIC_KEYS  # the task table reads the metric module's list
+    assert {k for k in METRIC_KEYS if k not in depth.lower_is_better} == {"d1", "d2", "d3"}
 
 
 # ---------------------------------------------------------------------------- distributed
@@ -515,7 +515,7 @@ def test_distributed_reduce_sums_over_processes():
 
 
 def test_best_constant_depth_is_the_abs_rel_minimiser():
-    from densediff.tasks.depth import best_constant_depth
+    from densediff.criteria.depth import best_constant_depth
 
     gen = torch.Generator().manual_seed(0)
     gts = [torch.rand(1, 6, 7, generator=gen) * 8 + 0.5, torch.rand(1, 4, 5, generator=gen) * 3 + 1]

@@ -9,16 +9,17 @@ import math
 import pytest
 import torch
 
-from densediff.config import load_config
 from densediff.diffusion import alpha_sigma
 from densediff.diffusion.encodings import DepthEncoding
 from densediff.diffusion.schedules import cosine_unclamped_log_snr, get_schedule, schedule_time
 from densediff.engine.optim import scheduled_lr
 from densediff.errors import ConfigError
-from densediff.models import DepthDDP, Depther, build_model
+from densediff.models import DepthDDP, Depther
 from densediff.models.depth import downsample_depth
 from densediff.models.interface import Trajectory
 from densediff.pipelines.depth import trajectory_spread
+from densediff.tasks import build_model, load_config, spec_for
+from densediff.testing.spies import assert_self_aligned, record_denoise
 
 SMALL = ["task=depth", "model.type=ddp", "model.head.type=deformable", "model.head.out_kernel=3",
          "model.encoder.variant=tiny", "model.neck.channels=32", "model.neck.num_groups=8",
@@ -107,14 +108,9 @@ def test_depth_ddp_training_step_alg1_with_sigloss_and_t_time_input():
     seen = {}
     mlp = model.time_mlp.forward
     model.time_mlp.forward = lambda x: seen.setdefault("time", x.detach().clone()) is not None and mlp(x)
-    denoise = model.denoise
-
-    def spy(feat, x_t, log_snr):
-        seen["x_t"], seen["log_snr"] = x_t.detach(), log_snr.detach()
-        return denoise(feat, x_t, log_snr)
-
-    model.denoise = spy
+    calls = record_denoise(model)
     losses = model.forward_train(img, gt)
+    seen["x_t"], seen["log_snr"] = calls[-1].x_t, calls[-1].log_snr
     assert set(losses) == {"loss_depth", "loss"}
     losses["loss"].backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
@@ -207,7 +203,7 @@ def test_cosine_lr_schedule_formula():
     (["task=depth", "train.best_metric=mIoU"], "not a depth metric"),
     (["task=depth", "data.train_pipeline.scale=[64,64]"], "train_pipeline.scale"),
     (["task=depth", "data.depth.min_depth=5", "data.depth.max_depth=1"], "min_depth"),
-    (["task=depth", "model.type=ddps", "model.ddps.base=x"], "segmentation only"),
+    (["task=depth", "model.type=ddps", "model.ddps.base=x"], "not a depth model"),
 ])
 def test_config_task_checks(overrides, key):
     with pytest.raises(ConfigError, match=key):
@@ -215,8 +211,10 @@ def test_config_task_checks(overrides, key):
 
 
 def test_depth_best_metric_defaults_to_abs_rel():
-    assert load_config(None, ["task=depth"]).best_metric == "abs_rel"
-    assert load_config(None, []).best_metric == "mIoU"
+    cfg = load_config(None, ["task=depth"])
+    assert spec_for(cfg).best_metric(cfg) == "abs_rel"
+    cfg = load_config(None, [])
+    assert spec_for(cfg).best_metric(cfg) == "mIoU"
 
 
 def test_output_bias_starts_mid_range_so_relu_is_alive():
@@ -230,26 +228,18 @@ def test_output_bias_starts_mid_range_so_relu_is_alive():
 
 def test_self_aligned_depth_noises_the_models_own_clamped_prediction():
     model = small("model.diffusion.self_aligned=true")
-    calls = []
-    denoise = model.denoise
-
-    def spy(feat, x_t, log_snr):
-        out = denoise(feat, x_t, log_snr)
-        calls.append((log_snr.detach(), x_t.detach().clone(), out.detach()))
-        return out
-
-    model.denoise = spy
+    calls = record_denoise(model)
     gt = torch.rand(2, 64, 64) * 8 + 1
     losses = model.forward_train(torch.randn(2, 3, 64, 64), gt)
     assert len(calls) == 2 and torch.isfinite(losses["loss"])
-    (ls1, x1, depth1), (ls2, x2, _) = calls
-    # the first call is Alg. 4's prediction from pure noise at t = 1
-    assert torch.allclose(ls1, model.schedule(torch.ones(2)))
-    # its depth, encoded (depth / max scaled to +-0.1) and clamped to [-0.1, 0.1], is the y0
-    # of the second input: x2 = alpha * y0 + sigma * eps with eps the first input
+    # the first call is Alg. 4's prediction from pure noise at t = 1; its depth, encoded
+    # (depth / max scaled to +-0.1) and clamped to [-0.1, 0.1], is the y0 of the second input:
+    # x2 = alpha * y0 + sigma * eps with eps the first input
     enc = model.map_encoding
-    y0 = ((depth1 - enc.min_depth) / (enc.max_depth - enc.min_depth) * 2 - 1) * 0.1
-    y0 = y0.clamp(-0.1, 0.1)
-    a, s = (v.view(2, 1, 1, 1) for v in alpha_sigma(ls2))
-    assert torch.allclose(x2, a * y0 + s * x1, atol=1e-6)
-    assert not torch.allclose(x2, a * model.encode_target(gt, (16, 16)) + s * x1, atol=1e-4)
+
+    def encoded(depth):
+        return (((depth - enc.min_depth) / (enc.max_depth - enc.min_depth) * 2 - 1) * 0.1
+                ).clamp(-0.1, 0.1)
+
+    assert_self_aligned(model, calls, encoded, model.encode_target(gt, (16, 16)), atol=1e-6,
+                        gt_atol=1e-4)

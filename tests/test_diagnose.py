@@ -9,8 +9,6 @@ import pytest
 import torch
 
 from densediff.cli.main import main
-from densediff.config import load_config
-from densediff.data import build_dataset, class_info
 from densediff.engine.diagnose import (
     best_control,
     diagnose,
@@ -19,10 +17,11 @@ from densediff.engine.diagnose import (
     gains_over_controls,
     is_ddp,
 )
-from densediff.models import build_model
-from test_cli import TINY
-from test_cli_ddp import DDP_TINY
+from densediff.tasks import build_dataset, build_model, class_info, load_config
+from densediff.testing import tiny
+from densediff.testing.tiny import DDP_HEAD as DDP_TINY
 
+TINY = tiny.TINY["generated/baseline.yaml"]
 ONEHOT = ["model.diffusion.encoding=onehot", "model.diffusion.scale=1.0",
           "data.gen_num_val=6"]
 
@@ -163,7 +162,8 @@ def test_cli_diagnose_writes_json_and_eval_reports_control_gains(ddp_ckpt, capsy
 
 
 def test_cli_diagnose_bad_input(ddp_ckpt, capsys, tmp_path):
-    from test_cli import one_line_error, untrained_checkpoint
+    from densediff.testing.assertions import one_line_error
+    from densediff.testing.runs import untrained_checkpoint
 
     one_line_error(capsys, main(["diagnose", str(ddp_ckpt), "--limit", "1"]), "--limit")
     twin = untrained_checkpoint(tmp_path / "twin.safetensors")
@@ -184,7 +184,7 @@ def _untrained(config: str, overrides: list[str], tmp_path):
 def test_depth_diagnostics_copy_vs_ignore(tmp_path, monkeypatch):
     """Depth (AbsRel, lower is better): a decoder whose depth is the decoded noisy map reads
     the GT at t = 0 (low AbsRel) and not another scene's; one that ignores it shows none."""
-    from test_cli_depth import TINY as DEPTH_TINY
+    DEPTH_TINY = tiny.TINY["generated/depth_ddp.yaml"]
 
     cfg, model, ds = _untrained("generated/depth_ddp.yaml", DEPTH_TINY, tmp_path)
     enc = model.map_encoding
@@ -204,7 +204,7 @@ def test_depth_diagnostics_copy_vs_ignore(tmp_path, monkeypatch):
 
 def test_bev_diagnostics_run_on_a_bev_ddp(tmp_path):
     """BEV (mIoU over best thresholds): the full report on an untrained BEV DDP."""
-    from test_cli_bev import TINY as BEV_TINY
+    BEV_TINY = tiny.TINY["generated/bev_ddp.yaml"]
 
     cfg, model, ds = _untrained("generated/bev_ddp.yaml", [*BEV_TINY, "data.gen_num_val=2"],
                                 tmp_path)

@@ -12,15 +12,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from densediff.testing import tiny
+from densediff.testing.tiny import QUICK_BASELINE as TINY
 from densediff.utils.checkpoint import load_metadata, load_weights
-from test_engine_train import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 
 CHILD = """
 import json, os, sys
 import densediff.engine.trainer as T
-from densediff.config import load_config
+from densediff.tasks import load_config
 from densediff.utils.distributed import unwrap
 from safetensors.torch import save_file
 
@@ -83,11 +84,11 @@ def test_torchrun_two_processes(tmp_path):
 EVAL_CHILD = """
 import json, sys
 import torch
-from densediff.config import load_config
-from densediff.data import build_dataset
+from densediff.tasks import load_config
+from densediff.tasks import build_dataset
 from densediff.utils import distributed as du
 from densediff.engine.evaluate import evaluate_steps
-from densediff.models import build_model
+from densediff.tasks import build_model
 
 spec, out = json.loads(sys.argv[1]), sys.argv[2]
 torch.distributed.init_process_group("gloo")
@@ -105,10 +106,8 @@ def sharded_and_single(config: str, classes: int, overrides: list[str], tmp_path
                        ) -> tuple[dict, dict]:
     """``evaluate_steps`` at 1 and 3 steps of a seeded random model on the val split: in two
     torchrun processes (rank 0's result) and in this one."""
-    from densediff.config import load_config
-    from densediff.data import build_dataset
     from densediff.engine.evaluate import evaluate_steps
-    from densediff.models import build_model
+    from densediff.tasks import build_dataset, build_model, load_config
 
     torchrun_two(EVAL_CHILD, {"config": config, "classes": classes, "overrides": overrides},
                  tmp_path)
@@ -140,7 +139,7 @@ def test_depth_eval_sharded_over_two_processes_equals_one(tmp_path):
 def test_bev_eval_sharded_over_two_processes_equals_one(tmp_path):
     """Three val scenes over two ranks: the IoU counts and uncertainty histograms are summed
     over processes, so the result equals a single-process evaluation."""
-    from test_cli_bev import TINY as BEV_TINY
+    BEV_TINY = tiny.TINY["generated/bev_ddp.yaml"]
 
     overrides = [o for o in BEV_TINY if not o.startswith("train.")] + ["data.gen_num_val=3"]
     sharded, single = sharded_and_single("generated/bev_ddp.yaml", 6, overrides, tmp_path)

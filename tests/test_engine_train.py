@@ -9,24 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from densediff.config import Config, load_config
 from densediff.engine import trainer as T
 from densediff.errors import CheckpointError, ConfigError
 from densediff.models.interface import MapModel
+from densediff.tasks import load_config, spec_for
+from densediff.testing import tiny
+from densediff.testing.runs import tiny_config
 from densediff.utils.checkpoint import load_metadata, load_train_state, load_weights
 
-TINY = [
-    "data.gen_size=[32,32]", "data.train_pipeline.scale=[32,32]",
-    "data.train_pipeline.crop_size=[32,32]", "data.gen_num_train=8", "data.gen_num_val=4",
-    "data.batch_size=2", "data.num_workers=0",
-    "model.neck.channels=16", "model.neck.num_groups=4", "model.head.channels=16",
-    "model.aux_head.channels=16", "train.progress=false",
-]
-"""Overrides of the shipped generated baseline that make a run take about a second."""
-
-
-def tiny_config(work_dir: Path, *overrides: str) -> Config:
-    return load_config("generated/baseline.yaml", [f"work_dir={work_dir}", *TINY, *overrides])
+TINY = tiny.QUICK_BASELINE
 
 
 @pytest.fixture(scope="module")
@@ -134,9 +125,9 @@ class _ConstantModel(MapModel):
 
 
 def test_evaluate_scores_at_original_size(tmp_path):
-    from densediff.data import build_dataset
+    from densediff.criteria.segmentation import SegMetric
     from densediff.engine.evaluate import evaluate
-    from densediff.tasks.segmentation import SegMetric
+    from densediff.tasks import build_dataset
 
     cfg = tiny_config(tmp_path, "data.test_scale=[16,16]")  # model input 16x16, labels 32x32
     ds = build_dataset(cfg, "val", train=False)
@@ -168,14 +159,14 @@ def test_best_checkpoint_is_the_best_of_several_evaluations(tmp_path, monkeypatc
     direction. Keeping the last (8), the first (2), ties (6) or the other direction (2) each
     fails."""
     import densediff.engine.evaluate as E
-    from test_cli_depth import TINY as DEPTH_TINY
+    DEPTH_TINY = tiny.TINY["generated/depth_ddp.yaml"]
 
     base = TINY if "baseline" in config else DEPTH_TINY
     cfg = load_config(config, [f"work_dir={tmp_path / 'w'}", *base, "train.iters=8",
                                "train.warmup_iters=1", "train.eval_interval=2",
                                "train.ckpt_interval=2", "train.log_interval=2",
                                "train.progress=false"])
-    assert cfg.best_metric == metric
+    assert spec_for(cfg).best_metric(cfg) == metric
     scores, seen = iter(values), []
 
     def scripted(module, dataset, cfg, progress=False):

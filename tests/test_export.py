@@ -22,15 +22,20 @@ pytest.importorskip("onnx")
 
 import densediff  # noqa: E402
 from densediff.cli.main import main  # noqa: E402
-from densediff.config import load_config  # noqa: E402
-from densediff.data import class_info  # noqa: E402
 from densediff.deploy import export, load_onnx_model  # noqa: E402
 from densediff.errors import UserError  # noqa: E402
-from densediff.models import build_model  # noqa: E402
+from densediff.tasks import (
+    build_model,  # noqa: E402
+    class_info,
+    load_config,
+)
+from densediff.testing import tiny  # noqa: E402
+from densediff.testing.assertions import one_line_error  # noqa: E402
+from densediff.testing.tiny import DDP_HEAD as DDP_TINY  # noqa: E402
 from densediff.utils.checkpoint import load_metadata, save_checkpoint  # noqa: E402
-from test_cli import TINY, one_line_error  # noqa: E402
-from test_cli_ddp import DDP_TINY  # noqa: E402
-from test_cli_depth import TINY as DEPTH_TINY  # noqa: E402
+
+TINY = tiny.TINY["generated/baseline.yaml"]
+DEPTH_TINY = tiny.TINY["generated/depth_ddp.yaml"]
 
 REL_TOL = 1e-4
 """Graph outputs: max abs difference to PyTorch over the output's largest magnitude (>= 1)."""

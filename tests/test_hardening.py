@@ -3,6 +3,7 @@ before the expensive work where possible, and no run folder, checkpoint or outpu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import multiprocessing
 import os
@@ -19,9 +20,11 @@ from PIL import Image
 from densediff.cli.main import main
 from densediff.engine import trainer as T
 from densediff.errors import ConfigError, DataError, UserError
+from densediff.tasks import TASKS
+from densediff.testing import tiny
+from densediff.testing.assertions import one_line_error
+from densediff.testing.runs import tiny_config, untrained_checkpoint
 from densediff.utils.checkpoint import load_metadata, load_train_state
-from test_cli import one_line_error, untrained_checkpoint
-from test_engine_train import tiny_config
 
 
 def _png(path: Path, h: int = 40, w: int = 40) -> Path:
@@ -210,8 +213,6 @@ def test_unwritable_outputs_are_refused_first(capsys, tmp_path, monkeypatch, com
     """The sentinel is model building, the first expensive step of every one of these
     commands (train and bench build from the config, eval and predict load the checkpoint):
     with a writable output the same command reaches it, with an unwritable one it must not."""
-    import densediff.api
-    import densediff.models
 
     ckpt = untrained_checkpoint(tmp_path / "ck.safetensors")
     img = _png(tmp_path / "x.png")
@@ -224,8 +225,8 @@ def test_unwritable_outputs_are_refused_first(capsys, tmp_path, monkeypatch, com
         calls.append(1)
         raise _Reached
 
-    monkeypatch.setattr(densediff.models, "build_model", sentinel)
-    monkeypatch.setattr(densediff.api, "build_model", sentinel)
+    for task, spec in TASKS.items():  # every model is built through the task table
+        monkeypatch.setitem(TASKS, task, dataclasses.replace(spec, build_model=sentinel))
 
     def argv(out):
         return {"train": ["train", "generated/baseline.yaml", f"work_dir={out}"],
@@ -352,11 +353,9 @@ def test_loss_spike_rule(tmp_path):
 
 @pytest.fixture(scope="module")
 def bev_ckpt(tmp_path_factory):
-    from densediff.config import load_config
-    from densediff.data import class_info
-    from densediff.models import build_model
+    from densediff.tasks import build_model, class_info, load_config
     from densediff.utils.checkpoint import save_checkpoint
-    from test_cli_bev import TINY as BEV_TINY
+    BEV_TINY = tiny.TINY["generated/bev_ddp.yaml"]
 
     path = tmp_path_factory.mktemp("bev") / "bev.safetensors"
     cfg = load_config("generated/bev_ddp.yaml", [*BEV_TINY, f"work_dir={path.parent}"])

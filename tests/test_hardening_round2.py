@@ -19,13 +19,16 @@ from PIL import Image
 
 from densediff.cli.main import _output_stems, main
 from densediff.errors import CheckpointError, ConfigError, DataError, UserError
+from densediff.testing import tiny
+from densediff.testing.assertions import one_line_error
+from densediff.testing.runs import untrained_checkpoint
+from densediff.testing.tiny import DDP_HEAD as DDP_TINY
 from densediff.utils import checks
 from densediff.utils.checkpoint import load_metadata, save_checkpoint
 from densediff.utils.fs import LOCK_NAME, RunLock, atomic_write, remove_stale_temps
 from densediff.utils.signals import Interrupted, critical, graceful
-from test_cli import TINY, one_line_error, untrained_checkpoint
-from test_cli_ddp import DDP_TINY
 
+TINY = tiny.TINY["generated/baseline.yaml"]
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
@@ -94,7 +97,7 @@ def test_deeply_nested_checkpoint_metadata_is_one_line(tmp_path):
 
 
 def test_deep_yaml_and_alias_bomb_are_config_errors(tmp_path):
-    from densediff.config import load_config
+    from densediff.tasks import load_config
 
     deep = tmp_path / "deep.yaml"
     deep.write_text("a: " + "[" * 5000 + "]" * 5000)
@@ -135,10 +138,8 @@ def test_train_state_entries_are_checked_before_use(tmp_path):
 def export_dir(tmp_path_factory):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from densediff.config import load_config
-    from densediff.data import class_info
     from densediff.deploy.export import export
-    from densediff.models import build_model
+    from densediff.tasks import build_model, class_info, load_config
 
     tmp = tmp_path_factory.mktemp("deploy")
     torch.manual_seed(0)
@@ -428,7 +429,7 @@ def test_file_size_limit_while_saving_a_checkpoint(tmp_path):
     script = textwrap.dedent("""
         import resource, signal, sys, torch
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        from densediff.config import load_config
+        from densediff.tasks import load_config
         from densediff.utils.checkpoint import save_checkpoint
         from densediff.errors import UserError
         cfg = load_config(None, [])
@@ -610,7 +611,7 @@ def test_classes_file_with_a_bom(tmp_path):
 
 
 def test_config_with_a_bom(tmp_path):
-    from densediff.config import load_config
+    from densediff.tasks import load_config
 
     path = tmp_path / "c.yaml"
     path.write_bytes("\ufefftrain:\n  lr: 0.001\n".encode())

@@ -14,15 +14,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from densediff.errors import DataError
-from densediff.tasks.bev import BEVIoUMetric
-from densediff.tasks.segmentation import (
+from densediff.criteria.bev import BEVIoUMetric
+from densediff.criteria.segmentation import (
     SegMetric,
     boundary_width,
     ce_loss,
     format_metrics,
     label_boundary,
 )
+from densediff.errors import DataError
 
 IGN = 255
 NAN = float("nan")
@@ -480,9 +480,9 @@ def test_tasks_do_not_import_the_distributed_helpers():
     import ast
     from pathlib import Path
 
-    import densediff.tasks
+    import densediff.criteria
 
-    for path in Path(densediff.tasks.__file__).parent.glob("*.py"):
+    for path in Path(densediff.criteria.__file__).parent.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
                      [f"{node.module}." + a.name for a in node.names]
@@ -500,7 +500,7 @@ def test_reduce_without_distributed_is_noop():
 
 
 def test_class_ids_is_argmax_with_first_max_on_ties():
-    from densediff.tasks.segmentation import class_ids
+    from densediff.criteria.segmentation import class_ids
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 17, 23, generator=g)

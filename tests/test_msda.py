@@ -1,10 +1,10 @@
 """The two MSDA cores (``grid_sample`` and the ``embedding_bag`` gather), their dispatch, and
 the float32 sampling locations under autocast (issue #16).
 
-Both cores are checked against a plain loop-over-points bilinear reference written below
-(values and the gradients in value, locations and attention weights), on several levels,
-heads, points, a batch of 2, and locations on pixel centres, on the map edges, in the one-pixel
-border and further outside.
+Both cores are checked against a plain loop-over-points bilinear reference
+(:func:`densediff.testing.reference.naive_ms_deform_attn`: values and the gradients in value,
+locations and attention weights), on several levels, heads, points, a batch of 2, and
+locations on pixel centres, on the map edges, in the one-pixel border and further outside.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from densediff.decoders.msda import (
     ms_deform_attn_grid_sample,
     msda_impl,
 )
-from test_deformable import naive_ms_deform_attn
+from densediff.testing.reference import naive_ms_deform_attn
 
 CORES = {"grid_sample": ms_deform_attn_grid_sample, "gather": ms_deform_attn_gather}
 

@@ -26,7 +26,6 @@ from nuscenes.utils.data_classes import LidarPointCloud  # noqa: E402
 from nuscenes.utils.geometry_utils import transform_matrix  # noqa: E402
 from pyquaternion import Quaternion  # noqa: E402
 
-from densediff.config import load_config  # noqa: E402
 from densediff.data.bev import DIVIDER_WIDTH, MapGeometry, rasterize_map  # noqa: E402
 from densediff.data.nuscenes import (  # noqa: E402
     NuScenesDataset,
@@ -35,6 +34,7 @@ from densediff.data.nuscenes import (  # noqa: E402
     remove_close,
 )
 from densediff.errors import DataError  # noqa: E402
+from densediff.tasks import load_config  # noqa: E402
 from densediff.testing.fixtures import write_nuscenes  # noqa: E402
 from densediff.utils.grid import BEVGrid, output_grid  # noqa: E402
 

@@ -22,10 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from densediff.cli.main import main
-from densediff.config import EncoderConfig, load_config
+from densediff.config import EncoderConfig
 from densediff.encoders.hf import build_hf_encoder
 from densediff.errors import CheckpointError, UserError
-from densediff.models import build_model
 from densediff.official import (
     RELEASED,
     convert_state,
@@ -36,6 +35,7 @@ from densediff.official import (
     unfold_to_concat,
 )
 from densediff.official.convert import released_for
+from densediff.tasks import build_model, load_config
 
 FIX = Path(__file__).parent / "fixtures" / "official"
 TINY = {"swin": dict(embed_dim=8, depths=[2, 2, 2, 2], num_heads=[1, 1, 2, 2]),

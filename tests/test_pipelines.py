@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 import sys
-import typing
 from pathlib import Path
 
 import numpy as np
@@ -17,28 +16,30 @@ import torch
 from PIL import Image
 
 import densediff.viz
-from densediff.config import Config
 from densediff.errors import UserError
 from densediff.models.interface import MapModel
 from densediff.pipelines import (
-    PIPELINES,
     BEVPrediction,
     DepthPrediction,
     Prediction,
-    pipeline_for,
     resolve_steps,
 )
+from densediff.tasks import TASKS, spec_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_every_config_task_has_exactly_one_pipeline():
-    tasks = typing.get_args(Config.model_fields["task"].annotation)
-    assert set(PIPELINES) == set(tasks)
-    for task, pipe in PIPELINES.items():
-        assert pipe.task == task and pipeline_for(task) is pipe
-    assert PIPELINES["depth"].lower_is_better and PIPELINES["depth"].metric_key == "abs_rel"
-    assert not PIPELINES["bev"].has_aug and not PIPELINES["bev"].image_input
+def test_the_task_table_holds_every_task_once():
+    assert list(TASKS) == ["segmentation", "depth", "bev"]
+    pipes = [spec.pipeline for spec in TASKS.values()]
+    assert len({type(p) for p in pipes}) == len(pipes)  # one pipeline per task
+    for task, spec in TASKS.items():
+        assert spec.name == task and spec_for(task) is spec
+        assert spec.headline in spec.metrics
+    assert TASKS["depth"].headline == "abs_rel" and "abs_rel" in TASKS["depth"].lower_is_better
+    assert {k for k in TASKS["depth"].metrics
+            if k not in TASKS["depth"].lower_is_better} == {"d1", "d2", "d3"}
+    assert not TASKS["bev"].pipeline.has_aug and not TASKS["bev"].pipeline.image_input
 
 
 class _Sampler(torch.nn.Module):

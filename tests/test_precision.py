@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from densediff.cli.main import main
-from densediff.config import load_config
-from densediff.data import class_info
 from densediff.errors import ConfigError, UserError
-from densediff.models import build_model
+from densediff.tasks import build_model, class_info, load_config
+from densediff.testing import tiny
+from densediff.testing.assertions import one_line_error
+from densediff.testing.tiny import DDP_HEAD as DDP_TINY
 from densediff.utils.precision import autocast, resolve_precision
-from test_cli import TINY, one_line_error
-from test_cli_ddp import DDP_TINY
+
+TINY = tiny.TINY["generated/baseline.yaml"]
 
 
 def _tiny_ddp():
@@ -123,7 +124,7 @@ MIOU_TOL = 0.5
 
 def test_bf16_changes_a_trained_models_logits_only_by_rounding(toy_ckpt):
     import densediff
-    from densediff.data import build_dataset
+    from densediff.tasks import build_dataset
 
     fp32 = densediff.load(toy_ckpt)
     bf16 = densediff.load(toy_ckpt, precision="bf16")
@@ -160,7 +161,7 @@ def test_eval_and_predict_in_bf16(toy_ckpt, ddp_ckpt, tmp_path, capsys):
         assert abs(outs["fp32"][n]["mIoU"] - outs["bf16"][n]["mIoU"]) <= MIOU_TOL
         assert abs(outs["fp32"][n]["aAcc"] - outs["bf16"][n]["aAcc"]) <= MIOU_TOL
     import densediff
-    from densediff.data import build_dataset
+    from densediff.tasks import build_dataset
 
     model = densediff.load(toy_ckpt)
     ds = build_dataset(model.cfg, model.cfg.data.val_split, train=False)

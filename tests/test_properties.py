@@ -54,7 +54,7 @@ values = st.one_of(
 @FAST
 @given(st.lists(st.tuples(st.sampled_from(KEYS), values), max_size=3))
 def test_config_overrides_give_a_config_or_one_line(pairs):
-    from densediff.config import load_config
+    from densediff.tasks import load_config
 
     try:
         cfg = load_config(None, [f"{k}={v}" for k, v in pairs])
@@ -69,7 +69,7 @@ def test_config_overrides_give_a_config_or_one_line(pairs):
 @FAST
 @given(st.text(max_size=200))
 def test_config_yaml_text_gives_a_config_or_one_line(tmp_path_factory, text):
-    from densediff.config import load_config
+    from densediff.tasks import load_config
 
     path = tmp_path_factory.mktemp("y") / "c.yaml"
     path.write_text(text, encoding="utf-8")

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from densediff.cli.main import build_parser
+from densediff.testing.runs import copy_run
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -34,8 +35,6 @@ def test_readme_commands_parse_and_configs_exist():
 
 
 def test_readme_python_snippet_runs(tmp_path, monkeypatch, tiny_ddp_run):
-    from conftest import copy_run
-
     monkeypatch.chdir(tmp_path)
     copy_run(tiny_ddp_run, tmp_path / "runs" / "gen")  # the session's tiny DDP at the README's path
     Image.fromarray(np.full((24, 30, 3), 120, np.uint8)).save("street.png")

@@ -87,9 +87,9 @@ def _interrupted_train(cfg, at: int) -> None:
 
 
 def _run_case(config: str, tmp: Path, base: Path | None) -> dict:
-    from densediff.config import load_config
     from densediff.engine.evaluate import evaluate_steps
     from densediff.engine.trainer import train
+    from densediff.tasks import load_config
     from densediff.testing.tiny import TINY
 
     over = list(TINY[config])
@@ -136,8 +136,8 @@ def _check(name: str, got, want, exact: bool) -> None:
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory) -> Path:
     """The tiny baseline (the frozen base of the DDPS case)."""
-    from densediff.config import load_config
     from densediff.engine.trainer import train
+    from densediff.tasks import load_config
     from densediff.testing.tiny import TINY
 
     torch.manual_seed(0)

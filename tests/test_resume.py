@@ -12,15 +12,15 @@ from pathlib import Path
 
 import torch
 
+from densediff.testing.tiny import QUICK_BASELINE as TINY
 from densediff.utils.checkpoint import load_metadata, load_weights
-from test_engine_train import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 
 CHILD = """
 import json, os, signal, sys
 import densediff.engine.trainer as T
-from densediff.config import load_config
+from densediff.tasks import load_config
 
 overrides, resume, kill_at = json.loads(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3])
 if kill_at:

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from densediff.tasks.uncertainty import (
+from densediff.criteria.uncertainty import (
     UncertaintyMetric,
     entropy_uncertainty,
     step_change_uncertainty,

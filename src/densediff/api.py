@@ -24,12 +24,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from densediff.config import MAX_SEED, Config, apply_overrides, config_from_dict
-from densediff.data import class_info
+from densediff.config import MAX_SEED, Config, apply_overrides
 from densediff.data.io import MAX_PIXELS_ENV, _to_uint8, max_image_pixels, read_image
 from densediff.data.transforms import preprocess_image
 from densediff.errors import DataError, UserError
-from densediff.models import build_model
 from densediff.official import is_official_source, load_official
 from densediff.pipelines import (
     BEVPrediction,
@@ -38,8 +36,8 @@ from densediff.pipelines import (
     Prediction,
     check_steps,
     is_diffusion,
-    pipeline_for,
 )
+from densediff.tasks import build_model, class_info, config_from_dict, spec_for
 from densediff.utils.checkpoint import check_fits, load_into, load_weights, resolve_weights
 from densediff.utils.checks import check_int, finite_float
 from densediff.utils.precision import autocast, resolve_precision
@@ -122,8 +120,8 @@ class Predictor:
 
     @property
     def pipeline(self) -> Pipeline:
-        """The task pipeline of this checkpoint (:data:`densediff.pipelines.PIPELINES`)."""
-        return pipeline_for(self.cfg)
+        """The task pipeline of this checkpoint (from :data:`densediff.tasks.TASKS`)."""
+        return spec_for(self.cfg).pipeline
 
     @property
     def num_classes(self) -> int:
@@ -159,7 +157,7 @@ class Predictor:
     def dataset(self, split: str = "val", data_root: str | None = None):
         """The checkpoint's dataset (test pipeline) for ``split`` (``val``/``test``/``train`` or
         a split name); ``data_root`` overrides ``data.root``. BEV samples come from here."""
-        from densediff.data import build_dataset
+        from densediff.tasks import build_dataset
 
         cfg = self.cfg.model_copy(deep=True)
         if data_root is not None:
@@ -199,7 +197,7 @@ class Predictor:
         """One unlabelled picture of a diffusion trajectory (H x W' x 3 uint8): [image,] [the
         DDPS base mask,] every step's mask / depth / map and the uncertainty, side by side
         (``pred.save(..., trajectory=True)`` writes the labelled picture)."""
-        if image is not None and hasattr(pred, "image"):
+        if image is not None and isinstance(pred, (Prediction, DepthPrediction)):
             pred = replace(pred, image=_as_uint8_rgb(image))
         return pred.trajectory_strip()
 

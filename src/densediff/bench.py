@@ -60,7 +60,7 @@ from typing import Any
 
 import torch
 
-from densediff.config import Config, config_from_dict
+from densediff.config import Config
 from densediff.errors import UserError
 from densediff.models import DDP
 
@@ -214,13 +214,12 @@ def _setup(cfg: Config, size: tuple[int, int] | None, batch: int, steps: Sequenc
            dev: torch.device, batches: list[int], repeats: int, warmup: int) -> _Setup:
     """``cfg``'s model built with random weights on ``dev`` (the weights do not change the
     cost), its pipeline, an example input and the step counts to time."""
-    from densediff.data import class_info
-    from densediff.models import build_model
-    from densediff.pipelines import is_diffusion, pipeline_for
+    from densediff.pipelines import is_diffusion
+    from densediff.tasks import build_model, class_info, spec_for
 
     names, _ = class_info(cfg)
     model = build_model(cfg, len(names)).to(dev).eval()
-    pipe = pipeline_for(cfg)
+    pipe = spec_for(cfg).pipeline
     diffusion = is_diffusion(model)
     img, hw = pipe.example_input(cfg, size, batch, dev)  # BEV: size sets each camera image
     return _Setup(cfg, dev, model, pipe, diffusion, img, hw,
@@ -497,6 +496,8 @@ def _encoder_config(cfg: Config):
     """The encoder config of ``cfg``'s model; DDPS: that of its base segmentor (filled in by
     ``build_model``)."""
     if cfg.model.type == "ddps":
+        from densediff.tasks import config_from_dict
+
         return config_from_dict(cfg.model.ddps.base_config).model.encoder
     return cfg.model.encoder
 

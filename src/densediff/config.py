@@ -198,6 +198,11 @@ class BEVDataConfig(_Strict):
     evaluation). None: all."""
     version: str = "v1.0-trainval"
     """nuScenes table folder under the dataset root (``v1.0-mini`` for the mini split)."""
+    frame: Literal["ego", "lidar"] = "ego"
+    """nuScenes: the BEV frame (map grid, cameras, points): ``ego``, the LIDAR_TOP key frame's
+    ego frame (x forward, y left); ``lidar``, the LIDAR_TOP sensor frame, as BEVFusion and the
+    official DDP BEV models (whose converted weights expect it). The generated world has only
+    ``ego``."""
     gen_image_size: Size = (64, 176)
     """Generated world: rendered camera image size (h, w)."""
 
@@ -517,6 +522,22 @@ class DepthLossConfig(_Strict):
 class BEVModelConfig(_Strict):
     """The camera (and LiDAR) to BEV encoder of ``task: bev`` (BEVFusion-style, pure PyTorch)."""
 
+    arch: Literal["densediff", "bevfusion"] = "densediff"
+    """``densediff``: densediff's own encoder (:mod:`densediff.encoders.bev`: LSS on the
+    neck's pooled stride-4 map, LiDAR pillars, a conv fuser, residual blocks); ``bevfusion``:
+    the official DDP BEV camera stream (:mod:`densediff.encoders.bevfusion`: GeneralizedLSSFPN
+    on encoder levels 2-4, LSS with depthnet + downsample, GeneralizedResNet + LSSFPN), whose
+    weights the released camera checkpoint converts into. ``bevfusion`` is camera-only
+    (``data.bev.lidar: false``) and needs ``camera_stride: 8``."""
+    lift_downsample: Literal[1, 2] = 2
+    """``bevfusion`` only: the LSS splat grid is this many times finer than the feature grid, and
+    a stride-this conv stack brings it back (official 2: 0.4 m -> 0.8 m)."""
+    decoder_channels: tuple[Annotated[int, Field(ge=1, le=MAX_CHANNELS)], ...] = Field(
+        (160, 320, 640), min_length=2, max_length=8)
+    """``bevfusion`` only: channels of the residual BEV stages (official 160, 320, 640)."""
+    decoder_strides: tuple[Literal[1, 2], ...] = Field((2, 2, 1), min_length=2, max_length=8)
+    """``bevfusion`` only: their strides (official 2, 2, 1; the first is undone by upsampling)."""
+
     camera_stride: Literal[4, 8, 16] = 8
     """Stride of the camera features that are lifted (the neck's stride-4 map is average-pooled;
     BEVFusion: 8)."""
@@ -527,10 +548,24 @@ class BEVModelConfig(_Strict):
     fused_channels: Channels = Field(256)
     """Channels of the fused BEV features that condition the map decoder."""
     bev_blocks: int = Field(2, ge=0, le=MAX_LAYERS)
-    """Residual 3x3 conv blocks on the fused BEV features (the BEV backbone)."""
+    """Residual 3x3 conv blocks on the fused BEV features (the BEV backbone); ``bevfusion``:
+    blocks per residual stage (official 2, at least 1)."""
     focal_gamma: float = Field(2.0, ge=0)
     """Per-class sigmoid focal loss (BEVFusion: gamma 2, no alpha)."""
     focal_alpha: Optional[float] = Field(None, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _bevfusion(self) -> BEVModelConfig:
+        if self.arch == "bevfusion":
+            if self.camera_stride != 8:
+                raise ValueError("arch bevfusion lifts the stride-8 camera features: set "
+                                 "camera_stride: 8")
+            if len(self.decoder_channels) != len(self.decoder_strides):
+                raise ValueError(f"decoder_channels ({len(self.decoder_channels)}) and "
+                                 f"decoder_strides ({len(self.decoder_strides)}) differ in length")
+            if self.bev_blocks < 1:
+                raise ValueError("arch bevfusion needs bev_blocks >= 1 (blocks per stage)")
+        return self
 
 
 class ModelConfig(_Strict):
@@ -615,11 +650,10 @@ class TrainConfig(_Strict):
     load_from: Optional[str] = None
     """Start from these weights (a checkpoint file or run folder; weights only, fresh optimizer
     and schedule), e.g. the self-aligned fine-tune of a trained DDP model."""
-    best_metric: Optional[Literal["mIoU", "mAcc", "aAcc", "mBIoU", "d1", "d2", "d3", "abs_rel",
-                                  "sq_rel", "rmse", "rmse_log", "log10", "silog",
-                                  "mIoU@0.50"]] = None
-    """Validation metric that picks ``best.safetensors`` (errors: lower is better). None: mIoU
-    for segmentation, abs_rel for depth."""
+    best_metric: Optional[str] = Field(None, max_length=64)
+    """Validation metric that picks ``best.safetensors`` (errors: lower is better), one of the
+    task's metrics (``TaskSpec.metrics``). None: the task's headline metric (mIoU for
+    segmentation and BEV, abs_rel for depth)."""
     progress: bool = True
 
 
@@ -639,27 +673,12 @@ class EvalConfig(_Strict):
     """Boundary IoU band width as a share of the image diagonal (Cheng et al. 2021)."""
 
 
-SEG_METRICS = ("mIoU", "mAcc", "aAcc", "mBIoU")
-DEPTH_METRICS = ("d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog")
-"""Keys of the depth metrics in reporting order: the one list (``densediff.tasks.depth``'s
-``METRIC_KEYS`` is this tuple)."""
-BEV_METRICS = ("mIoU", "mIoU@0.50")
-"""mIoU: the mean over classes of each class's best IoU over the thresholds 0.35..0.65
-(BEVFusion protocol); mIoU@0.50: the mean IoU at threshold 0.5."""
-LOWER_IS_BETTER = frozenset({"abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog"})
-"""Metric keys (of any task) where lower is better: the depth errors. Every other key is
-higher-is-better (the depth accuracies d1..d3, all segmentation and BEV metrics)."""
-TASK_DATASETS = {"segmentation": ("camvid", "ade20k", "cityscapes", "folder", "generated"),
-                 "depth": ("kitti", "nyu", "sunrgbd", "folder", "generated"),
-                 "bev": ("nuscenes", "generated")}
-TASK_METRICS = {"segmentation": SEG_METRICS, "depth": DEPTH_METRICS, "bev": BEV_METRICS}
-
-
 class Config(_Strict):
-    task: Literal["segmentation", "depth", "bev"] = "segmentation"
+    task: str = Field("segmentation", pattern=r"^[a-z][a-z0-9_]{0,31}$")
     """``segmentation`` (class maps), ``depth`` (monocular depth maps, ``data.depth``) or
     ``bev`` (multi-label bird's-eye-view maps from several cameras and LiDAR, ``data.bev``,
-    ``model.bev``)."""
+    ``model.bev``): an entry of the task table :data:`densediff.tasks.TASKS`, which checks
+    the rest of the config against the task (datasets, metrics, model types)."""
     seed: Seed = 0
     """Seeds the weights, the data order and augmentation (0 .. 2^63 - 1)."""
     work_dir: Optional[str] = None
@@ -675,57 +694,6 @@ class Config(_Strict):
         if v is not None and not v.strip():
             raise ValueError("must not be empty")
         return v
-
-    @model_validator(mode="after")
-    def _task(self) -> Config:
-        if self.data.dataset not in TASK_DATASETS[self.task]:
-            raise ValueError(f"data.dataset {self.data.dataset!r} is not a {self.task} dataset "
-                             f"({', '.join(TASK_DATASETS[self.task])})")
-        metric = self.train.best_metric
-        if metric is not None and metric not in self.metrics:
-            raise ValueError(f"train.best_metric {metric!r} is not a {self.task} metric "
-                             f"({', '.join(self.metrics)})")
-        if self.task == "depth":
-            if self.model.type == "ddps":
-                raise ValueError("model.type ddps is for segmentation only")
-            if self.data.train_pipeline.scale is not None:
-                raise ValueError("data.train_pipeline.scale must be unset for depth: resizing "
-                                 "changes the apparent focal length, not metric depth")
-        if self.task in ("segmentation", "depth"):
-            self._check_train_crop()
-        if self.task == "bev":
-            if self.model.type == "ddps":
-                raise ValueError("model.type ddps is for segmentation only")
-            if self.model.aux_head.enabled:
-                raise ValueError("model.aux_head.enabled must be false for bev (the BEV models "
-                                 "have no aux head)")
-        return self
-
-    def _check_train_crop(self) -> None:
-        """The training crop must leave the encoder's deepest (stride-32) map more than one
-        value per channel in a batch, or BatchNorm fails at the first iteration."""
-        crop = self.data.train_pipeline.crop_size
-        if crop is None or self.model.type == "ddps":
-            return
-        h, w = crop
-        cells = -(-h // MIN_TRAIN_SIDE) * -(-w // MIN_TRAIN_SIDE)
-        if cells * self.data.batch_size < 2:
-            raise ValueError(f"data.train_pipeline.crop_size {list(crop)} with data.batch_size "
-                             f"{self.data.batch_size} leaves BatchNorm one value per channel at "
-                             f"stride {MIN_TRAIN_SIDE}: use a crop side >= {2 * MIN_TRAIN_SIDE} "
-                             "or a batch of 2 or more")
-
-    @property
-    def metrics(self) -> tuple[str, ...]:
-        """The validation metrics of the task."""
-        return TASK_METRICS[self.task]
-
-    @property
-    def best_metric(self) -> str:
-        """``train.best_metric``, or the task's default (mIoU, abs_rel)."""
-        if self.train.best_metric is not None:
-            return self.train.best_metric
-        return "abs_rel" if self.task == "depth" else "mIoU"
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

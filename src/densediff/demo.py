@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from densediff.config import load_config
 from densediff.errors import UserError
+from densediff.tasks import load_config
 
 DEMO_CONFIG = "generated/ddp.yaml"  # shipped in densediff/configs
 DEMO_STEPS = [1, 2, 3, 5, 10]
@@ -110,9 +110,9 @@ def _train_and_evaluate(config: str, run_dir: Path, iters: int | None, overrides
     """Steps 1 and 2 of the demo: train, then evaluate val and test at ``steps``; returns the
     loaded best checkpoint (a Predictor)."""
     from densediff.api import load
-    from densediff.data import build_dataset
     from densediff.engine.evaluate import evaluate_steps
     from densediff.engine.trainer import train
+    from densediff.tasks import build_dataset
     from densediff.viz import plot_steps, steps_table
 
     cfg = load_config(config, [f"work_dir={run_dir}"]
@@ -136,7 +136,7 @@ def _train_and_evaluate(config: str, run_dir: Path, iters: int | None, overrides
 
 
 def _segmentation_predictions(predictor, run_dir: Path, demo_steps: list[int]) -> None:
-    from densediff.data import build_dataset
+    from densediff.tasks import build_dataset
     from densediff.viz import ColorScale, GridColumn, colorize, heatmap, save_labelled_grid
 
     print("[demo] 3/3 predicting on test images")
@@ -186,7 +186,7 @@ def _segmentation_predictions(predictor, run_dir: Path, demo_steps: list[int]) -
 
 def _depth_predictions(_trained, run_dir: Path, demo_steps: list[int]) -> None:
     from densediff.api import load
-    from densediff.data import build_dataset
+    from densediff.tasks import build_dataset
     from densediff.viz import ColorScale, GridColumn, nice_ceil, save_labelled_grid, scaled_heatmap
 
     print("[demo] 3/3 predicting depth on test scenes (4 random starts per image)")

@@ -23,9 +23,7 @@ def estimate_flops(model: torch.nn.Module, x) -> int:
 
 
 def describe(cfg: Config, size: tuple[int, int] | None = None) -> str:
-    from densediff.data import build_dataset, class_info
-    from densediff.models import build_model
-    from densediff.pipelines import pipeline_for
+    from densediff.tasks import build_dataset, build_model, class_info, spec_for
 
     lines = []
     names, _ = class_info(cfg)
@@ -35,7 +33,7 @@ def describe(cfg: Config, size: tuple[int, int] | None = None) -> str:
     for name, child in model.named_children():
         lines.append(f"  {name:<14} {count_params(child) / 1e6:9.3f} M")
     lines.append(f"  {'total':<14} {count_params(model) / 1e6:9.3f} M")
-    pipe = pipeline_for(cfg)
+    pipe = spec_for(cfg).pipeline
     if size is None and pipe.image_input:
         size = cfg.data.train_pipeline.crop_size or cfg.data.test_scale or (512, 512)
     x, size = pipe.example_input(cfg, size, 1, torch.device("cpu"))

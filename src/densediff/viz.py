@@ -312,8 +312,7 @@ def grid_key(fig) -> GridKey:
     sw = [[t.get_text() for t in by_label[f"swatches:{c}"].get_legend().get_texts()]
           if f"swatches:{c}" in by_label else [] for c in range(n)]
     leg = fig.legends[0] if fig.legends else None
-    sup = fig.get_suptitle() if hasattr(fig, "get_suptitle") else (  # matplotlib < 3.8
-        fig._suptitle.get_text() if fig._suptitle else "")
+    sup = fig.get_suptitle()
     return GridKey(title=one(sup), columns=cols,
                    colorbars=bars, swatches=sw,
                    legend=[t.get_text() for t in leg.get_texts()] if leg else [],

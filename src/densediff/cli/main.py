@@ -24,8 +24,8 @@ that building the parser imports no torch)."""
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from densediff.config import load_config
     from densediff.engine.trainer import train
+    from densediff.tasks import load_config
 
     cfg = load_config(args.config, args.overrides)
     metrics = train(cfg, resume=args.resume)
@@ -129,9 +129,9 @@ def _check_ddps_options(args: argparse.Namespace, cfg) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from densediff.api import load_model, resolve_device, resolve_precision_or_fail
-    from densediff.data import build_dataset
     from densediff.engine.evaluate import evaluate_steps
-    from densediff.pipelines import is_diffusion, pipeline_for, resolve_steps
+    from densediff.pipelines import is_diffusion, resolve_steps
+    from densediff.tasks import build_dataset, spec_for
     from densediff.utils.fs import check_writable_file
     from densediff.viz import plot_steps, steps_table
 
@@ -154,7 +154,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     precision = resolve_precision_or_fail(args.precision, device, "--precision")
     model, cfg, names, _ = load_model(args.checkpoint, overrides)
     _check_ddps_options(args, cfg)
-    pipe = pipeline_for(cfg)
+    pipe = spec_for(cfg).pipeline
     if args.aug_test and not pipe.has_aug:
         raise UserError(f"--aug-test: {args.checkpoint} is a {pipe.name} model; {pipe.name} "
                         "models have no test-time augmentation")
@@ -331,9 +331,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         predictor = load(args.checkpoint, device=args.device, overrides=_ddps_overrides(args),
                          precision=args.precision)
         if args.compile:
-            import torch
 
-            if not isinstance(getattr(predictor.model, "decoder", None), torch.nn.Module):
+            from densediff.models import DDP
+
+            if not isinstance(predictor.model, DDP):
                 raise UserError(f"--compile: {args.checkpoint} has no map decoder to compile "
                                 "(it applies to DDP models)")
             predictor.compile()
@@ -343,26 +344,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for opt in ("steps", "trajectory", "seed"):
             if getattr(args, opt) is not None and getattr(args, opt) is not False:
                 raise UserError(f"--{opt}: {args.checkpoint} is not a diffusion model")
-    if args.save_probs and pipe.task != "segmentation":
-        raise UserError(f"--save-probs: applies to segmentation models; {args.checkpoint} is a "
-                        f"{pipe.name} model" + (" (its probabilities are always written)"
-                                                if pipe.task == "bev" else ""))
-    if args.uncertainty and pipe.task == "depth" and (not predictor.is_diffusion
-                                                        or args.aug_test):
-        raise UserError(f"--uncertainty: a depth uncertainty map needs a diffusion model and "
-                        f"whole-image inference without --aug-test ({args.checkpoint})")
+    pipe.check_predict_options(str(args.checkpoint), predictor, save_probs=args.save_probs,
+                               uncertainty=args.uncertainty, aug=args.aug_test,
+                               onnx=args.runtime == "onnx")
     if pipe.image_input:
         for opt in ("limit", "data_root"):
             if getattr(args, opt) is not None:
                 raise UserError(f"--{opt.replace('_', '-')}: applies to BEV models (samples of "
                                 f"a dataset split); {args.checkpoint} predicts image files")
-    if args.aug_test and not pipe.has_aug:
-        raise UserError(f"--aug-test: {args.checkpoint} is a {pipe.name} model; {pipe.name} "
-                        "models have no test-time augmentation")
-    if (args.aug_test and args.runtime == "onnx" and pipe.task == "segmentation"
-            and any(s != 1.0 for s in predictor.cfg.eval.aug.scales)):
-        raise UserError("--aug-test: the exported graphs take one input size, so the "
-                        "multi-scale test needs --runtime torch (or eval.aug.scales=[1.0])")
     if args.steps is not None:
         from densediff.pipelines import check_steps
 
@@ -474,7 +463,7 @@ def _config_arg(arg: str) -> str:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from densediff.bench import bench, format_bench
-    from densediff.config import load_config
+    from densediff.tasks import load_config
     from densediff.utils.fs import check_writable_file
 
     # sizes, counts, variants and --precision are checked by bench() itself, before any work
@@ -503,8 +492,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from densediff.config import load_config
     from densediff.info import describe
+    from densediff.tasks import load_config
 
     check_size(args.size)
     cfg = load_config(_config_arg(args.config), args.overrides)
@@ -789,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may come before or after options (`train cfg --resume a=b`): collect stray k=v.
     args, extra = parser.parse_known_args(argv)
     if extra:
-        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        if "overrides" in vars(args) and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = list(args.overrides) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -1,6 +1,8 @@
 """Datasets, transforms and batching for dense prediction.
 
-Entry points: :func:`build_dataset` (from the run config), :func:`collate` (DataLoader
+Entry points: the dataset builders of each task (:func:`build_seg_dataset`,
+:func:`build_depth_dataset`, :func:`build_bev_dataset`; :func:`densediff.tasks.build_dataset`
+picks one by ``cfg.task``), :func:`collate` (DataLoader
 ``collate_fn``), :func:`preprocess_image` (a new image -> model input),
 :func:`densediff.data.check.check_dataset` (validate a dataset folder) and the layouts
 documented in :mod:`densediff.data.layouts` (segmentation) and :mod:`densediff.data.depth`
@@ -9,11 +11,14 @@ of tiny on-disk datasets for tests are :mod:`densediff.testing.fixtures`.
 """
 
 from densediff.data.build import (
-    build_dataset,
+    bev_class_info,
+    build_bev_dataset,
     build_depth_dataset,
-    class_info,
+    build_seg_dataset,
+    depth_class_info,
     resolve_root,
     root_env_var,
+    seg_class_info,
 )
 from densediff.data.datasets import SegDataset, collate
 from densediff.data.depth import DepthDataset, read_depth
@@ -22,5 +27,6 @@ from densediff.data.worlds.rooms import GeneratedDepthDataset, render_depth_scen
 from densediff.data.worlds.shapes import GeneratedDataset
 
 __all__ = ["SegDataset", "GeneratedDataset", "DepthDataset", "GeneratedDepthDataset",
-           "build_dataset", "build_depth_dataset", "class_info", "collate", "preprocess_image",
+           "bev_class_info", "build_bev_dataset", "build_depth_dataset", "build_seg_dataset",
+           "collate", "depth_class_info", "preprocess_image", "seg_class_info",
            "read_depth", "render_depth_scene", "resolve_root", "root_env_var"]

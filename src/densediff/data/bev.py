@@ -63,7 +63,8 @@ class MapGeometry:
 
 @dataclass
 class BEVRecord:
-    """One untransformed sample (ego frame)."""
+    """One untransformed sample (ego frame; nuScenes with ``data.bev.frame: lidar``: the
+    LIDAR_TOP frame, and "ego" below means that frame)."""
 
     images: list[Image.Image]
     """RGB camera images, in the order of ``data.bev.cameras``."""

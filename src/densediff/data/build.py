@@ -73,13 +73,9 @@ def _check_classes(cfg: Config, num_classes: int) -> None:
                           f"0..{num_classes - 1}")
 
 
-AnyDataset = SegDataset | BEVDataset
-"""What :func:`build_dataset` returns: a :class:`~densediff.data.datasets.SegDataset`
-(segmentation; depth datasets subclass it) or a :class:`~densediff.data.bev.BEVDataset`."""
-
-
-def build_dataset(cfg: Config, split: str, train: bool) -> AnyDataset:
-    """The dataset ``cfg.data.dataset`` for ``split`` with the train or test pipeline.
+def build_seg_dataset(cfg: Config, split: str, train: bool) -> SegDataset:
+    """The segmentation dataset ``cfg.data.dataset`` for ``split`` with the train or test
+    pipeline.
 
     Args:
         cfg: the run config (``cfg.data`` and ``cfg.seed`` are read).
@@ -90,16 +86,8 @@ def build_dataset(cfg: Config, split: str, train: bool) -> AnyDataset:
         DataError: the folder is missing or its layout is broken (the message names the first
             problem; ``densediff.data.check.check_dataset`` lists them all).
         ConfigError: ``data.num_classes`` or ``data.ignore_index`` does not fit the dataset.
-
-    With ``cfg.task == "bev"`` this is :func:`build_bev_dataset`. With ``cfg.task == "depth"``
-    this is :func:`build_depth_dataset` (a :class:`~densediff.data.depth.DepthDataset`;
-    ``num_classes`` and ``ignore_index`` are not read).
     """
     d = cfg.data
-    if cfg.task == "depth":
-        return build_depth_dataset(cfg, split, train)
-    if cfg.task == "bev":
-        return build_bev_dataset(cfg, split, train)
     if d.dataset == "generated":
         ds: SegDataset = GeneratedDataset(d, split, train, seed=cfg.seed)
     elif d.dataset in ("camvid", "ade20k", "cityscapes", "folder"):
@@ -151,42 +139,59 @@ def build_depth_dataset(cfg: Config, split: str, train: bool) -> DepthDataset:
                         skipped=layout.skipped)
 
 
-def class_info(cfg: Config) -> tuple[list[str], np.ndarray]:
-    """Class names and ``(K, 3)`` uint8 palette for a config, without scanning the dataset.
+ClassInfo = tuple[list[str], np.ndarray]
+"""Class names and their ``(K, 3)`` uint8 palette."""
 
-    ``data.class_names``/``data.palette`` win when set (the trainer stores them in every
-    resolved config, so a checkpoint is self-contained); otherwise the dataset's built-in
-    classes, or the folder dataset's ``classes.txt`` (or ``data.num_classes`` generic names).
-    Depth (``cfg.task == "depth"``): ``["depth"]`` with a white palette entry. BEV:
-    ``data.bev.classes`` (the six map classes have fixed colours).
-    """
+
+def stored_class_info(cfg: Config) -> ClassInfo | None:
+    """``data.class_names`` / ``data.palette`` when set (the trainer stores them in every
+    resolved config, so a checkpoint is self-contained); None otherwise."""
     d = cfg.data
-    if d.class_names is not None:
-        palette = (np.asarray(d.palette, np.uint8) if d.palette is not None
-                   else default_palette(len(d.class_names)))
-        if len(palette) != len(d.class_names):
-            raise ConfigError(f"data.palette has {len(palette)} colours for "
-                              f"{len(d.class_names)} data.class_names")
-        return list(d.class_names), palette
-    if cfg.task == "depth":
-        return ["depth"], np.array([[255, 255, 255]], np.uint8)
-    if cfg.task == "bev":
-        names = list(d.bev.classes)
-        known = dict(zip(BEV_MAP_CLASSES, BEV_MAP_PALETTE))
-        palette = default_palette(len(names))
-        return names, np.array([known.get(n, tuple(palette[i])) for i, n in enumerate(names)],
-                               np.uint8)
-    if d.dataset == "generated":
-        return list(GENERATED_CLASSES), np.asarray(GENERATED_PALETTE, np.uint8)
-    if d.dataset == "camvid":
-        return list(CAMVID_CLASSES), np.asarray(CAMVID_PALETTE, np.uint8)
-    if d.dataset == "ade20k":
-        return list(ADE20K_CLASSES), np.asarray(ADE20K_PALETTE, np.uint8)
-    if d.dataset == "cityscapes":
-        return list(CITYSCAPES_CLASSES), np.asarray(CITYSCAPES_PALETTE, np.uint8)
+    if d.class_names is None:
+        return None
+    palette = (np.asarray(d.palette, np.uint8) if d.palette is not None
+               else default_palette(len(d.class_names)))
+    if len(palette) != len(d.class_names):
+        raise ConfigError(f"data.palette has {len(palette)} colours for "
+                          f"{len(d.class_names)} data.class_names")
+    return list(d.class_names), palette
+
+
+def seg_class_info(cfg: Config) -> ClassInfo:
+    """Segmentation classes without scanning the dataset: the stored ones
+    (:func:`stored_class_info`), the dataset's built-in classes, or the folder dataset's
+    ``classes.txt`` (or ``data.num_classes`` generic names)."""
+    stored = stored_class_info(cfg)
+    if stored is not None:
+        return stored
+    d = cfg.data
+    builtin = {"generated": (GENERATED_CLASSES, GENERATED_PALETTE),
+               "camvid": (CAMVID_CLASSES, CAMVID_PALETTE),
+               "ade20k": (ADE20K_CLASSES, ADE20K_PALETTE),
+               "cityscapes": (CITYSCAPES_CLASSES, CITYSCAPES_PALETTE)}
+    if d.dataset in builtin:
+        names, palette = builtin[d.dataset]
+        return list(names), np.asarray(palette, np.uint8)
     cls_file = resolve_root(cfg) / "classes.txt"
     if cls_file.is_file():
         return read_classes_file(cls_file)
     if d.num_classes is None:
         raise DataError(f"{cls_file}: not found (list the classes, or set data.num_classes)")
     return [f"class_{i}" for i in range(d.num_classes)], default_palette(d.num_classes)
+
+
+def depth_class_info(cfg: Config) -> ClassInfo:
+    """Depth: the one channel ``["depth"]`` with a white palette entry (or the stored ones)."""
+    return stored_class_info(cfg) or (["depth"], np.array([[255, 255, 255]], np.uint8))
+
+
+def bev_class_info(cfg: Config) -> ClassInfo:
+    """BEV: ``data.bev.classes`` (the six map classes have fixed colours), or the stored ones."""
+    stored = stored_class_info(cfg)
+    if stored is not None:
+        return stored
+    names = list(cfg.data.bev.classes)
+    known = dict(zip(BEV_MAP_CLASSES, BEV_MAP_PALETTE))
+    palette = default_palette(len(names))
+    return names, np.array([known.get(n, tuple(palette[i])) for i, n in enumerate(names)],
+                           np.uint8)

@@ -20,7 +20,8 @@ a ``calibrated_sensor`` row maps its sensor frame into the ego frame (camera fra
 y down, z forward), an ``ego_pose`` row maps the ego frame into the global (map) frame. The
 ego frame is x forward, y left, z up.
 
-A sample (:meth:`NuScenesDataset.load`) is, in the ego frame of its LIDAR_TOP key frame:
+A sample (:meth:`NuScenesDataset.load`) is, in the ego frame of its LIDAR_TOP key frame
+(``data.bev.frame: lidar``: in the LIDAR_TOP sensor frame, as BEVFusion):
 
 - the key-frame image of each camera of ``data.bev.cameras``, its ``camera_intrinsic`` and
   its sensor-to-ego pose (the cameras' own ego poses are not used: they differ by a few
@@ -728,11 +729,19 @@ class NuScenesDataset(BEVDataset):
             paths.append(str(path))
         key = t.key_frame(token, LIDAR_CHANNEL)
         ego = t.pose("ego_pose", t.get("ego_pose", key["ego_pose_token"], _ref("sample_data", key)))
+        # data.bev.frame lidar: everything in the LIDAR_TOP frame (BEVFusion's BEV frame)
+        frame = (t.pose("calibrated_sensor", t.get("calibrated_sensor",
+                                                   key["calibrated_sensor_token"],
+                                                   _ref("sample_data", key)))
+                 if self.bev.frame == "lidar" else np.eye(4))
+        to_frame = np.linalg.inv(frame)
         vmap = load_vector_map(map_path(self.root, t.location(sample)))
-        geom = ego_map(vmap, self.class_names, ego, self.map_half)
+        geom = ego_map(vmap, self.class_names, ego @ frame, self.map_half)
         points = self.points(key) if self.bev.lidar else None
-        return BEVRecord(images, np.stack(intrinsics), np.stack(cam2ego), geom, points,
-                         name=token, paths=paths)
+        if points is not None and self.bev.frame == "lidar":
+            points = _move(points, to_frame).astype(np.float32)
+        return BEVRecord(images, np.stack(intrinsics), to_frame @ np.stack(cam2ego), geom,
+                         points, name=token, paths=paths)
 
 
 def check_nuscenes(root: str | os.PathLike, version: str, split: str, cameras: Sequence[str],

@@ -104,13 +104,13 @@ def default_input_size(cfg) -> tuple[int, int]:
     (``eval.crop_size``) with ``eval.mode: slide``; else, with ``data.test_scale``, the size
     the test resize gives a landscape image of that aspect ratio (CamVid 360 x 480,
     Cityscapes 1024 x 2048); else the size ``bench`` uses (the training crop, or 512 x 512)."""
-    from densediff.pipelines import pipeline_for
+    from densediff.tasks import spec_for
 
     if cfg.eval.mode == "slide" and cfg.eval.crop_size is not None:
         return tuple(int(v) for v in cfg.eval.crop_size)
     if cfg.data.test_scale is not None:
         return min(cfg.data.test_scale), max(cfg.data.test_scale)
-    _, size = pipeline_for(cfg).example_input(cfg, None, 1, torch.device("cpu"))
+    _, size = spec_for(cfg).pipeline.example_input(cfg, None, 1, torch.device("cpu"))
     return size
 
 
@@ -197,7 +197,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike,
         what: how messages name ``out``.
     """
     from densediff.api import load_model
-    from densediff.config import config_from_dict
+    from densediff.tasks import config_from_dict
     from densediff.utils.checkpoint import load_metadata
 
     _check_options(size, opset)
@@ -249,8 +249,8 @@ def export_model(model: nn.Module, cfg, out: str | os.PathLike,
     With onnxruntime installed, each graph is run once on the tracing inputs and the largest
     difference to PyTorch is stored under ``check`` (None without onnxruntime).
     """
-    from densediff.data import class_info
     from densediff.pipelines import is_diffusion
+    from densediff.tasks import class_info
 
     out = Path(out)
     _check_options(size, opset)

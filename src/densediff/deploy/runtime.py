@@ -384,8 +384,7 @@ def load_runtime(folder: str | os.PathLike, threads: int | None = None,
     :func:`densediff.api.load_model`. ``threads``: onnxruntime's intra-op threads (None:
     ``torch.get_num_threads()``); ``providers``: onnxruntime execution providers (None: CPU;
     the tensors stay on the CPU either way)."""
-    from densediff.config import config_from_dict
-    from densediff.data import class_info
+    from densediff.tasks import class_info, config_from_dict
 
     folder = Path(folder)
     meta = read_deploy(folder)

@@ -224,15 +224,17 @@ class BackboneEncoder(Encoder):
             # with PyTorch's default eps 1e-5 (transformers: 1e-6, as the rest of the model)
             for stage in model.encoder.stages:
                 norm = stage.downsampling_layer[0] if len(stage.downsampling_layer) else None
-                if norm is not None and hasattr(norm, "eps"):
+                if norm is not None:
                     norm.eps = MMCLS_DOWNSAMPLE_EPS
-        swin = getattr(model, "swin", None)
-        if swin is not None:
+        if model.config.model_type == "swin":
+            from transformers.models.swin.modeling_swin import SwinLayer
+
+            swin = model.swin
             # SwinModel's final LayerNorm feeds no backbone output: drop it so every parameter
             # gets a gradient (DistributedDataParallel needs that).
             swin.layernorm = nn.Identity()
             for layer in swin.modules():
-                if hasattr(layer, "set_shift_and_window_size"):
+                if isinstance(layer, SwinLayer):
                     layer.set_shift_and_window_size = _keep_window
         self.model = model
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from densediff.utils.grid import BEVGrid
 
-__all__ = ["LSSTransform", "bev_pool", "depth_bins", "frustum", "lift_points"]
+__all__ = ["LSSTransform", "bev_pool", "depth_bins", "frustum", "lift_points", "splat"]
 
 
 def depth_bins(dbound: tuple[float, float, float]) -> torch.Tensor:
@@ -66,11 +66,17 @@ def bev_pool(feats: torch.Tensor, points: torch.Tensor, grid: BEVGrid,
     Returns:
         B x C x X x Y sums.
     """
-    b, _, c = feats.shape
-    nx, ny = grid.shape
     flat, keep, _, _ = grid.flat_cells(points, zbound)
-    out = feats.new_zeros(b * nx * ny, c).index_add_(0, flat, feats[keep])
-    return out.view(b, nx, ny, c).permute(0, 3, 1, 2).contiguous()
+    return splat(feats[keep], flat, feats.shape[0], grid.shape)
+
+
+def splat(feats: torch.Tensor, flat: torch.Tensor, batch: int, shape: tuple[int, int]
+          ) -> torch.Tensor:
+    """Sum M x C point features into the B x C x X x Y cells ``flat`` (M indices
+    ``(b X + x) Y + y``); empty cells are 0."""
+    nx, ny = shape
+    out = feats.new_zeros(batch * nx * ny, feats.shape[-1]).index_add_(0, flat, feats)
+    return out.view(batch, nx, ny, -1).permute(0, 3, 1, 2).contiguous()
 
 
 class LSSTransform(nn.Module):

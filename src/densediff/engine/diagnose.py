@@ -37,7 +37,8 @@ from densediff.diffusion.noise import add_noise, generators, seeded_normal
 from densediff.engine.evaluate import _images
 from densediff.models import DDP
 from densediff.models.interface import Trajectory
-from densediff.pipelines import pipeline_for, sample_seed
+from densediff.pipelines import sample_seed
+from densediff.tasks import spec_for
 from densediff.utils import distributed as du
 
 __all__ = ["CONTROL_TIMES", "RELIANCE_TIMES", "diagnose", "format_diagnosis",
@@ -53,10 +54,10 @@ DEFAULT_STEPS = (1, 2, 3, 5, 10)
 
 
 def task_metric(cfg: Config) -> tuple[str, bool]:
-    """(the metric the diagnostics report, lower is better): the task pipeline's headline
-    metric (AbsRel for depth, else mIoU)."""
-    pipe = pipeline_for(cfg)
-    return pipe.metric_key, pipe.lower_is_better
+    """(the metric the diagnostics report, lower is better): the task's headline metric
+    (``TaskSpec.headline``: AbsRel for depth, else mIoU)."""
+    spec = spec_for(cfg)
+    return spec.headline, spec.headline in spec.lower_is_better
 
 
 class _Scorer:
@@ -64,8 +65,8 @@ class _Scorer:
 
     def __init__(self, model: nn.Module, dataset, cfg: Config, device: torch.device):
         self.model = model
-        self.pipe = pipeline_for(cfg)
-        self.key, self.lower_is_better = self.pipe.metric_key, self.pipe.lower_is_better
+        self.pipe = spec_for(cfg).pipeline
+        self.key, self.lower_is_better = task_metric(cfg)
         # mIoU only: no boundary bands (most of a score's cost at full resolution).
         self.metric = self.pipe.metric(dataset, cfg, device, boundary=False)
 
@@ -233,7 +234,7 @@ def diagnose(model: nn.Module, dataset, cfg: Config, limit: int | None = 32,
                 traj = model.sample_steps(feat, n, seeds=[sample_seed(cfg, index)])
                 scorer.update(traj, label)
                 if n > 1:
-                    rates[n].append(pipeline_for(cfg).change_rates(traj))
+                    rates[n].append(spec_for(cfg).pipeline.change_rates(traj))
     finally:
         model.train(was_training)
     result_controls = [{"input": k, "t": t, "metric": s.value()} for (k, t), s in controls.items()]

@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from densediff.config import Config
 from densediff.errors import UserError
-from densediff.pipelines import is_diffusion, pipeline_for, resolve_steps, sample_seed
+from densediff.pipelines import is_diffusion, resolve_steps, sample_seed
+from densediff.tasks import spec_for
 from densediff.utils import distributed as du
 from densediff.utils.precision import autocast
 
@@ -60,13 +61,13 @@ def evaluate_steps(model: nn.Module, dataset, cfg: Config, steps: Sequence[int] 
         err_all (percent). The step-change map needs every step, so it is only available
         with whole-image inference without ``aug``.
 
-        ``task: depth``: :class:`~densediff.tasks.depth.DepthMetric`'s d1..silog per step count
+        ``task: depth``: :class:`~densediff.criteria.depth.DepthMetric`'s d1..silog per step count
         (GT and predictions at the original size, ``data.depth`` caps and ``eval_crop``);
         ``aug`` is the flip test; diffusion models add ``uncertainty`` ``{"steps", "starts"}``
-        scored by :class:`~densediff.tasks.depth.DepthUncertaintyMetric` (whole-image
+        scored by :class:`~densediff.criteria.depth.DepthUncertaintyMetric` (whole-image
         inference without ``aug`` only).
 
-        ``task: bev``: :class:`~densediff.tasks.bev.BEVIoUMetric`'s mIoU (mean over classes of
+        ``task: bev``: :class:`~densediff.criteria.bev.BEVIoUMetric`'s mIoU (mean over classes of
         the best IoU over thresholds 0.35..0.65), mIoU@0.50, per_class, table per step count;
         diffusion models add ``uncertainty`` ``{"steps", "entropy"}`` scored per class and
         cell against the cells wrong at threshold 0.5.
@@ -74,7 +75,7 @@ def evaluate_steps(model: nn.Module, dataset, cfg: Config, steps: Sequence[int] 
     model = du.unwrap(model)
     diffusion = is_diffusion(model)
     steps = resolve_steps(model, steps if diffusion else None, key="steps")
-    pipe = pipeline_for(cfg)
+    pipe = spec_for(cfg).pipeline
     if aug and not pipe.has_aug:
         raise UserError(f"aug: {cfg.task} evaluation has no test-time augmentation")
     device = next(model.parameters()).device

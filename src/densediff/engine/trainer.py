@@ -48,7 +48,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from densediff.config import LOWER_IS_BETTER, Config
+from densediff.config import Config
 from densediff.data.datasets import to_device
 from densediff.engine.ema import EMA
 from densediff.engine.logger import RunLogger
@@ -124,7 +124,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iter
         img = to_device(batch["image"], device)
         label = batch["label"].to(device, non_blocking=True)
         last = i == accum_steps - 1
-        no_sync = not last and hasattr(model, "no_sync")
+        no_sync = not last and isinstance(model, nn.parallel.DistributedDataParallel)
         with model.no_sync() if no_sync else contextlib.nullcontext():
             with autocast(precision, device):
                 losses = model(img, label)
@@ -218,14 +218,14 @@ class _Run:
     """State of one training run; see :func:`train`."""
 
     def __init__(self, cfg: Config, info: du.DistInfo, resume: bool):
-        from densediff.data import build_dataset, class_info
-        from densediff.models import build_model
+        from densediff.tasks import spec_for
 
         if cfg.work_dir is None:
             raise ConfigError("work_dir: must be set for training (the run folder)")
+        self.spec = spec = spec_for(cfg)
         self.cfg = cfg = cfg.model_copy(deep=True)
         self.t = cfg.train
-        self.metric = cfg.best_metric
+        self.metric = spec.best_metric(cfg)
         self.info = info
         self.device = info.device
         self.work_dir = Path(cfg.work_dir)
@@ -233,15 +233,15 @@ class _Run:
         self.lock: RunLock | None = None
         self._check_work_dir(resume)
 
-        names, palette = class_info(cfg)
+        names, palette = spec.class_info(cfg)
         cfg.data.class_names = list(names)
         cfg.data.palette = [tuple(int(c) for c in rgb) for rgb in np.asarray(palette)]
         self.num_classes = len(names)
 
         _seed_everything(cfg.seed)  # the same initial weights on every rank
-        self.train_set = build_dataset(cfg, cfg.data.train_split, train=True)
-        self.val_set = build_dataset(cfg, cfg.data.val_split, train=False)
-        model = build_model(cfg, self.num_classes).to(self.device)
+        self.train_set = spec.build_dataset(cfg, cfg.data.train_split, train=True)
+        self.val_set = spec.build_dataset(cfg, cfg.data.val_split, train=False)
+        model = spec.build_model(cfg, self.num_classes).to(self.device)
         if info.distributed and self.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.module = model
@@ -513,11 +513,8 @@ class _Run:
         t0 = time.perf_counter()
         metrics = evaluate(module, self.val_set, self.cfg, progress=progress)
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        if self.metric not in scalars:
-            raise ConfigError(f"train.best_metric: {self.metric!r} is not one of the "
-                              f"metrics ({', '.join(scalars)})")
-        value = scalars[self.metric]
-        lower = self.metric in LOWER_IS_BETTER
+        value = scalars[self.metric]  # one of the task's metrics (TaskSpec.validate)
+        lower = self.metric in self.spec.lower_is_better
         improved = math.isfinite(value) and (
             self.best is None or (value < self.best if lower else value > self.best))
         if improved:
@@ -566,8 +563,7 @@ class _Run:
             while self.iter < t.iters:
                 lr = set_lr(self.optimizer, self.iter, t)
                 self.model.train()
-                if hasattr(self.module, "set_iteration"):  # DDPS two-stage training
-                    self.module.set_iteration(self.iter)
+                self.module.set_iteration(self.iter)  # DDPS: its two-stage training
                 losses, grad_norm = train_step(self.model, self.optimizer, batches,
                                                t.accum_steps, t.grad_clip,
                                                train_precision(t, self.device))

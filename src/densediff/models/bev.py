@@ -27,14 +27,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from densediff.config import BEVDataConfig, ModelConfig
+from densediff.criteria.bev import sigmoid_focal_loss
 from densediff.decoders.bev import BEVGridTransform, Resampled
 from densediff.diffusion.encodings import MultiLabelEmbedding
 from densediff.encoders.bev import BEVEncoder
+from densediff.encoders.bevfusion import BEVFusionView, CameraFPN
 from densediff.encoders.lss import camera_features
+from densediff.errors import ConfigError
 from densediff.models.ddp import DDP
 from densediff.models.interface import Trajectory
 from densediff.models.segmentor import FeatureSegmentor, build_head
-from densediff.tasks.bev import sigmoid_focal_loss
 from densediff.utils.grid import feature_grid, output_grid
 
 __all__ = ["BEVDDP", "BEVSegmentor"]
@@ -51,6 +53,11 @@ class _BEVModel:
         """Builds the camera (+ LiDAR) to BEV encoder, the ``view`` of
         :class:`~densediff.models.segmentor.FeatureSegmentor`."""
         bm = model_cfg.bev
+        if bm.arch == "bevfusion":
+            return lambda: BEVFusionView(model_cfg.neck.channels, bm.camera_channels,
+                                         bm.decoder_channels, bm.decoder_strides, bm.bev_blocks,
+                                         bm.fused_channels, feature_grid(bev), tuple(bev.dbound),
+                                         tuple(bev.zbound), bm.lift_downsample)
         return lambda: BEVEncoder(model_cfg.neck.channels, bm.camera_channels,
                                   bm.lidar_channels if bev.lidar else None, bm.fused_channels,
                                   bm.bev_blocks, feature_grid(bev), tuple(bev.dbound),
@@ -59,10 +66,23 @@ class _BEVModel:
     def _setup_bev(self, model_cfg: ModelConfig, bev: BEVDataConfig) -> None:
         """Store the BEV settings: camera stride, class names, focal loss, the two grids."""
         bm = model_cfg.bev
+        if bm.arch == "bevfusion":
+            self._official_camera_neck(model_cfg, bev)
         self.camera_stride = bm.camera_stride
         self.class_names = list(bev.classes)
         self.focal = (bm.focal_gamma, bm.focal_alpha)
         self.grids = (feature_grid(bev), output_grid(bev))
+
+    def _official_camera_neck(self, model_cfg: ModelConfig, bev: BEVDataConfig) -> None:
+        """``arch: bevfusion``: the neck is :class:`~densediff.encoders.bevfusion.CameraFPN` on
+        encoder levels 2-4 (the official Swin has ``out_indices`` 1, 2, 3), so the first
+        level's output norm is not used: it is removed (no parameter without a gradient)."""
+        if bev.lidar:
+            raise ConfigError("model.bev.arch bevfusion is camera-only: set data.bev.lidar false")
+        self.neck = CameraFPN(self.encoder.out_channels[1:], model_cfg.neck.channels, stride=8)
+        norms = getattr(getattr(self.encoder, "model", None), "hidden_states_norms", None)
+        if norms is not None and "stage1" in norms:
+            norms["stage1"] = nn.Identity()
 
     def resampled(self, head: nn.Module) -> nn.Module:
         """A map decoder that first resamples the feature grid onto the output grid."""
@@ -72,7 +92,8 @@ class _BEVModel:
         """B x C x X x Y fused BEV features on the feature grid (the encoder and neck run once
         per camera image)."""
         imgs = inputs["images"]
-        feat = camera_features(self.neck(self.encoder(imgs.flatten(0, 1))), self.camera_stride)
+        feat = camera_features(self.neck(self.encoder(imgs.flatten(0, 1))), self.camera_stride,
+                               getattr(self.neck, "stride", 4))
         return self.view(feat, tuple(imgs.shape[-2:]), inputs["intrinsics"], inputs["cam2ego"],
                          inputs.get("points"), inputs.get("points_mask"))
 

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from densediff.config import DDPSConfig, ModelConfig
+from densediff.criteria.segmentation import ce_loss
 from densediff.decoders.unet import UNet
 from densediff.diffusion.codecs import BitCodec, DiscreteCodec, MaskCodec
 from densediff.diffusion.encodings import AnalogBits
@@ -41,7 +42,6 @@ from densediff.diffusion.samplers import GuidableDenoise, guided
 from densediff.diffusion.transitions import DiscreteTransition
 from densediff.models.ddp import DDP
 from densediff.models.interface import MapModel, Trajectory
-from densediff.tasks.segmentation import ce_loss
 
 __all__ = ["DDPS", "Condition", "build_codec"]
 

@@ -9,7 +9,7 @@ official depth code (reference notes §1.11):
 - the decoder's one output channel becomes depth through ``relu(x) + min_depth``;
 - x0_hat is re-encoded from the predicted depth and clamped to [-scale, scale] at every step;
 - the loss is SigLoss (optionally + gradient matching) on valid GT pixels only
-  (:mod:`densediff.tasks.depth`);
+  (:mod:`densediff.criteria.depth`);
 - the GT is brought to the feature grid by :func:`downsample_depth`, which averages valid
   pixels only, so missing pixels of sparse GT (KITTI) never become targets (the official
   nearest resize turns them into depth 0).
@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from densediff.config import ModelConfig
+from densediff.criteria.depth import gradient_loss, sig_loss, valid_mask
 from densediff.diffusion.encodings import DepthEncoding
 from densediff.models.ddp import DDP
 from densediff.models.interface import Trajectory
 from densediff.models.segmentor import FeatureSegmentor, build_head
-from densediff.tasks.depth import gradient_loss, sig_loss, valid_mask
 
 __all__ = ["DepthDDP", "Depther", "downsample_depth"]
 

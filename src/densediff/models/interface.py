@@ -64,7 +64,9 @@ class Trajectory:
 
 @runtime_checkable
 class DenseModel(Protocol):
-    """What every model (and the onnxruntime model of :mod:`densediff.deploy`) provides.
+    """What every model (and the onnxruntime model of :mod:`densediff.deploy`) provides for
+    inference. Trainable models (:class:`MapModel`) add ``forward_train(inputs, label) ->
+    losses`` (``loss``: their sum).
 
     Attributes:
         output_kind: one of :data:`OUTPUT_KINDS`.
@@ -90,9 +92,6 @@ class DenseModel(Protocol):
                     ) -> torch.Tensor:
         """The output map B x C x H x W at the input size (BEV: the output grid)."""
 
-    def forward_train(self, inputs: Any, label: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The training losses (``loss``: their sum)."""
-
 
 def is_diffusion(model: DenseModel) -> bool:
     """True for models that sample (they take step counts other than 0)."""
@@ -109,6 +108,10 @@ class MapModel(nn.Module):
     min_steps = 0
     max_steps: int | None = 0
     accumulation = False
+
+    def set_iteration(self, iteration: int) -> None:
+        """Called by the trainer before every optimizer step; a model whose training
+        changes with the iteration (DDPS's two stages) overrides it."""
 
     def forward(self, inputs: Any, label: torch.Tensor | None = None):
         return self.forward_train(inputs, label) if label is not None else self.predict_map(inputs)

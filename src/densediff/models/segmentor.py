@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 from densediff.config import DataConfig, HeadConfig, ModelConfig
+from densediff.criteria.segmentation import ce_loss
 from densediff.decoders.deformable import DeformableDecoder
 from densediff.decoders.heads import ConvHead, FCNHead
 from densediff.encoders import build_encoder
 from densediff.encoders.neck import FPNMerge
 from densediff.models.interface import MapModel, Trajectory
-from densediff.tasks.segmentation import ce_loss
 
 MEAN, STD = (DataConfig.model_fields[k].default for k in ("mean", "std"))
 """The default input normalisation (``data.mean`` / ``data.std``: ImageNet, 0..255 pixels)."""

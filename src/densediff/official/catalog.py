@@ -55,7 +55,10 @@ _ALIGNED_MIOU = {"tiny": "82.3 / 82.6 / 82.6", "large": "83.0 / 83.2 / 83.2"}
 _SIZE = {"tiny": "t", "small": "s", "base": "b", "large": "l"}
 _PROVEN_SEG = "oracle parity (random weights): see RESULTS, Official parity"
 _PROVEN_SHARED = "converted strictly; same code paths as the proven T/L sizes"
-_PROVEN_BEV = "not supported: BEVFusion layout not mapped (its oracle needs compiled ops)"
+_PROVEN_BEV_CAMERA = ("oracle parity (random weights; official camera modules on CPU, "
+                      "model.bev.arch bevfusion): see RESULTS, Official parity, BEV")
+_PROVEN_BEV_FUSION = ("not converted: the LiDAR branch (voxelisation, spconv SparseEncoder, "
+                      "ConvFuser, SECOND decoder) has no densediff counterpart")
 
 
 def _proven(variant: str) -> str:
@@ -78,12 +81,12 @@ RELEASED: tuple[ReleasedModel, ...] = (
                     v, True, f"Cityscapes val mIoU {_ALIGNED_MIOU[v]} (1 / 3 / 10 steps, "
                     "single scale)", _PROVEN_SEG)
       for v in ("tiny", "large")),
-    ReleasedModel("ddp-camera-bev256d2-lss-scale001-d5-lr5e-5", "nuscenes/ddp_c_swin_t.yaml",
-                  "nuscenes", "swin", "tiny", False, "nuScenes val BEV map mIoU 59.4 (camera)",
-                  _PROVEN_BEV),
+    ReleasedModel("ddp-camera-bev256d2-lss-scale001-d5-lr5e-5",
+                  "nuscenes/ddp_c_swin_t_bevfusion.yaml", "nuscenes", "swin", "tiny", False,
+                  "nuScenes val BEV map mIoU 59.4 (camera)", _PROVEN_BEV_CAMERA),
     ReleasedModel("ddp-fusion-bev256d2-lss-scale001-d5-lr5e-5", "nuscenes/ddp_cl_swin_t.yaml",
                   "nuscenes", "swin", "tiny", False,
-                  "nuScenes val BEV map mIoU 70.6 (camera + LiDAR)", _PROVEN_BEV),
+                  "nuScenes val BEV map mIoU 70.6 (camera + LiDAR)", _PROVEN_BEV_FUSION),
 )
 """Every released DDP checkpoint (no depth model was released: "TBA")."""
 
@@ -96,6 +99,7 @@ def find_released(name: str) -> ReleasedModel | None:
 
 def match_released(dataset: str, backbone: str, variant: str, aligned: bool
                    ) -> ReleasedModel | None:
-    """The segmentation entry with this dataset, backbone, size and fine-tune, else None."""
+    """The first entry with this dataset, backbone, size and fine-tune, else None (nuScenes:
+    the camera-only model; the camera + LiDAR one is not converted)."""
     return next((m for m in RELEASED if (m.dataset, m.backbone, m.variant, m.aligned)
                  == (dataset, backbone, variant, aligned)), None)

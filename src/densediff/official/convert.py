@@ -23,13 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from densediff.config import Config, load_config
-from densediff.data.build import class_info
+from densediff.config import Config
 from densediff.errors import CheckpointError, UserError, one_line
-from densediff.models import build_model
 from densediff.official.catalog import ReleasedModel, match_released
 from densediff.official.hub import hub_download, is_hub_uri
-from densediff.official.mapping import convert_state
+from densediff.official.mapping import BEV_PREFIXES, convert_state
+from densediff.tasks import build_model, class_info, load_config
 from densediff.utils.checkpoint import load_into, save_checkpoint
 from densediff.utils.checks import require_file
 
@@ -43,7 +42,7 @@ MAX_CLASSES_META = 1000
 OFFICIAL_SUFFIXES = (".pth", ".pt", ".bin")
 """File suffixes treated as official (pickle-zip) checkpoints; densediff's own are safetensors."""
 
-_DATASET_BY_CLASSES = {150: "ade20k", 19: "cityscapes"}
+_DATASET_BY_CLASSES = {150: "ade20k", 19: "cityscapes", 6: "nuscenes"}
 _SWIN_SIZES = {(96, (2, 2, 6, 2)): "tiny", (96, (2, 2, 18, 2)): "small",
                (128, (2, 2, 18, 2)): "base", (192, (2, 2, 18, 2)): "large"}
 _CONVNEXT_SIZES = {(96, (3, 3, 9, 3)): "tiny", (96, (3, 3, 27, 3)): "small",
@@ -133,16 +132,14 @@ class OfficialArch:
 
 
 def describe(state: dict[str, torch.Tensor], source: str) -> OfficialArch:
-    """Recognise an official DDP segmentation state dict.
+    """Recognise an official DDP segmentation or camera-only BEV state dict.
 
     Raises:
-        CheckpointError: not a DDP segmentation checkpoint, a BEV checkpoint (not supported),
+        CheckpointError: not a DDP checkpoint, the camera + LiDAR BEV model (not converted),
             or a backbone size that no released model has.
     """
-    if any(k.startswith(("encoders.", "fuser.", "heads.map")) for k in state):
-        raise CheckpointError(f"{source}: a BEV (BEVFusion) checkpoint: densediff does not "
-                              "convert the official BEV layout (its camera and BEV modules are "
-                              "not densediff's)")
+    if is_bev_state(state):
+        return _describe_bev(state, source)
     if not any(k.startswith(("decode_head.", "embedding_table")) for k in state):
         raise CheckpointError(f"{source}: not an official DDP segmentation checkpoint (no "
                               "decode_head / embedding_table tensors)")
@@ -171,6 +168,41 @@ def describe(state: dict[str, torch.Tensor], source: str) -> OfficialArch:
                                   "and no released size; convert it with --config <your config>")
         return OfficialArch("convnext", variant, None, num_classes)
     raise CheckpointError(f"{source}: unknown backbone (neither mmseg Swin nor mmcls ConvNeXt)")
+
+
+def is_bev_state(state: dict[str, torch.Tensor]) -> bool:
+    """An official BEV (BEVFusion-layout) state dict."""
+    return any(k.startswith(BEV_PREFIXES) for k in state)
+
+
+def _describe_bev(state: dict[str, torch.Tensor], source: str) -> OfficialArch:
+    """The released camera-only BEV model's layout (Swin-T camera backbone, 6 map classes,
+    time-aware map head), else one line saying what differs."""
+    if any(k.startswith(("encoders.lidar.", "fuser.")) for k in state):
+        raise CheckpointError(
+            f"{source}: the official camera + LiDAR BEV model: not converted: its LiDAR branch "
+            "(hard voxelisation, spconv SparseEncoder, ConvFuser, SECOND + SECONDFPN decoder) has "
+            "no densediff counterpart; the camera-only model converts")
+    prefix = "encoders.camera.backbone."
+    head = state.get("heads.map.conv_seg.weight")
+    if f"{prefix}patch_embed.projection.weight" not in state or head is None:
+        raise CheckpointError(f"{source}: an official BEV checkpoint without a Swin camera "
+                              "backbone or a map head: no released model has that layout")
+    width = int(state[f"{prefix}patch_embed.projection.weight"].shape[0])
+    depths = tuple(_count(state, rf"{re.escape(prefix)}stages\.{i}\.blocks\.(\d+)\.norm1\.weight")
+                   for i in range(4))
+    table = state.get(f"{prefix}stages.0.blocks.0.attn.w_msa.relative_position_bias_table")
+    side = math.isqrt(int(table.shape[0])) if table is not None else 0
+    window = (side + 1) // 2 if side and side * side == table.shape[0] and side % 2 else None
+    if _SWIN_SIZES.get((width, depths)) != "tiny" or window != 7:
+        raise CheckpointError(f"{source}: a BEV camera Swin of width {width}, depths "
+                              f"{list(depths)}, window {window}: the released model is Swin-T "
+                              "(window 7); convert it with --config <your config>")
+    if "heads.map.encoder.layers.0.time_mlp.1.weight" not in state:
+        raise CheckpointError(f"{source}: its map head has no time input (no "
+                              "heads.map.encoder.layers.*.time_mlp): the released config's "
+                              "time-aware layers were not used; densediff's BEV DDP needs them")
+    return OfficialArch("swin", "tiny", window, int(head.shape[0]))
 
 
 def _count(state: dict[str, torch.Tensor], pattern: str) -> int:
@@ -262,6 +294,11 @@ def load_official(source: str | os.PathLike, config: str | os.PathLike | None = 
         arch, entry = None, None
         backbone = None
     cfg = _official_config(entry, given, arch, meta, src)
+    bev = is_bev_state(state)
+    if bev and (cfg.task != "bev" or cfg.model.bev.arch != "bevfusion"
+                or cfg.model.encoder.name != "swin" or cfg.model.type != "ddp"):
+        raise UserError("--config: an official BEV checkpoint needs a BEV DDP config with "
+                        "model.bev.arch: bevfusion on swin (e.g. nuscenes/ddp_c_swin_t_bevfusion.yaml)")
     if backbone is None:
         backbone = cfg.model.encoder.name
         if backbone not in ("swin", "convnext") or cfg.model.type != "ddp":

@@ -13,6 +13,10 @@ also change layout:
   the norm's entries) from the first order to the second;
 - Swin ``relative_position_index`` buffers are derived from the window size: dropped.
 
+The official BEV camera model (``encoders.camera.*``, ``decoder.*``, ``heads.map.*``) converts
+into ``model.bev.arch: bevfusion`` by :func:`bev_rules` (see the comment above it), which
+reuse the Swin and DDP rules under the BEV prefixes.
+
 transformers renamed its Swin parameters between major versions (v4: ``attention.self.query``,
 ``attention.output.dense``, ``intermediate.dense``, ``output.dense``; v5:
 ``attention.q_proj`` ... ``o_proj``, ``mlp.fc1``/``fc2``, ``attention.relative_position_bias``).
@@ -180,7 +184,8 @@ def convert_state(official: Mapping[str, Tensor], backbone: str,
     """Rename and re-lay-out an official DDP state dict for a densediff model, strictly.
 
     Args:
-        official: the official ``state_dict`` (mmseg names).
+        official: the official ``state_dict`` (mmseg names; or the BEV camera model's
+            BEVFusion names, converted by :func:`bev_rules`).
         backbone: ``swin`` or ``convnext``.
         model_state: the densediff model's own ``state_dict()`` (names and shapes to meet).
         source: the file, for messages.
@@ -192,8 +197,17 @@ def convert_state(official: Mapping[str, Tensor], backbone: str,
         CheckpointError: one line listing every official key no rule uses, every model key
             left without a tensor, and every shape that differs.
     """
+    if any(k.startswith(BEV_PREFIXES) for k in official):  # the BEV camera model (swin)
+        return convert_bev_state(official, model_state, source)
     naming = swin_naming(model_state) if backbone == "swin" else {}
     rules = (_swin_rules(naming) if backbone == "swin" else _convnext_rules()) + _common_rules()
+    return apply_rules(official, rules, model_state, source)
+
+
+def apply_rules(official: Mapping[str, Tensor], rules: list[Rule],
+                model_state: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
+    """Rename ``official`` by the first matching rule of each key, then check strictly against
+    ``model_state`` (see :func:`convert_state`: returns and raises as it does)."""
     out: dict[str, Tensor] = {}
     unused: list[str] = []
     for key, tensor in official.items():
@@ -219,3 +233,70 @@ def convert_state(official: Mapping[str, Tensor], backbone: str,
     if problems:
         raise CheckpointError(f"{source}: does not convert strictly: {'; '.join(problems)}")
     return {k: out[k].to(model_state[k].dtype) for k in model_state}
+
+
+# ------------------------------------------------------------------------------------------
+# the official BEV camera model (BEVFusion layout)
+#
+# BEV camera model: the official DDP BEV camera model (BEVFusion layout) -> densediff's
+# ``model.bev.arch: bevfusion`` model (:mod:`densediff.encoders.bevfusion`).
+#
+# The official ``DDP(BEVFusion)`` model has ``encoders.camera.{backbone, neck, vtransform}``,
+# ``decoder.{backbone, neck}``, ``heads.map`` and DDP's ``transform`` / ``embedding_table`` /
+# ``time_mlp``. Rules, in order:
+#
+# - ``encoders.camera.backbone.*``: mmdet's Swin, named as mmseg's: the segmentation Swin rules
+#   above (q/k/v split, patch-merging channel order, stage norms
+#   ``norm1..3`` -> ``hidden_states_norms.stage2..4``; ``out_indices`` 1, 2, 3 so no ``norm0``);
+# - ``encoders.camera.neck.*`` (GeneralizedLSSFPN) -> ``neck.*`` (same sub-names);
+# - ``encoders.camera.vtransform.{depthnet, downsample}.*`` -> ``view.lift.*``; its
+#   ``frustum``, ``dx``, ``bx``, ``nx`` are parameters derived from the config (image size,
+#   bounds): dropped, like Swin's ``relative_position_index``;
+# - ``decoder.backbone.*`` / ``decoder.neck.*`` (GeneralizedResNet / LSSFPN) -> ``view.backbone.*``
+#   / ``view.neck.*``;
+# - ``heads.map.encoder.layers.*`` and ``heads.map.conv_seg.*``: the segmentation head rules
+#   (``decode_head.*``), under ``decoder.head.*`` (densediff resamples to the output grid in
+#   ``decoder.transform``, which has no parameters);
+# - ``transform.conv``, ``embedding_table``, ``time_mlp``: the segmentation DDP rules.
+
+BEV_PREFIXES = ("encoders.", "fuser.", "heads.map.", "decoder.backbone.", "decoder.neck.")
+"""Top-level names of the official BEV (BEVFusion) models; no segmentation checkpoint has them."""
+
+
+def _under(action, old: str, new: str):
+    """``action`` with output names starting ``old`` moved under ``new``."""
+    def moved(m: re.Match, t: Tensor) -> list[tuple[str, Tensor]]:
+        return [(new + k.removeprefix(old) if k.startswith(old) else k, v)
+                for k, v in action(m, t)]
+    return moved
+
+
+def bev_rules(naming: Mapping[str, str]) -> list[Rule]:
+    """The rules of the comment above (``naming``: transformers' Swin names)."""
+    r = re.compile
+    rules: list[Rule] = []
+    for pattern, action in _swin_rules(naming) + _common_rules():
+        src = pattern.pattern
+        if src.startswith(r"backbone\."):
+            rules.append((r(r"encoders\.camera\." + src), action))
+        elif src.startswith(r"decode_head\."):
+            rules.append((r(r"heads\.map\." + src.removeprefix(r"decode_head\.")),
+                          _under(action, "decoder.", "decoder.head.")))
+        elif not src.startswith((r"neck\.", r"auxiliary_head\.")):  # DDP's own modules
+            rules.append((pattern, action))
+    vt = r"encoders\.camera\.vtransform\."
+    return rules + [
+        (r(r"encoders\.camera\.neck\.((?:lateral|fpn)_convs\.\d+\.(?:conv|bn)\.\w+)"),
+         _to("neck.{0}")),
+        (r(vt + r"(frustum|dx|bx|nx)"), _drop),
+        (r(vt + r"((?:depthnet|downsample)\..+)"), _to("view.lift.{0}")),
+        (r(r"decoder\.(backbone|neck)\.(.+)"), _to("view.{0}.{1}")),
+    ]
+
+
+def convert_bev_state(official: Mapping[str, Tensor], model_state: Mapping[str, Tensor],
+                      source: str) -> dict[str, Tensor]:
+    """:func:`convert_state` for the official BEV camera model (BEVFusion layout):
+    exactly the model's keys and shapes, or one :class:`~densediff.errors.CheckpointError`
+    line listing every unused, missing and mis-shaped key."""
+    return apply_rules(official, bev_rules(swin_naming(model_state)), model_state, source)

@@ -12,6 +12,7 @@ instead of branching on the task.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,7 +68,7 @@ def resolve_steps(model: nn.Module, steps: int | Sequence[int] | None, source: s
         return [0]
     if steps is None:
         steps = [model.default_steps]
-    elif hasattr(steps, "__index__"):  # one int
+    elif isinstance(steps, numbers.Integral):  # one int (numpy integers too)
         steps = [steps]
     steps = list(dict.fromkeys(int(s) for s in steps))
     check_steps(model, steps, source, key)
@@ -109,20 +110,14 @@ class Pipeline:
     :data:`densediff.pipelines.PIPELINES`).
 
     Attributes:
-        task: ``cfg.task``.
         name: how messages name the task's models (e.g. ``BEV``).
-        metric_key: the task's headline metric (``mIoU``, ``abs_rel``).
-        lower_is_better: for ``metric_key``.
         has_aug: whether test-time augmentation exists (``--aug-test``).
         aug_name: what that augmentation is, for messages.
         image_input: True when ``predict`` takes images (files); False when it takes samples
             of the checkpoint's dataset (BEV: calibrated cameras).
     """
 
-    task: str = ""
     name: str = ""
-    metric_key: str = "mIoU"
-    lower_is_better: bool = False
     has_aug: bool = True
     aug_name: str = "multi-scale+flip"
     image_input: bool = True
@@ -169,6 +164,17 @@ class Pipeline:
         """The file name suffixes ``predict`` may write per input (``<stem>_<suffix>``), to
         check before any work that no input is overwritten."""
         raise NotImplementedError
+
+    def check_predict_options(self, source: str, predictor, *, save_probs: bool,
+                              uncertainty: bool, aug: bool, onnx: bool) -> None:
+        """UserError (one line, naming the option) for ``predict`` options this task's
+        models do not take; ``source`` names the checkpoint."""
+        if save_probs:
+            raise UserError(f"--save-probs: applies to segmentation models; {source} is a "
+                            f"{self.name} model")
+        if aug and not self.has_aug:
+            raise UserError(f"--aug-test: {source} is a {self.name} model; {self.name} "
+                            "models have no test-time augmentation")
 
     # -- bench / info ----------------------------------------------------------------------
     def example_input(self, cfg: Config, size: tuple[int, int] | None, batch: int,

@@ -14,13 +14,14 @@ import torch
 from torch import nn
 
 from densediff.config import Config
-from densediff.pipelines.base import Pipeline, is_diffusion, resolve_steps, write_files
-from densediff.tasks.bev import BEVIoUMetric, format_bev_metrics
-from densediff.tasks.uncertainty import (
+from densediff.criteria.bev import BEVIoUMetric, format_bev_metrics
+from densediff.criteria.uncertainty import (
     UncertaintyMetric,
     entropy_uncertainty,
     step_change_uncertainty,
 )
+from densediff.errors import UserError
+from densediff.pipelines.base import Pipeline, is_diffusion, resolve_steps, write_files
 
 __all__ = ["BEVPipeline", "BEVPrediction", "bev_uncertainty_maps"]
 
@@ -155,11 +156,17 @@ class BEVPrediction:
 class BEVPipeline(Pipeline):
     """``task: bev``."""
 
-    task = "bev"
     name = "BEV"
     has_aug = False
     aug_name = "none"
     image_input = False
+
+    def check_predict_options(self, source, predictor, *, save_probs, uncertainty, aug, onnx):
+        if save_probs:
+            raise UserError(f"--save-probs: applies to segmentation models; {source} is a BEV "
+                            "model (its probabilities are always written)")
+        super().check_predict_options(source, predictor, save_probs=save_probs,
+                                      uncertainty=uncertainty, aug=aug, onnx=onnx)
 
     def shares_encoder(self, model, cfg, aug):
         return is_diffusion(model)  # no augmentation, whole grid

@@ -15,15 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from densediff.config import Config
-from densediff.models.interface import Trajectory
-from densediff.pipelines.base import Pipeline, is_diffusion, resolve_steps, write_files
-from densediff.pipelines.inference import predict_depth
-from densediff.tasks.depth import (
+from densediff.criteria.depth import (
     DepthMetric,
     DepthUncertaintyMetric,
     depth_spread,
     format_depth_metrics,
 )
+from densediff.errors import UserError
+from densediff.models.interface import Trajectory
+from densediff.pipelines.base import Pipeline, is_diffusion, resolve_steps, write_files
+from densediff.pipelines.inference import predict_depth
 
 __all__ = ["DepthPipeline", "DepthPrediction", "depth_uncertainty_maps", "trajectory_spread"]
 
@@ -167,11 +168,15 @@ class DepthPrediction:
 class DepthPipeline(Pipeline):
     """``task: depth``."""
 
-    task = "depth"
     name = "depth"
-    metric_key = "abs_rel"
-    lower_is_better = True
     aug_name = "flip"
+
+    def check_predict_options(self, source, predictor, *, save_probs, uncertainty, aug, onnx):
+        super().check_predict_options(source, predictor, save_probs=save_probs,
+                                      uncertainty=uncertainty, aug=aug, onnx=onnx)
+        if uncertainty and (not predictor.is_diffusion or aug):
+            raise UserError(f"--uncertainty: a depth uncertainty map needs a diffusion model "
+                            f"and whole-image inference without --aug-test ({source})")
 
     def shares_encoder(self, model, cfg, aug):
         return is_diffusion(model) and not aug  # depth inference is whole-image

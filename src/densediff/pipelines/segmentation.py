@@ -14,15 +14,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from densediff.config import Config
-from densediff.data.transforms import aug_input
-from densediff.pipelines.base import Pipeline, is_diffusion, resolve_steps, write_files
-from densediff.pipelines.inference import predict_probs
-from densediff.tasks.segmentation import SegMetric, class_ids, format_metrics
-from densediff.tasks.uncertainty import (
+from densediff.criteria.segmentation import SegMetric, class_ids, format_metrics
+from densediff.criteria.uncertainty import (
     UncertaintyMetric,
     entropy_uncertainty,
     step_change_uncertainty,
 )
+from densediff.data.transforms import aug_input
+from densediff.errors import UserError
+from densediff.pipelines.base import Pipeline, is_diffusion, resolve_steps, write_files
+from densediff.pipelines.inference import predict_probs
 
 __all__ = ["Prediction", "SegmentationPipeline", "uncertainty_maps"]
 
@@ -199,8 +200,12 @@ class Prediction:
 class SegmentationPipeline(Pipeline):
     """``task: segmentation``."""
 
-    task = "segmentation"
     name = "segmentation"
+
+    def check_predict_options(self, source, predictor, *, save_probs, uncertainty, aug, onnx):
+        if aug and onnx and any(s != 1.0 for s in predictor.cfg.eval.aug.scales):
+            raise UserError("--aug-test: the exported graphs take one input size, so the "
+                            "multi-scale test needs --runtime torch (or eval.aug.scales=[1.0])")
 
     def metric(self, dataset, cfg: Config, device: torch.device, boundary: bool = True):
         return SegMetric(dataset.num_classes, dataset.ignore_index, cfg.eval.boundary_dilation,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +132,19 @@ def write_folder(root: str | os.PathLike, n: int = 10, splits: bool = False,
     if splits:
         _write_folder_splits(root, stems)
     return root
+
+
+def write_random_image(folder: str | os.PathLike, name: str = "a.png",
+                       size: tuple[int, int] = (30, 41), seed: int = 0) -> Path:
+    """``folder`` (made) holding one RGB image ``name`` of uniform random pixels, ``size``
+    (h, w): an input of odd size for ``predict``; returns ``folder``."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    pixels = np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(folder / name)
+    return folder
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,17 +360,24 @@ def write_nuscenes(root: str | os.PathLike, scenes: int = 2, samples_per_scene: 
     4 x 4}}), ``intrinsics`` ({channel: 3 x 3}), ``lidar2ego`` (4 x 4), ``sweep_dt_us``,
     ``speed``, ``random_points``, ``splits`` ({split: scene names}), ``locations``.
     """
-    root = Path(root)
-    h, w = image_size
-    rng = np.random.default_rng([seed, 7])
-    tok = lambda *parts: _nusc_token(seed, *parts)
-    base_q = (0.5, -0.5, 0.5, -0.5)  # a forward camera: (x right, y down, z forward) -> ego
-    base_r = np.array([[0.0, 0, 1], [-1, 0, 0], [0, -1, 0]])
-    dt = min(50_000, 500_000 // (sweeps_per_sample + 1))
-    speed, n_random = 10.0, 40
-    tables = {k: [] for k in ("scene", "sample", "sample_data", "calibrated_sensor", "sensor",
-                              "ego_pose", "log", "category", "attribute", "visibility", "instance",
-                              "sample_annotation", "map")}
+    nusc = _NuScenesWriter(Path(root), image_size, sweeps_per_sample, version, seed)
+    for s in range(scenes):
+        nusc.scene(s, samples_per_scene)
+    return nusc.finish()
+
+
+_NUSC_TABLES = ("scene", "sample", "sample_data", "calibrated_sensor", "sensor", "ego_pose", "log",
+                "category", "attribute", "visibility", "instance", "sample_annotation", "map")
+_NUSC_CAMERA_Q = (0.5, -0.5, 0.5, -0.5)
+"""A forward camera's rotation, (x right, y down, z forward) -> ego (x forward, y left)."""
+_NUSC_CAMERA_R = np.array([[0.0, 0, 1], [-1, 0, 0], [0, -1, 0]])
+"""The same rotation as a matrix."""
+
+
+def _nusc_fixed_tables(tok) -> dict[str, list]:
+    """The 13 tables, the ones that do not depend on the scenes filled in (category, attribute,
+    visibility, sensor)."""
+    tables = {k: [] for k in _NUSC_TABLES}
     for name, index in NUSCENES_CATEGORIES:
         tables["category"].append({"token": tok("category", name), "name": name, "index": index,
                                    "description": f"fixture category {name}"})
@@ -366,29 +387,179 @@ def write_nuscenes(root: str | os.PathLike, scenes: int = 2, samples_per_scene: 
     for token, level in NUSCENES_VISIBILITY:
         tables["visibility"].append({"token": token, "level": level,
                                      "description": f"visibility of whole object is {level}"})
-    out = {"root": root, "version": version, "image_size": (h, w), "cameras": list(NUSCENES_RIGS),
-           "scenes": [], "samples": {}, "cam2ego": {}, "intrinsics": {}, "sweep_dt_us": dt,
-           "speed": speed, "random_points": n_random, "locations": list(NUSCENES_LOCATIONS)}
-    lyaw, lt = NUSCENES_LIDAR
-    out["lidar2ego"] = np.eye(4)
-    out["lidar2ego"][:3, :3], out["lidar2ego"][:3, 3] = _rot_z(lyaw), lt
-    channels = list(NUSCENES_RIGS) + ["LIDAR_TOP"]
-    for ch in channels:
+    for ch in [*NUSCENES_RIGS, "LIDAR_TOP"]:
         tables["sensor"].append({"token": tok("sensor", ch), "channel": ch,
                                  "modality": "lidar" if ch == "LIDAR_TOP" else "camera"})
+    return tables
+
+
+def _nusc_intrinsics(h: int, w: int) -> dict[str, np.ndarray]:
+    """Each camera's 3 x 3 intrinsics, scaled from 1600 x 900 to ``(h, w)``."""
+    intrinsics = {}
     for i, (ch, (_, _, f)) in enumerate(NUSCENES_RIGS.items()):
         sx, sy = w / 1600, h / 900
-        out["intrinsics"][ch] = np.array([[f * sx, 0, (800 + 10 * i) * sx],
-                                          [0, f * sy, (480 + 5 * i) * sy], [0, 0, 1]])
-    maps = {loc: {"node": [], "line": [], "polygon": []} for loc in NUSCENES_LOCATIONS}
+        intrinsics[ch] = np.array([[f * sx, 0, (800 + 10 * i) * sx],
+                                   [0, f * sy, (480 + 5 * i) * sy], [0, 0, 1]])
+    return intrinsics
 
-    def ego_pose(name: str, ts: int, xy, yaw: float) -> str:
-        t = tok("ego_pose", name)
-        tables["ego_pose"].append({"token": t, "timestamp": ts, "rotation": list(_quat_yaw(yaw)),
-                                   "translation": [float(xy[0]), float(xy[1]), 0.0]})
+
+@dataclass
+class _NuscScene:
+    """One scene being written: index, log file name, token, first ego position, first
+    timestamp, sample tokens (by time) and its sample_data rows per channel (by time)."""
+
+    index: int
+    logfile: str
+    token: str
+    base: np.ndarray
+    t0: int
+    samples: list[str]
+    frames: dict[str, list[tuple]]
+
+
+class _NuScenesWriter:
+    """The state of one :func:`write_nuscenes` call: the tables, the map-expansion dicts, the
+    returned info, and the random stream of the LiDAR points (drawn in file order)."""
+
+    def __init__(self, root: Path, image_size: tuple[int, int], sweeps_per_sample: int,
+                 version: str, seed: int) -> None:
+        self.root, self.version, self.sweeps = root, version, sweeps_per_sample
+        self.h, self.w = image_size
+        self.rng = np.random.default_rng([seed, 7])
+        self.tok = lambda *parts: _nusc_token(seed, *parts)
+        self.dt = min(50_000, 500_000 // (sweeps_per_sample + 1))
+        self.speed, self.n_random = 10.0, 40
+        self.tables = _nusc_fixed_tables(self.tok)
+        self.out = {"root": root, "version": version, "image_size": (self.h, self.w),
+                    "cameras": list(NUSCENES_RIGS), "scenes": [], "samples": {}, "cam2ego": {},
+                    "intrinsics": _nusc_intrinsics(self.h, self.w), "sweep_dt_us": self.dt,
+                    "speed": self.speed, "random_points": self.n_random,
+                    "locations": list(NUSCENES_LOCATIONS)}
+        lyaw, lt = NUSCENES_LIDAR
+        self.out["lidar2ego"] = np.eye(4)
+        self.out["lidar2ego"][:3, :3], self.out["lidar2ego"][:3, 3] = _rot_z(lyaw), lt
+        self.maps = {loc: {"node": [], "line": [], "polygon": []} for loc in NUSCENES_LOCATIONS}
+
+    def scene(self, s: int, samples_per_scene: int) -> None:
+        """Scene ``s``: its log, calibration, samples, sample_data, map shapes, annotations."""
+        tok, loc = self.tok, NUSCENES_LOCATIONS[s % 2]
+        logfile = f"n{8 + s:03d}-2018-08-0{1 + s % 9}-15-16-36-0400"
+        base = np.array([600.0, 1600.0] if s % 2 == 0 else [400.0, 1100.0]) + [150.0 * (s // 2), 0]
+        sc = _NuscScene(index=s, logfile=logfile, token=tok("scene", s), base=base,
+                        t0=1532402927_000_000 + s * 100_000_000,
+                        samples=[tok("sample", s, j) for j in range(samples_per_scene)],
+                        frames={ch: [] for ch in [*NUSCENES_RIGS, "LIDAR_TOP"]})
+        self.tables["log"].append({"token": tok("log", s), "logfile": logfile,
+                                   "vehicle": logfile[:4], "date_captured": "2018-08-01",
+                                   "location": loc})
+        cs = self.calibrate(s)
+        for j in range(samples_per_scene):
+            self.sample(sc, j)
+        self.sample_data(sc, cs)
+        name = f"scene-{s + 1:04d}"
+        self.tables["scene"].append({
+            "token": sc.token, "log_token": tok("log", s), "nbr_samples": samples_per_scene,
+            "first_sample_token": sc.samples[0], "last_sample_token": sc.samples[-1],
+            "name": name, "description": f"fixture scene {s}"})
+        self.out["scenes"].append({"name": name, "token": sc.token, "location": loc,
+                                   "samples": sc.samples})
+        _nusc_map_shapes(self.maps[loc], tok, s, sc.base, 90.0 - 120.0 * s)
+        _nusc_annotations(self.tables, tok, s, sc.samples, sc.base, 90.0 - 120.0 * s)
+
+    def calibrate(self, s: int) -> dict[str, str]:
+        """The calibrated_sensor rows of scene ``s`` (camera heights + 1 cm per scene) and its
+        ``cam2ego`` matrices; returns their tokens by channel."""
+        cs, self.out["cam2ego"][s] = {}, {}
+        for ch, (yaw, trans, _) in NUSCENES_RIGS.items():
+            trans = (trans[0], trans[1], trans[2] + 0.01 * s)
+            cs[ch] = self.tok("calibrated_sensor", s, ch)
+            self.tables["calibrated_sensor"].append({
+                "token": cs[ch], "sensor_token": self.tok("sensor", ch), "translation": list(trans),
+                "rotation": list(_quat_mul(_quat_yaw(yaw), _NUSC_CAMERA_Q)),
+                "camera_intrinsic": self.out["intrinsics"][ch].tolist()})
+            m = np.eye(4)
+            m[:3, :3], m[:3, 3] = _rot_z(yaw) @ _NUSC_CAMERA_R, trans
+            self.out["cam2ego"][s][ch] = m
+        lyaw, lt = NUSCENES_LIDAR
+        cs["LIDAR_TOP"] = self.tok("calibrated_sensor", s, "LIDAR_TOP")
+        self.tables["calibrated_sensor"].append({
+            "token": cs["LIDAR_TOP"], "sensor_token": self.tok("sensor", "LIDAR_TOP"),
+            "translation": list(lt), "rotation": list(_quat_yaw(lyaw)), "camera_intrinsic": []})
+        return cs
+
+    def sample(self, sc: _NuscScene, j: int) -> None:
+        """Sample ``j`` of a scene: its row, its LiDAR and camera frames (images written)."""
+        s, st = sc.index, sc.samples[j]
+        yaw = 90.0 - 120.0 * s + 35.0 * j
+        xy = sc.base + [4.0 * j, 3.0 * j]
+        head = np.array([np.cos(np.radians(yaw)), np.sin(np.radians(yaw))])
+        ts = sc.t0 + j * 500_000
+        self.tables["sample"].append({"token": st, "timestamp": ts, "scene_token": sc.token,
+                                      "prev": sc.samples[j - 1] if j else "",
+                                      "next": sc.samples[j + 1] if j + 1 < len(sc.samples) else ""})
+        info = {"scene": s, "index": j, "timestamp": ts, "translation": tuple(xy), "yaw": yaw,
+                "camera_files": {}, "sweep_files": []}
+        self.lidar_frames(sc, j, info, xy, head)
+        self.camera_frames(sc, j, info, xy, head)
+        self.out["samples"][st] = info
+
+    def lidar_frames(self, sc: _NuscScene, j: int, info: dict, xy, head) -> None:
+        """The LiDAR sweeps of sample ``j`` (oldest first, ``dt`` apart, behind along
+        ``head``), then its key frame."""
+        s, st, ts, yaw = sc.index, sc.samples[j], info["timestamp"], info["yaw"]
+        for k in range(self.sweeps, 0, -1):
+            sts = ts - k * self.dt
+            name = f"sweeps/LIDAR_TOP/{sc.logfile}__LIDAR_TOP__{sts}.pcd.bin"
+            sd = self.tok("sample_data", s, j, "LIDAR_TOP", k)
+            pose = self.ego_pose(sd, sts, xy - k * self.speed * self.dt / 1e6 * head, yaw)
+            sc.frames["LIDAR_TOP"].append((sd, st, pose, sts, False, name, 0, 0))
+            info["sweep_files"].insert(0, name)
+        name = f"samples/LIDAR_TOP/{sc.logfile}__LIDAR_TOP__{ts}.pcd.bin"
+        info["lidar"] = sd = self.tok("sample_data", s, j, "LIDAR_TOP")
+        info["lidar_file"] = name
+        sc.frames["LIDAR_TOP"].append((sd, st, self.ego_pose(sd, ts, xy, yaw), ts, True, name, 0, 0))
+
+    def camera_frames(self, sc: _NuscScene, j: int, info: dict, xy, head) -> None:
+        """Each camera's key frame (its colour) and non-key frame (grey, 250 ms later) of
+        sample ``j``, images written."""
+        s, st, ts, yaw = sc.index, sc.samples[j], info["timestamp"], info["yaw"]
+        h, w = self.h, self.w
+        for i, ch in enumerate(NUSCENES_RIGS):
+            for key in (True, False):
+                cts = ts + (10_000 * (i - 2) if key else 250_000)
+                folder = "samples" if key else "sweeps"
+                name = f"{folder}/{ch}/{sc.logfile}__{ch}__{cts}.jpg"
+                sd = self.tok("sample_data", s, j, ch, key)
+                pose = self.ego_pose(sd, cts, xy + self.speed * (cts - ts) / 1e6 * head, yaw)
+                sc.frames[ch].append((sd, st, pose, cts, key, name, h, w))
+                colour = NUSCENES_CAMERA_COLOURS[ch] if key else (128, 128, 128)
+                write_image(self.root / name, np.full((h, w, 3), colour, np.uint8))
+                if key:
+                    info["camera_files"][ch] = name
+
+    def sample_data(self, sc: _NuscScene, cs: dict[str, str]) -> None:
+        """The sample_data rows of a scene, ``prev``/``next`` chained per channel, and its
+        LiDAR files (in that order: the points are drawn from one stream)."""
+        for ch, rows in sc.frames.items():
+            for n, (sd, st, pose, ts, key, name, fh, fw) in enumerate(rows):
+                self.tables["sample_data"].append({
+                    "token": sd, "sample_token": st, "ego_pose_token": pose,
+                    "calibrated_sensor_token": cs[ch], "timestamp": ts,
+                    "fileformat": "pcd" if ch == "LIDAR_TOP" else "jpg", "is_key_frame": key,
+                    "height": fh, "width": fw, "filename": name,
+                    "prev": rows[n - 1][0] if n else "",
+                    "next": rows[n + 1][0] if n + 1 < len(rows) else ""})
+                if ch == "LIDAR_TOP":
+                    self.points_file(self.root / name)
+
+    def ego_pose(self, name: str, ts: int, xy, yaw: float) -> str:
+        t = self.tok("ego_pose", name)
+        self.tables["ego_pose"].append({"token": t, "timestamp": ts, "rotation": list(_quat_yaw(yaw)),
+                                        "translation": [float(xy[0]), float(xy[1]), 0.0]})
         return t
 
-    def points_file(path: Path) -> None:
+    def points_file(self, path: Path) -> None:
+        n_random, rng = self.n_random, self.rng
         pts = np.zeros((1 + len(NUSCENES_CLOSE_POINTS) + n_random, 5), np.float32)
         pts[0, :3], pts[0, 3], pts[0, 4] = NUSCENES_POINT_MARKER, 255, 7
         pts[1:3, :3] = NUSCENES_CLOSE_POINTS
@@ -398,105 +569,30 @@ def write_nuscenes(root: str | os.PathLike, scenes: int = 2, samples_per_scene: 
         path.parent.mkdir(parents=True, exist_ok=True)
         pts.tofile(path)
 
-    for s in range(scenes):
-        loc = NUSCENES_LOCATIONS[s % 2]
-        logfile = f"n{8 + s:03d}-2018-08-0{1 + s % 9}-15-16-36-0400"
-        log_t, scene_t = tok("log", s), tok("scene", s)
-        tables["log"].append({"token": log_t, "logfile": logfile, "vehicle": logfile[:4],
-                              "date_captured": "2018-08-01", "location": loc})
-        cs = {}
-        out["cam2ego"][s] = {}
-        for ch, (yaw, trans, _) in NUSCENES_RIGS.items():
-            trans = (trans[0], trans[1], trans[2] + 0.01 * s)
-            cs[ch] = tok("calibrated_sensor", s, ch)
-            tables["calibrated_sensor"].append({
-                "token": cs[ch], "sensor_token": tok("sensor", ch), "translation": list(trans),
-                "rotation": list(_quat_mul(_quat_yaw(yaw), base_q)),
-                "camera_intrinsic": out["intrinsics"][ch].tolist()})
-            m = np.eye(4)
-            m[:3, :3], m[:3, 3] = _rot_z(yaw) @ base_r, trans
-            out["cam2ego"][s][ch] = m
-        cs["LIDAR_TOP"] = tok("calibrated_sensor", s, "LIDAR_TOP")
-        tables["calibrated_sensor"].append({
-            "token": cs["LIDAR_TOP"], "sensor_token": tok("sensor", "LIDAR_TOP"),
-            "translation": list(lt), "rotation": list(_quat_yaw(lyaw)), "camera_intrinsic": []})
-        base = np.array([600.0, 1600.0] if s % 2 == 0 else [400.0, 1100.0]) + [150.0 * (s // 2), 0]
-        t0 = 1532402927_000_000 + s * 100_000_000
-        sample_ts = [tok("sample", s, j) for j in range(samples_per_scene)]
-        frames = {ch: [] for ch in channels}  # sample_data rows per channel in time order
-        for j, st in enumerate(sample_ts):
-            yaw = 90.0 - 120.0 * s + 35.0 * j
-            xy = base + [4.0 * j, 3.0 * j]
-            head = np.array([np.cos(np.radians(yaw)), np.sin(np.radians(yaw))])
-            ts = t0 + j * 500_000
-            tables["sample"].append({"token": st, "timestamp": ts, "scene_token": scene_t,
-                                     "prev": sample_ts[j - 1] if j else "",
-                                     "next": sample_ts[j + 1] if j + 1 < samples_per_scene else ""})
-            info = {"scene": s, "index": j, "timestamp": ts, "translation": tuple(xy), "yaw": yaw,
-                    "camera_files": {}, "sweep_files": []}
-            for k in range(sweeps_per_sample, 0, -1):  # LiDAR sweeps, oldest first
-                sts = ts - k * dt
-                name = f"sweeps/LIDAR_TOP/{logfile}__LIDAR_TOP__{sts}.pcd.bin"
-                sd = tok("sample_data", s, j, "LIDAR_TOP", k)
-                pose = ego_pose(sd, sts, xy - k * speed * dt / 1e6 * head, yaw)
-                frames["LIDAR_TOP"].append((sd, st, pose, sts, False, name, 0, 0))
-                info["sweep_files"].insert(0, name)
-            name = f"samples/LIDAR_TOP/{logfile}__LIDAR_TOP__{ts}.pcd.bin"
-            info["lidar"] = sd = tok("sample_data", s, j, "LIDAR_TOP")
-            info["lidar_file"] = name
-            frames["LIDAR_TOP"].append((sd, st, ego_pose(sd, ts, xy, yaw), ts, True, name, 0, 0))
-            for i, ch in enumerate(NUSCENES_RIGS):
-                for key in (True, False):
-                    cts = ts + (10_000 * (i - 2) if key else 250_000)
-                    folder = "samples" if key else "sweeps"
-                    name = f"{folder}/{ch}/{logfile}__{ch}__{cts}.jpg"
-                    sd = tok("sample_data", s, j, ch, key)
-                    pose = ego_pose(sd, cts, xy + speed * (cts - ts) / 1e6 * head, yaw)
-                    frames[ch].append((sd, st, pose, cts, key, name, h, w))
-                    colour = NUSCENES_CAMERA_COLOURS[ch] if key else (128, 128, 128)
-                    write_image(root / name, np.full((h, w, 3), colour, np.uint8))
-                    if key:
-                        info["camera_files"][ch] = name
-            out["samples"][st] = info
-        for ch, rows in frames.items():
-            for n, (sd, st, pose, ts, key, name, fh, fw) in enumerate(rows):
-                tables["sample_data"].append({
-                    "token": sd, "sample_token": st, "ego_pose_token": pose,
-                    "calibrated_sensor_token": cs[ch], "timestamp": ts,
-                    "fileformat": "pcd" if ch == "LIDAR_TOP" else "jpg", "is_key_frame": key,
-                    "height": fh, "width": fw, "filename": name,
-                    "prev": rows[n - 1][0] if n else "",
-                    "next": rows[n + 1][0] if n + 1 < len(rows) else ""})
-                if ch == "LIDAR_TOP":
-                    points_file(root / name)
-        tables["scene"].append({"token": scene_t, "log_token": log_t, "nbr_samples": samples_per_scene,
-                                "first_sample_token": sample_ts[0], "last_sample_token": sample_ts[-1],
-                                "name": f"scene-{s + 1:04d}", "description": f"fixture scene {s}"})
-        out["scenes"].append({"name": f"scene-{s + 1:04d}", "token": scene_t, "location": loc,
-                              "samples": sample_ts})
-        _nusc_map_shapes(maps[loc], tok, s, base, 90.0 - 120.0 * s)
-        _nusc_annotations(tables, tok, s, sample_ts, base, 90.0 - 120.0 * s)
-
-    for name in ("sample", "sample_data"):
-        tables[name] = [tables[name][i] for i in rng.permutation(len(tables[name]))]
-    for loc, m in maps.items():
-        path = root / "maps" / "expansion" / f"{loc}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(m))
-        png = f"maps/{tok('map', loc)}.png"  # the semantic prior (real ones: 10 px/m, whole map)
-        write_image(root / png, np.zeros((30, 30), np.uint8))
-        tables["map"].append({"token": tok("map", loc), "category": "semantic_prior", "filename": png,
-                              "log_tokens": [r["token"] for r in tables["log"]
-                                             if r["location"] == loc]})
-    (root / version).mkdir(parents=True, exist_ok=True)
-    for name, rows in tables.items():
-        (root / version / f"{name}.json").write_text(json.dumps(rows, indent=0))
-    names = [sc["name"] for sc in out["scenes"]]
-    out["splits"] = {"train": names[0::2] + ["scene-9999"], "val": names[1::2]}
-    (root / "splits").mkdir(parents=True, exist_ok=True)
-    for split, lst in out["splits"].items():
-        (root / "splits" / f"{split}.txt").write_text("\n".join(lst) + "\n")
-    return out
+    def finish(self) -> dict:
+        """Shuffle the sample and sample_data rows; write the maps, the tables and the split
+        lists; return the info."""
+        root, tables, tok = self.root, self.tables, self.tok
+        for name in ("sample", "sample_data"):
+            tables[name] = [tables[name][i] for i in self.rng.permutation(len(tables[name]))]
+        for loc, m in self.maps.items():
+            path = root / "maps" / "expansion" / f"{loc}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(m))
+            png = f"maps/{tok('map', loc)}.png"  # the semantic prior (real ones: 10 px/m, whole map)
+            write_image(root / png, np.zeros((30, 30), np.uint8))
+            tables["map"].append({"token": tok("map", loc), "category": "semantic_prior", "filename": png,
+                                  "log_tokens": [r["token"] for r in tables["log"]
+                                                 if r["location"] == loc]})
+        (root / self.version).mkdir(parents=True, exist_ok=True)
+        for name, rows in tables.items():
+            (root / self.version / f"{name}.json").write_text(json.dumps(rows, indent=0))
+        names = [sc["name"] for sc in self.out["scenes"]]
+        self.out["splits"] = {"train": names[0::2] + ["scene-9999"], "val": names[1::2]}
+        (root / "splits").mkdir(parents=True, exist_ok=True)
+        for split, lst in self.out["splits"].items():
+            (root / "splits" / f"{split}.txt").write_text("\n".join(lst) + "\n")
+        return self.out
 
 
 def _nusc_map_shapes(m: dict, tok, scene: int, xy: np.ndarray, yaw: float) -> None:
@@ -517,32 +613,14 @@ def _nusc_map_shapes(m: dict, tok, scene: int, xy: np.ndarray, yaw: float) -> No
             m["node"].append({"token": out[-1], "x": float(g[0]), "y": float(g[1])})
         return out
 
-    for layer in ("drivable_area", "road_segment", "road_block", "lane", "ped_crossing", "walkway",
-                  "stop_line", "carpark_area", "road_divider", "lane_divider", "traffic_light",
-                  "lane_connector"):
-        m.setdefault(layer, [])
-    m.update(version="1.3", canvas_edge=[3000.0, 3000.0])
-    m.setdefault("arcline_path_3", {})
-    m.setdefault("connectivity", {})
+    _nusc_map_layers(m)
     crossing = tok("ped_crossing", scene, 0)
     for layer, shapes in NUSCENES_MAP_SHAPES.items():
         for i, shape in enumerate(shapes):
             t = tok(layer, scene, i)
             if layer in ("road_divider", "lane_divider", "traffic_light"):
                 node_tokens = nodes(shape, t)
-                m["line"].append({"token": tok("line", t), "node_tokens": node_tokens})
-                rec = {"token": t, "line_token": tok("line", t)}
-                if layer == "road_divider":
-                    rec["road_segment_token"] = ""
-                elif layer == "lane_divider":
-                    rec["lane_divider_segments"] = [{"node_token": n, "segment_type": "SINGLE_DASHED_WHITE"}
-                                                    for n in node_tokens]
-                else:
-                    rec.update(traffic_light_type="VERTICAL", from_road_block_token="", items=[],
-                               pose={"tx": float(to_global(shape[0])[0]),
-                                     "ty": float(to_global(shape[0])[1]), "tz": 3.0,
-                                     "rx": 0.0, "ry": 0.0, "rz": float(np.radians(yaw))})
-                m[layer].append(rec)
+                m[layer].append(_nusc_line(m, tok, layer, t, node_tokens, to_global(shape[0]), yaw))
                 continue
             ext, *holes = shape
             ext_tokens = nodes(ext, t)
@@ -555,29 +633,66 @@ def _nusc_map_shapes(m: dict, tok, scene: int, xy: np.ndarray, yaw: float) -> No
                 else:
                     m[layer].append({"token": t, "polygon_tokens": [tok("polygon", t)]})
                 continue
-            rec = {"token": t, "polygon_token": tok("polygon", t)}
-            if layer == "ped_crossing":
-                rec["road_segment_token"] = ""
-            elif layer == "stop_line":
-                rec.update(stop_line_type="PED_CROSSING", ped_crossing_tokens=[crossing],
-                           traffic_light_tokens=[], road_block_token="")
-            elif layer == "carpark_area":
-                rec.update(orientation=float(np.radians(yaw)), road_block_token="")
-            elif layer == "lane":  # exterior (x0, y0) (x1, y0) (x1, y1) (x0, y1), heading +x
-                rec.update(lane_type="CAR", from_edge_line_token="", to_edge_line_token="",
-                           left_lane_divider_segments=[
-                               {"node_token": n, "segment_type": "NIL"} for n in ext_tokens[:1:-1]],
-                           right_lane_divider_segments=[
-                               {"node_token": n, "segment_type": "NIL"} for n in ext_tokens[:2]])
-                (x0, y0), (x1, y1) = ext[0], ext[2]
-                a, b = to_global((x0, (y0 + y1) / 2)), to_global((x1, (y0 + y1) / 2))
-                heading = float(np.radians(yaw))
-                m["arcline_path_3"][t] = [{
-                    "start_pose": [float(a[0]), float(a[1]), heading],
-                    "end_pose": [float(b[0]), float(b[1]), heading], "shape": "LSR",
-                    "radius": 999.999, "segment_length": [0.0, float(x1 - x0), 0.0]}]
-                m["connectivity"][t] = {"incoming": [], "outgoing": []}
-            m[layer].append(rec)
+            m[layer].append(_nusc_polygon_record(m, tok, layer, t, ext, ext_tokens, crossing,
+                                                 to_global, yaw))
+
+
+def _nusc_map_layers(m: dict) -> None:
+    """Make a map-expansion dict complete: every layer this fixture leaves empty, the version,
+    the canvas, the lane paths and connectivity."""
+    for layer in ("drivable_area", "road_segment", "road_block", "lane", "ped_crossing", "walkway",
+                  "stop_line", "carpark_area", "road_divider", "lane_divider", "traffic_light",
+                  "lane_connector"):
+        m.setdefault(layer, [])
+    m.update(version="1.3", canvas_edge=[3000.0, 3000.0])
+    m.setdefault("arcline_path_3", {})
+    m.setdefault("connectivity", {})
+
+
+def _nusc_line(m: dict, tok, layer: str, t: str, node_tokens: list[str], start, yaw: float) -> dict:
+    """The ``line`` row of a line layer's shape (added to ``m``) and its layer record, returned
+    (``start``: its first point, global)."""
+    m["line"].append({"token": tok("line", t), "node_tokens": node_tokens})
+    rec = {"token": t, "line_token": tok("line", t)}
+    if layer == "road_divider":
+        rec["road_segment_token"] = ""
+    elif layer == "lane_divider":
+        rec["lane_divider_segments"] = [{"node_token": n, "segment_type": "SINGLE_DASHED_WHITE"}
+                                        for n in node_tokens]
+    else:
+        rec.update(traffic_light_type="VERTICAL", from_road_block_token="", items=[],
+                   pose={"tx": float(start[0]), "ty": float(start[1]), "tz": 3.0,
+                         "rx": 0.0, "ry": 0.0, "rz": float(np.radians(yaw))})
+    return rec
+
+
+def _nusc_polygon_record(m: dict, tok, layer: str, t: str, ext, ext_tokens: list[str],
+                         crossing: str, to_global, yaw: float) -> dict:
+    """The record of a polygon layer's shape (not a drivable area), with its layer's fields; a
+    lane's path and connectivity are added to ``m``."""
+    rec = {"token": t, "polygon_token": tok("polygon", t)}
+    if layer == "ped_crossing":
+        rec["road_segment_token"] = ""
+    elif layer == "stop_line":
+        rec.update(stop_line_type="PED_CROSSING", ped_crossing_tokens=[crossing],
+                   traffic_light_tokens=[], road_block_token="")
+    elif layer == "carpark_area":
+        rec.update(orientation=float(np.radians(yaw)), road_block_token="")
+    elif layer == "lane":  # exterior (x0, y0) (x1, y0) (x1, y1) (x0, y1), heading +x
+        rec.update(lane_type="CAR", from_edge_line_token="", to_edge_line_token="",
+                   left_lane_divider_segments=[
+                       {"node_token": n, "segment_type": "NIL"} for n in ext_tokens[:1:-1]],
+                   right_lane_divider_segments=[
+                       {"node_token": n, "segment_type": "NIL"} for n in ext_tokens[:2]])
+        (x0, y0), (x1, y1) = ext[0], ext[2]
+        a, b = to_global((x0, (y0 + y1) / 2)), to_global((x1, (y0 + y1) / 2))
+        heading = float(np.radians(yaw))
+        m["arcline_path_3"][t] = [{
+            "start_pose": [float(a[0]), float(a[1]), heading],
+            "end_pose": [float(b[0]), float(b[1]), heading], "shape": "LSR",
+            "radius": 999.999, "segment_length": [0.0, float(x1 - x0), 0.0]}]
+        m["connectivity"][t] = {"incoming": [], "outgoing": []}
+    return rec
 
 
 def _nusc_annotations(tables: dict, tok, scene: int, sample_tokens: list[str], xy: np.ndarray,

@@ -81,7 +81,7 @@ def save_checkpoint(path: str | os.PathLike, model_state: Mapping[str, torch.Ten
         raise CheckpointError(
             f"{path}: not written, weight {bad!r} holds NaN/inf (training diverged; "
             f"try a lower train.lr or set train.grad_clip)")
-    cfg_dict = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    cfg_dict = dict(cfg) if isinstance(cfg, Mapping) else cfg.to_dict()
     meta = {"format": FORMAT, "config": json.dumps(cfg_dict)}
     for k, v in (extra_meta or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from densediff.tasks.base import DatasetMetric
+from densediff.criteria.base import DatasetMetric
 
 __all__ = ["step_change_uncertainty", "entropy_uncertainty", "UncertaintyMetric"]
 
@@ -108,7 +108,7 @@ class UncertaintyMetric(DatasetMetric):
 
     DDP (§3.4 "Uncertainty Awareness", Fig. 3c) argues that the pixels whose label keeps
     changing during sampling are the wrong ones; this metric quantifies it. A
-    :class:`torchmetrics.Metric` (see :mod:`densediff.tasks.base`): call :meth:`update` per
+    :class:`torchmetrics.Metric` (see :mod:`densediff.criteria.base`): call :meth:`update` per
     batch, then ``compute()``; under ``torch.distributed`` ``compute`` sums the accumulators
     of all processes first (``reduce()`` does it explicitly).
 
@@ -140,7 +140,7 @@ class UncertaintyMetric(DatasetMetric):
         bins: number of histogram bins over ``[0, 1]``.
         top_fraction: share of the most uncertain pixels for ``err_top{P}``, in ``(0, 1]``.
         device: where the accumulators live; inputs are moved there.
-        **kwargs: :class:`torchmetrics.Metric`'s, see :class:`~densediff.tasks.base.DatasetMetric`.
+        **kwargs: :class:`torchmetrics.Metric`'s, see :class:`~densediff.criteria.base.DatasetMetric`.
     """
 
     def __init__(self, bins: int = 1000, top_fraction: float = 0.10,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from densediff.tasks.base import DatasetMetric
+from densediff.criteria.base import DatasetMetric
 
 __all__ = ["BEVIoUMetric", "IOU_THRESHOLDS", "format_bev_metrics", "sigmoid_focal_loss"]
 
@@ -50,13 +50,13 @@ class BEVIoUMetric(DatasetMetric):
     """IoU per class and threshold, accumulated over samples (a map cell is positive when its
     probability is at least the threshold).
 
-    A :class:`torchmetrics.Metric` (see :mod:`densediff.tasks.base`): ``update`` takes
+    A :class:`torchmetrics.Metric` (see :mod:`densediff.criteria.base`): ``update`` takes
     B x K x X x Y probabilities and {0, 1} targets; the float64 K x T counts ``tp``, ``fp``,
     ``fn`` are states summed over processes (``compute`` does it, or ``reduce()`` explicitly);
     ``compute`` returns ``mIoU`` (the mean over classes of the best IoU over thresholds),
     ``mIoU@0.50``, ``per_class`` ({class: best IoU}), ``best_threshold`` and the full ``table``
     ({class: [IoU per threshold]}), all in percent. Further keyword arguments are
-    :class:`torchmetrics.Metric`'s (see :class:`~densediff.tasks.base.DatasetMetric`).
+    :class:`torchmetrics.Metric`'s (see :class:`~densediff.criteria.base.DatasetMetric`).
     """
 
     higher_is_better = True

@@ -1,7 +1,7 @@
 """The common base of the dataset-level metrics: a :class:`torchmetrics.Metric` with summed
 states.
 
-Every metric of :mod:`densediff.tasks` accumulates counts or sums over a dataset (states
+Every metric of :mod:`densediff.criteria` accumulates counts or sums over a dataset (states
 registered with ``add_state(..., dist_reduce_fx="sum")``), so the torchmetrics life cycle does
 the bookkeeping: ``update`` per batch, ``compute`` (which, under ``torch.distributed``, first
 sums the states of all processes and afterwards restores the local ones), ``reset``,

@@ -31,8 +31,7 @@ from typing import Any
 
 import torch
 
-from densediff.config import DEPTH_METRICS
-from densediff.tasks.base import DatasetMetric
+from densediff.criteria.base import DatasetMetric
 
 __all__ = [
     "METRIC_KEYS",
@@ -48,10 +47,9 @@ __all__ = [
     "DepthUncertaintyMetric",
 ]
 
-METRIC_KEYS = DEPTH_METRICS
-"""Keys of :func:`depth_errors` and :meth:`DepthMetric.compute`, in reporting order (the one
-list, :data:`densediff.config.DEPTH_METRICS`; which are lower-is-better:
-:data:`densediff.config.LOWER_IS_BETTER`)."""
+METRIC_KEYS = ("d1", "d2", "d3", "abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog")
+"""Keys of :func:`depth_errors` and :meth:`DepthMetric.compute`, in reporting order (the depth
+task's metrics in :data:`densediff.tasks.TASKS`, which also says which are lower-is-better)."""
 
 CROPS = ("none", "garg", "eigen", "nyu_eigen")
 
@@ -363,7 +361,7 @@ class _EvaluatedPixels(DatasetMetric):
 class DepthMetric(_EvaluatedPixels):
     """Dataset-level depth metrics: the per-image :func:`depth_errors`, averaged over images.
 
-    A :class:`torchmetrics.Metric` (see :mod:`densediff.tasks.base`): call :meth:`update` per
+    A :class:`torchmetrics.Metric` (see :mod:`densediff.criteria.base`): call :meth:`update` per
     batch, then ``compute()``; under ``torch.distributed`` ``compute`` sums the accumulators
     of all processes first (``reduce()`` does it explicitly).
 
@@ -386,7 +384,7 @@ class DepthMetric(_EvaluatedPixels):
         crop: evaluation crop, see :func:`eval_crop_mask` (KITTI: ``"garg"``; NYU:
             ``"nyu_eigen"``).
         device: where the accumulators live and the metrics are computed; None: CPU.
-        **kwargs: :class:`torchmetrics.Metric`'s, see :class:`~densediff.tasks.base.DatasetMetric`.
+        **kwargs: :class:`torchmetrics.Metric`'s, see :class:`~densediff.criteria.base.DatasetMetric`.
     """
 
     def __init__(self, min_depth: float, max_depth: float, crop: str = "none",
@@ -603,7 +601,7 @@ class DepthUncertaintyMetric(_EvaluatedPixels):
         fractions: F, the number of sparsification steps (Poggi: 50 -- ``intervals``).
         normalize: see above.
         device: where the accumulators live and the metrics are computed; None: CPU.
-        **kwargs: :class:`torchmetrics.Metric`'s, see :class:`~densediff.tasks.base.DatasetMetric`.
+        **kwargs: :class:`torchmetrics.Metric`'s, see :class:`~densediff.criteria.base.DatasetMetric`.
     """
 
     def __init__(self, min_depth: float, max_depth: float, crop: str = "none",

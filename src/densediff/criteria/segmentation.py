@@ -22,8 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from densediff.criteria.base import DatasetMetric
 from densediff.errors import DataError
-from densediff.tasks.base import DatasetMetric
 
 __all__ = ["ce_loss", "boundary_width", "label_boundary", "SegMetric", "format_metrics"]
 
@@ -129,7 +129,7 @@ def label_boundary(labels: torch.Tensor, d: int) -> torch.Tensor:
 class SegMetric(DatasetMetric):
     """Dataset-level segmentation metrics: aAcc, mIoU, mAcc (mmseg) and mBIoU (Cheng et al.).
 
-    A :class:`torchmetrics.Metric` (see :mod:`densediff.tasks.base`): call :meth:`update` per
+    A :class:`torchmetrics.Metric` (see :mod:`densediff.criteria.base`): call :meth:`update` per
     batch, then ``compute()``; under ``torch.distributed`` ``compute`` sums the accumulators of
     all processes first (``reduce()`` does it explicitly).
 
@@ -156,7 +156,7 @@ class SegMetric(DatasetMetric):
         device: where the accumulators live; inputs are moved there.
         boundary: False skips the boundary bands (mBIoU and BIoU are then NaN); for callers
             that only read mIoU, e.g. the diagnostics' many single-call scores.
-        **kwargs: :class:`torchmetrics.Metric`'s, see :class:`~densediff.tasks.base.DatasetMetric`.
+        **kwargs: :class:`torchmetrics.Metric`'s, see :class:`~densediff.criteria.base.DatasetMetric`.
     """
 
     higher_is_better = True
