@@ -151,7 +151,7 @@ def load(out: Path):
 @torch.no_grad()
 def compare_stages(model, d: dict) -> dict:
     """Every stage on the same normalised input (see the module doc)."""
-    from densediff.diffusion.samplers import seeded_normal
+    from densediff.diffusion.noise import seeded_normal
     from densediff.pipelines.segmentation import uncertainty_maps
 
     info = d["info"]

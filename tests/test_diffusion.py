@@ -16,10 +16,12 @@ from densediff.diffusion import (
     ddim_step,
     ddpm_step,
     linear_log_snr,
-    sample,
+    sample_ddim,
+    sample_ddpm,
     sampling_times,
 )
-from densediff.diffusion.samplers import seeded_normal
+from densediff.diffusion.noise import add_noise, generators, seeded_normal
+from densediff.diffusion.samplers import SAMPLERS, sample_map
 from densediff.diffusion.schedules import LearnedSinusoidalPosEmb, TimeEmbedding, get_schedule
 
 # The table of the official-implementation notes, section 1.4 (computed from the formula).
@@ -109,48 +111,140 @@ def test_ddpm_step_is_the_gaussian_posterior():
     assert torch.allclose(ddpm_step(x_t, x0, ls_t, ls_s, z), mean + var.sqrt() * z)
 
 
+def _steps(sampler, denoise, x_T, steps, **kw) -> list[torch.Tensor]:
+    """Every prediction of ``sampler`` (through its callback)."""
+    seen = []
+    last = sampler(denoise, x_T, cosine_log_snr, steps,
+                   callback=lambda s, pred: seen.append((s, pred)), **kw)
+    assert [s for s, _ in seen] == list(range(steps)) and last is seen[-1][1]
+    return [p for _, p in seen]
+
+
 def test_sample_loop_calls_the_decoder_at_the_algorithm_2_times():
     calls = []
 
-    def denoise(x, ls):
-        calls.append((x.clone(), ls.clone()))
-        return torch.zeros_like(x)
+    def denoise(x, ls, x0_prev):
+        calls.append((x.clone(), ls.clone(), x0_prev))
+        return torch.zeros_like(x), torch.zeros_like(x)
 
     x_T = torch.randn(2, 3, 4, 4)
-    preds = sample(denoise, lambda p: p, x_T, cosine_log_snr, steps=3, td=1)
+    preds = _steps(sample_ddim, denoise, x_T, 3, td=1)
     assert len(preds) == 3 and len(calls) == 3
-    for (_, ls), (t_now, _) in zip(calls, sampling_times(3, 1)):
-        assert ls.shape == (2,)
+    for (_, ls, x0_prev), (t_now, _) in zip(calls, sampling_times(3, 1)):
+        assert ls.shape == (2,) and x0_prev is None  # no self-conditioning
         assert torch.allclose(ls, cosine_log_snr(torch.full((2,), t_now)))
     assert torch.equal(calls[0][0], x_T)
     # x0 = 0 predicted: DDIM keeps the noise direction, x_next = sigma_next / sigma_now * x_t
     _, s_now = alpha_sigma(cosine_log_snr(torch.tensor(1.0)))
     _, s_next = alpha_sigma(cosine_log_snr(torch.tensor(1 / 3)))
     assert torch.allclose(calls[1][0], x_T * s_next / s_now, atol=1e-6)
-    with pytest.raises(ValueError, match="sampler"):
-        sample(denoise, lambda p: p, x_T, cosine_log_snr, steps=2, sampler="euler")
 
 
-def test_ddpm_sampling_uses_the_supplied_noise_except_at_t0():
-    drawn = []
+def _perfect(x0: torch.Tensor):
+    """A denoiser that predicts ``x0`` exactly, whatever its input."""
+    return lambda x, ls, x0_prev: (x0, x0)
 
-    def noise():
-        drawn.append(1)
-        return torch.zeros(1, 2, 3, 3)
 
-    # T = 3, td = 1: updates 1 -> 1/3 (noise) and 2/3 -> 0 (none); the last step only predicts
-    sample(lambda x, ls: x, lambda p: p, torch.randn(1, 2, 3, 3), cosine_log_snr, steps=3, td=1,
-           sampler="ddpm", noise=noise)
-    assert len(drawn) == 1
+def test_ddim_with_a_perfect_predictor_lands_on_x0_along_the_same_noise():
+    """Closed form of DDIM (Alg. 3, eta = 0) with x0_hat = x0: x_t stays on the line
+    alpha_t x0 + sigma_t eps of the starting noise, and t_next = 0 is x0 itself."""
+    g = torch.Generator().manual_seed(0)
+    x0, eps = (torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    a1, s1 = alpha_sigma(_ls(1.0))
+    x_T = a1 * x0 + s1 * eps
+    seen = []
+
+    def denoise(x, ls, x0_prev):
+        seen.append(x)
+        return x0, x0
+
+    sample_ddim(denoise, x_T, lambda t: cosine_log_snr(t.double()), 4, td=0)
+    for x, (t_now, _) in zip(seen, sampling_times(4, 0)):
+        a, s = alpha_sigma(_ls(t_now))
+        assert torch.allclose(x, a * x0 + s * eps)
+    assert torch.allclose(ddim_step(seen[-1], x0, _ls(0.25), _ls(0.0)), x0, atol=1e-2)
+
+
+def test_ddpm_sampler_updates_are_the_gaussian_posterior_with_the_supplied_noise():
+    """The ancestral sampler's x_next is ddpm_step's posterior mean plus its standard deviation
+    times the supplied noise (none drawn for t_next = 0 or after the last call)."""
+    x0 = torch.full((1, 2, 3, 3), 0.5, dtype=torch.float64)
+    z = torch.full((1, 2, 3, 3), 0.25, dtype=torch.float64)
+    drawn, seen = [], []
+
+    def noise(shape):
+        drawn.append(tuple(shape))
+        return z
+
+    def denoise(x, ls, x0_prev):
+        seen.append(x)
+        return x0, x0
+
+    x_T = torch.ones(1, 2, 3, 3, dtype=torch.float64)
+    sched = lambda t: cosine_log_snr(t.double())  # noqa: E731
+    sample_ddpm(denoise, x_T, sched, 4, td=0, noise=noise)  # updates to .75, .5, .25
+    assert drawn == [(1, 2, 3, 3)] * 3 and len(seen) == 4
+    for k, (t_now, t_next) in enumerate(sampling_times(4, 0)[:3]):
+        assert torch.allclose(seen[k + 1], ddpm_step(seen[k], x0, _ls(t_now), _ls(t_next), z))
     drawn.clear()
-    # T = 4, td = 0: updates to .75, .5, .25 all draw noise
-    sample(lambda x, ls: x, lambda p: p, torch.randn(1, 2, 3, 3), cosine_log_snr, steps=4, td=0,
-           sampler="ddpm", noise=noise)
-    assert len(drawn) == 3
+    # T = 3, td = 1: updates 1 -> 1/3 (noise) and 2/3 -> 0 (none); the last step only predicts
+    sample_ddpm(_perfect(x0), x_T, sched, 3, td=1, noise=noise)
+    assert len(drawn) == 1
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_self_conditioning_feeds_each_estimate_to_the_next_call(name):
+    estimates, received = [], []
+
+    def denoise(x, ls, x0_prev):
+        received.append(x0_prev)
+        estimates.append(torch.randn_like(x))
+        return x, estimates[-1]
+
+    SAMPLERS[name](denoise, torch.randn(1, 2, 3, 3), cosine_log_snr, 3, self_condition=True)
+    assert received[0] is None and received[1:] == estimates[:2]
+
+
+def test_the_config_names_exactly_the_sampler_table():
+    import typing
+
+    from densediff.config import DiffusionConfig
+
+    names = typing.get_args(DiffusionConfig.model_fields["sampler"].annotation)
+    assert set(names) == set(SAMPLERS)
+
+
+def test_sample_map_reports_per_image_steps_and_refuses_unknown_samplers():
+    feat = torch.randn(2, 4, 3, 3)
+    calls = []
+
+    def denoise_step(f, x, ls, x0_prev):
+        calls.append(f)
+        return x[:, :1] * 0 + 1, x
+
+    seen = []
+    last = sample_map(denoise_step, feat, 2, cosine_log_snr, 2, randsteps=3, seeds=[1, 2],
+                      callback=lambda s, p: seen.append(p))
+    assert torch.equal(calls[0], feat.repeat_interleave(3, 0))  # image-major starts
+    assert [p.shape for p in seen] == [(2, 3, 1, 3, 3)] * 2 and torch.equal(last, seen[-1])
+    with pytest.raises(ValueError, match="sampler 'euler'"):
+        sample_map(denoise_step, feat, 2, cosine_log_snr, 2, sampler="euler")
+    with pytest.raises(ValueError, match="3 seeds for a batch of 2"):
+        sample_map(denoise_step, feat, 2, cosine_log_snr, 2, seeds=[1, 2, 3])
+
+
+def test_add_noise_is_the_forward_process():
+    g = torch.Generator().manual_seed(2)
+    y0, eps = (torch.randn(2, 3, 4, 4, generator=g) for _ in range(2))
+    ls = cosine_log_snr(torch.tensor([0.2, 0.9]))
+    a, s = alpha_sigma(ls)
+    y_t = add_noise(y0, ls, eps)
+    for i in range(2):
+        assert torch.allclose(y_t[i], a[i] * y0[i] + s[i] * eps[i])
 
 
 def test_seeded_normal_is_per_item():
-    g = [torch.Generator().manual_seed(s) for s in (3, 4)]
+    g = generators([3, 4], "cpu")
     both = seeded_normal((4, 2, 3), g, "cpu")  # two rows per generator
     one = seeded_normal((2, 2, 3), [torch.Generator().manual_seed(4)], "cpu")
     assert torch.equal(both[2:], one)

@@ -83,9 +83,40 @@ def test_deploy_json_describes_the_graphs(seg):
                                "randsteps": 1, "accumulation": False, "sample_start": 1.0,
                                "self_condition": False, "time_input": "log_snr",
                                "precondition": False}
+    assert meta["output_kind"] == "classes"
+    assert meta["inputs"] == {"encoder": ["image"], "step": ["features", "x_t", "log_snr"]}
     assert sorted(p.name for p in folder.iterdir()) == ["deploy.json", "encoder.onnx",
                                                         "step.onnx"]
     assert max(meta["check"].values()) < 1e-4, meta["check"]
+
+
+def test_runtime_is_a_dense_model_sampling_with_the_exported_settings(seg, tmp_path):
+    """The onnxruntime model satisfies the model interface, samples with the settings
+    deploy.json records (not the stored config's), and reads exports that predate the
+    output_kind and inputs entries."""
+    from densediff.models.interface import DenseModel, Trajectory
+
+    _, folder, meta = seg
+    rt = load_onnx_model(folder)
+    assert isinstance(rt, DenseModel) and rt.output_kind == "classes"
+    assert (rt.default_steps, rt.min_steps, rt.max_steps, rt.accumulation) == (3, 1, None, False)
+    img = torch.randn(1, 3, 32, 32)
+    traj = rt.sample_steps(rt.extract(img), 2, seeds=[3])
+    assert isinstance(traj, Trajectory) and len(traj.steps) == 2
+    assert torch.equal(rt.predict_map(img, 2, seeds=[3]),
+                       torch.nn.functional.interpolate(traj.output(False), size=(32, 32),
+                                                       mode="bilinear", align_corners=False))
+    with pytest.raises(UserError, match="does not train"):
+        rt.forward_train(img, torch.zeros(1, 32, 32, dtype=torch.long))
+    changed = tmp_path / "changed"
+    shutil.copytree(folder, changed)
+    old = {k: v for k, v in meta.items() if k not in ("output_kind", "inputs")}
+    sampler = {**meta["sampler"], "steps": 2, "randsteps": 2, "sampler": "ddpm"}
+    (changed / "deploy.json").write_text(json.dumps({**old, "sampler": sampler}))
+    rt2 = load_onnx_model(changed)
+    assert rt2.output_kind == "classes" and rt2.step.inputs == meta["inputs"]["step"]
+    assert rt2.default_steps == 2 and rt2.diffusion_cfg.sampler == "ddpm"
+    assert rt2.sample_steps(rt2.extract(img), 2).steps[0].shape == (1, 2, 6, 8, 8)
 
 
 def test_encoder_and_step_match_pytorch_at_batch_1_and_2(seg):
@@ -236,7 +267,7 @@ def test_depth_discriminative_and_sampler_options(case, tmp_path):
 
 
 def test_bad_export_folders_are_one_line_errors(seg, tmp_path, capsys):
-    _, folder, _ = seg
+    _, folder, meta = seg
 
     def broken(name, change):
         bad = tmp_path / name
@@ -259,6 +290,14 @@ def test_bad_export_folders_are_one_line_errors(seg, tmp_path, capsys):
         (broken("outside", meta_with(graphs={"encoder": "../x.onnx", "step": "step.onnx"})),
          "'graphs' must name"),
         (broken("size", meta_with(input_size=[32])), "'input_size' must be"),
+        (broken("nosampler", meta_with(sampler={"steps": 3})), "'sampler.schedule' is missing"),
+        (broken("badsampler", meta_with(sampler={**meta["sampler"], "sampler": "euler"})),
+         "'sampler.sampler': Input should be 'ddim' or 'ddpm'"),
+        (broken("selfcond", meta_with(sampler={**meta["sampler"], "self_condition": True})),
+         "'sampler.self_condition' is True, but the step graph has no x0_prev"),
+        (broken("kindout", meta_with(output_kind="mask")), "'output_kind' must be one of"),
+        (broken("inputs", meta_with(inputs={"encoder": ["image"], "step": ["x_t"]})),
+         r"'inputs.step' must be \['features', 'x_t'\]"),
         (broken("nostep", lambda d: (d / "step.onnx").unlink()), "step.onnx: missing"),
         (broken("badgraph", lambda d: (d / "step.onnx").write_bytes(b"garbage")),
          "onnxruntime cannot load it"),

@@ -198,9 +198,11 @@ def test_long_sampling_shows_progress(monkeypatch):
     monkeypatch.setattr(samplers, "tqdm", Bar)
     sched = get_schedule("cosine")
     x = torch.zeros(1, 2, 4, 4)
-    samplers.sample(lambda x, ls: x, lambda p: p, x, sched, 3)
+    samplers.sample_ddim(lambda x, ls, prev: (x, x), x, sched, 3)
     assert seen == []  # a few steps: no bar
-    preds = samplers.sample(lambda x, ls: x, lambda p: p, x, sched, samplers.PROGRESS_MIN_STEPS)
+    preds = []
+    samplers.sample_ddim(lambda x, ls, prev: (x, x), x, sched, samplers.PROGRESS_MIN_STEPS,
+                         callback=lambda s, pred: preds.append(pred))
     assert seen == [f"sampling {samplers.PROGRESS_MIN_STEPS} steps"]
     assert len(preds) == samplers.PROGRESS_MIN_STEPS
 

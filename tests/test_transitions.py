@@ -171,36 +171,44 @@ def _target_denoiser(target: torch.Tensor, k: int, seen: list):
     return denoise
 
 
+def _run(denoise, tr, shape, steps, **kw) -> list[torch.Tensor]:
+    """Every step's logits of the stride sampler from x_T ~ q(x_T) (through its callback)."""
+    from densediff.diffusion.samplers import sample_discrete, sample_prior
+
+    seen = []
+    last = sample_discrete(denoise, sample_prior(tr, shape), tr, steps,
+                           callback=lambda k, logits: seen.append(logits), **kw)
+    assert last is seen[-1]
+    return seen
+
+
 @pytest.mark.parametrize("kind,renoise", [("uniform", "free"), ("uniform", "posterior"),
                                           ("hybrid", "free"), ("absorbing", "posterior")])
 def test_sample_discrete_visits_the_stride_times(kind, renoise):
-    from densediff.diffusion.samplers import sample_discrete
+    from densediff.diffusion.samplers import guided
 
     k, T = 4, 20
     tr = DiscreteTransition(k, T, kind)
     target = torch.randint(0, k, (2, 5, 6), generator=torch.Generator().manual_seed(0))
     seen = []
-    preds = sample_discrete(_target_denoiser(target, k, seen), tr, (2, 5, 6), 3, renoise=renoise)
+    preds = _run(guided(_target_denoiser(target, k, seen), 0.0), tr, (2, 5, 6), 3,
+                 renoise=renoise)
     assert [s[0] for s in seen] == [[20, 20], [10, 10], [1, 1]]  # stride_times(20, 3)
     assert all(not s[1] and s[2] == (2, 5, 6) for s in seen)
     assert len(preds) == 3 and all(torch.equal(p.argmax(1), target) for p in preds)
     with pytest.raises(ValueError, match="re-noising"):
-        sample_discrete(_target_denoiser(target, k, []), tr, (2, 5, 6), 2, renoise="bad")
+        _run(guided(_target_denoiser(target, k, []), 0.0), tr, (2, 5, 6), 2, renoise="bad")
 
 
 def test_sample_discrete_guidance_and_seeded_noise():
-    from densediff.diffusion.samplers import (
-        classifier_free_guidance,
-        guided,
-        sample_discrete,
-        seeded_uniform,
-    )
+    from densediff.diffusion.noise import generators, seeded_uniform
+    from densediff.diffusion.samplers import classifier_free_guidance, guided
 
     k = 3
     tr = DiscreteTransition(k, 10)
     target = torch.zeros(1, 4, 4, dtype=torch.long)
     seen = []
-    preds = sample_discrete(_target_denoiser(target, k, seen), tr, (1, 4, 4), 2, guidance=0.5)
+    preds = _run(guided(_target_denoiser(target, k, seen), 0.5), tr, (1, 4, 4), 2)
     assert all(s[1] for s in seen)  # one call on the doubled batch per step
     logits = _target_denoiser(target, k, [])(target, torch.ones(1), False)
     assert torch.allclose(preds[0], 1.5 * logits)  # (s + 1) l_c - s l_u with l_u = 0
@@ -210,16 +218,23 @@ def test_sample_discrete_guidance_and_seeded_noise():
     def states(seed):  # the noise of every draw comes from the caller's generator
         seen = []
 
-        def denoise(x_t, t, with_uncond):
+        def denoise(x_t, t):
             seen.append(x_t.clone())
             return torch.zeros(1, k, 4, 4)
 
-        gens = [torch.Generator().manual_seed(seed)]
-        sample_discrete(denoise, tr, (1, 4, 4), 3,
-                        uniform=lambda size: seeded_uniform(size, gens, "cpu"))
-        return torch.stack(seen)
+        gens = generators([seed], "cpu")
+        _run(denoise, tr, (1, 4, 4), 3, noise=lambda size: seeded_uniform(size, gens, "cpu"))
+        return torch.stack(seen[1:])  # the re-noised states
 
     assert torch.equal(states(1), states(1)) and not torch.equal(states(1), states(2))
+
+
+def test_add_noise_draws_from_q_xt_given_x0():
+    tr = DiscreteTransition(5, 10, "hybrid")
+    x0 = torch.randint(0, 5, (2, 6, 6), generator=torch.Generator().manual_seed(3))
+    u = torch.rand(2, tr.num_states, 6, 6, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(tr.add_noise(x0, 4, u), sample_categorical(tr.q_probs(x0, 4), u))
+    assert tr.add_noise(x0, 0).equal(x0)  # t = 0: no noise
 
 
 def test_diffusion_does_not_import_the_models():

@@ -7,14 +7,19 @@ decoder once per step):
 - ``encoder.onnx``: ``image`` (B x 3 x H x W, normalised) -> ``features`` (B x C x h x w):
   encoder + neck (``model.extract``);
 - ``step.onnx``: ``features``, ``x_t`` (B x C_map x h x w), ``log_snr`` (B)
-  [, ``x0_prev`` with ``diffusion.self_condition``] -> ``pred`` (one map-decoder step,
-  ``model.denoise``: fuse conv + time MLP + deformable decoder; segmentation: K class logits,
-  depth: the depth in metres) and ``x0`` (``model.encode_prediction(pred)``, the re-encoded
-  x0 estimate the sampler needs: argmax + map encoding, or the clamped depth encoding).
+  [, ``x0_prev`` with ``diffusion.self_condition``] -> ``pred`` and ``x0``: one sampling step,
+  ``model.denoise_step`` (the map decoder's prediction: segmentation K class logits, depth
+  the depth in metres; and its re-encoding as the x0 estimate the sampler needs). A decoder
+  that never reads the time has no ``log_snr`` input.
 
 A discriminative model (the twin / baseline segmentor, the depth twin) becomes the same
-``encoder.onnx`` and ``head.onnx``: ``features`` -> ``pred`` on the feature grid (class logits,
-or depth in metres): together the whole network, split where ``bench`` times it.
+``encoder.onnx`` and ``head.onnx``: ``features`` -> ``pred``, its one call on the feature grid
+(class logits, or depth in metres): together the whole network, split where ``bench`` times
+it.
+
+``deploy.json`` records what the runtime needs besides the graphs: the ``output_kind``, each
+graph's ``inputs`` (names, in order), for DDP ``map_channels`` and the ``sampler`` settings
+it samples with, and the stored config.
 
 The sampler itself (noise, seeds, DDIM/DDPM updates) is not in a graph: the runtime runs the
 library's own loop (:func:`densediff.diffusion.samplers.sample_map`) around ``step.onnx``.
@@ -70,7 +75,8 @@ class _Encoder(nn.Module):
 
 
 class _Step(nn.Module):
-    """One sampling step of a DDP model: the decoder's prediction and its re-encoding."""
+    """One sampling step of a DDP model (``DDP.denoise_step``): the decoder's prediction and
+    its re-encoding as the x0 estimate."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -78,21 +84,19 @@ class _Step(nn.Module):
 
     def forward(self, features: torch.Tensor, x_t: torch.Tensor, log_snr: torch.Tensor,
                 x0_prev: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        pred = self.model.denoise(features, x_t, log_snr, x0_prev)
-        return pred, self.model.encode_prediction(pred)
+        return self.model.denoise_step(features, x_t, log_snr, x0_prev)
 
 
 class _Head(nn.Module):
-    """A discriminative model's head: features -> its output on the feature grid (depth: in
-    metres)."""
+    """A discriminative model's one call: features -> its output on the feature grid (the one
+    step of ``sample_steps(features, 0)``: class logits, or depth in metres)."""
 
-    def __init__(self, model: nn.Module, depth: bool):
+    def __init__(self, model: nn.Module):
         super().__init__()
-        self.model, self.depth = model, depth
+        self.model = model
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        out = self.model.head(features)
-        return self.model.to_depth(out) if self.depth else out
+        return self.model.sample_steps(features, 0).steps[0][:, 0]
 
 
 def default_input_size(cfg) -> tuple[int, int]:
@@ -245,7 +249,6 @@ def export_model(model: nn.Module, cfg, out: str | os.PathLike,
     With onnxruntime installed, each graph is run once on the tracing inputs and the largest
     difference to PyTorch is stored under ``check`` (None without onnxruntime).
     """
-    from densediff import __version__
     from densediff.pipelines import is_diffusion
     from densediff.tasks import class_info
 
@@ -260,60 +263,96 @@ def export_model(model: nn.Module, cfg, out: str | os.PathLike,
                       "export input size" if size is None else "--size")
     (out / DEPLOY_FILE).unlink(missing_ok=True)  # written last: marks a complete export
 
-    dev = next(model.parameters()).device
     gen = torch.Generator().manual_seed(0)
-    image = torch.randn(_TRACE_BATCH, 3, h, w, generator=gen).to(dev)
-    feat = model.extract(image)
-    diffusion = is_diffusion(model)
-    meta: dict = {"format": FORMAT, "format_version": FORMAT_VERSION,
-                  "densediff_version": __version__, "source": source,
-                  "task": cfg.task, "model_type": cfg.model.type,
-                  "kind": "ddp" if diffusion else "discriminative",
-                  "opset": opset, "input_size": [h, w], "dynamic_batch": True,
-                  "feature_grid": list(feat.shape[-2:]), "feature_channels": int(feat.shape[1]),
-                  "classes": names}
-    try:
-        import onnxruntime  # noqa: F401
-        check: dict | None = {}
-    except ImportError:
-        check = None
-    _onnx_export(_Encoder(model), (image,), out / "encoder.onnx", ["image"], ["features"],
-                 opset)
-    if check is not None:
-        check["features_max_abs_diff"] = _check(out / "encoder.onnx", {"image": image}, [feat])
-    if diffusion:
-        d = cfg.model.diffusion
-        channels = model.map_encoding.channels
-        x_t = torch.randn(_TRACE_BATCH, channels, *feat.shape[-2:], generator=gen).to(dev)
-        log_snr = model.schedule(torch.tensor([0.3, 0.8], device=dev))
-        step_in = {"features": feat, "x_t": x_t, "log_snr": log_snr}
-        if d.self_condition:
-            step_in["x0_prev"] = model.encode_prediction(model.denoise(feat, x_t, log_snr))
-        step = _Step(model)
-        _onnx_export(step, tuple(step_in.values()), out / "step.onnx", list(step_in),
-                     ["pred", "x0"], opset)
-        meta.update(graphs={"encoder": "encoder.onnx", "step": "step.onnx"},
-                    map_channels=channels,
-                    sampler={"schedule": d.schedule, "steps": d.steps, "td": d.td,
-                             "sampler": d.sampler, "randsteps": d.randsteps,
-                             "accumulation": d.accumulation, "sample_start": d.sample_start,
-                             "self_condition": d.self_condition, "time_input": d.time_input,
-                             "precondition": d.precondition})
-        if check is not None:
-            check["step_max_abs_diff"] = _check(out / "step.onnx", step_in,
-                                                list(step(*step_in.values())))
-    else:
-        head = _Head(model, cfg.task == "depth")
-        _onnx_export(head, (feat,), out / "head.onnx", ["features"], ["pred"], opset)
-        meta["graphs"] = {"encoder": "encoder.onnx", "head": "head.onnx"}
-        if check is not None:
-            check["head_max_abs_diff"] = _check(out / "head.onnx", {"features": feat},
-                                                [head(feat)])
-    for name in meta["graphs"].values():
-        onnx.checker.check_model(str(out / name))
+    image = torch.randn(_TRACE_BATCH, 3, h, w, generator=gen).to(next(model.parameters()).device)
+    check = _new_check()
+    [feat] = _export_graph(_Encoder(model), {"image": image}, ["features"],
+                           out / "encoder.onnx", opset, check, "features_max_abs_diff")
+    graphs = (_export_step(model, feat, gen, out, opset, check) if is_diffusion(model)
+              else _export_head(model, feat, out, opset, check))
+    meta = {**_describe(model, cfg, source, opset, (h, w), feat, names), **graphs,
+            "inputs": _graph_inputs(onnx, out, graphs["graphs"])}
     meta["check"] = check if check is None else {  # strict JSON: NaN/inf are not numbers
         k: (v if math.isfinite(v) else None) for k, v in check.items()}
     meta["config"] = config if config is not None else cfg.to_dict()
     text = json.dumps(meta, indent=1)
     atomic_write(out / DEPLOY_FILE, lambda tmp: tmp.write_text(text), what="export")
     return meta
+
+
+def _graph_inputs(onnx, out: Path, graphs: dict[str, str]) -> dict[str, list[str]]:
+    """Each written graph checked by ``onnx.checker``; its input names, in order (the
+    exporter leaves out inputs the graph never reads)."""
+    inputs = {}
+    for graph, name in graphs.items():
+        onnx.checker.check_model(str(out / name))
+        model = onnx.load(str(out / name), load_external_data=False)
+        inputs[graph] = [i.name for i in model.graph.input]
+    return inputs
+
+
+def _new_check() -> dict | None:
+    """The ``check`` entries to fill: {} with onnxruntime installed, else None (no checks)."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return None
+    return {}
+
+
+def _export_graph(module: nn.Module, inputs: dict[str, torch.Tensor], outputs: list[str],
+                  path: Path, opset: int, check: dict | None, check_key: str
+                  ) -> list[torch.Tensor]:
+    """``module`` on ``inputs`` (named as the graph's inputs) as the graph ``path``; returns
+    its PyTorch outputs. With ``check`` (not None) the largest difference of onnxruntime's
+    outputs is stored under ``check_key``."""
+    expected = module(*inputs.values())
+    expected = list(expected) if isinstance(expected, tuple) else [expected]
+    _onnx_export(module, tuple(inputs.values()), path, list(inputs), outputs, opset)
+    if check is not None:
+        check[check_key] = _check(path, inputs, expected)
+    return expected
+
+
+def _export_step(model: nn.Module, feat: torch.Tensor, gen: torch.Generator, out: Path,
+                 opset: int, check: dict | None) -> dict:
+    """``step.onnx`` (one sampling step, ``DDP.denoise_step``); the ``deploy.json`` entries
+    of a DDP model: its graphs, ``map_channels`` and the ``sampler`` settings the runtime
+    samples with."""
+    d, channels = model.diffusion_cfg, model.map_channels
+    x_t = torch.randn(_TRACE_BATCH, channels, *feat.shape[-2:], generator=gen).to(feat.device)
+    log_snr = model.schedule(torch.tensor([0.3, 0.8], device=feat.device))
+    step_in = {"features": feat, "x_t": x_t, "log_snr": log_snr}
+    if d.self_condition:
+        step_in["x0_prev"] = model.denoise_step(feat, x_t, log_snr)[1]
+    _export_graph(_Step(model), step_in, ["pred", "x0"], out / "step.onnx", opset, check,
+                  "step_max_abs_diff")
+    return {"graphs": {"encoder": "encoder.onnx", "step": "step.onnx"}, "map_channels": channels,
+            "sampler": {"schedule": d.schedule, "steps": d.steps, "td": d.td,
+                        "sampler": d.sampler, "randsteps": d.randsteps,
+                        "accumulation": d.accumulation, "sample_start": d.sample_start,
+                        "self_condition": d.self_condition, "time_input": d.time_input,
+                        "precondition": d.precondition}}
+
+
+def _export_head(model: nn.Module, feat: torch.Tensor, out: Path, opset: int,
+                 check: dict | None) -> dict:
+    """``head.onnx`` (a discriminative model's one call); its ``deploy.json`` entries."""
+    _export_graph(_Head(model), {"features": feat}, ["pred"], out / "head.onnx", opset, check,
+                  "head_max_abs_diff")
+    return {"graphs": {"encoder": "encoder.onnx", "head": "head.onnx"}}
+
+
+def _describe(model: nn.Module, cfg, source: str | None, opset: int, size: tuple[int, int],
+              feat: torch.Tensor, names: list[str]) -> dict:
+    """The ``deploy.json`` entries every export has."""
+    from densediff import __version__
+    from densediff.pipelines import is_diffusion
+
+    return {"format": FORMAT, "format_version": FORMAT_VERSION,
+            "densediff_version": __version__, "source": source,
+            "task": cfg.task, "model_type": cfg.model.type,
+            "kind": "ddp" if is_diffusion(model) else "discriminative",
+            "output_kind": model.output_kind, "opset": opset, "input_size": list(size),
+            "dynamic_batch": True, "feature_grid": list(feat.shape[-2:]),
+            "feature_channels": int(feat.shape[1]), "classes": names}

@@ -2,12 +2,17 @@
 interface the task pipelines use, so that :class:`~densediff.api.Predictor` (``predict``, the
 result's ``.save``) works unchanged with onnxruntime doing the network work.
 
-- DDP (:class:`OnnxDDP`): ``extract`` runs ``encoder.onnx``; ``sample_steps`` runs the
-  library's sampler (:func:`densediff.diffusion.samplers.sample_map`, the function
-  ``DDP.sample_steps`` runs) with ``step.onnx`` as the map decoder, so the seeded noise (one
-  ``torch.Generator(seed)`` per image) and hence the result for a seed are those of PyTorch;
+- DDP (:class:`OnnxDDP`): ``extract`` runs ``encoder.onnx`` and ``denoise_step`` runs
+  ``step.onnx`` (the decoder's prediction and its re-encoded x0, as ``DDP.denoise_step``);
+  ``sample_steps`` is DDP's own (:class:`~densediff.models.ddp.MapSampling`), with the
+  sampler settings ``deploy.json`` records, so the seeded noise (one ``torch.Generator(seed)``
+  per image) and hence the result for a seed are those of PyTorch;
 - discriminative models (:class:`OnnxSegmentor`): ``encoder.onnx`` and ``head.onnx``, then
-  the upsampling of ``predict_logits`` / ``predict_depth``.
+  the upsampling of ``predict_map``.
+
+Both satisfy :class:`~densediff.models.interface.DenseModel`; the output kind and the graphs'
+input names are read from ``deploy.json`` (derived from the stored config for exports that
+predate those entries: :func:`_complete`).
 
 The graphs take images of the size they were exported at (``deploy.json`` ``input_size``).
 A preprocessed image of another size (after ``data.test_scale``) is resized bilinearly to it,
@@ -30,8 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from densediff.deploy.export import DEPLOY_FILE, FORMAT, FORMAT_VERSION, ONNX_HINT
-from densediff.errors import UserError, one_line
-from densediff.models.interface import Trajectory
+from densediff.diffusion.schedules import get_schedule
+from densediff.errors import UserError, one_line, terminal_line
+from densediff.models.ddp import MapSampling
+from densediff.models.interface import OUTPUT_KINDS, Trajectory
 from densediff.utils.checks import short_repr
 
 __all__ = ["OnnxDDP", "OnnxSegmentor", "load_onnx_model", "load_runtime", "read_deploy"]
@@ -74,8 +81,10 @@ class _Session:
 
 
 class _OnnxModel:
-    """What the runtime models share: ``encoder.onnx`` behind ``extract``, the fixed input
-    size, and the ``to`` / ``eval`` calls :class:`~densediff.api.Predictor` makes."""
+    """What the runtime models share: one onnxruntime session per graph of ``deploy.json``
+    (``sessions``; ``encoder.onnx`` behind ``extract``), the fixed input size,
+    :meth:`predict_map`, and the ``to`` / ``eval`` calls :class:`~densediff.api.Predictor`
+    makes. ``meta``: ``deploy.json`` as :func:`load_runtime` completes it."""
 
     default_steps = min_steps = max_steps = 0
     accumulation = False
@@ -84,9 +93,10 @@ class _OnnxModel:
                  providers: list[str] | None):
         self.meta = meta
         self.cfg = cfg
-        self.task = meta["task"]
-        self.output_kind = "depth" if self.task == "depth" else "classes"
-        self.encoder = _Session(folder / meta["graphs"]["encoder"], threads, providers)
+        self.output_kind = meta["output_kind"]
+        self.sessions = {graph: _Session(folder / name, threads, providers)
+                         for graph, name in meta["graphs"].items()}
+        self.encoder = self.sessions["encoder"]
         self.input_size = tuple(int(v) for v in meta["input_size"])
         self._noted: set[tuple[int, int]] = set()
 
@@ -113,45 +123,56 @@ class _OnnxModel:
         return F.interpolate(img.float(), size=self.input_size, mode="bilinear",
                              align_corners=False)
 
-    @staticmethod
-    def _up(x: torch.Tensor, size) -> torch.Tensor:
-        return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
-
     def extract(self, img: torch.Tensor) -> torch.Tensor:
         """B x C x h x w features of ``encoder.onnx`` (the image resized to the export size
         first if it differs)."""
         return self.encoder(self._fit(img))[0]
 
+    def predict_map(self, img: torch.Tensor, steps: int | None = None,
+                    accumulation: bool | None = None, **settings) -> torch.Tensor:
+        """As :meth:`densediff.models.interface.MapModel.predict_map`: the trajectory's
+        output at the input size."""
+        traj = self.sample_steps(self.extract(img), self.default_steps if steps is None
+                                 else steps, **settings)
+        out = traj.output(self.accumulation if accumulation is None else accumulation)
+        return F.interpolate(out, size=tuple(img.shape[-2:]), mode="bilinear",
+                             align_corners=False)
 
-class OnnxDDP(_OnnxModel):
-    """A DDP model (segmentation or depth) on ``encoder.onnx`` + ``step.onnx``; the model
-    interface of :class:`~densediff.models.DDP` that prediction uses (``extract``,
-    ``sample_steps``, ``predict_logits`` / ``predict_depth``, ``default_steps`` ...)."""
+    def forward_train(self, inputs, label):
+        """An exported model does not train: UserError."""
+        raise UserError("an onnx export does not train; train its checkpoint with "
+                        "`densediff train`")
 
-    min_steps = 1
-    max_steps = None
+
+class OnnxDDP(MapSampling, _OnnxModel):
+    """A DDP model (segmentation or depth) on ``encoder.onnx`` + ``step.onnx``: ``extract``
+    and ``denoise_step`` wrap the graphs, and :meth:`sample_steps` is DDP's own
+    (:class:`~densediff.models.ddp.MapSampling`), with the sampler settings of
+    ``deploy.json``."""
 
     def __init__(self, folder: Path, meta: dict, cfg, threads: int | None = None,
                  providers: list[str] | None = None):
-        from densediff.diffusion.schedules import get_schedule
-
         super().__init__(folder, meta, cfg, threads, providers)
-        self.step = _Session(folder / meta["graphs"]["step"], threads, providers)
-        self.diffusion_cfg = cfg.model.diffusion
+        self.step = self.sessions["step"]
+        self.diffusion_cfg = cfg.model.diffusion.model_copy(
+            update={k: meta["sampler"][k] for k in SAMPLER_KEYS})
         self.schedule = get_schedule(self.diffusion_cfg.schedule)
         self.map_channels = int(meta["map_channels"])
 
-    default_steps = property(lambda self: self.diffusion_cfg.steps)
-    accumulation = property(lambda self: self.diffusion_cfg.accumulation)
-
     def denoise_step(self, feat: torch.Tensor, x_t: torch.Tensor, log_snr: torch.Tensor,
                      x0_prev: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One ``step.onnx`` call: the decoder's prediction and its re-encoded x0."""
+        """One ``step.onnx`` call: the decoder's prediction and its re-encoded x0 (as
+        ``DDP.denoise_step``; the inputs the graph takes, ``x0_prev`` None = zeros)."""
         named = {"features": feat, "x_t": x_t, "log_snr": log_snr}
-        if self.diffusion_cfg.self_condition:  # as DDP.denoise: no estimate yet = zeros
+        if "x0_prev" in self.step.inputs:  # as DDP.denoise: no estimate yet = zeros
             named["x0_prev"] = torch.zeros_like(x_t) if x0_prev is None else x0_prev
         pred, x0 = self.step(**named)
         return pred, x0
+
+    def denoise(self, feat: torch.Tensor, x_t: torch.Tensor, log_snr: torch.Tensor,
+                x0_prev: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's prediction of one ``step.onnx`` call (as ``DDP.denoise``)."""
+        return self.denoise_step(feat, x_t, log_snr, x0_prev)[0]
 
     @torch.no_grad()
     def decoder_step(self, feat: torch.Tensor) -> torch.Tensor:
@@ -159,40 +180,7 @@ class OnnxDDP(_OnnxModel):
         ``densediff bench``)."""
         b, _, h, w = feat.shape
         x_t = torch.randn(b, self.map_channels, h, w)
-        return self.denoise_step(feat, x_t, self.schedule(torch.full((b,), 0.5)))[0]
-
-    @torch.no_grad()
-    def sample_steps(self, feat: torch.Tensor, steps: int, *, td: float | None = None,
-                     sampler: str | None = None, randsteps: int | None = None,
-                     seeds=None):
-        """:meth:`densediff.models.DDP.sample_steps` with ``step.onnx`` as the decoder."""
-        from densediff.diffusion.samplers import sample_map
-
-        d = self.diffusion_cfg
-        x0_of: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-        def denoise(f, x, ls, x0_prev=None):
-            pred, x0 = self.denoise_step(f, x, ls, x0_prev)
-            x0_of[id(pred)] = (pred, x0)  # the graph re-encodes; to_x0 looks it up
-            return pred
-
-        def to_x0(pred: torch.Tensor) -> torch.Tensor:
-            return x0_of[id(pred)][1]
-
-        preds = sample_map(denoise, to_x0, feat, self.map_channels, self.schedule, steps,
-                           td=d.td if td is None else td,
-                           sampler=d.sampler if sampler is None else sampler,
-                           randsteps=d.randsteps if randsteps is None else randsteps,
-                           seeds=seeds, start=d.sample_start, self_condition=d.self_condition)
-        return Trajectory(preds, self.output_kind)
-
-    def predict_map(self, img: torch.Tensor, steps: int | None = None,
-                    accumulation: bool | None = None, **kwargs) -> torch.Tensor:
-        """As :meth:`densediff.models.interface.MapModel.predict_map`."""
-        traj = self.sample_steps(self.extract(img), self.default_steps if steps is None
-                                 else steps, **kwargs)
-        acc = self.accumulation if accumulation is None else accumulation
-        return self._up(traj.output(acc), img.shape[-2:])
+        return self.denoise(feat, x_t, self.schedule(torch.full((b,), 0.5)))
 
 
 class OnnxSegmentor(_OnnxModel):
@@ -201,7 +189,7 @@ class OnnxSegmentor(_OnnxModel):
     def __init__(self, folder: Path, meta: dict, cfg, threads: int | None = None,
                  providers: list[str] | None = None):
         super().__init__(folder, meta, cfg, threads, providers)
-        self.head_graph = _Session(folder / meta["graphs"]["head"], threads, providers)
+        self.head_graph = self.sessions["head"]
 
     def head(self, feat: torch.Tensor) -> torch.Tensor:
         """The head's output on the feature grid (depth: in metres)."""
@@ -213,16 +201,18 @@ class OnnxSegmentor(_OnnxModel):
             raise ValueError(f"a discriminative model takes steps = 0, got {steps}")
         return Trajectory([self.head(feat)[:, None]], self.output_kind)
 
-    def predict_map(self, img: torch.Tensor, steps: int | None = None, **kwargs
-                    ) -> torch.Tensor:
-        """As :meth:`densediff.models.interface.MapModel.predict_map`: the head's output
-        (logits, or depth in metres) at the input size."""
-        return self._up(self.head(self.extract(img)), img.shape[-2:])
-
 
 _REQUIRED = ("task", "kind", "input_size", "graphs", "config")
 _GRAPHS = {"ddp": ("encoder", "step"), "discriminative": ("encoder", "head")}
 _KIND_OF_TYPE = {"ddp": "ddp", "segmentor": "discriminative"}
+_GRAPH_INPUTS = {"encoder": (("image",), ()), "head": (("features",), ()),
+                 "step": (("features", "x_t"), ("log_snr", "x0_prev"))}
+"""Each graph's inputs, in order: (always, optional). ``step.onnx`` takes ``log_snr`` when the
+decoder reads the time, ``x0_prev`` with self-conditioning."""
+SAMPLER_KEYS = ("schedule", "steps", "td", "sampler", "randsteps", "accumulation",
+                "sample_start", "self_condition")
+"""The entries of ``deploy.json``'s ``sampler`` the runtime samples with (the
+``model.diffusion`` keys of the same names)."""
 MAX_DEPLOY_BYTES = 16 * 2**20
 """Largest ``deploy.json`` read (its config and class names take a few kB)."""
 
@@ -231,31 +221,9 @@ def read_deploy(folder: str | os.PathLike) -> dict:
     """``folder/deploy.json``, checked against its schema: UserError naming the file and the
     entry when it is missing, not JSON, nested too deep, of another format or version, or when
     an entry is missing, of the wrong type or out of bounds. Its agreement with the stored
-    config and the graphs is checked by :func:`load_runtime`."""
-    from densediff.utils.checks import (
-        check_int,
-        check_size,
-        json_loads,
-        path_kind,
-        read_text,
-    )
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        kind = path_kind(folder)
-        raise UserError(f"{folder}: {'no such folder' if kind == 'missing' else 'is ' + kind} "
-                        "(expected a folder written by `densediff export`)")
-    path = folder / DEPLOY_FILE
-    if not path.exists() and not path.is_symlink():
-        raise UserError(f"{path}: missing; {folder} is not a (complete) `densediff export` "
-                        "folder")
-    meta = json_loads(read_text(path, max_bytes=MAX_DEPLOY_BYTES, kind="JSON file"), str(path))
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise UserError(f"{path}: not a densediff export description (format is not {FORMAT!r})")
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION or isinstance(version, bool):
-        raise UserError(f"{path}: format_version {version!r} is not supported (this densediff "
-                        f"reads version {FORMAT_VERSION}); export the checkpoint again")
+    config and the graphs is checked by :func:`load_runtime`. The ``sampler`` settings come
+    back as the config types them."""
+    meta, path = _read_json(Path(folder))
     missing = [k for k in _REQUIRED if k not in meta]
     if missing:
         raise UserError(f"{path}: the entry {missing[0]!r} is missing")
@@ -273,9 +241,55 @@ def read_deploy(folder: str | os.PathLike) -> dict:
             or len({named[g] for g in graphs}) != len(graphs)):
         raise UserError(f"{path}: 'graphs' must name the {' and '.join(graphs)} graph files "
                         "in the folder (two different files)")
+    _check_sizes(meta, path)
+    if kind == "ddp":
+        if "sampler" not in meta:
+            raise UserError(f"{path}: the entry 'sampler' is missing")
+        meta["sampler"] = {**meta["sampler"], **sampler_settings(meta["sampler"], path)}
+    if "output_kind" in meta and meta["output_kind"] not in OUTPUT_KINDS:
+        raise UserError(f"{path}: 'output_kind' must be one of {', '.join(OUTPUT_KINDS)}, got "
+                        f"{short_repr(meta['output_kind'])}")
+    if "inputs" in meta:
+        _check_inputs(meta["inputs"], graphs, path)
+    classes = meta.get("classes")
+    if classes is not None and (not isinstance(classes, list) or len(classes) > 4096
+                                or not all(isinstance(c, str) for c in classes)):
+        raise UserError(f"{path}: 'classes' must be a list of class names")
+    if not isinstance(meta["config"], dict):
+        raise UserError(f"{path}: 'config' must be a mapping (the checkpoint's config)")
+    return meta
+
+
+def _read_json(folder: Path) -> tuple[dict, Path]:
+    """``folder/deploy.json`` as a dict of this format and version, and its path."""
+    from densediff.utils.checks import json_loads, path_kind, read_text
+
+    if not folder.is_dir():
+        kind = path_kind(folder)
+        raise UserError(f"{folder}: {'no such folder' if kind == 'missing' else 'is ' + kind} "
+                        "(expected a folder written by `densediff export`)")
+    path = folder / DEPLOY_FILE
+    if not path.exists() and not path.is_symlink():
+        raise UserError(f"{path}: missing; {folder} is not a (complete) `densediff export` "
+                        "folder")
+    meta = json_loads(read_text(path, max_bytes=MAX_DEPLOY_BYTES, kind="JSON file"), str(path))
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UserError(f"{path}: not a densediff export description (format is not {FORMAT!r})")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise UserError(f"{path}: format_version {version!r} is not supported (this densediff "
+                        f"reads version {FORMAT_VERSION}); export the checkpoint again")
+    return meta, path
+
+
+def _check_sizes(meta: dict, path: Path) -> None:
+    """``input_size``, ``map_channels`` (DDP), ``feature_channels``, ``opset``,
+    ``feature_grid``: present where needed, integers in bounds."""
+    from densediff.utils.checks import check_int, check_size
+
     try:
         check_size(meta["input_size"], f"{path}: 'input_size'")
-        if kind == "ddp":
+        if meta["kind"] == "ddp":
             if "map_channels" not in meta:
                 raise UserError(f"{path}: the entry 'map_channels' is missing")
             check_int(meta["map_channels"], f"{path}: 'map_channels'", 1, 8192)
@@ -290,13 +304,44 @@ def read_deploy(folder: str | os.PathLike) -> dict:
                 check_int(v, f"{path}: 'feature_grid'", 1, 8192)
     except UserError as e:
         raise UserError(str(e)) from None
-    classes = meta.get("classes")
-    if classes is not None and (not isinstance(classes, list) or len(classes) > 4096
-                                or not all(isinstance(c, str) for c in classes)):
-        raise UserError(f"{path}: 'classes' must be a list of class names")
-    if not isinstance(meta["config"], dict):
-        raise UserError(f"{path}: 'config' must be a mapping (the checkpoint's config)")
-    return meta
+
+
+def _check_inputs(inputs, graphs: tuple[str, ...], path: Path) -> None:
+    """``inputs``: for each graph, its input names as :data:`_GRAPH_INPUTS` allows them."""
+    if not isinstance(inputs, dict) or set(inputs) != set(graphs):
+        raise UserError(f"{path}: 'inputs' must list the inputs of the graphs "
+                        f"{' and '.join(graphs)}")
+    for graph in graphs:
+        names, (always, optional) = inputs[graph], _GRAPH_INPUTS[graph]
+        if not isinstance(names, list) or names != [*always, *(n for n in optional
+                                                               if n in names)]:
+            raise UserError(f"{path}: 'inputs.{graph}' must be {list(always)} followed by any "
+                            f"of {list(optional)}, got {short_repr(names)}")
+
+
+def sampler_settings(entries, path: Path | str) -> dict:
+    """``deploy.json``'s ``sampler`` entries as the config checks them
+    (:class:`~densediff.config.DiffusionConfig`): ``{key: value}`` for :data:`SAMPLER_KEYS`.
+    UserError naming the entry when one is missing or invalid."""
+    from pydantic import ValidationError
+
+    from densediff.config import DiffusionConfig
+
+    if not isinstance(entries, dict):
+        raise UserError(f"{path}: 'sampler' must be a mapping of sampler settings, got "
+                        f"{short_repr(entries)}")
+    missing = [k for k in SAMPLER_KEYS if k not in entries]
+    if missing:
+        raise UserError(f"{path}: the entry 'sampler.{missing[0]}' is missing")
+    try:
+        checked = DiffusionConfig.model_validate(entries)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        msg = "unknown entry" if err["type"] == "extra_forbidden" else terminal_line(err["msg"])
+        raise UserError(f"{path}: 'sampler.{key}': {msg} (got "
+                        f"{short_repr(err.get('input'))})") from None
+    return {k: getattr(checked, k) for k in SAMPLER_KEYS}
 
 
 def _check_agrees(meta: dict, cfg, names: list[str], path: Path) -> None:
@@ -348,37 +393,56 @@ def load_runtime(folder: str | os.PathLike, threads: int | None = None,
     cfg = config_from_dict(meta["config"], source=f"{path}: config")
     names, palette = class_info(cfg)
     _check_agrees(meta, cfg, names, path)
+    meta = _complete(meta, cfg, path)
     cls = OnnxDDP if meta["kind"] == "ddp" else OnnxSegmentor
     model = cls(folder, meta, cfg, threads, providers)
-    _check_graphs(model, meta, cfg, folder, len(names))
+    _check_graphs(model, meta, folder, len(names))
     return model, cfg, names, palette
 
 
-def _check_graphs(model, meta: dict, cfg, folder: Path, num_classes: int) -> None:
-    """Every graph's inputs against ``deploy.json`` and the other graph, before any image."""
+def _complete(meta: dict, cfg, path: Path) -> dict:
+    """``deploy.json`` with the entries older exports lack derived from its config (here
+    only): ``output_kind`` (depth for the depth task, else classes) and ``inputs`` (the
+    step graph takes ``log_snr`` unless the decoder never reads the time, ``x0_prev`` with
+    self-conditioning). UserError when ``sampler.self_condition`` and the step graph's
+    inputs disagree."""
+    meta = dict(meta)
+    meta.setdefault("output_kind", "depth" if meta["task"] == "depth" else "classes")
+    if "inputs" not in meta:
+        d = cfg.model.diffusion
+        step = ["features", "x_t", *(["log_snr"] if d.time_input != "none" or d.precondition
+                                     else []), *(["x0_prev"] if d.self_condition else [])]
+        given = {"encoder": ["image"], "step": step, "head": ["features"]}
+        meta["inputs"] = {graph: given[graph] for graph in meta["graphs"]}
+    if meta["kind"] == "ddp":
+        takes = "x0_prev" in meta["inputs"]["step"]
+        if meta["sampler"]["self_condition"] != takes:
+            raise UserError(f"{path}: 'sampler.self_condition' is "
+                            f"{meta['sampler']['self_condition']}, but the step graph "
+                            f"{'takes' if takes else 'has no'} x0_prev input")
+    return meta
+
+
+def _check_graphs(model, meta: dict, folder: Path, num_classes: int) -> None:
+    """Every graph's inputs against ``deploy.json``'s ``inputs`` and the encoder's output,
+    and the per-step graph's output against ``output_kind``, before any image."""
     h, w = meta["input_size"]
     g = meta["graphs"]
     feat = _check_graph(model.encoder, folder / g["encoder"], [("image", [None, 3, h, w])])
     fdims = [None] + [d if isinstance(d, int) else None for d in feat[1:]]
     if len(fdims) != 4:
         raise UserError(f"{folder / g['encoder']}: its output is not B x C x h x w features")
-    if meta["kind"] == "ddp":
-        c = meta["map_channels"]
-        d = cfg.model.diffusion
-        inputs = [("features", fdims), ("x_t", [None, c, *fdims[2:]])]
-        if d.time_input != "none" or d.precondition:  # else the decoder never reads the time
-            inputs.append(("log_snr", [None]))
-        if d.self_condition:
-            inputs.append(("x0_prev", [None, c, *fdims[2:]]))
-        graph = folder / g["step"]
-        pred = _check_graph(model.step, graph, inputs)
-    else:
-        graph = folder / g["head"]
-        pred = _check_graph(model.head_graph, graph, [("features", fdims)])
-    want = 1 if meta["task"] == "depth" else num_classes
+    c = meta.get("map_channels")
+    dims = {"features": fdims, "x_t": [None, c, *fdims[2:]], "log_snr": [None],
+            "x0_prev": [None, c, *fdims[2:]]}
+    [call] = [name for name in g if name != "encoder"]  # step or head: run per sampling step
+    graph = folder / g[call]
+    pred = _check_graph(model.sessions[call], graph, [(n, dims[n]) for n in meta["inputs"][call]])
+    depth = meta["output_kind"] == "depth"
+    want = 1 if depth else num_classes
     if len(pred) != 4 or (isinstance(pred[1], int) and pred[1] != want):
         raise UserError(f"{graph}: its output has shape {pred}, but its config gives {want} "
-                        f"{'depth channel' if meta['task'] == 'depth' else 'classes'}")
+                        f"{'depth channel' if depth else 'classes'}")
 
 
 def load_onnx_model(folder: str | os.PathLike, threads: int | None = None,

@@ -10,7 +10,7 @@ model (:class:`densediff.models.ddps.DDPS`) holds one and stays the same for bot
 - :class:`BitCodec` (``codec: bits``, App. A / Table 8): analog bits
   (:class:`~densediff.diffusion.encodings.AnalogBits`) with DDP's Gaussian diffusion (cosine
   log-SNR schedule, the time input is log-SNR); sampling is DDP's DDIM
-  (:func:`~densediff.diffusion.samplers.sample`, td = 1).
+  (:func:`~densediff.diffusion.samplers.sample_ddim`, td = 1).
 
 Every method takes and returns plain tensors; the denoiser is passed in as a function, so
 this module knows nothing of the model.
@@ -25,17 +25,17 @@ import torch
 from torch import nn
 
 from densediff.diffusion.encodings import AnalogBits
+from densediff.diffusion.noise import add_noise, generators, seeded_normal, seeded_uniform
 from densediff.diffusion.samplers import (
     GuidableDenoise,
+    StepCallback,
     guided,
-    sample,
+    sample_ddim,
     sample_discrete,
     sample_prior,
-    seeded_normal,
-    seeded_uniform,
 )
-from densediff.diffusion.schedules import alpha_sigma, get_schedule
-from densediff.diffusion.transitions import DiscreteTransition, sample_categorical
+from densediff.diffusion.schedules import get_schedule
+from densediff.diffusion.transitions import DiscreteTransition
 
 __all__ = ["BitCodec", "DiscreteCodec", "MaskCodec", "NoisyMask"]
 
@@ -73,10 +73,11 @@ class MaskCodec(nn.Module):
         raise NotImplementedError
 
     def sample(self, denoise: GuidableDenoise, shape: Sequence[int], steps: int, *,
-               guidance: float, renoise: str, generators: Sequence[torch.Generator] | None,
-               device: torch.device) -> list[torch.Tensor]:
-        """Alg. 2: ``steps`` calls of ``denoise(x_in, time, with_uncond)``, every step's
-        B x K x h x w logits. ``shape`` = (B, h, w); ``generators``: one per image (None: the
+               guidance: float, renoise: str, seeds: Sequence[int] | None,
+               device: torch.device, callback: StepCallback | None = None) -> torch.Tensor:
+        """Alg. 2: ``steps`` calls of ``denoise(x_in, time, with_uncond)`` with guidance scale
+        ``guidance``; ``callback(step, logits)`` gets every step's B x K x h x w logits, the
+        last ones are returned. ``shape`` = (B, h, w); ``seeds``: one per image (None: the
         global RNG)."""
         raise NotImplementedError
 
@@ -113,8 +114,7 @@ class DiscreteCodec(MaskCodec):
         T, b = self.transition.timesteps, x0.shape[0]
         t = (torch.full((b,), T, device=x0.device) if first_step_only
              else torch.randint(1, T + 1, (b,), device=x0.device))
-        q = self.transition.q_probs(x0, t)  # Eq. 2
-        return self._input(sample_categorical(q, torch.rand_like(q)), t)
+        return self._input(self.transition.add_noise(x0, t), t)  # Eq. 2
 
     def pure_noise(self, b: int, h: int, w: int, device: torch.device) -> NoisyMask:
         x_T = sample_prior(self.transition, (b, h, w),
@@ -128,12 +128,17 @@ class DiscreteCodec(MaskCodec):
         return self._input(x, t)
 
     def sample(self, denoise: GuidableDenoise, shape: Sequence[int], steps: int, *,
-               guidance: float, renoise: str, generators: Sequence[torch.Generator] | None,
-               device: torch.device) -> list[torch.Tensor]:
-        return sample_discrete(
-            lambda x_t, t, with_uncond: denoise(self.embed(x_t), self.time(t), with_uncond),
-            self.transition, shape, steps, renoise=renoise, guidance=guidance,
-            uniform=lambda size: seeded_uniform(size, generators, device))
+               guidance: float, renoise: str, seeds: Sequence[int] | None,
+               device: torch.device, callback: StepCallback | None = None) -> torch.Tensor:
+        gens = generators(seeds, device, shape[0])
+
+        def uniform(size: Sequence[int]) -> torch.Tensor:
+            return seeded_uniform(size, gens, device)
+
+        step = guided(denoise, guidance)
+        return sample_discrete(lambda x_t, t: step(self.embed(x_t), self.time(t)),
+                               sample_prior(self.transition, shape, uniform), self.transition,
+                               steps, renoise=renoise, noise=uniform, callback=callback)
 
     def vlb(self, logits: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor
             ) -> torch.Tensor:
@@ -179,10 +184,8 @@ class BitCodec(MaskCodec):
         t = (torch.ones(b, device=x0.device) if first_step_only
              else torch.empty(b, device=x0.device).uniform_(0.0, 0.999))
         log_snr = self.log_snr(t)
-        alpha, sigma = (v.view(b, 1, 1, 1) for v in alpha_sigma(log_snr))
-        x_t = alpha * self.bits(x0) + sigma * torch.randn(b, self.channels, h, w,
-                                                          device=x0.device)
-        return NoisyMask(x_t, log_snr)
+        eps = torch.randn(b, self.channels, h, w, device=x0.device)
+        return NoisyMask(add_noise(self.bits(x0), log_snr, eps), log_snr)
 
     def pure_noise(self, b: int, h: int, w: int, device: torch.device) -> NoisyMask:
         x_T = torch.randn(b, self.channels, h, w, device=device)
@@ -193,11 +196,17 @@ class BitCodec(MaskCodec):
         return NoisyMask(torch.randn(b, self.channels, h, w, device=device), log_snr)
 
     def sample(self, denoise: GuidableDenoise, shape: Sequence[int], steps: int, *,
-               guidance: float, renoise: str, generators: Sequence[torch.Generator] | None,
-               device: torch.device) -> list[torch.Tensor]:
-        """DDIM (DDP Alg. 3) with the analog bits of argmax x0_hat, td = 1 (``renoise`` does
+               guidance: float, renoise: str, seeds: Sequence[int] | None,
+               device: torch.device, callback: StepCallback | None = None) -> torch.Tensor:
+        """DDIM (DDP Alg. 2/3) with the analog bits of argmax x0_hat, td = 1 (``renoise`` does
         not apply: the Gaussian update re-noises)."""
         b, h, w = shape
-        x_T = seeded_normal((b, self.channels, h, w), generators, device)
-        return sample(guided(denoise, guidance), lambda lg: self.bits(lg.argmax(1)), x_T,
-                      self.log_snr, steps, td=1.0, sampler="ddim")
+        x_T = seeded_normal((b, self.channels, h, w), generators(seeds, device, b), device)
+        step = guided(denoise, guidance)
+
+        def denoise_step(x_t: torch.Tensor, log_snr: torch.Tensor, _x0_prev: None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = step(x_t, log_snr)
+            return logits, self.bits(logits.argmax(1))
+
+        return sample_ddim(denoise_step, x_T, self.log_snr, steps, td=1.0, callback=callback)

@@ -1,35 +1,60 @@
-"""Samplers: DDP's for continuous map diffusion (DDP Algorithm 2, the loop, and Algorithm 3,
-DDIM: :func:`sample`) and DDPS's for discrete mask diffusion (DDPS Algorithm 2, stride sampling
-with re-noising and classifier-free guidance: :func:`sample_discrete`).
+"""Samplers: DDP's for continuous map diffusion (DDP Algorithm 2, the loop, with Algorithm 3's
+DDIM update: :func:`sample_ddim`; or the ancestral update: :func:`sample_ddpm`) and DDPS's
+for discrete mask diffusion (DDPS Algorithm 2, stride sampling with re-noising:
+:func:`sample_discrete`).
 
-Model-agnostic: a loop only needs a denoise function (the map decoder / denoiser with the
-image's condition already bound) and the noise process. :func:`sample` takes a
-``denoise(x_t, log_snr) -> prediction`` function, a ``to_x0(prediction) -> encoded map``
-function (segmentation: argmax then re-encode, the "hard re-quantisation" of the official code)
-and a log-SNR schedule from :mod:`densediff.diffusion.schedules`; :func:`sample_discrete` a
-``denoise(x_t, t, with_uncond) -> x0 logits`` function and a
-:class:`~densediff.diffusion.transitions.DiscreteTransition`.
+Model-agnostic: a sampler sees a denoise function (the network with the image's condition
+already bound), the starting noise, the noise process and the step count, and reports every
+step's prediction to a ``callback(step, prediction)``; it returns the last prediction.
+
+- The Gaussian samplers share one signature (:data:`GaussianSampler`) and are listed in
+  :data:`SAMPLERS` under the names ``model.diffusion.sampler`` takes. Their ``denoise`` is a
+  :data:`StepDenoise`, ``(x_t, log_snr, x0_prev) -> (prediction, x0)``: the prediction and
+  its re-encoding as the x0 estimate in the map space (segmentation: argmax then the map
+  encoding, the "hard re-quantisation" of the official code); the process is a log-SNR
+  schedule from :mod:`densediff.diffusion.schedules`.
+- :func:`sample_discrete` has the same shape for a categorical process: ``denoise(x_t, t)
+  -> x0 logits`` and a :class:`~densediff.diffusion.transitions.DiscreteTransition`.
+
+:func:`sample_map` is DDP's sampling on image features (seeded starts, ``randsteps`` starts
+per image, the sampler of :data:`SAMPLERS`): ``DDP.sample_steps`` and the onnxruntime model
+both run it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 import torch
 from tqdm import tqdm
 
+from densediff.diffusion.noise import generators, seeded_normal
 from densediff.diffusion.schedules import LogSNRSchedule, alpha_sigma
 from densediff.diffusion.transitions import DiscreteTransition, sample_categorical, stride_times
 
-__all__ = ["GuidableDenoise", "MapDenoise", "classifier_free_guidance", "ddim_step",
-           "ddpm_step", "guided", "sample", "sample_discrete", "sample_map", "sample_prior",
-           "sampling_times", "seeded_normal", "seeded_uniform"]
+__all__ = ["SAMPLERS", "GaussianSampler", "GuidableDenoise", "MapStep", "Noise", "StepCallback",
+           "StepDenoise", "classifier_free_guidance", "ddim_step", "ddpm_step", "guided",
+           "sample_ddim", "sample_ddpm", "sample_discrete", "sample_map", "sample_prior",
+           "sampling_times"]
+
+StepDenoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None],
+                       tuple[torch.Tensor, torch.Tensor]]
+"""``denoise(x_t, log_snr, x0_prev) -> (prediction, x0)``: one network call on x_t (N x C x
+h x w) at ``log_snr`` (N values), and the prediction re-encoded as the x0 estimate (x_t's
+shape). ``x0_prev``: the previous step's x0 estimate with self-conditioning, else None."""
+
+StepCallback = Callable[[int, torch.Tensor], None]
+"""``callback(step, prediction)``: called once per network call, in order (step 0 first)."""
+
+Noise = Callable[[Sequence[int]], torch.Tensor]
+"""``shape -> noise`` of the distribution a sampler draws (Gaussian samplers: standard normal;
+the discrete sampler: uniform in (0, 1)); seeded by the caller, e.g. per image."""
 
 GuidableDenoise = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
 """``denoise(x, time, with_uncond) -> x0 logits``: B x K x h x w conditional logits, or with
 ``with_uncond`` 2B x K x h x w, the conditional then the unconditional ones (condition
 dropped), from one batched call."""
-
 
 PROGRESS_MIN_STEPS = 50
 """Sampling runs of this many steps or more show a progress bar on a terminal."""
@@ -64,9 +89,10 @@ def ddim_step(x_t: torch.Tensor, x0: torch.Tensor, log_snr_now: torch.Tensor,
 
 def ddpm_step(x_t: torch.Tensor, x0: torch.Tensor, log_snr_now: torch.Tensor,
               log_snr_next: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
-    """Ancestral (DDPM) update from t_now to t_next in log-SNR form (Kingma et al. 2021):
-    ``c = -expm1(log_snr_now - log_snr_next)``, mean ``alpha_next (x_t (1 - c)/alpha_now + c x0)``,
-    variance ``sigma_next^2 c``; ``noise`` None (the last step, t_next = 0) adds none."""
+    """Ancestral (DDPM) update from t_now to t_next in log-SNR form (Kingma et al. 2021,
+    Eq. 32-33): ``c = -expm1(log_snr_now - log_snr_next)``, mean
+    ``alpha_next (x_t (1 - c)/alpha_now + c x0)``, variance ``sigma_next^2 c``; ``noise`` None
+    (the last step, t_next = 0) adds none."""
     a_now, _ = alpha_sigma(log_snr_now)
     a_next, s_next = alpha_sigma(log_snr_next)
     c = -torch.expm1(log_snr_now - log_snr_next)
@@ -76,136 +102,150 @@ def ddpm_step(x_t: torch.Tensor, x0: torch.Tensor, log_snr_now: torch.Tensor,
     return mean + (s_next.pow(2) * c).sqrt() * noise
 
 
-def seeded_normal(shape: Sequence[int], generators: Sequence[torch.Generator] | None,
-                  device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Standard normal noise of ``shape`` whose leading dimension is split evenly over
-    ``generators`` (one per image), so that an image gets the same noise whatever batch it is
-    in. ``generators`` None: the global RNG."""
-    return _seeded(torch.randn, shape, generators, device, dtype)
+def _time_grid(schedule: LogSNRSchedule, x_T: torch.Tensor, steps: int, td: float,
+               start: float) -> Iterable[tuple[int, float, torch.Tensor, torch.Tensor]]:
+    """Algorithm 2's steps: ``(s, t_next, log_snr_now, log_snr_next)`` for s = 0..steps-1
+    (:func:`sampling_times`), log-SNR as one value per batch item of ``x_T``; a progress bar
+    (on a terminal only) from :data:`PROGRESS_MIN_STEPS` steps."""
+    times = sampling_times(steps, td, start)
+    if steps >= PROGRESS_MIN_STEPS:
+        times = tqdm(times, desc=f"sampling {steps} steps", leave=False, disable=None)
+    n, dev = x_T.shape[0], x_T.device
+    for s, (t_now, t_next) in enumerate(times):
+        yield (s, t_next, schedule(torch.full((n,), t_now, device=dev, dtype=torch.float32)),
+               schedule(torch.full((n,), t_next, device=dev, dtype=torch.float32)))
 
 
-def seeded_uniform(shape: Sequence[int], generators: Sequence[torch.Generator] | None,
-                   device: torch.device | str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Uniform [0, 1) noise, seeded per image like :func:`seeded_normal`."""
-    return _seeded(torch.rand, shape, generators, device, dtype)
+def _col(log_snr: torch.Tensor) -> torch.Tensor:
+    return log_snr.view(-1, 1, 1, 1)
 
 
-def _seeded(draw, shape, generators, device, dtype) -> torch.Tensor:
-    if generators is None:
-        return draw(*shape, device=device, dtype=dtype)
-    n = len(generators)
-    if shape[0] % n:
-        raise ValueError(f"leading dimension {shape[0]} is not a multiple of {n} generators")
-    per = (shape[0] // n, *shape[1:])
-    return torch.cat([draw(per, generator=g, device=g.device, dtype=dtype).to(device)
-                      for g in generators])
-
-
-def sample(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-           to_x0: Callable[[torch.Tensor], torch.Tensor], x_T: torch.Tensor,
-           schedule: LogSNRSchedule, steps: int, td: float = 1.0, sampler: str = "ddim",
-           noise: Callable[[], torch.Tensor] | None = None, start: float = 1.0
-           ) -> list[torch.Tensor]:
-    """Algorithm 2: denoise from t = 1 in ``steps`` steps; return every step's prediction.
+def sample_ddim(denoise: StepDenoise, x_T: torch.Tensor, schedule: LogSNRSchedule, steps: int,
+                *, td: float = 1.0, start: float = 1.0, self_condition: bool = False,
+                noise: Noise | None = None, callback: StepCallback | None = None
+                ) -> torch.Tensor:
+    """DDP Algorithm 2 with the DDIM update of Algorithm 3 (:func:`ddim_step`): from x_T at
+    t = ``start``, ``steps`` calls of ``denoise`` at the times of :func:`sampling_times`, each
+    followed (but the last) by ``x_t <- ddim_step(x_t, x0, t_now, t_next)``. Deterministic
+    given x_T (``noise`` is not drawn).
 
     Args:
-        denoise: ``(x_t, log_snr) -> prediction`` (log_snr has one value per batch item).
-        to_x0: ``prediction -> x0`` in the encoded map space (same shape as ``x_T``).
+        denoise: see :data:`StepDenoise`.
         x_T: the starting noise, N x C x h x w.
         schedule: ``t -> log_snr``.
-        steps: number of decoder evaluations T (dynamic inference: any T >= 1).
-        td: asymmetric time difference.
-        sampler: ``ddim`` (deterministic given x_T) or ``ddpm`` (ancestral).
-        noise: for ``ddpm``, a function returning fresh N x C x h x w noise (seeded by the
-            caller); None: ``torch.randn_like``.
+        steps: network calls T (dynamic inference: any T >= 1).
+        td: the asymmetric time difference.
         start: the time of the first step (1: pure noise, as Alg. 2; below 1 the step grid
-            is scaled into [0, start], the starting noise is used as it is).
+            is scaled into [0, start], x_T is used as it is).
+        self_condition: pass each step's x0 estimate to the next call as ``x0_prev``.
+        noise: unused (the signature of :class:`GaussianSampler`).
+        callback: see :data:`StepCallback`.
 
     Returns:
-        ``steps`` predictions, in order (the last one is the output).
+        the last prediction (the output).
     """
-    if sampler not in ("ddim", "ddpm"):
-        raise ValueError(f"unknown sampler {sampler!r}; expected ddim or ddpm")
-    x_t = x_T
-    n = x_T.shape[0]
-    preds = []
-    times = sampling_times(steps, td, start)
-    if steps >= PROGRESS_MIN_STEPS:  # long sampling: a progress bar (shown on a terminal only)
-        times = tqdm(times, desc=f"sampling {steps} steps", leave=False, disable=None)
-    for t_now, t_next in times:
-        ls_now = schedule(torch.full((n,), t_now, device=x_t.device, dtype=torch.float32))
-        pred = denoise(x_t, ls_now)
-        preds.append(pred)
-        if len(preds) == steps:
+    x_t, x0 = x_T, None
+    for s, _t_next, ls_now, ls_next in _time_grid(schedule, x_T, steps, td, start):
+        pred, x0 = denoise(x_t, ls_now, x0 if self_condition else None)
+        if callback is not None:
+            callback(s, pred)
+        if s == steps - 1:
             break  # the last x_next is never used
-        ls_next = schedule(torch.full((n,), t_next, device=x_t.device, dtype=torch.float32))
-        x0 = to_x0(pred)
-        ls_now, ls_next = ls_now.view(-1, 1, 1, 1), ls_next.view(-1, 1, 1, 1)
-        if sampler == "ddim":
-            x_t = ddim_step(x_t, x0, ls_now, ls_next)
-        else:
-            eps = None
-            if t_next > 0:
-                eps = noise() if noise is not None else torch.randn_like(x_t)
-            x_t = ddpm_step(x_t, x0, ls_now, ls_next, eps)
-    return preds
+        x_t = ddim_step(x_t, x0, _col(ls_now), _col(ls_next))
+    return pred
 
 
-MapDenoise = Callable[..., torch.Tensor]
-"""``denoise(features, x_t, log_snr, x0_prev=None) -> prediction``: the map decoder on
-(repeated) image features; ``x0_prev`` (self-conditioning only) is the previous x0 estimate,
-None at the first step."""
+def sample_ddpm(denoise: StepDenoise, x_T: torch.Tensor, schedule: LogSNRSchedule, steps: int,
+                *, td: float = 1.0, start: float = 1.0, self_condition: bool = False,
+                noise: Noise | None = None, callback: StepCallback | None = None
+                ) -> torch.Tensor:
+    """DDP Algorithm 2's loop with the ancestral update (:func:`ddpm_step`, the Gaussian
+    posterior q(x_next | x_t, x0)): as :func:`sample_ddim`, but each update but the last
+    draws fresh noise ``noise(x_t.shape)`` (None: ``torch.randn_like``); an update to
+    t_next = 0 draws none."""
+    x_t, x0 = x_T, None
+    for s, t_next, ls_now, ls_next in _time_grid(schedule, x_T, steps, td, start):
+        pred, x0 = denoise(x_t, ls_now, x0 if self_condition else None)
+        if callback is not None:
+            callback(s, pred)
+        if s == steps - 1:
+            break  # the last x_next is never used
+        eps = None
+        if t_next > 0:
+            eps = noise(x_t.shape) if noise is not None else torch.randn_like(x_t)
+        x_t = ddpm_step(x_t, x0, _col(ls_now), _col(ls_next), eps)
+    return pred
 
 
-def sample_map(denoise: MapDenoise, to_x0: Callable[[torch.Tensor], torch.Tensor],
-               feat: torch.Tensor, channels: int, schedule: LogSNRSchedule, steps: int, *,
-               td: float = 1.0, sampler: str = "ddim", randsteps: int = 1,
-               seeds: Sequence[int] | None = None, start: float = 1.0,
-               self_condition: bool = False) -> list[torch.Tensor]:
+class GaussianSampler(Protocol):
+    """The signature every :data:`SAMPLERS` entry has (see :func:`sample_ddim`)."""
+
+    def __call__(self, denoise: StepDenoise, x_T: torch.Tensor, schedule: LogSNRSchedule,
+                 steps: int, *, td: float = 1.0, start: float = 1.0,
+                 self_condition: bool = False, noise: Noise | None = None,
+                 callback: StepCallback | None = None) -> torch.Tensor: ...
+
+
+SAMPLERS: dict[str, GaussianSampler] = {
+    "ddim": sample_ddim,
+    "ddpm": sample_ddpm,
+}
+"""DDP's samplers by the name ``model.diffusion.sampler`` takes. Adding one: a function with
+the signature of :func:`sample_ddim`, an entry here, its name in ``DiffusionConfig.sampler``
+and a test against its closed form."""
+
+
+MapStep = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+"""``denoise_step(features, x_t, log_snr, x0_prev) -> (prediction, x0)``: the map decoder on
+(repeated) image features and the prediction's re-encoding (``DDP.denoise_step``, or
+``step.onnx`` in the onnxruntime model); ``x0_prev`` as in :data:`StepDenoise`."""
+
+
+def sample_map(denoise_step: MapStep, feat: torch.Tensor, channels: int,
+               schedule: LogSNRSchedule, steps: int, *, sampler: str = "ddim", td: float = 1.0,
+               randsteps: int = 1, seeds: Sequence[int] | None = None, start: float = 1.0,
+               self_condition: bool = False, callback: StepCallback | None = None
+               ) -> torch.Tensor:
     """DDP's sampling on precomputed image features: the seeded starting noise, ``randsteps``
-    starts per image, self-conditioning, then :func:`sample`. Shared by ``DDP.sample_steps``
-    and the onnxruntime model (:mod:`densediff.deploy`), so both draw the same noise.
+    starts per image, then the sampler ``SAMPLERS[sampler]``. The one sampling path of
+    ``DDP.sample_steps`` and the onnxruntime model (:mod:`densediff.deploy`), so both draw the
+    same noise.
 
     Args:
-        denoise: see :data:`MapDenoise`; called on ``feat`` repeated ``randsteps`` times per
+        denoise_step: see :data:`MapStep`; called on ``feat`` repeated ``randsteps`` times per
             image (image-major).
-        to_x0: ``prediction -> x0`` in the encoded map space.
         feat: B x C x h x w features.
         channels: channels of the encoded map.
-        schedule, steps, td, sampler, start: as :func:`sample`.
+        schedule, steps, td, start, self_condition: as :func:`sample_ddim`.
+        sampler: a key of :data:`SAMPLERS`.
         randsteps: noise starts per image (R).
-        seeds: one seed per image (one ``torch.Generator`` each, on ``feat``'s device): the
-            image's noise then does not depend on the batch it is in. None: the global RNG.
-        self_condition: feed the previous step's x0 estimate to ``denoise``.
+        seeds: one seed per image (:func:`~densediff.diffusion.noise.generators`, on
+            ``feat``'s device): the image's noise then does not depend on the batch it is in.
+            None: the global RNG.
+        callback: ``callback(step, prediction)`` with each prediction as B x R x ...
 
     Returns:
-        ``steps`` predictions, each B x R x ... (the last one is the output).
+        the last prediction, B x R x ... (the output).
     """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
     b, _, h, w = feat.shape
     r = randsteps
-    if seeds is not None and len(seeds) != b:
-        raise ValueError(f"got {len(seeds)} seeds for a batch of {b}")
-    gens = None
-    if seeds is not None:
-        gens = [torch.Generator(device=feat.device).manual_seed(int(s)) for s in seeds]
-    shape = (b * r, channels, h, w)
+    gens = generators(seeds, feat.device, b)
     # noise and updates in at least float32, also when the network runs in bf16 (autocast)
     work = torch.promote_types(feat.dtype, torch.float32)
-    x_T = seeded_normal(shape, gens, feat.device, work)
+    x_T = seeded_normal((b * r, channels, h, w), gens, feat.device, work)
     feat_r = feat.repeat_interleave(r, dim=0)  # image-major: (b r)
-    prev: list[torch.Tensor | None] = [None]  # self-conditioning: the last x0 estimate
 
-    def step(x: torch.Tensor, ls: torch.Tensor) -> torch.Tensor:
-        if not self_condition:
-            return denoise(feat_r, x, ls).to(work)
-        out = denoise(feat_r, x, ls, prev[0]).to(work)
-        prev[0] = to_x0(out)
-        return out
+    def per_image(pred: torch.Tensor) -> torch.Tensor:
+        return pred.view(b, r, *pred.shape[1:])
 
-    preds = sample(step, to_x0, x_T, schedule, steps, td, sampler,
-                   noise=lambda: seeded_normal(shape, gens, feat.device, work),
-                   start=start)
-    return [p.view(b, r, *p.shape[1:]) for p in preds]
+    last = SAMPLERS[sampler](
+        lambda x, ls, x0_prev: denoise_step(feat_r, x, ls, x0_prev), x_T, schedule, steps,
+        td=td, start=start, self_condition=self_condition,
+        noise=lambda shape: seeded_normal(shape, gens, feat.device, work),
+        callback=None if callback is None else lambda s, pred: callback(s, per_image(pred)))
+    return per_image(last)
 
 
 # -------------------------------------------------------------------------------- DDPS (discrete)
@@ -243,52 +283,50 @@ def sample_prior(transition: DiscreteTransition, shape: Sequence[int],
     return sample_categorical(prior, u)
 
 
-def sample_discrete(denoise: GuidableDenoise, transition: DiscreteTransition,
-                    shape: Sequence[int], steps: int, *, renoise: str = "free",
-                    guidance: float = 0.0,
-                    uniform: Callable[[Sequence[int]], torch.Tensor] | None = None
-                    ) -> list[torch.Tensor]:
-    """DDPS Algorithm 2: stride sampling of a categorical diffusion; every step's x0 logits.
+def sample_discrete(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                    x_T: torch.Tensor, transition: DiscreteTransition, steps: int, *,
+                    renoise: str = "free", noise: Noise | None = None,
+                    callback: StepCallback | None = None) -> torch.Tensor:
+    """DDPS Algorithm 2: stride sampling of a categorical diffusion.
 
     With the transition's forward process (DDPS App. A Eq. 1, one step
     ``q(x_t | x_{t-1}) = Cat(x_t; x_{t-1} Q_t)``; Eq. 2, the marginal
     ``q(x_t | x_0) = Cat(x_t; x_0 Qbar_t)``, ``Qbar_t = Q_1 ... Q_t``) and posterior (Eq. 3,
     ``q(x_s | x_t, x_0) = q(x_t | x_s) q(x_s | x_0) / q(x_t | x_0)``):
 
-    1. x_T ~ q(x_T), the stationary distribution (:func:`sample_prior`);
+    1. x_T ~ q(x_T), the stationary distribution (the caller draws it: :func:`sample_prior`);
     2. for the stride times t_1 = T > t_2 > ... > t_n >= 1
        (:func:`~densediff.diffusion.transitions.stride_times`, ``n = steps`` up to repeats):
-       x0 logits ``l = denoise(x_t, t)``, with classifier-free guidance
-       ``(s + 1) l_c - s l_u`` when ``guidance`` s > 0 (:func:`guided`);
+       x0 logits ``l = denoise(x_t, t)`` (with classifier-free guidance: :func:`guided`);
     3. unless last, re-noise to the next time s = t_{k+1}: ``free``
        ``x_s ~ q(x_s | argmax l)`` (Eq. 2; the official sampler) or ``posterior``
        ``x_s ~ q(x_s | x_t, x0_hat)``, Eq. 3 averaged over ``x0_hat ~ softmax(l)``.
 
     Args:
-        denoise: ``(x_t, t, with_uncond) -> x0 logits`` (:data:`GuidableDenoise`) on the
-            states x_t (B x h x w) and the noise levels t (B integers in 1..T).
+        denoise: ``(x_t, t) -> x0 logits`` on the states x_t (B x h x w) and the noise levels
+            t (B integers in 1..T).
+        x_T: B x h x w states drawn from q(x_T).
         transition: the categorical forward process and posterior (T = its ``timesteps``).
-        shape: (B, h, w), the state map.
         steps: denoiser calls, 1..T.
         renoise: ``free`` or ``posterior``.
-        guidance: classifier-free guidance scale s (0: off).
-        uniform: ``shape -> uniform (0, 1) noise`` for every draw (seeded by the caller, e.g.
-            per image with :func:`seeded_uniform`); None: ``torch.rand``.
+        noise: ``shape -> uniform (0, 1) noise`` for every re-noising draw (seeded by the
+            caller, e.g. per image with :func:`~densediff.diffusion.noise.seeded_uniform`);
+            None: ``torch.rand``.
+        callback: ``callback(step, logits)`` with each step's B x K x h x w logits.
 
     Returns:
-        one B x K x h x w logits tensor per step, in order (the last one is the output).
+        the last step's logits (the output).
     """
     if renoise not in ("free", "posterior"):
         raise ValueError(f"unknown re-noising {renoise!r}; expected free or posterior")
-    step = guided(denoise, guidance)
-    draw = uniform if uniform is not None else (
+    draw = noise if noise is not None else (
         lambda size: torch.rand(*size, device=transition.abar.device))
     times = stride_times(transition.timesteps, steps)
-    x_t = sample_prior(transition, shape, draw)
-    preds = []
+    x_t = x_T
     for k, t in enumerate(times):
-        logits = step(x_t, torch.full((shape[0],), t, device=x_t.device))
-        preds.append(logits)
+        logits = denoise(x_t, torch.full((x_t.shape[0],), t, device=x_t.device))
+        if callback is not None:
+            callback(k, logits)
         if k == len(times) - 1:
             break
         s = times[k + 1]
@@ -297,4 +335,4 @@ def sample_discrete(denoise: GuidableDenoise, transition: DiscreteTransition,
         else:
             probs = transition.posterior(x_t, logits.float().softmax(1), s, t)
         x_t = sample_categorical(probs, draw(probs.shape))
-    return preds
+    return logits

@@ -157,6 +157,14 @@ class DiscreteTransition(torch.nn.Module):
         """q(x_t | x_0) (Eq. 2) for class indices ``x0`` (B x h x w): B x N x h x w."""
         return self.apply(self.one_hot(x0), 0, t)
 
+    def add_noise(self, x0: torch.Tensor, t, uniform: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+        """x_t ~ q(x_t | x_0) (Eq. 2) for class indices ``x0`` (B x h x w): B x h x w states.
+        ``uniform``: the draws of :func:`sample_categorical`, B x N x h x w in (0, 1) (None:
+        ``torch.rand``)."""
+        q = self.q_probs(x0, t)
+        return sample_categorical(q, torch.rand_like(q) if uniform is None else uniform)
+
     def prior_probs(self) -> torch.Tensor:
         """The stationary distribution q(x_T), an N-vector: uniform over the classes for
         ``uniform``, all [MASK] for ``absorbing``, a mix for ``hybrid`` (abar_T ~ 1e-5 of the

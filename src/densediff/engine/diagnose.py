@@ -33,8 +33,7 @@ import torch
 from torch import nn
 
 from densediff.config import Config
-from densediff.diffusion.samplers import seeded_normal
-from densediff.diffusion.schedules import alpha_sigma
+from densediff.diffusion.noise import add_noise, generators, seeded_normal
 from densediff.engine.evaluate import _images
 from densediff.models import DDP
 from densediff.models.interface import Trajectory
@@ -151,8 +150,8 @@ def _update_controls(model: nn.Module, cfg: Config, index: int, feat: torch.Tens
 
 def _seeded_noise(y0: torch.Tensor, cfg: Config, index: int) -> torch.Tensor:
     """The sampler's starting noise of dataset item ``index`` (its eval seed)."""
-    g = torch.Generator(device=y0.device).manual_seed(sample_seed(cfg, index))
-    return seeded_normal(y0.shape, [g], y0.device, y0.dtype)
+    gens = generators([sample_seed(cfg, index)], y0.device)
+    return seeded_normal(y0.shape, gens, y0.device, y0.dtype)
 
 
 def best_control(controls: list[dict], lower_is_better: bool) -> dict:
@@ -259,13 +258,12 @@ def _reliance(model, index, feat, label, other_label, own, other, change, cfg) -
     """Decoder outputs on y_t built from the own and from another GT (same noise)."""
     size = tuple(feat.shape[-2:])
     y_own, y_other = model.encode_target(label, size), model.encode_target(other_label, size)
-    g = torch.Generator(device=feat.device).manual_seed(sample_seed(cfg, index) + 7919)
-    eps = torch.randn(y_own.shape, generator=g, device=feat.device, dtype=y_own.dtype)
+    gens = generators([sample_seed(cfg, index) + 7919], feat.device)
+    eps = seeded_normal(y_own.shape, gens, feat.device, y_own.dtype)
     for t in own:
         ls = _log_snr(model, t, feat.shape[0], feat.device)
-        a, s = (v.view(-1, 1, 1, 1) for v in alpha_sigma(ls))
-        out_own = model.denoise(feat, a * y_own + s * eps, ls)
-        out_other = model.denoise(feat, a * y_other + s * eps, ls)
+        out_own = model.denoise(feat, add_noise(y_own, ls, eps), ls)
+        out_other = model.denoise(feat, add_noise(y_other, ls, eps), ls)
         own[t].update(_one_step(model, out_own), label)
         other[t].update(_one_step(model, out_other), label)
         d, n = _rel_change(out_own, out_other)

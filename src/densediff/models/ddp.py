@@ -10,8 +10,9 @@ logits directly ("x0 as classes", trained with CE). Pieces, kept separate:
 - map decoder: :class:`densediff.decoders.deformable.DeformableDecoder`.
 
 Training is :meth:`DDP.forward_train` (Alg. 1, or Alg. 4 when ``diffusion.self_aligned``);
-sampling is :meth:`DDP.sample_steps`, which returns every step so that callers can form the
-final map (last step or accumulated mean), uncertainty maps and trajectories.
+sampling is :meth:`DDP.sample_steps` (:class:`MapSampling`, shared with the onnxruntime model),
+which returns every step so that callers can form the final map (last step or accumulated
+mean), uncertainty maps and trajectories.
 """
 
 from __future__ import annotations
@@ -24,13 +25,59 @@ from torch import nn
 
 from densediff.config import ModelConfig
 from densediff.diffusion.encodings import build_label_encoding
+from densediff.diffusion.noise import add_noise
 from densediff.diffusion.samplers import sample_map
 from densediff.diffusion.schedules import TimeEmbedding, alpha_sigma, get_schedule, schedule_time
 from densediff.models.interface import Trajectory
 from densediff.models.segmentor import FeatureSegmentor, build_head
 
+__all__ = ["DDP", "MapSampling"]
 
-class DDP(FeatureSegmentor):
+
+class MapSampling:
+    """DDP's sampling (Alg. 2/3) as a model provides it: :meth:`sample_steps` runs
+    :func:`~densediff.diffusion.samplers.sample_map` around the model's ``denoise_step``. The
+    one sampling path of :class:`DDP` and of the onnxruntime model
+    (:class:`densediff.deploy.runtime.OnnxDDP`).
+
+    A subclass provides ``denoise_step(features, x_t, log_snr, x0_prev) -> (prediction, x0)``
+    (:data:`~densediff.diffusion.samplers.MapStep`), ``diffusion_cfg`` (a
+    :class:`~densediff.config.DiffusionConfig`: the sampling settings), ``schedule``
+    (``t -> log_snr``), ``map_channels`` and ``output_kind``.
+    """
+
+    min_steps = 1
+    max_steps = None
+    default_steps = property(lambda self: self.diffusion_cfg.steps)
+    accumulation = property(lambda self: self.diffusion_cfg.accumulation)
+
+    @torch.no_grad()
+    def sample_steps(self, feat: torch.Tensor, steps: int, *, td: float | None = None,
+                     sampler: str | None = None, randsteps: int | None = None,
+                     seeds: Sequence[int] | None = None) -> Trajectory:
+        """Algorithm 2 on precomputed features: ``randsteps`` noise starts per image, every
+        step's prediction (B x R x C x h x w) in the trajectory.
+
+        Args:
+            feat: B x C x h x w features from ``extract`` (reuse them for several step
+                counts: the encoder runs once).
+            steps: decoder evaluations.
+            td, sampler, randsteps: default to ``diffusion_cfg``.
+            seeds: one seed per image: the image's noise then does not depend on the batch it
+                is in. None: the global RNG.
+        """
+        d = self.diffusion_cfg
+        preds: list[torch.Tensor] = []
+        sample_map(self.denoise_step, feat, self.map_channels, self.schedule, steps,
+                   sampler=d.sampler if sampler is None else sampler,
+                   td=d.td if td is None else td,
+                   randsteps=d.randsteps if randsteps is None else randsteps, seeds=seeds,
+                   start=d.sample_start, self_condition=d.self_condition,
+                   callback=lambda _step, pred: preds.append(pred))
+        return Trajectory(preds, self.output_kind)
+
+
+class DDP(MapSampling, FeatureSegmentor):
     """DDP for semantic segmentation.
 
     Arguments: those of :class:`~densediff.models.segmentor.FeatureSegmentor` (``model.head``
@@ -64,10 +111,7 @@ class DDP(FeatureSegmentor):
         self.decoder = build_head(m.head, c, num_classes, time_channels=4 * c if timed else None)
 
     output_kind = "classes"
-    default_steps = property(lambda self: self.diffusion_cfg.steps)
-    min_steps = 1
-    max_steps = None
-    accumulation = property(lambda self: self.diffusion_cfg.accumulation)
+    map_channels = property(lambda self: self.map_encoding.channels)
 
     # ---------------------------------------------------------------------------- the decoder
 
@@ -92,6 +136,17 @@ class DDP(FeatureSegmentor):
             prev = torch.zeros_like(x_t) if x0_prev is None else x0_prev
             maps.append(prev / self.map_encoding.scale if diff_cfg.precondition else prev)
         return self.decoder(self.fuse(torch.cat([feat, *maps], 1)), time_emb)
+
+    def denoise_step(self, feat: torch.Tensor, x_t: torch.Tensor, log_snr: torch.Tensor,
+                     x0_prev: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sampling step of the network (what ``step.onnx`` holds): the prediction of
+        :meth:`denoise`, in at least float32 (also when the network runs in bf16), and its
+        re-encoding as the x0 estimate (:meth:`encode_prediction`). ``x0_prev`` (the
+        previous estimate, self-conditioning only) is passed on when given."""
+        pred = (self.denoise(feat, x_t, log_snr) if x0_prev is None
+                else self.denoise(feat, x_t, log_snr, x0_prev))
+        pred = pred.to(torch.promote_types(feat.dtype, torch.float32))
+        return pred, self.encode_prediction(pred)
 
     def precondition(self, x_t: torch.Tensor, log_snr: torch.Tensor) -> torch.Tensor:
         """c_in(t) y_t with c_in = 1 / sqrt(alpha^2 s^2 + sigma^2), s = the code scale (the
@@ -154,8 +209,7 @@ class DDP(FeatureSegmentor):
         else:  # more weight near t = 0 for p > 1
             t = lo + (hi - lo) * torch.rand(b, device=feat.device).pow(diff_cfg.train_time_power)
         log_snr = self.schedule(t)
-        alpha, sigma = (v.view(b, 1, 1, 1) for v in alpha_sigma(log_snr))
-        y_t = alpha * y0 + sigma * eps
+        y_t = add_noise(y0, log_snr, eps)
         x0_prev = None
         if diff_cfg.self_condition and bool(torch.rand(()) < 0.5):  # Chen et al. 2022, Alg. 1
             with torch.no_grad():
@@ -165,30 +219,6 @@ class DDP(FeatureSegmentor):
         return self.add_aux_loss(self.task_losses(pred, label), feat, label)
 
     # ---------------------------------------------------------------------------- sampling
-
-    @torch.no_grad()
-    def sample_steps(self, feat: torch.Tensor, steps: int, *, td: float | None = None,
-                     sampler: str | None = None, randsteps: int | None = None,
-                     seeds: Sequence[int] | None = None) -> Trajectory:
-        """Algorithm 2 on precomputed features: ``randsteps`` noise starts per image, every
-        step's logits returned.
-
-        Args:
-            feat: B x C x h x w features from :meth:`extract` (reuse them for several step
-                counts: the encoder runs once).
-            steps: decoder evaluations.
-            td, sampler, randsteps: default to ``model.diffusion``.
-            seeds: one seed per image: the image's noise then does not depend on the batch it
-                is in. None: the global RNG.
-        """
-        diff_cfg = self.diffusion_cfg
-        preds = sample_map(
-            self.denoise, self.encode_prediction, feat, self.map_encoding.channels,
-            self.schedule, steps, td=diff_cfg.td if td is None else td,
-            sampler=diff_cfg.sampler if sampler is None else sampler,
-            randsteps=diff_cfg.randsteps if randsteps is None else randsteps, seeds=seeds,
-            start=diff_cfg.sample_start, self_condition=diff_cfg.self_condition)
-        return Trajectory(preds, self.output_kind)
 
     @torch.no_grad()
     def decoder_step(self, feat: torch.Tensor) -> torch.Tensor:

@@ -272,15 +272,11 @@ class DDPS(MapModel):
                               self.output_kind)
         features = cond.features
         b, _, h, w = features.shape
-        dev = features.device
-        if seeds is not None and len(seeds) != b:
-            raise ValueError(f"got {len(seeds)} seeds for a batch of {b}")
-        gens = None
-        if seeds is not None:
-            gens = [torch.Generator(device=dev).manual_seed(int(s)) for s in seeds]
-        preds = self.codec.sample(self.mask_denoiser(features), (b, h, w), steps,
-                                  guidance=guidance, renoise=renoise, generators=gens, device=dev)
-        return Trajectory([p[:, None] for p in preds], self.output_kind)
+        steps_out: list[torch.Tensor] = []
+        self.codec.sample(self.mask_denoiser(features), (b, h, w), steps, guidance=guidance,
+                          renoise=renoise, seeds=seeds, device=features.device,
+                          callback=lambda _step, logits: steps_out.append(logits[:, None]))
+        return Trajectory(steps_out, self.output_kind)
 
     @torch.no_grad()
     def decoder_step(self, cond: Condition) -> torch.Tensor:
