@@ -43,6 +43,7 @@ def check_task_contract(config: str, overrides: list[str], tmp_path: Path) -> No
 
     # the one interface
     assert isinstance(model, DenseModel) and model.output_kind in OUTPUT_KINDS
+    assert model.output_kind == spec.output_kind
     assert model.min_steps <= model.default_steps
     assert model.max_steps is None or model.default_steps <= model.max_steps
 

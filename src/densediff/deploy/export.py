@@ -131,9 +131,11 @@ def _check_out(out: Path, overwrite: bool, what: str) -> None:
 
 def _refuse(cfg, checkpoint) -> None:
     """UserError for the models export does not take (see :data:`SUPPORTED`)."""
-    if cfg.task == "bev":
-        raise UserError(f"{checkpoint}: a BEV model cannot be exported (multi-camera input with "
-                        f"calibration); export takes {SUPPORTED}")
+    from densediff.tasks import spec_for
+
+    refusal = spec_for(cfg).export_refusal
+    if refusal:
+        raise UserError(f"{checkpoint}: {refusal}; export takes {SUPPORTED}")
     if cfg.model.type == "ddps":
         raise UserError(f"{checkpoint}: a DDPS model cannot be exported (its discrete sampler "
                         f"runs around a frozen base segmentor); export takes {SUPPORTED}")

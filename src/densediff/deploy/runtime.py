@@ -37,8 +37,10 @@ import torch.nn.functional as F
 from densediff.deploy.export import DEPLOY_FILE, FORMAT, FORMAT_VERSION, ONNX_HINT
 from densediff.diffusion.schedules import get_schedule
 from densediff.errors import UserError, one_line, terminal_line
+from densediff.limits import MAX_DEPLOY_BYTES
 from densediff.models.ddp import MapSampling
 from densediff.models.interface import OUTPUT_KINDS, Trajectory
+from densediff.tasks import TASKS
 from densediff.utils.checks import short_repr
 
 __all__ = ["OnnxDDP", "OnnxSegmentor", "load_onnx_model", "load_runtime", "read_deploy"]
@@ -138,11 +140,6 @@ class _OnnxModel:
         return F.interpolate(out, size=tuple(img.shape[-2:]), mode="bilinear",
                              align_corners=False)
 
-    def forward_train(self, inputs, label):
-        """An exported model does not train: UserError."""
-        raise UserError("an onnx export does not train; train its checkpoint with "
-                        "`densediff train`")
-
 
 class OnnxDDP(MapSampling, _OnnxModel):
     """A DDP model (segmentation or depth) on ``encoder.onnx`` + ``step.onnx``: ``extract``
@@ -213,8 +210,6 @@ SAMPLER_KEYS = ("schedule", "steps", "td", "sampler", "randsteps", "accumulation
                 "sample_start", "self_condition")
 """The entries of ``deploy.json``'s ``sampler`` the runtime samples with (the
 ``model.diffusion`` keys of the same names)."""
-MAX_DEPLOY_BYTES = 16 * 2**20
-"""Largest ``deploy.json`` read (its config and class names take a few kB)."""
 
 
 def read_deploy(folder: str | os.PathLike) -> dict:
@@ -227,8 +222,9 @@ def read_deploy(folder: str | os.PathLike) -> dict:
     missing = [k for k in _REQUIRED if k not in meta]
     if missing:
         raise UserError(f"{path}: the entry {missing[0]!r} is missing")
-    if meta["task"] not in ("segmentation", "depth"):
-        raise UserError(f"{path}: 'task' must be segmentation or depth, got "
+    exportable = [name for name, spec in TASKS.items() if not spec.export_refusal]
+    if meta["task"] not in exportable:
+        raise UserError(f"{path}: 'task' must be {' or '.join(exportable)}, got "
                         f"{short_repr(meta['task'])}")
     kind = meta["kind"]
     graphs = _GRAPHS.get(kind) if isinstance(kind, str) else None
@@ -402,12 +398,12 @@ def load_runtime(folder: str | os.PathLike, threads: int | None = None,
 
 def _complete(meta: dict, cfg, path: Path) -> dict:
     """``deploy.json`` with the entries older exports lack derived from its config (here
-    only): ``output_kind`` (depth for the depth task, else classes) and ``inputs`` (the
+    only): ``output_kind`` (the task's, :data:`densediff.tasks.TASKS`) and ``inputs`` (the
     step graph takes ``log_snr`` unless the decoder never reads the time, ``x0_prev`` with
     self-conditioning). UserError when ``sampler.self_condition`` and the step graph's
     inputs disagree."""
     meta = dict(meta)
-    meta.setdefault("output_kind", "depth" if meta["task"] == "depth" else "classes")
+    meta.setdefault("output_kind", TASKS[meta["task"]].output_kind)
     if "inputs" not in meta:
         d = cfg.model.diffusion
         step = ["features", "x_t", *(["log_snr"] if d.time_input != "none" or d.precondition

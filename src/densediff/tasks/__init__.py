@@ -72,13 +72,14 @@ TASKS: dict[str, TaskSpec] = {
         datasets=("camvid", "ade20k", "cityscapes", "folder", "generated"),
         metrics=("mIoU", "mAcc", "aAcc", "mBIoU"), headline="mIoU",
         lower_is_better=frozenset(), model_types=("segmentor", "ddp", "ddps"),
+        output_kind="classes",
         build_model=build_segmentation_model, build_dataset=build_seg_dataset,
         class_info=seg_class_info, pipeline=SegmentationPipeline(), check=check_train_crop),
     "depth": TaskSpec(
         name="depth",
         datasets=("kitti", "nyu", "sunrgbd", "folder", "generated"),
         metrics=DEPTH_METRIC_KEYS, headline="abs_rel", lower_is_better=DEPTH_ERRORS,
-        model_types=("segmentor", "ddp"),
+        model_types=("segmentor", "ddp"), output_kind="depth",
         build_model=build_depth_model, build_dataset=build_depth_dataset,
         class_info=depth_class_info, pipeline=DepthPipeline(), check=_check_depth),
     "bev": TaskSpec(
@@ -87,7 +88,7 @@ TASKS: dict[str, TaskSpec] = {
         # mIoU: the mean over classes of each class's best IoU over the thresholds 0.35..0.65
         # (BEVFusion protocol); mIoU@0.50: the mean IoU at threshold 0.5
         metrics=("mIoU", "mIoU@0.50"), headline="mIoU", lower_is_better=frozenset(),
-        model_types=("segmentor", "ddp"),
+        model_types=("segmentor", "ddp"), output_kind="multilabel",
         build_model=build_bev_model, build_dataset=build_bev_dataset,
         class_info=bev_class_info, pipeline=BEVPipeline(), check=_check_bev,
         export_refusal="a BEV model cannot be exported (multi-camera input with calibration)"),

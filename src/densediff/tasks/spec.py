@@ -29,6 +29,8 @@ class TaskSpec:
             set (and that ``diagnose`` compares).
         lower_is_better: the keys of ``metrics`` where lower is better.
         model_types: the ``model.type`` values it accepts.
+        output_kind: what its models' maps hold (:data:`~densediff.models.interface.
+            OUTPUT_KINDS`: classes, multilabel or depth).
         build_model: ``(cfg, num_classes) -> model`` (the :class:`~densediff.models.interface.
             DenseModel` of ``cfg.model``).
         build_dataset: ``(cfg, split, train) -> dataset``.
@@ -45,6 +47,7 @@ class TaskSpec:
     headline: str
     lower_is_better: frozenset[str]
     model_types: tuple[str, ...]
+    output_kind: str
     build_model: Callable[[Config, int], nn.Module]
     build_dataset: Callable[[Config, str, bool], Any]
     class_info: Callable[[Config], tuple[list[str], np.ndarray]]
