@@ -122,15 +122,15 @@ def test_predict_writes_bev_pictures_from_a_split(runs, tmp_path):
 def test_python_api_bev_prediction(runs):
     model = densediff.load(ckpt(runs))
     ds = model.dataset("val")
-    pred = model.predict_bev(ds[0], steps=3, seed=1)
+    pred = model.predict(ds[0], steps=3, seed=1)
     assert isinstance(pred, BEVPrediction) and pred.steps == 3
     assert pred.probs.shape == (6, 48, 48) and pred.masks.dtype == bool
     assert np.array_equal(pred.masks, pred.probs >= 0.5)
     assert pred.trajectory.shape == (3, 6, 48, 48)
-    again = model.predict_bev(ds[0], steps=3, seed=1)
+    again = model.predict(ds[0], steps=3, seed=1)
     assert np.array_equal(again.probs, pred.probs)  # seeded
-    assert not np.array_equal(model.predict_bev(ds[0], steps=3, seed=2).probs, pred.probs)
-    twin = densediff.load(ckpt(runs, "twin")).predict_bev(ds[0])
+    assert not np.array_equal(model.predict(ds[0], steps=3, seed=2).probs, pred.probs)
+    twin = densediff.load(ckpt(runs, "twin")).predict(ds[0])
     assert twin.uncertainty is None and twin.steps is None
 
 

@@ -81,7 +81,7 @@ def check_task_contract(config: str, overrides: list[str], tmp_path: Path) -> No
     if spec.pipeline.image_input:
         pred = predictor.predict(val.load(0)[0], steps=steps, seed=1)
     else:
-        pred = predictor.predict_bev(val[0], steps=steps, seed=1)
+        pred = predictor.predict(val[0], steps=steps, seed=1)
     written = pred.save(tmp_path / "pred", "x")
     assert written and all((tmp_path / "pred" / f"x_{k}").is_file() for k in written)
 

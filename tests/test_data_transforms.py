@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from densediff.config import Config, DataConfig, PipelineConfig
+from densediff.config import Config, DataConfig, AugmentConfig
 from densediff.data import collate, preprocess_image
 from densediff.data.transforms import (
     pad,
@@ -32,7 +32,7 @@ def _coord_pair(h=40, w=60):
 
 def _data(**pipe) -> DataConfig:
     return DataConfig(mean=(0, 0, 0), std=(1, 1, 1), size_divisor=32,
-                      train_pipeline=PipelineConfig(photometric=False, **pipe))
+                      train_pipeline=AugmentConfig(photometric=False, **pipe))
 
 
 def test_rescale_size_follows_mmcv():
@@ -159,7 +159,7 @@ def test_ignore_kept_through_resize_and_pad():
 def test_same_seed_same_sample_other_seed_differs():
     img = np.random.default_rng(0).integers(0, 255, (48, 64, 3), np.uint8)
     label = np.random.default_rng(1).integers(0, 5, (48, 64))
-    data = DataConfig(train_pipeline=PipelineConfig(scale=(48, 64), crop_size=(32, 32)))
+    data = DataConfig(train_pipeline=AugmentConfig(scale=(48, 64), crop_size=(32, 32)))
     a = train_transform(img, label, data, np.random.default_rng(7))
     b = train_transform(img, label, data, np.random.default_rng(7))
     c = train_transform(img, label, data, np.random.default_rng(8))

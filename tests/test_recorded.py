@@ -59,7 +59,7 @@ def _outputs(run: Path) -> dict[str, torch.Tensor]:
     if pred.pipeline.image_input:
         out = pred.predict(dataset.load(0)[0], steps=steps, seed=5)  # the uint8 RGB image
     else:
-        out = pred.predict_bev(dataset[0], steps=steps, seed=5)
+        out = pred.predict(dataset[0], steps=steps, seed=5)
     arrays = {k: v for k, v in vars(out).items()
               if isinstance(v, np.ndarray) and k not in ("image", "palette", "truth")
               and not k.startswith("camera")}

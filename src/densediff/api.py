@@ -9,7 +9,7 @@
 
 Depth checkpoints give a :class:`DepthPrediction` (``out.depth`` in metres, ``out.color``,
 ``out.uncertainty``, ``out.trajectory``). BEV checkpoints take a multi-camera sample instead of
-an image (:meth:`Predictor.predict_bev`; samples from :meth:`Predictor.dataset`) and give a
+an image (samples from :meth:`Predictor.dataset`) and give a
 :class:`BEVPrediction`.
 """
 
@@ -25,9 +25,8 @@ import torch
 from PIL import Image
 
 from densediff.config import MAX_SEED, Config, apply_overrides
-from densediff.data.io import MAX_PIXELS_ENV, _to_uint8, max_image_pixels, read_image
-from densediff.data.transforms import preprocess_image
-from densediff.errors import DataError, UserError
+from densediff.data.io import as_uint8_rgb
+from densediff.errors import UserError
 from densediff.official import is_official_source, load_official
 from densediff.pipelines import (
     BEVPrediction,
@@ -39,7 +38,7 @@ from densediff.pipelines import (
 )
 from densediff.tasks import build_model, class_info, config_from_dict, spec_for
 from densediff.utils.checkpoint import check_fits, load_into, load_weights, resolve_weights
-from densediff.utils.checks import check_int, finite_float
+from densediff.utils.checks import check_int
 from densediff.utils.precision import autocast, resolve_precision
 from densediff.viz import colorize, overlay
 
@@ -47,34 +46,6 @@ __all__ = ["BEVPrediction", "DepthPrediction", "Prediction", "Predictor", "check
            "colorize", "load", "load_model", "overlay", "resolve_device"]
 
 ImageLike = Union[str, Path, Image.Image, np.ndarray]
-
-
-def _as_uint8_rgb(image: ImageLike) -> np.ndarray:
-    if isinstance(image, (str, Path)):
-        return read_image(image)
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
-    arr = np.asarray(image)
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
-        raise DataError(f"image array must be HxW, HxWx3 or HxWx4, got shape {arr.shape}")
-    if arr.dtype.kind not in "biuf":
-        raise DataError(f"image array must hold numbers, got dtype {arr.dtype}")
-    limit = max_image_pixels()
-    if min(arr.shape[:2]) < 1 or (limit and arr.shape[0] * arr.shape[1] > limit):
-        raise DataError(f"image array of {arr.shape[0]}x{arr.shape[1]} pixels: must be at "
-                        f"least 1x1 and at most {limit} pixels ({MAX_PIXELS_ENV})")
-    arr = np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr[..., :3]
-    if arr.dtype == np.bool_:
-        arr = arr.astype(np.uint8) * 255
-    if arr.dtype == np.uint16:
-        arr = _to_uint8(arr, "I;16")          # 16-bit: scaled like 16-bit files
-    elif np.issubdtype(arr.dtype, np.floating):
-        arr = _to_uint8(arr, "F")             # floats: [0, 1] or 0..255
-    elif arr.dtype != np.uint8:
-        arr = np.clip(arr, 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(arr)
 
 
 class Predictor:
@@ -132,27 +103,23 @@ class Predictor:
         return is_diffusion(self.model)
 
     @torch.no_grad()
-    def predict(self, image: ImageLike, aug: bool = False, steps: int | None = None,
-                seed: int = 0) -> Prediction | DepthPrediction:
-        """Segment one image (PIL, HxW[x3|4] array, or path); a depth model gives a
-        :class:`DepthPrediction`.
+    def predict(self, item: ImageLike | dict, aug: bool = False, steps: int | None = None,
+                seed: int = 0) -> Prediction | DepthPrediction | BEVPrediction:
+        """Predict one input: an image (PIL, HxW[x3|4] array, or path) for segmentation
+        (:class:`Prediction`) and depth (:class:`DepthPrediction`) models; a sample of the
+        checkpoint's dataset (:meth:`dataset`: cameras, calibration[, points]) for BEV models
+        (:class:`BEVPrediction`).
 
         Args:
-            image: the input; grayscale/RGBA are converted to RGB.
+            item: the input; grayscale/RGBA images are converted to RGB.
             aug: multi-scale + flip test (scales from ``cfg.eval.aug``); depth: the flip test.
             steps: diffusion models: sampling steps (None: the model's default; DDPS: 0 gives
                 the base segmentor's prediction).
             seed: diffusion models: seed of the starting noise (same seed, same result).
         """
-        if not self.pipeline.image_input:
-            raise UserError(f"predict: a {self.pipeline.name} model takes multi-camera samples "
-                            "of its dataset, not an image; use predict_bev(sample) with samples "
-                            "from Predictor.dataset(split)")
         check_int(seed, "seed", 0, MAX_SEED)
-        rgb = _as_uint8_rgb(image)
-        x = preprocess_image(rgb, self.cfg).to(self.device)
         with autocast(self.precision, self.device):
-            return self.pipeline.predict(self, rgb, x, aug, steps, seed)
+            return self.pipeline.predict(self, item, aug=aug, steps=steps, seed=seed)
 
     def dataset(self, split: str = "val", data_root: str | None = None):
         """The checkpoint's dataset (test pipeline) for ``split`` (``val``/``test``/``train`` or
@@ -180,25 +147,13 @@ class Predictor:
         return diagnose(self.model, self.dataset(split, data_root), self.cfg, limit=limit,
                         steps=steps, progress=progress)
 
-    def predict_bev(self, sample: dict, steps: int | None = None, seed: int = 0,
-                    threshold: float = 0.5) -> BEVPrediction:
-        """The BEV map of one sample of :meth:`dataset` (its ``image`` dict: cameras,
-        intrinsics, cam2ego[, points])."""
-        if self.pipeline.image_input:
-            raise UserError(f"predict_bev: this checkpoint is not a BEV model ({self.cfg.task}); "
-                            "use predict")
-        check_int(seed, "seed", 0, MAX_SEED)
-        finite_float(threshold, "threshold", 0.0, 1.0)
-        with autocast(self.precision, self.device):
-            return self.pipeline.predict(self, sample, steps, seed, threshold)
-
     def trajectory_strip(self, pred: Prediction | DepthPrediction | BEVPrediction,
                          image: ImageLike | None = None) -> np.ndarray:
         """One unlabelled picture of a diffusion trajectory (H x W' x 3 uint8): [image,] [the
         DDPS base mask,] every step's mask / depth / map and the uncertainty, side by side
         (``pred.save(..., trajectory=True)`` writes the labelled picture)."""
         if image is not None and isinstance(pred, (Prediction, DepthPrediction)):
-            pred = replace(pred, image=_as_uint8_rgb(image))
+            pred = replace(pred, image=as_uint8_rgb(image))
         return pred.trajectory_strip()
 
 

@@ -60,7 +60,7 @@ Channel8 = Annotated[int, Field(ge=0, le=255)]
 # data
 
 
-class PipelineConfig(_Strict):
+class AugmentConfig(_Strict):
     """mmseg-style augmentation; sizes are (height, width)."""
 
     scale: Optional[Size] = None
@@ -238,7 +238,7 @@ class DataConfig(_Strict):
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
-    train_pipeline: PipelineConfig = PipelineConfig()
+    train_pipeline: AugmentConfig = AugmentConfig()
     test_scale: Optional[Size] = None
     """Test-time resize (same long/short-side rule as ``scale``); None: original size."""
     size_divisor: int = Field(32, ge=1, le=1024)

@@ -255,7 +255,7 @@ def _bev_predictions(predictor, run_dir: Path, demo_steps: list[int]) -> None:
     rows = []
     for i in range(min(4, len(ds))):
         sample = ds[i]
-        pred = predictor.predict_bev(sample, steps=demo_steps[-1], seed=i)
+        pred = predictor.predict(sample, steps=demo_steps[-1], seed=i)
         stem = f"test_{i:03d}"
         Image.fromarray(pred.panel()).save(pred_dir / f"{stem}_bev.png")
         pred.save_trajectory(pred_dir / f"{stem}_trajectory.png")

@@ -381,7 +381,7 @@ def _predict_samples(args: argparse.Namespace, predictor, out: Path, options: di
         if name in used:  # two names alike once made safe: "~" is never in a safe name
             name = f"{name}~{i}"
         used.add(name)
-        pred = predictor.predict_bev(sample, steps=args.steps, seed=args.seed or 0)
+        pred = predictor.predict(sample, steps=args.steps, seed=args.seed or 0)
         written = pred.save(out, name, **options)
         print(f"{sample['meta']['name']} -> {out / (name + '_{' + ','.join(written) + '}')}")
     return 0

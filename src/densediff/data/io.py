@@ -163,3 +163,34 @@ def write_image(path: str | os.PathLike, img: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     kwargs = {"quality": 95} if path.suffix.lower() in (".jpg", ".jpeg") else {}
     Image.fromarray(np.ascontiguousarray(img)).save(path, **kwargs)
+
+
+def as_uint8_rgb(image) -> np.ndarray:
+    """An image given as a path, a PIL image or an HxW[x1|3|4] array of numbers as a uint8
+    RGB array (grayscale and RGBA converted; 16-bit and float values scaled as files are);
+    DataError naming what is wrong."""
+    if isinstance(image, (str, Path)):
+        return read_image(image)
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise DataError(f"image array must be HxW, HxWx3 or HxWx4, got shape {arr.shape}")
+    if arr.dtype.kind not in "biuf":
+        raise DataError(f"image array must hold numbers, got dtype {arr.dtype}")
+    limit = max_image_pixels()
+    if min(arr.shape[:2]) < 1 or (limit and arr.shape[0] * arr.shape[1] > limit):
+        raise DataError(f"image array of {arr.shape[0]}x{arr.shape[1]} pixels: must be at "
+                        f"least 1x1 and at most {limit} pixels ({MAX_PIXELS_ENV})")
+    arr = np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr[..., :3]
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * 255
+    if arr.dtype == np.uint16:
+        arr = _to_uint8(arr, "I;16")          # 16-bit: scaled like 16-bit files
+    elif np.issubdtype(arr.dtype, np.floating):
+        arr = _to_uint8(arr, "F")             # floats: [0, 1] or 0..255
+    elif arr.dtype != np.uint8:
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(arr)

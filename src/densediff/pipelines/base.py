@@ -16,10 +16,13 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from densediff.config import MAX_SAMPLING_STEPS, Config
+from densediff.data.io import as_uint8_rgb
+from densediff.data.transforms import preprocess_image
 from densediff.errors import UserError
 from densediff.models.interface import is_diffusion as model_is_diffusion
 from densediff.utils import distributed as du
@@ -175,6 +178,22 @@ class Pipeline:
         raise NotImplementedError
 
     # -- prediction ------------------------------------------------------------------------
+    def predict(self, predictor, item, *, aug: bool = False, steps: int | None = None,
+                seed: int = 0):
+        """One input through ``predictor``'s model: the task's result type (with ``.save``).
+        ``item``: an image (path, PIL image or array) when :attr:`image_input`, else a sample
+        of the checkpoint's dataset."""
+        raise NotImplementedError
+
+    def image_tensor(self, predictor, item) -> tuple[np.ndarray, torch.Tensor]:
+        """``(uint8 RGB image, the model's input tensor)`` of an image ``item``; UserError when
+        ``item`` is a dataset sample."""
+        if isinstance(item, dict):
+            raise UserError(f"predict: a {self.name} model takes an image (path, PIL image or "
+                            "array), not a dataset sample")
+        rgb = as_uint8_rgb(item)
+        return rgb, preprocess_image(rgb, predictor.cfg).to(predictor.device)
+
     def output_names(self, predictor, uncertainty: bool, trajectory: bool,
                      save_probs: bool) -> list[str]:
         """The file name suffixes ``predict`` may write per input (``<stem>_<suffix>``), to

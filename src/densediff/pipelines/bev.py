@@ -47,7 +47,7 @@ def bev_uncertainty_maps(model: nn.Module, feat: torch.Tensor, steps: int, accum
 
 @dataclass
 class BEVPrediction:
-    """Result of :meth:`~densediff.api.Predictor.predict_bev` for one sample, on the output
+    """Result of :meth:`~densediff.api.Predictor.predict` for one BEV sample, on the output
     grid (``[ix, iy]``, x forward, y left; :func:`densediff.viz.bev_image` orients it for
     display).
 
@@ -153,6 +153,10 @@ class BEVPrediction:
         return write_files(out_dir, stem, written)
 
 
+THRESHOLD = 0.5
+"""Probability at which a BEV cell is in a class's mask (the mIoU@0.50 threshold)."""
+
+
 class BEVPipeline(Pipeline):
     """``task: bev``."""
 
@@ -215,10 +219,15 @@ class BEVPipeline(Pipeline):
         return example_inputs(bev, batch, device), (int(h), int(w))
 
     @torch.no_grad()
-    def predict(self, predictor, sample: dict, steps: int | None = None, seed: int = 0,
-                threshold: float = 0.5) -> BEVPrediction:
+    def predict(self, predictor, item, *, aug=False, steps=None, seed=0) -> BEVPrediction:
         """The BEV map of one sample of the checkpoint's dataset (its ``image`` dict: cameras,
-        intrinsics, cam2ego[, points])."""
+        intrinsics, cam2ego[, points]); masks at probability >= :data:`THRESHOLD`."""
+        if not isinstance(item, dict) or not isinstance(item.get("image"), dict):
+            raise UserError("predict: a BEV model takes multi-camera samples of its dataset "
+                            "(Predictor.dataset(split)[i]), not an image")
+        if aug:
+            raise UserError("aug: BEV models have no test-time augmentation")
+        sample, threshold = item, THRESHOLD
         from densediff.data import collate
         from densediff.data.datasets import to_device
         from densediff.viz import bev_color

@@ -227,11 +227,11 @@ class DepthPipeline(Pipeline):
                 "trajectory.png"]
 
     @torch.no_grad()
-    def predict(self, predictor, rgb: np.ndarray, x: torch.Tensor, aug: bool,
-                steps: int | None, seed: int) -> DepthPrediction:
-        """One preprocessed image through a depth model (``aug``: the flip test)."""
+    def predict(self, predictor, item, *, aug=False, steps=None, seed=0) -> DepthPrediction:
+        """One image through a depth model (``aug``: the flip test)."""
         from densediff.viz import depth_color
 
+        rgb, x = self.image_tensor(predictor, item)
         model, cfg = predictor.model, predictor.cfg
         size = rgb.shape[:2]
         n = resolve_steps(model, steps, "this checkpoint")[0]

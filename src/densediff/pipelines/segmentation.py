@@ -264,13 +264,13 @@ class SegmentationPipeline(Pipeline):
         return kinds
 
     @torch.no_grad()
-    def predict(self, predictor, rgb: np.ndarray, x: torch.Tensor, aug: bool,
-                steps: int | None, seed: int) -> Prediction:
-        """One preprocessed image ``x`` (of the original ``rgb``) through ``predictor``'s
-        model: the mask and probabilities at the original size, and for diffusion models with
-        whole-image inference the step-change uncertainty and the trajectory."""
+    def predict(self, predictor, item, *, aug=False, steps=None, seed=0) -> Prediction:
+        """One image through ``predictor``'s model: the mask and probabilities at the original
+        size, and for diffusion models with whole-image inference the step-change uncertainty
+        and the trajectory."""
         from densediff.viz import colorize, overlay
 
+        rgb, x = self.image_tensor(predictor, item)
         model, cfg = predictor.model, predictor.cfg
         size = rgb.shape[:2]
         n = resolve_steps(model, steps, "this checkpoint")[0]
