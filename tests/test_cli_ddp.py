@@ -181,9 +181,10 @@ def test_eval_plot_draws_the_scores_of_each_step_count(ddp_run, capsys, tmp_path
     drawn = []
     real = viz.plot_steps
 
-    def spy(results, path, title=None):
+    def spy(results, path, keys, ylabel="%", title=None):
+        assert tuple(keys) == ("mIoU", "mBIoU") and ylabel == "%"  # the pipeline's plot keys
         drawn.append({n: m["mIoU"] for n, m in results.items()})  # path: maybe a temp file
-        return real(results, path, title)
+        return real(results, path, keys, ylabel, title)
 
     monkeypatch.setattr(viz, "plot_steps", spy)
     plot, out = tmp_path / "new" / "curve.png", tmp_path / "val.json"

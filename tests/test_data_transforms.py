@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from densediff.config import Config, DataConfig, AugmentConfig
+from densediff.config import AugmentConfig, Config, DataConfig
 from densediff.data import collate, preprocess_image
 from densediff.data.transforms import (
     pad,

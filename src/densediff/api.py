@@ -103,7 +103,7 @@ class Predictor:
         return is_diffusion(self.model)
 
     @torch.no_grad()
-    def predict(self, item: ImageLike | dict, aug: bool = False, steps: int | None = None,
+    def predict(self, image: ImageLike | dict, aug: bool = False, steps: int | None = None,
                 seed: int = 0) -> Prediction | DepthPrediction | BEVPrediction:
         """Predict one input: an image (PIL, HxW[x3|4] array, or path) for segmentation
         (:class:`Prediction`) and depth (:class:`DepthPrediction`) models; a sample of the
@@ -111,7 +111,7 @@ class Predictor:
         (:class:`BEVPrediction`).
 
         Args:
-            item: the input; grayscale/RGBA images are converted to RGB.
+            image: the input image (grayscale/RGBA are converted to RGB), or the BEV sample.
             aug: multi-scale + flip test (scales from ``cfg.eval.aug``); depth: the flip test.
             steps: diffusion models: sampling steps (None: the model's default; DDPS: 0 gives
                 the base segmentor's prediction).
@@ -119,7 +119,7 @@ class Predictor:
         """
         check_int(seed, "seed", 0, MAX_SEED)
         with autocast(self.precision, self.device):
-            return self.pipeline.predict(self, item, aug=aug, steps=steps, seed=seed)
+            return self.pipeline.predict(self, image, aug=aug, steps=steps, seed=seed)
 
     def dataset(self, split: str = "val", data_root: str | None = None):
         """The checkpoint's dataset (test pipeline) for ``split`` (``val``/``test``/``train`` or

@@ -111,8 +111,8 @@ def _train_and_evaluate(config: str, run_dir: Path, iters: int | None, overrides
     from densediff.api import load
     from densediff.engine.evaluate import evaluate_steps
     from densediff.engine.trainer import train
-    from densediff.tasks import build_dataset
-    from densediff.viz import plot_steps, steps_table
+    from densediff.tasks import build_dataset, spec_for
+    from densediff.viz import plot_steps
 
     cfg = load_config(config, [f"work_dir={run_dir}"]
                       + ([f"train.iters={iters}"] if iters is not None else []) + overrides)
@@ -123,13 +123,16 @@ def _train_and_evaluate(config: str, run_dir: Path, iters: int | None, overrides
 
     print(f"[demo] 2/3 evaluating the best checkpoint at {steps} sampling steps")
     predictor = load(run_dir / "checkpoints" / "best.safetensors")
+    spec = spec_for(predictor.cfg)
+    pipe = spec.pipeline
     results = {}
     for split in ("val", "test"):
         ds = build_dataset(predictor.cfg, split, train=False)
         res = evaluate_steps(predictor.model, ds, predictor.cfg, steps, progress=False)
         results[split] = {str(n): m for n, m in res.items()}
-        print(f"[demo] {split}:\n{steps_table(res)}")
-        plot_steps(res, run_dir / f"demo_steps_{split}.png", title=f"generated {split}")
+        print(f"[demo] {split}:\n{pipe.steps_table(res)}")
+        plot_steps(res, run_dir / f"demo_steps_{split}.png", pipe.plot_keys or (spec.headline,),
+                   pipe.plot_ylabel, title=f"generated {split}")
     (run_dir / "demo_metrics.json").write_text(json.dumps(results, indent=1, default=float))
     return predictor
 

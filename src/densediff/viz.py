@@ -14,7 +14,7 @@ import numpy as np
 __all__ = ["ColorScale", "GridColumn", "GridKey", "bev_color", "bev_image", "camera_mosaic",
            "colorize", "depth_color", "grid_figure", "heatmap", "nice_ceil", "overlay",
            "plot_steps", "save_labelled_grid", "scaled_heatmap", "side_by_side",
-           "steps_table"]
+           "bev_steps_table", "depth_steps_table", "scalar_steps_table", "seg_steps_table"]
 
 
 def colorize(mask: np.ndarray, palette: np.ndarray, ignore_index: int = 255) -> np.ndarray:
@@ -366,7 +366,7 @@ def camera_mosaic(images: list[np.ndarray], cols: int = 3, gap: int = 2) -> np.n
     return out
 
 
-def _bev_steps_table(results: Mapping[int, Mapping]) -> str:
+def bev_steps_table(results: Mapping[int, Mapping]) -> str:
     first = next(iter(results.values()))
     names = list(first["per_class"])
     kinds = list(first.get("uncertainty", {}))
@@ -384,7 +384,7 @@ def _bev_steps_table(results: Mapping[int, Mapping]) -> str:
     return "\n".join([head, "-" * len(head), *rows])
 
 
-def _depth_steps_table(results: Mapping[int, Mapping]) -> str:
+def depth_steps_table(results: Mapping[int, Mapping]) -> str:
     kinds = list(dict.fromkeys(k for m in results.values() for k in m.get("uncertainty", {})))
     cols = ("d1", "abs_rel", "sq_rel", "rmse", "rmse_log", "silog")
     head = f"{'steps':>5} | " + " | ".join(f"{c:>8}" for c in cols)
@@ -401,17 +401,20 @@ def _depth_steps_table(results: Mapping[int, Mapping]) -> str:
     return "\n".join([head, "-" * len(head), *rows])
 
 
-def steps_table(results: Mapping[int, Mapping]) -> str:
+def scalar_steps_table(results: Mapping[int, Mapping]) -> str:
     """Plain-text table of :func:`~densediff.engine.evaluate.evaluate_steps` results: one row
-    per step count with mIoU, mBIoU, aAcc and, when present, the uncertainty AUROC and the
-    error rate among the 10 % most uncertain pixels for each estimator. Depth results: d1,
-    AbsRel, SqRel, RMSE, RMSE log, SILog and, per uncertainty map, its Pearson correlation
-    with the AbsRel error and its AUSE (AbsRel). BEV results: each class's best-threshold IoU,
-    mIoU, mIoU at 0.5 and the uncertainty AUROCs."""
-    if "abs_rel" in next(iter(results.values())):
-        return _depth_steps_table(results)
-    if "mIoU@0.50" in next(iter(results.values())):
-        return _bev_steps_table(results)
+    per step count with every number-valued metric."""
+    first = next(iter(results.values()))
+    cols = [k for k, v in first.items() if isinstance(v, (int, float))]
+    head = f"{'steps':>5} | " + " | ".join(f"{c:>10}" for c in cols)
+    rows = [f"{n:>5} | " + " | ".join(f"{m[c]:10.4f}" for c in cols) for n, m in results.items()]
+    return "\n".join([head, "-" * len(head), *rows])
+
+
+def seg_steps_table(results: Mapping[int, Mapping]) -> str:
+    """Plain-text table of segmentation :func:`~densediff.engine.evaluate.evaluate_steps`
+    results: one row per step count with mIoU, mBIoU, aAcc and, when present, the uncertainty
+    AUROC and the error rate among the 10 % most uncertain pixels for each estimator."""
     first = next(iter(results.values()))
     kinds = list(first.get("uncertainty", {}))
     head = f"{'steps':>5} | {'mIoU':>6} | {'mBIoU':>6} | {'aAcc':>6}"
@@ -428,8 +431,8 @@ def steps_table(results: Mapping[int, Mapping]) -> str:
 
 
 def plot_steps(results: Mapping[int, Mapping], path: str | os.PathLike,
-               title: str | None = None) -> None:
-    """Save a PNG of mIoU and mBIoU (depth: AbsRel and RMSE log; BEV: mIoU and mIoU at 0.5)
+               keys: Sequence[str], ylabel: str = "%", title: str | None = None) -> None:
+    """Save a PNG of the metrics ``keys`` (each a line; the y axis labelled ``ylabel``)
     against the number of sampling steps."""
     import matplotlib
 
@@ -438,14 +441,10 @@ def plot_steps(results: Mapping[int, Mapping], path: str | os.PathLike,
 
     steps = [int(n) for n in results]
     fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
-    depth = "abs_rel" in next(iter(results.values()))
-    first = next(iter(results.values()))
-    keys = (("abs_rel", "rmse_log") if depth else ("mIoU", "mIoU@0.50") if "mIoU@0.50" in first
-            else ("mIoU", "mBIoU"))
-    for key, style in zip(keys, ("o-", "s--")):
+    for key, style in zip(keys, ("o-", "s--", "^:", "d-.")):
         ax.plot(steps, [results[n][key] for n in results], style, label=key)
     ax.set_xlabel("sampling steps")
-    ax.set_ylabel("error (lower is better)" if depth else "%")
+    ax.set_ylabel(ylabel)
     ax.set_xticks(steps)
     ax.grid(alpha=0.3)
     ax.legend()

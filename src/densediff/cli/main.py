@@ -111,7 +111,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from densediff.pipelines import is_diffusion, resolve_steps
     from densediff.tasks import build_dataset, spec_for
     from densediff.utils.fs import check_writable_file
-    from densediff.viz import plot_steps, steps_table
+    from densediff.viz import plot_steps
 
     for opt, kind in (("out", "JSON"), ("plot", "PNG")):
         if getattr(args, opt) and Path(getattr(args, opt)).is_dir():
@@ -132,7 +132,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     precision = resolve_precision_or_fail(args.precision, device, "--precision")
     model, cfg, names, _ = load_model(args.checkpoint, overrides)
     _check_ddps_options(args, cfg)
-    pipe = spec_for(cfg).pipeline
+    spec = spec_for(cfg)
+    pipe = spec.pipeline
     if args.aug_test and not pipe.has_aug:
         raise UserError(f"--aug-test: {args.checkpoint} is a {pipe.name} model; {pipe.name} "
                         "models have no test-time augmentation")
@@ -166,7 +167,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if len(results) == 1:
             print(f"steps: {next(iter(results))}")
             print(fmt(next(iter(results.values()))))
-        print(steps_table(results))
+        print(pipe.steps_table(results))
         if not args.no_controls and is_ddp(model):
             from densediff.utils.precision import autocast
 
@@ -178,8 +179,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if plot:
             from densediff.utils.fs import atomic_write
 
+            keys = pipe.plot_keys or (spec.headline,)
             atomic_write(Path(plot), lambda tmp: plot_steps(
-                results, tmp, title=f"{Path(args.checkpoint).name} {split}"), what="--plot")
+                results, tmp, keys, pipe.plot_ylabel,
+                title=f"{Path(args.checkpoint).name} {split}"), what="--plot")
             print(f"wrote {plot}")
     if args.out:
         _write_json(Path(args.out), metrics)

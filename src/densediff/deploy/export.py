@@ -191,7 +191,8 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike,
     ``deploy.json`` contents (:func:`export_model`).
 
     Args:
-        checkpoint: a ``.safetensors`` checkpoint of a supported model (:data:`SUPPORTED`).
+        checkpoint: a ``.safetensors`` checkpoint, a run folder or an official DDP checkpoint
+            (``.pth`` / ``hf://``) of a supported model (:data:`SUPPORTED`).
         out: the export folder; it must not exist or be empty, unless ``overwrite``.
         size: the (H, W) input size of the graphs; None: :func:`default_input_size`.
         opset: the ONNX opset, 16 (GridSample) to the newest the TorchScript exporter writes.
@@ -200,14 +201,22 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike,
     """
     from densediff.api import load_model
     from densediff.tasks import config_from_dict
-    from densediff.utils.checkpoint import load_metadata
+    from densediff.official import is_official_source
+    from densediff.utils.checkpoint import load_metadata, resolve_weights
 
     _check_options(size, opset)
     _need_onnx()
     _check_out(Path(out), overwrite, what)
-    stored = load_metadata(checkpoint)["config"]  # CheckpointError: missing, not densediff
-    _refuse(config_from_dict(stored, source=str(checkpoint)), checkpoint)  # before building
-    model, cfg, _, _ = load_model(checkpoint)
+    if is_official_source(checkpoint):  # an official .pth / hf:// file: converted in memory
+        model, cfg, _, _ = load_model(checkpoint)
+        stored = cfg.to_dict()
+        _refuse(cfg, checkpoint)
+    else:
+        if Path(checkpoint).is_dir():  # a run folder: its checkpoints/best, else last
+            checkpoint = resolve_weights(checkpoint, "checkpoint")
+        stored = load_metadata(checkpoint)["config"]  # CheckpointError: missing, not densediff
+        _refuse(config_from_dict(stored, source=str(checkpoint)), checkpoint)  # before building
+        model, cfg, _, _ = load_model(checkpoint)
     return export_model(model, cfg, out, size=size, opset=opset, overwrite=True, what=what,
                         config=stored, source=Path(checkpoint).name)
 

@@ -177,6 +177,17 @@ class Pipeline:
     def format_metrics(self, metrics: dict, class_names: Sequence[str]) -> str:
         raise NotImplementedError
 
+    plot_keys: tuple[str, ...] = ()
+    """The metrics ``eval --plot`` and the demo draw against the step count (empty: the
+    task's headline metric)."""
+    plot_ylabel: str = "%"
+
+    def steps_table(self, results: dict) -> str:
+        """Plain-text table of per-step-count results (one row per step count)."""
+        from densediff.viz import scalar_steps_table
+
+        return scalar_steps_table(results)
+
     # -- prediction ------------------------------------------------------------------------
     def predict(self, predictor, item, *, aug: bool = False, steps: int | None = None,
                 seed: int = 0):

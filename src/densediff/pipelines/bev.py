@@ -207,6 +207,13 @@ class BEVPipeline(Pipeline):
     def format_metrics(self, metrics, class_names):
         return format_bev_metrics(metrics)
 
+    plot_keys = ("mIoU", "mIoU@0.50")
+
+    def steps_table(self, results):
+        from densediff.viz import bev_steps_table
+
+        return bev_steps_table(results)
+
     def output_names(self, predictor, uncertainty, trajectory, save_probs):
         return ["bev.png", "map.png", "probs.npy", "uncertainty.png", "uncertainty.npy",
                 "trajectory.png"]

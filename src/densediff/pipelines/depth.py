@@ -221,6 +221,13 @@ class DepthPipeline(Pipeline):
     def format_metrics(self, metrics, class_names):
         return format_depth_metrics(metrics)
 
+    plot_keys, plot_ylabel = ("abs_rel", "rmse_log"), "error (lower is better)"
+
+    def steps_table(self, results):
+        from densediff.viz import depth_steps_table
+
+        return depth_steps_table(results)
+
     def output_names(self, predictor, uncertainty, trajectory, save_probs):
         _depth_scale(predictor.cfg)  # a folder dataset without data.depth.depth_scale: now
         return ["depth.png", "depth16.png", "depth.npy", "uncertainty.png", "uncertainty.npy",

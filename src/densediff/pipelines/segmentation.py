@@ -251,6 +251,13 @@ class SegmentationPipeline(Pipeline):
     def format_metrics(self, metrics, class_names):
         return format_metrics(metrics, class_names)
 
+    plot_keys = ("mIoU", "mBIoU")
+
+    def steps_table(self, results):
+        from densediff.viz import seg_steps_table
+
+        return seg_steps_table(results)
+
     def output_names(self, predictor, uncertainty, trajectory, save_probs):
         kinds = ["mask.png", "color.png", "overlay.png"]
         if uncertainty:
