@@ -200,8 +200,8 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike,
         what: how messages name ``out``.
     """
     from densediff.api import load_model
-    from densediff.tasks import config_from_dict
     from densediff.official import is_official_source
+    from densediff.tasks import config_from_dict
     from densediff.utils.checkpoint import load_metadata, resolve_weights
 
     _check_options(size, opset)
