@@ -1,0 +1,249 @@
+"""The official DDP BEV camera + LiDAR model on CPU, as a test oracle (run in the oracle venv).
+
+Extends :mod:`official_bev_oracle` (the camera model; same imports and shims) with the LiDAR
+branch of ``ddp-fusion-bev256d2-lss-scale001-d5-lr5e-5``: BEVFusion's ``Voxelization``
+(``ops/voxel``), the vendored spconv 1.x (``ops/spconv``), ``SparseEncoder``, ``ConvFuser``,
+``SECOND`` and ``SECONDFPN``. The two compiled ops are built from the official C++ sources for
+the CPU (their CPU code paths; the CUDA kernels are not built), outside densediff:
+
+- ``sparse_conv_ext``: ``ops/spconv/src/{all,indice,reordering,maxpool}.cc`` with
+  ``torch.utils.cpp_extension.load``; ``torch_utils.h`` includes ``ATen/cuda/CUDAContext.h``,
+  which a CPU torch cannot compile, so a one-line shim header (``getCurrentCUDAStream`` ->
+  nullptr) is put first on the include path; the GPU functors stay undefined and the module
+  is imported with ``RTLD_LAZY`` (they are bound only if a CUDA tensor reaches them);
+- ``voxel_layer``: ``ops/voxel/src/{voxelization,voxelization_cpu,scatter_points_cpu}.cpp``
+  with ONE change, in a copy: ``hard_voxelize_cpu`` allocates its coordinate -> voxel table as
+  ``(gz, gy, gx)`` but indexes it ``[x][y][z]`` (BEVFusion reordered the coordinates to x, y, z
+  and left the table), which runs out of bounds on a 1024 x 1024 x 40 grid; the copy allocates
+  ``(gx, gy, gz)``. The CUDA kernel the authors ran has no such table; its voxel order (first
+  appearance of a voxel in the point order) and point order within a voxel are the CPU's.
+
+Recipe (``SPCONV_EXT`` / ``VOXEL_EXT`` name the built ``.so`` files)::
+
+    ORACLE=/work/oracle BEV=/work/oracle-bev/DDP/bev BEV_SITE=/work/oracle-bev/site \\
+    SPCONV_EXT=/work/oracle-bev/build/spconv_build/sparse_conv_ext.so \\
+    VOXEL_EXT=/work/oracle-bev/build/voxel_build/voxel_layer.so \\
+      $ORACLE/venv/bin/python benchmarks/official_bev_fusion_oracle.py keys tests/fixtures/official
+    ... official_bev_fusion_oracle.py dump OUT_DIR [--size 64 176] [--points 4000] [--seed 0]
+
+Nothing of the official code is copied into densediff; this file only imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import official_bev_oracle as cam  # noqa: E402
+
+NAME = "ddp-fusion-bev256d2-lss-scale001-d5-lr5e-5"
+SPCONV_EXT = Path(os.environ.get("SPCONV_EXT",
+                                 "/work/oracle-bev/build/spconv_build/sparse_conv_ext.so"))
+VOXEL_EXT = Path(os.environ.get("VOXEL_EXT", "/work/oracle-bev/build/voxel_build/voxel_layer.so"))
+log = cam.log
+
+
+def _extension(name: str, path: Path):
+    """Import a compiled extension lazily bound (undefined CUDA functors never resolved)."""
+    flags = sys.getdlopenflags()
+    sys.setdlopenflags(os.RTLD_LAZY | os.RTLD_GLOBAL)
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.setdlopenflags(flags)
+    sys.modules[name] = mod
+    return mod
+
+
+def import_official():
+    """The camera oracle's imports plus the LiDAR branch; returns the ``DDP`` class."""
+    DDP = cam.import_official()
+    m3, md = cam.BEV / "mmdet3d", cam.BEV_SITE / "mmdet" / "models"
+    ops = sys.modules["mmdet3d.ops"]
+    with cam._ForceRegister():
+        # mmdet's BasicBlock (SparseBasicBlock derives from it)
+        res_layer = cam._load("mmdet.models.utils.res_layer", md / "utils" / "res_layer.py")
+        sys.modules["mmdet.models.utils"].ResLayer = res_layer.ResLayer
+        cam._load("mmdet.models.backbones.resnet", md / "backbones" / "resnet.py")
+        cam._package("mmdet3d.ops.spconv", m3 / "ops" / "spconv")
+        sys.modules["mmdet3d.ops.spconv.sparse_conv_ext"] = _extension(
+            "mmdet3d.ops.spconv.sparse_conv_ext", SPCONV_EXT)
+        sp = cam._load("mmdet3d.ops.spconv", m3 / "ops" / "spconv" / "__init__.py")
+        sp.__path__ = [str(m3 / "ops" / "spconv")]
+        cam._package("mmdet3d.ops.voxel", m3 / "ops" / "voxel")
+        _extension("mmdet3d.ops.voxel.voxel_layer", VOXEL_EXT)
+        vox = cam._load("mmdet3d.ops.voxel.voxelize", m3 / "ops" / "voxel" / "voxelize.py")
+        ops.spconv, ops.Voxelization = sp, vox.Voxelization
+        # bevfusion.py was loaded by the camera oracle with Voxelization = None
+        sys.modules["mmdet3d.models.fusion_models.bevfusion"].Voxelization = vox.Voxelization
+        block = cam._load("mmdet3d.ops.sparse_block", m3 / "ops" / "sparse_block.py")
+        ops.SparseBasicBlock = block.SparseBasicBlock
+        ops.make_sparse_convmodule = block.make_sparse_convmodule
+        cam._package("mmdet3d.models.fusers", m3 / "models" / "fusers")
+        for mod in ("backbones/sparse_encoder", "backbones/second", "necks/second",
+                    "fusers/conv"):
+            cam._load("mmdet3d.models." + mod.replace("/", "."), m3 / "models" / f"{mod}.py")
+    return DDP
+
+
+def official_cfg(image_size=(256, 704)) -> dict:
+    """The released fusion model's ``model`` section (merged yamls, ``${...}`` filled)."""
+    import yaml
+    from mmcv import ConfigDict
+
+    name, cam.NAME = cam.NAME, NAME
+    try:
+        cfg = dict(cam.official_cfg(image_size))
+    finally:
+        cam.NAME = name
+    root = cam.BEV / "configs" / "nuscenes"
+    default = yaml.safe_load((root / "default.yaml").read_text())
+    vox = cfg["encoders"]["lidar"]["voxelize"]
+    vox["point_cloud_range"], vox["voxel_size"] = default["point_cloud_range"], default["voxel_size"]
+    return ConfigDict(cfg)
+
+
+def build(image_size=(256, 704), seed: int = 0):
+    DDP = import_official()
+    torch.manual_seed(seed)
+    model = DDP(**official_cfg(image_size))
+    model.init_weights()
+    return model.eval()
+
+
+def record_keys(out: Path) -> Path:
+    model = build()
+    layout = {k: list(v.shape) for k, v in model.state_dict().items()}
+    path = out / f"keys_{NAME}.json"
+    path.write_text(json.dumps(layout, indent=0) + "\n")
+    log(f"{path}: {len(layout)} tensors")
+    return path
+
+
+def random_points(n: int, seed: int) -> torch.Tensor:
+    """n x 5 LiDAR-like points (x, y, z, intensity, time): clustered so that voxels hold
+    several points (some more than 10), a few outside the range."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.cat([torch.rand(n // 8, 2, generator=g) * 110 - 55,
+                         torch.rand(n // 8, 1, generator=g) * 9 - 5.5], 1)
+    pick = torch.randint(0, len(centres), (n,), generator=g)
+    xyz = centres[pick] + torch.randn(n, 3, generator=g) * torch.tensor([0.3, 0.3, 0.15])
+    rest = torch.rand(n, 2, generator=g)
+    return torch.cat([xyz, rest], 1)
+
+
+def _sparse(t) -> dict:
+    return {"indices": t.indices.clone(), "features": t.features.clone(),
+            "shape": list(t.spatial_shape)}
+
+
+@torch.no_grad()
+def dump(out: Path, size=(64, 176), seed: int = 0, ncam: int = 2, randsteps: int = 2,
+         npoints: int = 4000) -> Path:
+    """Random perturbed weights, ``ncam`` cameras at ``size`` and ``npoints`` points."""
+    t0 = time.time()
+    model = build(size, seed)
+    cam.perturb(model, seed + 1)
+    model.randsteps = randsteps
+    official_state = {k: v.clone() for k, v in model.state_dict().items()}
+    h, w = size
+    g = torch.Generator().manual_seed(seed + 2)
+    img = torch.randn(1, ncam, 3, h, w, generator=g)
+    intr, cam2ego = cam.cameras(ncam, size, seed)
+    eye = torch.eye(4).expand(1, ncam, 4, 4)
+    k4 = torch.eye(4).repeat(1, ncam, 1, 1)
+    k4[..., :3, :3] = intr
+    points = random_points(npoints, seed + 3)
+    d: dict = {"img": img, "intrinsics": intr[None], "cam2ego": cam2ego[None], "points": points}
+    # LiDAR: voxelise (BEVFusion.voxelize: hard voxels, mean of their points)
+    feats, coords, sizes = model.voxelize([points])
+    d.update(voxel_feats=feats, voxel_coords=coords, voxel_sizes=sizes)
+    enc = model.encoders["lidar"]["backbone"]
+    from mmdet3d.ops import spconv
+
+    x = spconv.SparseConvTensor(feats, coords.int(), enc.sparse_shape, 1)
+    x = enc.conv_input(x)
+    d["sparse_input"] = _sparse(x)
+    stages = []
+    for layer in enc.encoder_layers:
+        x = layer(x)
+        stages.append(_sparse(x))
+    d["sparse_stages"] = stages
+    d["sparse_out"] = _sparse(enc.conv_out(x))
+    lidar_bev = model.extract_lidar_features([points])
+    d["lidar_bev"] = lidar_bev
+    # camera (as the camera oracle: camera2lidar := camera2ego, no augmentation)
+    vt = model.encoders["camera"]
+    args = (img, None, cam2ego[None], torch.eye(4)[None], None, None, k4, cam2ego[None],
+            eye.clone(), torch.eye(4)[None], [{}])
+    cam_bev = model.extract_camera_features(*args)
+    d["camera_bev"] = cam_bev
+    fused = model.fuser([cam_bev, lidar_bev])
+    d["fused_bev"] = fused
+    dec = model.decoder["neck"](model.decoder["backbone"](fused))
+    dec = dec[0] if isinstance(dec, (list, tuple)) else dec
+    d["decoder"] = dec
+    fh, fw = dec.shape[2], dec.shape[3]
+    x_t = torch.randn((1, 256, fh, fw), generator=g) * 0.6
+    t = torch.tensor([0.5])
+    log_snr = model.log_snr(t)
+    time_emb = model.time_mlp(log_snr)
+    fused_in = model.transform(torch.cat([dec, x_t], 1))
+    head = model.heads["map"]
+    probs = head([fused_in], time_emb, target=None)
+    d.update(x_t=x_t, t=t, log_snr=log_snr, time_emb=time_emb, fused_in=fused_in,
+             head_probs=probs)
+    with cam.SeededNoise(seed) as noise, cam.HeadRecorder(head) as rec:
+        sample = model.ddim_sample([dec], head)
+    d["noise"] = noise.drawn[0]
+    d["step_probs"] = torch.stack(rec.out)
+    d["sample"] = sample
+    with cam.SeededNoise(seed):
+        res = model.forward_single(img, [points], cam2ego[None], torch.eye(4)[None], None, None,
+                                   k4, cam2ego[None], eye.clone(), torch.eye(4)[None], [{}],
+                                   gt_masks_bev=torch.zeros(1, 6, 200, 200))
+    d["masks_bev"] = res[0]["masks_bev"]
+    d["info"] = dict(name=NAME, size=[h, w], cameras=ncam, seed=seed, points=npoints,
+                     voxels=int(coords.shape[0]), steps=int(model.timesteps),
+                     randsteps=randsteps, td=model.time_difference, bit_scale=model.bit_scale,
+                     seconds=round(time.time() - t0, 1))
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({"meta": {}, "state_dict": official_state}, out / f"{NAME}.pth")
+    path = out / f"{NAME}_{h}x{w}.pt"
+    torch.save(d, path)
+    log(f"{path}: {coords.shape[0]} voxels, active per stage "
+        f"{[s['indices'].shape[0] for s in stages]}, lidar bev {tuple(lidar_bev.shape)}, "
+        f"decoder {tuple(dec.shape)}, {time.time() - t0:.1f} s")
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("command", choices=["keys", "dump"])
+    p.add_argument("out", type=Path, nargs="?", default=Path("."))
+    p.add_argument("--size", type=int, nargs=2, default=[64, 176])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cameras", type=int, default=2)
+    p.add_argument("--randsteps", type=int, default=2)
+    p.add_argument("--points", type=int, default=4000)
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    if a.command == "keys":
+        record_keys(a.out)
+    else:
+        dump(a.out, tuple(a.size), a.seed, a.cameras, a.randsteps, a.points)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
