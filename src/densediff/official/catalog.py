@@ -27,6 +27,7 @@ class ReleasedModel:
         aligned: the self-aligned-denoising fine-tune (Alg. 4), 10 test steps.
         reported: the authors' numbers (label -> value), not measured here.
         proven: what densediff proved about this layout against the official code.
+        lidar: a camera + LiDAR BEV model.
     """
 
     name: str
@@ -37,6 +38,7 @@ class ReleasedModel:
     aligned: bool
     reported: str
     proven: str
+    lidar: bool = False
 
     @property
     def hub_file(self) -> str:
@@ -84,9 +86,10 @@ RELEASED: tuple[ReleasedModel, ...] = (
     ReleasedModel("ddp-camera-bev256d2-lss-scale001-d5-lr5e-5",
                   "nuscenes/ddp_c_swin_t_bevfusion.yaml", "nuscenes", "swin", "tiny", False,
                   "nuScenes val BEV map mIoU 59.4 (camera)", _PROVEN_BEV_CAMERA),
-    ReleasedModel("ddp-fusion-bev256d2-lss-scale001-d5-lr5e-5", "nuscenes/ddp_cl_swin_t.yaml",
-                  "nuscenes", "swin", "tiny", False,
-                  "nuScenes val BEV map mIoU 70.6 (camera + LiDAR)", _PROVEN_BEV_FUSION),
+    ReleasedModel("ddp-fusion-bev256d2-lss-scale001-d5-lr5e-5",
+                  "nuscenes/ddp_cl_swin_t_bevfusion.yaml", "nuscenes", "swin", "tiny", False,
+                  "nuScenes val BEV map mIoU 70.6 (camera + LiDAR)", _PROVEN_BEV_FUSION,
+                  lidar=True),
 )
 """Every released DDP checkpoint (no depth model was released: "TBA")."""
 
@@ -97,9 +100,8 @@ def find_released(name: str) -> ReleasedModel | None:
     return next((m for m in RELEASED if m.name == stem), None)
 
 
-def match_released(dataset: str, backbone: str, variant: str, aligned: bool
-                   ) -> ReleasedModel | None:
-    """The first entry with this dataset, backbone, size and fine-tune, else None (nuScenes:
-    the camera-only model; the camera + LiDAR one is not converted)."""
-    return next((m for m in RELEASED if (m.dataset, m.backbone, m.variant, m.aligned)
-                 == (dataset, backbone, variant, aligned)), None)
+def match_released(dataset: str, backbone: str, variant: str, aligned: bool,
+                   lidar: bool = False) -> ReleasedModel | None:
+    """The first entry with this dataset, backbone, size, fine-tune and sensors, else None."""
+    return next((m for m in RELEASED if (m.dataset, m.backbone, m.variant, m.aligned, m.lidar)
+                 == (dataset, backbone, variant, aligned, lidar)), None)
