@@ -132,12 +132,17 @@ def record_keys(out: Path) -> Path:
 
 def random_points(n: int, seed: int) -> torch.Tensor:
     """n x 5 LiDAR-like points (x, y, z, intensity, time): clustered so that voxels hold
-    several points (some more than 10), a few outside the range."""
+    several points, a few outside the range, and 1/10 of them in 20 tight clusters (voxels with
+    more than the 10 points kept)."""
     g = torch.Generator().manual_seed(seed)
     centres = torch.cat([torch.rand(n // 8, 2, generator=g) * 110 - 55,
                          torch.rand(n // 8, 1, generator=g) * 9 - 5.5], 1)
     pick = torch.randint(0, len(centres), (n,), generator=g)
     xyz = centres[pick] + torch.randn(n, 3, generator=g) * torch.tensor([0.3, 0.3, 0.15])
+    tight = n // 10
+    xyz[:tight] = (centres[:20][torch.randint(0, 20, (tight,), generator=g)]
+                   + torch.randn(tight, 3, generator=g) * 0.02)
+    xyz = xyz[torch.randperm(n, generator=g)]
     rest = torch.rand(n, 2, generator=g)
     return torch.cat([xyz, rest], 1)
 
@@ -168,6 +173,7 @@ def dump(out: Path, size=(64, 176), seed: int = 0, ncam: int = 2, randsteps: int
     # LiDAR: voxelise (BEVFusion.voxelize: hard voxels, mean of their points)
     feats, coords, sizes = model.voxelize([points])
     d.update(voxel_feats=feats, voxel_coords=coords, voxel_sizes=sizes)
+    log(f"{len(coords)} voxels, {int((sizes == 10).sum())} of them full (10 points kept)")
     enc = model.encoders["lidar"]["backbone"]
     from mmdet3d.ops import spconv
 
@@ -183,7 +189,6 @@ def dump(out: Path, size=(64, 176), seed: int = 0, ncam: int = 2, randsteps: int
     lidar_bev = model.extract_lidar_features([points])
     d["lidar_bev"] = lidar_bev
     # camera (as the camera oracle: camera2lidar := camera2ego, no augmentation)
-    vt = model.encoders["camera"]
     args = (img, None, cam2ego[None], torch.eye(4)[None], None, None, k4, cam2ego[None],
             eye.clone(), torch.eye(4)[None], [{}])
     cam_bev = model.extract_camera_features(*args)

@@ -65,7 +65,6 @@ def voxelize(points: torch.Tensor, point_range: Sequence[float], voxel_size: Seq
     their points; voxel coordinates ``V x 3`` (x, y, z) int64), see the module docstring."""
     pts = points.float()
     low = torch.tensor(point_range[:3], dtype=torch.float32, device=pts.device)
-    high = torch.tensor(point_range[3:], dtype=torch.float32, device=pts.device)
     size = torch.tensor(voxel_size, dtype=torch.float32, device=pts.device)
     grid = torch.tensor(voxel_grid(point_range, voxel_size), device=pts.device)
     cell = torch.floor((pts[:, :3] - low) / size).long()

@@ -32,8 +32,7 @@ from densediff.criteria.bev import sigmoid_focal_loss
 from densediff.decoders.bev import BEVGridTransform, Resampled
 from densediff.diffusion.encodings import MultiLabelEmbedding
 from densediff.encoders.bev import BEVEncoder
-from densediff.encoders.bevfusion import (BEVFusionView, CameraFPN, DepthLift, UpFuse,
-                                          residual_stages)
+from densediff.encoders.bevfusion import BEVFusionView, CameraFPN, DepthLift, UpFuse, residual_stages
 from densediff.encoders.bevfusion_lidar import SECOND, SECONDFPN, ConvFuser, LidarEncoder
 from densediff.encoders.lss import camera_features
 from densediff.errors import ConfigError
@@ -60,6 +59,10 @@ def _bevfusion_view(model_cfg: ModelConfig, bev: BEVDataConfig) -> BEVFusionView
         lidar = LidarEncoder(POINT_FEATURES, bm.point_range, bm.voxel_size, bm.voxel_points,
                              bm.max_voxels, bm.sparse_channels, bm.sparse_paddings,
                              bm.sparse_out_channels)
+        if min(lidar.backbone.bev_shape) < 1:
+            raise ConfigError(f"model.bev.point_range / voxel_size / sparse_paddings leave a "
+                              f"{list(lidar.backbone.bev_shape)} LiDAR grid after the sparse "
+                              "encoder's strides: use more height voxels (official 40)")
         extent = (bm.point_range[0], bm.point_range[3], bm.point_range[1], bm.point_range[4])
         if (tuple(lidar.bev_shape) != tuple(grid.shape) or max(
                 abs(a - b) for a, b in zip(extent, (*grid.xbound[:2], *grid.ybound[:2]))) > 1e-6):

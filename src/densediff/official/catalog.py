@@ -59,8 +59,9 @@ _PROVEN_SEG = "oracle parity (random weights): see RESULTS, Official parity"
 _PROVEN_SHARED = "converted strictly; same code paths as the proven T/L sizes"
 _PROVEN_BEV_CAMERA = ("oracle parity (random weights; official camera modules on CPU, "
                       "model.bev.arch bevfusion): see RESULTS, Official parity, BEV")
-_PROVEN_BEV_FUSION = ("not converted: the LiDAR branch (voxelisation, spconv SparseEncoder, "
-                      "ConvFuser, SECOND decoder) has no densediff counterpart")
+_PROVEN_BEV_FUSION = ("oracle parity (random weights; official modules on CPU, the vendored "
+                      "spconv 1.x and voxel ops built from their C++ sources for the CPU; "
+                      "sparse conv vs a dense reference): see RESULTS, Official parity, BEV")
 
 
 def _proven(variant: str) -> str:
