@@ -25,6 +25,7 @@ Recipe (``SPCONV_EXT`` / ``VOXEL_EXT`` name the built ``.so`` files)::
     VOXEL_EXT=/work/oracle-bev/build/voxel_build/voxel_layer.so \\
       $ORACLE/venv/bin/python benchmarks/official_bev_fusion_oracle.py keys tests/fixtures/official
     ... official_bev_fusion_oracle.py dump OUT_DIR [--size 64 176] [--points 4000] [--seed 0]
+    ... official_bev_fusion_oracle.py sparse OUT_DIR [--points 2000]  (LiDAR branch only)
 
 Nothing of the official code is copied into densediff; this file only imports it.
 """
@@ -232,9 +233,48 @@ def dump(out: Path, size=(64, 176), seed: int = 0, ncam: int = 2, randsteps: int
     return path
 
 
+@torch.no_grad()
+def sparse_dump(out: Path, seed: int = 0, npoints: int = 2000) -> Path:
+    """Only the LiDAR branch (official ``Voxelization`` through ``BEVFusion.voxelize``, then the
+    released config's ``SparseEncoder``), random perturbed weights: seconds, for the optional
+    test ``tests/test_official_bev_fusion.py``."""
+    import_official()
+    from mmdet.models.builder import BACKBONES
+    from torch import nn
+
+    cfg = official_cfg()["encoders"]["lidar"]
+    holder = nn.Module()  # what BEVFusion.voxelize reads of its model
+    holder.encoders = nn.ModuleDict({"lidar": nn.ModuleDict(
+        {"voxelize": sys.modules["mmdet3d.ops"].Voxelization(**cfg["voxelize"])})})
+    holder.voxelize_reduce, holder.fp16_enabled = True, False
+    holder.eval()
+    torch.manual_seed(seed)
+    enc = BACKBONES.build(dict(cfg["backbone"])).eval()
+    cam.perturb(enc, seed + 1)
+    points = random_points(npoints, seed + 3)
+    bevfusion = sys.modules["mmdet3d.models.fusion_models.bevfusion"].BEVFusion
+    feats, coords, sizes = bevfusion.voxelize(holder, [points])
+    from mmdet3d.ops import spconv
+
+    x = enc.conv_input(spconv.SparseConvTensor(feats, coords.int(), enc.sparse_shape, 1))
+    stages = [_sparse(x)]
+    for layer in enc.encoder_layers:
+        x = layer(x)
+        stages.append(_sparse(x))
+    stages.append(_sparse(enc.conv_out(x)))
+    d = dict(points=points, voxel_feats=feats, voxel_coords=coords, stages=stages,
+             bev=enc(feats, coords, 1), state_dict=enc.state_dict(),
+             voxelize=dict(cfg["voxelize"]), sparse_shape=list(enc.sparse_shape))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "sparse_encoder.pt"
+    torch.save(d, path)
+    log(f"{path}: {len(coords)} voxels, {[s['indices'].shape[0] for s in stages]} active")
+    return path
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=["keys", "dump"])
+    p.add_argument("command", choices=["keys", "dump", "sparse"])
     p.add_argument("out", type=Path, nargs="?", default=Path("."))
     p.add_argument("--size", type=int, nargs=2, default=[64, 176])
     p.add_argument("--seed", type=int, default=0)
@@ -245,6 +285,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     if a.command == "keys":
         record_keys(a.out)
+    elif a.command == "sparse":
+        sparse_dump(a.out, a.seed, a.points)
     else:
         dump(a.out, tuple(a.size), a.seed, a.cameras, a.randsteps, a.points)
     return 0

@@ -273,3 +273,51 @@ def test_sparse_conv_scales_with_active_sites_not_the_grid():
     assert y.shape == (512, 512, 21) and len(y.coords) <= 500 * 8
     offsets = list(itertools.product(range(3), repeat=3))
     assert conv.offsets.tolist() == [list(o) for o in offsets]  # spconv's row-major order
+
+
+ORACLE_ENV = ("DENSEDIFF_ORACLE", "BEV", "BEV_SITE", "SPCONV_EXT", "VOXEL_EXT")
+
+
+def test_lidar_branch_equals_the_official_ops_when_the_oracle_is_present(tmp_path):
+    """Optional: the official ``Voxelization`` + ``SparseEncoder`` (spconv 1.x and the voxel op
+    built for the CPU, see benchmarks/official_bev_fusion_oracle.py) on 2,000 points against
+    densediff's, stage by stage. Skipped unless the oracle's environment names them."""
+    import os
+    import subprocess
+
+    missing = [k for k in ORACLE_ENV if not os.environ.get(k)
+               or not Path(os.environ[k]).exists()]
+    if missing:
+        pytest.skip(f"BEV fusion oracle not configured ({', '.join(missing)} unset or missing)")
+    opy = Path(os.environ["DENSEDIFF_ORACLE"]) / "venv" / "bin" / "python"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "official_bev_fusion_oracle.py"
+    res = subprocess.run([str(opy), str(script), "sparse", str(tmp_path), "--points", "2000",
+                          "--seed", "4"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": ""})
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    d = torch.load(tmp_path / "sparse_encoder.pt", weights_only=False)
+    v = d["voxelize"]
+    feats, coords = voxelize(d["points"], v["point_cloud_range"], v["voxel_size"],
+                             v["max_num_points"], v["max_voxels"][1])
+    assert torch.equal(coords, d["voxel_coords"][:, 1:].long())
+    assert float((feats - d["voxel_feats"]).abs().max()) <= 1e-5
+    enc = SparseEncoder(5, d["sparse_shape"], ((16, 16, 32), (32, 32, 64), (64, 64, 128),
+                                               (128, 128)), ((1, 1, 1), (1, 1, 1), (1, 1, 0)),
+                        128).eval()
+    enc.load_state_dict(d["state_dict"])  # the official names and spconv layout, as they are
+    with torch.no_grad():
+        ours = enc.stages(d["voxel_feats"], d["voxel_coords"].long(), 1)
+        bev = enc(d["voxel_feats"], d["voxel_coords"].long(), 1)
+    def by_site(coords, feats, shape):
+        x, y, z = shape
+        order = (((coords[:, 0] * x + coords[:, 1]) * y + coords[:, 2]) * z
+                 + coords[:, 3]).argsort()
+        return coords[order], feats[order]
+
+    for mine, ref in zip(ours, d["stages"]):
+        c_mine, f_mine = by_site(mine.coords, mine.feats, mine.shape)
+        c_ref, f_ref = by_site(ref["indices"].long(), ref["features"], mine.shape)
+        assert list(mine.shape) == list(ref["shape"])
+        assert torch.equal(c_mine, c_ref)  # the same active sites
+        assert float((f_mine - f_ref).abs().max()) <= 1e-5
+    assert float((bev - d["bev"]).abs().max()) <= 1e-5 and float(d["bev"].abs().max()) > 0.1
