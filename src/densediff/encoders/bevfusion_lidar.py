@@ -191,7 +191,7 @@ class SparseConv3d(nn.Module):
             hit = inside & (sorted_keys[j] == q)
             rows = hit.nonzero()[:, 0]
             if len(rows):
-                out.index_add_(0, rows, x.feats[order[j[rows]]] @ w[i])
+                out.index_add_(0, rows, (x.feats[order[j[rows]]] @ w[i]).to(out.dtype))
         return SparseTensor(out, out_coords, shape, x.batch)
 
 
