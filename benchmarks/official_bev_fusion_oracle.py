@@ -18,8 +18,11 @@ the CPU (their CPU code paths; the CUDA kernels are not built), outside densedif
   ``(gx, gy, gz)``. The CUDA kernel the authors ran has no such table; its voxel order (first
   appearance of a voxel in the point order) and point order within a voxel are the CPU's.
 
-Recipe (``SPCONV_EXT`` / ``VOXEL_EXT`` name the built ``.so`` files)::
+Recipe (``build`` writes the shim, the patched copy and both ``.so`` files under BUILD;
+``SPCONV_EXT`` / ``VOXEL_EXT`` name them for the other commands)::
 
+    ORACLE=/work/oracle BEV=/work/oracle-bev/DDP/bev \\
+      $ORACLE/venv/bin/python benchmarks/official_bev_fusion_oracle.py build /work/oracle-bev/build
     ORACLE=/work/oracle BEV=/work/oracle-bev/DDP/bev BEV_SITE=/work/oracle-bev/site \\
     SPCONV_EXT=/work/oracle-bev/build/spconv_build/sparse_conv_ext.so \\
     VOXEL_EXT=/work/oracle-bev/build/voxel_build/voxel_layer.so \\
@@ -50,6 +53,58 @@ SPCONV_EXT = Path(os.environ.get("SPCONV_EXT",
                                  "/work/oracle-bev/build/spconv_build/sparse_conv_ext.so"))
 VOXEL_EXT = Path(os.environ.get("VOXEL_EXT", "/work/oracle-bev/build/voxel_build/voxel_layer.so"))
 log = cam.log
+
+
+SHIM = """// oracle shim: the CPU build of the vendored spconv never touches a CUDA stream
+#pragma once
+#include <cuda_runtime_api.h>
+namespace at { namespace cuda { inline cudaStream_t getCurrentCUDAStream() { return nullptr; } } }
+"""
+TABLE = "{grid_size[2], grid_size[1], grid_size[0]}, coors.options()"
+
+
+def build_ops(out: Path, cuda_include: str = "/usr/local/cuda/include") -> None:
+    """Build ``sparse_conv_ext`` and ``voxel_layer`` for the CPU under ``out`` (see the module
+    docstring; needs g++, ninja and the CUDA runtime headers, no GPU)."""
+    import shutil
+
+    from torch.utils.cpp_extension import load as _load_ext
+
+    def load(name, sources, build_directory, **kw):
+        """Compile; torch then dlopens with RTLD_NOW, which the undefined GPU functors fail:
+        the library is checked by a lazy import instead."""
+        try:
+            _load_ext(name, sources, build_directory=build_directory, **kw)
+        except OSError:
+            pass
+        _extension(name, Path(build_directory) / f"{name}.so")
+
+    sp = cam.BEV / "mmdet3d" / "ops" / "spconv"
+    shim = out / "shim" / "ATen" / "cuda"
+    shim.mkdir(parents=True, exist_ok=True)
+    (shim / "CUDAContext.h").write_text(SHIM)
+    (out / "spconv_build").mkdir(exist_ok=True)
+    load("sparse_conv_ext", [str(sp / "src" / f"{f}.cc")
+                             for f in ("all", "indice", "reordering", "maxpool")],
+         extra_include_paths=[str(out / "shim"), str(sp / "include"), cuda_include],
+         extra_cflags=["-O2", "-w"], build_directory=str(out / "spconv_build"),
+         is_python_module=False)
+    src = out / "voxel_src"
+    shutil.rmtree(src, ignore_errors=True)
+    shutil.copytree(cam.BEV / "mmdet3d" / "ops" / "voxel" / "src", src)
+    cpu = src / "voxelization_cpu.cpp"
+    text = cpu.read_text()
+    if text.count(TABLE) != 1:
+        raise SystemExit(f"{cpu}: the coor_to_voxelidx allocation to fix was not found once")
+    cpu.write_text(text.replace(TABLE, TABLE.replace("[2], grid_size[1], grid_size[0]",
+                                                     "[0], grid_size[1], grid_size[2]")))
+    (out / "voxel_build").mkdir(exist_ok=True)
+    load("voxel_layer", [str(src / f) for f in ("voxelization.cpp", "voxelization_cpu.cpp",
+                                                "scatter_points_cpu.cpp")],
+         extra_cflags=["-O2", "-w"], build_directory=str(out / "voxel_build"),
+         is_python_module=False)
+    log(f"built {out / 'spconv_build' / 'sparse_conv_ext.so'} and "
+        f"{out / 'voxel_build' / 'voxel_layer.so'}")
 
 
 def _extension(name: str, path: Path):
@@ -274,7 +329,7 @@ def sparse_dump(out: Path, seed: int = 0, npoints: int = 2000) -> Path:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("command", choices=["keys", "dump", "sparse"])
+    p.add_argument("command", choices=["build", "keys", "dump", "sparse"])
     p.add_argument("out", type=Path, nargs="?", default=Path("."))
     p.add_argument("--size", type=int, nargs=2, default=[64, 176])
     p.add_argument("--seed", type=int, default=0)
@@ -283,7 +338,9 @@ def main(argv=None) -> int:
     p.add_argument("--points", type=int, default=4000)
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    if a.command == "keys":
+    if a.command == "build":
+        build_ops(a.out)
+    elif a.command == "keys":
         record_keys(a.out)
     elif a.command == "sparse":
         sparse_dump(a.out, a.seed, a.points)
