@@ -86,7 +86,7 @@ def compare(model, d: dict) -> dict:
     traj = model.sample_steps(feat, steps, seeds=[seed], randsteps=r)
     out["step_probs"] = [maxdiff(lg[0].sigmoid(), ref) for lg, ref in zip(traj.steps,
                                                                           d["step_probs"])]
-    sample = traj.probs(True)
+    sample = traj.output(True)
     out["sample"] = maxdiff(sample, d["sample"])
     probs = model.predict_map(inputs, seeds=[seed], randsteps=r)
     out["whole_model"] = maxdiff(probs[0], d["masks_bev"])

@@ -60,15 +60,12 @@ def test_a_missing_extra_or_misshaped_bev_key_is_one_error_listing_them(own_stat
         assert part in msg
 
 
-def test_lidar_model_and_untimed_head_are_refused_in_one_line():
-    fusion = dict(_layout(), **{"fuser.0.weight": torch.empty(1, device="meta")})
-    with pytest.raises(CheckpointError, match="camera \\+ LiDAR BEV model: not converted") as e:
-        describe(fusion, f"{FUSION}.pth")
-    assert "\n" not in str(e.value)
+def test_untimed_head_is_refused_in_one_line():
     untimed = {k: v for k, v in _layout().items() if ".time_mlp." not in k or "heads" not in k}
-    with pytest.raises(CheckpointError, match="no time input"):
+    with pytest.raises(CheckpointError, match="no time input") as e:
         describe(untimed, "u.pth")
-    assert find_released(FUSION).proven.startswith("not converted")
+    assert "\n" not in str(e.value)
+    assert find_released(FUSION).lidar and not find_released(CAMERA).lidar
 
 
 def test_a_segmentation_config_for_a_bev_checkpoint_is_a_user_error(tmp_path):
@@ -79,12 +76,15 @@ def test_a_segmentation_config_for_a_bev_checkpoint_is_a_user_error(tmp_path):
         load_official(f, "nuscenes/ddp_c_swin_t.yaml")
 
 
-def test_bevfusion_arch_is_camera_only_and_lifts_stride_8():
+def test_bevfusion_arch_lifts_stride_8_and_a_camera_model_refuses_points():
     with pytest.raises(ConfigError, match="camera_stride"):
         load_config("nuscenes/ddp_c_swin_t_bevfusion.yaml", ["model.bev.camera_stride=4"])
-    cfg = load_config("nuscenes/ddp_c_swin_t_bevfusion.yaml", ["data.bev.lidar=true"])
-    with pytest.raises(ConfigError, match="camera-only"), torch.device("meta"):
-        build_model(cfg, 6)
+    with torch.device("meta"):
+        model = build_model(load_config("nuscenes/ddp_c_swin_t_bevfusion.yaml"), 6)
+    assert model.view.lidar is None and model.view.fuser is None
+    with pytest.raises(ValueError, match="camera-only"):
+        model.view(torch.zeros(1, 256, 4, 8), (32, 64), torch.eye(3)[None, None],
+                   torch.eye(4)[None, None], points=torch.zeros(1, 3, 5))
 
 
 def test_official_frustum_uses_bin_starts_and_corner_aligned_pixels():

@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from densediff.errors import ConfigError, UserError
 from densediff.limits import (  # noqa: F401 (re-exported: the schema's bounds)
@@ -518,8 +526,10 @@ class BEVModelConfig(_Strict):
     neck's pooled stride-4 map, LiDAR pillars, a conv fuser, residual blocks); ``bevfusion``:
     the official DDP BEV camera stream (:mod:`densediff.encoders.bevfusion`: GeneralizedLSSFPN
     on encoder levels 2-4, LSS with depthnet + downsample, GeneralizedResNet + LSSFPN), whose
-    weights the released camera checkpoint converts into. ``bevfusion`` is camera-only
-    (``data.bev.lidar: false``) and needs ``camera_stride: 8``."""
+    weights the released camera checkpoint converts into; with ``data.bev.lidar: true`` also the
+    official LiDAR branch (:mod:`densediff.encoders.bevfusion_lidar`: hard voxels, sparse-conv
+    SparseEncoder, ConvFuser; the released camera + LiDAR model uses ``bev_decoder: second``).
+    ``bevfusion`` needs ``camera_stride: 8``."""
     lift_downsample: Literal[1, 2] = 2
     """``bevfusion`` only: the LSS splat grid is this many times finer than the feature grid, and
     a stride-this conv stack brings it back (official 2: 0.4 m -> 0.8 m)."""
@@ -528,6 +538,35 @@ class BEVModelConfig(_Strict):
     """``bevfusion`` only: channels of the residual BEV stages (official 160, 320, 640)."""
     decoder_strides: tuple[Literal[1, 2], ...] = Field((2, 2, 1), min_length=2, max_length=8)
     """``bevfusion`` only: their strides (official 2, 2, 1; the first is undone by upsampling)."""
+    bev_decoder: Literal["resnet", "second"] = "resnet"
+    """``bevfusion`` only: the BEV decoder. ``resnet``: GeneralizedResNet + LSSFPN (the camera
+    model's; ``bev_blocks`` basic blocks per stage, output ``fused_channels``); ``second``:
+    SECOND + SECONDFPN (the camera + LiDAR model's; ``bev_blocks`` extra 3x3 convs per stage,
+    output ``sum(fpn_channels)``, official 128, 256 ch at strides 1, 2 with 5 convs)."""
+    fpn_channels: tuple[Annotated[int, Field(ge=1, le=MAX_CHANNELS)], ...] = Field(
+        (256, 256), min_length=1, max_length=8)
+    """``bev_decoder: second``: SECONDFPN channels per stage (official 256, 256)."""
+    voxel_size: tuple[PositiveFloat, PositiveFloat, PositiveFloat] = (0.1, 0.1, 0.2)
+    """``bevfusion`` + ``data.bev.lidar``: the LiDAR voxel (x, y, z) in metres (official)."""
+    point_range: tuple[float, float, float, float, float, float] = (
+        -51.2, -51.2, -5.0, 51.2, 51.2, 3.0)
+    """... the voxelised range (x0, y0, z0, x1, y1, z1); its x-y extent must be the feature
+    grid's (``data.bev.feat_xbound`` / ``feat_ybound``)."""
+    voxel_points: int = Field(10, ge=1, le=1000)
+    """... points kept per voxel (the first ones; the voxel feature is their mean)."""
+    max_voxels: tuple[Annotated[int, Field(ge=1, le=10**7)],
+                      Annotated[int, Field(ge=1, le=10**7)]] = (90000, 120000)
+    """... voxels kept per sample (the first to appear) in training and in evaluation."""
+    sparse_channels: tuple[tuple[Annotated[int, Field(ge=1, le=MAX_CHANNELS)], ...], ...] = Field(
+        ((16, 16, 32), (32, 32, 64), (64, 64, 128), (128, 128)), min_length=1, max_length=8)
+    """... the sparse encoder's stages: basic-block channels then (all but the last stage) the
+    stride-2 conv's output channels; basic blocks keep their input channels."""
+    sparse_paddings: tuple[tuple[Annotated[int, Field(ge=0, le=4)], ...], ...] = (
+        (1, 1, 1), (1, 1, 1), (1, 1, 0))
+    """... the (x, y, z) paddings of the stride-2 convs, one per stage but the last."""
+    sparse_out_channels: int = Field(128, ge=1, le=MAX_CHANNELS)
+    """... channels of the last (1, 1, 3) sparse conv; the LiDAR BEV features have this times
+    the remaining height cells (official 128 x 2 = 256)."""
 
     camera_stride: Literal[4, 8, 16] = 8
     """Stride of the camera features that are lifted (the neck's stride-4 map is average-pooled;
@@ -554,9 +593,36 @@ class BEVModelConfig(_Strict):
             if len(self.decoder_channels) != len(self.decoder_strides):
                 raise ValueError(f"decoder_channels ({len(self.decoder_channels)}) and "
                                  f"decoder_strides ({len(self.decoder_strides)}) differ in length")
-            if self.bev_blocks < 1:
+            if self.bev_blocks < 1 and self.bev_decoder == "resnet":
                 raise ValueError("arch bevfusion needs bev_blocks >= 1 (blocks per stage)")
+            if self.bev_decoder == "second" and len(self.fpn_channels) != len(
+                    self.decoder_channels):
+                raise ValueError(f"fpn_channels ({len(self.fpn_channels)}) and "
+                                 f"decoder_channels ({len(self.decoder_channels)}) differ in "
+                                 "length")
+            self._check_sparse()
         return self
+
+
+    def _check_sparse(self) -> None:
+        stages, pads = self.sparse_channels, self.sparse_paddings
+        if len(pads) != len(stages) - 1 or any(len(p) != 3 for p in pads):
+            raise ValueError(f"sparse_paddings needs one (x, y, z) triple per stage but the last "
+                             f"({len(stages) - 1}), got {[list(p) for p in pads]}")
+        cin = stages[0][0]
+        for i, stage in enumerate(stages):
+            blocks = stage if i == len(stages) - 1 else stage[:-1]
+            if any(c != cin for c in blocks):
+                raise ValueError(f"sparse_channels stage {i + 1}: its basic blocks keep their "
+                                 f"input channels ({cin}), got {list(stage)}")
+            cin = stage[-1]
+        lo, hi = self.point_range[:3], self.point_range[3:]
+        if any(b <= a for a, b in zip(lo, hi)):
+            raise ValueError(f"point_range {list(self.point_range)}: each high must exceed its "
+                             "low")
+        cells = [round((b - a) / v) for a, b, v in zip(lo, hi, self.voxel_size)]
+        if cells[0] * cells[1] * (cells[2] + 1) > 10**10:
+            raise ValueError(f"point_range / voxel_size give a {cells} voxel grid: too large")
 
 
 class ModelConfig(_Strict):

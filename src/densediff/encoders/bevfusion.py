@@ -26,6 +26,9 @@ released checkpoint converts name by name (:func:`densediff.official.mapping.bev
    stage's size, concatenated with it, 1x1 + 3x3 conv -> BN -> ReLU, and upsampled
    x``scale`` back to the feature grid (bilinear, ``align_corners=True``, then 3x3 conv ->
    BN -> ReLU).
+
+The camera + LiDAR model's LiDAR branch, fuser and SECOND decoder are in
+:mod:`densediff.encoders.bevfusion_lidar`; :class:`BEVFusionView` composes either.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ from torch import nn
 from densediff.encoders.lss import lift_points, splat
 from densediff.utils.grid import BEVGrid
 
-__all__ = ["BEVFusionView", "CameraFPN", "DepthLift", "official_frustum", "residual_stages"]
+__all__ = ["BEVFusionView", "CameraFPN", "DepthLift", "ResidualStages", "official_frustum",
+           "residual_stages"]
 
 
 class ConvBNReLU(nn.Module):
@@ -204,8 +208,19 @@ class UpFuse(nn.Module):
         return self.upsample(self.fuse(torch.cat([last, stages[0]], 1)))
 
 
+class ResidualStages(nn.ModuleList):
+    """Stages applied in turn; returns every stage's output (parameters ``<stage>.<block>``)."""
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        for stage in self:
+            x = stage(x)
+            out.append(x)
+        return out
+
+
 def residual_stages(in_channels: int, channels: Sequence[int], strides: Sequence[int],
-                    blocks: int) -> nn.ModuleList:
+                    blocks: int) -> ResidualStages:
     """BEVFusion ``GeneralizedResNet``: one stage of ``blocks`` :class:`BasicBlock` per entry
     of ``channels`` (official 160, 320, 640 with strides 2, 2, 1 and 2 blocks each)."""
     stages, cin = [], in_channels
@@ -214,40 +229,48 @@ def residual_stages(in_channels: int, channels: Sequence[int], strides: Sequence
                                                  stride if i == 0 else 1)
                                       for i in range(blocks))))
         cin = cout
-    return nn.ModuleList(stages)
+    return ResidualStages(stages)
 
 
 class BEVFusionView(nn.Module):
-    """Camera features (the :class:`CameraFPN` map) -> BEV features on the feature grid:
-    :class:`DepthLift` (``lift``), :func:`residual_stages` (``backbone``) and :class:`UpFuse`
-    (``neck``; the first stage's stride is undone there). The
-    ``view`` of the BEV models under ``model.bev.arch: bevfusion``; camera only.
+    """Camera features (the :class:`CameraFPN` map) [+ LiDAR points] -> BEV features on the
+    feature grid: :class:`DepthLift` (``lift``); with LiDAR, the LiDAR BEV features
+    (``lidar``, :class:`~densediff.encoders.bevfusion_lidar.LidarEncoder`) and the camera ones
+    fused (``fuser``, ``concat(camera, lidar)``); then the BEV decoder: ``backbone`` (a module
+    returning its stages' outputs: :func:`residual_stages` or
+    :class:`~densediff.encoders.bevfusion_lidar.SECOND`) and ``neck`` (:class:`UpFuse` or
+    :class:`~densediff.encoders.bevfusion_lidar.SECONDFPN`, stages -> one map). The ``view``
+    of the BEV models under ``model.bev.arch: bevfusion``.
 
     Args:
-        in_channels: camera feature channels; channels: lifted channels;
-        decoder_channels, decoder_strides, blocks: see :func:`residual_stages`;
-        out_channels: the output channels (:class:`UpFuse`, official 256);
-        grid, dbound, zbound, downsample: see :class:`DepthLift`.
+        lift, backbone, neck: the modules above; out_channels: the neck's output channels;
+        lidar, fuser: both or neither (camera only).
     """
 
-    def __init__(self, in_channels: int, channels: int, decoder_channels: Sequence[int],
-                 decoder_strides: Sequence[int], blocks: int, out_channels: int, grid: BEVGrid,
-                 dbound: tuple[float, float, float], zbound: tuple[float, float],
-                 downsample: int = 2):
+    def __init__(self, lift: DepthLift, backbone: nn.Module, neck: nn.Module, out_channels: int,
+                 lidar: nn.Module | None = None, fuser: nn.Module | None = None):
         super().__init__()
+        if (lidar is None) != (fuser is None):
+            raise ValueError("BEVFusionView: give both lidar and fuser, or neither")
         self.out_channels = out_channels
-        self.lift = DepthLift(in_channels, channels, dbound, zbound, grid, downsample)
-        self.backbone = residual_stages(channels, decoder_channels, decoder_strides, blocks)
-        self.neck = UpFuse((decoder_channels[-1], decoder_channels[0]), out_channels,
-                           decoder_strides[0])
+        self.lift, self.lidar, self.fuser = lift, lidar, fuser
+        self.backbone, self.neck = backbone, neck
+
+    def bev(self, feat: torch.Tensor, image_size: tuple[int, int], intrinsics: torch.Tensor,
+            cam2ego: torch.Tensor, points: torch.Tensor | None = None,
+            points_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's input: the camera BEV features, or the fused ones."""
+        if (points is not None) != (self.lidar is not None):
+            raise ValueError("this model is camera + LiDAR: the inputs need 'points' (set "
+                             "data.bev.lidar: true)" if self.lidar is not None else
+                             "this model is camera-only: set data.bev.lidar false")
+        x = self.lift(feat, image_size, intrinsics, cam2ego)
+        if self.lidar is not None:
+            x = self.fuser([x, self.lidar(points, points_mask)])
+        return x
 
     def forward(self, feat: torch.Tensor, image_size: tuple[int, int], intrinsics: torch.Tensor,
                 cam2ego: torch.Tensor, points: torch.Tensor | None = None,
                 points_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if points is not None:
-            raise ValueError("model.bev.arch bevfusion is camera-only: set data.bev.lidar false")
-        x, stages = self.lift(feat, image_size, intrinsics, cam2ego), []
-        for stage in self.backbone:
-            x = stage(x)
-            stages.append(x)
-        return self.neck(stages)
+        x = self.bev(feat, image_size, intrinsics, cam2ego, points, points_mask)
+        return self.neck(self.backbone(x))

@@ -20,6 +20,7 @@ BEV code changes (reference notes §1.12):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -31,7 +32,8 @@ from densediff.criteria.bev import sigmoid_focal_loss
 from densediff.decoders.bev import BEVGridTransform, Resampled
 from densediff.diffusion.encodings import MultiLabelEmbedding
 from densediff.encoders.bev import BEVEncoder
-from densediff.encoders.bevfusion import BEVFusionView, CameraFPN
+from densediff.encoders.bevfusion import BEVFusionView, CameraFPN, DepthLift, UpFuse, residual_stages
+from densediff.encoders.bevfusion_lidar import SECOND, SECONDFPN, ConvFuser, LidarEncoder
 from densediff.encoders.lss import camera_features
 from densediff.errors import ConfigError
 from densediff.models.ddp import DDP
@@ -40,6 +42,49 @@ from densediff.models.segmentor import FeatureSegmentor, build_head
 from densediff.utils.grid import feature_grid, output_grid
 
 __all__ = ["BEVDDP", "BEVSegmentor"]
+
+POINT_FEATURES = 5
+"""Features per LiDAR point in the BEV inputs: x, y, z, intensity, time lag."""
+
+
+def _bevfusion_view(model_cfg: ModelConfig, bev: BEVDataConfig) -> BEVFusionView:
+    """``arch: bevfusion``: the official camera stream [+ LiDAR branch and fuser] and BEV
+    decoder (``model.bev.bev_decoder``)."""
+    bm, grid = model_cfg.bev, feature_grid(bev)
+    lift = DepthLift(model_cfg.neck.channels, bm.camera_channels, tuple(bev.dbound),
+                     tuple(bev.zbound), grid, bm.lift_downsample)
+    lidar = fuser = None
+    channels = bm.camera_channels
+    if bev.lidar:
+        lidar = LidarEncoder(POINT_FEATURES, bm.point_range, bm.voxel_size, bm.voxel_points,
+                             bm.max_voxels, bm.sparse_channels, bm.sparse_paddings,
+                             bm.sparse_out_channels)
+        if min(lidar.backbone.bev_shape) < 1:
+            raise ConfigError(f"model.bev.point_range / voxel_size / sparse_paddings leave a "
+                              f"{list(lidar.backbone.bev_shape)} LiDAR grid after the sparse "
+                              "encoder's strides: use more height voxels (official 40)")
+        extent = (bm.point_range[0], bm.point_range[3], bm.point_range[1], bm.point_range[4])
+        if (tuple(lidar.bev_shape) != tuple(grid.shape) or max(
+                abs(a - b) for a, b in zip(extent, (*grid.xbound[:2], *grid.ybound[:2]))) > 1e-6):
+            raise ConfigError(
+                f"model.bev.point_range / voxel_size give LiDAR BEV features of "
+                f"{list(lidar.bev_shape)} cells over x, y {list(extent)}, but the feature grid "
+                f"(data.bev.feat_xbound / feat_ybound) is {list(grid.shape)} over "
+                f"{[*grid.xbound[:2], *grid.ybound[:2]]}: they must be the same")
+        fuser = ConvFuser(channels + lidar.out_channels, bm.fused_channels)
+        channels = bm.fused_channels
+    if bm.bev_decoder == "second":
+        backbone = SECOND(channels, bm.decoder_channels, bm.decoder_strides, bm.bev_blocks)
+        ups = [math.prod(bm.decoder_strides[:i + 1]) for i in range(len(bm.decoder_strides))]
+        neck = SECONDFPN(bm.decoder_channels, bm.fpn_channels, ups)
+        out = neck.out_channels
+    else:
+        backbone = residual_stages(channels, bm.decoder_channels, bm.decoder_strides,
+                                   bm.bev_blocks)
+        neck = UpFuse((bm.decoder_channels[-1], bm.decoder_channels[0]), bm.fused_channels,
+                      bm.decoder_strides[0])
+        out = bm.fused_channels
+    return BEVFusionView(lift, backbone, neck, out, lidar, fuser)
 
 
 class _BEVModel:
@@ -54,10 +99,7 @@ class _BEVModel:
         :class:`~densediff.models.segmentor.FeatureSegmentor`."""
         bm = model_cfg.bev
         if bm.arch == "bevfusion":
-            return lambda: BEVFusionView(model_cfg.neck.channels, bm.camera_channels,
-                                         bm.decoder_channels, bm.decoder_strides, bm.bev_blocks,
-                                         bm.fused_channels, feature_grid(bev), tuple(bev.dbound),
-                                         tuple(bev.zbound), bm.lift_downsample)
+            return lambda: _bevfusion_view(model_cfg, bev)
         return lambda: BEVEncoder(model_cfg.neck.channels, bm.camera_channels,
                                   bm.lidar_channels if bev.lidar else None, bm.fused_channels,
                                   bm.bev_blocks, feature_grid(bev), tuple(bev.dbound),
@@ -77,8 +119,6 @@ class _BEVModel:
         """``arch: bevfusion``: the neck is :class:`~densediff.encoders.bevfusion.CameraFPN` on
         encoder levels 2-4 (the official Swin has ``out_indices`` 1, 2, 3), so the first
         level's output norm is not used: it is removed (no parameter without a gradient)."""
-        if bev.lidar:
-            raise ConfigError("model.bev.arch bevfusion is camera-only: set data.bev.lidar false")
         self.neck = CameraFPN(self.encoder.out_channels[1:], model_cfg.neck.channels, stride=8)
         norms = getattr(getattr(self.encoder, "model", None), "hidden_states_norms", None)
         if norms is not None and "stage1" in norms:

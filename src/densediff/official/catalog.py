@@ -27,6 +27,7 @@ class ReleasedModel:
         aligned: the self-aligned-denoising fine-tune (Alg. 4), 10 test steps.
         reported: the authors' numbers (label -> value), not measured here.
         proven: what densediff proved about this layout against the official code.
+        lidar: a camera + LiDAR BEV model.
     """
 
     name: str
@@ -37,6 +38,7 @@ class ReleasedModel:
     aligned: bool
     reported: str
     proven: str
+    lidar: bool = False
 
     @property
     def hub_file(self) -> str:
@@ -57,8 +59,9 @@ _PROVEN_SEG = "oracle parity (random weights): see RESULTS, Official parity"
 _PROVEN_SHARED = "converted strictly; same code paths as the proven T/L sizes"
 _PROVEN_BEV_CAMERA = ("oracle parity (random weights; official camera modules on CPU, "
                       "model.bev.arch bevfusion): see RESULTS, Official parity, BEV")
-_PROVEN_BEV_FUSION = ("not converted: the LiDAR branch (voxelisation, spconv SparseEncoder, "
-                      "ConvFuser, SECOND decoder) has no densediff counterpart")
+_PROVEN_BEV_FUSION = ("oracle parity (random weights; official modules on CPU, the vendored "
+                      "spconv 1.x and voxel ops built from their C++ sources for the CPU; "
+                      "sparse conv vs a dense reference): see RESULTS, Official parity, BEV")
 
 
 def _proven(variant: str) -> str:
@@ -84,9 +87,10 @@ RELEASED: tuple[ReleasedModel, ...] = (
     ReleasedModel("ddp-camera-bev256d2-lss-scale001-d5-lr5e-5",
                   "nuscenes/ddp_c_swin_t_bevfusion.yaml", "nuscenes", "swin", "tiny", False,
                   "nuScenes val BEV map mIoU 59.4 (camera)", _PROVEN_BEV_CAMERA),
-    ReleasedModel("ddp-fusion-bev256d2-lss-scale001-d5-lr5e-5", "nuscenes/ddp_cl_swin_t.yaml",
-                  "nuscenes", "swin", "tiny", False,
-                  "nuScenes val BEV map mIoU 70.6 (camera + LiDAR)", _PROVEN_BEV_FUSION),
+    ReleasedModel("ddp-fusion-bev256d2-lss-scale001-d5-lr5e-5",
+                  "nuscenes/ddp_cl_swin_t_bevfusion.yaml", "nuscenes", "swin", "tiny", False,
+                  "nuScenes val BEV map mIoU 70.6 (camera + LiDAR)", _PROVEN_BEV_FUSION,
+                  lidar=True),
 )
 """Every released DDP checkpoint (no depth model was released: "TBA")."""
 
@@ -97,9 +101,8 @@ def find_released(name: str) -> ReleasedModel | None:
     return next((m for m in RELEASED if m.name == stem), None)
 
 
-def match_released(dataset: str, backbone: str, variant: str, aligned: bool
-                   ) -> ReleasedModel | None:
-    """The first entry with this dataset, backbone, size and fine-tune, else None (nuScenes:
-    the camera-only model; the camera + LiDAR one is not converted)."""
-    return next((m for m in RELEASED if (m.dataset, m.backbone, m.variant, m.aligned)
-                 == (dataset, backbone, variant, aligned)), None)
+def match_released(dataset: str, backbone: str, variant: str, aligned: bool,
+                   lidar: bool = False) -> ReleasedModel | None:
+    """The first entry with this dataset, backbone, size, fine-tune and sensors, else None."""
+    return next((m for m in RELEASED if (m.dataset, m.backbone, m.variant, m.aligned, m.lidar)
+                 == (dataset, backbone, variant, aligned, lidar)), None)

@@ -119,6 +119,7 @@ class OfficialArch:
     variant: str  # tiny | small | base | large
     window: int | None  # swin attention window
     num_classes: int
+    lidar: bool = False  # BEV: the camera + LiDAR model
 
     @property
     def dataset(self) -> str | None:
@@ -126,11 +127,10 @@ class OfficialArch:
 
 
 def describe(state: dict[str, torch.Tensor], source: str) -> OfficialArch:
-    """Recognise an official DDP segmentation or camera-only BEV state dict.
+    """Recognise an official DDP segmentation or BEV (camera, camera + LiDAR) state dict.
 
     Raises:
-        CheckpointError: not a DDP checkpoint, the camera + LiDAR BEV model (not converted),
-            or a backbone size that no released model has.
+        CheckpointError: not a DDP checkpoint, or a backbone size that no released model has.
     """
     if is_bev_state(state):
         return _describe_bev(state, source)
@@ -170,13 +170,14 @@ def is_bev_state(state: dict[str, torch.Tensor]) -> bool:
 
 
 def _describe_bev(state: dict[str, torch.Tensor], source: str) -> OfficialArch:
-    """The released camera-only BEV model's layout (Swin-T camera backbone, 6 map classes,
-    time-aware map head), else one line saying what differs."""
-    if any(k.startswith(("encoders.lidar.", "fuser.")) for k in state):
-        raise CheckpointError(
-            f"{source}: the official camera + LiDAR BEV model: not converted: its LiDAR branch "
-            "(hard voxelisation, spconv SparseEncoder, ConvFuser, SECOND + SECONDFPN decoder) has "
-            "no densediff counterpart; the camera-only model converts")
+    """The released BEV models' layout (Swin-T camera backbone, 6 map classes, time-aware map
+    head; with or without the LiDAR branch), else one line saying what differs."""
+    lidar = any(k.startswith(("encoders.lidar.", "fuser.")) for k in state)
+    if lidar and not {"encoders.lidar.backbone.conv_input.0.weight", "fuser.0.weight"} <= set(
+            state):
+        raise CheckpointError(f"{source}: an official BEV checkpoint with LiDAR tensors but no "
+                              "SparseEncoder input conv or ConvFuser: no released model has "
+                              "that layout")
     prefix = "encoders.camera.backbone."
     head = state.get("heads.map.conv_seg.weight")
     if f"{prefix}patch_embed.projection.weight" not in state or head is None:
@@ -196,7 +197,7 @@ def _describe_bev(state: dict[str, torch.Tensor], source: str) -> OfficialArch:
         raise CheckpointError(f"{source}: its map head has no time input (no "
                               "heads.map.encoder.layers.*.time_mlp): the released config's "
                               "time-aware layers were not used; densediff's BEV DDP needs them")
-    return OfficialArch("swin", "tiny", window, int(head.shape[0]))
+    return OfficialArch("swin", "tiny", window, int(head.shape[0]), lidar)
 
 
 def _count(state: dict[str, torch.Tensor], pattern: str) -> int:
@@ -220,7 +221,7 @@ def released_for(arch: OfficialArch, meta: dict[str, Any], source: str) -> Relea
         raise CheckpointError(f"{source}: {arch.num_classes} classes: no released model has that "
                               "(ADE20K 150, Cityscapes 19); convert it with --config <your config>")
     aligned = _is_aligned(meta, source)
-    entry = match_released(arch.dataset, arch.backbone, arch.variant, aligned)
+    entry = match_released(arch.dataset, arch.backbone, arch.variant, aligned, arch.lidar)
     if entry is None:
         raise CheckpointError(f"{source}: no released model is a {arch.dataset} {arch.backbone} "
                               f"{arch.variant}{' aligned' if aligned else ''}; convert it with "
@@ -293,6 +294,12 @@ def load_official(source: str | os.PathLike, config: str | os.PathLike | None = 
                 or cfg.model.encoder.name != "swin" or cfg.model.type != "ddp"):
         raise UserError("--config: an official BEV checkpoint needs a BEV DDP config with "
                         "model.bev.arch: bevfusion on swin (e.g. nuscenes/ddp_c_swin_t_bevfusion.yaml)")
+    lidar = bev and any(k.startswith("encoders.lidar.") for k in state)
+    if bev and lidar != cfg.data.bev.lidar:
+        raise UserError(f"--config: this official BEV checkpoint is "
+                        f"{'camera + LiDAR' if lidar else 'camera-only'}: set data.bev.lidar: "
+                        f"{str(lidar).lower()} (e.g. nuscenes/"
+                        f"{'ddp_cl_swin_t_bevfusion' if lidar else 'ddp_c_swin_t_bevfusion'}.yaml)")
     if backbone is None:
         backbone = cfg.model.encoder.name
         if backbone not in ("swin", "convnext") or cfg.model.type != "ddp":

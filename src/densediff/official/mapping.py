@@ -13,8 +13,9 @@ also change layout:
   the norm's entries) from the first order to the second;
 - Swin ``relative_position_index`` buffers are derived from the window size: dropped.
 
-The official BEV camera model (``encoders.camera.*``, ``decoder.*``, ``heads.map.*``) converts
-into ``model.bev.arch: bevfusion`` by :func:`bev_rules` (see the comment above it), which
+The official BEV models (``encoders.camera.*``, ``decoder.*``, ``heads.map.*``; the camera + LiDAR
+one also ``encoders.lidar.*``, ``fuser.*``) convert into ``model.bev.arch: bevfusion`` by
+:func:`bev_rules` (see the comment above it), which
 reuse the Swin and DDP rules under the BEV prefixes.
 
 transformers renamed its Swin parameters between major versions (v4: ``attention.self.query``,
@@ -252,8 +253,11 @@ def apply_rules(official: Mapping[str, Tensor], rules: list[Rule],
 # - ``encoders.camera.vtransform.{depthnet, downsample}.*`` -> ``view.lift.*``; its
 #   ``frustum``, ``dx``, ``bx``, ``nx`` are parameters derived from the config (image size,
 #   bounds): dropped, like Swin's ``relative_position_index``;
-# - ``decoder.backbone.*`` / ``decoder.neck.*`` (GeneralizedResNet / LSSFPN) -> ``view.backbone.*``
-#   / ``view.neck.*``;
+# - ``decoder.backbone.*`` / ``decoder.neck.*`` (GeneralizedResNet / LSSFPN; the camera + LiDAR
+#   model's SECOND / SECONDFPN) -> ``view.backbone.*`` / ``view.neck.*``;
+# - the camera + LiDAR model: ``encoders.lidar.backbone.*`` (SparseEncoder; spconv 1.x weights
+#   ``(k0, k1, k2, in, out)``, kept as they are) -> ``view.lidar.backbone.*``, ``fuser.*``
+#   (ConvFuser) -> ``view.fuser.*`` (:mod:`densediff.encoders.bevfusion_lidar`);
 # - ``heads.map.encoder.layers.*`` and ``heads.map.conv_seg.*``: the segmentation head rules
 #   (``decode_head.*``), under ``decoder.head.*`` (densediff resamples to the output grid in
 #   ``decoder.transform``, which has no parameters);
@@ -291,6 +295,8 @@ def bev_rules(naming: Mapping[str, str]) -> list[Rule]:
         (r(vt + r"(frustum|dx|bx|nx)"), _drop),
         (r(vt + r"((?:depthnet|downsample)\..+)"), _to("view.lift.{0}")),
         (r(r"decoder\.(backbone|neck)\.(.+)"), _to("view.{0}.{1}")),
+        (r(r"encoders\.lidar\.backbone\.(.+)"), _to("view.lidar.backbone.{0}")),
+        (r(r"fuser\.(.+)"), _to("view.fuser.{0}")),
     ]
 
 
