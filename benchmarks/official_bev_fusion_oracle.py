@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import sys
 import time
@@ -170,20 +169,11 @@ def official_cfg(image_size=(256, 704)) -> dict:
 
 
 def build(image_size=(256, 704), seed: int = 0):
-    DDP = import_official()
-    torch.manual_seed(seed)
-    model = DDP(**official_cfg(image_size))
-    model.init_weights()
-    return model.eval()
+    return cam.build(image_size, seed, import_official, official_cfg)
 
 
 def record_keys(out: Path) -> Path:
-    model = build()
-    layout = {k: list(v.shape) for k, v in model.state_dict().items()}
-    path = out / f"keys_{NAME}.json"
-    path.write_text(json.dumps(layout, indent=0) + "\n")
-    log(f"{path}: {len(layout)} tensors")
-    return path
+    return cam.record_keys(out, NAME, build)
 
 
 def random_points(n: int, seed: int) -> torch.Tensor:
@@ -254,16 +244,10 @@ def dump(out: Path, size=(64, 176), seed: int = 0, ncam: int = 2, randsteps: int
     dec = model.decoder["neck"](model.decoder["backbone"](fused))
     dec = dec[0] if isinstance(dec, (list, tuple)) else dec
     d["decoder"] = dec
-    fh, fw = dec.shape[2], dec.shape[3]
-    x_t = torch.randn((1, 256, fh, fw), generator=g) * 0.6
-    t = torch.tensor([0.5])
-    log_snr = model.log_snr(t)
-    time_emb = model.time_mlp(log_snr)
-    fused_in = model.transform(torch.cat([dec, x_t], 1))
+    call = cam.head_call(model, dec, g)
+    call["fused_in"] = call.pop("fused")  # "fused" here: the camera + LiDAR fuser
+    d.update(call)
     head = model.heads["map"]
-    probs = head([fused_in], time_emb, target=None)
-    d.update(x_t=x_t, t=t, log_snr=log_snr, time_emb=time_emb, fused_in=fused_in,
-             head_probs=probs)
     with cam.SeededNoise(seed) as noise, cam.HeadRecorder(head) as rec:
         sample = model.ddim_sample([dec], head)
     d["noise"] = noise.drawn[0]

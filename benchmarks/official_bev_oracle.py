@@ -205,10 +205,12 @@ def official_cfg(image_size=(256, 704)) -> dict:
     return ConfigDict(cfg)  # attribute access, as torchpack / mmcv configs give
 
 
-def build(image_size=(256, 704), seed: int = 0):
-    DDP = import_official()
+def build(image_size=(256, 704), seed: int = 0, official=None, cfg_of=None):
+    """The official model (``official``: its importer, ``cfg_of``: its config; default the
+    camera model's), seeded, initialised, in eval mode."""
+    DDP = (official or import_official)()
     torch.manual_seed(seed)
-    model = DDP(**official_cfg(image_size))
+    model = DDP(**(cfg_of or official_cfg)(image_size))
     model.init_weights()
     return model.eval()
 
@@ -216,10 +218,25 @@ def build(image_size=(256, 704), seed: int = 0):
 # ------------------------------------------------------------------------------ commands
 
 
-def record_keys(out: Path) -> Path:
-    model = build()
+def head_call(model, dec: torch.Tensor, g: torch.Generator) -> dict:
+    """One map-head call at a fixed noisy map (``g``) and t = 0.5, with its inputs:
+    ``x_t``, ``t``, ``log_snr``, ``time_emb``, ``fused`` (the head's input), ``head_probs``."""
+    fh, fw = dec.shape[2], dec.shape[3]
+    x_t = torch.randn((1, 256, fh, fw), generator=g) * 0.6
+    t = torch.tensor([0.5])
+    log_snr = model.log_snr(t)
+    time_emb = model.time_mlp(log_snr)
+    fused = model.transform(torch.cat([dec, x_t], 1))
+    probs = model.heads["map"]([fused], time_emb, target=None)
+    return dict(x_t=x_t, t=t, log_snr=log_snr, time_emb=time_emb, fused=fused,
+                head_probs=probs)
+
+
+def record_keys(out: Path, name: str = NAME, build_fn=None) -> Path:
+    """``out/keys_<name>.json``: every tensor name and shape of the official model."""
+    model = (build_fn or build)()
     layout = {k: list(v.shape) for k, v in model.state_dict().items()}
-    path = out / f"keys_{NAME}.json"
+    path = out / f"keys_{name}.json"
     path.write_text(json.dumps(layout, indent=0) + "\n")
     log(f"{path}: {len(layout)} tensors")
     return path
@@ -346,16 +363,8 @@ def dump(out: Path, size=(64, 176), seed: int = 0, ncam: int = 2, randsteps: int
     d["bev"] = bev
     dec = model.decoder["neck"](model.decoder["backbone"](bev))
     d["decoder"] = dec
-    # one map-head call at a fixed noisy map and t
-    fh, fw = dec.shape[2], dec.shape[3]
-    x_t = torch.randn((1, 256, fh, fw), generator=g) * 0.6
-    t = torch.tensor([0.5])
-    log_snr = model.log_snr(t)
-    time_emb = model.time_mlp(log_snr)
-    fused = model.transform(torch.cat([dec, x_t], 1))
+    d.update(head_call(model, dec, g))
     head = model.heads["map"]
-    probs = head([fused], time_emb, target=None)
-    d.update(x_t=x_t, t=t, log_snr=log_snr, time_emb=time_emb, fused=fused, head_probs=probs)
     # the sampler (ddim_sample) with densediff's seeded start noise
     with SeededNoise(seed) as noise, HeadRecorder(head) as rec:
         sample = model.ddim_sample([dec], head)

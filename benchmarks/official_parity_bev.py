@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from densediff.utils.precision import cpu_model
 
 NAME = "ddp-camera-bev256d2-lss-scale001-d5-lr5e-5"
 TOL = 1e-4
@@ -45,22 +46,10 @@ def maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max())
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 @torch.no_grad()
 def compare(model, d: dict) -> dict:
-    from densediff.diffusion.samplers import seeded_normal
 
     info = d["info"]
-    seed, steps, r = info["seed"], info["steps"], info["randsteps"]
     img, intr, cam2ego = d["img"], d["intrinsics"], d["cam2ego"]
     size = tuple(img.shape[-2:])
     out: dict = {}
@@ -76,28 +65,41 @@ def compare(model, d: dict) -> dict:
     out["bev_decoder"] = maxdiff(feat, d["decoder"])
     log_snr = model.schedule(d["t"])
     out["log_snr"] = maxdiff(log_snr, d["log_snr"])
-    out["time_emb"] = maxdiff(model.time_mlp(log_snr), d["time_emb"])
     out["fused"] = maxdiff(model.fuse(torch.cat([d["decoder"], d["x_t"]], 1)), d["fused"])
-    out["head_call"] = maxdiff(model.denoise(d["decoder"], d["x_t"], log_snr).sigmoid(),
-                               d["head_probs"])
+    out.update(compare_sampling(model, d, feat, inputs))
+    out["official_bev_pool_check"] = info["bev_pool_check"]
+    return out
+
+
+@torch.no_grad()
+def compare_sampling(model, d: dict, feat: torch.Tensor, inputs: dict) -> dict:
+    """The diffusion stages of a BEV model against an oracle dump: time embedding, one head
+    call, the seeded start noise, every sampling step, the sampler output and the whole model
+    from its inputs, and how many thresholded cells differ (with the official margin there)."""
+    from densediff.diffusion.samplers import seeded_normal
+
+    info = d["info"]
+    seed, steps, r = info["seed"], info["steps"], info["randsteps"]
+    log_snr = model.schedule(d["t"])
+    out: dict = {"time_emb": maxdiff(model.time_mlp(log_snr), d["time_emb"]),
+                 "head_call": maxdiff(model.denoise(d["decoder"], d["x_t"], log_snr).sigmoid(),
+                                      d["head_probs"])}
     noise = seeded_normal((r, *d["noise"].shape[1:]), [torch.Generator().manual_seed(seed)],
                           "cpu")
     out["noise"] = maxdiff(noise, d["noise"])
     traj = model.sample_steps(feat, steps, seeds=[seed], randsteps=r)
     out["step_probs"] = [maxdiff(lg[0].sigmoid(), ref) for lg, ref in zip(traj.steps,
                                                                           d["step_probs"])]
-    sample = traj.output(True)
-    out["sample"] = maxdiff(sample, d["sample"])
+    out["sample"] = maxdiff(traj.output(True), d["sample"])
     probs = model.predict_map(inputs, seeds=[seed], randsteps=r)
     out["whole_model"] = maxdiff(probs[0], d["masks_bev"])
     ours, ref = probs[0] > 0.5, d["masks_bev"] > 0.5
-    out["thresholded_agree"] = float((ours == ref).float().mean())
     differ = ours != ref
+    out["thresholded_agree"] = float((ours == ref).float().mean())
     out["thresholded_differ"] = int(differ.sum())
     # how close the official probability is to the threshold where the maps differ
     out["official_margin_at_differ"] = (float((d["masks_bev"][differ] - 0.5).abs().max())
                                         if differ.any() else 0.0)
-    out["official_bev_pool_check"] = info["bev_pool_check"]
     return out
 
 
@@ -133,8 +135,11 @@ def table(r: dict, info: dict, tol: float) -> str:
     return "\n".join([head, "", "| stage | max abs diff |", "|---|---|", *rows])
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def run(argv, name: str, compare, table, passed, out_json: str, doc: str) -> int:
+    """Convert ``<dumps>/<name>.pth`` with ``densediff convert``, compare the converted model
+    with every ``<name>_<H>x<W>.pt`` dump of the oracle (``compare``), print each ``table``
+    and write ``<work>/<out_json>``; exit status 0 when every dump ``passed``."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--dumps", type=Path, required=True)
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--tol", type=float, default=TOL)
@@ -142,9 +147,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     import densediff
 
-    dumps = sorted(a.dumps.glob(f"{NAME}_*x*.pt"))
+    dumps = sorted(a.dumps.glob(f"{name}_*x*.pt"))
     if not dumps:
-        print(f"no {NAME}_<H>x<W>.pt under {a.dumps}", file=sys.stderr)
+        print(f"no {name}_<H>x<W>.pt under {a.dumps}", file=sys.stderr)
         return 1
     out = a.work / "converted"
     if out.exists():
@@ -154,13 +159,12 @@ def main(argv=None) -> int:
     a.work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     res = subprocess.run([sys.executable, "-m", "densediff.cli.main", "convert",
-                          str(a.dumps / f"{NAME}.pth"), str(out)], capture_output=True, text=True)
+                          str(a.dumps / f"{name}.pth"), str(out)], capture_output=True, text=True)
     if res.returncode != 0:
         print(res.stdout + res.stderr, file=sys.stderr)
         return 1
     convert_s = time.time() - t0
-    model = densediff.load(str(out))
-    model = getattr(model, "model", model).eval()
+    model = densediff.load(str(out)).model.eval()
     ok, results = True, {}
     for path in dumps:
         d = torch.load(path, weights_only=False)
@@ -171,10 +175,13 @@ def main(argv=None) -> int:
         ok &= passed(r, a.tol)
     meta = dict(cpu=cpu_model(), date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
                 convert_seconds=round(convert_s, 1), passed=ok)
-    (a.work / "bev_parity.json").write_text(json.dumps(dict(meta=meta, results=results),
-                                                       indent=1))
+    (a.work / out_json).write_text(json.dumps(dict(meta=meta, results=results), indent=1))
     print(json.dumps(meta))
     return 0 if ok else 1
+
+
+def main(argv=None) -> int:
+    return run(argv, NAME, compare, table, passed, "bev_parity.json", __doc__)
 
 
 if __name__ == "__main__":

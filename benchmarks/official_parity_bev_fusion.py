@@ -27,17 +27,13 @@ thresholded cell may differ only at a round-off tie (as the camera parity).
 
 from __future__ import annotations
 
-import argparse
-import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from official_parity_bev import TOL, cpu_model, maxdiff  # noqa: E402
+from official_parity_bev import compare_sampling, maxdiff, run  # noqa: E402
 
 NAME = "ddp-fusion-bev256d2-lss-scale001-d5-lr5e-5"
 NOT_DIFFS = ("voxel_coords_equal", "sites_equal", "thresholded_agree", "thresholded_differ",
@@ -54,11 +50,8 @@ def _by_site(coords: torch.Tensor, feats: torch.Tensor, shape) -> tuple[torch.Te
 
 @torch.no_grad()
 def compare(model, d: dict) -> dict:
-    from densediff.diffusion.samplers import seeded_normal
     from densediff.encoders.bevfusion_lidar import voxelize
 
-    info = d["info"]
-    seed, steps, r = info["seed"], info["steps"], info["randsteps"]
     img, intr, cam2ego, pts = d["img"], d["intrinsics"], d["cam2ego"], d["points"]
     size = tuple(img.shape[-2:])
     view = model.view
@@ -92,27 +85,9 @@ def compare(model, d: dict) -> dict:
     out["bev_decoder"] = maxdiff(feat, d["decoder"])
     out["decoder_on_official_fused"] = maxdiff(view.neck(view.backbone(d["fused_bev"])),
                                                d["decoder"])
-    log_snr = model.schedule(d["t"])
-    out["time_emb"] = maxdiff(model.time_mlp(log_snr), d["time_emb"])
     out["fused_input"] = maxdiff(model.fuse(torch.cat([d["decoder"], d["x_t"]], 1)),
                                  d["fused_in"])
-    out["head_call"] = maxdiff(model.denoise(d["decoder"], d["x_t"], log_snr).sigmoid(),
-                               d["head_probs"])
-    noise = seeded_normal((r, *d["noise"].shape[1:]), [torch.Generator().manual_seed(seed)],
-                          "cpu")
-    out["noise"] = maxdiff(noise, d["noise"])
-    traj = model.sample_steps(feat, steps, seeds=[seed], randsteps=r)
-    out["step_probs"] = [maxdiff(lg[0].sigmoid(), ref) for lg, ref in zip(traj.steps,
-                                                                          d["step_probs"])]
-    out["sample"] = maxdiff(traj.output(True), d["sample"])
-    probs = model.predict_map(inputs, seeds=[seed], randsteps=r)
-    out["whole_model"] = maxdiff(probs[0], d["masks_bev"])
-    ours, ref = probs[0] > 0.5, d["masks_bev"] > 0.5
-    differ = ours != ref
-    out["thresholded_agree"] = float((ours == ref).float().mean())
-    out["thresholded_differ"] = int(differ.sum())
-    out["official_margin_at_differ"] = (float((d["masks_bev"][differ] - 0.5).abs().max())
-                                        if differ.any() else 0.0)
+    out.update(compare_sampling(model, d, feat, inputs))
     # the size of what was compared (a diff means little next to a map of zeros)
     out["official_max_abs"] = {
         "voxel_feats": float(d["voxel_feats"].abs().max()),
@@ -160,47 +135,7 @@ def table(r: dict, info: dict, tol: float) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dumps", type=Path, required=True)
-    p.add_argument("--work", type=Path, required=True)
-    p.add_argument("--tol", type=float, default=TOL)
-    a = p.parse_args(argv)
-    torch.set_num_threads(1)
-    import densediff
-
-    dumps = sorted(a.dumps.glob(f"{NAME}_*x*.pt"))
-    if not dumps:
-        print(f"no {NAME}_<H>x<W>.pt under {a.dumps}", file=sys.stderr)
-        return 1
-    out = a.work / "converted"
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    a.work.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    res = subprocess.run([sys.executable, "-m", "densediff.cli.main", "convert",
-                          str(a.dumps / f"{NAME}.pth"), str(out)], capture_output=True, text=True)
-    if res.returncode != 0:
-        print(res.stdout + res.stderr, file=sys.stderr)
-        return 1
-    convert_s = time.time() - t0
-    model = densediff.load(str(out))
-    model = getattr(model, "model", model).eval()
-    ok, results = True, {}
-    for path in dumps:
-        d = torch.load(path, weights_only=False)
-        t0 = time.time()
-        r = compare(model, d)
-        results[path.name] = dict(r, seconds=round(time.time() - t0, 1))
-        print(table(r, d["info"], a.tol) + "\n", flush=True)
-        ok &= passed(r, a.tol)
-    meta = dict(cpu=cpu_model(), date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
-                convert_seconds=round(convert_s, 1), passed=ok)
-    (a.work / "bev_fusion_parity.json").write_text(json.dumps(dict(meta=meta, results=results),
-                                                              indent=1))
-    print(json.dumps(meta))
-    return 0 if ok else 1
+    return run(argv, NAME, compare, table, passed, "bev_fusion_parity.json", __doc__)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ compared to 1e-4 and labels to 99 % agreement.
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 from pathlib import Path
 
@@ -29,18 +28,10 @@ CASES = ["generated/baseline.yaml", "generated/ddp.yaml", "generated/ddps.yaml",
          "generated/depth_ddp.yaml", "generated/bev_ddp.yaml"]
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def _machine() -> str:
-    return f"{_cpu()} | torch {torch.__version__}"
+    from densediff.utils.precision import cpu_model
+
+    return f"{cpu_model()} | torch {torch.__version__}"
 
 
 def _weights(run: Path, name: str) -> dict[str, torch.Tensor]:

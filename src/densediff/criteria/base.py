@@ -31,7 +31,19 @@ import torch.distributed as dist
 from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
-__all__ = ["DatasetMetric", "gather_states"]
+__all__ = ["DatasetMetric", "gather_states", "stack_steps"]
+
+
+def stack_steps(steps, name: str) -> torch.Tensor:
+    """Per-step maps (a tensor S x ..., or a sequence of S tensors) as one S x ... tensor;
+    ValueError naming ``name`` when there is no step."""
+    if not isinstance(steps, torch.Tensor):
+        if len(steps) == 0:
+            raise ValueError(f"{name} is empty")
+        steps = torch.stack(list(steps))
+    if steps.dim() < 1 or steps.shape[0] < 1:
+        raise ValueError(f"{name} must be S x ... with S >= 1, got {tuple(steps.shape)}")
+    return steps
 
 
 def gather_states(result: torch.Tensor, group: Any | None = None) -> list[torch.Tensor]:

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from densediff.criteria.base import DatasetMetric
+from densediff.criteria.base import DatasetMetric, stack_steps
 
 __all__ = [
     "METRIC_KEYS",
@@ -483,12 +483,7 @@ def depth_spread(samples: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor
     Returns:
         float tensor of the trailing shape (float32 for half / bfloat16 input).
     """
-    if not isinstance(samples, torch.Tensor):
-        if len(samples) == 0:
-            raise ValueError("samples is empty")
-        samples = torch.stack(list(samples))
-    if samples.dim() < 1 or samples.shape[0] < 1:
-        raise ValueError(f"samples must be S x ... with S >= 1, got {tuple(samples.shape)}")
+    samples = stack_steps(samples, "samples")
     if not samples.is_floating_point():
         samples = samples.float()
     return torch.std(_loss_dtype(samples), dim=0, correction=0)

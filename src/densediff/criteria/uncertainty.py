@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from densediff.criteria.base import DatasetMetric
+from densediff.criteria.base import DatasetMetric, stack_steps
 
 __all__ = ["step_change_uncertainty", "entropy_uncertainty", "UncertaintyMetric"]
 
@@ -53,12 +53,7 @@ def step_change_uncertainty(step_labels: torch.Tensor | Sequence[torch.Tensor]) 
         float32 tensor of the trailing shape (B x H x W), values in ``[0, 1]``; all zeros when
         S == 1 (a single step cannot change).
     """
-    if not isinstance(step_labels, torch.Tensor):
-        if len(step_labels) == 0:
-            raise ValueError("step_labels is empty")
-        step_labels = torch.stack(list(step_labels))
-    if step_labels.dim() < 1 or step_labels.shape[0] < 1:
-        raise ValueError(f"step_labels must be S x ... with S >= 1, got {tuple(step_labels.shape)}")
+    step_labels = stack_steps(step_labels, "step_labels")
     if step_labels.is_floating_point():
         raise TypeError("step_labels must be integer label maps")
     s = step_labels.shape[0]

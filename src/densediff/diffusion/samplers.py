@@ -120,6 +120,26 @@ def _col(log_snr: torch.Tensor) -> torch.Tensor:
     return log_snr.view(-1, 1, 1, 1)
 
 
+def denoising_loop(denoise: StepDenoise, x_T: torch.Tensor, schedule: LogSNRSchedule,
+                   steps: int, update: Callable[..., torch.Tensor], *, td: float = 1.0,
+                   start: float = 1.0, self_condition: bool = False,
+                   callback: StepCallback | None = None) -> torch.Tensor:
+    """DDP Algorithm 2's loop: from x_T at t = ``start``, ``steps`` calls of ``denoise`` at
+    the times of :func:`sampling_times`, each reported to ``callback`` and followed (but the
+    last) by ``x_t <- update(x_t, x0, log_snr_now, log_snr_next, t_next)`` (log-SNR as
+    N x 1 x 1 x 1); with ``self_condition`` each call gets the previous x0 estimate. Returns
+    the last prediction."""
+    x_t, x0 = x_T, None
+    for s, t_next, ls_now, ls_next in _time_grid(schedule, x_T, steps, td, start):
+        pred, x0 = denoise(x_t, ls_now, x0 if self_condition else None)
+        if callback is not None:
+            callback(s, pred)
+        if s == steps - 1:
+            break  # the last x_next is never used
+        x_t = update(x_t, x0, _col(ls_now), _col(ls_next), t_next)
+    return pred
+
+
 def sample_ddim(denoise: StepDenoise, x_T: torch.Tensor, schedule: LogSNRSchedule, steps: int,
                 *, td: float = 1.0, start: float = 1.0, self_condition: bool = False,
                 noise: Noise | None = None, callback: StepCallback | None = None
@@ -144,15 +164,11 @@ def sample_ddim(denoise: StepDenoise, x_T: torch.Tensor, schedule: LogSNRSchedul
     Returns:
         the last prediction (the output).
     """
-    x_t, x0 = x_T, None
-    for s, _t_next, ls_now, ls_next in _time_grid(schedule, x_T, steps, td, start):
-        pred, x0 = denoise(x_t, ls_now, x0 if self_condition else None)
-        if callback is not None:
-            callback(s, pred)
-        if s == steps - 1:
-            break  # the last x_next is never used
-        x_t = ddim_step(x_t, x0, _col(ls_now), _col(ls_next))
-    return pred
+    def update(x_t, x0, ls_now, ls_next, t_next):
+        return ddim_step(x_t, x0, ls_now, ls_next)
+
+    return denoising_loop(denoise, x_T, schedule, steps, update, td=td, start=start,
+                          self_condition=self_condition, callback=callback)
 
 
 def sample_ddpm(denoise: StepDenoise, x_T: torch.Tensor, schedule: LogSNRSchedule, steps: int,
@@ -163,18 +179,14 @@ def sample_ddpm(denoise: StepDenoise, x_T: torch.Tensor, schedule: LogSNRSchedul
     posterior q(x_next | x_t, x0)): as :func:`sample_ddim`, but each update but the last
     draws fresh noise ``noise(x_t.shape)`` (None: ``torch.randn_like``); an update to
     t_next = 0 draws none."""
-    x_t, x0 = x_T, None
-    for s, t_next, ls_now, ls_next in _time_grid(schedule, x_T, steps, td, start):
-        pred, x0 = denoise(x_t, ls_now, x0 if self_condition else None)
-        if callback is not None:
-            callback(s, pred)
-        if s == steps - 1:
-            break  # the last x_next is never used
+    def update(x_t, x0, ls_now, ls_next, t_next):
         eps = None
         if t_next > 0:
             eps = noise(x_t.shape) if noise is not None else torch.randn_like(x_t)
-        x_t = ddpm_step(x_t, x0, _col(ls_now), _col(ls_next), eps)
-    return pred
+        return ddpm_step(x_t, x0, ls_now, ls_next, eps)
+
+    return denoising_loop(denoise, x_T, schedule, steps, update, td=td, start=start,
+                          self_condition=self_condition, callback=callback)
 
 
 class GaussianSampler(Protocol):

@@ -16,24 +16,37 @@ import functools
 
 import torch
 
-__all__ = ["PRECISIONS", "autocast", "cpu_has_native_bf16", "resolve_precision"]
+__all__ = ["PRECISIONS", "autocast", "cpu_has_native_bf16", "cpu_model", "resolve_precision"]
 
 PRECISIONS = ("fp32", "bf16")
+
+
+def _cpuinfo(key: str) -> str | None:
+    """The first ``key`` line's value in Linux ``/proc/cpuinfo`` (None elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(key):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's model name (for the record of a measurement)."""
+    import platform
+
+    return _cpuinfo("model name") or platform.processor() or "unknown"
 
 
 @functools.lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
     """True when this CPU multiplies bf16 in hardware (Linux ``/proc/cpuinfo`` flags
     ``avx512_bf16`` or ``amx_bf16``); elsewhere bf16 on the CPU is emulated and slower."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
+    flags = set((_cpuinfo("flags") or "").split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def resolve_precision(precision: str, device: torch.device | str,
