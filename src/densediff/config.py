@@ -380,7 +380,7 @@ class DiffusionConfig(_Strict):
     """Output the mean of the per-step probabilities instead of the last step's."""
     self_aligned: bool = False
     """Self-aligned denoising (Alg. 4): noise the model's own t=1 prediction, not the GT."""
-    # ---- levers beyond the official recipe (issue #13); the defaults are the official
+    # ---- levers beyond the official recipe; the defaults are the official
     precondition: bool = False
     """Input preconditioning (Karras et al. 2022, c_in): the decoder sees
     ``y_t / sqrt(alpha^2 scale^2 + sigma^2)``, i.e. the map at about unit size at every t,

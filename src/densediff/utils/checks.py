@@ -1,4 +1,4 @@
-"""Validators for untrusted input, shared by every reader and parser (issue #23).
+"""Validators for untrusted input, shared by every reader and parser.
 
 Every file densediff reads and every number a user, a config or a file gives is untrusted:
 these helpers turn whatever is wrong with it into one :class:`~densediff.errors.UserError` line
