@@ -14,10 +14,11 @@ from PIL import Image
 
 import densediff
 from densediff.api import DepthPrediction
-from densediff.cli.main import DATA_CHECK_FORMATS, main
+from densediff.cli.main import main
 from densediff.criteria.depth import best_constant_depth
 from densediff.data.check import CHECK_FORMATS
 from densediff.engine.trainer import train
+from densediff.limits import DATA_CHECK_FORMATS
 from densediff.tasks import build_dataset, load_config
 from densediff.testing import tiny
 from densediff.testing.assertions import one_line_error

@@ -55,6 +55,12 @@ MAX_CLASSES_META = 1000
 MAX_DEPLOY_BYTES = 16 * 2**20
 """Largest ``deploy.json`` read (its config and class names take a few kB)."""
 
+# -- names the CLI offers before anything heavy is imported
+DATA_CHECK_FORMATS = ("camvid", "ade20k", "cityscapes", "folder", "kitti", "nyu", "sunrgbd",
+                      "depth_folder", "nuscenes")
+"""The dataset formats ``densediff data check --format`` takes (``data.check.CHECK_FORMATS``
+is this tuple)."""
+
 # -- commands
 BENCH_MAX_BATCH = 256
 """Largest ``bench --batch`` / ``--batches`` entry."""

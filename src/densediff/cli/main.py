@@ -12,13 +12,8 @@ import sys
 from pathlib import Path
 
 from densediff.errors import UserError, terminal_line
-from densediff.limits import MAX_SEED
+from densediff.limits import DATA_CHECK_FORMATS, MAX_SEED
 from densediff.utils.alloc import configure_allocator
-
-DATA_CHECK_FORMATS = ("camvid", "ade20k", "cityscapes", "folder", "kitti", "nyu", "sunrgbd",
-                      "depth_folder", "nuscenes")
-"""``densediff data check --format`` choices (= ``data.check.CHECK_FORMATS``, listed here so
-that building the parser imports no torch)."""
 
 # ------------------------------------------------------------------------------------------
 # commands
@@ -134,9 +129,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _check_ddps_options(args, cfg)
     spec = spec_for(cfg)
     pipe = spec.pipeline
-    if args.aug_test and not pipe.has_aug:
-        raise UserError(f"--aug-test: {args.checkpoint} is a {pipe.name} model; {pipe.name} "
-                        "models have no test-time augmentation")
+    pipe.check_aug(args.aug_test, str(args.checkpoint))
     from densediff.engine.diagnose import is_ddp
 
     for opt, given in (("--controls", args.controls is not None),

@@ -18,9 +18,11 @@ from densediff.data.depth import read_depth, scan_depth
 from densediff.data.io import check_same_size, image_size, read_image, read_label
 from densediff.data.layouts import FORMATS, dataset_dir, scan, splits_of
 from densediff.errors import DataError
+from densediff.limits import DATA_CHECK_FORMATS
 
 DEPTH_CHECK_FORMATS = ("kitti", "nyu", "sunrgbd", "depth_folder")
-CHECK_FORMATS = FORMATS + DEPTH_CHECK_FORMATS + ("nuscenes",)
+CHECK_FORMATS = DATA_CHECK_FORMATS
+assert set(CHECK_FORMATS) == {*FORMATS, *DEPTH_CHECK_FORMATS, "nuscenes"}
 """Formats :func:`check_dataset` accepts."""
 
 

@@ -19,7 +19,6 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from densediff.config import Config
-from densediff.errors import UserError
 from densediff.pipelines import is_diffusion, resolve_steps
 from densediff.tasks import spec_for
 from densediff.utils import distributed as du
@@ -76,8 +75,7 @@ def evaluate_steps(model: nn.Module, dataset, cfg: Config, steps: Sequence[int] 
     diffusion = is_diffusion(model)
     steps = resolve_steps(model, steps if diffusion else None, key="steps")
     pipe = spec_for(cfg).pipeline
-    if aug and not pipe.has_aug:
-        raise UserError(f"aug: {cfg.task} evaluation has no test-time augmentation")
+    pipe.check_aug(aug, "this model", key="aug")
     evaluator = pipe.evaluator(model, dataset, cfg, steps, aug, next(model.parameters()).device)
     for index, img, label in _images(model, dataset, cfg, progress, precision):
         evaluator.process(index, img, label)

@@ -218,8 +218,13 @@ class Pipeline:
         if save_probs:
             raise UserError(f"--save-probs: applies to segmentation models; {source} is a "
                             f"{self.name} model")
+        self.check_aug(aug, source)
+
+    def check_aug(self, aug: bool, source: str, key: str = "--aug-test") -> None:
+        """UserError naming ``key`` when ``aug`` asks for test-time augmentation this task
+        does not have (``source`` names the model)."""
         if aug and not self.has_aug:
-            raise UserError(f"--aug-test: {source} is a {self.name} model; {self.name} "
+            raise UserError(f"{key}: {source} is a {self.name} model; {self.name} "
                             "models have no test-time augmentation")
 
     # -- bench / info ----------------------------------------------------------------------
