@@ -42,6 +42,8 @@ STEPS_CAP = 50
 1000 steps, minutes per image for the paper's models on a CPU)."""
 STARTS_CAP = 16
 """The random-starts slider ends here (or at the model's own ``randsteps``, if higher)."""
+PICTURE_HEIGHT = 240
+"""Height of the pictures on the page (CSS pixels; small maps are scaled up to fill it)."""
 MAX_UPLOAD = "200mb"
 """Gradio refuses larger uploads; the decoded-pixel limit (``DENSEDIFF_MAX_IMAGE_PIXELS``) is
 checked from the image header before decoding."""
@@ -131,6 +133,8 @@ CSS = """
 .dd-legend { display: flex; flex-wrap: wrap; gap: 4px 12px; margin: 4px 8px; font-size: 12px; }
 .dd-item { display: inline-flex; align-items: center; gap: 4px; }
 .dd-swatch { display: inline-block; width: 14px; height: 14px; border: 1px solid #777; }
+/* small maps fill their box, pixels kept sharp (the picture itself is sent unscaled) */
+.dd-picture img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
 """
 
 
@@ -341,28 +345,28 @@ def build_app(predictor, source: str = "", examples: Sequence[str | Path] = ()) 
                 status = gr.Markdown(elem_id="status")
             with gr.Column(scale=3):
                 with gr.Row(equal_height=False):
-                    with gr.Column():
+                    with gr.Column(min_width=160):
                         shown_input = gr.Image(label="input", format="png", interactive=False,
-                                               height=300, elem_id="input-picture")
-                    with gr.Column():
+                                               height=PICTURE_HEIGHT, elem_classes=["dd-picture"], elem_id="input-picture")
+                    with gr.Column(min_width=160):
                         prediction = gr.Image(label="prediction", format="png",
-                                              interactive=False, height=300,
+                                              interactive=False, height=PICTURE_HEIGHT, elem_classes=["dd-picture"],
                                               elem_id="prediction")
                         prediction_key = gr.HTML(elem_id="prediction-key")
-                    with gr.Column():
+                    with gr.Column(min_width=160):
                         uncertainty = gr.Image(label="uncertainty", format="png",
-                                               interactive=False, height=300,
+                                               interactive=False, height=PICTURE_HEIGHT, elem_classes=["dd-picture"],
                                                elem_id="uncertainty")
                         uncertainty_key = gr.HTML(elem_id="uncertainty-key")
                 with gr.Row(equal_height=False):
-                    with gr.Column():
+                    with gr.Column(min_width=160):
                         step = gr.Slider(1, 2, step=1, value=1, label="trajectory: sampling step",
                                          visible=False, elem_id="step-slider")
                         step_picture = gr.Image(label="step", format="png", interactive=False,
-                                                height=300, visible=False,
+                                                height=PICTURE_HEIGHT, elem_classes=["dd-picture"], visible=False,
                                                 elem_id="step-picture")
                         step_key = gr.HTML(elem_id="step-key")
-                    with gr.Column():
+                    with gr.Column(min_width=160):
                         downloads = gr.File(label="downloads (mask, uncertainty map, JSON)",
                                             file_count="multiple", interactive=False,
                                             elem_id="downloads")
