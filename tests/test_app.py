@@ -226,3 +226,28 @@ def test_page_bad_uploads_are_one_line(served, monkeypatch):
     monkeypatch.setenv("DENSEDIFF_MAX_IMAGE_PIXELS", "1000")  # the server reads it per upload
     status = client.predict(client_mod.handle_file(str(big)), 3, 0, 1, api_name="/predict")[0]
     assert "big.png: 64x64" in status and "above the limit" in status, status
+
+
+def test_bev_page_picks_dataset_samples(tmp_path):
+    """BEV models take samples of their dataset: the page offers a split and an index instead
+    of an upload; a wrong index is one line."""
+    pytest.importorskip("gradio")
+    client_mod = pytest.importorskip("gradio_client")
+    from densediff.app import build_app
+
+    predictor = _tiny_predictor("generated/bev_ddp.yaml")
+    app = build_app(predictor, source="bev.safetensors")
+    url = app.launch("127.0.0.1", _free_port(), block=False, quiet=True)
+    try:
+        client = client_mod.Client(url, verbose=False)
+        out = client.predict("val", 1, 2, 3, 1, api_name="/predict")
+        pred = predictor.predict(predictor.dataset("val")[1], steps=2, seed=3)
+        assert "map after 2 steps" in out[0], out[0]
+        assert np.array_equal(np.asarray(Image.open(out[2]["value"]).convert("RGB")), pred.color)
+        assert np.array_equal(np.asarray(Image.open(out[4]["value"]).convert("RGB")),
+                              pred.uncertainty_picture())
+        assert "bev.png" in " ".join(out[9]) and out[10]["task"] == "bev"
+        status = client.predict("val", 99, 2, 3, 1, api_name="/predict")[0]
+        assert status.startswith("**error:** sample index: must be between 0 and 1"), status
+    finally:
+        app.close()
