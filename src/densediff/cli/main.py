@@ -414,7 +414,10 @@ def cmd_app(args: argparse.Namespace) -> int:
     try:
         url = app.launch(args.host, args.port, block=False, quiet=True)
         print(f"densediff app: {args.checkpoint} on {url} (Ctrl-C stops it)", flush=True)
-        app.blocks.block_thread()
+        import time
+
+        while app.blocks.is_running:  # until Ctrl-C / SIGTERM (main: one line, 130 / 143)
+            time.sleep(0.2)
     finally:
         app.close()
     return 0
