@@ -314,6 +314,11 @@ def build_app(predictor, source: str = "", examples: Sequence[str | Path] = ()) 
             return gr.update(label=f"error: {error_text(e)}"), ""
         return _image_update(gr, picture), key_html(picture)
 
+    def picture(label: str, elem_id: str, visible: bool = True):
+        # PNG: the pixels arrive as drawn (Gradio's default, WebP, is lossy)
+        return gr.Image(label=label, format="png", interactive=False, height=PICTURE_HEIGHT,
+                        elem_classes=["dd-picture"], visible=visible, elem_id=elem_id)
+
     with gr.Blocks(title=title, analytics_enabled=False) as blocks:
         gr.Markdown(f"## {html.escape(title)}")
         state = gr.State(None)
@@ -346,25 +351,18 @@ def build_app(predictor, source: str = "", examples: Sequence[str | Path] = ()) 
             with gr.Column(scale=3):
                 with gr.Row(equal_height=False):
                     with gr.Column(min_width=160):
-                        shown_input = gr.Image(label="input", format="png", interactive=False,
-                                               height=PICTURE_HEIGHT, elem_classes=["dd-picture"], elem_id="input-picture")
+                        shown_input = picture("input", "input-picture")
                     with gr.Column(min_width=160):
-                        prediction = gr.Image(label="prediction", format="png",
-                                              interactive=False, height=PICTURE_HEIGHT, elem_classes=["dd-picture"],
-                                              elem_id="prediction")
+                        prediction = picture("prediction", "prediction")
                         prediction_key = gr.HTML(elem_id="prediction-key")
                     with gr.Column(min_width=160):
-                        uncertainty = gr.Image(label="uncertainty", format="png",
-                                               interactive=False, height=PICTURE_HEIGHT, elem_classes=["dd-picture"],
-                                               elem_id="uncertainty")
+                        uncertainty = picture("uncertainty", "uncertainty")
                         uncertainty_key = gr.HTML(elem_id="uncertainty-key")
                 with gr.Row(equal_height=False):
                     with gr.Column(min_width=160):
                         step = gr.Slider(1, 2, step=1, value=1, label="trajectory: sampling step",
                                          visible=False, elem_id="step-slider")
-                        step_picture = gr.Image(label="step", format="png", interactive=False,
-                                                height=PICTURE_HEIGHT, elem_classes=["dd-picture"], visible=False,
-                                                elem_id="step-picture")
+                        step_picture = picture("step", "step-picture", visible=False)
                         step_key = gr.HTML(elem_id="step-key")
                     with gr.Column(min_width=160):
                         downloads = gr.File(label="downloads (mask, uncertainty map, JSON)",
