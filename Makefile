@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	# torch first, on its own, pinned: a CPU build here; never let a later step replace it.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[all]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[all,app]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -35,6 +35,7 @@ from densediff.pipelines import (
     Prediction,
     check_steps,
     is_diffusion,
+    takes_starts,
 )
 from densediff.tasks import build_model, class_info, config_from_dict, spec_for
 from densediff.utils.checkpoint import check_fits, load_into, load_weights, resolve_weights
@@ -102,9 +103,15 @@ class Predictor:
     def is_diffusion(self) -> bool:
         return is_diffusion(self.model)
 
+    @property
+    def takes_starts(self) -> bool:
+        """Whether :meth:`predict` takes ``starts`` (random starts per input: DDP models)."""
+        return takes_starts(self.model)
+
     @torch.no_grad()
     def predict(self, image: ImageLike | dict, aug: bool = False, steps: int | None = None,
-                seed: int = 0) -> Prediction | DepthPrediction | BEVPrediction:
+                seed: int = 0, starts: int | None = None
+                ) -> Prediction | DepthPrediction | BEVPrediction:
         """Predict one input: an image (PIL, HxW[x3|4] array, or path) for segmentation
         (:class:`Prediction`) and depth (:class:`DepthPrediction`) models; a sample of the
         checkpoint's dataset (:meth:`dataset`: cameras, calibration[, points]) for BEV models
@@ -116,10 +123,14 @@ class Predictor:
             steps: diffusion models: sampling steps (None: the model's default; DDPS: 0 gives
                 the base segmentor's prediction).
             seed: diffusion models: seed of the starting noise (same seed, same result).
+            starts: DDP models (:attr:`takes_starts`): random starts per input, 1 .. 100,
+                whose outputs are averaged (None: the config's ``model.diffusion.randsteps``).
         """
         check_int(seed, "seed", 0, MAX_SEED)
         with autocast(self.precision, self.device):
-            return self.pipeline.predict(self, image, aug=aug, steps=steps, seed=seed)
+            # a pipeline without random starts need not know the keyword
+            extra = {} if starts is None else {"starts": starts}
+            return self.pipeline.predict(self, image, aug=aug, steps=steps, seed=seed, **extra)
 
     def dataset(self, split: str = "val", data_root: str | None = None):
         """The checkpoint's dataset (test pipeline) for ``split`` (``val``/``test``/``train`` or

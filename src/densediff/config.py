@@ -37,6 +37,7 @@ from densediff.limits import (  # noqa: F401 (re-exported: the schema's bounds)
     MAX_LAYERS,
     MAX_SAMPLING_STEPS,
     MAX_SEED,
+    MAX_STARTS,
     MIN_TRAIN_SIDE,
 )
 from densediff.utils.checks import MAX_SIDE, check_nesting, read_text
@@ -374,7 +375,7 @@ class DiffusionConfig(_Strict):
     td: float = Field(1.0, ge=0)
     """Asymmetric time difference of the sampler (Alg. 2)."""
     sampler: Literal["ddim", "ddpm"] = "ddim"
-    randsteps: int = Field(1, ge=1, le=100)
+    randsteps: int = Field(1, ge=1, le=MAX_STARTS)
     """Independent noise starts per image whose outputs are averaged."""
     accumulation: bool = False
     """Output the mean of the per-step probabilities instead of the last step's."""

@@ -9,6 +9,8 @@ MAX_SEED = 2**63 - 1
 MAX_SAMPLING_STEPS = 1000
 """Upper bound on sampling step counts (config, ``--steps``): DDIM gains nothing past a few
 dozen steps, and 1000 decoder calls of the paper's decoder take about half an hour on a CPU."""
+MAX_STARTS = 100
+"""Upper bound on random starts per input (``model.diffusion.randsteps``, ``predict(starts=)``)."""
 
 # -- the config schema
 MIN_TRAIN_SIDE = 32

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["ColorScale", "GridColumn", "GridKey", "bev_color", "bev_image", "camera_mosaic",
+__all__ = ["ColorScale", "GridColumn", "GridKey", "Picture", "bev_color", "bev_image", "camera_mosaic",
            "colorize", "depth_color", "grid_figure", "heatmap", "nice_ceil", "overlay",
            "plot_steps", "save_labelled_grid", "scaled_heatmap", "side_by_side",
            "bev_steps_table", "depth_steps_table", "scalar_steps_table", "seg_steps_table"]
@@ -81,6 +81,19 @@ class ColorScale:
 
 Swatch = tuple[str, Sequence[int]]
 """A named colour: ``(name, (r, g, b))`` with 0..255 channels."""
+
+
+@dataclass(frozen=True)
+class Picture:
+    """One picture and how to read it: a ``title``, the ``H x W x 3`` uint8 ``image``, and a
+    colour bar (``scale``: what the colours mean, with the unit) and/or named colours
+    (``legend``, e.g. the classes). What the result types give the web page
+    (:mod:`densediff.app`) to show, whatever the task."""
+
+    title: str
+    image: np.ndarray
+    scale: ColorScale | None = None
+    legend: tuple[Swatch, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""``densediff`` command line: train, eval, predict, export, bench, info, data check, demo.
+"""``densediff`` command line: train, eval, predict, app, export, bench, info, data check, demo.
 
 User mistakes (bad files, keys, checkpoints) end with one ``error: ...`` line and exit status 2.
 """
@@ -383,6 +383,39 @@ def _predict_samples(args: argparse.Namespace, predictor, out: Path, options: di
     return 0
 
 
+def cmd_app(args: argparse.Namespace) -> int:
+    """``app``: the local web page of a checkpoint (:mod:`densediff.app`); serves until
+    interrupted. Everything that can be checked is checked before the model loads."""
+    from densediff.app import build_app, check_host_port, list_examples, require_gradio
+
+    require_gradio()
+    check_host_port(args.host, args.port)
+    examples = list_examples(args.examples) if args.examples else []
+    from densediff.api import load, resolve_device, resolve_precision_or_fail
+
+    resolve_precision_or_fail(args.precision, resolve_device(args.device, "--device"),
+                              "--precision")
+    predictor = load(args.checkpoint, device=args.device, precision=args.precision)
+    if examples and not predictor.pipeline.image_input:
+        raise UserError(f"--examples: {args.checkpoint} is a {predictor.pipeline.name} model: "
+                        "it predicts from samples of its dataset (picked on the page), not "
+                        "image files")
+    app = build_app(predictor, source=str(args.checkpoint), examples=examples)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"note: --host {args.host}: the page (no login) is reachable from other machines "
+              "that can reach this address", file=sys.stderr)
+    try:
+        url = app.launch(args.host, args.port, block=False, quiet=True)
+        print(f"densediff app: {args.checkpoint} on {url} (Ctrl-C stops it)", flush=True)
+        import time
+
+        while app.blocks.is_running:  # until Ctrl-C / SIGTERM (main: one line, 130 / 143)
+            time.sleep(0.2)
+    finally:
+        app.close()
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """``export``: a checkpoint as ONNX graphs + deploy.json (:mod:`densediff.deploy.export`)."""
     from densediff.deploy import export
@@ -593,6 +626,23 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     pr.set_defaults(func=cmd_predict)
 
 
+def _add_app(sub: argparse._SubParsersAction) -> None:
+    """The ``app`` subcommand: a local web page around a checkpoint."""
+    ap = sub.add_parser("app", help="a local web page (Gradio; pip install \"densediff[app]\"): "
+                        "upload an image, see the mask with its legend (depth: in metres), the "
+                        "uncertainty and every sampling step; download the files")
+    ap.add_argument("checkpoint", help="checkpoint: .safetensors, run folder, official .pth or "
+                    "hf://<repo>/<file>")
+    ap.add_argument("--host", default="127.0.0.1", help="address to serve on (default "
+                    "127.0.0.1: this machine only; 0.0.0.0 serves every network)")
+    ap.add_argument("--port", type=int, help="port (default: the first free one from 7860)")
+    ap.add_argument("--examples", help="folder of example images offered under the upload")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--precision", default="fp32", metavar="{fp32,bf16,auto}",
+                    help="fp32 (default), or bf16 autocast; auto: bf16 where the hardware has it")
+    ap.set_defaults(func=cmd_app)
+
+
 def _add_export(sub: argparse._SubParsersAction) -> None:
     """The ``export`` subcommand: a checkpoint as ONNX graphs + deploy.json."""
     ex = sub.add_parser("export", help="export a checkpoint as ONNX graphs + deploy.json for "
@@ -711,12 +761,13 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``densediff`` parser: one subcommand from each ``_add_*`` function above."""
     p = argparse.ArgumentParser(
-        prog="densediff", description="Dense prediction by diffusion: train, eval, predict, export, bench, "
-        "info, data check, demo.")
+        prog="densediff", description="Dense prediction by diffusion: train, eval, predict, "
+        "app, export, bench, info, data check, demo.")
     sub = p.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_eval(sub)
     _add_predict(sub)
+    _add_app(sub)
     _add_export(sub)
     _add_convert(sub)
     _add_models(sub)

@@ -15,6 +15,7 @@ from densediff.pipelines.base import (
     is_diffusion,
     resolve_steps,
     sample_seed,
+    takes_starts,
 )
 from densediff.pipelines.bev import BEVPipeline, BEVPrediction
 from densediff.pipelines.depth import DepthPipeline, DepthPrediction
@@ -22,4 +23,4 @@ from densediff.pipelines.segmentation import Prediction, SegmentationPipeline
 
 __all__ = ["BEVPipeline", "BEVPrediction", "DepthPipeline", "DepthPrediction", "Pipeline",
            "Prediction", "SegmentationPipeline", "check_steps", "is_diffusion", "resolve_steps",
-           "sample_seed"]
+           "sample_seed", "takes_starts"]

@@ -20,21 +20,43 @@ import numpy as np
 import torch
 from torch import nn
 
-from densediff.config import MAX_SAMPLING_STEPS, Config
+from densediff.config import MAX_SAMPLING_STEPS, MAX_STARTS, Config
 from densediff.data.io import as_uint8_rgb
 from densediff.data.transforms import preprocess_image
 from densediff.errors import UserError
 from densediff.models.interface import is_diffusion as model_is_diffusion
 from densediff.utils import distributed as du
 
-__all__ = ["Evaluator", "Pipeline", "check_steps", "is_diffusion", "resolve_steps", "sample_seed",
-           "write_files"]
+__all__ = ["Evaluator", "Pipeline", "check_starts", "check_steps", "is_diffusion", "resolve_steps",
+           "sample_seed", "takes_starts", "write_files"]
 
 
 def is_diffusion(model: nn.Module) -> bool:
     """True for models that sample (they take step counts other than 0); a
     DistributedDataParallel wrapper is unwrapped."""
     return model_is_diffusion(du.unwrap(model))
+
+
+def takes_starts(model: nn.Module) -> bool:
+    """True for models that sample from several random starts per input (DDP's ``randsteps``:
+    the DDP family, segmentation, depth and BEV, and their onnxruntime twin)."""
+    from densediff.models.ddp import MapSampling
+
+    return isinstance(du.unwrap(model), MapSampling)
+
+
+def check_starts(model: nn.Module, starts: int | None, key: str = "starts") -> dict:
+    """The sampler settings of ``starts`` random starts per input (None: the model's own
+    ``randsteps``): ``{}`` or ``{"randsteps": starts}``; UserError naming ``key`` when the model
+    has no random starts or ``starts`` is outside 1 .. :data:`MAX_STARTS`."""
+    if starts is None:
+        return {}
+    if not takes_starts(model):
+        raise UserError(f"{key}: this checkpoint has no random starts (they apply to DDP models)")
+    from densediff.utils.checks import check_int
+
+    check_int(starts, key, 1, MAX_STARTS)
+    return {"randsteps": int(starts)}
 
 
 def sample_seed(cfg: Config, index: int) -> int:
@@ -190,10 +212,12 @@ class Pipeline:
 
     # -- prediction ------------------------------------------------------------------------
     def predict(self, predictor, item, *, aug: bool = False, steps: int | None = None,
-                seed: int = 0):
-        """One input through ``predictor``'s model: the task's result type (with ``.save``).
-        ``item``: an image (path, PIL image or array) when :attr:`image_input`, else a sample
-        of the checkpoint's dataset."""
+                seed: int = 0, starts: int | None = None):
+        """One input through ``predictor``'s model: the task's result type (with ``.save``,
+        the pictures ``input_view`` / ``prediction_view`` / ``uncertainty_view`` /
+        ``step_view`` and ``summary``). ``item``: an image (path, PIL image or array) when
+        :attr:`image_input`, else a sample of the checkpoint's dataset; ``starts``: random
+        starts (:func:`check_starts`; None: the model's own)."""
         raise NotImplementedError
 
     def image_tensor(self, predictor, item) -> tuple[np.ndarray, torch.Tensor]:

@@ -21,16 +21,23 @@ from densediff.criteria.uncertainty import (
     step_change_uncertainty,
 )
 from densediff.errors import UserError
-from densediff.pipelines.base import Pipeline, is_diffusion, resolve_steps, write_files
+from densediff.pipelines.base import (
+    Pipeline,
+    check_starts,
+    is_diffusion,
+    resolve_steps,
+    write_files,
+)
 
 __all__ = ["BEVPipeline", "BEVPrediction", "bev_uncertainty_maps"]
 
 
 @torch.no_grad()
 def bev_uncertainty_maps(model: nn.Module, feat: torch.Tensor, steps: int, accumulation: bool,
-                         seeds: Sequence[int] | None = None
+                         seeds: Sequence[int] | None = None, **settings
                          ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Sample ``steps`` steps of a BEV model from BEV features.
+    """Sample ``steps`` steps of a BEV model from BEV features (``settings`` go to
+    ``sample_steps``, e.g. ``randsteps``).
 
     Returns:
         ``(probs B x K x X x Y, step_probs S x B x K x X x Y, maps)``: the output
@@ -38,7 +45,7 @@ def bev_uncertainty_maps(model: nn.Module, feat: torch.Tensor, steps: int, accum
         share of steps whose mask (threshold 0.5) changed (``steps``, DDP §3.4) and the
         normalised binary entropy of the output probability (``entropy``).
     """
-    traj = model.sample_steps(feat, steps, seeds=seeds)
+    traj = model.sample_steps(feat, steps, seeds=seeds, **settings)
     probs, step_probs = traj.output(accumulation), traj.step_outputs()
     maps = {"steps": step_change_uncertainty((step_probs >= 0.5).long()),
             "entropy": entropy_uncertainty(torch.stack([probs, 1 - probs]), dim=0)}
@@ -136,6 +143,58 @@ class BEVPrediction:
                            title=f"BEV sampling trajectory ({n} steps); forward up, left on "
                                  "the left")
 
+    # -- the pictures of the web page (densediff.app) and the summary -----------------------
+    def input_view(self):
+        """The six cameras (:class:`~densediff.viz.Picture`)."""
+        from densediff.viz import Picture, camera_mosaic
+
+        return Picture("cameras", camera_mosaic(self.cameras))
+
+    def prediction_view(self):
+        """The predicted map (forward up) with the map-class legend."""
+        from densediff.viz import Picture
+
+        what = "map" if self.steps is None else f"map after {self.steps} steps"
+        return Picture(f"{what} (forward up, left on the left)", self.color,
+                       legend=tuple(self._legend()))
+
+    def uncertainty_view(self):
+        """The classes' largest step-change share with its colour bar; None for a
+        discriminative model."""
+        from densediff.viz import ColorScale, Picture
+
+        if self.uncertainty is None:
+            return None
+        return Picture("uncertainty", self.uncertainty_picture(), ColorScale(
+            "inferno", 0, 1, "largest share, over the classes, of step-to-step transitions at "
+            "which the class mask changed"))
+
+    @property
+    def num_steps(self) -> int:
+        """Pictures of the trajectory: :meth:`step_view` takes 1 .. this (0: none)."""
+        return 0 if self.trajectory is None else len(self.trajectory)
+
+    def step_view(self, step: int):
+        """Step ``step`` (1 .. :attr:`num_steps`): its map, with the legend."""
+        from densediff.viz import Picture, bev_color
+
+        n = self.num_steps
+        if not 1 <= step <= n:
+            raise UserError(f"step: must be between 1 and {n}, got {step}")
+        return Picture(f"step {step} of {n}", bev_color(self.trajectory[step - 1], self.palette),
+                       legend=tuple(self._legend()))
+
+    def summary(self) -> dict:
+        """What the prediction holds, JSON-ready: grid size, steps, the share of cells in each
+        class's mask, the mean uncertainty."""
+        k, x, y = self.masks.shape
+        out = {"task": "bev", "grid": [int(x), int(y)], "steps": self.steps,
+               "classes": {n: round(float(m.mean()), 6)
+                           for n, m in zip(self.class_names, self.masks)}}
+        if self.uncertainty is not None:
+            out["mean_uncertainty"] = round(float(self.uncertainty.mean()), 6)
+        return out
+
     def save(self, out_dir: str | Path, stem: str, uncertainty: bool = False,
              trajectory: bool = False, save_probs: bool = False,
              note: Callable[[str], None] | None = None) -> list[str]:
@@ -226,7 +285,8 @@ class BEVPipeline(Pipeline):
         return example_inputs(bev, batch, device), (int(h), int(w))
 
     @torch.no_grad()
-    def predict(self, predictor, item, *, aug=False, steps=None, seed=0) -> BEVPrediction:
+    def predict(self, predictor, item, *, aug=False, steps=None, seed=0, starts=None
+                ) -> BEVPrediction:
         """The BEV map of one sample of the checkpoint's dataset (its ``image`` dict: cameras,
         intrinsics, cam2ego[, points]); masks at probability >= :data:`THRESHOLD`."""
         if not isinstance(item, dict) or not isinstance(item.get("image"), dict):
@@ -242,12 +302,13 @@ class BEVPipeline(Pipeline):
         model, cfg = predictor.model, predictor.cfg
         inputs = to_device(collate([sample])["image"], predictor.device)
         n = resolve_steps(model, steps, "this checkpoint")[0]
+        settings = check_starts(model, starts)
         extra: dict = {}
         if not is_diffusion(model):
             probs = model.predict_map(inputs)
         else:
             probs, step_probs, maps = bev_uncertainty_maps(
-                model, model.extract(inputs), n, model.accumulation, [seed])
+                model, model.extract(inputs), n, model.accumulation, [seed], **settings)
             extra = {"steps": n, "uncertainty": maps["steps"][0].cpu().numpy(),
                      "trajectory": (step_probs[:, 0] >= threshold).cpu().numpy()}
         p = probs[0].float()

@@ -23,7 +23,13 @@ from densediff.criteria.depth import (
 )
 from densediff.errors import UserError
 from densediff.models.interface import Trajectory
-from densediff.pipelines.base import Pipeline, is_diffusion, resolve_steps, write_files
+from densediff.pipelines.base import (
+    Pipeline,
+    check_starts,
+    is_diffusion,
+    resolve_steps,
+    write_files,
+)
 from densediff.pipelines.inference import predict_depth
 
 __all__ = ["DepthPipeline", "DepthPrediction", "depth_uncertainty_maps", "trajectory_spread"]
@@ -47,9 +53,10 @@ def trajectory_spread(traj: Trajectory, over: str) -> torch.Tensor | None:
 @torch.no_grad()
 def depth_uncertainty_maps(model: nn.Module, feat: torch.Tensor, steps: int,
                            out_size: tuple[int, int], accumulation: bool,
-                           seeds: Sequence[int] | None = None
+                           seeds: Sequence[int] | None = None, **settings
                            ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Sample ``steps`` steps of a depth model from features; outputs at ``out_size``.
+    """Sample ``steps`` steps of a depth model from features; outputs at ``out_size``
+    (``settings`` go to ``sample_steps``, e.g. ``randsteps``).
 
     Returns:
         ``(depth B x H x W, step_depths S x B x H x W, maps)``: the output depth, every
@@ -57,7 +64,7 @@ def depth_uncertainty_maps(model: nn.Module, feat: torch.Tensor, steps: int,
         deviation over steps (and starts), and ``starts``, over the random starts of the last
         step; each only when there are at least two.
     """
-    traj = model.sample_steps(feat, steps, seeds=seeds)
+    traj = model.sample_steps(feat, steps, seeds=seeds, **settings)
 
     def up(x: torch.Tensor) -> torch.Tensor:
         return F.interpolate(x, size=out_size, mode="bilinear", align_corners=False)[:, 0]
@@ -141,6 +148,68 @@ class DepthPrediction:
             cols.append(GridColumn("uncertainty", u))
         return save_labelled_grid([tiles], cols, path,
                                   title=f"Depth sampling trajectory ({n} steps)")
+
+    # -- the pictures of the web page (densediff.app) and the summary -----------------------
+    def _scale(self):
+        from densediff.viz import ColorScale
+
+        return ColorScale("magma_r", self.min_depth, self.max_depth,
+                          "depth (m): bright = near, dark = far")
+
+    def input_view(self):
+        """The input image (:class:`~densediff.viz.Picture`)."""
+        from densediff.viz import Picture
+
+        return Picture("image", self.image)
+
+    def prediction_view(self):
+        """The colourised depth with its colour bar in metres."""
+        from densediff.viz import Picture
+
+        what = "depth" if self.steps is None else f"depth after {self.steps} steps"
+        return Picture(what, self.color, self._scale())
+
+    def uncertainty_view(self):
+        """The depth's spread (metres) over the steps, else over the random starts, with its
+        colour bar; None when there is neither (one step, one start, or no diffusion)."""
+        from densediff.viz import ColorScale, Picture, nice_ceil
+
+        for u, over in ((self.uncertainty, "the steps"), (self.uncertainty_starts,
+                                                          "the random starts")):
+            if u is not None:
+                scale = ColorScale("inferno", 0, nice_ceil(float(u.max())),
+                                   f"spread (std) of the depth over {over} (m)")
+                return Picture("uncertainty", scale.colorize(u), scale)
+        return None
+
+    @property
+    def num_steps(self) -> int:
+        """Pictures of the trajectory: :meth:`step_view` takes 1 .. this (0: none)."""
+        return 0 if self.trajectory is None else len(self.trajectory)
+
+    def step_view(self, step: int):
+        """Step ``step`` (1 .. :attr:`num_steps`): its colourised depth and colour bar."""
+        from densediff.viz import Picture, depth_color
+
+        n = self.num_steps
+        if not 1 <= step <= n:
+            raise UserError(f"step: must be between 1 and {n}, got {step}")
+        return Picture(f"step {step} of {n}", depth_color(self.trajectory[step - 1],
+                                                          self.min_depth, self.max_depth),
+                       self._scale())
+
+    def summary(self) -> dict:
+        """What the prediction holds, JSON-ready: size, steps, the depth's range and mean
+        (metres), the mean uncertainty (metres)."""
+        h, w = self.depth.shape
+        out = {"task": "depth", "height": int(h), "width": int(w), "steps": self.steps,
+               "depth_m": {k: round(float(f(self.depth)), 6)
+                           for k, f in (("min", np.min), ("mean", np.mean), ("max", np.max))}}
+        for key, u in (("mean_uncertainty_m", self.uncertainty),
+                       ("mean_uncertainty_starts_m", self.uncertainty_starts)):
+            if u is not None:
+                out[key] = round(float(u.mean()), 6)
+        return out
 
     def save(self, out_dir: str | Path, stem: str, uncertainty: bool = False,
              trajectory: bool = False, save_probs: bool = False,
@@ -234,7 +303,8 @@ class DepthPipeline(Pipeline):
                 "trajectory.png"]
 
     @torch.no_grad()
-    def predict(self, predictor, item, *, aug=False, steps=None, seed=0) -> DepthPrediction:
+    def predict(self, predictor, item, *, aug=False, steps=None, seed=0, starts=None
+                ) -> DepthPrediction:
         """One image through a depth model (``aug``: the flip test)."""
         from densediff.viz import depth_color
 
@@ -242,17 +312,19 @@ class DepthPipeline(Pipeline):
         model, cfg = predictor.model, predictor.cfg
         size = rgb.shape[:2]
         n = resolve_steps(model, steps, "this checkpoint")[0]
+        settings = check_starts(model, starts)
         extra: dict = {}
         if not is_diffusion(model):
             depth = predict_depth(model, x, size, flip=aug)
         else:
             extra["steps"] = n
             if aug:
-                depth = predict_depth(model, x, size, flip=True, steps=n, seeds=[seed])
+                depth = predict_depth(model, x, size, flip=True, steps=n, seeds=[seed],
+                                      **settings)
             else:
                 feat = model.extract(x)
                 depth, step_depths, maps = depth_uncertainty_maps(
-                    model, feat, n, size, model.accumulation, [seed])
+                    model, feat, n, size, model.accumulation, [seed], **settings)
                 extra["trajectory"] = step_depths[:, 0].cpu().numpy()
                 for key, name in (("steps", "uncertainty"), ("starts", "uncertainty_starts")):
                     if key in maps:

@@ -22,7 +22,13 @@ from densediff.criteria.uncertainty import (
 )
 from densediff.data.transforms import aug_input
 from densediff.errors import UserError
-from densediff.pipelines.base import Pipeline, is_diffusion, resolve_steps, write_files
+from densediff.pipelines.base import (
+    Pipeline,
+    check_starts,
+    is_diffusion,
+    resolve_steps,
+    write_files,
+)
 from densediff.pipelines.inference import predict_probs
 
 __all__ = ["Prediction", "SegmentationPipeline", "uncertainty_maps"]
@@ -31,12 +37,13 @@ __all__ = ["Prediction", "SegmentationPipeline", "uncertainty_maps"]
 @torch.no_grad()
 def uncertainty_maps(model: nn.Module, feat: torch.Tensor, steps: int, out_size: tuple[int, int],
                      accumulation: bool, seeds: Sequence[int] | None = None,
-                     in_size: tuple[int, int] | None = None
+                     in_size: tuple[int, int] | None = None, **settings
                      ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Sample ``steps`` steps from features and form the outputs at ``out_size``.
 
     ``in_size``: the size of the network input; maps are resized bilinearly to it first and
     then to ``out_size``, as mmseg's whole-image inference does (two resizes differ from one).
+    ``settings`` go to ``sample_steps`` (e.g. ``randsteps``).
 
     Returns:
         ``(probs B x K x H x W, step_labels S x B x H x W, {"steps": ..., "entropy": ...})``:
@@ -44,7 +51,7 @@ def uncertainty_maps(model: nn.Module, feat: torch.Tensor, steps: int, out_size:
         (B x H x W in [0, 1]): the paper's count of step-to-step label changes (DDP §3.4), and
         the normalised entropy of the output probabilities.
     """
-    traj = model.sample_steps(feat, steps, seeds=seeds)
+    traj = model.sample_steps(feat, steps, seeds=seeds, **settings)
 
     def up(x: torch.Tensor) -> torch.Tensor:
         for size in ([] if in_size is None else [tuple(in_size)]) + [tuple(out_size)]:
@@ -153,6 +160,63 @@ class Prediction:
         cols = [GridColumn("image"), GridColumn("base segmentor"),
                 GridColumn(f"refined by DDPS ({self.steps} steps)")]
         return save_labelled_grid([tiles], cols, path, legend=self._legend(), legend_title="classes")
+
+    # -- the pictures of the web page (densediff.app) and the summary -----------------------
+    def input_view(self):
+        """The input image (:class:`~densediff.viz.Picture`)."""
+        from densediff.viz import Picture
+
+        return Picture("image", self.image)
+
+    def prediction_view(self):
+        """The mask over the image with the class legend."""
+        from densediff.viz import Picture
+
+        what = "mask" if self.steps is None else f"mask after {self.steps} steps"
+        return Picture(f"{what}, over the image", self.overlay, legend=tuple(self._legend()))
+
+    def uncertainty_view(self):
+        """The step-change uncertainty (diffusion models with whole-image inference), else
+        the normalised entropy of the probabilities, with its colour bar."""
+        from densediff.viz import ColorScale, Picture
+
+        if self.uncertainty is not None:
+            scale = ColorScale("inferno", 0, 1, "share of step-to-step transitions at which "
+                               "the label changed")
+            return Picture("uncertainty", scale.colorize(self.uncertainty), scale)
+        scale = ColorScale("inferno", 0, 1, "normalised entropy of the class probabilities")
+        return Picture("uncertainty (entropy)", scale.colorize(self.entropy), scale)
+
+    @property
+    def num_steps(self) -> int:
+        """Pictures of the trajectory: :meth:`step_view` takes 1 .. this (0: none)."""
+        return 0 if self.trajectory is None else len(self.trajectory)
+
+    def step_view(self, step: int):
+        """Step ``step`` (1 .. :attr:`num_steps`) of the trajectory: its mask, with the legend."""
+        from densediff.viz import Picture
+
+        n = self.num_steps
+        if not 1 <= step <= n:
+            raise UserError(f"step: must be between 1 and {n}, got {step}")
+        return Picture(f"step {step} of {n}", self.colorize(self.trajectory[step - 1]),
+                       legend=tuple(self._legend()))
+
+    def summary(self) -> dict:
+        """What the prediction holds, JSON-ready: size, steps, the share of pixels of each
+        predicted class, the mean uncertainty."""
+        h, w = self.mask.shape
+        ids, counts = np.unique(self.mask, return_counts=True)
+        names = list(self.class_names)
+        out = {"task": "segmentation", "height": int(h), "width": int(w), "steps": self.steps,
+               "classes": {names[i] if 0 <= i < len(names) else str(int(i)):
+                           round(float(c) / (h * w), 6) for i, c in zip(ids, counts)},
+               "mean_entropy": round(float(self.entropy.mean()), 6)}
+        if self.uncertainty is not None:
+            out["mean_uncertainty"] = round(float(self.uncertainty.mean()), 6)
+        if self.base_mask is not None:
+            out["changed_from_base"] = round(float((self.base_mask != self.mask).mean()), 6)
+        return out
 
     LEGEND_ALL_UP_TO = 20
     """Legends list every class up to this many classes; above (ADE20K: 150), only the classes
@@ -271,7 +335,8 @@ class SegmentationPipeline(Pipeline):
         return kinds
 
     @torch.no_grad()
-    def predict(self, predictor, item, *, aug=False, steps=None, seed=0) -> Prediction:
+    def predict(self, predictor, item, *, aug=False, steps=None, seed=0, starts=None
+                ) -> Prediction:
         """One image through ``predictor``'s model: the mask and probabilities at the original
         size, and for diffusion models with whole-image inference the step-change uncertainty
         and the trajectory."""
@@ -281,6 +346,7 @@ class SegmentationPipeline(Pipeline):
         model, cfg = predictor.model, predictor.cfg
         size = rgb.shape[:2]
         n = resolve_steps(model, steps, "this checkpoint")[0]
+        settings = check_starts(model, starts)
         extra: dict = {}
         scale_input = (lambda ratio: aug_input(rgb, cfg.data, ratio)) if aug else None
         if not is_diffusion(model):
@@ -292,7 +358,7 @@ class SegmentationPipeline(Pipeline):
                 feat = model.extract(x)
                 probs, step_labels, maps = uncertainty_maps(model, feat, n, size,
                                                             model.accumulation, [seed],
-                                                            in_size=x.shape[-2:])
+                                                            in_size=x.shape[-2:], **settings)
                 extra["uncertainty"] = maps["steps"][0].cpu().numpy()
                 extra["trajectory"] = step_labels[:, 0].cpu().numpy().astype(np.int64)
                 base = getattr(feat, "logits", None)  # DDPS: the base segmentor's logits
@@ -301,7 +367,7 @@ class SegmentationPipeline(Pipeline):
                     extra["base_mask"] = base[0].argmax(0).cpu().numpy().astype(np.int64)
             else:
                 probs = predict_probs(model, x, cfg.eval, ori_size=size, aug=aug, steps=n,
-                                      seeds=[seed], scale_input=scale_input)
+                                      seeds=[seed], scale_input=scale_input, **settings)
         probs = probs[0].float()
         mask = probs.argmax(0).cpu().numpy().astype(np.int64)
         color = colorize(mask, predictor.palette, cfg.data.ignore_index)
