@@ -454,6 +454,14 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_convert_masks(args: argparse.Namespace) -> int:
+    from densediff.data.convert import convert_masks
+
+    n = convert_masks(args.root, args.out, progress=not args.quiet)
+    print(f"{args.root} -> {args.out}: {n} class-id masks (use data.root={args.out})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from densediff.demo import check_demo_options, run_demo
 
@@ -544,7 +552,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                     help="the images of each output folder are the frames of a video: also "
                     "write overlay.mp4 there (video files always write <name>_overlay.mp4)")
     pr.add_argument("--fps", type=float, help="with --video: frames per second (default 10)")
-    pr.add_argument("--quiet", action="store_true", help="no progress bar")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar (shown on a "
+                    "terminal: images/s and the time left)")
     pr.add_argument("--aug-test", action="store_true",
                     help="multi-scale + flip test (depth: the flip test)")
     pr.add_argument("--save-probs", action="store_true",
@@ -676,6 +685,13 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                     help="segmentation: camvid ade20k cityscapes folder; depth: kitti nyu "
                     "sunrgbd depth_folder; BEV: nuscenes")
     dc.set_defaults(func=cmd_data_check)
+    dm = dsub.add_parser("convert-masks", help="folder dataset: write colour-coded masks as "
+                         "class-id PNGs once (faster loading) into a new dataset folder")
+    dm.add_argument("root", help="folder dataset (images/, masks/, classes.txt with colours)")
+    dm.add_argument("--out", required=True, help="new dataset folder (new or empty): masks/ "
+                    "with class ids, classes.txt and splits/ copied, images/ linked")
+    dm.add_argument("--quiet", action="store_true", help="no progress bar")
+    dm.set_defaults(func=cmd_data_convert_masks)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:

@@ -42,7 +42,9 @@ def output_stems(files: list[Path]) -> list[str]:
     (:func:`~densediff.utils.fs.injective_names`)."""
     from densediff.utils.fs import injective_names
 
-    return injective_names([[f.stem, f"{f.stem}_{f.suffix.lstrip('.')}", f.name, f"{f.name}~{i}"]
+    names = [f.name for f in files]
+    return injective_names([[f.stem, f"{f.stem}_{f.suffix.lstrip('.')}", f.name]
+                            + ([f"{f.name}~{i}"] if names.count(f.name) > 1 else [])
                             for i, f in enumerate(files)])
 
 
@@ -198,8 +200,9 @@ def predict_images(args, predictor, out: Path, options: dict, suffixes: list[str
     out.mkdir(parents=True, exist_ok=True)
     known = all(j.frames is not None for j in jobs if j.video)
     total = sum((j.frames or 0) if j.video else 1 for j in jobs) if known else None
-    bar = tqdm(total=total, unit="img", desc="predict", disable=args.quiet, file=sys.stderr,
-               dynamic_ncols=True)
+    # on a terminal only (None: tqdm's test), so that logs and errors stay one line each
+    bar = tqdm(total=total, unit="img", desc="predict", disable=True if args.quiet else None,
+               file=sys.stderr, dynamic_ncols=True)
     writers: dict[Path, VideoWriter] = {}  # open videos: a video file's, or a frame folder's
     seed = args.seed or 0
 
