@@ -665,8 +665,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    "malloc), fast (the defaults: gather attention, no-mmap malloc, in "
                    "--precision), compiled (fast + torch.compile of the map decoder), onnx "
                    "(onnxruntime; skipped with a note where it does not apply)")
-    b.add_argument("--batches", help="batch sizes of the throughput measurement, e.g. 1,4,8 "
-                   "(default: --batch)")
+    b.add_argument("--batches", help="batch sizes of the throughput measurement (images/s "
+                   "of whole predictions, as `predict --batch-size`), e.g. 1,4,8 (default: "
+                   "--batch)")
     b.add_argument("--precision", metavar="{fp32,bf16,auto}",
                    help="precision of the fast and compiled variants (default auto: bf16 "
                    "where the hardware has it)")
