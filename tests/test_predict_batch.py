@@ -184,3 +184,7 @@ def test_bad_batch_video_inputs_are_one_line(ckpt, tmp_path, capsys, monkeypatch
     monkeypatch.setitem(__import__("sys").modules, "av", None)  # PyAV not installed
     one_line_error(capsys, main(["predict", ckpt, str(bad), "--out", out]), "PyAV",
                    "densediff[video]")
+    # a video met in a folder without PyAV: skipped with a note, the images predicted
+    (inp / "clip.mp4").write_bytes(b"x")
+    assert main(["predict", ckpt, str(inp), "--out", out, "--quiet"]) == 0
+    assert "skipping" in capsys.readouterr().err

@@ -341,15 +341,16 @@ def _predict_samples(args: argparse.Namespace, predictor, out: Path, options: di
     n = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     out.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
-    for i in range(n):
-        sample = dataset[i]
-        name = "".join(c if c.isalnum() or c in "-." else "_" for c in sample["meta"]["name"])
-        if name in used:  # two names alike once made safe: "~" is never in a safe name
-            name = f"{name}~{i}"
-        used.add(name)
-        pred = predictor.predict(sample, steps=args.steps, seed=args.seed or 0)
-        written = pred.save(out, name, **options)
-        print(f"{sample['meta']['name']} -> {out / (name + '_{' + ','.join(written) + '}')}")
+    for start in range(0, n, args.batch_size):
+        samples = [dataset[i] for i in range(start, min(n, start + args.batch_size))]
+        preds = predictor.predict(samples, steps=args.steps, seed=args.seed or 0)
+        for i, (sample, pred) in enumerate(zip(samples, preds), start):
+            name = "".join(c if c.isalnum() or c in "-." else "_" for c in sample["meta"]["name"])
+            if name in used:  # two names alike once made safe: "~" is never in a safe name
+                name = f"{name}~{i}"
+            used.add(name)
+            written = pred.save(out, name, **options)
+            print(f"{sample['meta']['name']} -> {out / (name + '_{' + ','.join(written) + '}')}")
     return 0
 
 

@@ -81,6 +81,7 @@ def list_inputs(inputs: list[str], recursive: bool, out: Path) -> list[tuple[Pat
 
     kinds = IMAGE_EXTENSIONS + VIDEO_EXTENSIONS
     found: list[tuple[Path, str]] = []
+    listed: set[Path] = set()  # files found in folders or by globs (not named by the user)
     for given in inputs:
         path = Path(given)
         if glob.has_magic(given) and not path.exists():
@@ -94,6 +95,7 @@ def list_inputs(inputs: list[str], recursive: bool, out: Path) -> list[tuple[Pat
             if not files:
                 raise UserError(f"{given}: no image or video files ({', '.join(kinds)}) match")
             found += [(m, m.parent.relative_to(base).as_posix()) for m in files]
+            listed.update(files)
         elif path.is_dir():
             try:
                 entries = sorted(path.rglob("*") if recursive else path.iterdir())
@@ -112,6 +114,7 @@ def list_inputs(inputs: list[str], recursive: bool, out: Path) -> list[tuple[Pat
                 raise UserError(f"{path}: no images or videos ({', '.join(kinds)}) in {where}"
                                 + ("" if recursive else "; --recursive looks into subfolders"))
             found += [(p, p.parent.relative_to(path).as_posix()) for p in files]
+            listed.update(files)
         elif path.is_file():
             found.append((path, "."))
         elif path.is_symlink() and not path.exists():
@@ -122,12 +125,29 @@ def list_inputs(inputs: list[str], recursive: bool, out: Path) -> list[tuple[Pat
             raise UserError(f"{path}: is {path_kind(path)}, not an image file or folder")
         else:
             raise UserError(f"{path}: no such file or folder")
+    if not _have_pyav():  # videos met in folders are skipped; one named is an error
+        videos = [f for f, _ in found if f.suffix.lower() in VIDEO_EXTENSIONS and f in listed]
+        for f in videos:
+            print(f"note: skipping {f}: a video (pip install 'densediff[video]' to predict "
+                  "videos)", file=sys.stderr)
+        found = [(f, rel) for f, rel in found if f not in set(videos)]
+        if not found:
+            raise UserError(f"{inputs[0]}: only videos, and PyAV is not installed: pip install "
+                            "'densediff[video]' (or: pip install av)")
     for f, _ in found:
         if f.suffix.lower() in VIDEO_EXTENSIONS:
             video_info(f)  # header only: DataError naming the file (UserError without PyAV)
         else:
             image_size(f)
     return found
+
+
+def _have_pyav() -> bool:
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def plan_jobs(found: list[tuple[Path, str]], out: Path) -> list[Job]:
