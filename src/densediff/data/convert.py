@@ -59,7 +59,8 @@ def convert_masks(root: str | os.PathLike, out: str | os.PathLike, progress: boo
     if progress:
         from tqdm import tqdm
 
-        items = tqdm(items, total=len(targets), desc="convert-masks", unit="mask")
+        items = tqdm(items, total=len(targets), desc="convert-masks", unit="mask",
+                     disable=None)  # on a terminal only
     try:
         for rel, f in items:
             raw = read_label(f, colours)
