@@ -534,8 +534,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     """The ``predict`` subcommand: a checkpoint (or export folder), images, ``--out``."""
     pr = sub.add_parser("predict", help="segment (or estimate the depth of) images, folders "
-                        "(--recursive), globs or videos; depth writes <name>_depth.png (colour), _depth16.png "
-                        "(16-bit, metres x the dataset's PNG scale) and _depth.npy (metres)")
+                        "(--recursive), globs or videos; depth writes <name>_depth.png (colour), "
+                        "_depth16.png (16-bit, metres x the dataset's PNG scale) and _depth.npy (metres)")
     pr.add_argument("checkpoint", help="checkpoint; with --runtime onnx: a folder written by "
                     "`densediff export`")
     pr.add_argument("input", nargs="+", help="image or video files, folders or globs "
