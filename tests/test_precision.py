@@ -30,7 +30,7 @@ def test_resolve_precision():
     assert resolve_precision("auto", "cpu") in ("fp32", "bf16")
     with pytest.raises(ValueError, match="--precision: expected fp32, bf16 or auto, got 'fp16'"):
         resolve_precision("fp16", "cpu")
-    with pytest.raises(ValueError, match="precision: expected fp32 or bf16"):
+    with pytest.raises(ValueError, match="precision: expected fp32, bf16 or fp16"):
         autocast("auto", "cpu")
 
 
@@ -63,7 +63,7 @@ def test_sampling_stays_float32_under_bf16_autocast():
     assert agree > 0.95
 
 
-def test_train_step_runs_under_bf16_on_cpu():
+def test_train_step_runs_under_bf16_on_cpu(monkeypatch):
     from densediff.engine.optim import build_optimizer
     from densediff.engine.trainer import train_precision, train_step
 
@@ -80,7 +80,8 @@ def test_train_step_runs_under_bf16_on_cpu():
     assert losses["loss"].dtype == torch.float32 and torch.isfinite(losses["loss"])
     assert norm > 0 and not torch.equal(before, model.fuse.weight)
     assert model.fuse.weight.dtype == torch.float32  # the master weights stay fp32
-    # train.precision wins; None: bf16 only on GPU with train.amp
+    # train.precision wins; None: auto on GPU with train.amp (bf16 on a card with it)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     t = cfg.train.model_copy(update={"precision": None, "amp": True})
     assert train_precision(t, torch.device("cpu")) == "fp32"
     assert train_precision(t, torch.device("cuda")) == "bf16"
@@ -89,7 +90,7 @@ def test_train_step_runs_under_bf16_on_cpu():
 
 def test_train_precision_key_is_checked():
     with pytest.raises(ConfigError, match="train.precision"):
-        load_config("configs/generated/ddp.yaml", [*TINY, "train.precision=fp16"])
+        load_config("configs/generated/ddp.yaml", [*TINY, "train.precision=fp8"])
 
 
 @pytest.fixture
@@ -187,15 +188,16 @@ def test_train_precision_bf16_reaches_the_train_step(tmp_path, monkeypatch):
     seen = []
     real = T.train_step
 
-    def spy(model, optimizer, batches, accum_steps=1, grad_clip=None, precision="fp32"):
-        seen.append(precision)
-        return real(model, optimizer, batches, accum_steps, grad_clip, precision)
+    def spy(model, optimizer, batches, accum_steps=1, grad_clip=None, precision="fp32",
+            scaler=None):
+        seen.append((precision, scaler))
+        return real(model, optimizer, batches, accum_steps, grad_clip, precision, scaler)
 
     monkeypatch.setattr(T, "train_step", spy)
     work = tmp_path / "run"
     assert main(["train", "configs/generated/ddp.yaml", *TINY, *DDP_TINY, f"work_dir={work}",
                  "train.precision=bf16", "train.iters=2", "train.eval_interval=2"]) == 0
-    assert seen == ["bf16", "bf16"]
+    assert seen == [("bf16", None), ("bf16", None)]  # bf16: no loss scaler
     weights, _ = load_weights(work / "checkpoints" / "last.safetensors")
     floats = [v for v in weights.values() if v.is_floating_point()]
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in floats)

@@ -45,3 +45,4 @@ def test_readme_python_snippet_runs(tmp_path, monkeypatch, tiny_ddp_run):
     assert out.mask.shape == (24, 30) and out.overlay.shape == (24, 30, 3)
     assert out.trajectory.shape == (5, 24, 30) and out.uncertainty.shape == (24, 30)
     assert scope["strip"].shape[0] == 24
+    assert len(scope["outs"]) == 2 and np.array_equal(scope["outs"][0].mask, out.mask)

@@ -109,28 +109,52 @@ class Predictor:
         return takes_starts(self.model)
 
     @torch.no_grad()
-    def predict(self, image: ImageLike | dict, aug: bool = False, steps: int | None = None,
-                seed: int = 0, starts: int | None = None
-                ) -> Prediction | DepthPrediction | BEVPrediction:
+    def predict(self, image: ImageLike | dict | list, aug: bool = False,
+                steps: int | None = None, seed: int | Sequence[int] = 0,
+                batch_size: int | None = None, starts: int | None = None):
         """Predict one input: an image (PIL, HxW[x3|4] array, or path) for segmentation
         (:class:`Prediction`) and depth (:class:`DepthPrediction`) models; a sample of the
         checkpoint's dataset (:meth:`dataset`: cameras, calibration[, points]) for BEV models
-        (:class:`BEVPrediction`).
+        (:class:`BEVPrediction`). A list (or tuple) of inputs gives a list of results.
 
         Args:
-            image: the input image (grayscale/RGBA are converted to RGB), or the BEV sample.
+            image: the input image (grayscale/RGBA are converted to RGB), or the BEV sample;
+                or a list of them.
             aug: multi-scale + flip test (scales from ``cfg.eval.aug``); depth: the flip test.
             steps: diffusion models: sampling steps (None: the model's default; DDPS: 0 gives
                 the base segmentor's prediction).
-            seed: diffusion models: seed of the starting noise (same seed, same result).
+            seed: diffusion models: seed of the starting noise (same seed, same result); with
+                a list of inputs, one seed for all or one per input. The noise is drawn per
+                input, so a result does not depend on the batch it ran in.
             starts: DDP models (:attr:`takes_starts`): random starts per input, 1 .. 100,
                 whose outputs are averaged (None: the config's ``model.diffusion.randsteps``).
+            batch_size: with a list: inputs per forward pass (default: all of them). Whole-
+                image diffusion inference of same-size images runs the encoder and the sampler
+                on the batch; other inference (sliding window, ``aug``, BEV) one at a time.
         """
-        check_int(seed, "seed", 0, MAX_SEED)
+        extra = {} if starts is None else {"starts": starts}  # a pipeline may not take it
+        if not isinstance(image, (list, tuple)):
+            check_int(seed, "seed", 0, MAX_SEED)
+            with autocast(self.precision, self.device):
+                return self.pipeline.predict(self, image, aug=aug, steps=steps, seed=seed,
+                                             **extra)
+        items = list(image)
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(items)
+        if len(seeds) != len(items):
+            raise UserError(f"seed: {len(seeds)} seeds for {len(items)} inputs (give one seed, "
+                            "or one per input)")
+        for s in seeds:
+            check_int(s, "seed", 0, MAX_SEED)
+        if batch_size is not None:
+            check_int(batch_size, "batch_size", 1, 1 << 20)
+        size = batch_size or max(len(items), 1)
+        out: list = []
         with autocast(self.precision, self.device):
-            # a pipeline without random starts need not know the keyword
-            extra = {} if starts is None else {"starts": starts}
-            return self.pipeline.predict(self, image, aug=aug, steps=steps, seed=seed, **extra)
+            for i in range(0, len(items), size):
+                out += self.pipeline.predict_batch(self, items[i:i + size], aug=aug,
+                                                   steps=steps, seeds=seeds[i:i + size],
+                                                   **extra)
+        return out
 
     def dataset(self, split: str = "val", data_root: str | None = None):
         """The checkpoint's dataset (test pipeline) for ``split`` (``val``/``test``/``train`` or

@@ -623,7 +623,7 @@ def format_bench(r: dict) -> str:
                          f"({100 * r['variants'][v]['floor_fraction']:.0f} % of its floor)"
                          for v in vs))
     bss = list(r["variants"][vs[0]]["throughput"])
-    lines.append("  throughput (images/s, default steps): " + "; ".join(
+    lines.append("  throughput (images/s, default steps; bN = `predict --batch-size N`): " + "; ".join(
         f"{v} " + ", ".join(f"b{bs} {r['variants'][v]['throughput'][bs]:.3g}" for bs in bss)
         for v in vs))
     lines.append("  minor page faults per decoder step (process-wide; onnxruntime's own "

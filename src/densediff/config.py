@@ -690,11 +690,16 @@ class TrainConfig(_Strict):
     min_lr: float = Field(0.0, ge=0)
     grad_clip: Optional[float] = Field(None, gt=0)
     amp: bool = True
-    """Mixed precision (bf16 autocast) on GPU when ``precision`` is None; ignored on CPU."""
-    precision: Optional[Literal["fp32", "bf16"]] = None
-    """Training precision on any device: fp32, or bf16 autocast (convolutions and matrix
+    """Mixed precision on GPU when ``precision`` is None (then the same as ``precision:
+    auto`` on CUDA); ignored on CPU. Kept for old configs: set ``precision`` instead."""
+    precision: Optional[Literal["fp32", "bf16", "fp16", "auto"]] = None
+    """Training precision on any device: fp32, bf16 autocast (convolutions and matrix
     products in bf16; the deformable attention's sampling locations and softmax, the losses
-    and the diffusion arithmetic stay fp32). None: bf16 on GPU when ``amp``, else fp32."""
+    and the diffusion arithmetic stay fp32), fp16 autocast with loss scaling
+    (``torch.amp.GradScaler``: overflow steps are skipped and the scale backs off), or auto:
+    on CUDA bf16 where the card has it, else fp16; on the CPU bf16 where the CPU has native
+    bf16, else fp32 (:func:`densediff.utils.precision.resolve_train_precision`). None: auto on
+    CUDA when ``amp``, else fp32."""
     accum_steps: int = Field(1, ge=1, le=MAX_BATCH)
     ema: EMAConfig = EMAConfig()
     eval_interval: int = Field(1000, ge=1, le=MAX_COUNT)

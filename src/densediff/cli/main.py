@@ -229,44 +229,6 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
-def _list_images(path: Path) -> list[Path]:
-    """The image files to predict: ``path`` itself, or the image files directly in the folder
-    ``path`` (sorted). Entries with an image suffix that are not readable files (folders,
-    broken or looping links) are skipped with a note; every image's header is read first, so
-    a corrupt or oversized image stops the command before any prediction."""
-    from densediff.data.io import IMAGE_EXTENSIONS, image_size
-
-    if path.is_dir():
-        try:
-            entries = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        except OSError as e:
-            raise UserError(f"{path}: cannot list the folder ({e.strerror or e})") from None
-        files = []
-        for p in entries:
-            if p.is_file():
-                files.append(p)
-            else:
-                from densediff.utils.checks import path_kind
-
-                kind = path_kind(p)
-                print(f"note: skipping {p}: {kind}", file=sys.stderr)
-        if not files:
-            raise UserError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in folder")
-    elif path.is_file():
-        files = [path]
-    elif path.is_symlink() and not path.exists():
-        raise UserError(f"{path}: a broken or looping symbolic link")
-    elif path.exists():
-        from densediff.utils.checks import path_kind
-
-        raise UserError(f"{path}: is {path_kind(path)}, not an image file or folder")
-    else:
-        raise UserError(f"{path}: no such file or folder")
-    for f in files:
-        image_size(f)  # header only: DataError naming the file
-    return files
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
     """``predict``: every input (image files; BEV: samples of a dataset split) through the
     checkpoint's task pipeline; each result writes its own files (``Prediction.save``)."""
@@ -282,6 +244,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise UserError(f"--steps: must be at least 0, got {args.steps}")
     check_range(args.seed, "--seed", 0, MAX_SEED)
     check_range(args.limit, "--limit", 1, 10**9)
+    check_range(args.batch_size, "--batch-size", 1, 4096)
+    if args.fps is not None and not (args.fps > 0 and args.fps <= 1000):
+        raise UserError(f"--fps: must be above 0 and at most 1000, got {args.fps}")
+    if args.fps is not None and not args.video:
+        raise UserError("--fps: applies with --video (the frame rate of a video made of a "
+                        "folder of frames; video files keep their own)")
     check_writable_dir(out, "--out")  # before any work: results that cannot be written are lost
     if args.runtime == "onnx":  # the first argument is a `densediff export` folder
         from densediff.deploy import load_onnx
@@ -333,34 +301,29 @@ def cmd_predict(args: argparse.Namespace) -> int:
                "save_probs": args.save_probs}
     if not pipe.image_input:
         return _predict_samples(args, predictor, out, options)
-    files = _list_images(Path(args.input))
-    out.mkdir(parents=True, exist_ok=True)
-    inputs = {os.path.realpath(f) for f in files}  # realpath: never fails on link loops
-    for stem in _output_stems(files):
-        if any(os.path.realpath(out / f"{stem}_{k}") in inputs for k in suffixes):
-            raise UserError(f"{out}: writing results there would overwrite input images; "
-                            "choose another --out")
-    for f, stem in zip(files, _output_stems(files)):
-        pred = predictor.predict(f, aug=args.aug_test, steps=args.steps, seed=args.seed or 0)
-        written = pred.save(out, stem, **options)
-        print(f"{f} -> {out / (stem + '_{' + ','.join(written) + '}')}")
-    return 0
+    from densediff.cli.predict import predict_images
+
+    return predict_images(args, predictor, out, options, suffixes)
 
 
 def _output_stems(files: list[Path]) -> list[str]:
-    """Output name stems, one per input and no two alike (every output suffix is one word
-    after the last ``_``, so distinct stems give distinct files): the stem, or where two
-    inputs share it ``<stem>_<ext>`` (a.png, a.jpg -> a_png, a_jpg), or where that clashes
-    too the full file name (:func:`~densediff.utils.fs.injective_names`)."""
-    from densediff.utils.fs import injective_names
+    """Output name stems of the files of one folder (:func:`densediff.cli.predict.output_stems`)."""
+    from densediff.cli.predict import output_stems
 
-    return injective_names([[f.stem, f"{f.stem}_{f.suffix.lstrip('.')}", f.name]
-                            for f in files])
+    return output_stems(files)
 
 
 def _predict_samples(args: argparse.Namespace, predictor, out: Path, options: dict) -> int:
     """``predict`` for models whose input is a sample of their dataset (BEV: calibrated
     cameras): ``input`` names a split of the checkpoint's dataset."""
+    for opt in ("recursive", "video"):
+        if getattr(args, opt):
+            raise UserError(f"--{opt}: applies to image inputs; {args.checkpoint} is a "
+                            f"{predictor.pipeline.name} model, whose input is a dataset split")
+    if len(args.input) != 1:
+        raise UserError(f"{' '.join(args.input)}: {args.checkpoint} is a "
+                        f"{predictor.pipeline.name} model; give one dataset split (e.g. val)")
+    args.input = args.input[0]
     given = Path(args.input)
     if given.suffix or given.exists():
         raise UserError(f"{args.input}: {args.checkpoint} is a {predictor.pipeline.name} model: it "
@@ -371,15 +334,16 @@ def _predict_samples(args: argparse.Namespace, predictor, out: Path, options: di
     n = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     out.mkdir(parents=True, exist_ok=True)
     used: set[str] = set()
-    for i in range(n):
-        sample = dataset[i]
-        name = "".join(c if c.isalnum() or c in "-." else "_" for c in sample["meta"]["name"])
-        if name in used:  # two names alike once made safe: "~" is never in a safe name
-            name = f"{name}~{i}"
-        used.add(name)
-        pred = predictor.predict(sample, steps=args.steps, seed=args.seed or 0)
-        written = pred.save(out, name, **options)
-        print(f"{sample['meta']['name']} -> {out / (name + '_{' + ','.join(written) + '}')}")
+    for start in range(0, n, args.batch_size):
+        samples = [dataset[i] for i in range(start, min(n, start + args.batch_size))]
+        preds = predictor.predict(samples, steps=args.steps, seed=args.seed or 0)
+        for i, (sample, pred) in enumerate(zip(samples, preds), start):
+            name = "".join(c if c.isalnum() or c in "-." else "_" for c in sample["meta"]["name"])
+            if name in used:  # two names alike once made safe: "~" is never in a safe name
+                name = f"{name}~{i}"
+            used.add(name)
+            written = pred.save(out, name, **options)
+            print(f"{sample['meta']['name']} -> {out / (name + '_{' + ','.join(written) + '}')}")
     return 0
 
 
@@ -517,6 +481,14 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_convert_masks(args: argparse.Namespace) -> int:
+    from densediff.data.convert import convert_masks
+
+    n = convert_masks(args.root, args.out, progress=not args.quiet)
+    print(f"{args.root} -> {args.out}: {n} class-id masks (use data.root={args.out})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from densediff.demo import check_demo_options, run_demo
 
@@ -587,14 +559,28 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     """The ``predict`` subcommand: a checkpoint (or export folder), images, ``--out``."""
-    pr = sub.add_parser("predict", help="segment (or estimate the depth of) an image or a folder "
-                        "of images; depth writes <name>_depth.png (colour), _depth16.png "
-                        "(16-bit, metres x the dataset's PNG scale) and _depth.npy (metres)")
+    pr = sub.add_parser("predict", help="segment (or estimate the depth of) images, folders "
+                        "(--recursive), globs or videos; depth writes <name>_depth.png (colour), "
+                        "_depth16.png (16-bit, metres x the dataset's PNG scale) and _depth.npy (metres)")
     pr.add_argument("checkpoint", help="checkpoint; with --runtime onnx: a folder written by "
                     "`densediff export`")
-    pr.add_argument("input", help="image file or folder; BEV checkpoints: a split of the "
+    pr.add_argument("input", nargs="+", help="image or video files, folders or globs "
+                    "(quoted, e.g. 'shots/**/*.jpg'); BEV checkpoints: a split of the "
                     "checkpoint's dataset (val, test, train or a split name)")
-    pr.add_argument("--out", required=True, help="output folder")
+    pr.add_argument("--out", required=True, help="output folder (results mirror the input "
+                    "folders below it)")
+    pr.add_argument("--recursive", action="store_true",
+                    help="also the images and videos in subfolders of a folder input")
+    pr.add_argument("--batch-size", type=int, default=1,
+                    help="images (or video frames) per forward pass (default 1); whole-image "
+                    "diffusion inference runs the encoder and the sampler on the batch, each "
+                    "image with its own noise seed")
+    pr.add_argument("--video", action="store_true",
+                    help="the images of each output folder are the frames of a video: also "
+                    "write overlay.mp4 there (video files always write <name>_overlay.mp4)")
+    pr.add_argument("--fps", type=float, help="with --video: frames per second (default 10)")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar (shown on a "
+                    "terminal: images/s and the time left)")
     pr.add_argument("--aug-test", action="store_true",
                     help="multi-scale + flip test (depth: the flip test)")
     pr.add_argument("--save-probs", action="store_true",
@@ -723,8 +709,9 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    "malloc), fast (the defaults: gather attention, no-mmap malloc, in "
                    "--precision), compiled (fast + torch.compile of the map decoder), onnx "
                    "(onnxruntime; skipped with a note where it does not apply)")
-    b.add_argument("--batches", help="batch sizes of the throughput measurement, e.g. 1,4,8 "
-                   "(default: --batch)")
+    b.add_argument("--batches", help="batch sizes of the throughput measurement (images/s "
+                   "of whole predictions, as `predict --batch-size`), e.g. 1,4,8 (default: "
+                   "--batch)")
     b.add_argument("--precision", metavar="{fp32,bf16,auto}",
                    help="precision of the fast and compiled variants (default auto: bf16 "
                    "where the hardware has it)")
@@ -743,6 +730,13 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                     help="segmentation: camvid ade20k cityscapes folder; depth: kitti nyu "
                     "sunrgbd depth_folder; BEV: nuscenes")
     dc.set_defaults(func=cmd_data_check)
+    dm = dsub.add_parser("convert-masks", help="folder dataset: write colour-coded masks as "
+                         "class-id PNGs once (faster loading) into a new dataset folder")
+    dm.add_argument("root", help="folder dataset (images/, masks/, classes.txt with colours)")
+    dm.add_argument("--out", required=True, help="new dataset folder (new or empty): masks/ "
+                    "with class ids, classes.txt and splits/ copied, images/ linked")
+    dm.add_argument("--quiet", action="store_true", help="no progress bar")
+    dm.set_defaults(func=cmd_data_convert_masks)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:

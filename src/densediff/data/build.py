@@ -98,7 +98,7 @@ def build_seg_dataset(cfg: Config, split: str, train: bool) -> SegDataset:
             extra = f" (+{more} more problems; run `densediff data check`)" if more else ""
             raise DataError(layout.problems[0] + extra)
         ds = SegDataset(layout.files, layout.class_names, layout.palette, layout.lut, d, train,
-                        seed=cfg.seed, name=f"{d.dataset}/{split}")
+                        seed=cfg.seed, name=f"{d.dataset}/{split}", colours=layout.colours)
     else:
         raise ConfigError(f"data.dataset: unknown dataset {d.dataset!r}")
     _check_classes(cfg, ds.num_classes)

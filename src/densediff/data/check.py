@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from densediff.data.classes import map_label
+from densediff.data.classes import ColourMap, map_label
 from densediff.data.depth import read_depth, scan_depth
 from densediff.data.io import check_same_size, image_size, read_image, read_label
 from densediff.data.layouts import FORMATS, dataset_dir, scan, splits_of
@@ -47,14 +47,15 @@ def _check_files(img: Path, label: Path, read_label_shape, decode_images: bool) 
 
 
 def check_pair(img: Path, label: Path, lut: np.ndarray | None,
-               decode_images: bool = True) -> list[str]:
+               decode_images: bool = True, colours: ColourMap | None = None) -> list[str]:
     """Problems of one image/label pair: unreadable or truncated files, a label that is not a
-    single-channel image, invalid label values (skipped when ``lut`` is None), size mismatch."""
+    single-channel image (nor, with ``colours``, a colour-coded mask of known colours),
+    invalid label values (skipped when ``lut`` is None), size mismatch."""
     raw = None
 
     def read(path: Path) -> tuple[int, ...]:
         nonlocal raw
-        raw = read_label(path)
+        raw = read_label(path, colours)
         return raw.shape
 
     problems = _check_files(img, label, read, decode_images)
@@ -147,7 +148,7 @@ def check_dataset(root: str | os.PathLike, fmt: str, decode_images: bool = True,
     if not (Path(root).expanduser() if depth else dataset_dir(fmt, root)).is_dir():
         return [_not_a_folder(root)]
     problems: list[str] = []
-    jobs: dict[tuple[Path, Path], np.ndarray | None] = {}
+    jobs: dict[tuple[Path, Path], tuple] = {}
     if depth:
         scan_fmt = "folder" if fmt == "depth_folder" else fmt
         for split in depth_splits_of(fmt, root):
@@ -155,7 +156,7 @@ def check_dataset(root: str | os.PathLike, fmt: str, decode_images: bool = True,
             problems += dlayout.problems
             problems += [f"{p}: depth map without image" for p in dlayout.orphan_depths]
             for pair in dlayout.files:
-                jobs.setdefault(pair, None)
+                jobs.setdefault(pair, (None, None))
     else:
         for split in splits_of(fmt, root):
             layout = scan(fmt, root, split)
@@ -163,13 +164,13 @@ def check_dataset(root: str | os.PathLike, fmt: str, decode_images: bool = True,
             problems += [f"{p}: label without image" for p in layout.orphan_labels]
             lut = layout.lut if layout.class_names else None
             for pair in layout.files:
-                jobs.setdefault(pair, lut)
+                jobs.setdefault(pair, (lut, layout.colours))
 
     def run(item):
-        (img, lab), lut = item
+        (img, lab), (lut, colours) = item
         if depth:
             return check_depth_pair(img, lab, fmt == "sunrgbd", decode_images)
-        return check_pair(img, lab, lut, decode_images)
+        return check_pair(img, lab, lut, decode_images, colours)
 
     workers = workers or min(os.cpu_count() or 1, 8)
     with ThreadPoolExecutor(workers) as pool:

@@ -10,6 +10,7 @@ both to load labels and to validate them (:func:`map_label`).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -105,15 +106,92 @@ def default_palette(n: int) -> np.ndarray:
     return pal
 
 
-def read_classes_file(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
+IGNORE_NAME = "[ignore]"
+"""``classes.txt``: a line ``[ignore] R G B`` names a mask colour of unlabelled pixels
+(colour-coded masks; any number of such lines, not a class)."""
+
+
+@dataclass
+class ClassesFile:
+    """A parsed ``classes.txt``: the classes, their palette, which colours the file gives,
+    and the ``[ignore]`` colours."""
+
+    names: list[str]
+    palette: np.ndarray
+    given: list[bool]
+    ignore_colours: list[tuple[int, int, int]] = field(default_factory=list)
+    path: str = "classes.txt"
+
+    def colour_map(self) -> ColourMap:
+        """The colour -> mask value table of colour-coded masks (:class:`ColourMap`)."""
+        missing = [n for n, g in zip(self.names, self.given) if not g]
+        colours = [tuple(int(v) for v in c) for c in self.palette] + list(self.ignore_colours)
+        values = list(range(len(self.names))) + [FOLDER_IGNORE] * len(self.ignore_colours)
+        error = None
+        if missing:
+            error = (f"colour-coded masks need a colour for every class in {self.path}; "
+                     f"{missing[0]!r} has none (write '{missing[0]} R G B')")
+        seen: dict[tuple, int] = {}
+        for c, v in zip(colours, values):
+            if seen.setdefault(c, v) != v:
+                error = (f"{self.path}: colour {c} is given twice (to "
+                         f"{_value_name(self.names, seen[c])!r} and {_value_name(self.names, v)!r});"
+                         " colour-coded masks need one colour per class")
+                break
+        return ColourMap(colours, values, error, self.path)
+
+
+def _value_name(names: list[str], v: int) -> str:
+    return names[v] if v < len(names) else IGNORE_NAME
+
+
+def _code(rgb: np.ndarray) -> np.ndarray:
+    """``... x 3`` uint8 colours as ``r << 16 | g << 8 | b`` int64 codes."""
+    rgb = rgb.astype(np.int64)
+    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+
+
+class ColourMap:
+    """Colour-coded masks (RGB) as mask values: a class's colour -> its id, an ``[ignore]``
+    colour -> :data:`FOLDER_IGNORE` (:meth:`map`). ``error``: why this ``classes.txt`` cannot
+    decode colour masks (a class without a colour, a colour given twice), raised on use."""
+
+    def __init__(self, colours: list[tuple[int, int, int]], values: list[int],
+                 error: str | None = None, source: str = "classes.txt"):
+        codes = _code(np.asarray(colours, np.int64).reshape(-1, 3))
+        order = np.argsort(codes, kind="stable")
+        self.codes, self.values = codes[order], np.asarray(values, np.int64)[order]
+        self.error, self.source = error, source
+
+    def map(self, rgb: np.ndarray, path: str | os.PathLike) -> np.ndarray:
+        """``H x W x 3`` uint8 mask -> ``H x W`` int64 mask values; one DataError naming
+        ``path``, the first unknown colour, a pixel of it (x, y) and its pixel count."""
+        if self.error:
+            raise DataError(f"{path}: {self.error}")
+        code = _code(rgb)
+        idx = np.minimum(np.searchsorted(self.codes, code), len(self.codes) - 1)
+        known = self.codes[idx] == code
+        if known.all():
+            return self.values[idx]
+        y, x = (int(v) for v in np.argwhere(~known)[0])
+        bad = int(code[y, x])
+        count = int((code == bad).sum())
+        others = len(np.unique(code[~known])) - 1
+        colour = ((bad >> 16) & 255, (bad >> 8) & 255, bad & 255)
+        more = f"; and {others} other unknown colour(s)" if others else ""
+        raise DataError(f"{path}: colour {colour} at pixel (x={x}, y={y}) is not in "
+                        f"{self.source} ({count} pixels{more}); give it a class line "
+                        f"'name {colour[0]} {colour[1]} {colour[2]}' or '{IGNORE_NAME} "
+                        f"{colour[0]} {colour[1]} {colour[2]}'")
+
+
+def read_classes(path: str | os.PathLike) -> ClassesFile:
     """Read a folder dataset's ``classes.txt``.
 
     One class per line, in class-id order (line i -> id i): ``name`` or ``name R G B`` with
     0..255 colour components; names may contain spaces. Blank lines and lines starting with
-    ``#`` are skipped. Classes without a colour get one from :func:`default_palette`.
-
-    Returns:
-        (names, palette (K, 3) uint8).
+    ``#`` are skipped. Classes without a colour get one from :func:`default_palette`. Lines
+    ``[ignore] R G B`` name the colours of unlabelled pixels in colour-coded masks.
 
     Raises:
         DataError: missing/empty file, a bad colour, a duplicate name, or more than 255 classes.
@@ -125,6 +203,7 @@ def read_classes_file(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     lines = read_text(path, error=DataError, kind="classes file").splitlines()
     names: list[str] = []
     colours: list[tuple[int, int, int] | None] = []
+    ignore: list[tuple[int, int, int]] = []
     for lineno, line in enumerate(lines, 1):
         line = line.strip()
         if not line or line.startswith("#"):
@@ -139,6 +218,11 @@ def read_classes_file(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
         elif len(parts) >= 2 and parts[-1].lstrip("-").isdigit():
             raise DataError(f"{path}:{lineno}: expected 'name' or 'name R G B', got {line!r}")
         name = " ".join(parts)
+        if name == IGNORE_NAME:
+            if colour is None:
+                raise DataError(f"{path}:{lineno}: expected '{IGNORE_NAME} R G B', got {line!r}")
+            ignore.append(colour)
+            continue
         if name in names:
             raise DataError(f"{path}:{lineno}: duplicate class name {name!r}")
         names.append(name)
@@ -152,7 +236,13 @@ def read_classes_file(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     for i, c in enumerate(colours):
         if c is not None:
             palette[i] = c
-    return names, palette
+    return ClassesFile(names, palette, [c is not None for c in colours], ignore, str(path))
+
+
+def read_classes_file(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
+    """``(names, palette (K, 3) uint8)`` of a ``classes.txt`` (:func:`read_classes`)."""
+    c = read_classes(path)
+    return c.names, c.palette
 
 
 def label_lut(fmt: str, num_classes: int, ignore_index: int, label_ids: bool = False) -> np.ndarray:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from densediff.data.bev import collate_bev
-from densediff.data.classes import map_label
+from densediff.data.classes import ColourMap, map_label
 from densediff.data.io import check_same_size, read_image, read_label
 from densediff.data.transforms import test_transform, to_tensor, train_transform
 
@@ -34,6 +34,8 @@ class SegDataset(Dataset):
             test pipeline (test-time resize; the label keeps its original size).
         seed: run seed; with an int item the augmentation RNG is ``default_rng([seed, index])``.
         name: dataset name for messages.
+        colours: colour -> class id table of colour-coded (RGB) masks
+            (:class:`~densediff.data.classes.ColourMap`; None: masks must hold class ids).
 
     Items are an int index or ``(index, seed)``; the RNG is then ``default_rng(seed)``. A
     sample is a dict: ``image`` float32 3 x H x W (normalised), ``label`` int64 H x W (class ids
@@ -43,8 +45,10 @@ class SegDataset(Dataset):
 
     def __init__(self, files: Sequence[tuple[Path | str, Path | str | None]],
                  class_names: Sequence[str], palette: np.ndarray, lut: np.ndarray | None,
-                 data: DataConfig, train: bool, seed: int = 0, name: str = "dataset"):
+                 data: DataConfig, train: bool, seed: int = 0, name: str = "dataset",
+                 colours: ColourMap | None = None):
         self.files = [(img, lab) for img, lab in files]
+        self.colours = colours
         self.class_names = list(class_names)
         self.palette = np.asarray(palette, np.uint8).reshape(-1, 3)
         self.lut = lut
@@ -78,7 +82,7 @@ class SegDataset(Dataset):
         if lab_path is None:
             label = np.full(img.shape[:2], self.ignore_index, np.int64)
         else:
-            label = read_label(lab_path)
+            label = read_label(lab_path, self.colours)
             if self.lut is not None:
                 label = map_label(label, self.lut, lab_path)
             check_same_size(img_path, img.shape[:2], lab_path, label.shape)

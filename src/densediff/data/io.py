@@ -13,9 +13,13 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    from densediff.data.classes import ColourMap
 
 from densediff.errors import DataError, UserError, one_line
 from densediff.limits import MAX_PIXELS_ENV, MAX_PIXELS_LIMIT
@@ -132,20 +136,25 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise DataError(f"{path}: cannot convert image mode {im.mode} to RGB ({e})") from None
 
 
-def read_label(path: str | os.PathLike) -> np.ndarray:
+def read_label(path: str | os.PathLike, colours: ColourMap | None = None) -> np.ndarray:
     """Read a label map as ``int64`` (H x W) of raw pixel values (no class mapping).
 
-    Accepts 8-bit greyscale, palette (the indices are the values) and 16-bit images.
+    Accepts 8-bit greyscale, palette (the indices are the values) and 16-bit images; with
+    ``colours`` (a folder dataset whose ``classes.txt`` gives the colours) also colour-coded
+    RGB(A) masks, mapped to class ids (:meth:`~densediff.data.classes.ColourMap.map`).
 
     Raises:
-        DataError: missing/unreadable/truncated file, or not a single-channel image
-            (e.g. an RGB colour-coded mask).
+        DataError: missing/unreadable/truncated file, not a single-channel image (an RGB
+            mask without ``colours``), or a colour that is not in ``colours``.
     """
     im = _load(path)
+    if im.mode in ("RGB", "RGBA") and colours is not None:
+        return colours.map(np.asarray(im.convert("RGB")), path)
     if im.mode not in _LABEL_MODES:
         raise DataError(
             f"{path}: label map must be a single-channel class-id image, got mode {im.mode}"
-            " (colour-coded masks must be converted to class ids first)")
+            " (colour-coded masks: a folder dataset whose classes.txt gives every class's "
+            "colour, 'name R G B')")
     return np.asarray(im).astype(np.int64)
 
 

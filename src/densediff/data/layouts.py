@@ -23,10 +23,13 @@ cityscapes
     converted to trainIds on the fly (no need to run cityscapesScripts' converter).
 folder (your own data)
     ``images/`` (any of .jpg .jpeg .png .bmp .tif .tiff .webp, any size, subfolders allowed) and
-    ``masks/`` with a single-channel mask per image, same relative path and stem, lossless
-    format (.png .bmp .tif .tiff): pixel value = class id, 255 = ignore. ``classes.txt`` lists
-    the classes, one ``name [R G B]`` per line in id order (see
-    :func:`densediff.data.classes.read_classes_file`); without it set ``data.num_classes``.
+    ``masks/`` with a mask per image, same relative path and stem, lossless format (.png .bmp
+    .tif .tiff): single-channel, pixel value = class id, 255 = ignore; or colour-coded RGB,
+    pixel colour = the class's colour in ``classes.txt`` (``[ignore] R G B`` lines: colours of
+    unlabelled pixels). ``classes.txt`` lists the classes, one ``name [R G B]`` per line in id
+    order (see :func:`densediff.data.classes.read_classes`); without it set
+    ``data.num_classes``. ``densediff data convert-masks`` writes colour masks as class ids
+    once (faster to load).
     Splits: ``splits/<split>.txt`` listing stems (relative paths without suffix), one per line.
     Without a ``splits/`` folder the default split is: sort all stems; every 5th one, starting
     with the first (indices 0, 5, 10, ...), is ``val`` (and ``test``), the rest is ``train``;
@@ -50,9 +53,10 @@ from densediff.data.classes import (
     CITYSCAPES_CLASSES,
     CITYSCAPES_PALETTE,
     INVALID,
+    ColourMap,
     default_palette,
     label_lut,
-    read_classes_file,
+    read_classes,
 )
 from densediff.data.io import IMAGE_EXTENSIONS, LABEL_EXTENSIONS
 from densediff.errors import DataError
@@ -83,6 +87,8 @@ class Layout:
     """One line each: missing folders, images without labels, bad split/class files."""
     orphan_labels: list[Path] = field(default_factory=list)
     """Label files without an image (reported by check_dataset, harmless for training)."""
+    colours: ColourMap | None = None
+    """folder: the colour -> class id table of colour-coded masks (from ``classes.txt``)."""
 
 
 def splits_of(fmt: str, root: str | os.PathLike) -> list[str]:
@@ -343,7 +349,9 @@ def _scan_folder(root: Path, split: str, num_classes: int | None, out: Layout) -
     cls_file = root / "classes.txt"
     if cls_file.is_file():
         try:
-            out.class_names, out.palette = read_classes_file(cls_file)
+            classes = read_classes(cls_file)
+            out.class_names, out.palette = classes.names, classes.palette
+            out.colours = classes.colour_map()
         except DataError as e:
             out.problems.append(str(e))
     elif num_classes is not None:

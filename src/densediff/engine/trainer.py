@@ -67,7 +67,7 @@ from densediff.utils.checkpoint import (
     save_train_state,
 )
 from densediff.utils.fs import RunLock, atomic_write, check_writable_dir, remove_stale_temps
-from densediff.utils.precision import autocast
+from densediff.utils.precision import autocast, resolve_train_precision
 from densediff.utils.signals import critical, graceful
 
 CKPT_DIR = "checkpoints"
@@ -88,14 +88,36 @@ LOSS_HISTORY = 50
 
 
 def train_precision(t, device: torch.device) -> str:
-    """``train.precision``, or when None: bf16 on GPU with ``train.amp``, else fp32."""
-    if t.precision is not None:
-        return t.precision
-    return "bf16" if t.amp and device.type == "cuda" else "fp32"
+    """``train.precision`` resolved on ``device`` to fp32, bf16 or fp16
+    (:func:`~densediff.utils.precision.resolve_train_precision`; ``auto``: bf16 on a CUDA card
+    with bf16, fp16 on one without, the CPU's native-bf16 rule on the CPU). When None (old
+    configs): ``auto`` on CUDA with ``train.amp``, else fp32. ConfigError for bf16 on a CUDA
+    card without it."""
+    precision = t.precision
+    if precision is None:
+        precision = "auto" if t.amp and device.type == "cuda" else "fp32"
+    try:
+        return resolve_train_precision(precision, device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+MAX_OVERFLOW_STEPS = 40
+"""fp16 training: this many overflow steps in a row (the loss scale backed off by 2^40) stop
+the run as diverged."""
+
+
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """The loss scaler of fp16 training (``torch.amp.GradScaler`` on ``device``'s type); None
+    for fp32 and bf16 (bf16 has fp32's exponent range: nothing to scale)."""
+    if precision != "fp16":
+        return None
+    return torch.amp.GradScaler(device.type)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[dict],
-               accum_steps: int = 1, grad_clip: float | None = None, precision: str = "fp32"
+               accum_steps: int = 1, grad_clip: float | None = None, precision: str = "fp32",
+               scaler: torch.amp.GradScaler | None = None
                ) -> tuple[dict[str, torch.Tensor], float]:
     """One optimizer step over ``accum_steps`` micro-batches drawn from ``batches``.
 
@@ -110,7 +132,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iter
         batches: yields dicts with ``image`` and ``label`` tensors.
         accum_steps: micro-batches per step.
         grad_clip: max global L2 norm of the gradients (None: no clipping).
-        precision: ``fp32`` or ``bf16`` (autocast on the model's device type).
+        precision: ``fp32``, ``bf16`` or ``fp16`` (autocast on the model's device type).
+        scaler: fp16: the loss scaler (:func:`grad_scaler`). The loss is scaled before the
+            backward pass and the gradients unscaled before clipping; a step whose gradients
+            overflow (norm inf/NaN) is skipped by the scaler and the scale backs off.
 
     Returns:
         ``(losses, grad_norm)``: each loss averaged over the micro-batches (detached tensors),
@@ -128,13 +153,19 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iter
         with model.no_sync() if no_sync else contextlib.nullcontext():
             with autocast(precision, device):
                 losses = model(img, label)
-            (losses["loss"] / accum_steps).backward()
+            loss = losses["loss"] / accum_steps
+            (loss if scaler is None else scaler.scale(loss)).backward()
         for k, v in losses.items():
             sums[k] = sums.get(k, 0) + v.detach().float() / accum_steps
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     grad_norm = float(torch.nn.utils.clip_grad_norm_(
         params, grad_clip if grad_clip is not None else math.inf))
-    if math.isfinite(grad_norm):
+    if scaler is not None:
+        scaler.step(optimizer)  # skipped when unscale_ found inf/NaN gradients
+        scaler.update()         # ... and then the scale backs off
+    elif math.isfinite(grad_norm):
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return sums, grad_norm
@@ -228,6 +259,7 @@ class _Run:
         self.metric = spec.best_metric(cfg)
         self.info = info
         self.device = info.device
+        self.precision = train_precision(self.t, self.device)  # bad choices: before any work
         self.work_dir = Path(cfg.work_dir)
         self.ckpt_dir = self.work_dir / CKPT_DIR
         self.lock: RunLock | None = None
@@ -246,6 +278,8 @@ class _Run:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.module = model
         self.optimizer = build_optimizer(model, self.t)
+        self.scaler = grad_scaler(self.precision, self.device)
+        self.overflows = 0  # fp16: overflow steps in a row
         self.ema = EMA(model, self.t.ema.decay) if self.t.ema.enabled else None
         _seed_everything(cfg.seed, info.rank, 1)  # dropout etc.: one stream per rank
         self.iter = 0
@@ -349,6 +383,12 @@ class _Run:
         except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as e:
             raise CheckpointError(f"{state_path}: optimizer state does not fit "
                                   f"({one_line(e, 120)})") from None
+        if self.scaler is not None and isinstance(state.get("scaler"), dict):
+            try:
+                self.scaler.load_state_dict(state["scaler"])
+            except (ValueError, KeyError, TypeError, RuntimeError) as e:
+                raise CheckpointError(f"{state_path}: loss scaler state does not fit "
+                                      f"({one_line(e, 120)})") from None
         self.iter, self.samples = int(it), int(state["samples"])
         self.committed = (self.iter, None)
         self.best, self.best_iter = state["best"], int(state["best_iter"])
@@ -420,6 +460,7 @@ class _Run:
             "optimizer": self.optimizer.state_dict(),
             "best": self.best, "best_iter": self.best_iter, "best_metric": self.metric,
             "rng": rngs, "world_size": self.info.world_size,
+            **({"scaler": self.scaler.state_dict()} if self.scaler is not None else {}),
         })
         self.pending = self.iter
 
@@ -565,10 +606,15 @@ class _Run:
                 self.model.train()
                 self.module.set_iteration(self.iter)  # DDPS: its two-stage training
                 losses, grad_norm = train_step(self.model, self.optimizer, batches,
-                                               t.accum_steps, t.grad_clip,
-                                               train_precision(t, self.device))
+                                               t.accum_steps, t.grad_clip, self.precision,
+                                               self.scaler)
                 self._judge_pending(float(losses["loss"]))
-                if not math.isfinite(grad_norm):
+                overflow = (self.scaler is not None and not math.isfinite(grad_norm)
+                            and math.isfinite(float(losses["loss"])))
+                self.overflows = self.overflows + 1 if overflow else 0
+                if overflow and self.overflows <= MAX_OVERFLOW_STEPS:
+                    grad_norm = 0.0  # an fp16 overflow: step skipped, the scale backed off
+                elif not math.isfinite(grad_norm):
                     raise DivergenceError(
                         f"iteration {self.iter + 1}: loss/gradients are NaN or inf (loss "
                         f"{float(losses['loss']):.4g}); stopped. {self._kept_checkpoints()}. "

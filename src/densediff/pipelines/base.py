@@ -27,8 +27,8 @@ from densediff.errors import UserError
 from densediff.models.interface import is_diffusion as model_is_diffusion
 from densediff.utils import distributed as du
 
-__all__ = ["Evaluator", "Pipeline", "check_starts", "check_steps", "is_diffusion", "resolve_steps",
-           "sample_seed", "takes_starts", "write_files"]
+__all__ = ["Evaluator", "Pipeline", "batch_groups", "check_starts", "check_steps", "is_diffusion",
+           "resolve_steps", "sample_seed", "takes_starts", "write_files"]
 
 
 def is_diffusion(model: nn.Module) -> bool:
@@ -220,6 +220,15 @@ class Pipeline:
         starts (:func:`check_starts`; None: the model's own)."""
         raise NotImplementedError
 
+    def predict_batch(self, predictor, items: Sequence, *, aug: bool = False,
+                      steps: int | None = None, seeds: Sequence[int], **extra) -> list:
+        """Several inputs through ``predictor``'s model, ``seeds[i]`` the noise seed of
+        ``items[i]``: the same results as :meth:`predict` one at a time (the noise is drawn
+        per image). This default predicts one at a time; image tasks override it to run the
+        encoder and the sampler on whole batches (:func:`batch_groups`)."""
+        return [self.predict(predictor, it, aug=aug, steps=steps, seed=s, **extra)
+                for it, s in zip(items, seeds)]
+
     def image_tensor(self, predictor, item) -> tuple[np.ndarray, torch.Tensor]:
         """``(uint8 RGB image, the model's input tensor)`` of an image ``item``; UserError when
         ``item`` is a dataset sample."""
@@ -257,6 +266,15 @@ class Pipeline:
         """A random model input of ``batch`` samples and its (H, W) image size."""
         h, w = size if size else (cfg.data.train_pipeline.crop_size or (512, 512))
         return torch.randn(batch, 3, int(h), int(w), device=device), (int(h), int(w))
+
+
+def batch_groups(inputs: Sequence[tuple[np.ndarray, torch.Tensor]]) -> list[list[int]]:
+    """Indices of ``(image, input tensor)`` pairs that can share one batch: same original
+    size and same input size (in order of first appearance)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (rgb, x) in enumerate(inputs):
+        groups.setdefault((rgb.shape[:2], tuple(x.shape)), []).append(i)
+    return list(groups.values())
 
 
 class Evaluator:

@@ -25,6 +25,7 @@ from densediff.errors import UserError
 from densediff.models.interface import Trajectory
 from densediff.pipelines.base import (
     Pipeline,
+    batch_groups,
     check_starts,
     is_diffusion,
     resolve_steps,
@@ -108,6 +109,13 @@ class DepthPrediction:
     min_depth: float = field(default=1e-3, repr=False)
     max_depth: float = field(default=10.0, repr=False)
     depth_scale: float = field(default=1000.0, repr=False)
+
+    def video_frame(self) -> np.ndarray:
+        """This result as one frame of a predicted video (``predict`` on a video): the image
+        and the colourised depth side by side (H x 2W x 3 uint8)."""
+        from densediff.viz import side_by_side
+
+        return self.color if self.image is None else side_by_side([self.image, self.color])
 
     def trajectory_strip(self) -> np.ndarray:
         """[image,] the colourised depth of every step and the uncertainty heatmap (scaled to
@@ -306,31 +314,52 @@ class DepthPipeline(Pipeline):
     def predict(self, predictor, item, *, aug=False, steps=None, seed=0, starts=None
                 ) -> DepthPrediction:
         """One image through a depth model (``aug``: the flip test)."""
-        from densediff.viz import depth_color
+        return self.predict_batch(predictor, [item], aug=aug, steps=steps, seeds=[seed],
+                                  starts=starts)[0]
 
-        rgb, x = self.image_tensor(predictor, item)
-        model, cfg = predictor.model, predictor.cfg
-        size = rgb.shape[:2]
+    @torch.no_grad()
+    def predict_batch(self, predictor, items, *, aug=False, steps=None, seeds, starts=None
+                      ) -> list:
+        """Images through a depth model; diffusion models without the flip test run the
+        encoder and the sampler once per group of same-size images, each image with its own
+        seed (the results of one image at a time)."""
+        model = predictor.model
         n = resolve_steps(model, steps, "this checkpoint")[0]
         settings = check_starts(model, starts)
-        extra: dict = {}
-        if not is_diffusion(model):
-            depth = predict_depth(model, x, size, flip=aug)
-        else:
-            extra["steps"] = n
-            if aug:
-                depth = predict_depth(model, x, size, flip=True, steps=n, seeds=[seed],
-                                      **settings)
-            else:
-                feat = model.extract(x)
-                depth, step_depths, maps = depth_uncertainty_maps(
-                    model, feat, n, size, model.accumulation, [seed], **settings)
-                extra["trajectory"] = step_depths[:, 0].cpu().numpy()
+        inputs = [self.image_tensor(predictor, it) for it in items]
+        out: list = [None] * len(inputs)
+        if not is_diffusion(model) or aug:
+            for i, ((rgb, x), seed) in enumerate(zip(inputs, seeds)):
+                if not is_diffusion(model):
+                    depth, extra = predict_depth(model, x, rgb.shape[:2], flip=aug), {}
+                else:
+                    depth = predict_depth(model, x, rgb.shape[:2], flip=True, steps=n,
+                                          seeds=[seed], **settings)
+                    extra = {"steps": n}
+                out[i] = self._result(predictor, rgb, depth[0], extra)
+            return out
+        for group in batch_groups(inputs):
+            x = torch.cat([inputs[i][1] for i in group])
+            feat = model.extract(x)
+            depth, step_depths, maps = depth_uncertainty_maps(
+                model, feat, n, inputs[group[0]][0].shape[:2], model.accumulation,
+                [seeds[i] for i in group], **settings)
+            for b, i in enumerate(group):
+                extra = {"steps": n, "trajectory": step_depths[:, b].cpu().numpy()}
                 for key, name in (("steps", "uncertainty"), ("starts", "uncertainty_starts")):
                     if key in maps:
-                        extra[name] = maps[key][0].cpu().numpy()
+                        extra[name] = maps[key][b].cpu().numpy()
+                out[i] = self._result(predictor, inputs[i][0], depth[b], extra)
+        return out
+
+    def _result(self, predictor, rgb: np.ndarray, depth: torch.Tensor, extra: dict
+                ) -> DepthPrediction:
+        """The :class:`DepthPrediction` of one image from its ``H x W`` depth (metres)."""
+        from densediff.viz import depth_color
+
+        cfg = predictor.cfg
         dd = cfg.data.depth
-        d = depth[0].clamp(dd.min_depth, dd.max_depth).cpu().numpy().astype(np.float32)
+        d = depth.clamp(dd.min_depth, dd.max_depth).cpu().numpy().astype(np.float32)
         return DepthPrediction(depth=d, color=depth_color(d, dd.min_depth, dd.max_depth),
                                image=rgb, min_depth=dd.min_depth, max_depth=dd.max_depth,
                                depth_scale=_depth_scale(cfg), **extra)

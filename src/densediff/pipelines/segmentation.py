@@ -24,6 +24,7 @@ from densediff.data.transforms import aug_input
 from densediff.errors import UserError
 from densediff.pipelines.base import (
     Pipeline,
+    batch_groups,
     check_starts,
     is_diffusion,
     resolve_steps,
@@ -107,6 +108,11 @@ class Prediction:
     class_names: list[str] = field(default_factory=list, repr=False)
     palette: np.ndarray | None = field(default=None, repr=False)
     ignore_index: int = field(default=255, repr=False)
+
+    def video_frame(self) -> np.ndarray:
+        """This result as one frame of a predicted video (``predict`` on a video): the
+        overlay (H x W x 3 uint8)."""
+        return self.overlay
 
     def colorize(self, mask: np.ndarray) -> np.ndarray:
         from densediff.viz import colorize
@@ -340,35 +346,64 @@ class SegmentationPipeline(Pipeline):
         """One image through ``predictor``'s model: the mask and probabilities at the original
         size, and for diffusion models with whole-image inference the step-change uncertainty
         and the trajectory."""
-        from densediff.viz import colorize, overlay
+        return self.predict_batch(predictor, [item], aug=aug, steps=steps, seeds=[seed],
+                                  starts=starts)[0]
 
-        rgb, x = self.image_tensor(predictor, item)
+    @torch.no_grad()
+    def predict_batch(self, predictor, items, *, aug=False, steps=None, seeds, starts=None
+                      ) -> list:
+        """Images through ``predictor``'s model; diffusion models with whole-image inference
+        and no ``aug`` run the encoder and the sampler once per group of same-size images
+        (:func:`~densediff.pipelines.base.batch_groups`), each image with its own seed, so
+        the results are those of one image at a time."""
         model, cfg = predictor.model, predictor.cfg
-        size = rgb.shape[:2]
         n = resolve_steps(model, steps, "this checkpoint")[0]
         settings = check_starts(model, starts)
-        extra: dict = {}
+        inputs = [self.image_tensor(predictor, it) for it in items]
+        out: list = [None] * len(inputs)
+        if not (is_diffusion(model) and cfg.eval.mode == "whole" and not aug):
+            for i, ((rgb, x), seed) in enumerate(zip(inputs, seeds)):
+                out[i] = self._predict_one(predictor, rgb, x, n, seed, aug, settings)
+            return out
+        for group in batch_groups(inputs):
+            x = torch.cat([inputs[i][1] for i in group])
+            size = inputs[group[0]][0].shape[:2]
+            feat = model.extract(x)
+            probs, step_labels, maps = uncertainty_maps(model, feat, n, size,
+                                                        model.accumulation,
+                                                        [seeds[i] for i in group],
+                                                        in_size=x.shape[-2:], **settings)
+            base = getattr(feat, "logits", None)  # DDPS: the base segmentor's logits
+            if base is not None:
+                base = F.interpolate(base, size=size, mode="bilinear", align_corners=False)
+            for b, i in enumerate(group):
+                extra = {"steps": n, "uncertainty": maps["steps"][b].cpu().numpy(),
+                         "trajectory": step_labels[:, b].cpu().numpy().astype(np.int64)}
+                if base is not None:
+                    extra["base_mask"] = base[b].argmax(0).cpu().numpy().astype(np.int64)
+                out[i] = self._result(predictor, inputs[i][0], probs[b], extra)
+        return out
+
+    def _predict_one(self, predictor, rgb, x, n, seed, aug, settings) -> Prediction:
+        """Sliding-window, multi-scale or discriminative inference of one image."""
+        model, cfg = predictor.model, predictor.cfg
+        size = rgb.shape[:2]
         scale_input = (lambda ratio: aug_input(rgb, cfg.data, ratio)) if aug else None
         if not is_diffusion(model):
             probs = predict_probs(model, x, cfg.eval, ori_size=size, aug=aug,
                                   scale_input=scale_input)
-        else:
-            extra["steps"] = n
-            if cfg.eval.mode == "whole" and not aug:
-                feat = model.extract(x)
-                probs, step_labels, maps = uncertainty_maps(model, feat, n, size,
-                                                            model.accumulation, [seed],
-                                                            in_size=x.shape[-2:], **settings)
-                extra["uncertainty"] = maps["steps"][0].cpu().numpy()
-                extra["trajectory"] = step_labels[:, 0].cpu().numpy().astype(np.int64)
-                base = getattr(feat, "logits", None)  # DDPS: the base segmentor's logits
-                if base is not None:
-                    base = F.interpolate(base, size=size, mode="bilinear", align_corners=False)
-                    extra["base_mask"] = base[0].argmax(0).cpu().numpy().astype(np.int64)
-            else:
-                probs = predict_probs(model, x, cfg.eval, ori_size=size, aug=aug, steps=n,
-                                      seeds=[seed], scale_input=scale_input, **settings)
-        probs = probs[0].float()
+            return self._result(predictor, rgb, probs[0], {})
+        probs = predict_probs(model, x, cfg.eval, ori_size=size, aug=aug, steps=n,
+                              seeds=[seed], scale_input=scale_input, **settings)
+        return self._result(predictor, rgb, probs[0], {"steps": n})
+
+    def _result(self, predictor, rgb: np.ndarray, probs: torch.Tensor, extra: dict
+                ) -> Prediction:
+        """The :class:`Prediction` of one image from its ``K x H x W`` probabilities."""
+        from densediff.viz import colorize, overlay
+
+        cfg = predictor.cfg
+        probs = probs.float()
         mask = probs.argmax(0).cpu().numpy().astype(np.int64)
         color = colorize(mask, predictor.palette, cfg.data.ignore_index)
         return Prediction(mask=mask, probs=probs.cpu().numpy(), color=color,

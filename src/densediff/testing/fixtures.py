@@ -115,19 +115,29 @@ def _write_folder_splits(root: Path, stems: list[str]) -> None:
     (root / "splits" / "test.txt").write_text("\n".join(stems[:k]) + "\n")
 
 
+FOLDER_IGNORE_COLOUR = (0, 0, 0)
+"""The ``[ignore]`` colour of :func:`write_folder`'s colour-coded masks."""
+
+
 def write_folder(root: str | os.PathLike, n: int = 10, splits: bool = False,
-                 seed: int = 0) -> Path:
+                 seed: int = 0, colour_masks: bool = False) -> Path:
     """Folder layout: ``images/`` (JPEG and PNG, two sizes, one in a subfolder), ``masks/``,
-    ``classes.txt`` and, with ``splits``, ``splits/{train,val,test}.txt``; returns ``root``."""
+    ``classes.txt`` and, with ``splits``, ``splits/{train,val,test}.txt``; returns ``root``.
+    ``colour_masks``: RGB masks in the classes' colours (unlabelled pixels
+    :data:`FOLDER_IGNORE_COLOUR`, an ``[ignore]`` line) instead of class ids."""
     root = Path(root)
     stems = []
+    colours = np.asarray(list(GENERATED_PALETTE) + [FOLDER_IGNORE_COLOUR] * (256 - len(
+        GENERATED_PALETTE)), np.uint8)
     for i, stem, size, ext in _folder_items(n):
         img, label = _scene(seed, 0, i, size, range(len(GENERATED_CLASSES)), void=255)
         write_image(root / "images" / f"{stem}{ext}", img)
-        write_image(root / "masks" / f"{stem}.png", label)
+        write_image(root / "masks" / f"{stem}.png", colours[label] if colour_masks else label)
         stems.append(stem)
     lines = ["# name R G B (line i = class id i)"]
     lines += [f"{c} {r} {g} {b}" for c, (r, g, b) in zip(GENERATED_CLASSES, GENERATED_PALETTE)]
+    if colour_masks:
+        lines.append("[ignore] {} {} {}".format(*FOLDER_IGNORE_COLOUR))
     (root / "classes.txt").write_text("\n".join(lines) + "\n")
     if splits:
         _write_folder_splits(root, stems)
