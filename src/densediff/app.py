@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import sys
 import tempfile
 import traceback
@@ -239,12 +240,101 @@ def _image_update(gr, picture, visible: bool = True):
     return gr.update(value=picture.image, label=picture.title, visible=visible)
 
 
+def _picture(gr, label: str, elem_id: str, visible: bool = True):
+    """A picture output; PNG, so the pixels arrive as drawn (Gradio's default, WebP, is
+    lossy)."""
+    return gr.Image(label=label, format="png", interactive=False, height=PICTURE_HEIGHT,
+                    elem_classes=["dd-picture"], visible=visible, elem_id=elem_id)
+
+
+def _cleared(gr) -> tuple:
+    """The page's outputs cleared: status, input, prediction + key, uncertainty + key, step
+    slider, step picture + key, downloads, summary, state."""
+    return (None, gr.update(value=None), gr.update(value=None), "", gr.update(value=None),
+            "", gr.update(value=1, maximum=2, visible=False),
+            gr.update(value=None, visible=False), "", None, None, None)
+
+
+def _shown(gr, status: str, shown) -> tuple:
+    """The page's outputs (as :func:`_cleared` orders them) showing a prediction."""
+    n = shown.num_steps
+    return (status,
+            _image_update(gr, shown.input),
+            _image_update(gr, shown.prediction), key_html(shown.prediction),
+            _image_update(gr, shown.uncertainty),
+            "" if shown.uncertainty is None else key_html(shown.uncertainty),
+            # a slider needs two values: one step shows its picture without one
+            gr.update(value=n, minimum=1, maximum=max(n, 2), visible=n > 1),
+            _image_update(gr, shown.step, visible=n > 0),
+            "" if shown.step is None else key_html(shown.step),
+            shown.files, shown.summary, shown.pred)
+
+
+def _input_column(gr, pipe, model, steps_max: int, default_starts: int, starts_ok: bool,
+                  examples):
+    """The left column: the input (an upload and examples, or a BEV split and sample index),
+    steps, seed, random starts, the button and the status line."""
+    diffusion = model.max_steps != 0
+    with gr.Column(scale=1, min_width=260):
+        if pipe.image_input:
+            upload = gr.File(label="image", type="filepath", file_count="single",
+                             elem_id="upload")
+            split = index = gr.State(None)
+            if examples:
+                gr.Examples([[str(p)] for p in examples], inputs=[upload],
+                            label="examples", examples_per_page=12)
+        else:
+            upload = gr.State(None)
+            split = gr.Dropdown(["val", "test", "train"], value="val", label="split",
+                                elem_id="split")
+            index = gr.Number(value=0, precision=0, minimum=0, label="sample index",
+                              elem_id="index")
+        steps = gr.Slider(model.min_steps if diffusion else 0,
+                          steps_max if diffusion else 1, step=1,
+                          value=model.default_steps if diffusion else 0,
+                          label="sampling steps", visible=diffusion, elem_id="steps")
+        seed = gr.Number(value=0, precision=0, minimum=0, label="seed",
+                         visible=diffusion, elem_id="seed")
+        starts = gr.Slider(1, max(STARTS_CAP, default_starts), step=1,
+                           value=default_starts, visible=starts_ok,
+                           label="random starts (outputs averaged)", elem_id="starts")
+        run = gr.Button("Predict", variant="primary", elem_id="run")
+        status = gr.Markdown(elem_id="status")
+    return upload, split, index, steps, seed, starts, run, status
+
+
+def _output_column(gr, picture):
+    """The right column: input, prediction and uncertainty pictures with their keys, the step
+    slider and picture, the downloads and the JSON summary."""
+    with gr.Column(scale=3):
+        with gr.Row(equal_height=False):
+            with gr.Column(min_width=160):
+                shown_input = picture("input", "input-picture")
+            with gr.Column(min_width=160):
+                prediction = picture("prediction", "prediction")
+                prediction_key = gr.HTML(elem_id="prediction-key")
+            with gr.Column(min_width=160):
+                uncertainty = picture("uncertainty", "uncertainty")
+                uncertainty_key = gr.HTML(elem_id="uncertainty-key")
+        with gr.Row(equal_height=False):
+            with gr.Column(min_width=160):
+                step = gr.Slider(1, 2, step=1, value=1, label="trajectory: sampling step",
+                                 visible=False, elem_id="step-slider")
+                step_picture = picture("step", "step-picture", visible=False)
+                step_key = gr.HTML(elem_id="step-key")
+            with gr.Column(min_width=160):
+                downloads = gr.File(label="downloads (mask, uncertainty map, JSON)",
+                                    file_count="multiple", interactive=False,
+                                    elem_id="downloads")
+                summary = gr.JSON(label="summary", elem_id="summary")
+    return (shown_input, prediction, prediction_key, uncertainty, uncertainty_key, step,
+            step_picture, step_key, downloads, summary)
+
+
 def build_app(predictor, source: str = "", examples: Sequence[str | Path] = ()) -> App:
     """The page of ``predictor`` (``source``: how the page names the checkpoint;
     ``examples``: image files offered under the upload, see :func:`list_examples`)."""
     gr = require_gradio()
-    import os
-
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     pipe, model = predictor.pipeline, predictor.model
     diffusion = predictor.is_diffusion
@@ -260,11 +350,7 @@ def build_app(predictor, source: str = "", examples: Sequence[str | Path] = ()) 
     default_starts = getattr(getattr(model, "diffusion_cfg", None), "randsteps", 1)
 
     def predict(upload, split, index, steps, seed, starts):
-        # the outputs cleared: status, input, prediction + key, uncertainty + key, step slider,
-        # step picture + key, downloads, summary, state
-        blank = (None, gr.update(value=None), gr.update(value=None), "", gr.update(value=None),
-                 "", gr.update(value=1, maximum=2, visible=False),
-                 gr.update(value=None, visible=False), "", None, None, None)
+        blank = _cleared(gr)
         label = ""
         try:
             if pipe.image_input:
@@ -291,19 +377,9 @@ def build_app(predictor, source: str = "", examples: Sequence[str | Path] = ()) 
             if upload:  # name the upload as the user knows it, not Gradio's cache path
                 text = text.replace(str(upload), Path(upload).name)
             return (f"**error:** {html.escape(text)}", *blank[1:])
-        n = shown.num_steps
         status = (f"{html.escape(label)}: {shown.prediction.title}"
                   + (f", seed {int(seed)}" if diffusion else ""))
-        return (status,
-                _image_update(gr, shown.input),
-                _image_update(gr, shown.prediction), key_html(shown.prediction),
-                _image_update(gr, shown.uncertainty),
-                "" if shown.uncertainty is None else key_html(shown.uncertainty),
-                # a slider needs two values: one step shows its picture without one
-                gr.update(value=n, minimum=1, maximum=max(n, 2), visible=n > 1),
-                _image_update(gr, shown.step, visible=n > 0),
-                "" if shown.step is None else key_html(shown.step),
-                shown.files, shown.summary, shown.pred)
+        return _shown(gr, status, shown)
 
     def show_step(pred, step):
         if pred is None or not pred.num_steps:
@@ -315,60 +391,17 @@ def build_app(predictor, source: str = "", examples: Sequence[str | Path] = ()) 
         return _image_update(gr, picture), key_html(picture)
 
     def picture(label: str, elem_id: str, visible: bool = True):
-        # PNG: the pixels arrive as drawn (Gradio's default, WebP, is lossy)
-        return gr.Image(label=label, format="png", interactive=False, height=PICTURE_HEIGHT,
-                        elem_classes=["dd-picture"], visible=visible, elem_id=elem_id)
+        return _picture(gr, label, elem_id, visible)
 
     with gr.Blocks(title=title, analytics_enabled=False) as blocks:
         gr.Markdown(f"## {html.escape(title)}")
         state = gr.State(None)
         with gr.Row():
-            with gr.Column(scale=1, min_width=260):
-                if pipe.image_input:
-                    upload = gr.File(label="image", type="filepath", file_count="single",
-                                     elem_id="upload")
-                    split = index = gr.State(None)
-                    if examples:
-                        gr.Examples([[str(p)] for p in examples], inputs=[upload],
-                                    label="examples", examples_per_page=12)
-                else:
-                    upload = gr.State(None)
-                    split = gr.Dropdown(["val", "test", "train"], value="val", label="split",
-                                        elem_id="split")
-                    index = gr.Number(value=0, precision=0, minimum=0, label="sample index",
-                                      elem_id="index")
-                steps = gr.Slider(model.min_steps if diffusion else 0,
-                                  steps_max if diffusion else 1, step=1,
-                                  value=model.default_steps if diffusion else 0,
-                                  label="sampling steps", visible=diffusion, elem_id="steps")
-                seed = gr.Number(value=0, precision=0, minimum=0, label="seed",
-                                 visible=diffusion, elem_id="seed")
-                starts = gr.Slider(1, max(STARTS_CAP, default_starts), step=1,
-                                   value=default_starts, visible=starts_ok,
-                                   label="random starts (outputs averaged)", elem_id="starts")
-                run = gr.Button("Predict", variant="primary", elem_id="run")
-                status = gr.Markdown(elem_id="status")
-            with gr.Column(scale=3):
-                with gr.Row(equal_height=False):
-                    with gr.Column(min_width=160):
-                        shown_input = picture("input", "input-picture")
-                    with gr.Column(min_width=160):
-                        prediction = picture("prediction", "prediction")
-                        prediction_key = gr.HTML(elem_id="prediction-key")
-                    with gr.Column(min_width=160):
-                        uncertainty = picture("uncertainty", "uncertainty")
-                        uncertainty_key = gr.HTML(elem_id="uncertainty-key")
-                with gr.Row(equal_height=False):
-                    with gr.Column(min_width=160):
-                        step = gr.Slider(1, 2, step=1, value=1, label="trajectory: sampling step",
-                                         visible=False, elem_id="step-slider")
-                        step_picture = picture("step", "step-picture", visible=False)
-                        step_key = gr.HTML(elem_id="step-key")
-                    with gr.Column(min_width=160):
-                        downloads = gr.File(label="downloads (mask, uncertainty map, JSON)",
-                                            file_count="multiple", interactive=False,
-                                            elem_id="downloads")
-                        summary = gr.JSON(label="summary", elem_id="summary")
+            upload, split, index, steps, seed, starts, run, status = _input_column(
+                gr, pipe, model, steps_max if diffusion else 1, default_starts, starts_ok,
+                examples)
+            (shown_input, prediction, prediction_key, uncertainty, uncertainty_key, step,
+             step_picture, step_key, downloads, summary) = _output_column(gr, picture)
         outputs = [status, shown_input, prediction, prediction_key, uncertainty,
                    uncertainty_key, step, step_picture, step_key, downloads, summary, state]
         triggers = [run.click] + ([upload.change] if pipe.image_input else [])

@@ -100,21 +100,27 @@ def _check_ddps_options(args: argparse.Namespace, cfg) -> None:
             raise UserError(f"--{opt}: {args.checkpoint} is not a DDPS model")
 
 
+def _check_eval_outputs(args: argparse.Namespace) -> None:
+    """``--out`` / ``--plot``: file paths that can be written (before any work: a result that
+    cannot be written is lost)."""
+    from densediff.utils.fs import check_writable_file
+
+    for opt, kind in (("out", "JSON"), ("plot", "PNG")):
+        path = getattr(args, opt)
+        if path and Path(path).is_dir():
+            raise UserError(f"{path}: --{opt} must be a {kind} file path, but this is a folder")
+        if path:
+            check_writable_file(path, f"--{opt}")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from densediff.api import load_model, resolve_device, resolve_precision_or_fail
     from densediff.engine.evaluate import evaluate_steps
     from densediff.pipelines import is_diffusion, resolve_steps
     from densediff.tasks import build_dataset, spec_for
-    from densediff.utils.fs import check_writable_file
     from densediff.viz import plot_steps
 
-    for opt, kind in (("out", "JSON"), ("plot", "PNG")):
-        if getattr(args, opt) and Path(getattr(args, opt)).is_dir():
-            raise UserError(f"{getattr(args, opt)}: --{opt} must be a {kind} file path, but this "
-                            "is a folder")
-    for opt in ("out", "plot"):  # before any work: a result that cannot be written is lost
-        if getattr(args, opt):
-            check_writable_file(getattr(args, opt), f"--{opt}")
+    _check_eval_outputs(args)
     steps = parse_steps(args.steps)
     if args.controls is not None and args.no_controls:
         raise UserError("--controls: contradicts --no-controls; give one of them")

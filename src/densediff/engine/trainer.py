@@ -572,6 +572,22 @@ class _Run:
 
     # ---------------------------------------------------------------- loop
 
+    def _check_step(self, losses: dict, grad_norm: float) -> float:
+        """The gradient norm to log for a finished step: 0 for an fp16 overflow step (skipped
+        by the scaler, the scale backed off; at most ``MAX_OVERFLOW_STEPS`` in a row);
+        DivergenceError for NaN/inf loss or gradients otherwise."""
+        overflow = (self.scaler is not None and not math.isfinite(grad_norm)
+                    and math.isfinite(float(losses["loss"])))
+        self.overflows = self.overflows + 1 if overflow else 0
+        if overflow and self.overflows <= MAX_OVERFLOW_STEPS:
+            return 0.0
+        if not math.isfinite(grad_norm):
+            raise DivergenceError(
+                f"iteration {self.iter + 1}: loss/gradients are NaN or inf (loss "
+                f"{float(losses['loss']):.4g}); stopped. {self._kept_checkpoints()}. "
+                "Try a lower train.lr or set train.grad_clip")
+        return grad_norm
+
     def fit(self) -> dict:
         from densediff.data import collate
 
@@ -609,16 +625,7 @@ class _Run:
                                                t.accum_steps, t.grad_clip, self.precision,
                                                self.scaler)
                 self._judge_pending(float(losses["loss"]))
-                overflow = (self.scaler is not None and not math.isfinite(grad_norm)
-                            and math.isfinite(float(losses["loss"])))
-                self.overflows = self.overflows + 1 if overflow else 0
-                if overflow and self.overflows <= MAX_OVERFLOW_STEPS:
-                    grad_norm = 0.0  # an fp16 overflow: step skipped, the scale backed off
-                elif not math.isfinite(grad_norm):
-                    raise DivergenceError(
-                        f"iteration {self.iter + 1}: loss/gradients are NaN or inf (loss "
-                        f"{float(losses['loss']):.4g}); stopped. {self._kept_checkpoints()}. "
-                        "Try a lower train.lr or set train.grad_clip")
+                grad_norm = self._check_step(losses, grad_norm)
                 self.iter += 1
                 self.samples += cfg.data.batch_size * t.accum_steps
                 if self.ema is not None and self.iter % t.ema.every == 0:
