@@ -27,8 +27,8 @@ from densediff.errors import UserError
 from densediff.models.interface import is_diffusion as model_is_diffusion
 from densediff.utils import distributed as du
 
-__all__ = ["Evaluator", "Pipeline", "batch_groups", "check_starts", "check_steps", "is_diffusion",
-           "resolve_steps", "sample_seed", "takes_starts", "write_files"]
+__all__ = ["Evaluator", "Pipeline", "StepViews", "batch_groups", "check_starts", "check_steps",
+           "is_diffusion", "resolve_steps", "sample_seed", "takes_starts", "write_files"]
 
 
 def is_diffusion(model: nn.Module) -> bool:
@@ -133,6 +133,23 @@ def write_files(out_dir, stem: str, files: dict) -> list[str]:
         # each file whole or not at all; a failed write (full disk, ulimit -f): one line
         atomic_write(path, write, what="predict")
     return list(files)
+
+
+class StepViews:
+    """What the result types share for the pictures of a trajectory (``trajectory``: one
+    map per sampling step, or None)."""
+
+    @property
+    def num_steps(self) -> int:
+        """Pictures of the trajectory: ``step_view`` takes 1 .. this (0: none)."""
+        return 0 if self.trajectory is None else len(self.trajectory)
+
+    def step_count(self, step: int) -> int:
+        """:attr:`num_steps`; UserError unless ``step`` is within 1 .. it."""
+        n = self.num_steps
+        if not 1 <= step <= n:
+            raise UserError(f"step: must be between 1 and {n}, got {step}")
+        return n
 
 
 class Pipeline:

@@ -23,6 +23,7 @@ from densediff.criteria.uncertainty import (
 from densediff.errors import UserError
 from densediff.pipelines.base import (
     Pipeline,
+    StepViews,
     check_starts,
     is_diffusion,
     resolve_steps,
@@ -53,7 +54,7 @@ def bev_uncertainty_maps(model: nn.Module, feat: torch.Tensor, steps: int, accum
 
 
 @dataclass
-class BEVPrediction:
+class BEVPrediction(StepViews):
     """Result of :meth:`~densediff.api.Predictor.predict` for one BEV sample, on the output
     grid (``[ix, iy]``, x forward, y left; :func:`densediff.viz.bev_image` orients it for
     display).
@@ -169,18 +170,12 @@ class BEVPrediction:
             "inferno", 0, 1, "largest share, over the classes, of step-to-step transitions at "
             "which the class mask changed"))
 
-    @property
-    def num_steps(self) -> int:
-        """Pictures of the trajectory: :meth:`step_view` takes 1 .. this (0: none)."""
-        return 0 if self.trajectory is None else len(self.trajectory)
 
     def step_view(self, step: int):
         """Step ``step`` (1 .. :attr:`num_steps`): its map, with the legend."""
         from densediff.viz import Picture, bev_color
 
-        n = self.num_steps
-        if not 1 <= step <= n:
-            raise UserError(f"step: must be between 1 and {n}, got {step}")
+        n = self.step_count(step)
         return Picture(f"step {step} of {n}", bev_color(self.trajectory[step - 1], self.palette),
                        legend=tuple(self._legend()))
 

@@ -25,6 +25,7 @@ from densediff.errors import UserError
 from densediff.models.interface import Trajectory
 from densediff.pipelines.base import (
     Pipeline,
+    StepViews,
     batch_groups,
     check_starts,
     is_diffusion,
@@ -81,7 +82,7 @@ def _note(text: str) -> None:
 
 
 @dataclass
-class DepthPrediction:
+class DepthPrediction(StepViews):
     """Result of :meth:`~densediff.api.Predictor.predict` for one image of a depth model
     (original size).
 
@@ -190,18 +191,12 @@ class DepthPrediction:
                 return Picture("uncertainty", scale.colorize(u), scale)
         return None
 
-    @property
-    def num_steps(self) -> int:
-        """Pictures of the trajectory: :meth:`step_view` takes 1 .. this (0: none)."""
-        return 0 if self.trajectory is None else len(self.trajectory)
 
     def step_view(self, step: int):
         """Step ``step`` (1 .. :attr:`num_steps`): its colourised depth and colour bar."""
         from densediff.viz import Picture, depth_color
 
-        n = self.num_steps
-        if not 1 <= step <= n:
-            raise UserError(f"step: must be between 1 and {n}, got {step}")
+        n = self.step_count(step)
         return Picture(f"step {step} of {n}", depth_color(self.trajectory[step - 1],
                                                           self.min_depth, self.max_depth),
                        self._scale())

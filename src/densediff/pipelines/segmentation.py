@@ -24,6 +24,7 @@ from densediff.data.transforms import aug_input
 from densediff.errors import UserError
 from densediff.pipelines.base import (
     Pipeline,
+    StepViews,
     batch_groups,
     check_starts,
     is_diffusion,
@@ -73,7 +74,7 @@ def _note(text: str) -> None:
 
 
 @dataclass
-class Prediction:
+class Prediction(StepViews):
     """Result of :meth:`~densediff.api.Predictor.predict` for one image (all at the image's
     original size).
 
@@ -193,18 +194,12 @@ class Prediction:
         scale = ColorScale("inferno", 0, 1, "normalised entropy of the class probabilities")
         return Picture("uncertainty (entropy)", scale.colorize(self.entropy), scale)
 
-    @property
-    def num_steps(self) -> int:
-        """Pictures of the trajectory: :meth:`step_view` takes 1 .. this (0: none)."""
-        return 0 if self.trajectory is None else len(self.trajectory)
 
     def step_view(self, step: int):
         """Step ``step`` (1 .. :attr:`num_steps`) of the trajectory: its mask, with the legend."""
         from densediff.viz import Picture
 
-        n = self.num_steps
-        if not 1 <= step <= n:
-            raise UserError(f"step: must be between 1 and {n}, got {step}")
+        n = self.step_count(step)
         return Picture(f"step {step} of {n}", self.colorize(self.trajectory[step - 1]),
                        legend=tuple(self._legend()))
 
