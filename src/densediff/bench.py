@@ -43,7 +43,8 @@ Variants (``variants``):
 - ``compiled``: ``fast`` with the map decoder under ``torch.compile``; its compile time
   (the first call) is reported as ``compile_s``;
 - ``onnx``: the model exported with :mod:`densediff.deploy` and run on onnxruntime (CPU),
-  fp32 (needs the ``onnx`` extra; DDP segmentation/depth only).
+  fp32 (needs the ``onnx`` extra; DDP segmentation/depth only);
+- ``onnx-int8``: the same export with ``quantize="int8"`` (dynamic int8 linear layers).
 
 Timing: ``warmup`` untimed rounds, then ``repeats`` rounds; in every round each measurement
 is taken once per variant, the variants in a rotating order, so a busy period slows all of
@@ -74,7 +75,7 @@ from densediff.models import DDP
 
 __all__ = ["MAX_BATCH", "MAX_REPEATS", "NOISY_SPREAD", "VARIANTS", "bench", "format_bench"]
 
-VARIANTS = ("eager", "fast", "compiled", "onnx")
+VARIANTS = ("eager", "fast", "compiled", "onnx", "onnx-int8")
 DEFAULT_VARIANTS = ("eager", "fast", "onnx")
 NOISY_SPREAD = 0.15
 """(max - min) / median over rounds above which a measurement is flagged noisy."""
@@ -240,8 +241,9 @@ class _Variant:
 
     def labels(self) -> dict[str, str]:
         """The report's ``precision``, ``msda`` and ``malloc`` of this variant."""
-        if self.name == "onnx":
-            return {"precision": "fp32", "msda": "GridSample", "malloc": "onnxruntime arena"}
+        if self.name.startswith("onnx"):
+            return {"precision": "int8 linear" if self.name == "onnx-int8" else "fp32",
+                    "msda": "GridSample", "malloc": "onnxruntime arena"}
         return {"precision": self.precision, "msda": self.msda,
                 "malloc": "no-mmap" if self.fast_malloc else "glibc default"}
 
@@ -255,12 +257,14 @@ def _with_decoder(model: torch.nn.Module, decoder: torch.nn.Module) -> torch.nn.
     return clone
 
 
-def _onnx_model(model, cfg: Config, size: tuple[int, int], tmp: Path):
-    """The model exported to ``tmp`` and loaded on onnxruntime (the ``onnx`` variant)."""
+def _onnx_model(model, cfg: Config, size: tuple[int, int], tmp: Path,
+                quantize: str | None = None):
+    """The model exported to ``tmp`` and loaded on onnxruntime (the ``onnx`` variants)."""
     from densediff.deploy import export_model, load_onnx_model
 
-    export_model(model, cfg, tmp / "onnx", size=size)
-    return load_onnx_model(tmp / "onnx")
+    out = tmp / f"onnx-{quantize or 'fp32'}"
+    export_model(model, cfg, out, size=size, quantize=quantize)
+    return load_onnx_model(out)
 
 
 def _build_variants(s: _Setup, asked: list[str], fast_precision: str, tmp: Path,
@@ -278,12 +282,13 @@ def _build_variants(s: _Setup, asked: list[str], fast_precision: str, tmp: Path,
         elif name == "compiled":
             compiled = _with_decoder(s.model, torch.compile(s.model.decoder))
             runs.append(_Variant(name, compiled, fast_precision, "auto", True))
-        elif name == "onnx":
+        elif name in ("onnx", "onnx-int8"):
+            q = "int8" if name == "onnx-int8" else None
             try:
-                runs.append(_Variant(name, _onnx_model(s.model, s.cfg, s.hw, tmp), "fp32",
+                runs.append(_Variant(name, _onnx_model(s.model, s.cfg, s.hw, tmp, q), "fp32",
                                      "auto", True))
             except UserError as e:  # not installed, or a model the exporter refuses
-                notes.append(f"onnx: skipped ({e})")
+                notes.append(f"{name}: skipped ({e})")
     if not runs:
         raise UserError(f"--variants: none of {','.join(asked)} applies ({'; '.join(notes)})")
     if "eager" not in asked:
