@@ -77,6 +77,7 @@ def _measured(names, step_flops=2e9) -> b._Measured:
     return b._Measured(times=times, faults={n: [4, 6, 100] for n in names},
                        throughput={n: {1: [10.0, 30.0, 20.0]} for n in names},
                        peaks={n: 12.5 for n in names},
+                       predict_faults={n: 7 for n in names},
                        matmul_gflops={"fp32": 40.0, "bf16": 80.0}, step_flops=step_flops)
 
 
@@ -86,13 +87,15 @@ def test_variant_report():
     r, noisy = b._variant_report(fast, "eager", m, diffusion=True)
     assert list(r) == ["precision", "msda", "malloc", "encoder", "decoder_step", "total",
                        "extra_step_ratio", "step_gflops", "floor_fraction",
-                       "step_minor_faults", "throughput", "peak_memory_MiB"]
+                       "step_minor_faults", "predict_minor_faults", "throughput",
+                       "peak_memory_MiB"]
     assert (r["precision"], r["msda"], r["malloc"]) == ("bf16", "auto", "no-mmap")
     assert list(r["total"]) == [1, 3] and r["extra_step_ratio"] == pytest.approx(0.25)
     assert r["encoder"]["speedup"] == pytest.approx(1.5)  # rounds 1/1 and 2/1
     assert r["step_gflops"] == pytest.approx(4.0)  # 2 GFLOP in 0.5 s
     assert r["floor_fraction"] == pytest.approx(4.0 / 80.0)  # bf16 against the bf16 floor
     assert r["step_minor_faults"] == 6 and r["throughput"] == {1: 20.0}
+    assert r["predict_minor_faults"] == 7
     assert noisy == []
     eager = b._Variant("eager", None, "fp32", "grid_sample", False)
     eager.compile_s = 3.0
@@ -164,3 +167,31 @@ def test_no_applicable_variant_is_one_line():
     with pytest.raises(UserError, match="--variants: none of compiled applies") as e:
         b._build_variants(_setup(model=torch.nn.Linear(2, 2)), ["compiled"], "fp32", None, notes)
     assert "no map decoder" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_variant_report_says_none_not_zero_for_faults_that_were_not_counted():
+    m = _measured(["eager"])
+    m.faults["eager"] = []  # a kernel whose counter did not count (the probe failed)
+    m.predict_faults["eager"] = None
+    r, _ = b._variant_report(b._Variant("eager", None, "fp32", "grid_sample", False), "eager", m,
+                             diffusion=True)
+    assert r["step_minor_faults"] is None and r["predict_minor_faults"] is None
+
+
+def test_format_names_the_cpu_and_a_missing_bf16_floor_and_blind_counters():
+    m = _measured(["eager"])
+    m.faults["eager"], m.peaks["eager"] = [], None
+    r, _ = b._variant_report(b._Variant("eager", None, "fp32", "grid_sample", False), "eager", m,
+                             diffusion=True)
+    report = {"config_model": "ddp", "encoder_name": "e", "encoder_variant": "v", "params_M": 1.0,
+              "batch": 1, "size": [32, 32], "device": "cpu", "threads": 2,
+              "tokens_per_step": 64, "repeats": 2, "variants": {"eager": r},
+              "base_variant": "eager", "step_gflop": 2.0, "matmul_shape": [1, 2, 3],
+              "matmul_gflops": {"fp32": 40.0, "bf16": 8.0}, "peak_memory_kind": "rss",
+              "cpu": "Some CPU", "cpu_flags": ["avx2"], "bf16_hardware": False}
+    text = b.format_bench(report)
+    assert "cpu: Some CPU (flags: avx2)" in text
+    assert "bf16 none (no bf16 hardware; emulated 8.0)" in text
+    assert "per timed decoder step: eager n/a" in text and "eager n/a (no working" in text
+    report["bf16_hardware"] = True
+    assert "bf16 8.0 GFLOP/s" in b.format_bench(report)

@@ -342,3 +342,26 @@ def test_export_refuses_bev_ddps_and_bad_options(seg, tmp_path, capsys):
     file_out = tmp_path / "file"
     file_out.write_text("x")
     one_line_error(capsys, main(["export", ckpt, "--out", str(file_out)]), str(file_out))
+
+
+def test_int8_export_quantizes_the_linear_layers_and_still_predicts(seg, tmp_path, capsys):
+    """``export --quantize int8``: the graphs' MatMuls become int8 (dynamic quantisation),
+    deploy.json says so, the runtime reads it and its seeded masks stay close to fp32's."""
+    import onnx
+
+    ckpt, folder, _ = seg
+    out = tmp_path / "int8"
+    assert main(["export", str(ckpt), "--out", str(out), "--quantize", "int8"]) == 0
+    assert "int8 linear layers" in capsys.readouterr().out
+    meta = json.loads((out / "deploy.json").read_text())
+    assert meta["quantize"] == "int8" and meta["inputs"]["step"] == ["features", "x_t", "log_snr"]
+    ops = {n.op_type for n in onnx.load(str(out / "step.onnx")).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} & ops, ops
+    fp32, q8 = densediff.load_onnx(folder), densediff.load_onnx(out)
+    img = np.random.default_rng(4).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    a, b = fp32.predict(img, steps=3, seed=1), q8.predict(img, steps=3, seed=1)
+    assert (a.mask == b.mask).mean() >= 0.9  # int8 moves a few pixels, not the picture
+    with pytest.raises(SystemExit):
+        main(["export", str(ckpt), "--out", str(tmp_path / "q"), "--quantize", "int4"])
+    with pytest.raises(UserError, match="--quantize: expected int8"):
+        export(ckpt, tmp_path / "q2", quantize="fp16")

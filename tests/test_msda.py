@@ -370,3 +370,34 @@ def test_nan_location_gives_nan_not_an_index_error(core):
     loc = torch.tensor([(0.5, 0.5), (math.nan, 0.5)]).view(1, 2, 1, 1, 1, 2)
     out = CORES[core](value, torch.tensor([[2, 3]]), loc, torch.ones(1, 2, 1, 1, 1))
     assert torch.isfinite(out[0, 0]).all() and torch.isnan(out[0, 1]).all()
+
+
+def test_both_cores_export_to_onnx_and_match(tmp_path):
+    """The gather exports as Gather + MatMul (Pad for the border), GridSample as itself; both
+    graphs give the eager result (onnxruntime, if installed)."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    shapes = torch.tensor([[5, 7], [3, 4]])
+    value = torch.randn(2, 47, 2, 4)
+    loc = torch.rand(2, 6, 2, 2, 3, 2) * 1.4 - 0.2
+    weights = torch.rand(2, 6, 2, 2, 3)
+    ref = ms_deform_attn_gather(value, shapes, loc, weights)
+
+    class Core(torch.nn.Module):
+        def __init__(self, impl):
+            super().__init__()
+            self.impl = impl
+
+        def forward(self, v, sl, a):
+            return msda.ms_deform_attn(v, shapes, sl, a, impl=self.impl)
+
+    for impl in ("gather", "grid_sample"):
+        path = tmp_path / f"{impl}.onnx"
+        torch.onnx.export(Core(impl), (value, loc, weights), str(path), dynamo=False,
+                          opset_version=17, input_names=["v", "l", "a"], output_names=["o"])
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        feeds = {"v": value.numpy(), "l": loc.numpy(), "a": weights.numpy()}
+        got = sess.run(None, {i.name: feeds[i.name] for i in sess.get_inputs()})[0]
+        assert {i.name for i in sess.get_inputs()} == {"v", "l", "a"}  # value not baked in
+        torch.testing.assert_close(torch.from_numpy(got), ref, atol=1e-5, rtol=1e-5)

@@ -19,11 +19,17 @@ sampling step only costs one pass of the light map decoder. For a config with ra
   the variant's precision timed in the same rounds (``matmul_gflops``; shape
   ``matmul_shape``: tokens x channels @ channels x FFN channels, the decoder's largest);
 - ``speedup``: the median over rounds of (eager time / variant time) of the same round;
-- ``step_minor_faults``: minor page faults of the process during one decoder step (median;
-  what the malloc settings of :mod:`densediff.utils.alloc` remove);
+- ``step_minor_faults``: minor page faults of the process during one timed decoder step
+  (median; what the malloc settings of :mod:`densediff.utils.alloc` remove);
 - ``peak_memory_MiB``: CUDA ``max_memory_allocated``, or on Linux the rise of the process's
-  peak resident set (``VmHWM``, reset before each variant's pass) during one prediction at
-  the largest batch;
+  peak resident set during one prediction at the largest batch, in a pass of its own per
+  variant after the free heap is given back (``VmHWM`` reset before the pass, and a 1 ms
+  sampler of the resident set: the larger); ``predict_minor_faults``: the faults of that pass.
+  Both counters are checked once against a phase known to fault
+  (:func:`densediff.utils.memstat.probe`); one that does not see it reads None ("n/a"),
+  never 0;
+- ``cpu``, ``cpu_flags``, ``bf16_hardware``: the CPU of the run (the bf16 floor of a CPU
+  without bf16 hardware is reported as emulated);
 - ``throughput``: images per second of whole predictions (``steps`` = the model's default)
   at each batch size of ``batches`` (median over ``max(1, repeats // 3)`` rounds).
 
@@ -37,7 +43,8 @@ Variants (``variants``):
 - ``compiled``: ``fast`` with the map decoder under ``torch.compile``; its compile time
   (the first call) is reported as ``compile_s``;
 - ``onnx``: the model exported with :mod:`densediff.deploy` and run on onnxruntime (CPU),
-  fp32 (needs the ``onnx`` extra; DDP segmentation/depth only).
+  fp32 (needs the ``onnx`` extra; DDP segmentation/depth only);
+- ``onnx-int8``: the same export with ``quantize="int8"`` (dynamic int8 linear layers).
 
 Timing: ``warmup`` untimed rounds, then ``repeats`` rounds; in every round each measurement
 is taken once per variant, the variants in a rotating order, so a busy period slows all of
@@ -68,7 +75,7 @@ from densediff.models import DDP
 
 __all__ = ["MAX_BATCH", "MAX_REPEATS", "NOISY_SPREAD", "VARIANTS", "bench", "format_bench"]
 
-VARIANTS = ("eager", "fast", "compiled", "onnx")
+VARIANTS = ("eager", "fast", "compiled", "onnx", "onnx-int8")
 DEFAULT_VARIANTS = ("eager", "fast", "onnx")
 NOISY_SPREAD = 0.15
 """(max - min) / median over rounds above which a measurement is flagged noisy."""
@@ -88,34 +95,12 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def _vm(key: str) -> float | None:
-    """``VmHWM`` / ``VmRSS`` of this process in MiB (Linux), else None."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
+def _minor_faults() -> int | None:
+    """Minor page faults of this process so far; None where the counter is missing or does
+    not count (checked against a known-faulting probe: :mod:`densediff.utils.memstat`)."""
+    from densediff.utils import memstat
 
-
-def _minor_faults() -> int:
-    """Minor page faults of this process so far (0 where ``resource`` is missing)."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return 0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
+    return memstat.minor_faults() if memstat.probe()["faults"] else None
 
 
 # ------------------------------------------------------------------------------------------
@@ -256,8 +241,9 @@ class _Variant:
 
     def labels(self) -> dict[str, str]:
         """The report's ``precision``, ``msda`` and ``malloc`` of this variant."""
-        if self.name == "onnx":
-            return {"precision": "fp32", "msda": "GridSample", "malloc": "onnxruntime arena"}
+        if self.name.startswith("onnx"):
+            return {"precision": "int8 linear" if self.name == "onnx-int8" else "fp32",
+                    "msda": "GridSample", "malloc": "onnxruntime arena"}
         return {"precision": self.precision, "msda": self.msda,
                 "malloc": "no-mmap" if self.fast_malloc else "glibc default"}
 
@@ -271,12 +257,14 @@ def _with_decoder(model: torch.nn.Module, decoder: torch.nn.Module) -> torch.nn.
     return clone
 
 
-def _onnx_model(model, cfg: Config, size: tuple[int, int], tmp: Path):
-    """The model exported to ``tmp`` and loaded on onnxruntime (the ``onnx`` variant)."""
+def _onnx_model(model, cfg: Config, size: tuple[int, int], tmp: Path,
+                quantize: str | None = None):
+    """The model exported to ``tmp`` and loaded on onnxruntime (the ``onnx`` variants)."""
     from densediff.deploy import export_model, load_onnx_model
 
-    export_model(model, cfg, tmp / "onnx", size=size)
-    return load_onnx_model(tmp / "onnx")
+    out = tmp / f"onnx-{quantize or 'fp32'}"
+    export_model(model, cfg, out, size=size, quantize=quantize)
+    return load_onnx_model(out)
 
 
 def _build_variants(s: _Setup, asked: list[str], fast_precision: str, tmp: Path,
@@ -294,12 +282,13 @@ def _build_variants(s: _Setup, asked: list[str], fast_precision: str, tmp: Path,
         elif name == "compiled":
             compiled = _with_decoder(s.model, torch.compile(s.model.decoder))
             runs.append(_Variant(name, compiled, fast_precision, "auto", True))
-        elif name == "onnx":
+        elif name in ("onnx", "onnx-int8"):
+            q = "int8" if name == "onnx-int8" else None
             try:
-                runs.append(_Variant(name, _onnx_model(s.model, s.cfg, s.hw, tmp), "fp32",
+                runs.append(_Variant(name, _onnx_model(s.model, s.cfg, s.hw, tmp, q), "fp32",
                                      "auto", True))
             except UserError as e:  # not installed, or a model the exporter refuses
-                notes.append(f"onnx: skipped ({e})")
+                notes.append(f"{name}: skipped ({e})")
     if not runs:
         raise UserError(f"--variants: none of {','.join(asked)} applies ({'; '.join(notes)})")
     if "eager" not in asked:
@@ -364,7 +353,7 @@ def _timing_rounds(s: _Setup, runs: list[_Variant], mats: dict[str, tuple]):
                     f1 = _minor_faults()
                 if timed:
                     times[v.name][m].append(t)
-                    if m == "decoder_step":
+                    if m == "decoder_step" and f0 is not None and f1 is not None:
                         faults[v.name].append(f1 - f0)
     return times, faults, mm
 
@@ -406,26 +395,31 @@ def _throughput(s: _Setup, runs: list[_Variant], inputs: dict[int, Any],
     return thr
 
 
-def _peak_memory(s: _Setup, runs: list[_Variant], x: Any, n: int) -> dict[str, float | None]:
-    """MiB per variant of one ``n``-step prediction on ``x``: CUDA ``max_memory_allocated``,
-    or on Linux the rise of the process's peak resident set (reset before each pass); None
-    where neither can be read."""
+def _peak_memory(s: _Setup, runs: list[_Variant], x: Any,
+                 n: int) -> tuple[dict[str, float | None], dict[str, int | None]]:
+    """Per variant, one ``n``-step prediction on ``x`` in its own pass: the memory it needs
+    (MiB: CUDA ``max_memory_allocated``; on the CPU the rise of the process's peak resident
+    set over the pass, the larger of ``VmHWM`` and a 1 ms sampler, after glibc's free heap is
+    given back so that memory an earlier variant left resident cannot serve this one) and the
+    minor page faults of the pass. None where the counter does not work here (checked
+    against a known-faulting probe), never a blind 0."""
+    from densediff.utils import memstat
+
     peaks: dict[str, float | None] = {}
+    faults: dict[str, int | None] = {}
     cuda = s.dev.type == "cuda"
     for v in runs:
         if cuda:
             torch.cuda.reset_peak_memory_stats(s.dev)
-        reset = not cuda and _reset_peak_rss()
-        before = _vm("VmRSS")
-        with v.active(s.dev):
+        memstat.trim_heap()
+        with v.active(s.dev), memstat.Phase() as ph:
             s.predict_call(v, x, n)()
+        faults[v.name] = ph.faults
         if cuda:
             peaks[v.name] = torch.cuda.max_memory_allocated(s.dev) / 2**20
-        elif reset and before is not None:
-            peaks[v.name] = _vm("VmHWM") - before
         else:
-            peaks[v.name] = None
-    return peaks
+            peaks[v.name] = None if ph.peak_rise is None else ph.peak_rise / 2**20
+    return peaks, faults
 
 
 # ------------------------------------------------------------------------------------------
@@ -442,6 +436,7 @@ class _Measured:
     faults: dict[str, list[int]]
     throughput: dict[str, dict[int, list[float]]]
     peaks: dict[str, float | None]
+    predict_faults: dict[str, int | None]
     matmul_gflops: dict[str, float]
     step_flops: int | None
 
@@ -482,7 +477,9 @@ def _variant_report(v: _Variant, base: str, m: _Measured,
         rate = m.step_flops / r["decoder_step"]["median"] / 1e9
         r["step_gflops"] = rate
         r["floor_fraction"] = rate / m.matmul_gflops["bf16" if v.precision == "bf16" else "fp32"]
-    r["step_minor_faults"] = int(statistics.median(m.faults[v.name]))
+    fs = m.faults[v.name]
+    r["step_minor_faults"] = int(statistics.median(fs)) if fs else None  # None: not counted
+    r["predict_minor_faults"] = m.predict_faults.get(v.name)
     r["throughput"] = {bs: statistics.median(x) for bs, x in m.throughput[v.name].items()}
     r["peak_memory_MiB"] = m.peaks[v.name]
     if v.compile_s is not None:
@@ -505,6 +502,8 @@ def _report(s: _Setup, runs: list[_Variant], m: _Measured, notes: list[str], tok
     """The result of :func:`bench`: the run's settings, one report per variant, and the first
     variant's latencies and peak memory again at the top level."""
     from densediff.info import count_params
+    from densediff.utils import memstat
+    from densediff.utils.precision import cpu_has_native_bf16, cpu_model
 
     base, enc = runs[0].name, _encoder_config(s.cfg)
     out: dict = {"config_model": s.cfg.model.type, "size": list(s.hw), "batch": s.batch,
@@ -517,6 +516,9 @@ def _report(s: _Setup, runs: list[_Variant], m: _Measured, notes: list[str], tok
                  "step_gflop": m.step_flops / 1e9 if m.step_flops else None,
                  "peak_memory_kind": ("cuda max_memory_allocated" if s.dev.type == "cuda" else
                                       "rise of the process peak RSS during the prediction"),
+                 "cpu": cpu_model(), "cpu_flags": memstat.cpu_flags(),
+                 "bf16_hardware": s.dev.type != "cpu" or cpu_has_native_bf16(),
+                 "counters": dict(memstat.probe()),
                  "noisy": []}
     for v in runs:
         out["variants"][v.name], noisy = _variant_report(v, base, m, s.diffusion)
@@ -556,8 +558,8 @@ def _measure(s: _Setup, runs: list[_Variant], notes: list[str]) -> dict:
     n = s.default_steps()
     inputs = {bs: s.pipe.example_input(s.cfg, s.size, bs, s.dev)[0] for bs in s.batches}
     thr = _throughput(s, runs, inputs, n)
-    peaks = _peak_memory(s, runs, inputs[s.batches[-1]], n)
-    measured = _Measured(times, faults, thr, peaks, matmul_gflops, step_flops)
+    peaks, pfaults = _peak_memory(s, runs, inputs[s.batches[-1]], n)
+    measured = _Measured(times, faults, thr, peaks, pfaults, matmul_gflops, step_flops)
     return _report(s, runs, measured, notes, tokens, shape)
 
 
@@ -596,6 +598,9 @@ def format_bench(r: dict) -> str:
              f"{r['params_M']:.2f} M params, input {r['batch']}x3x{r['size'][0]}x{r['size'][1]} "
              f"on {r['device']} ({r['threads']} threads), {r['tokens_per_step']} tokens/step, "
              f"median of {r['repeats']} interleaved rounds [min-max], speedup vs {base}"]
+    if r.get("cpu"):
+        flags = " ".join(r.get("cpu_flags") or []) or "none of avx2/avx512/vnni/bf16/amx"
+        lines.append(f"  cpu: {r['cpu']} (flags: {flags})")
     head = f"  {'':16}" + "".join(f"{v:>30}" for v in vs)
     lines.append(head)
     lines.append(f"  {'precision':16}" + "".join(
@@ -616,8 +621,10 @@ def format_bench(r: dict) -> str:
             f" {v} {r['variants'][v]['extra_step_ratio']:.3f}" for v in vs))
     if r.get("step_gflop"):
         mm = r["matmul_gflops"]
+        bf16 = (f"bf16 {mm['bf16']:.1f}" if r.get("bf16_hardware", True) else
+                f"bf16 none (no bf16 hardware; emulated {mm['bf16']:.1f})")
         lines.append(f"  decoder step: {r['step_gflop']:.2f} GFLOP; matmul floor in this run "
-                     f"fp32 {mm['fp32']:.1f}, bf16 {mm['bf16']:.1f} GFLOP/s "
+                     f"fp32 {mm['fp32']:.1f}, {bf16} GFLOP/s "
                      f"({'x'.join(map(str, r['matmul_shape']))}); achieved:" + "".join(
                          f" {v} {r['variants'][v]['step_gflops']:.1f} GFLOP/s "
                          f"({100 * r['variants'][v]['floor_fraction']:.0f} % of its floor)"
@@ -626,12 +633,17 @@ def format_bench(r: dict) -> str:
     lines.append("  throughput (images/s, default steps; bN = `predict --batch-size N`): " + "; ".join(
         f"{v} " + ", ".join(f"b{bs} {r['variants'][v]['throughput'][bs]:.3g}" for bs in bss)
         for v in vs))
-    lines.append("  minor page faults per decoder step (process-wide; onnxruntime's own "
-                 "threads included): " + ", ".join(
-                     f"{v} {r['variants'][v]['step_minor_faults']}" for v in vs))
-    lines.append(f"  peak memory ({r['peak_memory_kind']}, MiB): " + ", ".join(
+    def count(x) -> str:
+        return "n/a (this kernel does not count them)" if x is None else str(x)
+
+    lines.append("  minor page faults (process-wide; onnxruntime's own threads included) per "
+                 "timed decoder step: " + ", ".join(
+                     f"{v} {count(r['variants'][v]['step_minor_faults'])}" for v in vs))
+    lines.append("    and per prediction in the memory pass: " + ", ".join(
+        f"{v} {count(r['variants'][v].get('predict_minor_faults'))}" for v in vs))
+    lines.append(f"  peak memory ({r['peak_memory_kind']}, own pass per variant, MiB): " + ", ".join(
         f"{v} {r['variants'][v]['peak_memory_MiB']:.1f}" if r['variants'][v]['peak_memory_MiB']
-        is not None else f"{v} n/a" for v in vs))
+        is not None else f"{v} n/a (no working counter)" for v in vs))
     for v in vs:
         if "compile_s" in r["variants"][v]:
             lines.append(f"  {v}: compile time (first call) {r['variants'][v]['compile_s']:.1f} s")

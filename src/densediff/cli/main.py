@@ -391,11 +391,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from densediff.deploy import export
 
     meta = export(args.checkpoint, args.out, size=tuple(args.size) if args.size else None,
-                  opset=args.opset, overwrite=args.overwrite)
+                  opset=args.opset, overwrite=args.overwrite, quantize=args.quantize)
     h, w = meta["input_size"]
     print(f"{args.checkpoint} -> {args.out}: {', '.join(meta['graphs'].values())}, deploy.json "
           f"({meta['kind']} {meta['task']} model, input {h}x{w}, dynamic batch, opset "
-          f"{meta['opset']})")
+          f"{meta['opset']}{', int8 linear layers' if meta.get('quantize') else ''})")
     if meta["check"]:
         print("onnxruntime vs PyTorch on the tracing inputs, max abs diff: "
               + ", ".join(f"{k.removesuffix('_max_abs_diff')} {v:.2e}"
@@ -647,6 +647,10 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                     "of data.test_scale, else the training crop size); images of another size "
                     "are resized to it")
     ex.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    ex.add_argument("--quantize", choices=["int8"], default=None,
+                    help="int8: onnxruntime's dynamic int8 quantisation of the linear layers "
+                    "(MatMul/Gemm); faster on CPUs with VNNI, outputs change a little "
+                    "(benchmarks/RESULTS.md section 14h)")
     ex.add_argument("--overwrite", action="store_true",
                     help="write into a non-empty --out (files of the same name are replaced)")
     ex.set_defaults(func=cmd_export)
@@ -714,7 +718,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated, from eager (fp32, grid_sample attention, default "
                    "malloc), fast (the defaults: gather attention, no-mmap malloc, in "
                    "--precision), compiled (fast + torch.compile of the map decoder), onnx "
-                   "(onnxruntime; skipped with a note where it does not apply)")
+                   "(onnxruntime; skipped with a note where it does not apply), onnx-int8 "
+                   "(export --quantize int8 on onnxruntime)")
     b.add_argument("--batches", help="batch sizes of the throughput measurement (images/s "
                    "of whole predictions, as `predict --batch-size`), e.g. 1,4,8 (default: "
                    "--batch)")

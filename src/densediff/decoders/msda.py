@@ -120,7 +120,10 @@ def _resolve_impl(impl: str | None, *tensors: torch.Tensor) -> str:
     if name != "auto":
         return name
     if _is_exporting():
-        return "grid_sample"  # ONNX has GridSample (opset 16+), no weighted EmbeddingBag
+        # both cores export (the gather as ONNX Gather + MatMul); onnxruntime runs GridSample
+        # faster: 228 vs 531 ms per call at 16,384 queries, 8 heads x 4 points, 2 threads
+        # (benchmarks/RESULTS.md section 14h)
+        return "grid_sample"
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     return _auto_train_impl(tensors[0].device) if needs_grad else "gather"
 
@@ -161,11 +164,11 @@ def ms_deform_attn(
         attention_weights: ``(B, Q, M, L, P)``; already normalised (softmax over ``L * P``).
         impl: ``"grid_sample"``, ``"gather"``, ``"auto"``, or None for the choice of the
             enclosing :func:`msda_impl` block (``"auto"`` outside any). ``"auto"`` picks
-            ``"grid_sample"`` while exporting to ONNX or tracing (the exporters handle
-            GridSample, not a weighted EmbeddingBag); otherwise ``"gather"`` when no gradient
-            is needed (grad mode off, or no input requires grad). When one is: ``"gather"`` on
-            CPU (measured faster for forward + backward too), ``"grid_sample"`` on other
-            devices (not measured there; the older path).
+            ``"grid_sample"`` while exporting to ONNX or tracing (onnxruntime runs ONNX
+            GridSample faster than the gather, which exports as Gather + MatMul); otherwise
+            ``"gather"`` when no gradient is needed (grad mode off, or no input requires
+            grad). When one is: ``"gather"`` on CPU (measured faster for forward + backward
+            too), ``"grid_sample"`` on other devices (not measured there; the older path).
 
     Returns:
         ``(B, Q, M * D)`` in ``value.dtype``, heads concatenated head-major (channel
@@ -225,6 +228,23 @@ def ms_deform_attn_grid_sample(
     return out.view(b, m * d, q).transpose(1, 2).contiguous().to(out_dtype)
 
 
+def _padded_levels(value: torch.Tensor, shapes, starts: list[int], s_pad: int,
+                   exporting: bool) -> torch.Tensor:
+    """``value`` (B, S, M, D) with a one-pixel border of zeros around every level:
+    (B, S', M, D); level l starts at row ``starts[l]``. Exporting: a traceable Pad + Concat of
+    the same rows."""
+    b, _, m, d = value.shape
+    levels = zip(value.split([h * w for h, w in shapes], dim=1), shapes)
+    if exporting:
+        return torch.cat([F.pad(v.unflatten(1, (h, w)), (0, 0, 0, 0, 1, 1, 1, 1)).flatten(1, 2)
+                          for v, (h, w) in levels], dim=1)
+    padded = value.new_zeros(b, s_pad, m, d)
+    for (v, (h, w)), start in zip(levels, starts):
+        interior = padded[:, start:start + (h + 2) * (w + 2)].view(b, h + 2, w + 2, m, d)
+        interior[:, 1:-1, 1:-1].copy_(v.unflatten(1, (h, w)))
+    return padded
+
+
 def ms_deform_attn_gather(
     value: torch.Tensor,
     spatial_shapes: torch.Tensor,
@@ -260,10 +280,8 @@ def ms_deform_attn_gather(
     for h, w in shapes:
         starts.append(starts[-1] + (h + 2) * (w + 2))
     s_pad = starts.pop()
-    padded = value.new_zeros(b, s_pad, m, d)
-    for v, (h, w), start in zip(value.split([h * w for h, w in shapes], dim=1), shapes, starts):
-        interior = padded[:, start:start + (h + 2) * (w + 2)].view(b, h + 2, w + 2, m, d)[:, 1:-1, 1:-1]
-        interior.copy_(v.unflatten(1, (h, w)))
+    exporting = _is_exporting()
+    padded = _padded_levels(value, shapes, starts, s_pad, exporting)
     # int32 rows (half the memory traffic of int64) when the rows and embedding_bag's int32
     # offsets (up to the number of entries) fit
     fits_int32 = max(b * s_pad * m, b * q * m * num_levels * p * 4) < 2**31
@@ -277,7 +295,9 @@ def ms_deform_attn_gather(
     pix = sampling_locations.to(work) * size_xy - 0.5  # B, Q, M, L, P, 2
     pix = torch.clamp(pix, pix.new_tensor(-1.0), size_xy)
     corner = torch.clamp(pix.detach().floor(), pix.new_tensor(-1.0), size_xy - 1)
-    corner = corner.nan_to_num_(-1.0)  # a NaN location: a valid row, and NaN out (as grid_sample)
+    # a NaN location: a valid row, and NaN out (as grid_sample)
+    corner = (torch.where(torch.isnan(corner), corner.new_tensor(-1.0), corner) if exporting
+              else corner.nan_to_num_(-1.0))
     frac = pix - corner  # in [0, 1]; carries the location gradient
 
     # row of the (lower x, lower y) corner: (b * S' + start'_l + (y + 1) * (W_l + 2) + x + 1) * M + m
@@ -297,8 +317,12 @@ def ms_deform_attn_gather(
     corner_weights = torch.stack([low_y * low_x, low_y * fx, high_y * low_x, high_y * fx], dim=-1)
 
     bags = b * q * m
-    out = F.embedding_bag(rows.reshape(bags, num_levels * p * 4), padded.reshape(b * s_pad * m, d),
-                          mode="sum", per_sample_weights=corner_weights.reshape(bags, -1).to(value.dtype))
+    rows, table = rows.reshape(bags, num_levels * p * 4), padded.reshape(b * s_pad * m, d)
+    corner_weights = corner_weights.reshape(bags, -1).to(value.dtype)
+    if exporting:  # ONNX has no weighted EmbeddingBag: Gather the rows, one batched MatMul
+        picked = F.embedding(rows, table)  # bags, L * P * 4, D
+        return torch.matmul(corner_weights.unsqueeze(1), picked).view(b, q, m * d)
+    out = F.embedding_bag(rows, table, mode="sum", per_sample_weights=corner_weights)
     return out.view(b, q, m * d)
 
 

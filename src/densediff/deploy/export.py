@@ -29,6 +29,12 @@ The batch axis is dynamic; H and W are fixed at export (``size``, default
 (``dynamo=False``): the torch.export-based one stops at a ``.tolist()`` in the deformable
 attention; while exporting, the attention samples with ``grid_sample`` (ONNX GridSample).
 
+``quantize="int8"`` (``densediff export --quantize int8``) rewrites each graph with
+onnxruntime's dynamic quantisation of its linear layers (``MatMul`` / ``Gemm``: int8 weights,
+per-tensor; activations quantised per call), the convolutions and everything else stay fp32;
+``deploy.json`` records ``"quantize": "int8"`` and ``check`` then holds the int8 graphs'
+differences to fp32 PyTorch. Speed and accuracy: ``benchmarks/RESULTS.md`` section 14h.
+
 BEV models (calibrated multi-camera input, a ``bev_pool`` scatter) and DDPS (a discrete
 sampler around a frozen base segmentor) are refused: see :data:`SUPPORTED`.
 """
@@ -36,6 +42,7 @@ sampler around a frozen base segmentor) are refused: see :data:`SUPPORTED`.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import warnings
@@ -48,8 +55,11 @@ from densediff.errors import UserError, one_line
 from densediff.utils.checks import check_size
 from densediff.utils.fs import atomic_write
 
-__all__ = ["DEPLOY_FILE", "FORMAT", "FORMAT_VERSION", "SUPPORTED", "default_input_size",
-           "export", "export_model"]
+__all__ = ["DEPLOY_FILE", "FORMAT", "FORMAT_VERSION", "QUANTIZE", "SUPPORTED",
+           "default_input_size", "export", "export_model", "session_options"]
+
+QUANTIZE = ("int8",)
+"""The ``quantize`` modes of :func:`export` (None: fp32 graphs)."""
 
 FORMAT = "densediff-onnx"
 """The ``format`` entry of ``deploy.json``."""
@@ -166,14 +176,28 @@ def _check(path: Path, feeds: dict, expected: list[torch.Tensor]) -> float:
     """Max abs difference between onnxruntime's outputs of ``path`` and ``expected``."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(path), session_options(ort), providers=["CPUExecutionProvider"])
     taken = {i.name for i in sess.get_inputs()}  # a decoder without time drops log_snr
     got = sess.run(None, {k: v.detach().float().cpu().numpy() for k, v in feeds.items()
                           if k in taken})
     return max(float((torch.from_numpy(g) - e.float().cpu()).abs().max())
                for g, e in zip(got, expected))
+
+
+def session_options(ort, threads: int | None = None):
+    """The onnxruntime settings of every graph, set deliberately rather than left to the
+    defaults: all graph optimisations (fusions, layout changes); one graph at a time
+    (sequential, one inter-op thread) with ``threads`` intra-op threads (None: torch's
+    count); and no spin-waiting of idle intra-op threads, so that they do not take the cores
+    from the Python loop, PyTorch or other processes between and after calls (on a shared
+    2-core machine spinning measured slower: benchmarks/RESULTS.md section 14h)."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.inter_op_num_threads = 1
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
 
 
 def _need_onnx():
@@ -186,7 +210,7 @@ def _need_onnx():
 
 def export(checkpoint: str | os.PathLike, out: str | os.PathLike,
            size: tuple[int, int] | None = None, opset: int = 17, overwrite: bool = False,
-           what: str = "--out") -> dict:
+           what: str = "--out", quantize: str | None = None) -> dict:
     """Export ``checkpoint`` into the folder ``out`` (see the module doc); returns the
     ``deploy.json`` contents (:func:`export_model`).
 
@@ -198,13 +222,14 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike,
         opset: the ONNX opset, 16 (GridSample) to the newest the TorchScript exporter writes.
         overwrite: write into a non-empty ``out`` (files of the same name are replaced).
         what: how messages name ``out``.
+        quantize: None (fp32 graphs) or ``"int8"`` (see the module doc).
     """
     from densediff.api import load_model
     from densediff.official import is_official_source
     from densediff.tasks import config_from_dict
     from densediff.utils.checkpoint import load_metadata, resolve_weights
 
-    _check_options(size, opset)
+    _check_options(size, opset, quantize)
     _need_onnx()
     _check_out(Path(out), overwrite, what)
     if is_official_source(checkpoint):  # an official .pth / hf:// file: converted in memory
@@ -218,7 +243,7 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike,
         _refuse(config_from_dict(stored, source=str(checkpoint)), checkpoint)  # before building
         model, cfg, _, _ = load_model(checkpoint)
     return export_model(model, cfg, out, size=size, opset=opset, overwrite=True, what=what,
-                        config=stored, source=Path(checkpoint).name)
+                        config=stored, source=Path(checkpoint).name, quantize=quantize)
 
 
 def _max_opset() -> int:
@@ -231,7 +256,9 @@ def _max_opset() -> int:
         return 20
 
 
-def _check_options(size, opset: int) -> None:
+def _check_options(size, opset: int, quantize: str | None = None) -> None:
+    if quantize is not None and quantize not in QUANTIZE:
+        raise UserError(f"--quantize: expected {', '.join(QUANTIZE)}, got {quantize!r}")
     top = _max_opset()
     if not 16 <= opset <= top:
         raise UserError(f"--opset: must be between 16 (GridSample, the deformable attention) "
@@ -243,8 +270,8 @@ def _check_options(size, opset: int) -> None:
 @torch.no_grad()
 def export_model(model: nn.Module, cfg, out: str | os.PathLike,
                  size: tuple[int, int] | None = None, opset: int = 17, overwrite: bool = False,
-                 what: str = "out", config: dict | None = None, source: str | None = None
-                 ) -> dict:
+                 what: str = "out", config: dict | None = None, source: str | None = None,
+                 quantize: str | None = None) -> dict:
     """Export a built model (``cfg``: its config) into the folder ``out``; returns the
     ``deploy.json`` contents. :func:`export` does this for a checkpoint; ``bench`` for a model
     with random weights.
@@ -256,6 +283,7 @@ def export_model(model: nn.Module, cfg, out: str | os.PathLike,
         config: the config dict stored in ``deploy.json`` (the runtime rebuilds the task
             pipeline, classes and preprocessing from it); None: ``cfg.to_dict()``.
         source: where the weights came from (stored as ``source``).
+        quantize: None or ``"int8"`` (the module doc; needs onnxruntime).
 
     With onnxruntime installed, each graph is run once on the tracing inputs and the largest
     difference to PyTorch is stored under ``check`` (None without onnxruntime).
@@ -264,8 +292,10 @@ def export_model(model: nn.Module, cfg, out: str | os.PathLike,
     from densediff.tasks import class_info
 
     out = Path(out)
-    _check_options(size, opset)
+    _check_options(size, opset, quantize)
     onnx = _need_onnx()
+    if quantize is not None:
+        _need_quantization()
     _refuse(cfg, source or "the model")
     _check_out(out, overwrite, what)
     model.eval()
@@ -278,11 +308,13 @@ def export_model(model: nn.Module, cfg, out: str | os.PathLike,
     image = torch.randn(_TRACE_BATCH, 3, h, w, generator=gen).to(next(model.parameters()).device)
     check = _new_check()
     [feat] = _export_graph(_Encoder(model), {"image": image}, ["features"],
-                           out / "encoder.onnx", opset, check, "features_max_abs_diff")
-    graphs = (_export_step(model, feat, gen, out, opset, check) if is_diffusion(model)
-              else _export_head(model, feat, out, opset, check))
+                           out / "encoder.onnx", opset, check, "features_max_abs_diff", quantize)
+    graphs = (_export_step(model, feat, gen, out, opset, check, quantize) if is_diffusion(model)
+              else _export_head(model, feat, out, opset, check, quantize))
     meta = {**_describe(model, cfg, source, opset, (h, w), feat, names), **graphs,
             "inputs": _graph_inputs(onnx, out, graphs["graphs"])}
+    if quantize is not None:
+        meta["quantize"] = quantize
     meta["check"] = check if check is None else {  # strict JSON: NaN/inf are not numbers
         k: (v if math.isfinite(v) else None) for k, v in check.items()}
     meta["config"] = config if config is not None else cfg.to_dict()
@@ -311,22 +343,49 @@ def _new_check() -> dict | None:
     return {}
 
 
+def _need_quantization():
+    try:
+        from onnxruntime import quantization
+    except ImportError:
+        raise UserError(f"--quantize needs onnxruntime: {ONNX_HINT}") from None
+    return quantization
+
+
+def _quantize_int8(path: Path) -> None:
+    """``path`` rewritten in place with onnxruntime's dynamic int8 quantisation of its linear
+    layers (MatMul / Gemm; int8 weights; activations quantised per call)."""
+    q = _need_quantization()
+
+    def write(tmp: Path) -> None:
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # its advice to pre-process (shape inference) first
+        try:
+            q.quantize_dynamic(str(path), str(tmp), weight_type=q.QuantType.QInt8,
+                               op_types_to_quantize=["MatMul", "Gemm"])
+        finally:
+            root.setLevel(level)
+    atomic_write(path, write, what="export")
+
+
 def _export_graph(module: nn.Module, inputs: dict[str, torch.Tensor], outputs: list[str],
-                  path: Path, opset: int, check: dict | None, check_key: str
-                  ) -> list[torch.Tensor]:
-    """``module`` on ``inputs`` (named as the graph's inputs) as the graph ``path``; returns
-    its PyTorch outputs. With ``check`` (not None) the largest difference of onnxruntime's
-    outputs is stored under ``check_key``."""
+                  path: Path, opset: int, check: dict | None, check_key: str,
+                  quantize: str | None = None) -> list[torch.Tensor]:
+    """``module`` on ``inputs`` (named as the graph's inputs) as the graph ``path`` (int8:
+    then quantised); returns its PyTorch outputs. With ``check`` (not None) the largest
+    difference of onnxruntime's outputs is stored under ``check_key``."""
     expected = module(*inputs.values())
     expected = list(expected) if isinstance(expected, tuple) else [expected]
     _onnx_export(module, tuple(inputs.values()), path, list(inputs), outputs, opset)
+    if quantize == "int8":
+        _quantize_int8(path)
     if check is not None:
         check[check_key] = _check(path, inputs, expected)
     return expected
 
 
 def _export_step(model: nn.Module, feat: torch.Tensor, gen: torch.Generator, out: Path,
-                 opset: int, check: dict | None) -> dict:
+                 opset: int, check: dict | None, quantize: str | None = None) -> dict:
     """``step.onnx`` (one sampling step, ``DDP.denoise_step``); the ``deploy.json`` entries
     of a DDP model: its graphs, ``map_channels`` and the ``sampler`` settings the runtime
     samples with."""
@@ -337,7 +396,7 @@ def _export_step(model: nn.Module, feat: torch.Tensor, gen: torch.Generator, out
     if d.self_condition:
         step_in["x0_prev"] = model.denoise_step(feat, x_t, log_snr)[1]
     _export_graph(_Step(model), step_in, ["pred", "x0"], out / "step.onnx", opset, check,
-                  "step_max_abs_diff")
+                  "step_max_abs_diff", quantize)
     return {"graphs": {"encoder": "encoder.onnx", "step": "step.onnx"}, "map_channels": channels,
             "sampler": {"schedule": d.schedule, "steps": d.steps, "td": d.td,
                         "sampler": d.sampler, "randsteps": d.randsteps,
@@ -347,10 +406,10 @@ def _export_step(model: nn.Module, feat: torch.Tensor, gen: torch.Generator, out
 
 
 def _export_head(model: nn.Module, feat: torch.Tensor, out: Path, opset: int,
-                 check: dict | None) -> dict:
+                 check: dict | None, quantize: str | None = None) -> dict:
     """``head.onnx`` (a discriminative model's one call); its ``deploy.json`` entries."""
     _export_graph(_Head(model), {"features": feat}, ["pred"], out / "head.onnx", opset, check,
-                  "head_max_abs_diff")
+                  "head_max_abs_diff", quantize)
     return {"graphs": {"encoder": "encoder.onnx", "head": "head.onnx"}}
 
 

@@ -34,7 +34,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from densediff.deploy.export import DEPLOY_FILE, FORMAT, FORMAT_VERSION, ONNX_HINT
+from densediff.deploy.export import (
+    DEPLOY_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    ONNX_HINT,
+    session_options,
+)
 from densediff.diffusion.schedules import get_schedule
 from densediff.errors import UserError, one_line, terminal_line
 from densediff.limits import MAX_DEPLOY_BYTES
@@ -65,8 +71,7 @@ class _Session:
             kind = path_kind(path)
             raise UserError(f"{path}: missing (the export folder is incomplete; export again)"
                             if kind == "missing" else f"{path}: is {kind}, not an ONNX graph file")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        opts = session_options(ort, threads)
         try:
             self.sess = ort.InferenceSession(str(path), opts,
                                              providers=providers or ["CPUExecutionProvider"])

@@ -1,0 +1,109 @@
+"""Does batching pay on the CPU? (issue #26, part 3): the map decoder step of a config's
+model (random weights) on the fast path (gather attention, no-mmap malloc, fp32 by default)
+at each batch size, per image, against the matmul floor at the same batch (the decoder's
+largest matmul, tokens * batch x channels @ channels x FFN channels), interleaved: every round
+times each batch size once, in a rotating order.
+
+Per batch size it prints: the step's seconds per image, its GFLOP/s (FlopCounterMode's
+matmul/conv FLOPs), the floor's GFLOP/s, the step's share of the floor, and the minor page
+faults per step. If the floor's rate does not rise with the batch (the matmuls of one image
+are already large enough to run at the CPU's peak), batching cannot make a step cheaper per
+image: that is the roofline argument, and the table is its measurement.
+
+Usage: python benchmarks/batch_roofline.py [CONFIG] [--size 512] [--batches 1,2,4]
+       [--rounds 3] [--precision fp32] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from densediff.decoders.msda import msda_impl
+from densediff.tasks import build_model, class_info, load_config
+from densediff.utils import memstat
+from densediff.utils.alloc import set_glibc_fast
+from densediff.utils.precision import autocast, cpu_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("config", nargs="?", default="ade20k/ddp_swin_t.yaml")
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--batches", default="1,2,4")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    torch.manual_seed(0)
+    set_glibc_fast(True)
+    cfg = load_config(args.config)
+    names, _ = class_info(cfg)
+    model = build_model(cfg, len(names)).eval()
+    head = cfg.model.head
+    feats = {}
+    with torch.no_grad(), msda_impl("gather"), autocast(args.precision, "cpu"):
+        for b in batches:
+            feats[b] = model.extract(torch.randn(b, 3, args.size, args.size))
+    tokens = int(feats[batches[0]][0, 0].numel())
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model.decoder_step(feats[batches[0]][:1])
+    flop1 = counter.get_total_flops()
+    k, n = head.channels, max(getattr(head, "ffn_channels", 0) or 0, 1024)
+    dt = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    mats = {b: (torch.randn(tokens * b, k, dtype=dt), torch.randn(k, n, dtype=dt)) for b in batches}
+    step = {b: [] for b in batches}
+    floor = {b: [] for b in batches}
+    faults = {b: [] for b in batches}
+    for r in range(args.rounds + 1):
+        order = batches[r % len(batches):] + batches[:r % len(batches)]
+        for b in order:
+            a, w = mats[b]
+            t = time.perf_counter()
+            a @ w
+            tf = time.perf_counter() - t
+            with torch.no_grad(), msda_impl("gather"), autocast(args.precision, "cpu"):
+                f0 = memstat.minor_faults()
+                t = time.perf_counter()
+                model.decoder_step(feats[b])
+                ts = time.perf_counter() - t
+                f1 = memstat.minor_faults()
+            if r:
+                step[b].append(ts)
+                floor[b].append(tf)
+                faults[b].append(f1 - f0)
+    rows = {}
+    print(f"{args.config} {args.size}x{args.size}, {tokens} tokens/step, {args.precision}, "
+          f"{torch.get_num_threads()} threads, {cpu_model()} ({' '.join(memstat.cpu_flags())}); "
+          f"median of {args.rounds} interleaved rounds; step {flop1 / 1e9:.1f} GFLOP per image")
+    print("batch | step s/image | step GFLOP/s | floor GFLOP/s (M = tokens x batch) | share | "
+          "faults/step")
+    for b in batches:
+        s_img = statistics.median(step[b]) / b
+        g = flop1 / s_img / 1e9
+        fl = 2 * tokens * b * k * n / statistics.median(floor[b]) / 1e9
+        rows[b] = {"step_s_per_image": s_img, "step_gflops": g, "floor_gflops": fl,
+                   "share": g / fl, "faults": statistics.median(faults[b]),
+                   "step_s": step[b], "floor_s": floor[b]}
+        print(f"{b} | {s_img:.3f} | {g:.1f} | {fl:.1f} | {100 * g / fl:.0f} % | "
+              f"{int(statistics.median(faults[b]))}")
+    b0 = batches[0]
+    for b in batches[1:]:
+        ratio = statistics.median(step[b0][i] * b / step[b][i] for i in range(args.rounds))
+        print(f"images/s at batch {b} / batch {b0} (decoder step, per round): {ratio:.2f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"config": args.config, "size": args.size,
+                                              "cpu": cpu_model(), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

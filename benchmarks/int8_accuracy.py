@@ -1,0 +1,109 @@
+"""Accuracy of ``densediff export --quantize int8`` on trained checkpoints (issue #26, part 2):
+each checkpoint evaluated on one split with PyTorch (fp32, the default path), with its fp32
+ONNX export on onnxruntime and with its int8 export (dynamic int8 linear layers). Same seeded
+noise in every setting (eval seeds), so differences are the arithmetic's only. Prints each
+setting's metric per step count and its change against PyTorch fp32; with ``--time`` also the
+median seconds of one whole prediction per setting (interleaved rounds, batch 1, the split's
+first image).
+
+Usage: python benchmarks/int8_accuracy.py CKPT [CKPT ...] [--split val] [--steps 1,3]
+       [--data-root DIR] [--size H W] [--time ROUNDS] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from densediff.api import load_model
+from densediff.deploy import export_model, load_onnx_model
+from densediff.engine.evaluate import evaluate_steps
+from densediff.tasks import build_dataset
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("checkpoints", nargs="+")
+    ap.add_argument("--split", default="val")
+    ap.add_argument("--steps", default="1,3")
+    ap.add_argument("--data-root")
+    ap.add_argument("--size", type=int, nargs=2)
+    ap.add_argument("--time", type=int, default=0)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    steps = [int(s) for s in args.steps.split(",")]
+    report = {}
+    for ckpt in args.checkpoints:
+        overrides = [f"data.root={args.data_root}"] if args.data_root else []
+        model, cfg, _, _ = load_model(ckpt, overrides)
+        model.eval()
+        key = "mIoU"  # segmentation checkpoints
+        dataset = build_dataset(cfg, getattr(cfg.data, f"{args.split}_split", args.split),
+                                train=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            models = {"torch fp32": model}
+            checks = {}
+            for q in (None, "int8"):
+                out = Path(tmp) / (q or "fp32")
+                meta = export_model(model, cfg, out, size=tuple(args.size) if args.size else None,
+                                    quantize=q)
+                checks[q or "fp32"] = meta["check"]
+                onnx_model = load_onnx_model(out)
+                # evaluate_steps reads the device off the first parameter
+                onnx_model.parameters = lambda: iter([torch.zeros(0)])
+                onnx_model.training = False
+                onnx_model.train = lambda mode=True, m=onnx_model: m
+                models[f"onnx {q or 'fp32'}"] = onnx_model
+            rows = {}
+            for name, m in models.items():
+                start = time.perf_counter()
+                res = evaluate_steps(m, dataset, cfg, steps, progress=False, precision="fp32")
+                rows[name] = {"seconds": time.perf_counter() - start,
+                              **{str(n): res[n][key] for n in steps}}
+                print(f"{ckpt} {args.split} {name:11} " + "  ".join(
+                    f"{n} steps {key} {res[n][key]:.3f}" for n in steps)
+                    + f"  ({rows[name]['seconds']:.0f} s)", flush=True)
+            if args.time:
+                _time(models, dataset, cfg, max(steps), args.time, rows)
+        ref = rows["torch fp32"]
+        for name in rows:
+            rows[name]["change"] = {str(n): rows[name][str(n)] - ref[str(n)] for n in steps}
+        report[str(ckpt)] = {"metric": key, "split": args.split, "settings": rows,
+                             "export_check": checks, "images": len(dataset),
+                             "threads": torch.get_num_threads()}
+        print(json.dumps({k: v["change"] for k, v in rows.items()}))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+@torch.no_grad()
+def _time(models: dict, dataset, cfg, n: int, rounds: int, rows: dict) -> None:
+    """Median seconds of one ``n``-step prediction per model, rotating order per round."""
+    from densediff.tasks import spec_for
+
+    size = next(m.input_size for m in models.values() if hasattr(m, "input_size"))
+    img, _ = spec_for(cfg).pipeline.example_input(cfg, size, 1, torch.device("cpu"))
+    names = list(models)
+    ts = {k: [] for k in names}
+    for r in range(rounds + 1):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            t = time.perf_counter()
+            models[k].predict_map(img, steps=n)
+            if r:
+                ts[k].append(time.perf_counter() - t)
+    for k in names:
+        rows[k][f"predict{n}_s"] = statistics.median(ts[k])
+        print(f"  {k:11} {n}-step prediction {statistics.median(ts[k]) * 1e3:.1f} ms "
+              f"(x{statistics.median(a / b for a, b in zip(ts['torch fp32'], ts[k])):.2f} "
+              "vs torch fp32)")
+
+
+if __name__ == "__main__":
+    main()
