@@ -25,8 +25,7 @@ import torch
 from densediff.api import load_model
 from densediff.decoders.msda import msda_impl
 from densediff.engine.evaluate import evaluate_steps
-from densediff.pipelines import pipeline_for
-from densediff.tasks import build_dataset
+from densediff.tasks import build_dataset, spec_for
 
 SETTINGS = [("grid_sample fp32", "grid_sample", "fp32"), ("gather fp32", "gather", "fp32"),
             ("gather bf16", "gather", "bf16")]
@@ -46,7 +45,7 @@ def main() -> None:
         overrides = [f"data.root={args.data_root}"] if args.data_root else []
         model, cfg, _, _ = load_model(ckpt, overrides)
         model.eval()
-        key = pipeline_for(cfg).metric_key
+        key = spec_for(cfg).headline
         dataset = build_dataset(cfg, getattr(cfg.data, f"{args.split}_split", args.split),
                                 train=False)
         rows = {}
