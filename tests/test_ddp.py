@@ -17,6 +17,7 @@ from densediff.tasks import build_model, load_config
 from densediff.testing.models import small_model
 from densediff.testing.spies import assert_self_aligned, record_denoise
 from densediff.testing.tiny import SMALL_DDP as SMALL
+from densediff.utils.batching import batch_invariant
 
 
 def test_training_step_noises_the_encoded_gt_per_alg1():
@@ -74,10 +75,13 @@ def test_batch_of_four_equals_four_single_runs_with_the_same_seeds():
     with torch.no_grad():
         feat = model.extract(img)
         batch = model.sample_steps(feat, 3, seeds=seeds)
+        with batch_invariant(model, 4):  # what predict runs a batch with: bit for bit
+            exact = model.sample_steps(feat, 3, seeds=seeds)
         for i in range(4):
             single = model.sample_steps(feat[i:i + 1], 3, seeds=seeds[i:i + 1])
-            for lb, ls in zip(batch.steps, single.steps):
+            for lb, le, ls in zip(batch.steps, exact.steps, single.steps):
                 assert torch.allclose(lb[i:i + 1], ls, atol=1e-4)
+                assert torch.equal(le[i:i + 1], ls)
         again = model.sample_steps(feat, 3, seeds=seeds)
         other = model.sample_steps(feat, 3, seeds=[1, 2, 3, 4])
     assert torch.equal(batch.steps[-1], again.steps[-1])  # seeded: reproducible

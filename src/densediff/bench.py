@@ -180,9 +180,17 @@ class _Setup:
         return lambda: v.model.head(f)
 
     def predict_call(self, v: _Variant, x: Any, n: int) -> Callable[[], object]:
-        """A whole prediction of ``v`` on ``x`` with ``n`` steps (no step count: one pass)."""
+        """A whole prediction of ``v`` on ``x`` with ``n`` steps (no step count: one pass), as
+        ``predict`` runs a batch: with :func:`~densediff.utils.batching.batch_invariant`."""
+        from densediff.utils.batching import batch_invariant
+
         fn = v.model.predict_map
-        return (lambda: fn(x, steps=n)) if self.diffusion else (lambda: fn(x))
+        batch = len(next(iter(x.values())) if isinstance(x, dict) else x)
+
+        def call():
+            with batch_invariant(v.model, batch):
+                return fn(x, steps=n) if self.diffusion else fn(x)
+        return call
 
     def default_steps(self) -> int:
         """The step count of the throughput and memory measurements: the model's default

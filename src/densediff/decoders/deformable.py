@@ -267,7 +267,10 @@ class DeformableDecoder(nn.Module):
         for layer in self.layers:
             values = self._values(tokens, h, w)
             tokens = layer(tokens, values, reference_points, spatial_shapes, query_pos, time_emb)
-        out = tokens.transpose(1, 2).reshape(b, c, h, w)
+        # channels-last at every batch size, batch 1 included: ``transpose(1, 2).reshape``
+        # gives a batch of one a batch stride that PyTorch's memory-format heuristic reads as
+        # NCHW, and the two convolution kernels round differently
+        out = tokens.reshape(b, h, w, c).permute(0, 3, 1, 2)
         return self.conv_seg(self.dropout(out))
 
 

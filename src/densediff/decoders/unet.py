@@ -112,7 +112,9 @@ class LinearAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
-        q, k, v = (t.reshape(b, self.heads, -1, h * w)
+        # contiguous: at batch > 1 the chunks are strided views, and einsum's matrix kernels
+        # round strided operands differently (an image's result would depend on its batch)
+        q, k, v = (t.reshape(b, self.heads, -1, h * w).contiguous()
                    for t in self.to_qkv(self.norm(x)).chunk(3, dim=1))
         q = q.softmax(dim=-2) * self.scale
         k = k.softmax(dim=-1)
@@ -134,8 +136,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
-        q, k, v = (t.reshape(b, self.heads, -1, h * w).transpose(-1, -2)
-                   for t in self.to_qkv(self.norm(x)).chunk(3, dim=1))
+        q, k, v = (t.reshape(b, self.heads, -1, h * w).contiguous().transpose(-1, -2)
+                   for t in self.to_qkv(self.norm(x)).chunk(3, dim=1))  # as above
         out = F.scaled_dot_product_attention(q, k, v)  # b heads n d
         return self.to_out(out.transpose(-1, -2).reshape(b, -1, h, w)) + x
 

@@ -50,7 +50,10 @@ class Trajectory:
         if accumulation:
             act = {"classes": lambda x: x.softmax(2), "multilabel": torch.sigmoid,
                    "depth": lambda x: x}[self.kind]
-            return torch.stack([act(s) for s in self.steps]).mean((0, 2))
+            # image by image: a mean over two dimensions sums in an order that depends on
+            # the batch size, and an image's output must not depend on its batch
+            return torch.cat([torch.stack([act(s[b:b + 1]) for s in self.steps]).mean((0, 2))
+                              for b in range(len(self.steps[0]))])
         last = self.steps[-1]
         return (last.sigmoid() if self.kind == "multilabel" else last).mean(1)
 

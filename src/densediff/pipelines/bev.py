@@ -279,35 +279,59 @@ class BEVPipeline(Pipeline):
         h, w = bev.image_size
         return example_inputs(bev, batch, device), (int(h), int(w))
 
-    @torch.no_grad()
     def predict(self, predictor, item, *, aug=False, steps=None, seed=0, starts=None
                 ) -> BEVPrediction:
         """The BEV map of one sample of the checkpoint's dataset (its ``image`` dict: cameras,
         intrinsics, cam2ego[, points]); masks at probability >= :data:`THRESHOLD`."""
-        if not isinstance(item, dict) or not isinstance(item.get("image"), dict):
-            raise UserError("predict: a BEV model takes multi-camera samples of its dataset "
-                            "(Predictor.dataset(split)[i]), not an image")
+        return self.predict_batch(predictor, [item], aug=aug, steps=steps, seeds=[seed],
+                                  starts=starts)[0]
+
+    @torch.no_grad()
+    def predict_batch(self, predictor, items, *, aug=False, steps=None, seeds, starts=None
+                      ) -> list:
+        """Samples of the checkpoint's dataset through ``predictor``'s model: samples with the
+        same camera set-up (the shapes of their inputs; LiDAR point counts may differ) run the
+        encoder and the sampler as one batch, each with its own seed, with the per-image
+        layers of :func:`~densediff.utils.batching.batch_invariant`."""
+        for item in items:
+            if not isinstance(item, dict) or not isinstance(item.get("image"), dict):
+                raise UserError("predict: a BEV model takes multi-camera samples of its "
+                                "dataset (Predictor.dataset(split)[i]), not an image")
         if aug:
             raise UserError("aug: BEV models have no test-time augmentation")
-        sample, threshold = item, THRESHOLD
         from densediff.data import collate
         from densediff.data.datasets import to_device
-        from densediff.viz import bev_color
+        from densediff.utils.batching import batch_invariant
 
-        model, cfg = predictor.model, predictor.cfg
-        inputs = to_device(collate([sample])["image"], predictor.device)
+        model = predictor.model
         n = resolve_steps(model, steps, "this checkpoint")[0]
         settings = check_starts(model, starts)
-        extra: dict = {}
-        if not is_diffusion(model):
-            probs = model.predict_map(inputs)
-        else:
-            probs, step_probs, maps = bev_uncertainty_maps(
-                model, model.extract(inputs), n, model.accumulation, [seed], **settings)
-            extra = {"steps": n, "uncertainty": maps["steps"][0].cpu().numpy(),
-                     "trajectory": (step_probs[:, 0] >= threshold).cpu().numpy()}
-        p = probs[0].float()
-        masks = (p >= threshold).cpu().numpy()
+        out: list = [None] * len(items)
+        for group in _sample_groups(items):
+            inputs = to_device(collate([items[i] for i in group])["image"], predictor.device)
+            extra: list[dict] = [{} for _ in group]
+            with batch_invariant(model, len(group)):
+                if not is_diffusion(model):
+                    probs = model.predict_map(inputs)
+                else:
+                    probs, step_probs, maps = bev_uncertainty_maps(
+                        model, model.extract(inputs), n, model.accumulation,
+                        [seeds[i] for i in group], **settings)
+                    extra = [{"steps": n, "uncertainty": maps["steps"][b].cpu().numpy(),
+                              "trajectory": (step_probs[:, b] >= THRESHOLD).cpu().numpy()}
+                             for b in range(len(group))]
+            for b, i in enumerate(group):
+                out[i] = self._result(predictor, items[i], probs[b], extra[b])
+        return out
+
+    def _result(self, predictor, sample: dict, probs: torch.Tensor, extra: dict
+                ) -> BEVPrediction:
+        """The :class:`BEVPrediction` of one sample from its ``K x X x Y`` probabilities."""
+        from densediff.viz import bev_color
+
+        cfg = predictor.cfg
+        p = probs.float()
+        masks = (p >= THRESHOLD).cpu().numpy()
         ent = entropy_uncertainty(torch.stack([p, 1 - p]), dim=0).cpu().numpy()
         mean = np.asarray(cfg.data.mean, np.float32)
         std = np.asarray(cfg.data.std, np.float32)
@@ -320,3 +344,15 @@ class BEVPipeline(Pipeline):
                              truth=None if truth is None else np.asarray(truth),
                              class_names=list(predictor.class_names),
                              palette=predictor.palette, **extra)
+
+
+def _sample_groups(items: Sequence[dict]) -> list[list[int]]:
+    """Indices of BEV samples that can share one batch: the same input tensors' shapes
+    (cameras, image size, calibration; the LiDAR point count aside, which the batch pads),
+    in order of first appearance."""
+    groups: dict[tuple, list[int]] = {}
+    for i, item in enumerate(items):
+        key = tuple(sorted((k, tuple(v.shape)) for k, v in item["image"].items()
+                           if k != "points" and isinstance(v, torch.Tensor)))
+        groups.setdefault((key, "points" in item["image"]), []).append(i)
+    return list(groups.values())

@@ -33,6 +33,7 @@ from densediff.pipelines.base import (
     write_files,
 )
 from densediff.pipelines.inference import predict_depth
+from densediff.utils.batching import batch_invariant
 
 __all__ = ["DepthPipeline", "DepthPrediction", "depth_uncertainty_maps", "trajectory_spread"]
 
@@ -335,10 +336,10 @@ class DepthPipeline(Pipeline):
             return out
         for group in batch_groups(inputs):
             x = torch.cat([inputs[i][1] for i in group])
-            feat = model.extract(x)
-            depth, step_depths, maps = depth_uncertainty_maps(
-                model, feat, n, inputs[group[0]][0].shape[:2], model.accumulation,
-                [seeds[i] for i in group], **settings)
+            with batch_invariant(model, len(group)):
+                depth, step_depths, maps = depth_uncertainty_maps(
+                    model, model.extract(x), n, inputs[group[0]][0].shape[:2],
+                    model.accumulation, [seeds[i] for i in group], **settings)
             for b, i in enumerate(group):
                 extra = {"steps": n, "trajectory": step_depths[:, b].cpu().numpy()}
                 for key, name in (("steps", "uncertainty"), ("starts", "uncertainty_starts")):

@@ -32,6 +32,7 @@ from densediff.pipelines.base import (
     write_files,
 )
 from densediff.pipelines.inference import predict_probs
+from densediff.utils.batching import batch_invariant
 
 __all__ = ["Prediction", "SegmentationPipeline", "uncertainty_maps"]
 
@@ -363,11 +364,12 @@ class SegmentationPipeline(Pipeline):
         for group in batch_groups(inputs):
             x = torch.cat([inputs[i][1] for i in group])
             size = inputs[group[0]][0].shape[:2]
-            feat = model.extract(x)
-            probs, step_labels, maps = uncertainty_maps(model, feat, n, size,
-                                                        model.accumulation,
-                                                        [seeds[i] for i in group],
-                                                        in_size=x.shape[-2:], **settings)
+            with batch_invariant(model, len(group)):
+                feat = model.extract(x)
+                probs, step_labels, maps = uncertainty_maps(model, feat, n, size,
+                                                            model.accumulation,
+                                                            [seeds[i] for i in group],
+                                                            in_size=x.shape[-2:], **settings)
             base = getattr(feat, "logits", None)  # DDPS: the base segmentor's logits
             if base is not None:
                 base = F.interpolate(base, size=size, mode="bilinear", align_corners=False)
