@@ -334,6 +334,8 @@ def _output_column(gr, picture):
 def build_app(predictor, source: str = "", examples: Sequence[str | Path] = ()) -> App:
     """The page of ``predictor`` (``source``: how the page names the checkpoint;
     ``examples``: image files offered under the upload, see :func:`list_examples`)."""
+    from densediff.pipelines.base import default_starts
+
     gr = require_gradio()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     pipe, model = predictor.pipeline, predictor.model
@@ -347,7 +349,7 @@ def build_app(predictor, source: str = "", examples: Sequence[str | Path] = ()) 
     if diffusion:
         top = model.max_steps if model.max_steps is not None else STEPS_CAP
         steps_max = min(top, max(STEPS_CAP, model.default_steps))
-    default_starts = getattr(getattr(model, "diffusion_cfg", None), "randsteps", 1)
+    starts_default = default_starts(model)
 
     def predict(upload, split, index, steps, seed, starts):
         blank = _cleared(gr)
@@ -371,7 +373,7 @@ def build_app(predictor, source: str = "", examples: Sequence[str | Path] = ()) 
                 predictor, item, label, out, source=name,
                 steps=int(steps) if diffusion else None,
                 seed=int(seed) if diffusion else 0,
-                starts=int(starts) if starts_ok and int(starts) != default_starts else None)
+                starts=int(starts) if starts_ok and int(starts) != starts_default else None)
         except Exception as e:  # noqa: BLE001 (every failure: one line on the page)
             text = error_text(e)
             if upload:  # name the upload as the user knows it, not Gradio's cache path
@@ -398,7 +400,7 @@ def build_app(predictor, source: str = "", examples: Sequence[str | Path] = ()) 
         state = gr.State(None)
         with gr.Row():
             upload, split, index, steps, seed, starts, run, status = _input_column(
-                gr, pipe, model, steps_max if diffusion else 1, default_starts, starts_ok,
+                gr, pipe, model, steps_max if diffusion else 1, starts_default, starts_ok,
                 examples)
             (shown_input, prediction, prediction_key, uncertainty, uncertainty_key, step,
              step_picture, step_key, downloads, summary) = _output_column(gr, picture)

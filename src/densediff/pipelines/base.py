@@ -28,7 +28,7 @@ from densediff.models.interface import is_diffusion as model_is_diffusion
 from densediff.utils import distributed as du
 
 __all__ = ["Evaluator", "Pipeline", "StepViews", "batch_groups", "check_starts", "check_steps",
-           "is_diffusion", "resolve_steps", "sample_seed", "takes_starts", "write_files"]
+           "default_starts", "is_diffusion", "resolve_steps", "sample_seed", "takes_starts", "write_files"]
 
 
 def is_diffusion(model: nn.Module) -> bool:
@@ -43,6 +43,12 @@ def takes_starts(model: nn.Module) -> bool:
     from densediff.models.ddp import MapSampling
 
     return isinstance(du.unwrap(model), MapSampling)
+
+
+def default_starts(model: nn.Module) -> int:
+    """The random starts per input a model samples by default (its ``randsteps``; 1 for
+    models without random starts)."""
+    return du.unwrap(model).diffusion_cfg.randsteps if takes_starts(model) else 1
 
 
 def check_starts(model: nn.Module, starts: int | None, key: str = "starts") -> dict:

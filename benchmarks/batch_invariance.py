@@ -1,0 +1,78 @@
+"""What bit-identical batches cost (issue #25): whole ``--steps``-step predictions of a
+config's model (random weights) on the fast path (gather attention, no-mmap malloc, fp32) at
+batch 1 and at each ``--batches`` size, with and without
+:func:`densediff.utils.batching.batch_invariant` (the per-image convolution and linear layers
+that make a batch's outputs equal its images' alone), interleaved in rotating order; and
+whether each batched output is bit-identical to batch 1.
+
+Usage: python benchmarks/batch_invariance.py [CONFIG] [--size 512] [--batches 4]
+       [--steps 3] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from densediff.decoders.msda import msda_impl
+from densediff.tasks import build_model, class_info, load_config
+from densediff.utils import memstat
+from densediff.utils.alloc import set_glibc_fast
+from densediff.utils.batching import batch_invariant
+from densediff.utils.precision import cpu_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("config", nargs="?", default="ade20k/ddp_swin_t.yaml")
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--batches", default="4")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    set_glibc_fast(True)
+    cfg = load_config(args.config)
+    model = build_model(cfg, len(class_info(cfg)[0])).eval()
+    batches = [int(b) for b in args.batches.split(",")]
+    x = torch.randn(max(batches), 3, args.size, args.size)
+    seeds = list(range(max(batches)))
+
+    def run(b: int, exact: bool) -> torch.Tensor:
+        with torch.no_grad(), msda_impl("gather"), batch_invariant(model, b if exact else 1):
+            return model.predict_map(x[:b], steps=args.steps, seeds=seeds[:b])
+
+    variants = [("batch 1", 1, True)] + [(f"batch {b}{' exact' if e else ''}", b, e)
+                                         for b in batches for e in (True, False)]
+    times: dict[str, list[float]] = {name: [] for name, _, _ in variants}
+    outs: dict[str, torch.Tensor] = {}
+    for r in range(args.rounds + 1):
+        for name, b, exact in variants[r % len(variants):] + variants[:r % len(variants)]:
+            t = time.perf_counter()
+            out = run(b, exact)
+            if r:
+                times[name].append((time.perf_counter() - t) / b)
+            outs[name] = out
+    ones = torch.cat([_single(model, x, i, args.steps, seeds) for i in range(max(batches))])
+    print(f"{args.config} {args.size}x{args.size}, {args.steps} steps, fp32 fast path, "
+          f"{torch.get_num_threads()} threads, {cpu_model()} ({' '.join(memstat.cpu_flags())}); "
+          f"median of {args.rounds} interleaved rounds")
+    base = statistics.median(times["batch 1"])
+    for name, b, _ in variants:
+        med = statistics.median(times[name])
+        same = torch.equal(outs[name], ones[:b])
+        diff = float((outs[name] - ones[:b]).abs().max())
+        print(f"{name:>14}: {med:.3f} s/image, images/s x{base / med:.2f} batch 1; "
+              f"{'bit-identical to batch 1' if same else f'max |diff| vs batch 1 {diff:.2g}'}")
+
+
+def _single(model, x: torch.Tensor, i: int, steps: int, seeds: list[int]) -> torch.Tensor:
+    with torch.no_grad(), msda_impl("gather"):
+        return model.predict_map(x[i:i + 1], steps=steps, seeds=seeds[i:i + 1])
+
+
+if __name__ == "__main__":
+    main()
