@@ -14,6 +14,14 @@ prediction faster than its FLOPs at the best matmul rate measured in the run (th
 any batch size, the best of three calls per round), so the batch-1 time over that is the
 most any batch can gain.
 
+Then, per batch size, one decoder step under a dispatch mode that times every operation: the
+matrix products' (mm, addmm, bmm, convolution) seconds per image, and the other operations'
+seconds and bytes (inputs + outputs, views excluded) per image, i.e. their effective GB/s,
+against the memory bandwidth of a large add (DRAM) and of one that fits the L3 cache, timed
+in the same process: where the other operations already run at memory speed, per image, a
+batch cannot make them cheaper (their bytes grow with the batch; a bigger batch only pushes
+the working set out of the cache).
+
 Usage: python benchmarks/batch_roofline.py [CONFIG] [--size 512] [--batches 1,2,4]
        [--rounds 3] [--steps 3] [--precision fp32] [--out results.json]
 """
@@ -27,6 +35,8 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from densediff.decoders.msda import msda_impl
 from densediff.tasks import build_model, class_info, load_config
@@ -127,10 +137,67 @@ def main() -> None:
     for what, v in bound.items():
         print(f"most any batch can gain on the {what} (batch-{b0} time / its FLOPs at the best "
               f"matmul rate of the run, {best / 1e9:.1f} GFLOP/s): {v:.2f}x")
+    traffic(model, feats, args.precision)
     if args.out:
         Path(args.out).write_text(json.dumps({"config": args.config, "size": args.size,
                                               "cpu": cpu_model(), "rows": rows,
                                               "bound": bound}, indent=1))
+
+
+MATRIX_OPS = {"mm", "addmm", "bmm", "baddbmm", "convolution", "_convolution",
+              "mkldnn_convolution", "_mkldnn_convolution"}
+
+
+class OpTraffic(TorchDispatchMode):
+    """Seconds of the matrix products and of every other operation, and the other
+    operations' bytes (tensor inputs + outputs; views move nothing and are skipped)."""
+
+    def __init__(self):
+        super().__init__()
+        self.matrix_s = self.other_s = 0.0
+        self.other_bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        t = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        dt = time.perf_counter() - t
+        if func.overloadpacket.__name__ in MATRIX_OPS:
+            self.matrix_s += dt
+        else:
+            self.other_s += dt
+            if not func.is_view:
+                self.other_bytes += sum(x.numel() * x.element_size() for x in
+                                        tree_leaves((args, kwargs, out))
+                                        if isinstance(x, torch.Tensor))
+        return out
+
+
+def bandwidth(mib: int, repeats: int = 5) -> float:
+    """GB/s of ``c = a + b`` on float32 arrays of ``mib`` MiB each (3 arrays moved), best of
+    ``repeats``."""
+    n = mib * 2**20 // 4
+    a, b, c = torch.rand(n), torch.rand(n), torch.empty(n)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        torch.add(a, b, out=c)
+        best = min(best, time.perf_counter() - t)
+    return 3 * n * 4 / best / 1e9
+
+
+def traffic(model, feats: dict, precision: str) -> None:
+    """Print the per-image split of one decoder step per batch size (see the module doc)."""
+    dram, l3 = bandwidth(256), bandwidth(4, repeats=50)
+    print(f"memory bandwidth of c = a + b: {dram:.1f} GB/s at 3 x 256 MiB (DRAM), "
+          f"{l3:.1f} GB/s at 3 x 4 MiB (in cache)")
+    print("batch | matrix ops s/image | other ops s/image | other ops GB/image | their GB/s")
+    for b, f in feats.items():
+        with torch.no_grad(), msda_impl("gather"), autocast(precision, "cpu"):
+            model.decoder_step(f)  # warm
+            with OpTraffic() as tr:
+                model.decoder_step(f)
+        print(f"{b} | {tr.matrix_s / b:.3f} | {tr.other_s / b:.3f} | "
+              f"{tr.other_bytes / b / 1e9:.2f} | {tr.other_bytes / tr.other_s / 1e9:.1f}")
 
 
 if __name__ == "__main__":
