@@ -12,16 +12,23 @@ from densediff.testing.tiny import TINY
 from densediff.utils.batching import ALIGNMENT, batch_invariant
 
 
+class _CountingLinear(nn.Linear):
+    calls: list
+
+    def forward(self, x):
+        self.calls.append(x.shape[0])
+        return super().forward(x)
+
+
 def test_layers_run_per_image_and_are_restored_also_after_an_error():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 25, 2))
-    calls = []
-    net[2].register_forward_pre_hook(lambda m, inp: calls.append(inp[0].shape[0]))
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), _CountingLinear(4 * 25, 2))
+    net[2].calls = []
     x = torch.randn(3, 3, 5, 5)
     with batch_invariant(net, 3):
         y = net(x)
         assert "forward" in vars(net[0]) and "forward" in vars(net[2])
-    assert calls == [1, 1, 1]  # the hooks run around the module call: the per-image calls inside
+    assert net[2].calls == [1, 1, 1]  # one image at a time
     assert "forward" not in vars(net[0]) and "forward" not in vars(net[2])  # restored
     assert torch.allclose(y, net(x), atol=1e-6)
     with pytest.raises(RuntimeError, match="boom"), batch_invariant(net, 3):
@@ -80,7 +87,9 @@ def test_bev_batch_is_bit_identical_to_one_sample_at_a_time(config, extra, tmp_p
 
 
 @pytest.mark.parametrize("config,extra,size", [
-    ("ade20k/ddp_swin_t.yaml", ("model.neck.channels=16", "model.head.channels=16",
+    ("ade20k/ddp_swin_t.yaml", ("data.test_scale=[64,64]", "model.neck.channels=16",
+                                "model.neck.num_groups=4",
+                                "model.head.channels=16",
                                 "model.head.num_layers=1", "model.head.num_heads=4",
                                 "model.head.ffn_channels=32", "model.aux_head.channels=16",
                                 "model.diffusion.embed_channels=16"), (64, 64)),
