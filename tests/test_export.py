@@ -184,6 +184,14 @@ def test_seeded_prediction_matches_pytorch(seg, capsys):
         assert (a.trajectory == b.trajectory).mean() >= MASK_AGREEMENT
         np.testing.assert_allclose(b.probs, a.probs, atol=PROB_TOL, rtol=0)
         np.testing.assert_allclose(b.uncertainty, a.uncertainty, atol=1e-3)
+    # a batch on onnxruntime: each image's results are its results alone (measured bit for
+    # bit here; onnxruntime's kernels are not patched per image as PyTorch's are)
+    imgs = [img, rng.integers(0, 255, (32, 32, 3), dtype=np.uint8), img]
+    many = ox.predict(imgs, steps=2, seed=[3, 4, 5], batch_size=3)
+    for im, s, m in zip(imgs, (3, 4, 5), many):
+        one = ox.predict(im, steps=2, seed=s)
+        np.testing.assert_array_equal(m.probs, one.probs)
+        np.testing.assert_array_equal(m.uncertainty, one.uncertainty)
     assert "resized" not in capsys.readouterr().err
     # another size: resized to the exported 32 x 32 (one note), outputs at the image's size
     other = rng.integers(0, 255, (30, 41, 3), dtype=np.uint8)
