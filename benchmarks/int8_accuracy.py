@@ -6,8 +6,14 @@ setting's metric per step count and its change against PyTorch fp32; with ``--ti
 median seconds of one whole prediction per setting (interleaved rounds, batch 1, the split's
 first image).
 
+With ``--static N`` also a static (calibrated) int8 setting: the fp32 export's MatMul/Gemm
+layers quantised with onnxruntime's ``quantize_static`` (QDQ, int8 weights per channel, uint8
+activations with ranges calibrated (MinMax) on the graphs' inputs of N training images sampled
+with the fp32 export at the largest ``--steps``); the library's ``export --quantize int8`` is
+the dynamic one.
+
 Usage: python benchmarks/int8_accuracy.py CKPT [CKPT ...] [--split val] [--steps 1,3]
-       [--data-root DIR] [--size H W] [--time ROUNDS] [--out results.json]
+       [--data-root DIR] [--size H W] [--time ROUNDS] [--static N] [--out results.json]
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ def main() -> None:
     ap.add_argument("--data-root")
     ap.add_argument("--size", type=int, nargs=2)
     ap.add_argument("--time", type=int, default=0)
+    ap.add_argument("--static", type=int, default=0)
     ap.add_argument("--out")
     args = ap.parse_args()
     steps = [int(s) for s in args.steps.split(",")]
@@ -60,6 +67,14 @@ def main() -> None:
                 onnx_model.training = False
                 onnx_model.train = lambda mode=True, m=onnx_model: m
                 models[f"onnx {q or 'fp32'}"] = onnx_model
+            if args.static:
+                train = build_dataset(cfg, cfg.data.train_split, train=False)
+                static = _static_int8(Path(tmp) / "fp32", Path(tmp) / "static", train,
+                                      args.static, max(steps))
+                static.parameters = lambda: iter([torch.zeros(0)])
+                static.training = False
+                static.train = lambda mode=True, m=static: m
+                models["onnx int8-static"] = static
             rows = {}
             for name, m in models.items():
                 start = time.perf_counter()
@@ -81,6 +96,39 @@ def main() -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+@torch.no_grad()
+def _static_int8(fp32: Path, out: Path, dataset, n: int, steps: int):
+    """The export in ``fp32`` with its graphs quantised statically (see the module doc),
+    written to ``out``; returns it loaded."""
+    import shutil
+
+    from onnxruntime import quantization as q
+
+    calib = load_onnx_model(fp32)
+    feeds: dict[str, list[dict]] = {g: [] for g in calib.sessions}
+    for g, sess in calib.sessions.items():
+        run = sess.sess.run
+        sess.sess.run = (lambda out_names, f, g=g, run=run:
+                         feeds[g].append(dict(f)) or run(out_names, f))
+    for i in range(min(n, len(dataset))):
+        calib.predict_map(dataset[i]["image"][None], steps=steps, seeds=[i])
+    shutil.copytree(fp32, out)
+
+    class Reader(q.CalibrationDataReader):
+        def __init__(self, items):
+            self.items = iter(items)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    for g, name in calib.meta["graphs"].items():
+        q.quantize_static(str(fp32 / name), str(out / name), Reader(feeds[g]),
+                          quant_format=q.QuantFormat.QDQ, per_channel=True,
+                          activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+                          op_types_to_quantize=["MatMul", "Gemm"])
+    return load_onnx_model(out)
 
 
 @torch.no_grad()
