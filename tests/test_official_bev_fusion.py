@@ -234,6 +234,25 @@ def test_tiny_fusion_model_runs_end_to_end_and_uses_the_points():
         model.extract({k: v for k, v in inputs.items() if not k.startswith("points")})
 
 
+def test_a_batch_of_two_point_clouds_is_bit_identical_to_each_alone():
+    """What ``predict`` runs a batch with (``batch_invariant``): two samples with different
+    point counts (the batch pads them) give exactly their results alone."""
+    from densediff.utils.batching import batch_invariant
+
+    torch.manual_seed(0)
+    model = build_model(load_config(None, TINY), 6).eval()
+    a, b = _inputs(torch.Generator().manual_seed(0)), _inputs(torch.Generator().manual_seed(1))
+    b = dict(b, points=b["points"][:, :450], points_mask=b["points_mask"][:, :450])
+    both = {k: torch.cat([a[k], b[k]]) for k in ("images", "intrinsics", "cam2ego")}
+    both["points"] = torch.cat([a["points"], F.pad(b["points"], (0, 0, 0, 150))])
+    both["points_mask"] = torch.cat([a["points_mask"], F.pad(b["points_mask"], (0, 150))])
+    with torch.no_grad():
+        alone = [model.predict_map(x, 2, seeds=[s]) for x, s in ((a, 3), (b, 4))]
+        with batch_invariant(model, 2):
+            together = model.predict_map(both, 2, seeds=[3, 4])
+    assert torch.equal(together[:1], alone[0]) and torch.equal(together[1:], alone[1])
+
+
 @pytest.mark.parametrize("override,match", [
     ("model.bev.point_range=[-9,-8,-4,9,8,4]", "must be the same"),
     ("model.bev.point_range=[-8,-8,-1,8,8,1]", "height voxels"),
