@@ -117,7 +117,7 @@ def test_predict_writes_bev_pictures_from_a_split(runs, tmp_path):
     assert unc.shape == (6, 48, 48) and set(np.unique(unc)) <= {0.0, 1.0}  # 2 steps: 0 or 1 change
     picture = np.asarray(Image.open(out / f"{stem}_trajectory.png"))  # labelled grid
     assert picture.ndim == 3 and picture.shape[1] > 3 * 48
-    # --batch-size: samples in batches of 2 (one at a time inside), the same maps
+    # --batch-size: samples in batches of 2 (one forward pass each), bit-identical maps
     out2 = tmp_path / "pred2"
     assert main(["predict", ckpt(runs), "test", "--out", str(out2), "--limit", "2",
                  "--steps", "2", "--batch-size", "2"]) == 0

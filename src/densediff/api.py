@@ -129,8 +129,11 @@ class Predictor:
             starts: DDP models (:attr:`takes_starts`): random starts per input, 1 .. 100,
                 whose outputs are averaged (None: the config's ``model.diffusion.randsteps``).
             batch_size: with a list: inputs per forward pass (default: all of them). Whole-
-                image diffusion inference of same-size images runs the encoder and the sampler
-                on the batch; other inference (sliding window, ``aug``, BEV) one at a time.
+                image diffusion inference of same-size images, and BEV inference of samples
+                with the same cameras, runs the encoder and the sampler on the batch, with
+                results bit-identical to one input at a time
+                (:func:`~densediff.utils.batching.batch_invariant`); other inference
+                (sliding window, ``aug``) one at a time.
         """
         extra = {} if starts is None else {"starts": starts}  # a pipeline may not take it
         if not isinstance(image, (list, tuple)):

@@ -578,9 +578,10 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--recursive", action="store_true",
                     help="also the images and videos in subfolders of a folder input")
     pr.add_argument("--batch-size", type=int, default=1,
-                    help="images (or video frames) per forward pass (default 1); whole-image "
-                    "diffusion inference runs the encoder and the sampler on the batch, each "
-                    "image with its own noise seed")
+                    help="images, video frames or BEV samples per forward pass (default 1); "
+                    "whole-image diffusion and BEV inference run the encoder and the sampler "
+                    "on the batch, each input with its own noise seed: results bit-identical "
+                    "to --batch-size 1")
     pr.add_argument("--video", action="store_true",
                     help="the images of each output folder are the frames of a video: also "
                     "write overlay.mp4 there (video files always write <name>_overlay.mp4)")
