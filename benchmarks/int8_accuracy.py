@@ -61,20 +61,11 @@ def main() -> None:
                 meta = export_model(model, cfg, out, size=tuple(args.size) if args.size else None,
                                     quantize=q)
                 checks[q or "fp32"] = meta["check"]
-                onnx_model = load_onnx_model(out)
-                # evaluate_steps reads the device off the first parameter
-                onnx_model.parameters = lambda: iter([torch.zeros(0)])
-                onnx_model.training = False
-                onnx_model.train = lambda mode=True, m=onnx_model: m
-                models[f"onnx {q or 'fp32'}"] = onnx_model
+                models[f"onnx {q or 'fp32'}"] = _evaluable(load_onnx_model(out))
             if args.static:
                 train = build_dataset(cfg, cfg.data.train_split, train=False)
-                static = _static_int8(Path(tmp) / "fp32", Path(tmp) / "static", train,
-                                      args.static, max(steps))
-                static.parameters = lambda: iter([torch.zeros(0)])
-                static.training = False
-                static.train = lambda mode=True, m=static: m
-                models["onnx int8-static"] = static
+                models["onnx int8-static"] = _evaluable(_static_int8(
+                    Path(tmp) / "fp32", Path(tmp) / "static", train, args.static, max(steps)))
             rows = {}
             for name, m in models.items():
                 start = time.perf_counter()
@@ -96,6 +87,15 @@ def main() -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+def _evaluable(onnx_model):
+    """An onnxruntime model with what ``evaluate_steps`` asks of a module: the device off its
+    first parameter, ``training`` and ``train()``."""
+    onnx_model.parameters = lambda: iter([torch.zeros(0)])
+    onnx_model.training = False
+    onnx_model.train = lambda mode=True: onnx_model
+    return onnx_model
 
 
 @torch.no_grad()
