@@ -60,12 +60,13 @@ def main() -> None:
     print(f"{args.config} {args.size}x{args.size}, {args.steps} steps, fp32 fast path, "
           f"{torch.get_num_threads()} threads, {cpu_model()} ({' '.join(memstat.cpu_flags())}); "
           f"median of {args.rounds} interleaved rounds")
-    base = statistics.median(times["batch 1"])
     for name, b, _ in variants:
         med = statistics.median(times[name])
         same = torch.equal(outs[name], ones[:b])
         diff = float((outs[name] - ones[:b]).abs().max())
-        print(f"{name:>14}: {med:.3f} s/image, images/s x{base / med:.2f} batch 1; "
+        ratio = statistics.median(a / b for a, b in zip(times["batch 1"], times[name]))
+        print(f"{name:>14}: {med:.3f} s/image [{min(times[name]):.3f}-{max(times[name]):.3f}], "
+              f"images/s x{ratio:.2f} batch 1 (median of per-round ratios); "
               f"{'bit-identical to batch 1' if same else f'max |diff| vs batch 1 {diff:.2g}'}")
 
 
