@@ -6,11 +6,15 @@ measured here on whole ``--steps``-step predictions of a config's model (random 
 fast path: gather attention, no-mmap malloc, fp32) at ``--size``:
 
 F. **Costs paid once per call**, which the batch shares (Python, operator dispatch,
-   allocation, starting the threads of a parallel operation). Bounded from above by the time
-   of the whole prediction of a ``--tiny`` image (its work is close to nothing) plus the
-   number of operations of the full-size prediction times the time of the smallest operation
-   that runs on all threads (an in-cache add of 2^16 floats: dispatch, thread start-up and
-   join); both count the dispatch, so F is overestimated.
+   allocation, starting the threads of a parallel operation, and work that depends on the
+   image size but not on the batch, such as reference points and position encodings).
+   Bounded from above by the time of the whole prediction of a ``--tiny`` image (its work is
+   close to nothing) plus the number of operations of the full-size prediction times the
+   time of the smallest operation that runs on all threads (an in-cache add of 2^16 floats:
+   dispatch, thread start-up and join) plus S, the seconds of the operations (matrix
+   products aside) whose output at batch b is smaller than b times their output at batch 1,
+   each timed in the batch-1 prediction; these terms count the dispatch more than once, so
+   F is overestimated.
 M. **Matrix-kernel efficiency**, which depends on a product's shape. Every matrix product
    (mm, addmm, bmm, convolution, fused attention) of the batch-1 prediction and of the batch-b
    one (the whole batch through each product) is recorded, and each distinct pair is replayed
@@ -39,6 +43,7 @@ Usage: python benchmarks/batch_bound.py [CONFIG] [--size 512] [--tiny 64] [--bat
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import statistics
 import threading
@@ -48,7 +53,7 @@ from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from densediff.decoders.msda import msda_impl
 from densediff.tasks import build_model, class_info, load_config
@@ -67,22 +72,30 @@ def is_matrix(func) -> bool:
 
 
 class Recorder(TorchDispatchMode):
-    """Counts every operation and records each matrix product as ``(func, args, kwargs)``
-    with its tensors replaced by ``(shape, stride, dtype)``."""
+    """Counts every operation, records its name and output size (``trace``) and, with
+    ``timed``, its seconds (``seconds``); records each matrix product as ``(func, spec)``, its
+    tensors replaced by ``("T", shape, stride, dtype)``."""
 
-    def __init__(self):
+    def __init__(self, timed: bool = False):
         super().__init__()
-        self.count = 0
+        self.timed = timed
+        self.trace: list[tuple[str, int]] = []
+        self.seconds: list[float] = []
         self.products: list[tuple] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        self.count += 1
         if is_matrix(func):
             spec = tree_map(lambda x: ("T", tuple(x.shape), tuple(x.stride()), x.dtype)
                             if isinstance(x, torch.Tensor) else x, (args, kwargs))
             self.products.append((func, spec))
-        return func(*args, **kwargs)
+        t = time.perf_counter()
+        out = func(*args, **kwargs)
+        if self.timed:
+            self.seconds.append(time.perf_counter() - t)
+        self.trace.append((func.overloadpacket.__name__,
+                           sum(x.numel() for x in tree_leaves(out) if isinstance(x, torch.Tensor))))
+        return out
 
 
 def materialize(spec):
@@ -154,7 +167,23 @@ def main() -> None:
         raise SystemExit("the batch-1 and batch-b predictions run different matrix products")
     pairs = Counter((f, repr(s1), repr(sb)) for (f, s1), (_, sb) in zip(one, big))
     specs = {(f, repr(s1), repr(sb)): (f, s1, sb) for (f, s1), (_, sb) in zip(one, big)}
-    ops = recs["1"].count
+    ops = len(recs["1"].trace)
+    # S: operations (not matrix products) whose output does not grow with the batch, e.g. the
+    # reference points and position encodings of a map size: work a batch does once. The two
+    # traces are aligned by operation name (a batch adds a few copies, e.g. a reshape that
+    # must copy, and per-image noise); an operation of the batch-1 trace without a partner
+    # counts as shared (an overestimate)
+    t1_ops, tb_ops = recs["1"].trace, recs["b"].trace
+    shared = []
+    matcher = difflib.SequenceMatcher(None, [o for o, _ in t1_ops], [o for o, _ in tb_ops],
+                                      autojunk=False)
+    for tag, i0, i1, j0, _ in matcher.get_opcodes():
+        for i in range(i0, i1):
+            o, n1 = t1_ops[i]
+            if o in MATRIX_OPS or "attention" in o:
+                continue
+            if tag != "equal" or tb_ops[j0 + i - i0][1] < b * n1:
+                shared.append(i)
 
     a, c, out = torch.rand(2**16), torch.rand(2**16), torch.empty(2**16)
 
@@ -174,7 +203,16 @@ def main() -> None:
         torch.set_num_threads(threads)
         return dt
 
-    keys = ["t1", "tb_whole", "tb_exact", "tiny", "par_op", "pair"]
+    shared_time: Counter = Counter()  # seconds per operation name, summed over calls
+
+    def shared_seconds() -> float:
+        with Recorder(timed=True) as rec:
+            predict(x1)
+        for i in shared:
+            shared_time[rec.trace[i][0]] += rec.seconds[i]
+        return sum(rec.seconds[i] for i in shared)
+
+    keys = ["t1", "tb_whole", "tb_exact", "tiny", "par_op", "pair", "S"]
     log: dict[str, list[float]] = {k: [] for k in keys + ["M1", "Mb", "M", "bound"]}
     gains: Counter = Counter()
     for r in range(args.rounds + 1):
@@ -192,6 +230,8 @@ def main() -> None:
             elif k == "par_op":
                 got[k] = statistics.median(
                     best_of(lambda: torch.add(a, c, out=out), 20) for _ in range(5))
+            elif k == "S":
+                got[k] = min(shared_seconds() for _ in range(best))
             else:
                 got[k] = min(pair_parallel() for _ in range(best)) / 2
         if not r:
@@ -206,7 +246,7 @@ def main() -> None:
             gains[key] += count * (t1 - tb)
         for k in keys:
             log[k].append(got[k])
-        fixed = got["tiny"] + ops * got["par_op"]
+        fixed = got["tiny"] + ops * got["par_op"] + got["S"]
         par = max(0.0, got["t1"] - got["pair"])
         log["M1"].append(m1)
         log["Mb"].append(mb)
@@ -214,7 +254,9 @@ def main() -> None:
         log["bound"].append(got["t1"] / (got["t1"] - (1 - 1 / b) * fixed - save - par))
 
     med = {k: statistics.median(v) for k, v in log.items()}
-    fixed = med["tiny"] + ops * med["par_op"]
+    fixed = med["tiny"] + ops * med["par_op"] + med["S"]
+    calls = sum(1 for k in keys if k == "S") * best * (args.rounds + 1)
+    top = ", ".join(f"{k} {v / calls * 1e3:.1f} ms" for k, v in shared_time.most_common(4))
     print(f"{args.config} {args.size}x{args.size}, {n}-step predictions, batch {b} against 1; "
           f"fp32, {threads} threads, {cpu_model()} ({' '.join(memstat.cpu_flags())}); median of "
           f"{args.rounds} interleaved rounds (after one warm-up round), each prediction the "
@@ -224,7 +266,8 @@ def main() -> None:
           f"bit-identical (batch_invariant)")
     print(f"F, once-per-call costs <= {fixed * 1e3:.0f} ms: {args.tiny}x{args.tiny} prediction "
           f"{med['tiny'] * 1e3:.0f} ms + {ops} operations x {med['par_op'] * 1e6:.1f} us "
-          f"(smallest all-thread add); a batch of {b} saves (1 - 1/{b}) F = "
+          f"(smallest all-thread add) + {med['S'] * 1e3:.0f} ms of {len(shared)} operations whose "
+          f"output does not grow with the batch ({top}); a batch of {b} saves (1 - 1/{b}) F = "
           f"{(1 - 1 / b) * fixed * 1e3:.0f} ms/image")
     print(f"M, matrix products ({len(one)} calls, {len(pairs)} distinct): "
           f"{med['M1']:.3f} s/image at batch 1, {med['Mb']:.3f} s/image at batch {b}; the "
