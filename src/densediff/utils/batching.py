@@ -10,7 +10,7 @@ in the last bits (a few 1e-6 on the models here; the same holds for cuBLAS / cuD
 with the shape the image alone would give, and everything else on the whole batch. The
 layers whose cost is their matrix products gain nothing from a batch anyway at the sizes of
 dense prediction (one 512 x 512 image is 16,384 rows per product: already at the CPU's
-matrix rate; ``benchmarks/RESULTS.md`` §14h); what a batch does save, the per-call cost of
+matrix rate; ``benchmarks/RESULTS.md`` §14h, §14j); what a batch does save, the per-call cost of
 the many small elementwise operations, is kept.
 
 Functional matrix products inside a module (attention's ``q @ k^T``) are batched over their
