@@ -13,8 +13,9 @@ F. **Costs paid once per call**, which the batch shares (Python, operator dispat
    time of the smallest operation that runs on all threads (an in-cache add of 2^16 floats:
    dispatch, thread start-up and join) plus S, the seconds of the operations (matrix
    products aside) whose output at batch b is smaller than b times their output at batch 1,
-   each timed in the batch-1 prediction; these terms count the dispatch more than once, so
-   F is overestimated.
+   each timed in the batch-1 prediction (the two predictions' operations aligned by name; one
+   without a partner counts as shared); these terms count the dispatch more than once, so F
+   is overestimated.
 M. **Matrix-kernel efficiency**, which depends on a product's shape. Every matrix product
    (mm, addmm, bmm, convolution, fused attention) of the batch-1 prediction and of the batch-b
    one (the whole batch through each product) is recorded, and each distinct pair is replayed
@@ -53,6 +54,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from batch_roofline import MATRIX_OPS  # the matrix products' aten names (benchmarks/)
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
@@ -62,9 +64,6 @@ from densediff.utils import memstat
 from densediff.utils.alloc import set_glibc_fast
 from densediff.utils.batching import batch_invariant
 from densediff.utils.precision import cpu_model
-
-MATRIX_OPS = {"mm", "addmm", "bmm", "baddbmm", "convolution", "_convolution",
-              "mkldnn_convolution", "_mkldnn_convolution", "convolution_overrideable"}
 
 
 def is_matrix(func) -> bool:
