@@ -53,16 +53,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import fast_path
 import torch
 from batch_roofline import MATRIX_OPS  # the matrix products' aten names (benchmarks/)
+from fast_path import random_model
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
-from densediff.decoders.msda import msda_impl
-from densediff.tasks import build_model, class_info, load_config
 from densediff.utils import memstat
-from densediff.utils.alloc import set_glibc_fast
-from densediff.utils.batching import batch_invariant
 from densediff.utils.precision import cpu_model
 
 
@@ -148,20 +146,15 @@ def main() -> None:
     ap.add_argument("--out")
     args = ap.parse_args()
     b, n, best = args.batch, args.steps, args.best
-    torch.manual_seed(0)
-    set_glibc_fast(True)
+    _, model = random_model(args.config)
     threads = torch.get_num_threads()
-    cfg = load_config(args.config)
-    model = build_model(cfg, len(class_info(cfg)[0])).eval()
     x1 = torch.randn(1, 3, args.size, args.size)
     xb = torch.randn(b, 3, args.size, args.size)
     tiny = torch.randn(1, 3, args.tiny, args.tiny)
     pair = [torch.randn(1, 3, args.size, args.size) for _ in range(2)]
 
     def predict(x, exact=False):
-        with torch.no_grad(), msda_impl("gather"), batch_invariant(model, len(x) if exact
-                                                                   else 1):
-            return model.predict_map(x, steps=n, seeds=list(range(len(x))))
+        return fast_path.predict(model, x, n, exact)
 
     recs = {}
     for key, x in (("1", x1), ("b", xb)):

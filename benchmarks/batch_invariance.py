@@ -16,12 +16,9 @@ import statistics
 import time
 
 import torch
+from fast_path import predict, random_model
 
-from densediff.decoders.msda import msda_impl
-from densediff.tasks import build_model, class_info, load_config
 from densediff.utils import memstat
-from densediff.utils.alloc import set_glibc_fast
-from densediff.utils.batching import batch_invariant
 from densediff.utils.precision import cpu_model
 
 
@@ -33,17 +30,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    torch.manual_seed(0)
-    set_glibc_fast(True)
-    cfg = load_config(args.config)
-    model = build_model(cfg, len(class_info(cfg)[0])).eval()
+    _, model = random_model(args.config)
     batches = [int(b) for b in args.batches.split(",")]
     x = torch.randn(max(batches), 3, args.size, args.size)
-    seeds = list(range(max(batches)))
 
     def run(b: int, exact: bool) -> torch.Tensor:
-        with torch.no_grad(), msda_impl("gather"), batch_invariant(model, b if exact else 1):
-            return model.predict_map(x[:b], steps=args.steps, seeds=seeds[:b])
+        return predict(model, x[:b], args.steps, exact)
 
     variants = [("batch 1", 1, True)] + [(f"batch {b}{' exact' if e else ''}", b, e)
                                          for b in batches for e in (True, False)]
@@ -56,7 +48,8 @@ def main() -> None:
             if r:
                 times[name].append((time.perf_counter() - t) / b)
             outs[name] = out
-    ones = torch.cat([_single(model, x, i, args.steps, seeds) for i in range(max(batches))])
+    ones = torch.cat([predict(model, x[i:i + 1], args.steps, seeds=[i])
+                      for i in range(max(batches))])
     print(f"{args.config} {args.size}x{args.size}, {args.steps} steps, fp32 fast path, "
           f"{torch.get_num_threads()} threads, {cpu_model()} ({' '.join(memstat.cpu_flags())}); "
           f"median of {args.rounds} interleaved rounds")
@@ -68,11 +61,6 @@ def main() -> None:
         print(f"{name:>14}: {med:.3f} s/image [{min(times[name]):.3f}-{max(times[name]):.3f}], "
               f"images/s x{ratio:.2f} batch 1 (median of per-round ratios); "
               f"{'bit-identical to batch 1' if same else f'max |diff| vs batch 1 {diff:.2g}'}")
-
-
-def _single(model, x: torch.Tensor, i: int, steps: int, seeds: list[int]) -> torch.Tensor:
-    with torch.no_grad(), msda_impl("gather"):
-        return model.predict_map(x[i:i + 1], steps=steps, seeds=seeds[i:i + 1])
 
 
 if __name__ == "__main__":

@@ -35,13 +35,12 @@ import time
 from pathlib import Path
 
 import torch
+from fast_path import random_model
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from densediff.decoders.msda import msda_impl
-from densediff.tasks import build_model, class_info, load_config
 from densediff.utils import memstat
-from densediff.utils.alloc import set_glibc_fast
 from densediff.utils.precision import autocast, cpu_model
 
 
@@ -56,11 +55,7 @@ def main() -> None:
     ap.add_argument("--out")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
-    torch.manual_seed(0)
-    set_glibc_fast(True)
-    cfg = load_config(args.config)
-    names, _ = class_info(cfg)
-    model = build_model(cfg, len(names)).eval()
+    cfg, model = random_model(args.config)
     head = cfg.model.head
     feats = {}
     with torch.no_grad(), msda_impl("gather"), autocast(args.precision, "cpu"):
